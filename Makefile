@@ -1,0 +1,29 @@
+# vtrlab — two commands set everything up on a fresh machine:
+#   make figures   create the environment if missing, install, regenerate every figure
+#   make test      create the environment if missing, install, run the whole suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On a machine without an NVIDIA driver we install the CPU build of torch first, so that
+# resolving the other dependencies never pulls the multi-GB CUDA wheels.
+TORCH_CPU ?= torch==2.13.0
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+STAMP := $(VENV)/.vtrlab-installed
+
+.PHONY: figures test install clean-figures
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if [ -z "$(HAS_GPU)" ]; then $(PY) -m pip install -q "$(TORCH_CPU)"; fi
+	$(PY) -m pip install -q -e '.[test,ray,slurm]'
+	@touch $@
+
+install: $(STAMP)
+
+figures: $(STAMP)
+	$(VENV)/bin/vtrlab figures
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadgroup -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -1,0 +1,1 @@
+"""vtrlab.capture"""

@@ -1,0 +1,160 @@
+"""The contract every family adapter fulfils: where image tokens sit and where the layers are.
+
+Everything downstream (capture, flow, recon, reduce) reads positions from an `ImageLayout` and
+modules from a `FamilyAdapter`; nothing downstream hard-codes a token offset or a module path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+# Kinds of token in the image block of the LM sequence.
+KIND_IMAGE = "image"  # covers a picture patch (after any merge)
+KIND_NEWLINE = "newline"  # LLaVA-NeXT / OneVision row terminator: covers no patch
+KIND_SEPARATOR = "separator"  # other image-block tokens that cover no patch (tile markers, <fake_token_around_image>, ...)
+TOKEN_KINDS = (KIND_IMAGE, KIND_NEWLINE, KIND_SEPARATOR)
+
+LAYOUT_COLUMNS = ("position", "kind", "image", "tile", "row", "col", "x0", "y0", "x1", "y1")
+VISION_COLUMNS = ("crop", "vpos", "kind", "image", "tile", "row", "col", "x0", "y0", "x1", "y1")
+
+
+@dataclass
+class ImageLayout:
+    """Where one sample's image tokens are, and which picture patch each one covers.
+
+    Arrays are aligned: entry i describes the token at LM sequence position ``positions[i]``.
+    ``row``/``col`` index the patch grid the LM sees (after any merge); -1 where ``kind`` is not
+    ``image``. ``x0..x1``/``y0..y1`` are the pixel box in the *original* image (NaN for tokens
+    that cover no patch). ``tile`` 0 is the global/base view; crops follow in processor order.
+    """
+
+    positions: np.ndarray
+    kind: np.ndarray
+    image: np.ndarray
+    tile: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+    x0: np.ndarray
+    y0: np.ndarray
+    x1: np.ndarray
+    y1: np.ndarray
+    seq_len: int  # length of the padded sequence this sample sits in
+    valid_positions: np.ndarray  # positions holding real (non-pad) tokens
+    question_positions: np.ndarray  # tokens of the user's prompt text (no template, no image)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) per image
+    grid_shapes: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # (image, tile) -> (rows, cols)
+    vision: pd.DataFrame | None = None  # one row per vision-encoder token, columns VISION_COLUMNS
+
+    # --- derived views -------------------------------------------------------------------
+    @property
+    def last_position(self) -> int:
+        return int(self.valid_positions.max())
+
+    @property
+    def text_positions(self) -> np.ndarray:
+        """Real tokens that are not part of an image block (template, prompt, ...)."""
+        return np.setdiff1d(self.valid_positions, self.positions)
+
+    @property
+    def image_positions(self) -> np.ndarray:
+        """Positions of tokens that cover a picture patch (kind == image), layout order."""
+        return self.positions[self.kind == KIND_IMAGE]
+
+    @property
+    def n_image_tokens(self) -> int:
+        return int((self.kind == KIND_IMAGE).sum())
+
+    def table(self) -> pd.DataFrame:
+        """One row per image-block position: position, kind, image, tile, row, col, x0, y0, x1, y1."""
+        return pd.DataFrame({c: getattr(self, c) for c in LAYOUT_COLUMNS})
+
+    def vision_table(self) -> pd.DataFrame:
+        """One row per vision-encoder token: crop, vpos, kind (cls | patch), image, tile, row, col, box."""
+        if self.vision is None:
+            raise ValueError("this layout carries no vision-encoder table")
+        return self.vision
+
+    def grid(self, image: int = 0, tile: int = 0) -> tuple[int, int]:
+        try:
+            return self.grid_shapes[(image, tile)]
+        except KeyError:
+            raise KeyError(
+                f"no (image={image}, tile={tile}) in this layout; have {sorted(self.grid_shapes)}"
+            ) from None
+
+    def to_grid(self, values: np.ndarray, image: int = 0, tile: int = 0) -> np.ndarray:
+        """Scatter per-image-token ``values`` (aligned with ``image_positions``) onto a (rows, cols) grid."""
+        values = np.asarray(values)
+        sel_img = self.kind == KIND_IMAGE
+        if values.shape[0] != int(sel_img.sum()):
+            raise ValueError(
+                f"values has {values.shape[0]} entries; this layout has {int(sel_img.sum())} image tokens"
+            )
+        rows, cols = self.grid(image, tile)
+        out = np.full((rows, cols), np.nan, dtype=float)
+        m = (self.image[sel_img] == image) & (self.tile[sel_img] == tile)
+        out[self.row[sel_img][m], self.col[sel_img][m]] = values[m]
+        return out
+
+
+@dataclass
+class Batch:
+    """Model inputs built by the model's own processor and chat template, plus one layout per sample."""
+
+    inputs: Any  # BatchFeature / dict: what ``vlm.model(**batch.inputs)`` takes
+    layout: list[ImageLayout]
+    images: list[list[Any]]  # per sample, the PIL images it holds
+    prompts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.layout)
+
+    def to(self, device: torch.device | str) -> "Batch":
+        inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in dict(self.inputs).items()}
+        return Batch(inputs=inputs, layout=self.layout, images=self.images, prompts=self.prompts)
+
+
+class FamilyAdapter:
+    """One per VLM family. Subclasses name the HF model types they serve and implement the hooks.
+
+    Adapters only *describe* a model: they never change its forward.
+    """
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()  # HF ``config.model_type`` values served by this adapter
+
+    # --- modules -------------------------------------------------------------------------
+    def lm_layers(self, model: nn.Module) -> Sequence[nn.Module]:
+        raise NotImplementedError
+
+    def lm_attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def vision_layers(self, model: nn.Module) -> Sequence[nn.Module]:
+        raise NotImplementedError
+
+    def vision_attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def projector(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def has_cls(self, model: nn.Module) -> bool:
+        return False
+
+    def vision_feature_layer(self, model: nn.Module) -> int:
+        """Index (into ``vision_layers``) of the layer whose output feeds the projector."""
+        return len(self.vision_layers(model)) - 1
+
+    # --- inputs and layout -----------------------------------------------------------------
+    def build_inputs(self, processor: Any, images: list[list[Any]], prompts: list[str]) -> Any:
+        raise NotImplementedError
+
+    def layouts(self, model: nn.Module, processor: Any, inputs: Any, images: list[list[Any]]) -> list[ImageLayout]:
+        raise NotImplementedError
