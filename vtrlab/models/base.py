@@ -145,6 +145,52 @@ class FamilyAdapter:
     def projector(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError
 
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The decoder stack that receives the merged ``inputs_embeds`` (e.g. ``model.model.language_model``)."""
+        return model.model.language_model
+
+    def lm_head(self, model: nn.Module) -> nn.Module:
+        return model.lm_head
+
+    def decoder_inputs(self, model: nn.Module, inputs: Any) -> dict[str, Any]:
+        """The exact tensors the LM decoder receives for ``inputs``: inputs_embeds (image features
+        already merged by the model's own code), attention_mask, position_ids (3-D for mRoPE).
+
+        Generic for every family: a forward pre-hook on the decoder records its keyword
+        arguments and aborts the forward, so the model's own merge code is the only one used.
+        ``position_ids`` is filled with the decoder's default (0..N-1) where the model passes None.
+        """
+        lm = self.language_model(model)
+        seen: dict[str, Any] = {}
+
+        class _Stop(Exception):
+            pass
+
+        def grab(_module, args, kwargs):
+            seen.update(kwargs)
+            if args:
+                seen.setdefault("input_ids", args[0])
+            raise _Stop
+
+        handle = lm.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                model(**dict(inputs), use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if not seen:
+            raise RuntimeError(f"{type(lm).__name__} was never called by {type(model).__name__}.forward")
+        embeds = seen["inputs_embeds"]
+        mask = seen.get("attention_mask")
+        if isinstance(mask, dict) or (mask is not None and mask.dim() != 2):
+            mask = dict(inputs).get("attention_mask")
+        pos = seen.get("position_ids")
+        if pos is None:
+            pos = torch.arange(embeds.shape[1], device=embeds.device).unsqueeze(0).expand(embeds.shape[0], -1)
+        return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}
+
     def has_cls(self, model: nn.Module) -> bool:
         return False
 
