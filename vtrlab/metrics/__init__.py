@@ -1,1 +1,1 @@
-"""vtrlab.metrics"""
+"""Small pure metric functions: agreement between importance signals, fidelity of reduced answers."""

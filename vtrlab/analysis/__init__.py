@@ -1,0 +1,1 @@
+"""Analyses: tidy tables built from captured signals (no I/O, no plotting)."""
