@@ -1,1 +1,10 @@
-"""vtrlab.flow"""
+"""Information flow through attention: knockout of edges and attention saliency for chosen rows.
+
+Both run inside vtrlab's attention function (see ``vtrlab.capture.attention``): no N×N matrix,
+no patched model code, everything restored after the call.
+"""
+
+from .knockout import knocked_out, knockout, knockout_sites
+from .saliency import attention_times_grad, saliency
+
+__all__ = ["attention_times_grad", "knocked_out", "knockout", "knockout_sites", "saliency"]

@@ -72,7 +72,7 @@ class ImageLayout:
 
     def table(self) -> pd.DataFrame:
         """One row per image-block position: position, kind, image, tile, row, col, x0, y0, x1, y1."""
-        return pd.DataFrame({c: getattr(self, c) for c in LAYOUT_COLUMNS})
+        return pd.DataFrame({c: getattr(self, "positions" if c == "position" else c) for c in LAYOUT_COLUMNS})
 
     def vision_table(self) -> pd.DataFrame:
         """One row per vision-encoder token: crop, vpos, kind (cls | patch), image, tile, row, col, box."""

@@ -1,0 +1,327 @@
+"""vtrlab.capture: rows equal HF eager attention, outputs unchanged, everything restored."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import xarray as xr
+
+import vtrlab
+from vtrlab.capture import ATTN_NAME, capture, load, save
+from vtrlab.capture.switch import _configs
+from vtrlab.capture._fallback import tiny_llava, tiny_llava_batch
+
+TOL = 1e-5
+
+
+def _tiny_families() -> list[str]:
+    """Every family with a tiny config (adapters' helpers; the directly built LLaVA until they
+    exist), plus the organism when one is on disk."""
+    try:
+        from vtrlab.models import testing
+
+        cases = testing.tiny_families() or ["llava-fallback"]
+    except ImportError:
+        cases = ["llava-fallback"]
+    return cases + (["organism"] if organism_path() is not None else [])
+
+
+def organism_path():
+    """The organism's directory: $VTRLAB_ORGANISM, the bundled one, else the random-init one."""
+    import os
+    from pathlib import Path
+
+    for cand in (os.environ.get("VTRLAB_ORGANISM"), Path(__file__).parents[1] / "data/models/organism",
+                 "/tmp/vtrlab-organism-random"):
+        if cand and (Path(cand) / "config.json").exists():
+            return Path(cand)
+    return None
+
+
+def organism_vlm():
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from vtrlab.models.registry import adapter_for
+    from vtrlab.models.vlm import VLM
+
+    path = organism_path()
+    model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa").eval()
+    return VLM(model=model, processor=AutoProcessor.from_pretrained(path), adapter=adapter_for("llava"), name="organism")
+
+
+def organism_batch(vlm, n: int = 2, seed: int = 0):
+    from vtrlab.data.synthetic import generate
+
+    samples = generate(n, seed)
+    return vlm.prepare([s.image for s in samples], [s.question for s in samples]), samples
+
+
+def _images(seed: int):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((40, 56), (64, 48))]
+
+
+def _build(family: str):
+    if family == "llava-fallback":
+        vlm = tiny_llava()
+        return vlm, tiny_llava_batch(vlm, n=2, padding="left")
+    if family == "organism":
+        vlm = organism_vlm()
+        return vlm, organism_batch(vlm)[0]
+    from vtrlab.models import testing
+
+    vlm = testing.tiny(family)
+    # two differently sized images and prompts of different lengths: a padded batch
+    return vlm, vlm.prepare(_images(0), ["What color is the circle?", "Where?"])
+
+
+@pytest.fixture(scope="module", params=_tiny_families())
+def tiny(request):
+    return request.param, *_build(request.param)
+
+
+def _recording_eager(store: dict):
+    """An attention function that runs the module's own HF eager code and keeps its weights."""
+    import sys
+
+    def fn(module, query, key, value, attention_mask, **kwargs):
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        out, weights = eager(module, query, key, value, attention_mask, **kwargs)
+        store.setdefault(id(module), []).append(weights.detach())
+        return out, weights
+
+    return fn
+
+
+def _eager_reference(vlm, batch):
+    """LM attentions (HF eager, output_attentions) and, per vision layer, the eager weights of every
+    call of its attention (packed encoders call it once per image or window)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    model = vlm.model
+    calls: dict[int, list] = {}
+    AttentionInterface.register("vtrlab_test_eager", _recording_eager(calls))
+    ALL_MASK_ATTENTION_FUNCTIONS.register("vtrlab_test_eager", eager_mask)
+    model.set_attn_implementation("vtrlab_test_eager")
+    try:
+        with torch.no_grad():
+            out = model(**batch.inputs, output_attentions=True, use_cache=False)
+    finally:
+        model.set_attn_implementation("sdpa")
+    lm = [a.detach() for a in out.attentions]
+    vision = []
+    for layer in vlm.vision_layers:
+        pieces = calls[id(vlm.adapter.vision_attention(layer))]
+        if vlm.has_cls:
+            cls = int(batch.layout[0].vision.query("kind == 'cls'")["vpos"].iloc[0])
+            vision.append(torch.cat([w[:, :, cls] for w in pieces], dim=-1))
+        else:
+            vision.append(torch.cat([w.mean(2) for w in pieces], dim=-1))  # mean over each call's queries
+    return lm, vision
+
+
+@pytest.fixture(scope="module")
+def eager(tiny):
+    _, vlm, batch = tiny
+    return _eager_reference(vlm, batch)
+
+
+@pytest.mark.parametrize("rows", ["last", "question", "text", "all", [-1, -3], "per-sample"])
+def test_rows_equal_hf_eager(tiny, eager, rows):
+    _, vlm, batch = tiny
+    lm_ref, _ = eager
+    if rows == "per-sample":
+        rows = [L.question_positions[:2].tolist() for L in batch.layout]
+    ds = capture(vlm, batch, rows=rows, vision=False)
+    assert ds.lm_attn.dims == ("sample", "layer", "head", "query", "key")
+    checked = 0
+    for b in range(len(batch)):
+        qpos = ds.query_position.values[b]
+        for qi, p in enumerate(qpos):
+            if np.isnan(p):
+                assert np.isnan(ds.lm_attn.values[b, :, :, qi]).all()
+                continue
+            for li, layer in enumerate(ds.layer.values):
+                ref = lm_ref[layer][b, :, int(p)].numpy()
+                got = ds.lm_attn.values[b, li, :, qi]
+                np.testing.assert_allclose(got, ref, atol=TOL, rtol=0)
+                checked += 1
+    assert checked >= len(batch) * len(ds.layer)
+
+
+def test_layers_heads_subset_and_head_mean(tiny, eager):
+    _, vlm, batch = tiny
+    lm_ref, _ = eager
+    n_layers = len(vlm.lm_layers)
+    ds = capture(vlm, batch, rows="last", layers=[-1, 0], heads=[1, 0], vision=False)
+    assert ds.layer.values.tolist() == [0, n_layers - 1]
+    assert ds["head"].values.tolist() == [0, 1]
+    for b, L in enumerate(batch.layout):
+        for li, layer in enumerate(ds.layer.values):
+            np.testing.assert_allclose(ds.lm_attn.values[b, li, :, 0], lm_ref[layer][b, :2, L.last_position].numpy(), atol=TOL)
+    dm = capture(vlm, batch, rows="last", head_mean=True, vision=False)
+    assert "head" not in dm.lm_attn.dims
+    for b, L in enumerate(batch.layout):
+        ref = torch.stack([a[b, :, L.last_position].mean(0) for a in lm_ref]).numpy()
+        np.testing.assert_allclose(dm.lm_attn.values[b, :, 0], ref, atol=TOL)
+
+
+def test_vision_attention_equals_hf_eager(tiny, eager):
+    _, vlm, batch = tiny
+    _, vis_ref = eager
+    ds = capture(vlm, batch, rows="last", vision=True)
+    tables = [L.vision.reset_index(drop=True) for L in batch.layout]
+    # packed encoders (one sequence for the whole batch): crop c starts after all tokens of crops < c
+    counts = pd.concat(tables)["crop"].value_counts().sort_index()
+    start = dict(zip(counts.index, np.r_[0, np.cumsum(counts.to_numpy())[:-1]]))
+    checked = 0
+    for b, t in enumerate(tables):
+        for li, layer in enumerate(ds.vision_layer.values):
+            ref = vis_ref[int(layer)]  # (crops, H, S) or (1, H, S_total)
+            crop, vpos = t["crop"].to_numpy(), t["vpos"].to_numpy()
+            if ref.shape[0] == 1 and len(start) > 1:
+                vpos, crop = vpos + np.array([start[c] for c in crop]), np.zeros_like(crop)
+            want = ref[torch.as_tensor(crop), :, torch.as_tensor(vpos)].T.numpy()
+            np.testing.assert_allclose(ds.vision_attn.values[b, li, :, : len(t)], want, atol=TOL)
+            assert np.isnan(ds.vision_attn.values[b, li, :, len(t):]).all()
+            checked += 1
+    assert checked == len(tables) * len(vlm.vision_layers)
+
+
+def test_key_labels_come_from_layout(tiny):
+    _, vlm, batch = tiny
+    ds = capture(vlm, batch, rows="last", vision=False)
+    for b, L in enumerate(batch.layout):
+        kinds = ds.key_kind.values[b]
+        assert (kinds[L.positions] == L.kind).all()
+        np.testing.assert_array_equal(ds.key_row.values[b, L.positions], L.row)
+        np.testing.assert_array_equal(ds.key_col.values[b, L.positions], L.col)
+        pad = np.setdiff1d(np.arange(L.seq_len), L.valid_positions)
+        assert (kinds[pad] == "pad").all()
+        assert (kinds[L.text_positions] == "text").all()
+
+
+def _all_hooks(model):
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
+    )
+
+
+def test_logits_unchanged_and_state_restored(tiny):
+    _, vlm, batch = tiny
+    model = vlm.model
+    impls = [(c, c._attn_implementation) for c in _configs(model)]
+    hooks = _all_hooks(model)
+    with torch.no_grad():
+        plain = model(**batch.inputs, use_cache=False).logits
+    seen = {}
+    h = vlm.adapter.lm_head(model).register_forward_hook(lambda m, a, o: seen.setdefault("logits", o.detach()))
+    try:
+        capture(vlm, batch, rows="all", vision=True, hidden=True)
+    finally:
+        h.remove()
+    assert torch.equal(seen["logits"], plain)
+    assert all(c._attn_implementation == impl for c, impl in impls)
+    assert _all_hooks(model) == hooks
+
+
+def test_restored_when_forward_raises(tiny):
+    _, vlm, batch = tiny
+    model = vlm.model
+    impls = [(c, c._attn_implementation) for c in _configs(model)]
+    hooks = _all_hooks(model)
+
+    def boom(*_):
+        assert model.config.text_config._attn_implementation == ATTN_NAME  # raised *inside* the switch
+        raise RuntimeError("boom")
+
+    h = vlm.lm_layers[-1].register_forward_pre_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            capture(vlm, batch, rows="last", hidden=True)
+    finally:
+        h.remove()
+    assert all(c._attn_implementation == impl for c, impl in impls)
+    assert _all_hooks(model) == hooks
+    assert vtrlab.capture.attention.current_session() is None
+
+
+def test_hidden_norms_equal_hidden_states(tiny):
+    _, vlm, batch = tiny
+    ds = capture(vlm, batch, rows="last", vision=False, hidden=True, layers=[0])
+    with torch.no_grad():
+        out = vlm.model(**batch.inputs, output_hidden_states=True, use_cache=False)
+    ref = out.hidden_states[1].norm(dim=-1).numpy()
+    np.testing.assert_allclose(ds.hidden_norm.values[:, 0], ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, engine", [("float32", None), ("float16", None), ("float32", "scipy")])
+def test_netcdf_roundtrip_opens_with_xarray(tiny, tmp_path, dtype, engine):
+    _, vlm, batch = tiny
+    ds = capture(vlm, batch, rows="question", dtype=dtype, hidden=True)
+    assert ds.lm_attn.dtype == np.dtype(dtype)
+    path = save(ds, tmp_path / "cap.nc", engine=engine)
+    assert [p.name for p in tmp_path.iterdir()] == ["cap.nc"]  # no temp file left behind
+    with xr.open_dataset(path) as raw:  # xarray alone: float16 comes back as exact float32
+        raw = raw.load()
+    as32 = ds.copy()
+    for name, var in ds.data_vars.items():
+        if var.dtype == np.float16:
+            as32[name] = var.astype(np.float32)
+    np.testing.assert_array_equal(raw.lm_attn.values, as32.lm_attn.values)
+    xr.testing.assert_equal(raw.drop_vars(list(as32.data_vars)), as32.drop_vars(list(as32.data_vars)))
+    for name in as32.data_vars:  # netCDF-3 may store int64 labels as int32
+        np.testing.assert_array_equal(raw[name].values, as32[name].values)
+    back = load(path)
+    xr.testing.assert_equal(back, ds)
+    assert back.lm_attn.dtype == ds.lm_attn.dtype and back.attrs == ds.attrs
+
+
+def test_padding_side_right_matches_eager():
+    vlm = tiny_llava(seed=1)
+    batch = tiny_llava_batch(vlm, n=2, padding="right", question_lengths=(2, 6))
+    lm_ref, vis_ref = _eager_reference(vlm, batch)
+    ds = capture(vlm, batch, rows="last", vision=False)
+    assert ds.attrs["query_coordinate"].startswith("sequence position") is False
+    for b, L in enumerate(batch.layout):
+        assert ds.query_position.values[b, 0] == L.last_position
+        for li in range(len(ds.layer)):
+            np.testing.assert_allclose(ds.lm_attn.values[b, li, :, 0], lm_ref[li][b, :, L.last_position].numpy(), atol=TOL)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"rows": "first"}, "rows='first' is not one of"),
+        ({"rows": [10_000]}, r"position\(s\) \[10000\]"),
+        ({"layers": [99]}, "layers: 99 is not an index"),
+        ({"layers": "some"}, "layers='some'"),
+        ({"heads": [999]}, "heads: 999 is not an index"),
+        ({"dtype": "int8"}, "dtype='int8'"),
+        ({"vision_layers": [5]}, "vision_layers: 5"),
+    ],
+)
+def test_bad_arguments_name_the_value(tiny, kwargs, match):
+    _, vlm, batch = tiny
+    with pytest.raises(ValueError, match=match):
+        capture(vlm, batch, **kwargs)
+
+
+def test_refuses_non_sdpa_model():
+    vlm = tiny_llava(attn_implementation="eager")
+    batch = tiny_llava_batch(vlm, n=1)
+    with pytest.raises(ValueError, match="'eager'"):
+        capture(vlm, batch)
+    assert vlm.model.config.text_config._attn_implementation == "eager"
+
+
+def test_public_name_is_callable():
+    vlm = tiny_llava()
+    batch = tiny_llava_batch(vlm, n=1)
+    ds = vtrlab.capture(vlm, batch, rows="last", vision=False)
+    np.testing.assert_allclose(ds.lm_attn.sum("key").values, 1.0, atol=1e-5)

@@ -1,0 +1,127 @@
+"""Extension points in the attention function: knockout and A ⊙ (dO·Vᵀ), against float64 references."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from vtrlab.capture.switch import _configs
+from vtrlab.flow import knocked_out, knockout, saliency
+
+
+def _tiny64(family: str):
+    from test_capture import _build
+
+    vlm, batch = _build(family)
+    vlm.model.to(torch.float64)
+    inputs = {k: (v.to(torch.float64) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in dict(batch.inputs).items()}
+    batch.inputs = inputs
+    return vlm, batch
+
+
+def _families():
+    from test_capture import _tiny_families
+
+    return [f for f in _tiny_families() if f != "organism"]
+
+
+@pytest.fixture(scope="module", params=_families())
+def tiny64(request):
+    return _tiny64(request.param)
+
+
+def _ref_attention(blocked: dict, kept: dict | None = None):
+    """Float64 eager reference: explicit softmax(QKᵀ·s + mask) with `blocked[id(module)]` (B, Q, N)
+    edges removed; keeps each call's probabilities (with grad) in `kept`."""
+
+    def fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        groups = query.shape[1] // key.shape[1]
+        k = key.repeat_interleave(groups, dim=1)
+        v = value.repeat_interleave(groups, dim=1)
+        s = torch.matmul(query, k.transpose(-1, -2)) * scaling
+        if attention_mask is not None:
+            s = s + attention_mask  # eager masks are additive
+        b = blocked.get(id(module))
+        if b is not None:
+            s = s.masked_fill(b[:, None], float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        if kept is not None and id(module) in kept:
+            p.retain_grad()
+            kept[id(module)].append(p)
+        return torch.matmul(p, v).transpose(1, 2).contiguous(), p
+
+    return fn
+
+
+def _run_reference(vlm, batch, fn, grad=False):
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    AttentionInterface.register("vtrlab_test_ref", fn)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("vtrlab_test_ref", eager_mask)
+    vlm.model.set_attn_implementation("vtrlab_test_ref")
+    try:
+        with torch.set_grad_enabled(grad):
+            return vlm.model(**batch.inputs, use_cache=False).logits
+    finally:
+        vlm.model.set_attn_implementation("sdpa")
+
+
+def test_knockout_equals_float64_reference(tiny64):
+    vlm, batch = tiny64
+    layers = [0, len(vlm.lm_layers) - 1]
+    N = batch.inputs["input_ids"].shape[1]
+    blocked = {}
+    for i in layers:
+        m = torch.zeros(len(batch), N, N, dtype=torch.bool)
+        for b, L in enumerate(batch.layout):
+            m[b, L.last_position, torch.as_tensor(L.image_positions)] = True
+        blocked[id(vlm.adapter.lm_attention(vlm.lm_layers[i]))] = m
+    ref = _run_reference(vlm, batch, _ref_attention(blocked))
+    got = knockout(vlm, batch, keys="image", queries="last", layers=layers)
+    plain = _run_reference(vlm, batch, _ref_attention({}))
+    last = [L.last_position for L in batch.layout]
+    rows = torch.arange(len(batch))
+    torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-10)
+    # the cut matters at the last row, and only there (no other query lost an edge)
+    assert (got[rows, last] - plain[rows, last]).abs().max() > 1e-6
+    for b, L in enumerate(batch.layout):
+        others = torch.as_tensor(np.setdiff1d(L.valid_positions, [L.last_position]))
+        torch.testing.assert_close(got[b, others], plain[b, others], atol=1e-10, rtol=1e-10)
+
+
+def test_knockout_restores_and_rejects_empty_rows(tiny64):
+    vlm, batch = tiny64
+    impls = [(c, c._attn_implementation) for c in _configs(vlm.model)]
+    with pytest.raises(ValueError, match="no key to attend to"):
+        knockout(vlm, batch, keys="all", queries="last", layers=[0])
+    assert all(c._attn_implementation == impl for c, impl in impls)
+    with pytest.raises(ValueError, match="keys:"):
+        knockout(vlm, batch, keys="pixels")
+    with knocked_out(vlm, batch, keys="image", queries="last", layers=[0]):
+        assert vlm.model.config.text_config._attn_implementation == "vtrlab_sdpa"
+    assert all(c._attn_implementation == impl for c, impl in impls)
+
+
+def test_attention_saliency_equals_float64_autograd(tiny64):
+    vlm, batch = tiny64
+    ds = saliency(vlm, batch, rows="question", layers="all")
+    kept = {id(vlm.adapter.lm_attention(layer)): [] for layer in vlm.lm_layers}
+    logits = _run_reference(vlm, batch, _ref_attention({}, kept), grad=True)
+    last = torch.as_tensor([L.last_position for L in batch.layout])
+    logp = torch.log_softmax(logits[torch.arange(len(batch)), last], -1)
+    assert torch.equal(logp.argmax(-1), torch.as_tensor(ds.target.values))
+    logp.gather(1, torch.as_tensor(ds.target.values)[:, None]).sum().backward()
+    vlm.model.zero_grad(set_to_none=True)
+    for li, layer in enumerate(vlm.lm_layers):
+        (p,) = kept[id(vlm.adapter.lm_attention(layer))]
+        ref = (p * p.grad).detach()  # (B, H, N, N): the float64 oracle, N×N on purpose
+        for b, L in enumerate(batch.layout):
+            q = torch.as_tensor(L.question_positions)
+            got = ds.attn_grad.values[b, li, :, : len(q)]
+            np.testing.assert_allclose(got, ref[b][:, q].numpy(), atol=1e-6, rtol=1e-5)
+            np.testing.assert_allclose(ds.saliency.values[b, li, : len(q)], ref[b][:, q].sum(0).abs().numpy(), atol=1e-6, rtol=1e-5)
+    assert all(p.grad is None for p in vlm.model.parameters())

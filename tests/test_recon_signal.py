@@ -1,0 +1,115 @@
+"""Selector on real (tiny) VLMs, and reconstruction error as a labeled per-token, per-layer signal."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vtrlab.analysis.reconstruction import layer_reconstruction_error, ridge_fit, ridge_token_error, token_array
+from vtrlab.models.base import ImageLayout
+from vtrlab.models.testing import tiny
+from vtrlab.recon import Selector, SelectorConfig, token_error, vision_features
+from vtrlab.recon.features import token_features
+
+
+def _layout(side, offset=3):
+    n = side * side
+    r, c = np.divmod(np.arange(n), side)
+    f = np.zeros(n)
+    return ImageLayout(positions=np.arange(n) + offset, kind=np.array(["image"] * n, dtype=object), image=np.zeros(n, int),
+                       tile=np.zeros(n, int), row=r, col=c, x0=c * 8.0, y0=r * 8.0, x1=c * 8.0 + 8, y1=r * 8.0 + 8,
+                       seq_len=n + offset + 2, valid_positions=np.arange(n + offset + 2), question_positions=np.array([n + offset]))
+
+
+def test_ridge_fit_matches_float64_least_squares_and_shrinks():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 5)), rng.normal(size=(40, 3))
+    assert np.allclose(ridge_fit(x, y, 0.0), np.linalg.lstsq(x, y, rcond=None)[0], atol=1e-10)
+    lam = 0.3 * np.trace(x.T @ x) / 5
+    assert np.allclose(ridge_fit(x, y, 0.3), np.linalg.solve(x.T @ x + lam * np.eye(5), x.T @ y), atol=1e-10)
+
+
+def test_ridge_error_is_zero_for_redundant_tokens_and_one_for_independent_tokens():
+    rng = np.random.default_rng(1)
+    lays = [_layout(6) for _ in range(40)]  # enough samples per fold to identify the 12-dim linear map
+    redundant = [np.tile(rng.normal(size=(1, 5)), (36, 1)) for _ in lays]  # every token = the sample's vector
+    independent = [rng.normal(size=(36, 5)) for _ in lays]
+    e_red = np.concatenate(ridge_token_error(redundant, lays, keep_ratio=0.5, n_draws=3, alpha=1e-6))
+    e_ind = np.concatenate(ridge_token_error(independent, lays, keep_ratio=0.5, n_draws=3, alpha=1e-2))
+    assert np.nanmax(e_red) < 1e-6
+    assert 0.8 < np.nanmean(e_ind) < 1.3
+    with pytest.raises(ValueError, match="keep_ratio=1.0"):
+        ridge_token_error(independent, lays, keep_ratio=1.0)
+
+
+def test_token_array_shape_and_coords():
+    lays = [_layout(3), _layout(2, offset=5)]
+    arr = token_array({"vision.0": [np.arange(9.0), np.arange(4.0)], "lm.1": [np.ones(9), np.ones(4)]}, lays, name="x")
+    assert arr.dims == ("sample", "layer", "token") and arr.shape == (2, 2, 9)
+    assert list(arr.layer.values) == ["vision.0", "lm.1"]
+    assert arr.sel(sample=1, layer="vision.0").values[:4].tolist() == [0, 1, 2, 3]
+    assert np.isnan(arr.sel(sample=1).values[:, 4:]).all()
+    assert arr.position.values[1, :4].tolist() == [5, 6, 7, 8] and arr.position.values[1, 4] == -1
+    assert arr.row.values[0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    with pytest.raises(ValueError, match="has shape \\(3,\\); sample 0 has 9 image tokens"):
+        token_array({"lm.0": [np.ones(3), np.ones(4)]}, lays, name="x")
+
+
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+def vlm_batch(request):
+    vlm = tiny(request.param, seed=0)
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)) for _ in range(2)]
+    return vlm, vlm.prepare(imgs, ["what ?", "what color is it ?"])
+
+
+def test_vision_features_are_the_patch_tokens_of_the_projector_layer(vlm_batch):
+    vlm, batch = vlm_batch
+    layer = vlm.adapter.vision_feature_layer(vlm.model) % len(vlm.vision_layers)
+    feats = vision_features(vlm, batch)[layer]
+    for s, lay in zip(feats, batch.layout):
+        patches = (lay.vision_table()["kind"] == "patch").sum()
+        assert s.features.shape[0] == patches  # [CLS] excluded
+        assert (s.token >= 0).all() and set(s.token) == set(range(lay.n_image_tokens))  # every patch -> an LM token
+    if vlm.family == "llava":  # oracle: the vision tower's own hidden states, [CLS] dropped, 1:1 with LM tokens
+        with torch.no_grad():
+            hs = vlm.model.model.vision_tower(batch.inputs["pixel_values"], output_hidden_states=True).hidden_states
+        n_cls = 1 if vlm.has_cls else 0
+        for i, s in enumerate(feats):
+            assert torch.allclose(s.features, hs[layer + 1][i, n_cls:], atol=1e-6)
+            assert np.array_equal(s.token, np.arange(len(s.token)))
+
+
+def test_select_keeps_exact_budget_per_sample(vlm_batch):
+    vlm, batch = vlm_batch
+    layer = vlm.adapter.vision_feature_layer(vlm.model) % len(vlm.vision_layers)
+    c = vision_features(vlm, batch)[layer][0].features.shape[1]
+    torch.manual_seed(0)
+    sel = Selector(SelectorConfig(feature_dim=c, d_model=16, n_heads=2, selector_layers=1, reconstructor_layers=1)).eval()
+    scores = sel.token_scores(vlm, batch)
+    for r in (0.1, 0.5, 1.0):
+        keep = sel.select(vlm, batch, ratio=r)
+        for k, s, lay in zip(keep, scores, batch.layout):
+            assert k.dtype == bool and k.shape == (lay.n_image_tokens,)
+            assert k.sum() == int(round(r * lay.n_image_tokens))
+            if 0 < k.sum() < len(k):
+                assert s[k].min() >= s[~k].max()
+    assert all(k.all() for k in sel.select(vlm, batch, ratio=1.0))
+    err = token_error(sel, vlm, batch, mode="single")
+    assert err.dims == ("sample", "layer", "token") and list(err.layer.values) == [f"vision.{layer}"]
+    assert np.isfinite(err.sel(sample=0).values[0, : batch.layout[0].n_image_tokens]).all()
+
+
+def test_token_features_and_layer_error(vlm_batch):
+    vlm, batch = vlm_batch
+    feats = token_features(vlm, batch, vision="all", lm=[0])
+    assert list(feats) == [f"vision.{i}" for i in range(len(vlm.vision_layers))] + ["lm.0"]
+    with torch.no_grad():
+        hs = vlm.model(**dict(batch.inputs), output_hidden_states=True).hidden_states
+    for i, lay in enumerate(batch.layout):  # oracle: HF hidden_states[1] is the output of LM layer 0
+        assert np.allclose(feats["lm.0"][i], hs[1][i, lay.image_positions].double().numpy(), atol=1e-6)
+    arr = layer_reconstruction_error(vlm, batch, vision=[0], lm=[0], keep_ratio=0.5, n_draws=2, progress=False)
+    assert arr.dims == ("sample", "layer", "token") and list(arr.layer.values) == ["vision.0", "lm.0"]
+    assert np.isfinite(np.nanmean(arr.values))
+    with pytest.raises(ValueError, match="lm layer 99 out of range"):
+        token_features(vlm, batch, vision=None, lm=[99])

@@ -1,0 +1,264 @@
+"""The one attention function vtrlab runs models under: stock sdpa for the output, plus probes.
+
+Registered in transformers' ``AttentionInterface`` (and ``AttentionMaskInterface``, so masks are
+built exactly as for ``"sdpa"``) under :data:`ATTN_NAME`. Outside a probe session it *is* sdpa.
+Inside one, each attention module that the session names (a :class:`Site`) may:
+
+* record probabilities for chosen query rows only: ``softmax(q_rows · Kᵀ · scale + mask_rows)`` —
+  never the N×N matrix (vision ``"mean"`` mode reduces query chunks as it goes);
+* apply a knockout: block edges from chosen key positions to chosen query rows (changes the output,
+  on purpose, for the layers asked);
+* keep what gradient saliency needs for chosen rows: the rows' probabilities, V, and the attention
+  output tensor, so that ``A ⊙ (dO · Vᵀ)`` is formed after ``autograd.grad`` (no N×N).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+ATTN_NAME = "vtrlab_sdpa"
+
+# The session active in this context (None: plain sdpa). A ContextVar, so threads never share one.
+_SESSION: contextvars.ContextVar["Session | None"] = contextvars.ContextVar("vtrlab_session", default=None)
+
+# Vision "mean" mode reduces the full query range in chunks of this many rows (bounded memory).
+_MEAN_CHUNK = 256
+
+
+@dataclass
+class Knockout:
+    """Edges to block at one site: ``queries[b, i] & keys[b, j]`` means query i may not see key j."""
+
+    queries: torch.Tensor  # (B, N) bool
+    keys: torch.Tensor  # (B, N) bool
+
+
+@dataclass
+class Site:
+    """What one attention module should do in the current session."""
+
+    stream: str  # "lm" or "vision"
+    layer: int
+    rows: torch.Tensor | None = None  # (B, R) long query positions, -1 = padding (lm)
+    vision_mode: str | None = None  # "cls" | "mean" (vision); None: record nothing
+    cls_index: int = 0
+    knockout: Knockout | None = None
+    saliency_rows: torch.Tensor | None = None  # (B, R) long, -1 = padding
+    store_dtype: torch.dtype = torch.float32
+    store_device: torch.device | str = "cpu"
+    # filled during the forward
+    probs: list[torch.Tensor] = field(default_factory=list)  # lm: (B, H, R, N); vision: (B, H, N) per call
+    segments: list[tuple[int, int]] = field(default_factory=list)  # vision: (offset, length) per call
+    saliency: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Session:
+    sites: dict[int, Site]  # id(attention module) -> site
+
+
+def current_session() -> Session | None:
+    return _SESSION.get()
+
+
+class session:
+    """Activate ``sites`` for the forwards run inside the ``with`` block (restored on exit)."""
+
+    def __init__(self, sites: dict[int, Site]):
+        self._session = Session(sites)
+        self._token = None
+
+    def __enter__(self) -> Session:
+        self._token = _SESSION.set(self._session)
+        return self._session
+
+    def __exit__(self, *exc) -> None:
+        _SESSION.reset(self._token)
+
+
+# --------------------------------------------------------------------------------------------
+# masks
+
+
+def _is_causal(module, query, attention_mask, is_causal) -> bool:
+    """Mirror transformers' sdpa decision: causal only when no mask was built and q_len > 1."""
+    flag = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    return bool(query.shape[2] > 1 and attention_mask is None and flag)
+
+
+def _gather_mask_rows(attention_mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(B|1, H|1, Q, N) mask -> (B, H|1, R, N) rows (rows: (B, R) non-negative)."""
+    B, R = rows.shape
+    m = attention_mask
+    if m.shape[0] == 1 and B > 1:
+        m = m.expand(B, *m.shape[1:])
+    idx = rows[:, None, :, None].expand(B, m.shape[1], R, m.shape[3])
+    return torch.gather(m, 2, idx)
+
+
+def _apply_mask(scores: torch.Tensor, mask_rows: torch.Tensor | None) -> torch.Tensor:
+    if mask_rows is None:
+        return scores
+    if mask_rows.dtype == torch.bool:
+        return scores.masked_fill(~mask_rows, float("-inf"))
+    return scores + mask_rows.to(scores.dtype)
+
+
+def row_probabilities(
+    module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    causal: bool,
+    rows: torch.Tensor,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention probabilities of query ``rows`` to every key: (B, H, R, N), float32.
+
+    ``rows`` (B, R) holds sequence positions (index into the query axis); -1 marks padding and
+    yields NaN. Handles GQA without repeating K (queries are grouped per KV head instead).
+    """
+    B, H, Q, D = query.shape
+    Hkv, N = key.shape[1], key.shape[2]
+    groups = H // Hkv
+    R = rows.shape[1]
+    valid = rows >= 0
+    idx = rows.clamp(min=0)
+    q_rows = torch.gather(query, 2, idx[:, None, :, None].expand(B, H, R, D))
+    if query.shape[0] != key.shape[0]:  # learned queries broadcast over the batch
+        key = key.expand(B, *key.shape[1:])
+    scale = scaling if scaling is not None else D**-0.5
+    # (B, Hkv, groups*R, D) @ (B, Hkv, D, N): head h uses KV head h // groups, as repeat_kv does
+    scores = torch.matmul(q_rows.reshape(B, Hkv, groups * R, D), key.transpose(-1, -2)).float() * scale
+    scores = scores.view(B, H, R, N)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        scores = _apply_mask(scores, _gather_mask_rows(attention_mask, idx))
+    elif causal:
+        keep = torch.arange(N, device=rows.device)[None, None, :] <= idx[:, :, None]  # q_offset 0: no cache
+        scores = scores.masked_fill(~keep[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return probs.masked_fill(~valid[:, None, :, None], float("nan"))
+
+
+def _mean_over_queries(module, query, key, attention_mask, scaling, causal, softcap) -> torch.Tensor:
+    """Mean over all query rows of the attention probabilities, (B, H, N), computed in chunks."""
+    B, _, Q, _ = query.shape
+    total = None
+    for start in range(0, Q, _MEAN_CHUNK):
+        rows = torch.arange(start, min(Q, start + _MEAN_CHUNK), device=query.device)[None].expand(B, -1)
+        p = row_probabilities(module, query, key, attention_mask, scaling, causal, rows, softcap).sum(2)
+        total = p if total is None else total + p
+    return total / Q
+
+
+# --------------------------------------------------------------------------------------------
+# knockout
+
+
+def knockout_mask(ko: Knockout, attention_mask, query, key, causal: bool) -> torch.Tensor:
+    """The mask sdpa should use with ``ko``'s edges removed (bool, or additive in the mask's dtype)."""
+    Q, N = query.shape[2], key.shape[2]
+    blocked = ko.queries[:, :Q, None] & ko.keys[:, None, :N]  # (B, Q, N)
+    blocked = blocked[:, None]
+    if attention_mask is None:
+        if causal:
+            base = torch.ones(Q, N, dtype=torch.bool, device=query.device).tril()[None, None]
+        else:
+            base = torch.ones(1, 1, Q, N, dtype=torch.bool, device=query.device)
+        before, new = base, base & ~blocked
+    elif attention_mask.dtype == torch.bool:
+        before, new = attention_mask, attention_mask & ~blocked
+    else:
+        floor = torch.finfo(attention_mask.dtype).min
+        new = attention_mask.masked_fill(blocked, floor)
+        before, new_allowed = attention_mask > floor / 2, new > floor / 2
+    allowed = new if new.dtype == torch.bool else new_allowed
+    # rows that had keys before the cut must keep one (pad rows may have none to begin with)
+    emptied = before.any(-1) & ~allowed.any(-1)  # (B|1, H|1, Q)
+    if bool(emptied.any()):
+        bad = torch.nonzero(emptied)[0].tolist()
+        raise ValueError(
+            f"knockout leaves query row {bad[-1]} (sample {bad[0]}) with no key to attend to; "
+            "keep at least one key visible to every blocked query row"
+        )
+    return new
+
+
+# --------------------------------------------------------------------------------------------
+# the registered function
+
+
+def vtrlab_sdpa_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    sess = _SESSION.get()
+    site = sess.sites.get(id(module)) if sess is not None else None
+    if site is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        raise ValueError(
+            f"{type(module).__name__} uses attention logit softcapping ({softcap}); sdpa (and so vtrlab "
+            "capture) does not support it — run this model with attn_implementation='eager'"
+        )
+    if kwargs.get("position_bias") is not None:
+        raise ValueError(f"{type(module).__name__} passes a position_bias; vtrlab capture does not support it yet")
+    causal = _is_causal(module, query, attention_mask, is_causal)
+    mask = attention_mask
+    if site.knockout is not None:
+        mask = knockout_mask(site.knockout, attention_mask, query, key, causal)
+        causal = False  # the causal pattern is now inside the mask
+    out, _ = sdpa_attention_forward(
+        module, query, key, value, mask, dropout=dropout, scaling=scaling,
+        is_causal=(False if site.knockout is not None else is_causal), **kwargs
+    )
+    with torch.no_grad():
+        if site.stream == "lm" and site.rows is not None:
+            p = row_probabilities(module, query.detach(), key.detach(), mask, scaling, causal, site.rows)
+            site.probs.append(p.to(site.store_device, site.store_dtype))
+        elif site.stream == "vision" and site.vision_mode is not None:
+            q, k = query.detach(), key.detach()
+            if site.vision_mode == "cls":
+                rows = torch.full((q.shape[0], 1), site.cls_index, device=q.device, dtype=torch.long)
+                p = row_probabilities(module, q, k, mask, scaling, causal, rows)[:, :, 0]
+            else:
+                p = _mean_over_queries(module, q, k, mask, scaling, causal, None)
+            offset = sum(n for _, n in site.segments)
+            site.segments.append((offset, k.shape[2]))
+            site.probs.append(p.to(site.store_device, site.store_dtype))
+    if site.saliency_rows is not None:
+        # A for the rows, V and the output tensor: dL/dA[r, k] = dO[r] · V[k] is formed after the
+        # backward pass (vtrlab.flow.saliency), so only (B, H, R, N) is ever materialised.
+        with torch.no_grad():
+            a = row_probabilities(module, query.detach(), key.detach(), mask, scaling, causal, site.saliency_rows)
+        site.saliency = {"probs": a, "value": value.detach(), "output": out, "rows": site.saliency_rows}
+    return out, None
+
+
+def register() -> str:
+    """Register :data:`ATTN_NAME` (idempotent); masks are built as for sdpa."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, vtrlab_sdpa_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
+    return ATTN_NAME

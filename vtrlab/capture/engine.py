@@ -1,0 +1,268 @@
+"""`capture(vlm, batch, ...)`: one forward of the unchanged model, attention rows as an xarray.Dataset."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import numpy as np
+import torch
+import xarray as xr
+
+from vtrlab.models.base import KIND_IMAGE, ImageLayout
+
+from .attention import Site, session
+from .spec import head_indices, layer_indices, padded_rows, rows_per_sample, store_dtype
+from .switch import attention_switched
+
+# Keep captured rows on the model's device until the forward ends when they fit in this many
+# bytes (one copy to CPU at the end instead of a sync per layer); larger captures go per layer.
+_DEVICE_BUFFER_BYTES = 256 * 2**20
+
+KEY_KIND_TEXT = "text"
+KEY_KIND_PAD = "pad"
+
+
+def _lm_sites(vlm, layers: list[int], rows: torch.Tensor, dtype, device) -> dict[int, Site]:
+    mods = vlm.lm_layers
+    return {
+        id(vlm.adapter.lm_attention(mods[i])): Site("lm", i, rows=rows, store_dtype=dtype, store_device=device)
+        for i in layers
+    }
+
+
+def _cls_index(layouts: Sequence[ImageLayout]) -> int:
+    vis = layouts[0].vision
+    if vis is not None and (vis["kind"] == "cls").any():
+        return int(vis.loc[vis["kind"] == "cls", "vpos"].iloc[0])
+    return 0
+
+
+def _vision_sites(vlm, layers: list[int], mode: str, cls_index: int, dtype, device) -> dict[int, Site]:
+    mods = vlm.vision_layers
+    return {
+        id(vlm.adapter.vision_attention(mods[i])): Site(
+            "vision", i, vision_mode=mode, cls_index=cls_index, store_dtype=dtype, store_device=device
+        )
+        for i in layers
+    }
+
+
+@contextlib.contextmanager
+def _hidden_norm_hooks(vlm, layers: list[int], store: dict[int, torch.Tensor]):
+    """Record the L2 norm of every position's hidden state after each chosen decoder layer."""
+    handles = []
+
+    def make(i):
+        def hook(_module, _args, output):
+            h = output[0] if isinstance(output, (tuple, list)) else output
+            store[i] = h.detach().float().norm(dim=-1).cpu()
+
+        return hook
+
+    try:
+        for i in layers:
+            handles.append(vlm.lm_layers[i].register_forward_hook(make(i)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def key_coordinates(layouts: Sequence[ImageLayout], seq_len: int) -> dict[str, tuple]:
+    """Per-sample (sample, key) variables mapping sequence positions to the image layout."""
+    B = len(layouts)
+    kind = np.full((B, seq_len), KEY_KIND_PAD, dtype=object)
+    fields = {name: np.full((B, seq_len), -1, dtype=np.int64) for name in ("image", "tile", "row", "col")}
+    for b, L in enumerate(layouts):
+        kind[b, L.valid_positions] = KEY_KIND_TEXT
+        kind[b, L.positions] = L.kind
+        for name, arr in fields.items():
+            arr[b, L.positions] = getattr(L, name)
+    out = {"key_kind": (("sample", "key"), kind.astype(str))}
+    out.update({f"key_{name}": (("sample", "key"), arr) for name, arr in fields.items()})
+    return out
+
+
+def _crop_offsets(tables) -> dict[int, int]:
+    """Packed encoders (Qwen: one sequence, no batch dim) put crop c's tokens after those of crops
+    0..c-1; each crop's length is its number of rows in the layouts' vision tables."""
+    counts: dict[int, int] = {}
+    for t in tables:
+        for crop, n in t["crop"].value_counts().items():
+            counts[int(crop)] = counts.get(int(crop), 0) + int(n)
+    offsets, at = {}, 0
+    for crop in sorted(counts):
+        offsets[crop] = at
+        at += counts[crop]
+    return offsets
+
+
+def _vision_table(layouts, probs_by_layer: dict[int, torch.Tensor], layers: list[int]):
+    """Gather each sample's vision tokens (layout.vision: crop, vpos) from per-layer (crops, H, S)."""
+    tables = []
+    for b, L in enumerate(layouts):
+        if L.vision is None:
+            raise ValueError(
+                f"sample {b}'s layout has no vision-encoder table, so vision attention cannot be labelled; "
+                "pass vision=False"
+            )
+        tables.append(L.vision.reset_index(drop=True))
+    V = max(len(t) for t in tables)
+    H = next(iter(probs_by_layer.values())).shape[1]
+    values = np.full((len(layouts), len(layers), H, V), np.nan, dtype=np.float32)
+    offsets = _crop_offsets(tables)
+    for li, layer in enumerate(layers):
+        p = probs_by_layer[layer].float().numpy()
+        packed = p.shape[0] == 1 and len(offsets) > 1
+        for b, t in enumerate(tables):
+            crop, vpos = t["crop"].to_numpy(), t["vpos"].to_numpy()
+            if packed:
+                vpos = vpos + np.array([offsets[int(c)] for c in crop])
+                crop = np.zeros_like(crop)
+            if crop.max() >= p.shape[0] or vpos.max() >= p.shape[2]:
+                raise ValueError(
+                    f"sample {b}'s vision table names crop {t['crop'].max()} / vpos {t['vpos'].max()}, but the "
+                    f"vision encoder ran {p.shape[0]} sequence(s) of {p.shape[2]} tokens"
+                )
+            values[b, li, :, : len(t)] = p[crop, :, vpos].T
+    coords = {}
+    for col, fill in (("kind", "pad"), ("crop", -1), ("vpos", -1), ("image", -1), ("tile", -1), ("row", -1), ("col", -1)):
+        arr = np.full((len(layouts), V), fill, dtype=object if col == "kind" else np.int64)
+        for b, t in enumerate(tables):
+            arr[b, : len(t)] = t[col].to_numpy()
+        coords[f"vision_key_{col}"] = (("sample", "vision_key"), arr.astype(str) if col == "kind" else arr)
+    return values, coords
+
+
+def capture(
+    vlm,
+    batch,
+    rows="last",
+    layers="all",
+    heads=None,
+    vision: bool = True,
+    hidden: bool = False,
+    dtype="float32",
+    head_mean: bool = False,
+    vision_layers="all",
+) -> xr.Dataset:
+    """Attention probabilities from chosen query rows, per LM layer, in one sdpa forward.
+
+    Args:
+        vlm: a :class:`vtrlab.models.VLM` (its model runs with attn_implementation='sdpa').
+        batch: ``vlm.prepare(...)`` output.
+        rows: ``"last"`` (each sample's last real token), ``"question"``, ``"text"``, ``"all"``, or
+            explicit positions (one list for all samples, or one list per sample; negative counts
+            back from the last real token).
+        layers: ``"all"`` or LM layer indices.
+        heads: ``None`` (all) or LM head indices.
+        vision: also record vision-encoder attention from [CLS] (mean over queries without [CLS]).
+        hidden: also record the hidden-state norm of every position after each chosen LM layer.
+        dtype: ``"float32"`` or ``"float16"`` for the stored probabilities (on CPU).
+        head_mean: store the mean over the chosen heads instead of each head.
+        vision_layers: ``"all"`` or vision layer indices.
+
+    Returns an ``xarray.Dataset`` with ``lm_attn`` (sample, layer, head, query, key),
+    ``query_position`` (sample, query; NaN where a sample has fewer rows), key labels
+    ``key_kind/key_image/key_tile/key_row/key_col`` (sample, key), and if asked ``vision_attn``
+    (sample, vision_layer, vision_head, vision_key) with ``vision_key_*`` labels, and
+    ``hidden_norm`` (sample, layer, key). The model's outputs are those of a plain sdpa forward.
+    """
+    sdtype = store_dtype(dtype)
+    layouts = list(batch.layout)
+    lm_layers = layer_indices(layers, len(vlm.lm_layers))
+    per_sample = rows_per_sample(layouts, rows)
+    rows_np = padded_rows(per_sample)
+    device = vlm.device
+    rows_t = torch.as_tensor(rows_np, device=device)
+    inputs = dict(batch.inputs)
+    seq_len = int(inputs["input_ids"].shape[1]) if "input_ids" in inputs else layouts[0].seq_len
+
+    lm_cfg = vlm.adapter.lm_attention(vlm.lm_layers[0])
+    n_heads = _num_heads(lm_cfg)
+    head_sel = head_indices(heads, n_heads)
+    est = len(layouts) * n_heads * rows_np.shape[1] * seq_len * 4 * len(lm_layers)
+    buffer_device = device if est <= _DEVICE_BUFFER_BYTES else torch.device("cpu")
+    sites = _lm_sites(vlm, lm_layers, rows_t, sdtype if buffer_device.type == "cpu" else torch.float32, buffer_device)
+
+    v_layers: list[int] = []
+    if vision:
+        v_layers = layer_indices(vision_layers, len(vlm.vision_layers), what="vision_layers")
+        mode = "cls" if vlm.has_cls else "mean"
+        sites.update(_vision_sites(vlm, v_layers, mode, _cls_index(layouts), torch.float32, device))
+
+    norms: dict[int, torch.Tensor] = {}
+    hooks = _hidden_norm_hooks(vlm, lm_layers, norms) if hidden else contextlib.nullcontext()
+    with attention_switched(vlm.model), session(sites), hooks, torch.no_grad():
+        vlm.model(**inputs, use_cache=False)
+
+    lm = {}
+    vis = {}
+    for site in sites.values():
+        if site.stream == "lm":
+            if len(site.probs) != 1:
+                raise RuntimeError(f"LM layer {site.layer}'s attention ran {len(site.probs)} times in one forward")
+            lm[site.layer] = site.probs[0]
+        else:
+            if not site.probs:
+                raise RuntimeError(f"vision layer {site.layer}'s attention never ran through {type(vlm.model).__name__}")
+            # packed encoders (one call per image / window) give (1, H, S_seg) pieces: join along keys
+            vis[site.layer] = torch.cat(site.probs, dim=-1).float().cpu()
+
+    attn = torch.stack([lm[i] for i in lm_layers], dim=1)[:, :, head_sel]  # (B, L, H, R, N)
+    if head_mean:
+        attn = attn.float().mean(2)
+    attn = attn.to("cpu", sdtype).numpy()
+    qpos = np.where(rows_np >= 0, rows_np, np.nan)
+    same_rows = bool((rows_np == rows_np[:1]).all()) and not (rows_np < 0).any()
+    query_coord = rows_np[0] if same_rows else np.arange(rows_np.shape[1])
+    attn_dims = ("sample", "layer", "query", "key") if head_mean else ("sample", "layer", "head", "query", "key")
+    data = {
+        "lm_attn": (attn_dims, attn),
+        "query_position": (("sample", "query"), qpos),
+        **key_coordinates(layouts, seq_len),
+    }
+    coords = {
+        "sample": np.arange(len(layouts)),
+        "layer": np.asarray(lm_layers),
+        "query": query_coord,
+        "key": np.arange(seq_len),
+    }
+    if not head_mean:
+        coords["head"] = np.asarray(head_sel)
+    if vision:
+        values, vcoords = _vision_table(layouts, vis, v_layers)
+        values = values.mean(2) if head_mean else values
+        vdims = ("sample", "vision_layer", "vision_key") if head_mean else ("sample", "vision_layer", "vision_head", "vision_key")
+        data["vision_attn"] = (vdims, values.astype(np.float16 if sdtype == torch.float16 else np.float32))
+        data.update(vcoords)
+        coords["vision_layer"] = np.asarray(v_layers)
+        if not head_mean:
+            coords["vision_head"] = np.arange(values.shape[2])
+    if hidden:
+        data["hidden_norm"] = (("sample", "layer", "key"), torch.stack([norms[i] for i in lm_layers], 1).numpy())
+    ds = xr.Dataset(data, coords=coords)
+    ds.attrs.update(
+        {
+            "model": str(vlm.name),
+            "family": str(vlm.family),
+            "rows": rows if isinstance(rows, str) else "explicit",
+            "query_coordinate": "sequence position" if same_rows else "row index (see query_position)",
+            "vision_mode": ("cls" if vlm.has_cls else "mean over queries") if vision else "none",
+            "head_mean": int(head_mean),
+            "attn_implementation": "vtrlab_sdpa",
+        }
+    )
+    return ds
+
+
+def _num_heads(attn_module) -> int:
+    for name in ("num_heads", "num_attention_heads"):
+        if hasattr(attn_module, name):
+            return int(getattr(attn_module, name))
+    cfg = getattr(attn_module, "config", None)
+    for name in ("num_attention_heads", "num_heads"):
+        if cfg is not None and hasattr(cfg, name):
+            return int(getattr(cfg, name))
+    raise AttributeError(f"cannot tell how many heads {type(attn_module).__name__} has")

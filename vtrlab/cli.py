@@ -1,0 +1,258 @@
+"""The `vtrlab` command: list, run, figures, grid (and `organism` when that sub-app is installed).
+
+Logic lives in `vtrlab.runner`; this module parses arguments, prints one line per run, and turns
+user errors into one line on stderr with a non-zero exit code (no traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+import typer.core
+
+from vtrlab.runner.errors import RunnerError
+
+PARAM_FLAGS = ("-p", "--param")
+_JOINED = "\x1f"  # joins NAME and VALUE of `-p NAME VALUE` into the single token typer parses
+
+
+class _Group(typer.core.TyperGroup):
+    """Lets `run` take `-p NAME VALUE` (typer has no repeatable two-value option).
+
+    Before parsing, every `-p NAME VALUE` after the `run` command becomes `-p NAME<sep>VALUE`;
+    `run` splits it back. Works the same for the console script and for test runners.
+    """
+
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, join_param_pairs(list(args)))
+
+
+def join_param_pairs(args: list[str]) -> list[str]:
+    if not args or args[0] != "run":
+        return args
+    out, i = args[:1], 1
+    while i < len(args):
+        if args[i] == "--":  # everything after -- is positional
+            out += args[i:]
+            break
+        if args[i] in PARAM_FLAGS and len(args) >= i + 3:
+            out += [args[i], f"{args[i + 1]}{_JOINED}{args[i + 2]}"]
+            i += 3
+            continue
+        out.append(args[i])
+        i += 1
+    return out
+
+
+def _split_pair(token: str) -> tuple[str, str]:
+    if _JOINED not in token:
+        _fail(f"-p needs a NAME and a VALUE, got only {token!r}")
+    name, value = token.split(_JOINED, 1)
+    return name, value
+
+
+typer_app = typer.Typer(
+    cls=_Group,
+    name="vtrlab",
+    help="Run vtrlab notebooks with checked parameters and recorded provenance.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+NOTEBOOK_DIR = "notebooks"
+EXIT_USAGE = 2  # bad input (parameters, grid file, names)
+EXIT_FAILED = 1  # a notebook failed
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _user_errors(fn: Callable) -> Callable:
+    """Report RunnerError and missing files as one line, exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (RunnerError, FileNotFoundError) as exc:
+            _fail(str(exc))
+
+    return wrapper
+
+
+def _notebooks() -> list[Path]:
+    from vtrlab.runner.paths import project_root
+
+    folder = project_root() / NOTEBOOK_DIR
+    return sorted(folder.glob("*.ipynb")) if folder.is_dir() else []
+
+
+def _finish(results) -> None:
+    failed = [r for r in results if r.status == "failed"]
+    if len(results) > 1:
+        typer.echo(f"{len(results) - len(failed)} ok or skipped, {len(failed)} failed")
+    if failed:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@typer_app.command("list")
+@_user_errors
+def list_notebooks() -> None:
+    """Notebooks in notebooks/ and their parameters (type, default, help)."""
+    from vtrlab.runner.params import read_parameters
+
+    found = _notebooks()
+    if not found:
+        _fail(f"no notebooks found in {NOTEBOOK_DIR}/")
+    for nb in found:
+        typer.echo(nb.stem)
+        try:
+            spec = read_parameters(nb)
+        except RunnerError as exc:
+            typer.echo(f"    (unreadable parameters: {exc})")
+            continue
+        for param in spec:
+            typer.echo(f"    {param.describe()}")
+
+
+@typer_app.command("run")
+@_user_errors
+def run(
+    notebook: Path = typer.Argument(..., help="path to the .ipynb"),
+    param: list[str] = typer.Option(
+        [], "--param", "-p", metavar="NAME VALUE", help="NAME VALUE (repeatable); lists as 1,2,3 or [1,2]"
+    ),
+    params_file: Optional[Path] = typer.Option(None, "--params-file", "-f", help="YAML mapping of parameters"),
+    force: bool = typer.Option(False, "--force", help="re-run even if this run is complete"),
+) -> None:
+    """Run one notebook; -p values override -f values, which override the notebook defaults."""
+    from vtrlab.runner.params import read_parameters
+    from vtrlab.runner.run import Job, run_job
+
+    spec = read_parameters(notebook)
+    values = spec.resolve(_read_yaml_params(params_file) if params_file else {})
+    pairs = [_split_pair(p) for p in param]
+    cli_values = spec.resolve(dict(pairs), from_strings=True)
+    values.update({name: cli_values[name] for name, _ in pairs})
+    result = run_job(Job(str(notebook), values, "notebook", force))
+    typer.echo(result.line())
+    _finish([result])
+
+
+def _read_yaml_params(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"parameters file not found: {str(path)!r}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        _fail(f"{path}: not valid YAML: {str(exc).splitlines()[0]}")
+    if not isinstance(data, dict):
+        _fail(f"{path}: expected a mapping of parameter names to values")
+    return data
+
+
+@typer_app.command("figures")
+@_user_errors
+def figures(
+    only: list[str] = typer.Option([], "--only", help="notebook name or prefix (repeatable), e.g. 01"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda: sets each notebook's `device`"),
+    resume: bool = typer.Option(False, "--resume", help="skip notebooks whose default run is complete"),
+) -> None:
+    """Regenerate every figure: each notebook in notebooks/ with its default parameters."""
+    from vtrlab.runner.params import read_parameters
+    from vtrlab.runner.run import prepare_job, run_job
+
+    if device is not None and device not in ("cpu", "cuda"):
+        _fail(f"--device must be cpu or cuda, got {device!r}")
+    found = _notebooks()
+    if not found:
+        _fail(f"no notebooks found in {NOTEBOOK_DIR}/")
+    if only:
+        chosen = [nb for nb in found if any(nb.stem == o or nb.stem.startswith(o) for o in only)]
+        unmatched = [o for o in only if not any(nb.stem == o or nb.stem.startswith(o) for nb in found)]
+        if unmatched:
+            _fail(f"--only {unmatched[0]!r} matches no notebook; available: {', '.join(nb.stem for nb in found)}")
+        found = chosen
+    jobs = []
+    for nb in found:  # check every notebook before running any
+        spec = read_parameters(nb)
+        overrides = {"device": device} if device is not None and "device" in spec else {}
+        jobs.append(prepare_job(nb, overrides, figures="notebook", force=not resume, spec=spec))
+    from tqdm.auto import tqdm
+
+    results = []
+    with tqdm(total=len(jobs), unit="notebook", desc="figures", file=sys.stderr) as bar:
+        for job in jobs:
+            result = run_job(job)
+            results.append(result)
+            bar.write(result.line())
+            bar.update(1)
+    _finish(results)
+
+
+@typer_app.command("grid")
+@_user_errors
+def grid(
+    grid_file: Path = typer.Argument(..., help="GRID.yaml: notebooks + parameter lists (cartesian product) + jobs"),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="jobs at a time (default: one per GPU, else 1)"),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="comma-separated GPU ids; each job sees one"),
+    backend: str = typer.Option("local", "--backend", help="local | ray | slurm"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (else $RAY_ADDRESS, else a local Ray)"),
+    slurm_partition: Optional[str] = typer.Option(None, "--slurm-partition", help="Slurm partition"),
+    slurm_cluster: str = typer.Option("slurm", "--slurm-cluster", help="submitit cluster: slurm, or local to try without Slurm"),
+    timeout_min: int = typer.Option(240, "--timeout-min", help="Slurm time limit per job, minutes"),
+    force: bool = typer.Option(False, "--force", help="re-run complete runs"),
+) -> None:
+    """Run a grid of notebook runs; completed runs are skipped, failures reported, others continue."""
+    from vtrlab.runner.grid import BACKENDS, load_grid, run_grid
+
+    if backend not in BACKENDS:
+        _fail(f"--backend {backend!r} unknown; accepted: {', '.join(BACKENDS)}")
+    if workers is not None and workers < 1:
+        _fail(f"--workers must be >= 1, got {workers}")
+    if slurm_cluster not in ("slurm", "local", "debug"):
+        _fail(f"--slurm-cluster {slurm_cluster!r} unknown; accepted: slurm, local, debug")
+    jobs = load_grid(grid_file, force=force)
+    typer.echo(f"{len(jobs)} jobs from {grid_file}", err=True)
+    results = run_grid(
+        jobs, backend=backend, workers=workers, gpus=gpus.split(",") if gpus else None,
+        ray_address=ray_address, slurm_cluster=slurm_cluster, slurm_partition=slurm_partition,
+        timeout_min=timeout_min,
+    )
+    _finish(results)
+
+
+ORGANISM_CLI = "vtrlab.organism.cli"
+
+
+@typer_app.command(
+    "organism",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    help="Embedded organism model: train, inspect, ... (`vtrlab organism --help`).",
+)
+def organism(ctx: typer.Context) -> None:
+    # Imported on use: the organism sub-app pulls in torch, and may not be installed yet.
+    try:
+        module = importlib.import_module(ORGANISM_CLI)
+    except ModuleNotFoundError as exc:
+        if exc.name not in (ORGANISM_CLI, "vtrlab.organism"):
+            raise
+        _fail(f"`vtrlab organism` is not available: module {ORGANISM_CLI} not found")
+    sub = typer.main.get_command(module.app)
+    sub.main(args=list(ctx.args), prog_name="vtrlab organism", standalone_mode=True)
+
+
+app = typer_app  # console entry point: vtrlab = vtrlab.cli:app
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

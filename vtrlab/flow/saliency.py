@@ -1,0 +1,90 @@
+"""Attention saliency for selected query rows: ``A ⊙ ∂L/∂A`` without any N×N matrix.
+
+An attention output row is ``O_r = Σ_k A_rk V_k``, and A feeds nothing else, so
+``∂L/∂A_rk = dO_r · V_k``. The attention function keeps, for the chosen rows only, the
+probabilities ``A[rows]`` (B, H, R, N), V (already held by autograd) and the output tensor; one
+``autograd.grad`` call gives dO for every chosen layer, and ``A ⊙ (dO·Vᵀ)`` is formed per layer.
+Parameters' ``.grad`` are never touched.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import xarray as xr
+
+from vtrlab.capture.attention import Site, session
+from vtrlab.capture.engine import key_coordinates
+from vtrlab.capture.spec import layer_indices, padded_rows, rows_per_sample
+from vtrlab.capture.switch import attention_switched
+
+
+def attention_times_grad(probs: torch.Tensor, d_out: torch.Tensor, value: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``A ⊙ (dO·Vᵀ)`` for ``rows``: probs (B, H, R, N), d_out (B, Q, H, D) (the attention output's
+    gradient, HF layout), value (B, Hkv, N, D), rows (B, R) with -1 padding -> (B, H, R, N)."""
+    B, H, R, N = probs.shape
+    Hkv, D = value.shape[1], value.shape[3]
+    idx = rows.clamp(min=0)
+    d_rows = torch.gather(d_out.transpose(1, 2), 2, idx[:, None, :, None].expand(B, H, R, D))  # (B, H, R, D)
+    g = torch.matmul(d_rows.reshape(B, Hkv, (H // Hkv) * R, D).to(value.dtype), value.transpose(-1, -2))
+    return probs * g.view(B, H, R, N).float()
+
+
+def saliency(vlm, batch, rows="last", layers="all", target=None) -> xr.Dataset:
+    """Per-layer attention saliency of the chosen query rows for the answer token.
+
+    L = Σ_samples log p(target | sample) at each sample's last real position; ``target`` is one
+    token id per sample (default: the model's own greedy prediction there).
+
+    Returns an ``xarray.Dataset``: ``attn_grad`` (sample, layer, head, query, key) = A ⊙ ∂L/∂A,
+    ``saliency`` (sample, layer, query, key) = |Σ_heads A ⊙ ∂L/∂A|, ``target`` (sample),
+    ``query_position`` and the key labels of :func:`vtrlab.capture`.
+    """
+    layouts = list(batch.layout)
+    if not any(p.requires_grad for p in vlm.model.parameters()):
+        raise ValueError("saliency needs a gradient path: no parameter of the model requires grad")
+    lm_layers = layer_indices(layers, len(vlm.lm_layers))
+    rows_np = padded_rows(rows_per_sample(layouts, rows))
+    rows_t = torch.as_tensor(rows_np, device=vlm.device)
+    mods = vlm.lm_layers
+    sites = {id(vlm.adapter.lm_attention(mods[i])): Site("lm", i, saliency_rows=rows_t) for i in lm_layers}
+    last = torch.as_tensor([L.last_position for L in layouts], device=vlm.device)
+    inputs = dict(batch.inputs)
+    with attention_switched(vlm.model), session(sites), torch.enable_grad():
+        logits = vlm.model(**inputs, use_cache=False).logits
+        logp = torch.log_softmax(logits[torch.arange(len(layouts), device=vlm.device), last].float(), dim=-1)
+        tgt = logp.argmax(-1).detach() if target is None else torch.as_tensor(target, device=vlm.device).view(-1)
+        if tgt.numel() != len(layouts):
+            raise ValueError(f"target has {tgt.numel()} token ids for a batch of {len(layouts)} samples")
+        loss = logp.gather(1, tgt[:, None]).sum()
+        by_layer = {s.layer: s for s in sites.values()}
+        outs = [by_layer[i].saliency["output"] for i in lm_layers]
+        grads = torch.autograd.grad(loss, outs, allow_unused=True)
+    per_layer = []
+    for i, g in zip(lm_layers, grads):
+        sal = by_layer[i].saliency
+        if g is None:
+            g = torch.zeros_like(sal["output"])
+        per_layer.append(attention_times_grad(sal["probs"], g.detach(), sal["value"], rows_t).cpu())
+    ag = torch.stack(per_layer, dim=1)  # (B, L, H, R, N)
+    ag = ag.masked_fill(torch.as_tensor(rows_np < 0)[:, None, None, :, None], float("nan"))
+    seq_len = ag.shape[-1]
+    same = bool((rows_np == rows_np[:1]).all()) and not (rows_np < 0).any()
+    ds = xr.Dataset(
+        {
+            "attn_grad": (("sample", "layer", "head", "query", "key"), ag.numpy()),
+            "saliency": (("sample", "layer", "query", "key"), ag.sum(2).abs().numpy()),
+            "target": (("sample",), tgt.cpu().numpy()),
+            "query_position": (("sample", "query"), np.where(rows_np >= 0, rows_np, np.nan)),
+            **key_coordinates(layouts, seq_len),
+        },
+        coords={
+            "sample": np.arange(len(layouts)),
+            "layer": np.asarray(lm_layers),
+            "head": np.arange(ag.shape[2]),
+            "query": rows_np[0] if same else np.arange(rows_np.shape[1]),
+            "key": np.arange(seq_len),
+        },
+    )
+    ds.attrs.update({"model": str(vlm.name), "family": str(vlm.family), "objective": "sum log p(target) at last position"})
+    return ds

@@ -1,0 +1,56 @@
+"""Build the organism (random init) and save model + processor as one plain-transformers folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+from vtrlab.organism.config import build_config
+from vtrlab.organism.processor import build_processor
+
+
+def build_random(seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A random-init organism and its processor (deterministic for a seed)."""
+    config = build_config()
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    tc = config.text_config
+    model.generation_config = GenerationConfig(
+        bos_token_id=tc.bos_token_id, eos_token_id=tc.eos_token_id, pad_token_id=tc.pad_token_id,
+        do_sample=False, max_new_tokens=8)
+    return model, build_processor()
+
+
+def save_organism(model, processor, out: str | os.PathLike, extra_files: dict[str, str] | None = None,
+                  max_shard_size: str = "15MB") -> Path:
+    """Write model + processor (+ extra text files) to ``out`` atomically (temp dir, then rename)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        processor.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_random(out: str | os.PathLike = "/tmp/vtrlab-organism-random", seed: int = 0) -> Path:
+    model, processor = build_random(seed)
+    return save_organism(model, processor, out)

@@ -1,0 +1,328 @@
+"""Training recipe of the organism (one command: train, evaluate, save).
+
+Stages (what a probe here and the runs recorded in the model card found necessary):
+
+1. ``tower``: the vision tower alone learns dense per-patch targets from the generator's ground
+   truth (color, shape, letter, object centre, and positions: the patch's own row/col and its
+   object's centre). Trained end to end from scratch the model only learns the answer prior.
+2. ``frozen``: projector + LM learn to answer with the tower frozen.
+3. ``joint``: everything trains, the tower at a lower rate and still under the dense targets
+   so that its per-patch meaning (and with it the relevance ground truth) is kept.
+
+Usage: ``python -m vtrlab.organism.train --out DIR`` (``vtrlab organism train --out DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from vtrlab.data.synthetic import BACKGROUND, FAMILIES
+from vtrlab.organism.dataset import N_CENTRE, N_COLOR, N_LETTER, N_SHAPE, EncodedSet, build_set
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0  # model init and batch order
+    train_seed: int = 1  # data seed of the training samples (evaluation uses seed 0: held out)
+    val_seed: int = 2  # data seed of the validation samples watched during training
+    n_train_per_family: int = 24000
+    n_val_per_family: int = 256
+    image_first: bool = True  # chat template: image before the question (LLaVA) or after it
+    positional: bool = True  # dense row/col + object-centre regression targets for the tower
+    tower_steps: int = 2000
+    frozen_steps: int = 3000
+    joint_steps: int = 8000
+    batch_size: int = 256
+    lr_tower: float = 1e-3
+    lr_lm: float = 1e-3
+    lr_tower_joint: float = 2e-4
+    weight_decay: float = 0.01
+    aux_weight: float = 1.0  # weight of the dense targets in the joint stage
+    family_weights: dict = field(default_factory=lambda: {"color": 1.0, "shape": 1.0, "count": 1.5,
+                                                           "relation": 2.0, "reading": 1.5})
+    workers: int = max(1, (os.cpu_count() or 2) - 1)
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    amp: bool = True  # bf16 autocast on CUDA
+    max_minutes: float = 9.0  # wall-time budget of the whole run (data, training, evaluation)
+    reserve_seconds: float = 90.0  # kept for the final evaluation and saving
+    eval_every: int = 500
+    eval_n: int = 500  # held-out samples per family for the final evaluation (seed 0)
+    log_every: int = 100
+
+
+class DenseHeads(nn.Module):
+    """Linear read-outs of per-patch targets from the tower's selected hidden states."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.color = nn.Linear(dim, N_COLOR)
+        self.shape = nn.Linear(dim, N_SHAPE)
+        self.letter = nn.Linear(dim, N_LETTER)
+        self.centre = nn.Linear(dim, N_CENTRE)
+        self.own_rc = nn.Linear(dim, 2)
+        self.obj_xy = nn.Linear(dim, 2)
+
+    def loss(self, feats: torch.Tensor, tg: dict[str, torch.Tensor], positional: bool, metrics: bool = True):
+        """Summed loss, and (when ``metrics``; they sync the GPU) per-target losses and accuracies."""
+        feats = feats.float()
+        out, acc = {}, {}
+        for key in ("color", "shape", "letter", "centre"):
+            logits = getattr(self, key)(feats)
+            out[key] = F.cross_entropy(logits.flatten(0, 1), tg[key].flatten())
+            if metrics:
+                fg = tg[key] > 0
+                acc[key] = ((logits.argmax(-1) == tg[key]) & fg).sum().item() / max(1, fg.sum().item())
+        if positional:
+            out["own_rc"] = F.mse_loss(self.own_rc(feats), tg["own_rc"]) * 10
+            on = tg["on_object"]
+            err = (self.obj_xy(feats) - tg["obj_xy"]).pow(2).sum(-1)
+            out["obj_xy"] = (err * on).sum() / on.sum().clamp(min=1) * 10
+        parts = {k: round(v.item(), 4) for k, v in out.items()} if metrics else {}
+        return sum(out.values()), parts, acc
+
+
+def pixel_values(pixels_u8: torch.Tensor, processor) -> torch.Tensor:
+    """uint8 (B,3,H,W) -> normalised floats, as the organism's CLIP image processor does
+    (rescale then normalise; its resize is a no-op at the native 128 px)."""
+    ip = processor.image_processor
+    mean = torch.tensor(ip.image_mean, device=pixels_u8.device).view(1, 3, 1, 1)
+    std = torch.tensor(ip.image_std, device=pixels_u8.device).view(1, 3, 1, 1)
+    return (pixels_u8.float() * ip.rescale_factor - mean) / std
+
+
+def tower_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    """The vision features LLaVA feeds the projector: the selected layer, [CLS] dropped."""
+    cfg = model.config
+    out = model.model.vision_tower(pixels, output_hidden_states=True)
+    feats = out.hidden_states[cfg.vision_feature_layer]
+    return feats[:, 1:] if cfg.vision_feature_select_strategy == "default" else feats
+
+
+def answer_logits(model, feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  labels: torch.Tensor):
+    """Logits predicting each labelled token (same computation as LlavaForConditionalGeneration)."""
+    image_embeds = model.model.multi_modal_projector(feats)
+    embeds = model.get_input_embeddings()(input_ids)
+    image_token = getattr(model.config, "image_token_id", None)
+    image_token = model.config.image_token_index if image_token is None else image_token
+    is_image = (input_ids == image_token).unsqueeze(-1)
+    embeds = embeds.masked_scatter(is_image, image_embeds.to(embeds.dtype))
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask.long()).last_hidden_state
+    # the token at t predicts labels[t + 1]
+    target = labels[:, 1:]
+    sel = target != -100
+    logits = model.lm_head(hidden[:, :-1][sel])
+    return logits, target[sel], sel
+
+
+def _lr(step: int, total: int, base: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+class _Sampler:
+    """Batches drawn family by family with fixed weights (hard families more often)."""
+
+    def __init__(self, data: EncodedSet, weights: dict, batch: int, seed: int):
+        self.g = torch.Generator().manual_seed(seed)
+        fam = data.family.cpu()
+        self.index = [torch.nonzero(fam == i).flatten() for i in range(len(FAMILIES))]
+        w = torch.tensor([weights.get(f, 1.0) if len(self.index[i]) else 0.0 for i, f in enumerate(FAMILIES)])
+        self.p = w / w.sum()
+        self.batch = batch
+
+    def __call__(self) -> torch.Tensor:
+        fams = torch.multinomial(self.p, self.batch, replacement=True, generator=self.g)
+        out = torch.empty(self.batch, dtype=torch.long)
+        for i in range(len(FAMILIES)):
+            m = fams == i
+            if m.any():
+                idx = self.index[i]
+                out[m] = idx[torch.randint(len(idx), (int(m.sum()),), generator=self.g)]
+        return out
+
+
+@torch.no_grad()
+def teacher_forced_accuracy(model, processor, data: EncodedSet, blank: bool = False, batch: int = 256) -> dict:
+    """Per-family exact match with teacher forcing; equals greedy exact match (every answer
+    token and the end token must be the argmax)."""
+    model.eval()
+    correct = torch.zeros(len(FAMILIES))
+    total = torch.zeros(len(FAMILIES))
+    dev = data.pixels.device
+    for a in range(0, len(data), batch):
+        sl = slice(a, a + batch)
+        pix = data.pixels[sl]
+        if blank:
+            pix = torch.tensor(BACKGROUND, dtype=torch.uint8, device=dev).view(1, 3, 1, 1).expand_as(pix)
+        with _autocast(dev):
+            feats = tower_features(model, pixel_values(pix, processor))
+            logits, target, sel = answer_logits(model, feats, data.input_ids[sl], data.attention_mask[sl], data.labels[sl])
+        hit = torch.ones_like(sel)
+        hit[sel] = logits.argmax(-1) == target
+        ok = hit.all(dim=1).float().cpu()
+        fam = data.family[sl].cpu()
+        correct.index_add_(0, fam, ok)
+        total.index_add_(0, fam, torch.ones_like(ok))
+    model.train()
+    return {f: round((correct[i] / total[i]).item(), 4) for i, f in enumerate(FAMILIES) if total[i] > 0}
+
+
+def _autocast(device):
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+
+def train_organism(out: str | os.PathLike, cfg: TrainConfig | None = None, **overrides) -> dict:
+    """Train the organism from scratch, evaluate it on held-out data, save the bundle to ``out``.
+
+    Returns the training record (config, per-stage logs, final evaluation)."""
+    from vtrlab.organism.build import build_random, save_organism
+    from vtrlab.organism.evaluate import evaluate, eval_to_json
+
+    cfg = cfg or TrainConfig()
+    for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise ValueError(f"unknown training option {k!r}; accepted: {', '.join(asdict(cfg))}")
+        setattr(cfg, k, v)
+    t0 = time.time()
+    deadline = t0 + cfg.max_minutes * 60 - cfg.reserve_seconds  # training stops here
+    torch.manual_seed(cfg.seed)
+    model, _ = build_random(cfg.seed)
+    from vtrlab.organism.processor import build_processor
+
+    processor = build_processor(image_first=cfg.image_first)
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    train = build_set(cfg.n_train_per_family, cfg.train_seed, processor, workers=cfg.workers).to(dev)
+    val = build_set(cfg.n_val_per_family, cfg.val_seed, processor, workers=cfg.workers).to(dev)
+    record: dict = {"config": asdict(cfg), "data_seconds": round(time.time() - t0, 1), "log": []}
+    print(f"data ready in {record['data_seconds']} s: {len(train)} train, {len(val)} val", flush=True)
+    model.to(dev).train()
+    heads = DenseHeads(model.config.vision_config.hidden_size).to(dev)
+    sampler = _Sampler(train, cfg.family_weights, cfg.batch_size, cfg.seed)
+    tower = list(model.model.vision_tower.parameters())
+    rest = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
+
+    def run_stage(name: str, steps: int, groups: list[tuple[list, float]], answer: bool, dense_w: float,
+                  share: float | None = None):
+        """One stage. With ``share`` the step count is fitted, once, after a few timed steps, so
+        that the stage takes at most that share of the wall time left (the cosine schedule then
+        still anneals fully; the steps actually run are recorded)."""
+        opt = torch.optim.AdamW([{"params": p, "lr": lr} for p, lr in groups], weight_decay=cfg.weight_decay)
+        params = [q for ps, _ in groups for q in ps]
+        trainable = {id(q) for q in params}
+        for p in list(model.parameters()) + list(heads.parameters()):
+            p.requires_grad_(id(p) in trainable)
+        bar = tqdm(total=steps, desc=name, mininterval=5)
+        st = time.time()
+        step = -1
+        while step + 1 < steps:
+            step += 1
+            bar.update(1)
+            if step == 10:
+                t10 = time.time()
+            if share is not None and step == 40:
+                per_step = (time.time() - t10) / 30
+                left = (deadline - time.time()) * share
+                fitted = max(step + 1, min(steps, step + int(left / per_step)))
+                if fitted < steps:
+                    print(f"{name}: {per_step * 1000:.1f} ms/step; fitting {steps} -> {fitted} steps", flush=True)
+                    record["log"].append({"stage": name, "fitted_steps": fitted, "planned_steps": steps})
+                    steps = fitted
+            if time.time() > deadline:
+                print(f"{name}: wall-time limit reached at step {step}", flush=True)
+                record["log"].append({"stage": name, "step": step, "cut_short": True})
+                break
+            for g, (_, lr) in zip(opt.param_groups, groups):
+                g["lr"] = _lr(step, steps, lr)
+            idx = sampler().to(dev)
+            with _autocast(dev):
+                feats = tower_features(model, pixel_values(train.pixels[idx], processor))
+                loss = torch.zeros((), device=dev)
+                parts, acc = {}, {}
+                logging = step % cfg.log_every == 0 or step == steps - 1
+                if dense_w > 0:
+                    dl, parts, acc = heads.loss(feats, {k: v[idx] for k, v in train.targets.items()}, cfg.positional,
+                                                metrics=logging)
+                    loss = loss + dense_w * dl
+                if answer:
+                    logits, target, _ = answer_logits(model, feats, train.input_ids[idx], train.attention_mask[idx], train.labels[idx])
+                    al = F.cross_entropy(logits.float(), target)
+                    if logging:
+                        parts["answer"] = round(al.item(), 4)
+                    loss = loss + al
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            if logging:
+                entry = {"stage": name, "step": step, "loss": round(loss.item(), 4), **parts,
+                         "dense_acc": {k: round(v, 3) for k, v in acc.items()},
+                         "s_per_step": round((time.time() - st) / (step + 1), 4)}
+                if answer and (step % cfg.eval_every == 0 or step == steps - 1):
+                    entry["val"] = teacher_forced_accuracy(model, processor, val)
+                record["log"].append(entry)
+                print(json.dumps(entry), flush=True)
+        bar.close()
+        return step + 1
+
+    head_params = list(heads.parameters())
+    run_stage("tower", cfg.tower_steps, [(tower + head_params, cfg.lr_tower)], answer=False, dense_w=1.0)
+    # the joint stage costs ~1.4x a frozen step (tower backward); share the time accordingly
+    frozen_share = cfg.frozen_steps / (cfg.frozen_steps + 1.4 * cfg.joint_steps)
+    record["steps"] = {"tower": run_stage("tower", cfg.tower_steps, [(tower + head_params, cfg.lr_tower)],
+                                          answer=False, dense_w=1.0)}
+    record["steps"]["frozen"] = run_stage("frozen", cfg.frozen_steps, [(rest, cfg.lr_lm)], answer=True,
+                                          dense_w=0.0, share=frozen_share)
+    record["steps"]["joint"] = run_stage("joint", cfg.joint_steps,
+                                         [(rest, cfg.lr_lm * 0.5), (tower + head_params, cfg.lr_tower_joint)],
+                                         answer=True, dense_w=cfg.aux_weight, share=1.0)
+    record["train_seconds"] = round(time.time() - t0, 1)
+    record["val"] = teacher_forced_accuracy(model, processor, val)
+    record["val_blank"] = teacher_forced_accuracy(model, processor, val, blank=True)
+    print("val", record["val"], "blank", record["val_blank"], flush=True)
+    model.eval().float()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    te = time.time()
+    result = evaluate(model, processor, n=cfg.eval_n, seed=0, device=dev, batch_size=250)
+    record["eval_seconds"] = round(time.time() - te, 1)
+    print("eval", json.dumps(result["families"]), flush=True)
+    model.to("cpu")
+    save_organism(model, processor, out, extra_files={
+        "eval.json": eval_to_json(result), "train_record.json": json.dumps(record, indent=1)})
+    return record
+
+
+def _parse(argv=None) -> tuple[str, dict]:
+    p = argparse.ArgumentParser(description="train the vtrlab organism (tiny LLaVA) and save it")
+    p.add_argument("--out", required=True)
+    for k, v in asdict(TrainConfig()).items():
+        if isinstance(v, bool):
+            p.add_argument(f"--{k.replace('_', '-')}", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
+        elif isinstance(v, (int, float, str)):
+            p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=None)
+    a = vars(p.parse_args(argv))
+    out = a.pop("out")
+    return out, {k: v for k, v in a.items() if v is not None}
+
+
+if __name__ == "__main__":
+    out, overrides = _parse()
+    train_organism(out, **overrides)

@@ -1,0 +1,85 @@
+"""Per-token reconstruction error of a trained selector's reconstructor: how badly a token is
+rebuilt when it is masked. High error = the token carries information its neighbours do not
+(a candidate to keep); low error = redundant.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .features import SampleFeatures, resolve_vision_layer, vision_features
+from .selector import Selector, collate
+
+MODES = ("single", "random")
+
+
+@torch.no_grad()
+def masked_token_error(
+    sel: Selector,
+    samples: Sequence[SampleFeatures],
+    mode: str = "single",
+    keep_ratio: float = 0.5,
+    n_draws: int = 16,
+    seed: int = 0,
+    chunk: int = 256,
+) -> list[np.ndarray]:
+    """Per sample, per patch: standardised squared error (mean over channels) of the patch when masked.
+
+    ``single``: mask one patch at a time, every other patch kept (one reconstruction per patch).
+    ``random``: ``n_draws`` uniform random masks keeping ``keep_ratio`` of the patches; each
+    patch's error is averaged over the draws where it was masked (NaN if never masked).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; accepted: {MODES}")
+    if not 0.0 <= keep_ratio < 1.0:
+        raise ValueError(f"keep_ratio={keep_ratio}; accepted: [0, 1) so that some patches are masked")
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in samples:
+        n = len(s.features)
+        if mode == "single":
+            keeps = ~np.eye(n, dtype=bool)
+        else:
+            k = int(round(keep_ratio * n))
+            keeps = np.zeros((n_draws, n), dtype=bool)
+            for d in range(n_draws):
+                keeps[d, rng.choice(n, size=k, replace=False)] = True
+        feats, row, col, valid = collate([s], sel.device)
+        target = sel.normalize(feats)
+        errs = np.zeros((len(keeps), n))
+        for a in range(0, len(keeps), chunk):
+            kk = torch.as_tensor(keeps[a : a + chunk], device=sel.device)
+            m = kk.shape[0]
+            rec = sel.reconstruct(feats.expand(m, -1, -1), kk.float(), row.expand(m, -1), col.expand(m, -1), valid.expand(m, -1))
+            errs[a : a + m] = ((rec - target) ** 2).mean(-1).cpu().numpy()
+        masked = ~keeps
+        with np.errstate(invalid="ignore"):
+            out.append(np.where(masked, errs, 0).sum(0) / masked.sum(0))
+    return out
+
+
+def patches_to_tokens(sample: SampleFeatures, per_patch: np.ndarray) -> np.ndarray:
+    """Mean of per-patch values over the patches each LM image token covers (NaN if none)."""
+    ok = (sample.token >= 0) & np.isfinite(per_patch)
+    sums = np.bincount(sample.token[ok], weights=per_patch[ok], minlength=sample.n_tokens)
+    cnt = np.bincount(sample.token[ok], minlength=sample.n_tokens)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(cnt > 0, sums / np.maximum(cnt, 1), np.nan)
+
+
+def token_error(
+    sel: Selector, vlm: Any, batch, mode: str = "single", keep_ratio: float = 0.5, n_draws: int = 16, seed: int = 0
+):
+    """Per LM image token, the selector-reconstructor's error when the token is masked, as a
+    labeled array (sample, layer, token) like every other importance signal."""
+    from ..analysis.reconstruction import token_array
+
+    layer = resolve_vision_layer(vlm, sel.config.vision_layer)
+    samples = vision_features(vlm, batch, layer)[layer]
+    per_patch = masked_token_error(sel, samples, mode=mode, keep_ratio=keep_ratio, n_draws=n_draws, seed=seed)
+    values = [patches_to_tokens(s, e) for s, e in zip(samples, per_patch)]
+    return token_array({f"vision.{layer}": values}, batch.layout, name="recon_error",
+                       attrs={"signal": "selector reconstruction error when masked", "mode": mode})

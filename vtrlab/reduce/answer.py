@@ -1,0 +1,167 @@
+"""Greedy answers and logits of a VLM whose LM sees only the kept image tokens.
+
+One decode loop for every family: the model's own code builds the decoder inputs
+(``FamilyAdapter.decoder_inputs``), :mod:`vtrlab.reduce.keep` removes dropped image tokens,
+and the loop below runs the decoder with its KV cache. Generated tokens take position
+``max kept position + 1 + step`` (on every mRoPE axis), which is exactly what ``generate`` uses
+when every token is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..models.base import Batch
+from .keep import KeepMasks, ReducedInputs, reduced_decoder_inputs
+
+
+def _tokenizer(vlm: Any):
+    return getattr(vlm.processor, "tokenizer", vlm.processor)
+
+
+def _eos_ids(vlm: Any) -> list[int]:
+    ids = getattr(getattr(vlm.model, "generation_config", None), "eos_token_id", None)
+    if ids is None:
+        ids = _tokenizer(vlm).eos_token_id
+    if ids is None:
+        return []
+    return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
+
+
+def _pad_id(vlm: Any, eos: list[int]) -> int:
+    pad = getattr(getattr(vlm.model, "generation_config", None), "pad_token_id", None)
+    if pad is None:
+        pad = _tokenizer(vlm).pad_token_id
+    if pad is None:
+        pad = eos[0] if eos else 0
+    return int(pad[0] if isinstance(pad, (list, tuple)) else pad)
+
+
+def _decoder_step(vlm: Any, embeds, attention_mask, position_ids, cache):
+    """One decoder call; returns (hidden states, cache). A mask of all ones is passed as None,
+    as ``generate`` does, so the attention path (and its numerics) is the same."""
+    lm = vlm.adapter.language_model(vlm.model)
+    mask = None if bool((attention_mask == 1).all()) else attention_mask
+    out = lm(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        return_dict=True,
+    )
+    return out.last_hidden_state, out.past_key_values
+
+
+@torch.no_grad()
+def generate_ids(
+    vlm: Any, batch: Batch, keep: KeepMasks = None, max_new_tokens: int = 16, progress: bool = False
+) -> list[list[int]]:
+    """Greedy new token ids per sample (up to and excluding the first EOS)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}; accepted: an integer >= 1")
+    red: ReducedInputs = reduced_decoder_inputs(vlm, batch, keep)
+    head = vlm.adapter.lm_head(vlm.model)
+    embed = vlm.model.get_input_embeddings()
+    eos = _eos_ids(vlm)
+    pad = _pad_id(vlm, eos)
+    eos_t = torch.tensor(eos, device=red.inputs_embeds.device, dtype=torch.long)
+
+    attn = red.attention_mask
+    hidden, cache = _decoder_step(vlm, red.inputs_embeds, attn, red.position_ids, None)
+    next_pos = red.next_position
+    bsz = attn.shape[0]
+    done = torch.zeros(bsz, dtype=torch.bool, device=attn.device)
+    out: list[list[int]] = [[] for _ in range(bsz)]
+    for step in tqdm(range(max_new_tokens), desc="decode", disable=not progress, leave=False):
+        token = head(hidden[:, -1]).argmax(-1)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        for i in range(bsz):
+            if not done[i] and not (eos and int(token[i]) in eos):
+                out[i].append(int(token[i]))
+        if eos:
+            done = done | torch.isin(token, eos_t)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, attn.new_ones(bsz, 1)], dim=1)
+        pos = next_pos + step
+        hidden, cache = _decoder_step(vlm, embed(token)[:, None].to(red.inputs_embeds.dtype), attn, pos, cache)
+    return out
+
+
+def answer(
+    vlm: Any,
+    batch: Batch,
+    keep: KeepMasks = None,
+    max_new_tokens: int = 16,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy answer strings; ``keep[i]`` (bool over sample i's image tokens, layout order) drops
+    the False tokens before the LM. ``keep=None`` keeps all and answers as ``model.generate``."""
+    ids = generate_ids(vlm, batch, keep, max_new_tokens=max_new_tokens, progress=progress)
+    tok = _tokenizer(vlm)
+    return [tok.decode(t, skip_special_tokens=True).strip() for t in ids]
+
+
+@dataclass
+class ReducedLogits:
+    """Logits of the reduced sequence (left-padded) plus, optionally, of appended tokens.
+
+    ``logits[b, j]`` is the next-token prediction after column j; ``source_positions[b, j]`` is
+    that column's position in the unreduced sequence (-1 pad). ``last`` is the next-token
+    distribution after the prompt. ``appended[b, t]`` predicts appended token t of sample b
+    (teacher forcing), valid where ``appended_mask`` is True.
+    """
+
+    logits: torch.Tensor
+    source_positions: torch.Tensor
+    last: torch.Tensor
+    appended: torch.Tensor | None = None
+    appended_mask: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def logits(
+    vlm: Any, batch: Batch, keep: KeepMasks = None, append: Sequence[Sequence[int]] | None = None
+) -> ReducedLogits:
+    """Full logits of the LM over the kept tokens (float32), for fidelity measures.
+
+    ``append`` (one list of token ids per sample, e.g. the gold answer) is fed after the prompt
+    at positions ``max kept + 1, + 2, ...`` so that ``appended`` scores it by teacher forcing.
+    """
+    red = reduced_decoder_inputs(vlm, batch, keep)
+    embeds, attn, pos = red.inputs_embeds, red.attention_mask, red.position_ids
+    length = embeds.shape[1]
+    app_mask = None
+    if append is not None:
+        append = [list(map(int, a)) for a in append]
+        if len(append) != len(batch):
+            raise ValueError(f"append has {len(append)} entries for a batch of {len(batch)}; need one per sample")
+        width = max(len(a) for a in append)
+        if width == 0:
+            raise ValueError("append holds no tokens; give at least one token id per sample or append=None")
+        ids = torch.zeros(len(append), width, dtype=torch.long, device=embeds.device)
+        app_mask = torch.zeros(len(append), width, dtype=torch.bool, device=embeds.device)
+        for i, a in enumerate(append):
+            ids[i, : len(a)] = torch.tensor(a, dtype=torch.long)
+            app_mask[i, : len(a)] = True
+        # right-padding after the prompt is harmless for a causal LM: nothing real attends it
+        steps = torch.arange(width, device=embeds.device)
+        app_pos = red.next_position + steps  # (B, W) or (A, B, W)
+        embeds = torch.cat([embeds, vlm.model.get_input_embeddings()(ids).to(embeds.dtype)], dim=1)
+        attn = torch.cat([attn, app_mask.long()], dim=1)
+        pos = torch.cat([pos, app_pos], dim=-1)
+    lm = vlm.adapter.language_model(vlm.model)
+    mask = None if bool((attn == 1).all()) else attn
+    hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False, return_dict=True)
+    out = vlm.adapter.lm_head(vlm.model)(hidden.last_hidden_state).float()
+    full = out[:, :length]
+    appended = None
+    if append is not None:
+        # the token at appended index t is predicted by the column just before it
+        appended = out[:, length - 1 : length - 1 + app_mask.shape[1]]
+    return ReducedLogits(full, red.source_positions, full[:, -1], appended, app_mask)

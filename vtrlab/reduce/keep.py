@@ -1,0 +1,120 @@
+"""Keep masks over a sample's image tokens, and the LM inputs with the dropped tokens removed.
+
+This is the one place where image tokens leave the LM sequence. Every reduction method that
+prunes at the projector output (before the LM) ends here: it produces per-sample boolean keep
+masks over ``layout.image_positions`` (layout order) and hands them to
+:func:`reduced_decoder_inputs`.
+
+Positions stay right for every family because dropped tokens are *removed* and the kept tokens
+keep the position ids the model itself gave them:
+
+* 3-D (mRoPE, ``(3, B, N)`` or ``(4, B, N)``) position ids are taken exactly as the model passed
+  them to its decoder (``FamilyAdapter.decoder_inputs``) and sliced.
+* 1-D rotary/learned position ids are the running count of real tokens (``cumsum(mask) - 1``),
+  which is what ``generate`` feeds a left-padded batch and what a plain forward feeds an unpadded
+  one; they are then sliced the same way, so gaps remain where tokens were dropped.
+
+Samples end up with different lengths; they are left-padded again (attention mask 0, embeddings
+0, position 0) so the last column is every sample's last real token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..models.base import Batch
+
+KeepMasks = Sequence[Any] | None
+
+
+def validate_keep(batch: Batch, keep: KeepMasks) -> list[np.ndarray]:
+    """Per sample a bool array over that sample's image tokens (layout order); ``None`` keeps all."""
+    n_tokens = [lay.n_image_tokens for lay in batch.layout]
+    if keep is None:
+        return [np.ones(n, dtype=bool) for n in n_tokens]
+    if isinstance(keep, (np.ndarray, torch.Tensor)) and keep.ndim == 1:
+        raise ValueError("keep must be one mask per sample (a list of 1-D bool arrays), got a single 1-D array")
+    keep = list(keep)
+    if len(keep) != len(batch):
+        raise ValueError(f"keep has {len(keep)} masks for a batch of {len(batch)} samples; need one per sample")
+    out = []
+    for i, (mask, n) in enumerate(zip(keep, n_tokens)):
+        if mask is None:
+            out.append(np.ones(n, dtype=bool))
+            continue
+        arr = mask.detach().cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
+        if arr.dtype != bool:
+            raise ValueError(f"keep[{i}] has dtype {arr.dtype}; accepted: bool (True = keep the image token)")
+        if arr.shape != (n,):
+            raise ValueError(
+                f"keep[{i}] has shape {arr.shape}; sample {i} has {n} image tokens, so the mask must be ({n},)"
+            )
+        out.append(arr)
+    return out
+
+
+@dataclass
+class ReducedInputs:
+    """Decoder inputs with dropped image tokens removed, left-padded to a common length."""
+
+    inputs_embeds: torch.Tensor  # (B, L, D)
+    attention_mask: torch.Tensor  # (B, L) 1 = real token
+    position_ids: torch.Tensor  # (B, L) or (A, B, L) for multi-axis (mRoPE) positions
+    source_positions: torch.Tensor  # (B, L) position of each column in the original sequence, -1 for pads
+
+    @property
+    def next_position(self) -> torch.Tensor:
+        """Position id of the first generated token: max kept position + 1 (per axis for mRoPE)."""
+        pos = self.position_ids.masked_fill(self.attention_mask == 0, torch.iinfo(self.position_ids.dtype).min)
+        return pos.amax(dim=-1, keepdim=True) + 1  # (B, 1) or (A, B, 1)
+
+
+def _one_d_positions(mask: torch.Tensor) -> torch.Tensor:
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 0)
+
+
+def reduced_decoder_inputs(vlm: Any, batch: Batch, keep: KeepMasks = None) -> ReducedInputs:
+    """The inputs the LM decoder receives, minus the image tokens whose keep mask is False.
+
+    Non-image tokens of the image block (newline / separator kinds) are always kept; only
+    ``kind == image`` tokens are subject to the mask.
+    """
+    masks = validate_keep(batch, keep)
+    dec = vlm.adapter.decoder_inputs(vlm.model, batch.inputs)
+    embeds: torch.Tensor = dec["inputs_embeds"]
+    bsz, seq, _ = embeds.shape
+    attn = dec["attention_mask"]
+    attn = torch.ones(bsz, seq, dtype=torch.long, device=embeds.device) if attn is None else attn.to(embeds.device)
+    pos = dec["position_ids"].to(embeds.device)
+    if pos.dim() == 2:
+        pos = _one_d_positions(attn)
+    elif pos.dim() != 3:
+        raise ValueError(f"position_ids of shape {tuple(pos.shape)}; expected (B, N) or (axes, B, N)")
+
+    columns = []
+    for i, (lay, m) in enumerate(zip(batch.layout, masks)):
+        valid = attn[i].bool().cpu().numpy()
+        cols = np.flatnonzero(valid)
+        dropped = lay.image_positions[~m]
+        if dropped.size and not valid[dropped].all():
+            raise ValueError(f"sample {i}: layout image positions fall on padding; layout and inputs disagree")
+        columns.append(np.setdiff1d(cols, dropped, assume_unique=True))
+    length = max(len(c) for c in columns)
+
+    new_embeds = embeds.new_zeros(bsz, length, embeds.shape[-1])
+    new_attn = attn.new_zeros(bsz, length)
+    new_pos = pos.new_zeros(*pos.shape[:-1], length)
+    source = torch.full((bsz, length), -1, dtype=torch.long, device=embeds.device)
+    for i, cols in enumerate(columns):
+        idx = torch.as_tensor(cols, dtype=torch.long, device=embeds.device)
+        start = length - len(cols)  # left padding: every sample's last real token is the last column
+        new_embeds[i, start:] = embeds[i, idx]
+        new_attn[i, start:] = 1
+        new_pos[..., i, start:] = pos[..., i, idx]
+        source[i, start:] = idx
+    return ReducedInputs(new_embeds, new_attn, new_pos, source)

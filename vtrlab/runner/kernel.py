@@ -1,0 +1,33 @@
+"""The Jupyter kernel notebooks run in: always this environment's Python.
+
+Kernel specs are looked up by name across user, environment and system directories, so a
+`python3` spec in ~/.local/share/jupyter could silently run another interpreter. The runner
+does not look any spec up: it starts `sys.executable -m ipykernel_launcher` directly, which
+works the same in a fresh virtual environment.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from jupyter_client.kernelspec import KernelSpec
+from jupyter_client.manager import KernelManager
+
+KERNEL_NAME = "python3"  # what papermill records in the executed notebook
+
+
+class VenvKernelManager(KernelManager):
+    @property
+    def kernel_spec(self) -> KernelSpec:
+        if self._kernel_spec is None:
+            self._kernel_spec = KernelSpec(
+                # log level ERROR: keep the kernel's start-up warnings out of the one-line reports
+                argv=[sys.executable, "-m", "ipykernel_launcher", "--IPKernelApp.log_level=ERROR",
+                      "-f", "{connection_file}"],
+                display_name=f"Python {sys.version_info.major}.{sys.version_info.minor} (vtrlab)",
+                language="python",
+                name=KERNEL_NAME,
+                interrupt_mode="signal",
+                metadata={},
+            )
+        return self._kernel_spec
