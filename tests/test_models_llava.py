@@ -10,9 +10,10 @@ import vtrlab as vl
 from vtrlab.models import loader
 from vtrlab.models.base import KIND_IMAGE, KIND_SEPARATOR
 from vtrlab.models.registry import adapter_for, supported_model_types
-from vtrlab.models.testing import proof_spec, tiny
+from vtrlab.models.testing import tiny
 from vtrlab.models.testing.llava import build_tiny_llava
 from vtrlab.models.testing.pixels import check_pixel_boxes, gradient_image
+from vtrlab.models.testing.proof import assert_layout_proven
 from vtrlab.models.vlm import VLM
 
 pytestmark = pytest.mark.xdist_group("llava")
@@ -136,18 +137,24 @@ def test_full_strategy_keeps_cls_as_separator_token():
 
 
 def test_proof_catches_a_wrong_layout(vlm):
-    """The proof is not vacuous: a transposed grid is detected."""
+    """The proof is not vacuous: a transposed grid or a shifted block is detected."""
     batch = vlm.prepare([gradient_image(72, 40)], ["q"])
+    assert_layout_proven(vlm, batch) == 16
     lay = batch.layout[0]
     lay.row, lay.col = lay.col.copy(), lay.row.copy()
-    module, expected = proof_spec("llava")(vlm, batch)
-    true_rows = np.arange(len(lay.image_positions))  # one crop: projector row n lands at the n-th image position
-    assert (expected[0] != true_rows).any()
+    with pytest.raises(AssertionError, match="another feature"):
+        assert_layout_proven(vlm, batch)
+    lay.row, lay.col = lay.col.copy(), lay.row.copy()
+    lay.positions = lay.positions + 1
+    with pytest.raises(AssertionError, match="disagree"):
+        assert_layout_proven(vlm, batch)
 
 
 def test_prepare_errors(vlm):
     with pytest.raises(ValueError, match="image entries for 1 prompts"):
         vlm.prepare([gradient_image(8, 8), gradient_image(8, 8)], ["only one"])
+    with pytest.raises(TypeError, match="sample 0: got an image of type str"):
+        vlm.prepare(["cat.png"], ["q"])
 
 
 # --- loader -----------------------------------------------------------------------------------
@@ -198,3 +205,42 @@ def test_load_bad_arguments(saved, tmp_path):
         vl.load(str(tmp_path))
     with pytest.raises(ValueError, match="dtype 'float8'"):
         vl.load(str(saved), device="cpu", dtype="float8")
+
+
+def test_organism_layout_proven_when_present():
+    """The organism shipped in the repo (or $VTRLAB_ORGANISM): its own processor, template and
+    tokenizer pass the same proof as the tiny LLaVA."""
+    if not (loader.organism_path() / "config.json").is_file():
+        pytest.skip(f"no organism saved at {loader.organism_path()}")
+    v = vl.load("organism", device="cpu")
+    images = [gradient_image(100, 60), gradient_image(50, 90)]
+    batch = v.prepare(images, ["what color is the circle?", "how many squares?"])
+    assert assert_layout_proven(v, batch, [1, 1]) == 2 * v.model.config.image_seq_length
+    assert check_pixel_boxes(v, batch, patch=v.model.config.vision_config.patch_size) > 0
+    for lay in batch.layout:
+        assert len(lay.question_positions) > 0
+
+
+def test_load_cached_hub_id_offline(saved, tmp_path, monkeypatch):
+    """A hub id already in the cache loads without the hub (no retries against an unreachable host)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    snap = tmp_path / "models--someone--tiny-llava" / "snapshots" / ("0" * 40)
+    shutil.copytree(saved, snap)
+    (tmp_path / "models--someone--tiny-llava" / "refs").mkdir()
+    (tmp_path / "models--someone--tiny-llava" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
+    v = vl.load("someone/tiny-llava", device="cpu", cache_dir=str(tmp_path))
+    assert v.family == "llava" and v.name == "someone/tiny-llava"
+
+
+def test_load_with_device_map(vlm, saved):
+    """device_map goes to from_pretrained (accelerate); here onto the CPU, same outputs."""
+    v = vl.load(str(saved), device_map="cpu")
+    assert v.device.type == "cpu"
+    batch = v.prepare([gradient_image(40, 40)], ["q"])
+    with torch.no_grad():
+        torch.testing.assert_close(v.model(**batch.inputs).logits, vlm.model(**batch.inputs).logits)

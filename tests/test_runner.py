@@ -61,6 +61,7 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.xdist_group("runner")
 def test_run_resume_force_and_manifest(project):
     root, nb = project
     job = prepare_job(nb, {"n": "5"}, from_strings=True)
@@ -111,6 +112,7 @@ def test_run_resume_force_and_manifest(project):
     assert all(rec["git_dirty"] is True for rec in manifest.values())
 
 
+@pytest.mark.xdist_group("runner")
 def test_failure_is_reported_and_kept(project):
     root, nb = project
     result = run_job(prepare_job(nb, {"fail": True}), root)

@@ -72,6 +72,7 @@ def test_grid_errors(tmp_path, grid_nb, spec, error, fragment):
     assert fragment in str(err.value)
 
 
+@pytest.mark.xdist_group("runner")
 def test_local_grid_one_failure_others_complete_then_resume(tmp_path, grid_nb):
     grid = write_grid(tmp_path, {"notebook": "notebooks/tiny.ipynb", "parameters": {"x": [1, 2, 3, 4]},
                                  "jobs": [{"notebook": "notebooks/tiny.ipynb", "parameters": {"x": 3, "fail": True}}]})
@@ -114,9 +115,25 @@ def _check_two(tmp_path, results):
     assert json.loads((tmp_path / "runs/tiny" / digest / "metrics.json").read_text())["x"] == 5
 
 
-def test_ray_backend(tmp_path, grid_nb):
+def _start_local_ray(ray):
+    # Ray gives its raylet a fixed 30 s to register; on an overloaded 2-core box that can run
+    # out. Retry once; if Ray itself cannot start here, say so instead of failing the runner.
+    for attempt in range(2):
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            return
+        except Exception as exc:  # noqa: BLE001 - ray raises a bare Exception on startup timeout
+            ray.shutdown()
+            if "timed out during startup" not in str(exc):
+                raise
+    pytest.skip("a local Ray instance could not start within Ray's 30 s limit (machine overloaded)")
+
+
+@pytest.mark.xdist_group("runner")
+def test_ray_backend(tmp_path, grid_nb, monkeypatch):
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    _start_local_ray(ray)
     try:
         results = run_grid(_two_jobs(tmp_path), backend="ray", workers=2, root=tmp_path, progress=False)
     finally:
@@ -124,6 +141,7 @@ def test_ray_backend(tmp_path, grid_nb):
     _check_two(tmp_path, results)
 
 
+@pytest.mark.xdist_group("runner")
 def test_slurm_backend_with_submitit_local_executor(tmp_path, grid_nb):
     pytest.importorskip("submitit")
     results = run_grid(_two_jobs(tmp_path), backend="slurm", slurm_cluster="local", workers=2, root=tmp_path, progress=False)

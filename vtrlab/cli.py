@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -235,19 +236,23 @@ def grid(
 ORGANISM_CLI = "vtrlab.organism.cli"
 
 
+def organism_cli_available() -> bool:
+    """Whether vtrlab/organism/cli.py exists, found without importing vtrlab.organism (heavy)."""
+    spec = importlib.util.find_spec("vtrlab.organism")
+    locations = (spec.submodule_search_locations or []) if spec else []
+    return any((Path(loc) / "cli.py").is_file() or (Path(loc) / "cli").is_dir() for loc in locations)
+
+
 @typer_app.command(
     "organism",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
     help="Embedded organism model: train, inspect, ... (`vtrlab organism --help`).",
 )
 def organism(ctx: typer.Context) -> None:
-    # Imported on use: the organism sub-app pulls in torch, and may not be installed yet.
-    try:
-        module = importlib.import_module(ORGANISM_CLI)
-    except ModuleNotFoundError as exc:
-        if exc.name not in (ORGANISM_CLI, "vtrlab.organism"):
-            raise
+    # Imported on use: the organism sub-app pulls in torch/transformers and may not exist yet.
+    if not organism_cli_available():
         _fail(f"`vtrlab organism` is not available: module {ORGANISM_CLI} not found")
+    module = importlib.import_module(ORGANISM_CLI)
     sub = typer.main.get_command(module.app)
     sub.main(args=list(ctx.args), prog_name="vtrlab organism", standalone_mode=True)
 

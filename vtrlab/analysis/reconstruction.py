@@ -172,3 +172,82 @@ def layer_reconstruction_error(
     return token_array(values, batch.layout, name="layer_recon_error",
                        attrs={"signal": "ridge reconstruction error from kept neighbours", "keep_ratio": keep_ratio,
                               "n_draws": n_draws, "alpha": alpha, "seed": seed})
+
+
+KEEP_METHODS = ("selector", "random", "full", "no_image")
+
+
+def random_keep(n: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    """Uniformly random bool mask keeping exactly round(ratio * n) of n tokens."""
+    keep = np.zeros(n, dtype=bool)
+    keep[rng.choice(n, size=int(round(ratio * n)), replace=False)] = True
+    return keep
+
+
+def relevance_per_token(layout: Any, relevance: np.ndarray) -> np.ndarray:
+    """Ground-truth relevance (a bool/float grid over the LM patch grid) read at each image token's (row, col)."""
+    img = layout.kind == KIND_IMAGE
+    rel = np.asarray(relevance)
+    rows, cols = layout.row[img], layout.col[img]
+    if rows.max() >= rel.shape[0] or cols.max() >= rel.shape[1]:
+        raise ValueError(f"relevance grid {rel.shape} is smaller than the layout's grid ({rows.max() + 1}, {cols.max() + 1})")
+    return rel[rows, cols]
+
+
+def keep_ratio_sweep(
+    vlm: Any,
+    samples: Sequence[Any],
+    selector: Any,
+    ratios: Sequence[float],
+    methods: Sequence[str] = KEEP_METHODS,
+    seed: int = 0,
+    batch_size: int = 32,
+    max_new_tokens: int = 6,
+    progress: bool = True,
+):
+    """Greedy answers of ``vlm`` on ``samples`` (objects with image, question, answer, family)
+    when only a fraction of image tokens reaches the LM.
+
+    Returns a tidy DataFrame: sample, family, method, ratio, prediction, answer, correct, kept.
+    ``selector`` keeps the top-k by the selector's logits, ``random`` a uniform random subset
+    (seeded per sample and ratio), ``full`` all tokens (ratio 1) and ``no_image`` none (ratio 0).
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from ..metrics.fidelity import exact_match
+    from ..reduce import answer
+
+    bad = [m for m in methods if m not in KEEP_METHODS]
+    if bad:
+        raise ValueError(f"unknown methods {bad}; accepted: {KEEP_METHODS}")
+    ratios = [float(r) for r in ratios]
+    if any(not 0.0 <= r <= 1.0 for r in ratios):
+        raise ValueError(f"ratios {ratios}; accepted: keep ratios in [0, 1]")
+    if "selector" in methods and selector is None:
+        raise ValueError("method 'selector' needs a selector; pass one or drop 'selector' from methods")
+    rows = []
+    for a in tqdm(range(0, len(samples), batch_size), desc="keep-ratio sweep", disable=not progress):
+        chunk = samples[a : a + batch_size]
+        batch = vlm.prepare([s.image for s in chunk], [s.question for s in chunk])
+        dec = vlm.adapter.decoder_inputs(vlm.model, batch.inputs)
+        n = [lay.n_image_tokens for lay in batch.layout]
+        plans: list[tuple[str, float, list[np.ndarray] | None]] = []
+        if "full" in methods:
+            plans.append(("full", 1.0, None))
+        if "no_image" in methods:
+            plans.append(("no_image", 0.0, [np.zeros(k, dtype=bool) for k in n]))
+        scores = selector.token_scores(vlm, batch) if "selector" in methods else None
+        for r in ratios:
+            if "selector" in methods:
+                plans.append(("selector", r, [selector.topk_mask(s, r) for s in scores]))
+            if "random" in methods:
+                rngs = [np.random.default_rng([seed, a + i, int(round(r * 1000))]) for i in range(len(chunk))]
+                plans.append(("random", r, [random_keep(k, r, g) for k, g in zip(n, rngs)]))
+        for method, r, keep in plans:
+            preds = answer(vlm, batch, keep=keep, max_new_tokens=max_new_tokens, decoder_inputs=dec)
+            for i, (s, p) in enumerate(zip(chunk, preds)):
+                rows.append({"sample": a + i, "family": s.family, "method": method, "ratio": r, "prediction": p,
+                             "answer": s.answer, "correct": exact_match(p, s.answer),
+                             "kept": int(n[i] if keep is None else keep[i].sum())})
+    return pd.DataFrame(rows)

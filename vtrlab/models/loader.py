@@ -47,8 +47,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def resolve(model: str) -> tuple[str, bool]:
-    """(path or hub id, is_local). Raises `ModelLoadError` with a one-line hint when it cannot be had."""
+def resolve(model: str, cache_dir: str | None = None) -> tuple[str, bool]:
+    """(path or hub id, local_files_only). Raises `ModelLoadError` with a one-line hint when the
+    model cannot be had. A cached hub model loads from the cache when the hub is unreachable."""
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be 'organism', a local path or a hub id; got {type(model).__name__}")
     model = os.fspath(model)
@@ -67,15 +68,15 @@ def resolve(model: str) -> tuple[str, bool]:
         return str(path), True
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(model, "config.json")
-    if isinstance(cached, str):
+    cached = isinstance(try_to_load_from_cache(model, "config.json", cache_dir=cache_dir), str)
+    if _hub_reachable():
         return model, False
-    if not _hub_reachable():
-        raise ModelLoadError(
-            f"cannot load {model!r}: the Hugging Face hub cannot be reached and the model is not in the local "
-            "cache; pass a local path to a saved model directory instead"
-        )
-    return model, False
+    if cached:
+        return model, True
+    raise ModelLoadError(
+        f"cannot load {model!r}: the Hugging Face hub cannot be reached and the model is not in the local "
+        "cache; pass a local path to a saved model directory instead"
+    )
 
 
 def _pick_device(device: str | torch.device) -> torch.device:
@@ -117,8 +118,11 @@ def load(
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    where, is_local = resolve(model)
+    where, local_only = resolve(model, cache_dir=kw.get("cache_dir"))
     hub_kw = {k: kw[k] for k in ("revision", "token", "cache_dir", "trust_remote_code") if k in kw}
+    if local_only:
+        hub_kw["local_files_only"] = True
+        kw = dict(kw, local_files_only=True)
     try:
         config = AutoConfig.from_pretrained(where, **hub_kw)
     except OSError as err:

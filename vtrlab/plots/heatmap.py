@@ -25,6 +25,7 @@ def heatmap_over_image(
     vmax: float | None = None,
     colorbar: bool = True,
     grid_lines: bool = False,
+    outline: bool = False,
 ):
     """Draw `values` over `image` on the axes; returns the color mappable.
 
@@ -33,7 +34,8 @@ def heatmap_over_image(
       * `layout=` an `ImageLayout` and `values` aligned with `layout.image_positions` (one value
         per image token, as analyses produce them): each token is drawn on its own pixel box
         from the layout, so crops/tiles and non-square grids land where the model saw them.
-    NaN values are left transparent.
+    NaN values are left transparent. `outline=True` draws coloured cell borders instead of fills,
+    so the picture's own colours stay readable.
     """
     img = np.asarray(image)
     if img.ndim not in (2, 3):
@@ -73,15 +75,11 @@ def heatmap_over_image(
     )
     x0, y0, x1, y1 = boxes[finite].T
     polys = np.stack([np.stack([x0, y0], -1), np.stack([x1, y0], -1), np.stack([x1, y1], -1), np.stack([x0, y1], -1)], 1)
-    coll = PolyCollection(
-        polys,
-        array=cell_values[finite],
-        cmap=cmap,
-        norm=norm,
-        alpha=alpha,
-        edgecolors="white" if grid_lines else "face",
-        linewidths=0.3 if grid_lines else 0.0,
-    )
+    if outline:  # colours map to the edges when faces are "none"
+        style = {"facecolors": "none", "linewidths": 0.8, "alpha": 1.0}
+    else:
+        style = {"edgecolors": "white" if grid_lines else "face", "linewidths": 0.3 if grid_lines else 0.0, "alpha": alpha}
+    coll = PolyCollection(polys, array=cell_values[finite], cmap=cmap, norm=norm, **style)
     ax.add_collection(coll)
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)

@@ -284,8 +284,8 @@ def collate(samples: Sequence[SampleFeatures], device: torch.device | str = "cpu
     for i, s in enumerate(samples):
         n = len(s.features)
         feats[i, :n] = s.features
-        row[i, :n] = torch.as_tensor(s.row)
-        col[i, :n] = torch.as_tensor(s.col)
+        row[i, :n] = torch.as_tensor(np.array(s.row, dtype=np.int64))
+        col[i, :n] = torch.as_tensor(np.array(s.col, dtype=np.int64))
         valid[i, :n] = True
     return feats.to(device), row.to(device), col.to(device), valid.to(device)
 

@@ -71,7 +71,7 @@ def train_for(
                "seed": seed, "data_seed": data_seed, "data": "vtrlab.data.synthetic.generate (all families)"},
     )
     return train_selector(train, cfg, steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                          eval_samples=val or None, eval_every=max(steps // 30, 1), progress=progress)
+                          eval_samples=val or None, eval_every=max(steps // 20, 10), progress=progress)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

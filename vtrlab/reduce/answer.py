@@ -2,9 +2,14 @@
 
 One decode loop for every family: the model's own code builds the decoder inputs
 (``FamilyAdapter.decoder_inputs``), :mod:`vtrlab.reduce.keep` removes dropped image tokens,
-and the loop below runs the decoder with its KV cache. Generated tokens take position
+and the loop below runs the model with its KV cache. Generated tokens take position
 ``max kept position + 1 + step`` (on every mRoPE axis), which is exactly what ``generate`` uses
 when every token is kept.
+
+The reduced sequence goes through the model's own ``forward`` as ``inputs_embeds`` (no pixels),
+as ``generate`` would call it: the model then builds its own attention masks (Gemma3's
+bidirectional image blocks from ``token_type_ids``) and applies its own head (final-logit
+soft-capping), so nothing family-specific is re-implemented here.
 """
 
 from __future__ import annotations
@@ -41,44 +46,48 @@ def _pad_id(vlm: Any, eos: list[int]) -> int:
     return int(pad[0] if isinstance(pad, (list, tuple)) else pad)
 
 
-def _decoder_step(vlm: Any, embeds, attention_mask, position_ids, cache):
-    """One decoder call; returns (hidden states, cache). A mask of all ones is passed as None,
-    as ``generate`` does, so the attention path (and its numerics) is the same."""
-    lm = vlm.adapter.language_model(vlm.model)
+def _forward(vlm: Any, embeds, attention_mask, position_ids, cache=None, use_cache=True, extras=None):
+    """One call of the model on embeddings; returns (float32 logits, cache). A mask of all ones is
+    passed as None, as ``generate`` does, so the attention path (and its numerics) is the same."""
     mask = None if bool((attention_mask == 1).all()) else attention_mask
-    out = lm(
+    out = vlm.model(
         inputs_embeds=embeds,
         attention_mask=mask,
         position_ids=position_ids,
         past_key_values=cache,
-        use_cache=True,
+        use_cache=use_cache,
         return_dict=True,
+        **(extras or {}),
     )
-    return out.last_hidden_state, out.past_key_values
+    return out.logits.float(), out.past_key_values
 
 
 @torch.no_grad()
 def generate_ids(
-    vlm: Any, batch: Batch, keep: KeepMasks = None, max_new_tokens: int = 16, progress: bool = False
+    vlm: Any,
+    batch: Batch,
+    keep: KeepMasks = None,
+    max_new_tokens: int = 16,
+    progress: bool = False,
+    decoder_inputs: dict | None = None,
 ) -> list[list[int]]:
     """Greedy new token ids per sample (up to and excluding the first EOS)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}; accepted: an integer >= 1")
-    red: ReducedInputs = reduced_decoder_inputs(vlm, batch, keep)
-    head = vlm.adapter.lm_head(vlm.model)
+    red: ReducedInputs = reduced_decoder_inputs(vlm, batch, keep, decoder_inputs)
     embed = vlm.model.get_input_embeddings()
     eos = _eos_ids(vlm)
     pad = _pad_id(vlm, eos)
     eos_t = torch.tensor(eos, device=red.inputs_embeds.device, dtype=torch.long)
 
     attn = red.attention_mask
-    hidden, cache = _decoder_step(vlm, red.inputs_embeds, attn, red.position_ids, None)
+    logit, cache = _forward(vlm, red.inputs_embeds, attn, red.position_ids, extras=red.per_token)
     next_pos = red.next_position
     bsz = attn.shape[0]
     done = torch.zeros(bsz, dtype=torch.bool, device=attn.device)
     out: list[list[int]] = [[] for _ in range(bsz)]
     for step in tqdm(range(max_new_tokens), desc="decode", disable=not progress, leave=False):
-        token = head(hidden[:, -1]).argmax(-1)
+        token = logit[:, -1].argmax(-1)
         token = torch.where(done, torch.full_like(token, pad), token)
         for i in range(bsz):
             if not done[i] and not (eos and int(token[i]) in eos):
@@ -89,7 +98,8 @@ def generate_ids(
             break
         attn = torch.cat([attn, attn.new_ones(bsz, 1)], dim=1)
         pos = next_pos + step
-        hidden, cache = _decoder_step(vlm, embed(token)[:, None].to(red.inputs_embeds.dtype), attn, pos, cache)
+        # per-token extras are prompt-only (generate drops e.g. token_type_ids after the prefill)
+        logit, cache = _forward(vlm, embed(token)[:, None].to(red.inputs_embeds.dtype), attn, pos, cache)
     return out
 
 
@@ -99,10 +109,14 @@ def answer(
     keep: KeepMasks = None,
     max_new_tokens: int = 16,
     progress: bool = False,
+    decoder_inputs: dict | None = None,
 ) -> list[str]:
     """Greedy answer strings; ``keep[i]`` (bool over sample i's image tokens, layout order) drops
-    the False tokens before the LM. ``keep=None`` keeps all and answers as ``model.generate``."""
-    ids = generate_ids(vlm, batch, keep, max_new_tokens=max_new_tokens, progress=progress)
+    the False tokens before the LM. ``keep=None`` keeps all and answers as ``model.generate``.
+    ``decoder_inputs`` (``vlm.adapter.decoder_inputs(vlm.model, batch.inputs)``) may be passed
+    to reuse one vision forward over many keep masks of the same batch."""
+    ids = generate_ids(vlm, batch, keep, max_new_tokens=max_new_tokens, progress=progress,
+                       decoder_inputs=decoder_inputs)
     tok = _tokenizer(vlm)
     return [tok.decode(t, skip_special_tokens=True).strip() for t in ids]
 
@@ -126,15 +140,19 @@ class ReducedLogits:
 
 @torch.no_grad()
 def logits(
-    vlm: Any, batch: Batch, keep: KeepMasks = None, append: Sequence[Sequence[int]] | None = None
+    vlm: Any,
+    batch: Batch,
+    keep: KeepMasks = None,
+    append: Sequence[Sequence[int]] | None = None,
+    decoder_inputs: dict | None = None,
 ) -> ReducedLogits:
     """Full logits of the LM over the kept tokens (float32), for fidelity measures.
 
     ``append`` (one list of token ids per sample, e.g. the gold answer) is fed after the prompt
     at positions ``max kept + 1, + 2, ...`` so that ``appended`` scores it by teacher forcing.
     """
-    red = reduced_decoder_inputs(vlm, batch, keep)
-    embeds, attn, pos = red.inputs_embeds, red.attention_mask, red.position_ids
+    red = reduced_decoder_inputs(vlm, batch, keep, decoder_inputs)
+    embeds, attn, pos, extras = red.inputs_embeds, red.attention_mask, red.position_ids, red.per_token
     length = embeds.shape[1]
     app_mask = None
     if append is not None:
@@ -155,10 +173,9 @@ def logits(
         embeds = torch.cat([embeds, vlm.model.get_input_embeddings()(ids).to(embeds.dtype)], dim=1)
         attn = torch.cat([attn, app_mask.long()], dim=1)
         pos = torch.cat([pos, app_pos], dim=-1)
-    lm = vlm.adapter.language_model(vlm.model)
-    mask = None if bool((attn == 1).all()) else attn
-    hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False, return_dict=True)
-    out = vlm.adapter.lm_head(vlm.model)(hidden.last_hidden_state).float()
+        # appended tokens are text: per-token extras continue with zeros (text) there
+        extras = {k: torch.cat([v, v.new_zeros(v.shape[0], width)], dim=1) for k, v in extras.items()}
+    out, _ = _forward(vlm, embeds, attn, pos, use_cache=False, extras=extras)
     full = out[:, :length]
     appended = None
     if append is not None:

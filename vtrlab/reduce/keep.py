@@ -15,7 +15,9 @@ keep the position ids the model itself gave them:
   one; they are then sliced the same way, so gaps remain where tokens were dropped.
 
 Samples end up with different lengths; they are left-padded again (attention mask 0, embeddings
-0, position 0) so the last column is every sample's last real token.
+0, position 0) so the last column is every sample's last real token. Other per-token inputs of
+the model (e.g. ``token_type_ids``) are sliced the same way, so that the model's own forward,
+fed ``inputs_embeds`` instead of pixels, builds its family-specific masks over the kept tokens.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class ReducedInputs:
     attention_mask: torch.Tensor  # (B, L) 1 = real token
     position_ids: torch.Tensor  # (B, L) or (A, B, L) for multi-axis (mRoPE) positions
     source_positions: torch.Tensor  # (B, L) position of each column in the original sequence, -1 for pads
+    per_token: dict[str, torch.Tensor]  # other (B, N) model inputs (token_type_ids, ...) sliced the same way
 
     @property
     def next_position(self) -> torch.Tensor:
@@ -78,14 +81,18 @@ def _one_d_positions(mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(mask == 0, 0)
 
 
-def reduced_decoder_inputs(vlm: Any, batch: Batch, keep: KeepMasks = None) -> ReducedInputs:
+def reduced_decoder_inputs(
+    vlm: Any, batch: Batch, keep: KeepMasks = None, decoder_inputs: dict | None = None
+) -> ReducedInputs:
     """The inputs the LM decoder receives, minus the image tokens whose keep mask is False.
 
     Non-image tokens of the image block (newline / separator kinds) are always kept; only
-    ``kind == image`` tokens are subject to the mask.
+    ``kind == image`` tokens are subject to the mask. ``decoder_inputs``: the result of
+    ``vlm.adapter.decoder_inputs(vlm.model, batch.inputs)`` when it is reused over many keep
+    masks of the same batch (saves the vision tower); computed here when None.
     """
     masks = validate_keep(batch, keep)
-    dec = vlm.adapter.decoder_inputs(vlm.model, batch.inputs)
+    dec = decoder_inputs if decoder_inputs is not None else vlm.adapter.decoder_inputs(vlm.model, batch.inputs)
     embeds: torch.Tensor = dec["inputs_embeds"]
     bsz, seq, _ = embeds.shape
     attn = dec["attention_mask"]
@@ -106,6 +113,13 @@ def reduced_decoder_inputs(vlm: Any, batch: Batch, keep: KeepMasks = None) -> Re
         columns.append(np.setdiff1d(cols, dropped, assume_unique=True))
     length = max(len(c) for c in columns)
 
+    # per-token model inputs besides ids and mask (e.g. Gemma3's token_type_ids, from which the model
+    # builds its bidirectional image-block mask) follow the kept columns
+    extras = {
+        k: v for k, v in dict(batch.inputs).items()
+        if torch.is_tensor(v) and k not in ("input_ids", "attention_mask") and tuple(v.shape) == (bsz, seq)
+    }
+    new_extras = {k: v.new_zeros(bsz, length) for k, v in extras.items()}
     new_embeds = embeds.new_zeros(bsz, length, embeds.shape[-1])
     new_attn = attn.new_zeros(bsz, length)
     new_pos = pos.new_zeros(*pos.shape[:-1], length)
@@ -117,4 +131,6 @@ def reduced_decoder_inputs(vlm: Any, batch: Batch, keep: KeepMasks = None) -> Re
         new_attn[i, start:] = 1
         new_pos[..., i, start:] = pos[..., i, idx]
         source[i, start:] = idx
-    return ReducedInputs(new_embeds, new_attn, new_pos, source)
+        for k, v in extras.items():
+            new_extras[k][i, start:] = v[i, idx.to(v.device)]
+    return ReducedInputs(new_embeds, new_attn, new_pos, source, new_extras)

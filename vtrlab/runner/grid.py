@@ -12,7 +12,9 @@ GRID.yaml::
         parameters: {keep: 0.25}
 
 Notebook paths are relative to the YAML file's folder (or to the working directory). Every job
-is checked against its notebook's parameters before anything runs. Grid runs publish figures
+is checked against its notebook's parameters before anything runs. Ray and Slurm workers read
+the notebooks and write runs/ and figures/ by path: the project must sit on a file system they
+share, with vtrlab installed in their Python. Grid runs publish figures
 into `figures/<notebook>/<hash>/` so parallel jobs of one notebook never overwrite each other.
 """
 
@@ -216,13 +218,6 @@ def _failed(job: Job, exc: BaseException) -> RunResult:
                      error={"cell": None, "ename": type(exc).__name__, "evalue": str(exc).strip().splitlines()[0] if str(exc).strip() else ""})
 
 
-def _ray_task(job: dict, root: str) -> dict:
-    # Runs inside a Ray worker, which Ray reuses across tasks: start a fresh process per job.
-    from vtrlab.runner.job import run_in_subprocess
-
-    return run_in_subprocess(Job(**job), root).to_dict()
-
-
 def _run_ray(jobs, workers, use_gpus, root, address, report) -> None:
     try:
         import ray
@@ -234,7 +229,11 @@ def _run_ray(jobs, workers, use_gpus, root, address, report) -> None:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
         started_here = True
     try:
-        task = ray.remote(num_cpus=1, num_gpus=1 if use_gpus else 0, max_retries=0)(_ray_task)
+        from vtrlab.runner.job import run_job_dict
+
+        # max_calls=1: Ray retires the worker after one task, so every job gets its own process
+        # (and Ray sets CUDA_VISIBLE_DEVICES to the one GPU it granted).
+        task = ray.remote(num_cpus=1, num_gpus=1 if use_gpus else 0, max_calls=1, max_retries=0)(run_job_dict)
         pending: dict[Any, int] = {}
         todo = list(enumerate(jobs))
         while todo or pending:
@@ -261,7 +260,10 @@ def _run_slurm(jobs, workers, use_gpus, root, cluster, partition, timeout_min, r
     from vtrlab.runner.job import run_job_dict
 
     folder = Path(root) / "runs" / ".submitit"  # job logs and pickles
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    try:
+        executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    except RuntimeError as exc:  # e.g. no srun/sbatch on this machine
+        raise GridError(f"backend 'slurm': {exc} (--slurm-cluster local runs the jobs here instead)") from None
     params: dict[str, Any] = {"timeout_min": timeout_min, "tasks_per_node": 1, "nodes": 1, "cpus_per_task": 1,
                               "slurm_array_parallelism": workers}
     if use_gpus:
@@ -269,7 +271,10 @@ def _run_slurm(jobs, workers, use_gpus, root, cluster, partition, timeout_min, r
     if partition:
         params["slurm_partition"] = partition
     executor.update_parameters(**params)
-    submitted = executor.map_array(run_job_dict, [asdict(j) for j in jobs], [str(root)] * len(jobs))
+    try:
+        submitted = executor.map_array(run_job_dict, [asdict(j) for j in jobs], [str(root)] * len(jobs))
+    except Exception as exc:  # sbatch rejected the array (partition, limits, ...)
+        raise GridError(f"backend 'slurm': submission failed: {str(exc).strip().splitlines()[0]}") from None
     pending = dict(enumerate(submitted))
     while pending:
         for i, sjob in list(pending.items()):

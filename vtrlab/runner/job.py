@@ -1,17 +1,14 @@
-"""Run one job in its own process, which sees only the GPU its launcher exposed.
+"""Run one grid job in a process of its own, which sees only the GPU its launcher exposed.
 
-Local grids fork each job from a fork server that has the runner (papermill, jupyter_client)
-imported once, so a job process starts in milliseconds; other backends (Ray workers) start
-`python -m vtrlab.runner.job JOB.json RESULT.json`. Either way a job never shares a process
-with another job, and CUDA_VISIBLE_DEVICES is set before anything in it touches a GPU.
+Local grids fork each job from a fork server that imported the runner (papermill,
+jupyter_client) once, so a job process starts in milliseconds instead of re-importing them.
+Ray and Slurm give each job its own worker process themselves and call `run_job_dict`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -19,28 +16,6 @@ from typing import Any, Mapping
 
 from vtrlab.runner.outputs import atomic_write_json
 from vtrlab.runner.run import Job, RunResult, run_job
-
-
-def run_in_subprocess(job: Job, root: str | Path, env: Mapping[str, str] | None = None) -> RunResult:
-    """Run `job` in a fresh `python -m vtrlab.runner.job` process; never raises for job failures."""
-    with tempfile.TemporaryDirectory(prefix="vtrlab-job-") as tmp:
-        job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job_file.write_text(json.dumps({"job": asdict(job), "root": str(root)}))
-        done = subprocess.run(
-            [sys.executable, "-m", "vtrlab.runner.job", str(job_file), str(result_file)],
-            env={**os.environ, **(env or {})},
-            capture_output=True,
-            text=True,
-        )
-        if result_file.exists():
-            return RunResult(**json.loads(result_file.read_text()))
-    # the job process died before it could report (import error, OOM kill, ...)
-    tail = [line for line in (done.stderr or "").strip().splitlines() if line.strip()]
-    return RunResult(
-        job.name, job.hash, "failed", f"runs/{job.name}",
-        error={"cell": None, "ename": f"JobProcessExit({done.returncode})", "evalue": tail[-1] if tail else ""},
-    )
-
 
 _FORKSERVER = None
 
@@ -58,7 +33,7 @@ def _forkserver():
 
 
 def _child(job: dict, root: str, env: dict, result_file: str) -> None:
-    os.environ.update(env)
+    os.environ.update(env)  # before anything in this process can touch a GPU
     result = run_job(Job(**job), root)
     atomic_write_json(Path(result_file), result.to_dict())
 
@@ -79,17 +54,5 @@ def run_in_process(job: Job, root: str | Path, env: Mapping[str, str] | None = N
 
 
 def run_job_dict(job: Mapping[str, Any], root: str) -> dict[str, Any]:
-    """Entry for backends that ship plain data (Ray, submitit): dict in, dict out."""
+    """Entry for backends that ship plain data (Ray tasks, submitit jobs): dict in, dict out."""
     return run_job(Job(**job), root).to_dict()
-
-
-def main(argv: list[str]) -> int:
-    job_file, result_file = argv
-    payload = json.loads(Path(job_file).read_text())
-    result = run_job(Job(**payload["job"]), payload["root"])
-    atomic_write_json(Path(result_file), result.to_dict())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))

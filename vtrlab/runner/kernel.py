@@ -21,8 +21,8 @@ class VenvKernelManager(KernelManager):
     def kernel_spec(self) -> KernelSpec:
         if self._kernel_spec is None:
             self._kernel_spec = KernelSpec(
-                # log level ERROR: keep the kernel's start-up warnings out of the one-line reports
-                argv=[sys.executable, "-m", "ipykernel_launcher", "--IPKernelApp.log_level=ERROR",
+                # log level CRITICAL: keep the kernel's start-up warnings out of the one-line reports
+                argv=[sys.executable, "-m", "ipykernel_launcher", "--IPKernelApp.log_level=CRITICAL",
                       "-f", "{connection_file}"],
                 display_name=f"Python {sys.version_info.major}.{sys.version_info.minor} (vtrlab)",
                 language="python",

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import nbformat
-
 from vtrlab.runner.errors import ParameterError
 
 SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
@@ -116,18 +114,25 @@ def read_parameters(notebook: str | Path) -> ParameterSpec:
     path = Path(notebook)
     if not path.is_file():
         raise ParameterError(f"notebook not found: {str(path)!r}")
-    nb = nbformat.read(path, as_version=4)
+    # plain JSON rather than nbformat: nbformat's schema validation costs a second at CLI start
+    try:
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        nb_cells = nb["cells"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ParameterError(f"{str(path)!r} is not a readable .ipynb notebook ({type(exc).__name__})") from None
     name = path.stem
-    cells = [i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
+    cells = [i for i, c in enumerate(nb_cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
     if len(cells) != 1:
         raise ParameterError(
             f"{name}: expected exactly one cell tagged 'parameters', found {len(cells)} (cells {cells})"
         )
     index = cells[0]
-    cell = nb.cells[index]
-    if cell.cell_type != "code":
-        raise ParameterError(f"{name}: the 'parameters' cell (cell {index}) is {cell.cell_type}, not code")
-    return ParameterSpec(name, parse_parameter_source(cell.source, name), index)
+    cell = nb_cells[index]
+    if cell.get("cell_type") != "code":
+        raise ParameterError(f"{name}: the 'parameters' cell (cell {index}) is {cell.get('cell_type')}, not code")
+    source = cell.get("source", "")
+    source = "".join(source) if isinstance(source, list) else source
+    return ParameterSpec(name, parse_parameter_source(source, name), index)
 
 
 def parse_parameter_source(source: str, notebook: str = "<cell>") -> list[Parameter]:

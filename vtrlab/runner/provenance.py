@@ -32,11 +32,11 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def git_state(root: Path) -> dict[str, Any]:
-    """Commit and dirty flag of the repository at `root` (outputs under figures/ and runs/ ignored)."""
+def git_state(where: Path) -> dict[str, Any]:
+    """Commit and dirty flag of the repository holding `where` (its figures/ and runs/ ignored)."""
     def git(*args: str) -> str | None:
         try:
-            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+            done = subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired):
             return None
         return done.stdout if done.returncode == 0 else None
@@ -44,7 +44,8 @@ def git_state(root: Path) -> dict[str, Any]:
     commit = git("rev-parse", "HEAD")
     if commit is None:
         return {"git_commit": None, "git_dirty": None}
-    status = git("status", "--porcelain", "--", ".", ":(exclude)figures", ":(exclude)runs")
+    top = git("rev-parse", "--show-toplevel")
+    status = git("-C", top.strip(), "status", "--porcelain", "--", ".", ":(exclude)figures", ":(exclude)runs") if top else None
     return {"git_commit": commit.strip(), "git_dirty": bool(status and status.strip())}
 
 

@@ -75,7 +75,7 @@ class RunResult:
         if self.status == "skipped":
             return f"skipped  {head} already complete: {self.run_dir} (--force re-runs)"
         err = self.error or {}
-        where = f"cell {err['cell']}" if err.get("cell") is not None else "before any cell"
+        where = f"cell {err['cell']}" if err.get("cell") is not None else "outside any cell"
         return (
             f"FAILED   {head} {where}: {err.get('ename', 'Error')}: {err.get('evalue', '')} "
             f"(executed notebook: {self.run_dir})"
@@ -150,13 +150,14 @@ def run_job(job: Job, root: str | Path | None = None) -> RunResult:
     atomic_write_json(tmp / "metrics.json", {})
     record: dict[str, Any] = {
         "notebook": name,
-        "notebook_path": os.path.relpath(nb_path, root),
+        "notebook_path": nb_path.relative_to(root).as_posix() if nb_path.is_relative_to(root) else str(nb_path),
         "parameters": job.parameters,
         "hash": digest,
         "seed": job.parameters.get("seed"),
         "device": job.parameters.get("device"),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        **git_state(root),
+        "organism_override": os.environ.get("VTRLAB_ORGANISM"),  # weights used for model="organism" if not the repo's
+        **git_state(nb_path.parent),  # the code that ran: the notebook's repository
         "versions": versions(),
     }
     error: dict[str, Any] | None = None
@@ -221,7 +222,7 @@ def _read_record(run_dir: Path) -> dict[str, Any] | None:
 
 def _manifest_record(record: Mapping[str, Any], run_dir: Path, root: Path) -> dict[str, Any]:
     keys = ("notebook", "notebook_path", "parameters", "hash", "git_commit", "git_dirty", "versions",
-            "seed", "device", "cuda_visible_devices", "duration_s")
+            "seed", "device", "cuda_visible_devices", "organism_override", "duration_s")
     return {**{k: record.get(k) for k in keys}, "run_dir": os.path.relpath(run_dir, root)}
 
 

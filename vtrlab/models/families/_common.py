@@ -13,8 +13,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..base import KIND_IMAGE, LAYOUT_COLUMNS, TOKEN_KINDS, VISION_COLUMNS, ImageLayout
+from ..base import LAYOUT_COLUMNS, TOKEN_KINDS, VISION_COLUMNS, ImageLayout
 from ..text_positions import prompt_token_positions
+from ._llava_common import image_wh  # one definition of an image's (width, height) for every family
 
 NAN_BOX = (np.nan, np.nan, np.nan, np.nan)
 # Attribute under which build_inputs leaves the templated texts and prompts for layouts() (same
@@ -168,8 +169,8 @@ class LayoutRows:
 
 
 def per_sample_image_sizes(images: list[list[Any]]) -> list[list[tuple[int, int]]]:
-    """(width, height) of every PIL image, per sample."""
-    return [[tuple(im.size) for im in ims] for ims in images]
+    """(width, height) of every image (PIL or HWC array), per sample."""
+    return [[image_wh(im) for im in ims] for ims in images]
 
 
 def walked_prompt_positions(tokenizer: Any, inputs: Any, i: int, placeholder_id: int,
@@ -192,14 +193,16 @@ def walked_prompt_positions(tokenizer: Any, inputs: Any, i: int, placeholder_id:
 
 
 __all__ = [
-    "KIND_IMAGE",
-    "LayoutRows",
     "NAN_BOX",
+    "TEXTS_ATTR",
+    "LayoutRows",
     "call_processor",
     "chat_texts",
     "image_box",
     "per_sample_image_sizes",
     "question_positions",
     "runs",
+    "stashed_prompts",
     "user_turn",
+    "walked_prompt_positions",
 ]

@@ -7,7 +7,7 @@ table — is assembled here from the processor's own outputs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -44,14 +44,13 @@ def vision_rows(
     crop: int,
     n_cls: int,
     tile: int,
-    rows: np.ndarray,
-    cols: np.ndarray,
     lm_row: np.ndarray,
     lm_col: np.ndarray,
     boxes: tuple[np.ndarray, ...],
 ) -> pd.DataFrame:
-    """Vision-table rows of one crop: ``n_cls`` [CLS] tokens, then the patches in raster order."""
-    n = len(rows)
+    """Vision-table rows of one crop: ``n_cls`` [CLS] tokens, then the patches in raster order;
+    ``lm_row``/``lm_col`` give the LM grid cell each patch becomes (-1 where none, 1:1)."""
+    n = len(lm_row)
     nan = np.full(n_cls, np.nan)
     return pd.DataFrame(
         {
@@ -149,6 +148,10 @@ class LlavaFamilyAdapter(FamilyAdapter):
                 f"{type(processor).__name__} has no chat_template; vtrlab builds inputs with the model's own "
                 "chat template (save one with the processor)"
             )
+        for i, imgs in enumerate(images):
+            for im in imgs:
+                if not (hasattr(im, "size") and hasattr(im, "mode")) and not isinstance(im, (np.ndarray, torch.Tensor)):
+                    raise TypeError(f"sample {i}: got an image of type {type(im).__name__}; pass PIL images or HWC arrays")
         texts = []
         for imgs, prompt in zip(images, prompts):
             content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": prompt}]

@@ -17,7 +17,15 @@ from torch import nn
 
 from ..base import KIND_IMAGE, KIND_SEPARATOR, FamilyAdapter, ImageLayout
 from ..registry import register
-from ._common import LayoutRows, call_processor, image_box, per_sample_image_sizes, question_positions, runs
+from ._common import (
+    LayoutRows,
+    call_processor,
+    image_box,
+    per_sample_image_sizes,
+    question_positions,
+    runs,
+    stashed_prompts,
+)
 
 
 @register
@@ -29,8 +37,14 @@ class Gemma3Adapter(FamilyAdapter):
     def lm_layers(self, model: nn.Module) -> Sequence[nn.Module]:
         return model.model.language_model.layers
 
+    def vision_encoder(self, model: nn.Module) -> nn.Module:
+        """The SigLIP module holding embeddings / encoder / post_layernorm (transformers releases
+        differ on whether ``SiglipVisionModel`` wraps it in ``.vision_model``)."""
+        tower = model.model.vision_tower
+        return getattr(tower, "vision_model", tower)
+
     def vision_layers(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.model.vision_tower.vision_model.encoder.layers
+        return self.vision_encoder(model).encoder.layers
 
     def projector(self, model: nn.Module) -> nn.Module:
         return model.model.multi_modal_projector
@@ -62,7 +76,7 @@ class Gemma3Adapter(FamilyAdapter):
         input_ids = inputs["input_ids"].cpu()
         ids_np = input_ids.numpy()
         mask = inputs.get("attention_mask")
-        prompts = getattr(inputs, "_vtrlab_texts")["prompts"]
+        prompts = stashed_prompts(inputs, len(images))
 
         out, crop = [], 0
         for i in range(len(images)):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
 from torch import nn
 
 from ..base import KIND_IMAGE, KIND_SEPARATOR, FamilyAdapter, ImageLayout

@@ -84,7 +84,7 @@ class LlavaAdapter(LlavaFamilyAdapter):
                     col=lm_cols,
                     boxes=boxes,
                     grids={0: (gh, gw)},
-                    vision=vision_rows(crop, n_cls, 0, rows, cols, rows, cols, patch_boxes),
+                    vision=vision_rows(crop, n_cls, 0, rows, cols, patch_boxes),
                     size_wh=wh,
                 )
             )

@@ -168,7 +168,7 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
                 if hw != (side, side):
                     raise RuntimeError(f"base view is {hw}, vision tower expects {(side, side)}")
             base_boxes = boxes_in_original(base_map, rows, cols, p, p, plan.wh)
-            vis = [vision_rows(crop0, n_cls, 0, rows, cols, rows, cols, base_boxes)]
+            vis = [vision_rows(crop0, n_cls, 0, rows, cols, base_boxes)]
             kind = [np.array([KIND_IMAGE] * (g * g), dtype=object)]
             tile, r_out, c_out = [np.zeros(g * g, int)], [rows], [cols]
             boxes = [base_boxes]
@@ -210,10 +210,7 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
                     lr, lc = SR - plan.top, SC - plan.left
                     inside = exact & (lr >= 0) & (lr < uh) & (lc >= 0) & (lc < uw)
                     vis.append(
-                        vision_rows(
-                            crop0 + 1 + ci, n_cls, 1, rows, cols,
-                            np.where(inside, lr, -1), np.where(inside, lc, -1), cb,
-                        )
+                        vision_rows(crop0 + 1 + ci, n_cls, 1, np.where(inside, lr, -1), np.where(inside, lc, -1), cb)
                     )
             blocks.append(
                 ImageBlock(

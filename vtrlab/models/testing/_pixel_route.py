@@ -37,7 +37,7 @@ def _passthrough(stack: ExitStack, module: torch.nn.Module) -> None:
     """Make ``module`` return its first input unchanged (same output type)."""
 
     def hook(mod, args, kwargs, out):
-        x = args[0] if args else kwargs["hidden_states"]
+        x = (args[0] if args else kwargs["hidden_states"]).contiguous()  # real layers return fresh tensors
         return (x,) + tuple(out[1:]) if isinstance(out, tuple) else x
 
     stack.callback(module.register_forward_hook(hook, with_kwargs=True).remove)
@@ -122,7 +122,7 @@ def route_pixel_codes(vlm) -> Iterator[dict]:
 
             stack.callback(proj.register_forward_hook(proj_hook).remove)
         elif family == "gemma3":
-            vm = model.model.vision_tower.vision_model
+            vm = vlm.adapter.vision_encoder(model)
             _conv_patch_codes(stack, vm.embeddings, ip)
             for layer in vm.encoder.layers:
                 _passthrough(stack, layer)

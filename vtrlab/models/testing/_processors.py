@@ -45,9 +45,10 @@ def build_processor(processor_cls: type, **kwargs: Any) -> Any:
     return proc
 
 
-class NoVideoProcessor:
+class NoVideoProcessor(dict):
     """Stands in for a video processor (which needs torchvision) in image-only tests. SmolVLM's
-    ``apply_chat_template`` reads ``num_frames``/``fps`` from it even for image-only chats."""
+    ``apply_chat_template`` reads ``num_frames``/``fps`` from it even for image-only chats.
+    (A dict so that the processor's JSON repr/serialization still works: it serializes as {}.)"""
 
     num_frames = 64
     fps = 1

@@ -47,6 +47,6 @@ def discover() -> None:
     from .. import testing
 
     for info in pkgutil.iter_modules(testing.__path__):
-        if not info.name.startswith("_") and info.name not in ("registry", "tokenizer", "pixels"):
+        if not info.name.startswith("_") and info.name not in ("registry", "tokenizer", "pixels", "proof"):
             importlib.import_module(f"{testing.__name__}.{info.name}")
     _discovered = True

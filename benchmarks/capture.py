@@ -1,0 +1,262 @@
+"""Cost of capturing attention rows: vtrlab capture vs a plain sdpa forward, eager
+``output_attentions`` and TransformerLens ``run_with_cache``.
+
+GPU (bf16, random weights, full-size shapes; run through the device tool)::
+
+    python benchmarks/capture.py --out $OUT/capture.json
+
+CPU smoke run (tiny models, seconds)::
+
+    python benchmarks/capture.py --tiny --out /tmp/capture-tiny.json
+
+Methods, each timed in the same process on the same inputs, median of ``--repeats`` runs after
+``--warmup`` runs:
+
+  sdpa            plain forward (use_cache=False), the reference cost
+  capture_last    vtrlab.capture(rows="last", layers="all", vision=False)
+  capture_question  vtrlab.capture(rows="question", layers="all", vision=False)
+  capture_last_vision  vtrlab.capture(rows="last", layers="all", vision=True)
+  eager           attn_implementation="eager", output_attentions=True (all N×N maps)
+  transformer_lens  TransformerBridge.run_with_cache(names_filter=hook_pattern) (if installed)
+
+"Peak extra memory" is ``max_memory_allocated`` during the call minus the memory allocated
+before it (model weights and inputs excluded); CPU runs report no memory.
+Writes JSON to ``--out`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SHAPES = {
+    # name -> (full-size builder name, image size (w, h)) ; LLaVA-NeXT at 672x672: 576 + 2304 + 48 tokens
+    "llava-1.5-7b": ("llava-1.5-7b", (336, 336)),
+    "llava-next-7b": ("llava-next-7b", (672, 672)),
+}
+TINY = {"llava-1.5-tiny": ("llava", (40, 40)), "llava-next-tiny": ("llava_next", (64, 48))}
+PROMPT = "What is the color of the small object in the top left corner of the picture?"
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, device, warmup: int, repeats: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times, peaks = [], []
+    for _ in range(repeats):
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if device.type == "cuda":
+            peaks.append(torch.cuda.max_memory_allocated(device) - base)
+        del out
+    return {
+        "median_s": statistics.median(times),
+        "times_s": times,
+        "peak_extra_bytes": int(statistics.median(peaks)) if peaks else None,
+    }
+
+
+def _image(size, seed=0):
+    from PIL import Image
+
+    w, h = size
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def _bridge(vlm):
+    """TransformerLens bridge over the same HF model (booted last: it switches the model to eager)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    tmp = Path(tempfile.mkdtemp(prefix="vtrlab-tl-"))
+    # the bridge picks its adapter from config.architectures, which save_pretrained would set
+    vlm.model.config.architectures = [type(vlm.model).__name__]
+    vlm.model.config.save_pretrained(tmp)
+    vlm.processor.tokenizer.save_pretrained(tmp)
+    from transformers import AutoTokenizer
+
+    return TransformerBridge.boot_transformers(
+        str(tmp), hf_model=vlm.model, tokenizer=AutoTokenizer.from_pretrained(tmp), device=str(vlm.device)
+    )
+
+
+def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int, with_tl: bool) -> dict:
+    import vtrlab.capture as cap
+
+    device = vlm.device
+    batch = vlm.prepare([_image(image_size)], [PROMPT])
+    inputs = dict(batch.inputs)
+    L = batch.layout[0]
+    row = {
+        "shape": name,
+        "n_tokens": int(inputs["input_ids"].shape[1]),
+        "n_image_tokens": int(L.n_image_tokens),
+        "n_question_rows": int(len(L.question_positions)),
+        "n_layers": len(vlm.lm_layers),
+        "dtype": str(vlm.dtype).removeprefix("torch."),
+        "results": {},
+    }
+    print(f"[{name}] {row['n_tokens']} tokens ({row['n_image_tokens']} image), {row['n_layers']} layers", flush=True)
+
+    def sdpa():
+        with torch.no_grad():
+            return vlm.model(**inputs, use_cache=False).logits
+
+    methods = {
+        "sdpa": sdpa,
+        "capture_last": lambda: cap.capture(vlm, batch, rows="last", vision=False),
+        "capture_question": lambda: cap.capture(vlm, batch, rows="question", vision=False),
+        "capture_last_vision": lambda: cap.capture(vlm, batch, rows="last", vision=True),
+    }
+    for method, fn in methods.items():
+        row["results"][method] = measure(fn, device, warmup, repeats)
+        print(f"  {method:22s} {row['results'][method]['median_s']:.4f} s", flush=True)
+
+    def eager():
+        vlm.model.set_attn_implementation("eager")
+        try:
+            with torch.no_grad():
+                out = vlm.model(**inputs, use_cache=False, output_attentions=True)
+            return out.logits, out.attentions
+        finally:
+            vlm.model.set_attn_implementation("sdpa")
+
+    try:
+        row["results"]["eager"] = measure(eager, device, warmup, repeats)
+        print(f"  {'eager':22s} {row['results']['eager']['median_s']:.4f} s", flush=True)
+    except torch.OutOfMemoryError as err:  # the point of the comparison on long inputs
+        row["results"]["eager"] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
+        torch.cuda.empty_cache()
+
+    if with_tl:
+        try:
+            bridge = _bridge(vlm)
+            tl_kwargs = {k: v for k, v in inputs.items() if k != "input_ids"}
+
+            def tl():
+                with torch.no_grad():
+                    return bridge.run_with_cache(
+                        inputs["input_ids"], names_filter=lambda n: n.endswith("hook_pattern") and n.startswith("blocks."),
+                        **tl_kwargs,
+                    )
+
+            row["results"]["transformer_lens"] = measure(tl, device, warmup, repeats)
+            print(f"  {'transformer_lens':22s} {row['results']['transformer_lens']['median_s']:.4f} s", flush=True)
+        except Exception as err:  # noqa: BLE001 - report why TL could not run, keep the other numbers
+            msg = str(err).splitlines()[0][:200] if str(err) else ""
+            row["results"]["transformer_lens"] = {"error": f"{type(err).__name__}: {msg}"}
+            print(f"  transformer_lens failed: {row['results']['transformer_lens']['error']}", flush=True)
+    else:
+        row["results"]["transformer_lens"] = {"error": "transformer_lens not installed"}
+
+    base = row["results"]["sdpa"]["median_s"]
+    for res in row["results"].values():
+        if "median_s" in res:
+            res["time_vs_sdpa"] = res["median_s"] / base
+    return row
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"Device: {report['device']}; torch {report['torch']}, transformers {report['transformers']}; "
+        f"median of {report['repeats']} after {report['warmup']} warm-up.",
+        "",
+        "| shape | tokens | method | median time (s) | × sdpa | peak extra memory (GiB) |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for row in report["shapes"]:
+        for method, res in row["results"].items():
+            if "error" in res:
+                lines.append(f"| {row['shape']} | {row['n_tokens']} | {method} | — | — | {res['error']} |")
+                continue
+            mem = "n/a (CPU)" if res["peak_extra_bytes"] is None else f"{res['peak_extra_bytes'] / 2**30:.3f}"
+            lines.append(
+                f"| {row['shape']} | {row['n_tokens']} | {method} | {res['median_s']:.4f} | {res['time_vs_sdpa']:.2f} | {mem} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="JSON file to write (e.g. $OUT/capture.json)")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run on tiny random models")
+    ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {list(SHAPES)} (or the tiny ones)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--no-tl", action="store_true", help="skip TransformerLens even if installed")
+    args = ap.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        ap.error(f"--repeats must be >= 1 and --warmup >= 0 (got {args.repeats}, {args.warmup})")
+
+    from vtrlab.models import testing
+
+    table = TINY if args.tiny else SHAPES
+    names = list(table) if args.shapes is None else args.shapes.split(",")
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        ap.error(f"unknown shape(s) {unknown}; choose from {list(table)}")
+    if not args.tiny and not torch.cuda.is_available():
+        ap.error("full-size shapes need a CUDA GPU; use --tiny on CPU")
+    try:
+        import transformer_lens.model_bridge  # noqa: F401
+
+        with_tl = not args.no_tl
+    except ImportError:
+        with_tl = False
+
+    import transformers
+
+    report = {
+        "device": torch.cuda.get_device_name() if not args.tiny else f"CPU ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "shapes": [],
+    }
+    for name in names:
+        builder, size = table[name]
+        torch.manual_seed(0)
+        vlm = testing.tiny(builder) if args.tiny else testing.full_size(builder, dtype="bfloat16", device="cuda")
+        report["shapes"].append(bench_shape(name, vlm, size, args.warmup, args.repeats, with_tl))
+        del vlm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out)
+    print()
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

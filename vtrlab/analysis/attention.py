@@ -1,0 +1,162 @@
+"""Tidy tables from captured attention (``vtrlab.capture``): what notebook 01 plots.
+
+Every function takes the capture's ``xarray.Dataset`` (and, where needed, ground truth) and
+returns a ``pandas.DataFrame`` with one row per observation; no I/O, no plotting.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from vtrlab.metrics import agreement
+
+METRICS = ("spearman", "kendall", "top_k_iou", "top_k_ioa")
+
+
+def _heads_mean(attn: xr.DataArray, head_dim: str) -> xr.DataArray:
+    return attn.mean(head_dim) if head_dim in attn.dims else attn
+
+
+def image_attention_share(ds: xr.Dataset) -> pd.DataFrame:
+    """Share of each query row's attention that lands on image tokens (kind == image).
+
+    Columns: sample, layer, head (if the capture kept heads), query, query_position, share.
+    """
+    is_image = (ds.key_kind == "image").astype(np.float64)
+    share = (ds.lm_attn.astype(np.float64) * is_image).sum("key", skipna=False)
+    df = share.rename("share").to_dataframe().reset_index()
+    qpos = ds.query_position.to_dataframe().reset_index()
+    df = df.merge(qpos, on=["sample", "query"]).dropna(subset=["query_position", "share"])
+    df["query_position"] = df["query_position"].astype(int)
+    return df
+
+
+def image_token_scores(ds: xr.Dataset) -> pd.DataFrame:
+    """Attention each image token receives per LM layer (mean over heads and query rows).
+
+    Columns: sample, layer, position, image, tile, row, col, score, share (score over the sample's
+    image tokens at that layer, so rows of a sample/layer sum to 1).
+    """
+    scores = _heads_mean(ds.lm_attn.astype(np.float64), "head").mean("query", skipna=True)  # (sample, layer, key)
+    return _token_table(scores, ds, "layer", "key", "key_", image_kind="image", pos_name="position")
+
+
+def vision_token_scores(ds: xr.Dataset) -> pd.DataFrame:
+    """Vision-encoder attention each patch receives from [CLS] (or mean over queries) per vision layer.
+
+    Columns: sample, vision_layer, crop, vpos, image, tile, row, col, score, share.
+    """
+    if "vision_attn" not in ds:
+        raise ValueError("this capture holds no vision attention; capture with vision=True")
+    scores = _heads_mean(ds.vision_attn.astype(np.float64), "vision_head")
+    return _token_table(scores, ds, "vision_layer", "vision_key", "vision_key_", image_kind="patch", pos_name="vpos")
+
+
+def _token_table(scores: xr.DataArray, ds: xr.Dataset, layer_dim: str, key_dim: str, prefix: str,
+                 image_kind: str, pos_name: str) -> pd.DataFrame:
+    frames = []
+    layers = scores[layer_dim].values
+    for b in range(ds.sizes["sample"]):
+        kind = ds[f"{prefix}kind"].values[b]
+        sel = np.flatnonzero(kind == image_kind)
+        if sel.size == 0:
+            continue
+        vals = scores.isel(sample=b).transpose(layer_dim, key_dim).values[:, sel]  # (L, T)
+        labels = {c: ds[f"{prefix}{c}"].values[b, sel] for c in ("image", "tile", "row", "col")}
+        if pos_name == "vpos":
+            labels = {"crop": ds[f"{prefix}crop"].values[b, sel], "vpos": ds[f"{prefix}vpos"].values[b, sel], **labels}
+        else:
+            labels = {"position": sel, **labels}
+        total = vals.sum(1, keepdims=True)
+        frame = pd.DataFrame({
+            "sample": b,
+            layer_dim: np.repeat(layers, sel.size),
+            **{k: np.tile(v, len(layers)) for k, v in labels.items()},
+            "score": vals.ravel(),
+            "share": (vals / np.where(total > 0, total, np.nan)).ravel(),
+        })
+        frames.append(frame)
+    if not frames:
+        raise ValueError(f"no token of kind {image_kind!r} in this capture")
+    return pd.concat(frames, ignore_index=True)
+
+
+def layer_agreement(scores: pd.DataFrame, metric: str = "spearman", k: int | float = 0.1,
+                    layer: str = "layer") -> pd.DataFrame:
+    """Agreement of per-sample token rankings between every pair of layers.
+
+    ``scores``: a table from :func:`image_token_scores` / :func:`vision_token_scores`. ``k`` for the
+    top-k metrics: an int, or a fraction of each sample's tokens. Columns: sample, layer_a,
+    layer_b, metric, value.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}: use one of {METRICS}")
+    rows = []
+    for sample, group in scores.groupby("sample", sort=True):
+        mat = group.pivot_table(index=layer, columns=_token_cols(group), values="score", sort=True)
+        values = mat.to_numpy()
+        n = values.shape[1]
+        kk = max(1, int(round(k * n))) if isinstance(k, float) else int(k)
+        fn = getattr(agreement, metric)
+        args = (kk,) if metric.startswith("top_k") else ()
+        m = fn(values[:, None], values[None, :], *args)
+        la, lb = np.meshgrid(mat.index.to_numpy(), mat.index.to_numpy(), indexing="ij")
+        rows.append(pd.DataFrame({"sample": sample, "layer_a": la.ravel(), "layer_b": lb.ravel(),
+                                  "metric": metric, "value": np.asarray(m).ravel()}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def _token_cols(df: pd.DataFrame) -> list[str]:
+    return ["crop", "vpos"] if "vpos" in df.columns else ["position"]
+
+
+def agreement_matrix(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean over samples of a :func:`layer_agreement` table as a layer_a x layer_b matrix."""
+    return table.pivot_table(index="layer_a", columns="layer_b", values="value", aggfunc="mean")
+
+
+def position_bias(scores: pd.DataFrame, layer: str = "layer") -> pd.DataFrame:
+    """Mean share of attention per patch (tile, row, col) over samples: where attention goes on
+    average regardless of content. Columns: layer, tile, row, col, mean_share, n."""
+    g = scores.groupby([layer, "tile", "row", "col"], sort=True)["share"]
+    return g.agg(mean_share="mean", n="count").reset_index()
+
+
+def _mask_on_grid(mask: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape == (rows, cols):
+        return mask
+    fr, fc = rows / mask.shape[0], cols / mask.shape[1]
+    if fr == int(fr) and fc == int(fc):  # finer patch grid (e.g. before a 2x2 merge)
+        return np.kron(mask, np.ones((int(fr), int(fc)), dtype=bool))
+    raise ValueError(f"relevance mask of shape {mask.shape} does not map onto a {rows}x{cols} patch grid")
+
+
+def ground_truth_agreement(scores: pd.DataFrame, relevance: Sequence[np.ndarray] | Mapping[int, np.ndarray],
+                           families: Sequence[str] | Mapping[int, str] | None = None, layer: str = "layer",
+                           tile: int = 0) -> pd.DataFrame:
+    """Per sample and layer: AUROC of token scores against the relevance mask, and the pointing game.
+
+    ``relevance[sample]`` is a boolean (rows, cols) mask over the patch grid of tile ``tile`` of the
+    first image (a coarser mask is expanded onto a finer grid by an integer factor). Columns:
+    sample, family, layer, auroc, pointing.
+    """
+    out = []
+    sub = scores[(scores["tile"] == tile) & (scores["image"] == 0)]
+    for (sample, lay), group in sub.groupby(["sample", layer], sort=True):
+        rows, cols = int(group["row"].max()) + 1, int(group["col"].max()) + 1
+        mask = _mask_on_grid(relevance[sample], rows, cols)
+        truth = mask[group["row"].to_numpy(), group["col"].to_numpy()]
+        s = group["score"].to_numpy()
+        out.append({
+            "sample": sample,
+            "family": None if families is None else families[sample],
+            layer: lay,
+            "auroc": float(agreement.auroc(s, truth)),
+            "pointing": float(agreement.pointing_game(s, truth)),
+        })
+    return pd.DataFrame(out)
