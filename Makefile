@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 figures: $(STAMP)
-	$(VENV)/bin/vtrlab figures
+	$(VENV)/bin/vtrlab figures $(FIGURES_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -121,3 +121,23 @@ def test_bad_keep_masks_are_rejected_with_clear_errors(setup):
         answer(vlm, batch, keep=[np.ones(n0), None])
     with pytest.raises(ValueError, match="max_new_tokens=0"):
         answer(vlm, batch, max_new_tokens=0)
+
+
+def test_organism_keep_all_matches_generate_and_logits():
+    """The organism itself (shipped, or $VTRLAB_ORGANISM): skipped only where no organism is saved."""
+    from vtrlab.data.synthetic import generate
+    from vtrlab.models.loader import ModelLoadError
+
+    try:
+        vlm = vtrlab.load("organism", device="cpu")
+    except ModelLoadError as err:
+        pytest.skip(str(err))
+    samples = generate(3, 0)
+    batch = vlm.prepare([s.image for s in samples], [s.question for s in samples])
+    with torch.no_grad():
+        ref = vlm.model(**dict(batch.inputs)).logits.float()
+    got = logits(vlm, batch)
+    mask = batch.inputs["attention_mask"].bool()
+    for i in range(len(batch)):
+        assert (got.logits[i][got.source_positions[i] >= 0] - ref[i][mask[i]]).abs().max().item() < 1e-4
+    assert generate_ids(vlm, batch, max_new_tokens=5) == _new_tokens(vlm, batch, 5)

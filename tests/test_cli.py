@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -41,10 +42,10 @@ def one_line_error(result) -> str:
 
 
 def test_unknown_parameter_via_console_script(project):
-    exe = shutil.which("vtrlab")
-    if exe is None:
-        pytest.skip("console script not installed in this environment")
-    done = subprocess.run([exe, "run", "notebooks/01_demo.ipynb", "-p", "not_a_param", "1"], capture_output=True, text=True)
+    # the script installed beside this interpreter (make test runs .venv/bin/python, PATH untouched)
+    exe = Path(sys.executable).parent / "vtrlab"
+    assert exe.is_file(), f"console script missing: {exe} (is the package installed in this environment?)"
+    done = subprocess.run([str(exe), "run", "notebooks/01_demo.ipynb", "-p", "not_a_param", "1"], capture_output=True, text=True)
     assert done.returncode != 0
     assert done.stdout == "" and "Traceback" not in done.stderr
     assert done.stderr.count("\n") == 1

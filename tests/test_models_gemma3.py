@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vtrlab.models.base import KIND_SEPARATOR
+from vtrlab.models.families._common import TEXTS_ATTR, chat_texts
 from vtrlab.models.testing import tiny
 from vtrlab.models.testing._pixel_route import check_lm_positions, check_vision_table, codes_at_positions
 from vtrlab.models.testing.pixels import gradient_image
@@ -84,15 +85,18 @@ def test_layout_and_vision_table_proven_by_pixels(vlm, case):
 
 
 def test_pan_and_scan_is_refused_with_a_clear_error(vlm):
-    """Pan & scan is off in the processor's defaults; a processor configured with it adds crops the
-    layout does not describe, so prepare() must refuse instead of mislabelling."""
-    proc = vlm.processor
-    proc.images_kwargs = dict(type(proc).images_kwargs, do_pan_and_scan=True, pan_and_scan_min_crop_size=8)
-    try:
-        with pytest.raises(ValueError, match="pan & scan"):
-            vlm.prepare([gradient_image(120, 30)], ["wide"])
-    finally:
-        del proc.images_kwargs  # back to the class default
+    """Pan & scan is off by default; inputs built with it carry crops the layout does not
+    describe, so the adapter must refuse them instead of mislabelling."""
+    images, prompts = [[gradient_image(120, 30)]], ["wide"]
+    inputs = vlm.processor(
+        images=images, text=chat_texts(vlm.processor, images, prompts), return_tensors="pt",
+        do_pan_and_scan=True, pan_and_scan_min_crop_size=8, pan_and_scan_max_num_crops=4,
+        pan_and_scan_min_ratio_to_activate=1.2,
+    )
+    setattr(inputs, TEXTS_ATTR, {"texts": None, "prompts": prompts})
+    assert inputs["pixel_values"].shape[0] > 1  # the processor did add crops
+    with pytest.raises(ValueError, match="pan & scan"):
+        vlm.adapter.layouts(vlm.model, vlm.processor, inputs, images)
 
 
 def _decoder_kwargs_seen(vlm, batch):

@@ -32,7 +32,8 @@ def _cells(nb: Path) -> list[dict]:
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=ids)
 def test_committed_without_outputs(nb):
-    dirty = [i for i, c in enumerate(_cells(nb)) if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count") is not None)]
+    dirty = [i for i, c in enumerate(_cells(nb))
+             if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count") is not None)]
     assert not dirty, f"{nb.name}: code cells {dirty} carry outputs or execution counts; strip them before committing"
 
 

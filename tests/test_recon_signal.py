@@ -7,7 +7,7 @@ from PIL import Image
 
 from vtrlab.analysis.reconstruction import layer_reconstruction_error, ridge_fit, ridge_token_error, token_array
 from vtrlab.models.base import ImageLayout
-from vtrlab.models.testing import tiny
+from vtrlab.models.testing import tiny, tiny_families
 from vtrlab.recon import Selector, SelectorConfig, token_error, vision_features
 from vtrlab.recon.features import token_features
 
@@ -61,6 +61,26 @@ def vlm_batch(request):
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)) for _ in range(2)]
     return vlm, vlm.prepare(imgs, ["what ?", "what color is it ?"])
+
+
+@pytest.mark.parametrize("family", tiny_families())
+def test_every_lm_image_token_is_covered_by_its_patches(family):
+    """Patches map to LM tokens by pixel box: 1:1 (LLaVA), 4:1 (Qwen merge, Idefics3 shuffle, Gemma3 pool)."""
+    vlm = tiny(family, seed=0)
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)),
+            Image.fromarray(rng.integers(0, 255, (64, 40, 3), dtype=np.uint8))]
+    batch = vlm.prepare(imgs, ["a ?", "what is it ?"])
+    (feats,) = vision_features(vlm, batch).values()
+    for s, lay in zip(feats, batch.layout):
+        cover = np.bincount(s.token[s.token >= 0], minlength=lay.n_image_tokens)
+        assert s.n_tokens == lay.n_image_tokens and (cover > 0).all()
+        assert len(np.unique(cover)) == 1  # every token covers the same number of patches
+        mapped = lay.vision_table()[lambda t: t["kind"] == "patch"].iloc[s.token >= 0]
+        img = lay.kind == "image"
+        cx = (mapped["x0"].to_numpy() + mapped["x1"].to_numpy()) / 2
+        tok = s.token[s.token >= 0]
+        assert np.all((lay.x0[img][tok] <= cx) & (cx < lay.x1[img][tok]))
 
 
 def test_vision_features_are_the_patch_tokens_of_the_projector_layer(vlm_batch):

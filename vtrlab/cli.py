@@ -208,7 +208,7 @@ def grid(
     workers: Optional[int] = typer.Option(None, "--workers", "-w", help="jobs at a time (default: one per GPU, else 1)"),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="comma-separated GPU ids; each job sees one"),
     backend: str = typer.Option("local", "--backend", help="local | ray | slurm"),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (else $RAY_ADDRESS, else a local Ray)"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray address (else $RAY_ADDRESS, else local)"),
     slurm_partition: Optional[str] = typer.Option(None, "--slurm-partition", help="Slurm partition"),
     slurm_cluster: str = typer.Option("slurm", "--slurm-cluster", help="submitit cluster: slurm, or local to try without Slurm"),
     timeout_min: int = typer.Option(240, "--timeout-min", help="Slurm time limit per job, minutes"),

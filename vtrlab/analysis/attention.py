@@ -160,3 +160,49 @@ def ground_truth_agreement(scores: pd.DataFrame, relevance: Sequence[np.ndarray]
             "pointing": float(agreement.pointing_game(s, truth)),
         })
     return pd.DataFrame(out)
+
+
+def tables_from_captures(captures) -> dict[str, pd.DataFrame]:
+    """Join the tables of many captured batches (``(first_sample_index, ds)`` pairs, e.g. from
+    ``vtrlab.capture.capture_batches``), renumbering ``sample`` to the global sample index.
+
+    Returns ``{"share": ..., "image_scores": ..., "vision_scores": ...}`` (the last only when the
+    captures hold vision attention).
+    """
+    parts: dict[str, list[pd.DataFrame]] = {"share": [], "image_scores": [], "vision_scores": []}
+    for start, ds in captures:
+        for name, fn in (("share", image_attention_share), ("image_scores", image_token_scores)):
+            df = fn(ds)
+            df["sample"] += start
+            parts[name].append(df)
+        if "vision_attn" in ds:
+            df = vision_token_scores(ds)
+            df["sample"] += start
+            parts["vision_scores"].append(df)
+    return {k: pd.concat(v, ignore_index=True) for k, v in parts.items() if v}
+
+
+def share_by_layer_head(share: pd.DataFrame) -> pd.DataFrame:
+    """Mean image-attention share as a layer x head matrix (from :func:`image_attention_share`)."""
+    if "head" not in share.columns:
+        raise ValueError("this share table has no head column (captured with head_mean=True)")
+    return share.pivot_table(index="layer", columns="head", values="share", aggfunc="mean")
+
+
+def token_values(scores: pd.DataFrame, sample: int, layer: int, positions, value: str = "share",
+                 layer_col: str = "layer", position_col: str = "position") -> np.ndarray:
+    """One sample/layer's values aligned with ``positions`` (e.g. ``layout.image_positions``)."""
+    sub = scores[(scores["sample"] == sample) & (scores[layer_col] == layer)].set_index(position_col)[value]
+    missing = np.setdiff1d(np.asarray(positions), sub.index.to_numpy())
+    if missing.size:
+        raise ValueError(f"sample {sample}, {layer_col} {layer}: no score for position(s) {missing[:5].tolist()}")
+    return sub.loc[np.asarray(positions)].to_numpy()
+
+
+def spread_layers(layers: Sequence[int], n: int) -> list[int]:
+    """Up to ``n`` layers spread evenly over ``layers`` (first and last included)."""
+    layers = sorted(layers)
+    if len(layers) <= n:
+        return list(layers)
+    idx = np.unique(np.round(np.linspace(0, len(layers) - 1, n)).astype(int))
+    return [layers[i] for i in idx]

@@ -108,7 +108,7 @@ def ridge_token_error(
     layouts: Sequence[Any],
     keep_ratio: float = 0.5,
     n_draws: int = 4,
-    alpha: float = 1e-2,
+    alpha: float = 0.1,
     seed: int = 0,
 ) -> list[np.ndarray]:
     """One layer: per sample, per token, the out-of-sample ridge reconstruction error (standardised
@@ -154,7 +154,7 @@ def layer_reconstruction_error(
     lm: Sequence[int] | str | None = "all",
     keep_ratio: float = 0.5,
     n_draws: int = 4,
-    alpha: float = 1e-2,
+    alpha: float = 0.1,
     seed: int = 0,
     progress: bool = True,
 ) -> xr.DataArray:

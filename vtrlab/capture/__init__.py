@@ -11,11 +11,11 @@ import sys
 import types
 
 from .attention import ATTN_NAME, register
-from .engine import capture, key_coordinates
+from .engine import capture, capture_batches, key_coordinates
 from .store import load, save
 from .switch import attention_switched
 
-__all__ = ["ATTN_NAME", "attention_switched", "capture", "key_coordinates", "load", "register", "save"]
+__all__ = ["ATTN_NAME", "attention_switched", "capture", "capture_batches", "key_coordinates", "load", "register", "save"]
 
 
 class _CallableModule(types.ModuleType):

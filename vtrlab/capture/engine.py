@@ -266,3 +266,21 @@ def _num_heads(attn_module) -> int:
         if cfg is not None and hasattr(cfg, name):
             return int(getattr(cfg, name))
     raise AttributeError(f"cannot tell how many heads {type(attn_module).__name__} has")
+
+
+def capture_batches(vlm, images: Sequence, prompts: Sequence[str], batch_size: int = 8, progress: bool = True, **kwargs):
+    """Capture many samples in batches: yields ``(first_sample_index, batch, dataset)`` per batch.
+
+    ``kwargs`` go to :func:`capture`. Batches differ in sequence length, so their datasets are
+    not concatenated here; build tables per batch (``vtrlab.analysis.attention``) and join those.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: need a positive integer")
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; need one per prompt")
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="capture", unit="batch", disable=not progress):
+        batch = vlm.prepare(list(images[start : start + batch_size]), list(prompts[start : start + batch_size]))
+        yield start, batch, capture(vlm, batch, **kwargs)

@@ -34,6 +34,7 @@ from vtrlab.organism.dataset import N_CENTRE, N_COLOR, N_LETTER, N_SHAPE, Encode
 @dataclass
 class TrainConfig:
     seed: int = 0  # model init and batch order
+    init_from: str = ""  # a saved organism to continue from (empty: random init)
     train_seed: int = 1  # data seed of the training samples (evaluation uses seed 0: held out)
     val_seed: int = 2  # data seed of the validation samples watched during training
     n_train_per_family: int = 24000
@@ -41,6 +42,7 @@ class TrainConfig:
     image_first: bool = True  # chat template: image before the question (LLaVA) or after it
     positional: bool = True  # dense row/col + object-centre regression targets for the tower
     tower_steps: int = 2000
+    tower_rounds: int = 2  # the tower stage is run this many times (warm restarts)
     frozen_steps: int = 3000
     joint_steps: int = 8000
     batch_size: int = 256
@@ -201,7 +203,13 @@ def train_organism(out: str | os.PathLike, cfg: TrainConfig | None = None, **ove
     t0 = time.time()
     deadline = t0 + cfg.max_minutes * 60 - cfg.reserve_seconds  # training stops here
     torch.manual_seed(cfg.seed)
-    model, _ = build_random(cfg.seed)
+    if cfg.init_from:
+        # continue training a saved organism (its processor must match image_first)
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(cfg.init_from)
+    else:
+        model, _ = build_random(cfg.seed)
     from vtrlab.organism.processor import build_processor
 
     processor = build_processor(image_first=cfg.image_first)
@@ -283,11 +291,12 @@ def train_organism(out: str | os.PathLike, cfg: TrainConfig | None = None, **ove
         return step + 1
 
     head_params = list(heads.parameters())
-    run_stage("tower", cfg.tower_steps, [(tower + head_params, cfg.lr_tower)], answer=False, dense_w=1.0)
+    # the tower stage runs tower_rounds times (cosine warm restarts): letters are the slowest target
+    tower_done = [run_stage("tower", cfg.tower_steps, [(tower + head_params, cfg.lr_tower)], answer=False, dense_w=1.0)
+                  for _ in range(cfg.tower_rounds)]
     # the joint stage costs ~1.4x a frozen step (tower backward); share the time accordingly
-    frozen_share = cfg.frozen_steps / (cfg.frozen_steps + 1.4 * cfg.joint_steps)
-    record["steps"] = {"tower": run_stage("tower", cfg.tower_steps, [(tower + head_params, cfg.lr_tower)],
-                                          answer=False, dense_w=1.0)}
+    frozen_share = cfg.frozen_steps / max(1e-9, cfg.frozen_steps + 1.4 * cfg.joint_steps)
+    record["steps"] = {"tower": tower_done}
     record["steps"]["frozen"] = run_stage("frozen", cfg.frozen_steps, [(rest, cfg.lr_lm)], answer=True,
                                           dense_w=0.0, share=frozen_share)
     record["steps"]["joint"] = run_stage("joint", cfg.joint_steps,
@@ -300,13 +309,15 @@ def train_organism(out: str | os.PathLike, cfg: TrainConfig | None = None, **ove
     model.eval().float()
     for p in model.parameters():
         p.requires_grad_(True)
-    te = time.time()
-    result = evaluate(model, processor, n=cfg.eval_n, seed=0, device=dev, batch_size=250)
-    record["eval_seconds"] = round(time.time() - te, 1)
-    print("eval", json.dumps(result["families"]), flush=True)
+    extra = {}
+    if cfg.eval_n > 0:
+        te = time.time()
+        result = evaluate(model, processor, n=cfg.eval_n, seed=0, device=dev, batch_size=250)
+        record["eval_seconds"] = round(time.time() - te, 1)
+        print("eval", json.dumps(result["families"]), flush=True)
+        extra["eval.json"] = eval_to_json(result)
     model.to("cpu")
-    save_organism(model, processor, out, extra_files={
-        "eval.json": eval_to_json(result), "train_record.json": json.dumps(record, indent=1)})
+    save_organism(model, processor, out, extra_files={**extra, "train_record.json": json.dumps(record, indent=1)})
     return record
 
 

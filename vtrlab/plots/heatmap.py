@@ -64,7 +64,9 @@ def heatmap_over_image(
             )
         sel = (layout.image[image_tokens] == image_index) & (layout.tile[image_tokens] == tile)
         if not sel.any():
-            raise ValueError(f"layout has no image tokens for image={image_index}, tile={tile}; have {sorted(layout.grid_shapes)}")
+            raise ValueError(
+                f"layout has no image tokens for image={image_index}, tile={tile}; have {sorted(layout.grid_shapes)}"
+            )
         boxes = np.stack([getattr(layout, k)[image_tokens][sel] for k in ("x0", "y0", "x1", "y1")], axis=-1).astype(float)
         cell_values = vals[sel]
 

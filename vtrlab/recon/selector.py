@@ -5,7 +5,8 @@ Given features F (L tokens x C) of one vision layer:
 * selector: a few transformer layers -> linear -> one logit per token -> binary keep mask M by
   Gumbel-Softmax (hard in the forward pass, soft straight-through gradient in training);
 * dropped tokens are replaced by one learned mask embedding; every slot gets a positional
-  embedding (2-D sin-cos of its LM-grid row/col) so masked slots differ;
+  embedding (fixed 2-D sin-cos of the patch's row/col in the layout's vision table) so masked
+  slots differ (tiles of multi-crop models share row/col positions);
 * reconstructor: a few transformer layers that restore all L tokens;
 * loss: reconstruction error + max(mean(M), p). Plain mean(M) collapses towards keeping nothing;
   the max stops the push once the kept fraction reaches the target p.

@@ -51,6 +51,7 @@ def train_for(
     tau: float = 1.0,
     d_model: int = 128,
     n_heads: int = 4,
+    ff_mult: int = 4,
     selector_layers: int = 3,
     reconstructor_layers: int = 3,
     layer: int | None = None,
@@ -64,7 +65,7 @@ def train_for(
     feats, _ = synthetic_features(vlm, n_train + n_val, data_seed, layer, progress=progress)
     train, val = feats[:n_train], feats[n_train:]
     cfg = SelectorConfig(
-        feature_dim=int(train[0].features.shape[1]), d_model=d_model, n_heads=n_heads,
+        feature_dim=int(train[0].features.shape[1]), d_model=d_model, n_heads=n_heads, ff_mult=ff_mult,
         selector_layers=selector_layers, reconstructor_layers=reconstructor_layers, p=p, tau=tau,
         vision_layer=layer, model=getattr(vlm, "name", ""),
         extra={"n_train": n_train, "n_val": n_val, "steps": steps, "batch_size": batch_size, "lr": lr,
@@ -87,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--tau", type=float, default=1.0, help="Gumbel-Softmax temperature")
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--n-heads", type=int, default=4)
+    ap.add_argument("--ff-mult", type=int, default=4, help="feed-forward width as a multiple of d-model")
     ap.add_argument("--layers", type=int, default=3, help="transformer layers of selector and of reconstructor")
     ap.add_argument("--vision-layer", type=int, default=None, help="default: the layer feeding the projector")
     ap.add_argument("--seed", type=int, default=0)
@@ -100,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     t0 = time.time()
     sel, hist = train_for(
         vlm, n_train=args.n_train, n_val=args.n_val, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        p=args.p, tau=args.tau, d_model=args.d_model, n_heads=args.n_heads, selector_layers=args.layers,
+        p=args.p, tau=args.tau, d_model=args.d_model, n_heads=args.n_heads, ff_mult=args.ff_mult, selector_layers=args.layers,
         reconstructor_layers=args.layers, layer=args.vision_layer, seed=args.seed, device=args.device,
     )
     sel.config.extra["train_seconds"] = round(time.time() - t0, 1)

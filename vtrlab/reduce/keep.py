@@ -71,9 +71,17 @@ class ReducedInputs:
 
     @property
     def next_position(self) -> torch.Tensor:
-        """Position id of the first generated token: max kept position + 1 (per axis for mRoPE)."""
+        """Position id of the first generated token: max kept position + 1, per sample.
+
+        For multi-axis (mRoPE) ids the max is taken over every axis and the same value is used on
+        each axis, as ``generate`` does (``rope_deltas``); prompts end in text, whose axes agree,
+        so this equals each axis' own max + 1.
+        """
         pos = self.position_ids.masked_fill(self.attention_mask == 0, torch.iinfo(self.position_ids.dtype).min)
-        return pos.amax(dim=-1, keepdim=True) + 1  # (B, 1) or (A, B, 1)
+        top = pos.amax(dim=-1, keepdim=True)  # (B, 1) or (A, B, 1)
+        if top.dim() == 3:
+            top = top.amax(dim=0, keepdim=True).expand_as(top)
+        return top + 1
 
 
 def _one_d_positions(mask: torch.Tensor) -> torch.Tensor:

@@ -214,8 +214,10 @@ def _run_local(jobs, workers, gpus, root, report) -> None:
 
 
 def _failed(job: Job, exc: BaseException) -> RunResult:
+    """A job whose process failed outside the notebook (scheduler error, killed worker)."""
+    first = (str(exc).strip().splitlines() or [""])[0]
     return RunResult(job.name, job.hash, "failed", f"runs/{job.name}",
-                     error={"cell": None, "ename": type(exc).__name__, "evalue": str(exc).strip().splitlines()[0] if str(exc).strip() else ""})
+                     error={"cell": None, "ename": type(exc).__name__, "evalue": first})
 
 
 def _run_ray(jobs, workers, use_gpus, root, address, report) -> None:

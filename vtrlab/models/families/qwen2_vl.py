@@ -140,5 +140,5 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
 
     def vision_sequence_order(self, model: nn.Module, grid_thw: torch.Tensor) -> np.ndarray:
         unit = int(model.config.vision_config.spatial_merge_size) ** 2
-        windows = _window_index(model, grid_thw.to(model.device)).cpu().numpy()
+        windows = _window_index(model, grid_thw.cpu()).cpu().numpy()
         return (windows[:, None] * unit + np.arange(unit)[None, :]).reshape(-1)

@@ -45,6 +45,9 @@ def build_processor(processor_cls: type, **kwargs: Any) -> Any:
     return proc
 
 
+_VIDEO_PROCESSORS = {"qwen2_vl": "Qwen2VLVideoProcessor", "smolvlm": "SmolVLMVideoProcessor"}
+
+
 class NoVideoProcessor(dict):
     """Stands in for a video processor (which needs torchvision) in image-only tests. SmolVLM's
     ``apply_chat_template`` reads ``num_frames``/``fps`` from it even for image-only chats.
@@ -57,6 +60,8 @@ class NoVideoProcessor(dict):
         raise RuntimeError("tiny test processors have no video support")
 
 
-def video_processor_stand_in() -> object | None:
-    """None when torchvision (hence the real video processor) is available, else a stand-in."""
-    return None if is_torchvision_available() else NoVideoProcessor()
+def video_processor(family: str) -> object:
+    """The family's real video processor when torchvision is installed, else a stand-in."""
+    if is_torchvision_available():
+        return getattr(transformers, _VIDEO_PROCESSORS[family])()
+    return NoVideoProcessor()

@@ -17,7 +17,7 @@ from transformers import (
     SmolVLMProcessor,
 )
 
-from ._processors import build_processor, image_processor_class, video_processor_stand_in
+from ._processors import build_processor, image_processor_class, video_processor
 from ._identities import expected_rows
 from .registry import register_proof, register_tiny
 from .tokenizer import byte_tokenizer
@@ -75,7 +75,7 @@ def _tiny(seed: int, smol: bool):
     )
     if smol:
         processor = build_processor(SmolVLMProcessor, image_processor=image_processor, tokenizer=tok,
-                                    video_processor=video_processor_stand_in(), image_seq_len=IMAGE_SEQ_LEN,
+                                    video_processor=video_processor("smolvlm"), image_seq_len=IMAGE_SEQ_LEN,
                                     chat_template=SMOLVLM_CHAT_TEMPLATE)
     else:
         processor = build_processor(Idefics3Processor, image_processor=image_processor, tokenizer=tok,

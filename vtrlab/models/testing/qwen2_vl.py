@@ -21,7 +21,7 @@ from transformers import (
 from ._identities import expected_rows
 from .registry import register_full_size, register_proof, register_tiny
 from .tokenizer import byte_tokenizer
-from ._processors import build_processor, image_processor_class
+from ._processors import build_processor, image_processor_class, video_processor
 
 # The real Qwen2-VL chat template, less tool calls and video (it opens with the default system turn).
 QWEN_CHAT_TEMPLATE = (
@@ -101,7 +101,7 @@ def _tiny(seed: int, v25: bool):
     # 56x56 .. 112x112 processed pixels: 4..16 patches a side before the merge.
     image_processor = image_processor_class("qwen2_vl")(min_pixels=56 * 56, max_pixels=112 * 112)
     processor = build_processor(proc_cls, image_processor=image_processor, tokenizer=tok,
-                                chat_template=QWEN_CHAT_TEMPLATE)
+                                video_processor=video_processor("qwen2_vl"), chat_template=QWEN_CHAT_TEMPLATE)
     return model, processor
 
 
@@ -179,5 +179,6 @@ def full_qwen2_5_vl_7b(dtype=torch.bfloat16, device="meta"):
     # checkpoint's, which random weights make irrelevant; the vocabulary size is the checkpoint's.
     image_processor = image_processor_class("qwen2_vl")()
     processor = build_processor(Qwen2_5_VLProcessor, image_processor=image_processor, tokenizer=tok,
+                                video_processor=video_processor("qwen2_vl"),
                                 chat_template=QWEN_CHAT_TEMPLATE)
     return model, processor
