@@ -165,3 +165,12 @@ def test_tables_from_captures_renumbers_samples():
     assert sorted(t["image_scores"]["sample"].unique()) == [0, 1, 2, 3]
     assert set(t) == {"share", "image_scores", "vision_scores"}
     assert att.spread_layers(range(10), 4) == [0, 3, 6, 9]
+
+
+def test_rows_that_cannot_see_the_image_are_named():
+    ds = _fake_capture(seed=8)
+    share = att.image_attention_share(ds)
+    att.check_image_visible(share)  # random attention reaches the image
+    blind = share.assign(share=0.0)
+    with pytest.raises(ValueError, match="give no attention to image tokens"):
+        att.check_image_visible(blind)

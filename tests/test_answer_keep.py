@@ -32,6 +32,20 @@ def setup(request):
     return vlm, batch
 
 
+def _reference_logits(vlm, batch, attention_mask=None):
+    """The unchanged model's own forward, with ``generate``'s position ids: for 1-D positions the
+    count of real tokens (a plain forward counts left pads too, which shifts RoPE by a float-error
+    amount), for mRoPE the model's own 3-D ids. ``attention_mask`` overrides the batch's mask."""
+    pos = vlm.adapter.decoder_inputs(vlm.model, batch.inputs)["position_ids"]
+    if pos.dim() == 2:
+        pos = (batch.inputs["attention_mask"].long().cumsum(-1) - 1).clamp_min(0)
+    inputs = dict(batch.inputs)
+    if attention_mask is not None:
+        inputs["attention_mask"] = attention_mask
+    with torch.no_grad():
+        return vlm.model(**inputs, position_ids=pos).logits.float()
+
+
 def _new_tokens(vlm, batch, n):
     out = vlm.model.generate(**dict(batch.inputs), max_new_tokens=n, do_sample=False)
     new = out[:, batch.inputs["input_ids"].shape[1]:].tolist()
@@ -46,8 +60,7 @@ def _new_tokens(vlm, batch, n):
 
 def test_keep_all_logits_equal_model_logits(setup):
     vlm, batch = setup
-    with torch.no_grad():
-        ref = vlm.model(**dict(batch.inputs)).logits.float()
+    ref = _reference_logits(vlm, batch)
     got = logits(vlm, batch, keep=None)
     mask = batch.inputs["attention_mask"].bool()
     src = got.source_positions
@@ -76,17 +89,10 @@ def test_dropped_tokens_equal_masking_them_at_unchanged_positions(setup):
         assert not set(lay.image_positions[~k]) & set(red.source_positions[i].tolist())
     got = logits(vlm, batch, keep).last
     # oracle: the unchanged model, dropped image tokens hidden from attention, positions given explicitly
-    dec = vlm.adapter.decoder_inputs(vlm.model, batch.inputs)
-    pos = dec["position_ids"]
     am = batch.inputs["attention_mask"].clone()
-    if pos.dim() == 2:
-        pos = (am.long().cumsum(-1) - 1).clamp_min(0)
     for i, (lay, k) in enumerate(zip(batch.layout, keep)):
         am[i, torch.as_tensor(lay.image_positions[~k])] = 0
-    inputs = dict(batch.inputs)
-    inputs["attention_mask"] = am
-    with torch.no_grad():
-        ref = vlm.model(**inputs, position_ids=pos).logits[:, -1].float()
+    ref = _reference_logits(vlm, batch, attention_mask=am)[:, -1]
     assert (got - ref).abs().max().item() < 1e-4
 
 
@@ -134,8 +140,7 @@ def test_organism_keep_all_matches_generate_and_logits():
         pytest.skip(str(err))
     samples = generate(3, 0)
     batch = vlm.prepare([s.image for s in samples], [s.question for s in samples])
-    with torch.no_grad():
-        ref = vlm.model(**dict(batch.inputs)).logits.float()
+    ref = _reference_logits(vlm, batch)
     got = logits(vlm, batch)
     mask = batch.inputs["attention_mask"].bool()
     for i in range(len(batch)):

@@ -336,3 +336,26 @@ def test_public_name_is_callable():
     batch = tiny_llava_batch(vlm, n=1)
     ds = vtrlab.capture(vlm, batch, rows="last", vision=False)
     np.testing.assert_allclose(ds.lm_attn.sum("key").values, 1.0, atol=1e-5)
+
+
+@pytest.mark.skipif("gemma3" not in _tiny_families(), reason="no tiny gemma3 yet")
+def test_sliding_window_layers_equal_eager():
+    """Gemma3's local layers: a window shorter than the sequence, so the sliding mask matters."""
+    vlm, batch = _build("gemma3")
+    tc = vlm.model.config.text_config
+    tc.sliding_window = 8
+    for layer in vlm.lm_layers:
+        attn = vlm.adapter.lm_attention(layer)
+        if getattr(attn, "sliding_window", None):
+            attn.sliding_window = 8
+    assert "sliding_attention" in tc.layer_types and batch.inputs["input_ids"].shape[1] > 8
+    lm_ref, _ = _eager_reference(vlm, batch)
+    ds = capture(vlm, batch, rows="all", vision=False)
+    for b, L in enumerate(batch.layout):
+        pos = np.asarray(L.valid_positions)
+        for li, kind in enumerate(tc.layer_types):
+            got = ds.lm_attn.values[b, li][:, : len(pos)]
+            np.testing.assert_allclose(got, lm_ref[li][b][:, pos].numpy(), atol=TOL)
+            if kind == "sliding_attention":  # text rows see at most the last 8 keys
+                far = got[:, -1, : pos[-1] - 8 + 1]
+                assert np.allclose(far, 0.0)

@@ -149,3 +149,23 @@ def test_config_rejects_bad_values():
         _cfg(p=1.5)
     with pytest.raises(ValueError, match="d_model=18"):
         SelectorConfig(feature_dim=4, d_model=18, n_heads=2)
+
+
+def test_topk_reconstruction_error_matches_direct_computation():
+    from vtrlab.recon import topk_reconstruction_error
+
+    torch.manual_seed(0)
+    sel = Selector(_cfg()).eval()
+    samples = _samples(3, seed=4, lengths=[16, 12, 9])
+    got = topk_reconstruction_error(sel, samples, 0.5, batch_size=2)
+    total, n = 0.0, 0
+    for s in samples:  # one sample at a time, float64 accumulation
+        feats, row, col, valid = collate([s])
+        with torch.no_grad():
+            lg = sel.logits(feats, row, col, valid)[0]
+            keep = torch.zeros(1, len(s.features))
+            keep[0, lg.topk(int(round(0.5 * len(s.features)))).indices] = 1
+            rec = sel.reconstruct(feats, keep, row, col, valid)
+        total += ((rec - sel.normalize(feats)) ** 2).mean(-1).double().sum().item()
+        n += len(s.features)
+    assert got == pytest.approx(total / n, rel=1e-5)

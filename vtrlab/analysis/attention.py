@@ -35,6 +35,17 @@ def image_attention_share(ds: xr.Dataset) -> pd.DataFrame:
     return df
 
 
+def check_image_visible(share: pd.DataFrame) -> None:
+    """Raise if the captured rows give (almost) no attention to image tokens: under a causal mask,
+    query rows placed before the image (e.g. a question that precedes it) cannot see it."""
+    if share.empty or float(share["share"].max()) <= 1e-12:
+        positions = sorted(share["query_position"].unique())[:5] if not share.empty else []
+        raise ValueError(
+            f"the captured query rows (positions {positions}...) give no attention to image tokens; "
+            "under a causal mask rows before the image cannot see it — capture rows='last' or 'text'"
+        )
+
+
 def image_token_scores(ds: xr.Dataset) -> pd.DataFrame:
     """Attention each image token receives per LM layer (mean over heads and query rows).
 

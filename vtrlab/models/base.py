@@ -159,6 +159,7 @@ class FamilyAdapter:
         Generic for every family: a forward pre-hook on the decoder records its keyword
         arguments and aborts the forward, so the model's own merge code is the only one used.
         ``position_ids`` is filled with the decoder's default (0..N-1) where the model passes None.
+        ``attention_mask`` is the 2-D padding mask; ``decoder_mask`` the mask as the decoder got it.
         """
         lm = self.language_model(model)
         seen: dict[str, Any] = {}
@@ -183,13 +184,17 @@ class FamilyAdapter:
         if not seen:
             raise RuntimeError(f"{type(lm).__name__} was never called by {type(model).__name__}.forward")
         embeds = seen["inputs_embeds"]
-        mask = seen.get("attention_mask")
+        raw_mask = seen.get("attention_mask")
+        mask = raw_mask
         if isinstance(mask, dict) or (mask is not None and mask.dim() != 2):
             mask = dict(inputs).get("attention_mask")
         pos = seen.get("position_ids")
         if pos is None:
             pos = torch.arange(embeds.shape[1], device=embeds.device).unsqueeze(0).expand(embeds.shape[0], -1)
-        return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}
+        # ``decoder_mask`` is the mask exactly as the decoder got it: a 2-D padding mask for most
+        # families, but e.g. Gemma3 passes a dict of 4-D masks in which image blocks attend
+        # both ways; re-running the decoder needs that one, not the 2-D padding mask.
+        return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos, "decoder_mask": raw_mask}
 
     def has_cls(self, model: nn.Module) -> bool:
         return False

@@ -1,9 +1,28 @@
 """vtrlab.organism: the embedded model organism (tiny LLaVA trained on vtrlab.data.synthetic).
 
-Build/save: ``build_random``, ``save_organism``, ``save_random``; training in
-``vtrlab.organism.train`` (``train_organism``); evaluation in ``vtrlab.organism.evaluate``.
+Build/save: ``build_random``, ``save_organism``, ``save_random`` (vtrlab.organism.build);
+training: ``train_organism`` (vtrlab.organism.train); evaluation: vtrlab.organism.evaluate;
+CLI: ``vtrlab organism train|eval|random`` (vtrlab.organism.cli). Imported lazily: the CLI
+imports this package and should stay cheap.
 """
 
-from vtrlab.organism.build import build_random, save_organism, save_random
+from __future__ import annotations
 
-__all__ = ["build_random", "save_organism", "save_random"]
+import importlib
+
+_LAZY = {
+    "build_random": "vtrlab.organism.build",
+    "save_organism": "vtrlab.organism.build",
+    "save_random": "vtrlab.organism.build",
+    "train_organism": "vtrlab.organism.train",
+    "evaluate_bundle": "vtrlab.organism.evaluate",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'vtrlab.organism' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value

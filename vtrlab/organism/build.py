@@ -14,7 +14,7 @@ from vtrlab.organism.config import build_config
 from vtrlab.organism.processor import build_processor
 
 
-def build_random(seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def build_random(seed: int = 0, image_first: bool = False) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A random-init organism and its processor (deterministic for a seed)."""
     config = build_config()
     torch.manual_seed(seed)
@@ -23,7 +23,7 @@ def build_random(seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaPro
     model.generation_config = GenerationConfig(
         bos_token_id=tc.bos_token_id, eos_token_id=tc.eos_token_id, pad_token_id=tc.pad_token_id,
         do_sample=False, max_new_tokens=8)
-    return model, build_processor()
+    return model, build_processor(image_first)
 
 
 def save_organism(model, processor, out: str | os.PathLike, extra_files: dict[str, str] | None = None,

@@ -51,7 +51,9 @@ def build_image_processor() -> CLIPImageProcessor:
     )
 
 
-def build_processor(image_first: bool = True) -> LlavaProcessor:
+def build_processor(image_first: bool = False) -> LlavaProcessor:
+    """The organism's processor; ``image_first=False`` (the trained organism's template) puts the
+    question before the image."""
     return LlavaProcessor(
         image_processor=build_image_processor(), tokenizer=build_tokenizer(), patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default", chat_template=chat_template(image_first), image_token=IMAGE,

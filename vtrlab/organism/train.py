@@ -39,7 +39,9 @@ class TrainConfig:
     val_seed: int = 2  # data seed of the validation samples watched during training
     n_train_per_family: int = 24000
     n_val_per_family: int = 256
-    image_first: bool = True  # chat template: image before the question (LLaVA) or after it
+    # chat template: question first, then the image (the shipped recipe: at equal steps it learned
+    # color 0.99 vs 0.89 and shape 0.98 vs 0.87 with the image first); True gives LLaVA's order
+    image_first: bool = False
     positional: bool = True  # dense row/col + object-centre regression targets for the tower
     tower_steps: int = 2000
     tower_rounds: int = 2  # the tower stage is run this many times (warm restarts)

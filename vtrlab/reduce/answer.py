@@ -46,9 +46,13 @@ def _pad_id(vlm: Any, eos: list[int]) -> int:
     return int(pad[0] if isinstance(pad, (list, tuple)) else pad)
 
 
-def _forward(vlm: Any, embeds, attention_mask, position_ids, cache=None, use_cache=True, extras=None):
+def _forward(vlm: Any, embeds, attention_mask, position_ids, cache=None, use_cache=True, extras=None, last_only=False):
     """One call of the model on embeddings; returns (float32 logits, cache). A mask of all ones is
-    passed as None, as ``generate`` does, so the attention path (and its numerics) is the same."""
+    passed as None, as ``generate`` does, so the attention path (and its numerics) is the same.
+    ``last_only`` computes the head for the last column only (``logits_to_keep=1``), as
+    ``generate`` does: a full (B, L, vocab) tensor is large for real models."""
+    if last_only:
+        extras = {**(extras or {}), "logits_to_keep": 1}
     mask = None if bool((attention_mask == 1).all()) else attention_mask
     out = vlm.model(
         inputs_embeds=embeds,
@@ -81,7 +85,7 @@ def generate_ids(
     eos_t = torch.tensor(eos, device=red.inputs_embeds.device, dtype=torch.long)
 
     attn = red.attention_mask
-    logit, cache = _forward(vlm, red.inputs_embeds, attn, red.position_ids, extras=red.per_token)
+    logit, cache = _forward(vlm, red.inputs_embeds, attn, red.position_ids, extras=red.per_token, last_only=True)
     next_pos = red.next_position
     bsz = attn.shape[0]
     done = torch.zeros(bsz, dtype=torch.bool, device=attn.device)

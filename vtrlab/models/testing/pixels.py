@@ -22,7 +22,7 @@ def gradient_image(w: int, h: int) -> Image.Image:
 def _denormalize(crops: torch.Tensor, image_processor) -> torch.Tensor:
     mean = torch.tensor(image_processor.image_mean, dtype=torch.float64).view(1, -1, 1, 1)
     std = torch.tensor(image_processor.image_std, dtype=torch.float64).view(1, -1, 1, 1)
-    x = crops.double()
+    x = crops.detach().cpu().double()
     if getattr(image_processor, "do_normalize", True):
         x = x * std + mean
     if getattr(image_processor, "do_rescale", True):

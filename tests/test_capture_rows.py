@@ -1,0 +1,112 @@
+"""The row computation inside vtrlab's attention function, on fresh random inputs, against float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vtrlab.capture import attention as A
+
+
+class _Module:
+    is_causal = True
+
+
+def _ref_probs(q, k, mask, scale, causal, softcap=None):
+    """Full float64 softmax(QKᵀ·s + mask) with K repeated per query head (N×N on purpose)."""
+    q, k = q.double(), k.double()
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    s = q @ k.transpose(-1, -2) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask.double()
+    elif causal:
+        N = s.shape[-1]
+        s = s.masked_fill(~torch.ones(N, N, dtype=torch.bool).tril(), -math.inf)
+    return torch.softmax(s, -1)
+
+
+def _inputs(seed, B=2, H=4, Hkv=2, N=23, D=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, H, N, D, generator=g), torch.randn(B, Hkv, N, D, generator=g)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("mask_kind", ["none-causal", "none-bidirectional", "bool", "additive", "broadcast"])
+def test_rows_equal_float64_reference(seed, mask_kind):
+    q, k = _inputs(seed)
+    B, H, N, D = q.shape
+    scale = 0.37
+    causal = mask_kind == "none-causal"
+    mask = None
+    if mask_kind in ("bool", "additive", "broadcast"):
+        allowed = torch.ones(N, N, dtype=torch.bool).tril()[None, None].repeat(B, 1, 1, 1)
+        allowed[1, :, :, :3] = False  # left padding of sample 1
+        allowed[1, :, :3, 0] = True  # keep pad rows finite (as HF does)
+        mask = allowed
+        if mask_kind == "additive":
+            mask = torch.zeros(B, 1, N, N).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        if mask_kind == "broadcast":
+            mask = allowed[:1]
+    rows = torch.tensor([[N - 1, 5, 9], [N - 1, 12, -1]])
+    got = A.row_probabilities(_Module(), q, k, mask, scale, causal, rows)
+    ref = _ref_probs(q, k, mask if mask is None or mask.shape[0] == B else mask.expand(B, -1, -1, -1), scale, causal)
+    for b in range(B):
+        for i, r in enumerate(rows[b].tolist()):
+            if r < 0:
+                assert torch.isnan(got[b, :, i]).all()
+            else:
+                torch.testing.assert_close(got[b, :, i].double(), ref[b, :, r], atol=1e-6, rtol=1e-5)
+
+
+def test_softcap_and_mean_over_queries_in_chunks(monkeypatch):
+    q, k = _inputs(3, N=37)
+    monkeypatch.setattr(A, "_MEAN_CHUNK", 8)  # several chunks, the last one partial
+    got = A._mean_over_queries(_Module(), q, k, None, 0.5, False, softcap=2.0)
+    ref = _ref_probs(q, k, None, 0.5, False, softcap=2.0).mean(2)
+    torch.testing.assert_close(got.double(), ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+def test_knockout_mask_blocks_exactly_the_edges(mask_kind):
+    q, k = _inputs(4, N=10)
+    B, _, N, _ = q.shape
+    allowed = torch.ones(N, N, dtype=torch.bool).tril()[None, None].repeat(B, 1, 1, 1)
+    base = {"none": None, "bool": allowed,
+            "additive": torch.zeros(B, 1, N, N).masked_fill(~allowed, torch.finfo(torch.float32).min)}[mask_kind]
+    ko = A.Knockout(queries=torch.zeros(B, N, dtype=torch.bool), keys=torch.zeros(B, N, dtype=torch.bool))
+    ko.queries[:, [6, 9]] = True
+    ko.keys[:, 2:5] = True
+    new = A.knockout_mask(ko, base, q, k, causal=True)
+    kept = new if new.dtype == torch.bool else new > torch.finfo(new.dtype).min / 2
+    want = allowed.clone()
+    want[:, :, 6, 2:5] = want[:, :, 9, 2:5] = False
+    assert torch.equal(kept.expand_as(want), want)
+    ko.keys[:, :] = True
+    with pytest.raises(ValueError, match="no key to attend to"):
+        A.knockout_mask(ko, base, q, k, causal=True)
+
+
+def test_only_requested_rows_are_materialised(monkeypatch):
+    """rows='last' computes (B, H, 1, N) per layer: never a full N×N probability matrix."""
+    from vtrlab.capture import capture
+    from vtrlab.capture._fallback import tiny_llava, tiny_llava_batch
+
+    shapes = []
+    real = A.row_probabilities
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(A, "row_probabilities", spy)
+    vlm = tiny_llava()
+    batch = tiny_llava_batch(vlm, n=2)
+    capture(vlm, batch, rows="last", vision=False)
+    assert len(shapes) == len(vlm.lm_layers)
+    assert all(s[2] == 1 for s in shapes)

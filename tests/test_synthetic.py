@@ -1,0 +1,162 @@
+"""The synthetic organism tasks: determinism, answers and relevance masks checked from the pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vtrlab.data.glyphs import LETTERS, glyph
+from vtrlab.data.synthetic import (BACKGROUND, COLORS, COUNTS, FAMILIES, PLURALS, SHAPES, WORD_LENGTH, blank_like,
+                                   generate, make_sample, relevance_from_mask)
+
+N = 30  # samples per family checked
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return {f: generate(N, seed=7, family=f) for f in FAMILIES}
+
+
+def _same(a, b) -> bool:
+    return (np.array_equal(np.asarray(a.image), np.asarray(b.image)) and a.question == b.question
+            and a.answer == b.answer and np.array_equal(a.relevance, b.relevance)
+            and np.array_equal(a.pixel_mask, b.pixel_mask))
+
+
+def test_generate_is_deterministic_and_prefix_stable():
+    a, b = generate(12, seed=3), generate(12, seed=3)
+    assert all(_same(x, y) for x, y in zip(a, b))
+    longer = generate(20, seed=3)
+    assert all(_same(x, y) for x, y in zip(a, longer[:12]))
+    other = generate(12, seed=4)
+    assert not all(_same(x, y) for x, y in zip(a, other))
+    assert [s.family for s in a] == [FAMILIES[i % len(FAMILIES)] for i in range(12)]
+
+
+def test_unknown_family_error_lists_accepted():
+    with pytest.raises(ValueError, match=r"unknown family 'colour'.*color, shape, count, relation, reading"):
+        generate(2, 0, family="colour")
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        generate(-1, 0)
+
+
+def test_shapes_and_grid(samples):
+    for fam, ss in samples.items():
+        for s in ss:
+            assert s.image.size == (128, 128) and s.image.mode == "RGB"
+            assert s.relevance.shape == (16, 16) and s.relevance.dtype == bool
+            assert s.pixel_mask.shape == (128, 128) and s.pixel_mask.any()
+    s = make_sample(0, 0, "color", grid=8, image_size=64)
+    assert s.relevance.shape == (8, 8) and s.image.size == (64, 64)
+
+
+def test_relevance_is_patch_pooling_of_pixel_mask(samples):
+    # oracle: explicit loop over patches
+    for s in samples["count"][:10] + samples["reading"][:10]:
+        g, p = 16, 8
+        ref = np.zeros((g, g), bool)
+        for r in range(g):
+            for c in range(g):
+                ref[r, c] = s.pixel_mask[r * p:(r + 1) * p, c * p:(c + 1) * p].any()
+        assert np.array_equal(ref, s.relevance)
+        assert np.array_equal(relevance_from_mask(s.pixel_mask, 16), ref)
+
+
+def _color_mask(img: np.ndarray, color: str) -> np.ndarray:
+    return (img == np.array(COLORS[color])).all(-1)
+
+
+def test_shape_family_mask_is_exactly_the_pixels_of_the_unique_color(samples):
+    # the target color is unique in a `shape` scene, so its pixels *are* the relevant object
+    for s in samples["shape"]:
+        color = s.question.split()[-3]
+        img = np.asarray(s.image)
+        assert np.array_equal(s.pixel_mask, _color_mask(img, color))
+        target = [o for o in s.objects if o.relevant]
+        assert len(target) == 1 and target[0].shape == s.answer
+
+
+def test_masks_cover_exactly_the_drawn_relevant_objects(samples):
+    """For every relevant object: inside its box (objects never overlap), the mask equals the
+    pixels painted in its color; outside all relevant boxes the mask is empty; and the pixels
+    that differ from the background are exactly the drawn objects."""
+    for fam in ("color", "count", "relation"):
+        for s in samples[fam]:
+            img = np.asarray(s.image)
+            drawn = (img != np.array(BACKGROUND)).any(-1)
+            assert np.array_equal(drawn, s.object_map > 0)
+            covered = np.zeros_like(s.pixel_mask)
+            for o in s.objects:
+                if not o.relevant:
+                    continue
+                x0, y0, x1, y1 = o.bbox
+                box = np.zeros_like(covered)
+                box[y0:y1, x0:x1] = True
+                painted = _color_mask(img, o.color) & box
+                assert painted.sum() > 20
+                assert np.array_equal(s.pixel_mask & box, painted)
+                covered |= box
+            assert not (s.pixel_mask & ~covered).any()
+
+
+def test_reading_mask_is_the_ink(samples):
+    for s in samples["reading"]:
+        img = np.asarray(s.image).astype(int)
+        ink = (img < 100).all(-1)  # glyph ink is darker than any clutter or background
+        assert np.array_equal(ink, s.pixel_mask)
+        assert len(s.answer) == WORD_LENGTH and s.answer.upper() == "".join(o.letter for o in s.objects)
+        # each glyph is drawn exactly: its box holds the font bitmap
+        for o in s.objects:
+            x0, y0, x1, y1 = o.bbox
+            g = glyph(o.letter)
+            ys, xs = np.nonzero(g)
+            bits = ink[y0:y1, x0:x1]
+            assert np.array_equal(bits, g[ys.min():ys.max() + 1, xs.min():xs.max() + 1])
+        assert 4 <= s.relevance.sum() <= 40
+
+
+def test_answers_follow_from_the_scene(samples):
+    for s in samples["color"]:
+        shape = s.question.split()[-2]
+        targets = [o for o in s.objects if o.shape == shape]
+        assert len(targets) == 1 and targets[0].color == s.answer and targets[0].relevant
+    for s in samples["count"]:
+        plural = s.question.split()[2]
+        shape = next(k for k, v in PLURALS.items() if v == plural)
+        n = sum(o.shape == shape for o in s.objects)
+        assert s.answer == str(n) and s.answer in COUNTS
+        assert all(o.relevant == (o.shape == shape) for o in s.objects)
+    for s in samples["relation"]:
+        words = s.question.rstrip(" ?").split()
+        a, b = words[2], words[-1]
+        oa = next(o for o in s.objects if o.shape == a)
+        ob = next(o for o in s.objects if o.shape == b)
+        if "left" in words:
+            truth = oa.center[0] < ob.center[0]
+        elif "right" in words:
+            truth = oa.center[0] > ob.center[0]
+        elif "above" in words:
+            truth = oa.center[1] < ob.center[1]
+        else:
+            truth = oa.center[1] > ob.center[1]
+        assert s.answer == ("yes" if truth else "no")
+        assert {o.shape for o in s.objects if o.relevant} == {a, b}
+
+
+def test_answer_balance():
+    ss = generate(400, seed=11, family="relation")
+    yes = sum(s.answer == "yes" for s in ss) / len(ss)
+    assert 0.4 < yes < 0.6
+    ss = generate(200, seed=11, family="shape")
+    assert {s.answer for s in ss} == set(SHAPES)
+
+
+def test_blank_like_is_plain_background(samples):
+    b = np.asarray(blank_like(samples["color"][0]))
+    assert b.shape == (128, 128, 3) and (b == np.array(BACKGROUND)).all()
+
+
+def test_glyph_errors():
+    assert len(LETTERS) == 26 and glyph("a").shape == (14, 10)
+    with pytest.raises(ValueError, match="no glyph for '1'"):
+        glyph("1")
