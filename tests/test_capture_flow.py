@@ -127,3 +127,12 @@ def test_attention_saliency_equals_float64_autograd(tiny64):
             np.testing.assert_allclose(got, ref[b][:, q].numpy(), atol=1e-6, rtol=1e-5)
             np.testing.assert_allclose(ds.saliency.values[b, li, : len(q)], ref[b][:, q].sum(0).abs().numpy(), atol=1e-6, rtol=1e-5)
     assert all(p.grad is None for p in vlm.model.parameters())
+
+
+def test_saliency_restores_when_it_raises(tiny64):
+    vlm, batch = tiny64
+    impls = [(c, c._attn_implementation) for c in _configs(vlm.model)]
+    with pytest.raises(ValueError, match="target has 3 token ids for a batch of 2"):
+        saliency(vlm, batch, rows="last", target=[1, 2, 3])  # raised after the forward, inside the switch
+    assert all(c._attn_implementation == impl for c, impl in impls)
+    assert all(p.grad is None for p in vlm.model.parameters())

@@ -160,3 +160,27 @@ def test_glyph_errors():
     assert len(LETTERS) == 26 and glyph("a").shape == (14, 10)
     with pytest.raises(ValueError, match="no glyph for '1'"):
         glyph("1")
+
+
+def test_manifest_roundtrip_and_errors(tmp_path):
+    from vtrlab.data.manifest import read_image_folder, read_manifest, write_manifest
+
+    ss = generate(5, seed=2)
+    path = write_manifest(ss, tmp_path / "export")
+    recs = read_manifest(path)
+    assert [r.question for r in recs] == [s.question for s in ss]
+    assert [r.answer for r in recs] == [s.answer for s in ss]
+    assert np.array_equal(np.asarray(recs[3].image), np.asarray(ss[3].image))
+    masks = np.load(tmp_path / "export" / "masks.npz")
+    assert np.array_equal(masks["relevance"][4], ss[4].relevance)
+    assert recs[0].meta["family"] == ss[0].family
+    assert len(read_image_folder(tmp_path / "export" / "images", question="what ?")) == 5
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: each line needs an object with an 'image' key"):
+        read_manifest(bad)
+    bad.write_text('{"image": "nope.png"}\n')
+    with pytest.raises(FileNotFoundError, match="nope.png does not exist"):
+        read_manifest(bad)
+    with pytest.raises(ValueError, match="no images in"):
+        read_image_folder(tmp_path)

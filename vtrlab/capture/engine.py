@@ -210,7 +210,9 @@ def capture(
             # packed encoders (one call per image / window) give (1, H, S_seg) pieces: join along keys
             vis[site.layer] = torch.cat(site.probs, dim=-1).float().cpu()
 
-    attn = torch.stack([lm[i] for i in lm_layers], dim=1)[:, :, head_sel]  # (B, L, H, R, N)
+    # to CPU layer by layer (after the forward), so the device never holds a second, stacked copy
+    attn = torch.stack([lm[i].to("cpu", sdtype if not head_mean else torch.float32) for i in lm_layers], dim=1)
+    attn = attn[:, :, head_sel]  # (B, L, H, R, N)
     if head_mean:
         attn = attn.float().mean(2)
     attn = attn.to("cpu", sdtype).numpy()

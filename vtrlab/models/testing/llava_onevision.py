@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+import transformers
+from transformers.utils import is_torchvision_available
 from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
@@ -26,11 +28,13 @@ def build_tiny_onevision(seed: int = 0, side: int = 32, patch: int = 8, max_grid
     )
     pinpoints = [[side * i, side * j] for i in range(1, max_grid + 1) for j in range(1, max_grid + 1)]
     ip = image_processor("LlavaOnevisionImageProcessor", size={"height": side, "width": side}, image_grid_pinpoints=pinpoints)
+    # with torchvision the processor insists on its video processor; without it, none can be built
+    video = transformers.LlavaOnevisionVideoProcessor() if is_torchvision_available() else None
     processor = build_processor(
         LlavaOnevisionProcessor,
         image_processor=ip,
         tokenizer=tok,
-        video_processor=None,
+        video_processor=video,
         num_image_tokens=(side // patch) ** 2,
         vision_feature_select_strategy="full",
         vision_aspect_ratio=aspect,
