@@ -50,6 +50,11 @@ class Site:
     saliency_rows: torch.Tensor | None = None  # (B, R) long, -1 = padding
     store_dtype: torch.dtype = torch.float32
     store_device: torch.device | str = "cpu"
+    # lm: where this layer's rows go, a slice of one preallocated CPU buffer (pinned on CUDA, so
+    # the copy is asynchronous and overlaps the next layers); head_sel / head_mean applied first.
+    out: torch.Tensor | None = None
+    head_sel: torch.Tensor | None = None
+    head_mean: bool = False
     # filled during the forward
     probs: list[torch.Tensor] = field(default_factory=list)  # lm: (B, H, R, N); vision: (B, H, N) per call
     segments: list[tuple[int, int]] = field(default_factory=list)  # vision: (offset, length) per call
@@ -234,7 +239,15 @@ def vtrlab_sdpa_attention_forward(
     with torch.no_grad():
         if site.stream == "lm" and site.rows is not None:
             p = row_probabilities(module, query.detach(), key.detach(), mask, scaling, causal, site.rows)
-            site.probs.append(p.to(site.store_device, site.store_dtype))
+            if site.head_sel is not None:
+                p = p.index_select(1, site.head_sel.to(p.device))
+            if site.head_mean:
+                p = p.mean(1)
+            if site.out is not None:
+                site.out.copy_(p.to(site.store_dtype), non_blocking=True)
+                site.probs.append(site.out)
+            else:
+                site.probs.append(p.to(site.store_device, site.store_dtype))
         elif site.stream == "vision" and site.vision_mode is not None:
             q, k = query.detach(), key.detach()
             if site.vision_mode == "cls":

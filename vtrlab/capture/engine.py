@@ -15,10 +15,6 @@ from .attention import Site, session
 from .spec import head_indices, layer_indices, padded_rows, rows_per_sample, store_dtype
 from .switch import attention_switched
 
-# Keep captured rows on the model's device until the forward ends when they fit in this many
-# bytes (one copy to CPU at the end instead of a sync per layer); larger captures go per layer.
-_DEVICE_BUFFER_BYTES = 256 * 2**20
-
 KEY_KIND_TEXT = "text"
 KEY_KIND_PAD = "pad"
 
@@ -182,9 +178,15 @@ def capture(
     lm_cfg = vlm.adapter.lm_attention(vlm.lm_layers[0])
     n_heads = _num_heads(lm_cfg)
     head_sel = head_indices(heads, n_heads)
-    est = len(layouts) * n_heads * rows_np.shape[1] * seq_len * 4 * len(lm_layers)
-    buffer_device = device if est <= _DEVICE_BUFFER_BYTES else torch.device("cpu")
-    sites = _lm_sites(vlm, lm_layers, rows_t, sdtype if buffer_device.type == "cpu" else torch.float32, buffer_device)
+    # One CPU buffer for every layer's rows, written in place during the forward: on CUDA it is
+    # pinned and each layer's copy is asynchronous, so capture adds no sync per layer and no
+    # stacking afterwards (this is what keeps capture near the cost of a plain forward).
+    shape = (len(layouts), len(lm_layers)) + (() if head_mean else (len(head_sel),)) + (rows_np.shape[1], seq_len)
+    buffer = torch.empty(shape, dtype=sdtype, pin_memory=device.type == "cuda")
+    sites = _lm_sites(vlm, lm_layers, rows_t, sdtype, "cpu")
+    sel = None if len(head_sel) == n_heads and list(head_sel) == list(range(n_heads)) else torch.as_tensor(head_sel, device=device)
+    for site in sites.values():
+        site.out, site.head_sel, site.head_mean = buffer[:, lm_layers.index(site.layer)], sel, head_mean
 
     v_layers: list[int] = []
     if vision:
@@ -196,6 +198,8 @@ def capture(
     hooks = _hidden_norm_hooks(vlm, lm_layers, norms) if hidden else contextlib.nullcontext()
     with attention_switched(vlm.model), session(sites), hooks, torch.no_grad():
         vlm.model(**inputs, use_cache=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the asynchronous row copies into `buffer` have landed
 
     lm = {}
     vis = {}
@@ -203,19 +207,14 @@ def capture(
         if site.stream == "lm":
             if len(site.probs) != 1:
                 raise RuntimeError(f"LM layer {site.layer}'s attention ran {len(site.probs)} times in one forward")
-            lm[site.layer] = site.probs[0]
+            lm[site.layer] = site.probs[0]  # a view of `buffer`
         else:
             if not site.probs:
                 raise RuntimeError(f"vision layer {site.layer}'s attention never ran through {type(vlm.model).__name__}")
             # packed encoders (one call per image / window) give (1, H, S_seg) pieces: join along keys
             vis[site.layer] = torch.cat(site.probs, dim=-1).float().cpu()
 
-    # to CPU layer by layer (after the forward), so the device never holds a second, stacked copy
-    attn = torch.stack([lm[i].to("cpu", sdtype if not head_mean else torch.float32) for i in lm_layers], dim=1)
-    attn = attn[:, :, head_sel]  # (B, L, H, R, N)
-    if head_mean:
-        attn = attn.float().mean(2)
-    attn = attn.to("cpu", sdtype).numpy()
+    attn = buffer.numpy()  # (B, L, H, R, N), or (B, L, R, N) with head_mean
     qpos = np.where(rows_np >= 0, rows_np, np.nan)
     same_rows = bool((rows_np == rows_np[:1]).all()) and not (rows_np < 0).any()
     query_coord = rows_np[0] if same_rows else np.arange(rows_np.shape[1])
