@@ -25,6 +25,8 @@ _LAZY = {
     "ImageLayout": ("vtrlab.models", "ImageLayout"),
     "capture": ("vtrlab.capture", "capture"),
     "answer": ("vtrlab.reduce", "answer"),
+    "knockout": ("vtrlab.flow", "knockout"),
+    "saliency": ("vtrlab.flow", "saliency"),
     "recon": ("vtrlab.recon", None),
     "plots": ("vtrlab.plots", None),
     "metrics": ("vtrlab.metrics", None),

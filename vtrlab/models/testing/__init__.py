@@ -20,12 +20,16 @@ def full_size_names() -> list[str]:
     return sorted(FULL_SIZE)
 
 
-def tiny(family: str, seed: int = 0) -> VLM:
-    """A tiny random-weight model of ``family`` with its processor, built offline (float32, eval, CPU)."""
+def tiny(family: str, seed: int = 0, attn_implementation: str = "sdpa") -> VLM:
+    """A tiny random-weight model of ``family`` with its processor, built offline (float32, eval, CPU).
+
+    Runs under ``attn_implementation`` (sdpa by default, as ``vtrlab.load`` does).
+    """
     discover()
     if family not in TINY:
         raise ValueError(f"no tiny builder for family {family!r}; have: {', '.join(sorted(TINY))}")
     model, processor = TINY[family](seed)
+    model.set_attn_implementation(attn_implementation)
     model.eval()
     return VLM(model=model, processor=processor, adapter=adapter_for(model.config.model_type), name=f"tiny-{family}")
 
