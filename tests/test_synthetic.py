@@ -6,8 +6,19 @@ import numpy as np
 import pytest
 
 from vtrlab.data.glyphs import LETTERS, glyph
-from vtrlab.data.synthetic import (BACKGROUND, COLORS, COUNTS, FAMILIES, PLURALS, SHAPES, WORD_LENGTH, blank_like,
-                                   generate, make_sample, relevance_from_mask)
+from vtrlab.data.synthetic import (
+    BACKGROUND,
+    COLORS,
+    COUNTS,
+    FAMILIES,
+    PLURALS,
+    SHAPES,
+    WORD_LENGTH,
+    blank_like,
+    generate,
+    make_sample,
+    relevance_from_mask,
+)
 
 N = 30  # samples per family checked
 
@@ -41,7 +52,7 @@ def test_unknown_family_error_lists_accepted():
 
 
 def test_shapes_and_grid(samples):
-    for fam, ss in samples.items():
+    for ss in samples.values():
         for s in ss:
             assert s.image.size == (128, 128) and s.image.mode == "RGB"
             assert s.relevance.shape == (16, 16) and s.relevance.dtype == bool

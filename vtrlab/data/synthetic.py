@@ -18,8 +18,8 @@ deterministic and a longer list extends a shorter one with the same seed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw

@@ -17,7 +17,7 @@ _LAZY = {
     "train_organism": "vtrlab.organism.train",
     "evaluate_bundle": "vtrlab.organism.evaluate",
 }
-__all__ = sorted(_LAZY)
+__all__ = ["build_random", "evaluate_bundle", "save_organism", "save_random", "train_organism"]
 
 
 def __getattr__(name: str):

@@ -31,6 +31,7 @@ def train(
     max_minutes: float = typer.Option(9.0, help="wall-time budget; later stages are fitted into it"),
     eval_n: int = typer.Option(500, help="held-out samples per family evaluated at the end (0: none)"),
     workers: int = typer.Option(0, help="processes rendering the data (0: all cores but one)"),
+    family_weights: str = typer.Option("", help="sampling weights, e.g. count=1.5,relation=2,reading=1.5"),
 ) -> None:
     """Train the organism from scratch (or continue one), evaluate it, save the bundle."""
     from vtrlab.organism.train import train_organism
@@ -41,6 +42,14 @@ def train(
                 n_train_per_family=n_train_per_family, max_minutes=max_minutes, eval_n=eval_n)
     if workers > 0:
         opts["workers"] = workers
+    if family_weights:
+        from vtrlab.organism.train import parse_family_weights
+
+        try:
+            opts["family_weights"] = parse_family_weights(family_weights)
+        except ValueError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
     record = train_organism(out, **opts)
     typer.echo(f"saved to {out}; validation {record['val']}")
 

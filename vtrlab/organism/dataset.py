@@ -95,8 +95,8 @@ class EncodedSet:
     questions: list[str]
     answers: list[str]
 
-    def to(self, device) -> "EncodedSet":
-        mv = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    def to(self, device) -> EncodedSet:
+        mv = lambda t: t.to(device, non_blocking=True)
         return EncodedSet(mv(self.pixels), mv(self.input_ids), mv(self.attention_mask), mv(self.labels),
                           mv(self.family), {k: mv(v) for k, v in self.targets.items()},
                           self.questions, self.answers)

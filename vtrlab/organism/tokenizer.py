@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import string
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+)
 from transformers import PreTrainedTokenizerFast
 
 from vtrlab.data.synthetic import vocabulary

@@ -20,7 +20,6 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vtrlab.data.synthetic import BACKGROUND, FAMILIES
-from vtrlab.organism.dataset import N_CENTRE, N_COLOR, N_LETTER, N_SHAPE, EncodedSet, build_set
+from vtrlab.organism.dataset import (
+    N_CENTRE,
+    N_COLOR,
+    N_LETTER,
+    N_SHAPE,
+    EncodedSet,
+    build_set,
+)
 
 
 @dataclass
@@ -195,7 +201,7 @@ def train_organism(out: str | os.PathLike, cfg: TrainConfig | None = None, **ove
 
     Returns the training record (config, per-stage logs, final evaluation)."""
     from vtrlab.organism.build import build_random, save_organism
-    from vtrlab.organism.evaluate import evaluate, eval_to_json
+    from vtrlab.organism.evaluate import eval_to_json, evaluate
 
     cfg = cfg or TrainConfig()
     for k, v in overrides.items():
@@ -323,6 +329,17 @@ def train_organism(out: str | os.PathLike, cfg: TrainConfig | None = None, **ove
     return record
 
 
+def parse_family_weights(text: str) -> dict:
+    """"color=1,shape=1,count=1.5,relation=2,reading=1.5" -> dict (families not named keep 1.0)."""
+    out = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        name, _, value = part.partition("=")
+        if name not in FAMILIES or not value:
+            raise ValueError(f"bad family weight {part!r}; expected FAMILY=WEIGHT with FAMILY in {', '.join(FAMILIES)}")
+        out[name] = float(value)
+    return out
+
+
 def _parse(argv=None) -> tuple[str, dict]:
     p = argparse.ArgumentParser(description="train the vtrlab organism (tiny LLaVA) and save it")
     p.add_argument("--out", required=True)
@@ -331,8 +348,11 @@ def _parse(argv=None) -> tuple[str, dict]:
             p.add_argument(f"--{k.replace('_', '-')}", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
         elif isinstance(v, (int, float, str)):
             p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=None)
+    p.add_argument("--family-weights", default=None, help="e.g. color=1,shape=1,count=1.5,relation=2,reading=1.5")
     a = vars(p.parse_args(argv))
     out = a.pop("out")
+    if a.get("family_weights"):
+        a["family_weights"] = parse_family_weights(a["family_weights"])
     return out, {k: v for k, v in a.items() if v is not None}
 
 
