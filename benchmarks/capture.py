@@ -93,7 +93,11 @@ def _image(size, seed=0):
 def _bridge(vlm):
     """TransformerLens bridge over the same HF model (booted last: it switches the model to eager)."""
     from transformer_lens.model_bridge import TransformerBridge
+    from transformer_lens.model_bridge.sources.transformers import helpers
 
+    # Without a full processor in the directory, the boot would try to pip-install torchvision
+    # into this interpreter (replacing torch); the bridge needs no processor here.
+    helpers._ensure_torchvision = lambda: False
     tmp = Path(tempfile.mkdtemp(prefix="vtrlab-tl-"))
     # the bridge picks its adapter from config.architectures, which save_pretrained would set
     vlm.model.config.architectures = [type(vlm.model).__name__]

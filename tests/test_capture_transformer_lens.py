@@ -55,6 +55,12 @@ def monkeypatch_module():
     mp = pytest.MonkeyPatch()
     mp.setenv("HF_HUB_OFFLINE", "1")
     mp.setenv("TRANSFORMERS_OFFLINE", "1")
+    # When a directory holds no full processor, TransformerLens' boot tries to *pip install
+    # torchvision* into the running interpreter (and so replaces the CPU torch with a CUDA build).
+    # The bridge needs no processor here: refuse the install.
+    from transformer_lens.model_bridge.sources.transformers import helpers
+
+    mp.setattr(helpers, "_ensure_torchvision", lambda: False)
     yield mp
     mp.undo()
 
