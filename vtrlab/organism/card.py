@@ -159,6 +159,18 @@ evaluate on held-out data, save the bundle with eval.json).
 {SNIPPET}
 
 With vtrlab: `vlm = vtrlab.load("organism")`, `batch = vlm.prepare([img], [question])`.
+
+## Token selector (`selector/`)
+
+A "When Less is Enough" selector + reconstructor trained on this model's vision features ships in
+`selector/` (`vtrlab.recon.Selector.load("data/models/organism/selector")`). Its card, results and
+exact training command are in `selector/README.md`; the shipped weights come from
+
+```
+python -m vtrlab.recon.train --model organism --out data/models/organism/selector \\
+    --n-train 1024 --n-val 128 --steps 300 --batch-size 16 --d-model 64 --n-heads 4 --ff-mult 2 \\
+    --layers 3 --p 0.5 --lr 1e-3 --seed 0 --device cpu
+```
 """
 
 
