@@ -153,8 +153,10 @@ def test_proof_catches_a_wrong_layout(vlm):
 def test_prepare_errors(vlm):
     with pytest.raises(ValueError, match="image entries for 1 prompts"):
         vlm.prepare([gradient_image(8, 8), gradient_image(8, 8)], ["only one"])
-    with pytest.raises(TypeError, match="sample 0: got an image of type str"):
+    with pytest.raises(FileNotFoundError, match="sample 0, image 0: no image file at 'cat.png'"):
         vlm.prepare(["cat.png"], ["q"])
+    with pytest.raises(TypeError, match="sample 0, image 0: got int"):
+        vlm.prepare([3], ["q"])
 
 
 # --- loader -----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .base import Batch, FamilyAdapter
+from .images import as_image
 
 
 @dataclass
@@ -45,12 +46,16 @@ class VLM:
     def prepare(self, images: Sequence[Any], prompts: Sequence[str]) -> Batch:
         """Build model inputs with the model's own processor and chat template.
 
-        ``images[i]`` is one PIL image or a list of them (several images in one prompt);
+        ``images[i]`` is one image or a list of them (several images in one prompt); an image is a
+        PIL image, an H×W×3 array or a path to an image file (a bad one is named in the error);
         ``prompts[i]`` is the user's text for sample i.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
-        per_sample = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+        per_sample = [
+            [as_image(x, f"sample {i}, image {j}") for j, x in enumerate(im if isinstance(im, (list, tuple)) else [im])]
+            for i, im in enumerate(images)
+        ]
         if len(per_sample) != len(prompts):
             raise ValueError(f"got {len(per_sample)} image entries for {len(prompts)} prompts; need one per prompt")
         inputs = self.adapter.build_inputs(self.processor, per_sample, list(prompts))
