@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vtrlab.models.testing.probes import projector_io
+
 from vtrlab.models.base import KIND_SEPARATOR
 from vtrlab.models.families._common import TEXTS_ATTR, chat_texts
 from vtrlab.models.testing import tiny
@@ -38,18 +40,8 @@ def test_modules(vlm):
 def test_vision_feature_layer_feeds_the_projector(vlm):
     m, a = vlm.model, vlm.adapter
     batch = vlm.prepare([gradient_image(40, 40)], ["hi"])
-    seen = {}
-    k = a.vision_feature_layer(m)
-    h1 = vlm.vision_layers[k].register_forward_hook(lambda mod, args, out: seen.__setitem__("layer", out))
-    h2 = a.projector(m).register_forward_pre_hook(lambda mod, args: seen.__setitem__("proj", args[0]))
-    try:
-        with torch.no_grad():
-            m(**batch.inputs)
-    finally:
-        h1.remove()
-        h2.remove()
-    out = seen["layer"][0] if isinstance(seen["layer"], tuple) else seen["layer"]
-    torch.testing.assert_close(seen["proj"], a.vision_encoder(m).post_layernorm(out), rtol=0, atol=0)
+    layer_out, proj = projector_io(vlm, batch)
+    torch.testing.assert_close(proj, a.vision_encoder(m).post_layernorm(layer_out), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from vtrlab.models.testing.probes import projector_io
+
 from vtrlab.models.base import KIND_IMAGE, KIND_SEPARATOR
 from vtrlab.models.testing import tiny
 from vtrlab.models.testing._pixel_route import check_lm_positions, check_vision_table, codes_at_positions
@@ -49,18 +51,8 @@ def test_vision_feature_layer_feeds_the_connector(vlm):
     """Oracle: the connector input is the last encoder layer's output after post_layernorm."""
     m, a = vlm.model, vlm.adapter
     batch = vlm.prepare([gradient_image(40, 40)], ["hi"])
-    seen = {}
-    k = a.vision_feature_layer(m)
-    h1 = vlm.vision_layers[k].register_forward_hook(lambda mod, args, out: seen.__setitem__("layer", out))
-    h2 = a.projector(m).register_forward_pre_hook(lambda mod, args: seen.__setitem__("conn", args[0]))
-    try:
-        with torch.no_grad():
-            m(**batch.inputs)
-    finally:
-        h1.remove()
-        h2.remove()
-    out = seen["layer"][0] if isinstance(seen["layer"], tuple) else seen["layer"]
-    torch.testing.assert_close(seen["conn"], m.model.vision_model.post_layernorm(out), rtol=0, atol=0)
+    layer_out, conn = projector_io(vlm, batch)
+    torch.testing.assert_close(conn, m.model.vision_model.post_layernorm(layer_out), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from vtrlab.models.testing.probes import projector_io
+
 import vtrlab as vl
 from vtrlab.models import loader
 from vtrlab.models.base import KIND_IMAGE, KIND_SEPARATOR
@@ -56,17 +58,8 @@ def test_vision_feature_layer_is_the_layer_feeding_the_projector(vlm):
     m, a = vlm.model, vlm.adapter
     batch = vlm.prepare([gradient_image(40, 40)], ["hi"])
     k = a.vision_feature_layer(m)
-    seen = {}
-    h1 = vlm.vision_layers[k].register_forward_hook(lambda mod, args, out: seen.__setitem__("layer", out))
-    h2 = a.projector(m).register_forward_pre_hook(lambda mod, args: seen.__setitem__("proj", args[0]))
-    try:
-        with torch.no_grad():
-            m(**batch.inputs)
-    finally:
-        h1.remove()
-        h2.remove()
-    layer_out = seen["layer"][0] if isinstance(seen["layer"], tuple) else seen["layer"]
-    torch.testing.assert_close(seen["proj"], layer_out[:, a.n_cls(m):])
+    layer_out, proj = projector_io(vlm, batch)
+    torch.testing.assert_close(proj, layer_out[:, a.n_cls(m):])
     assert k == len(vlm.vision_layers) + m.config.vision_feature_layer
 
 

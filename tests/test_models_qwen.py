@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from vtrlab.models.testing.probes import projector_io
+
 from vtrlab.models.base import KIND_IMAGE, KIND_SEPARATOR
 from vtrlab.models.testing import full_size, tiny
 from vtrlab.models.testing._pixel_route import check_lm_positions, check_vision_table, codes_at_positions
@@ -40,17 +42,8 @@ def test_modules(vlm):
 def test_vision_feature_layer_feeds_the_merger(vlm):
     m, a = vlm.model, vlm.adapter
     batch = vlm.prepare([gradient_image(60, 60)], ["hi"])
-    seen = {}
-    k = a.vision_feature_layer(m)
-    h1 = vlm.vision_layers[k].register_forward_hook(lambda mod, args, out: seen.__setitem__("layer", out))
-    h2 = a.projector(m).register_forward_pre_hook(lambda mod, args: seen.__setitem__("merger", args[0]))
-    try:
-        with torch.no_grad():
-            m(**batch.inputs)
-    finally:
-        h1.remove()
-        h2.remove()
-    torch.testing.assert_close(seen["merger"], seen["layer"], rtol=0, atol=0)
+    layer_out, merger = projector_io(vlm, batch)
+    torch.testing.assert_close(merger, layer_out, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", list(CASES))
