@@ -251,3 +251,225 @@ def keep_ratio_sweep(
                              "answer": s.answer, "correct": exact_match(p, s.answer),
                              "kept": int(n[i] if keep is None else keep[i].sum())})
     return pd.DataFrame(rows)
+
+
+# --- notebook 03: selector loading, accuracy tables, relevance agreement, diagnostics, claim -------------
+
+READING_FAMILIES = ("reading",)  # OCR-like family; every other family is a scene question
+
+
+def family_group(family: str) -> str:
+    """``"reading"`` for the OCR-like families (``READING_FAMILIES``), ``"scene"`` for every other one."""
+    return "reading" if family in READING_FAMILIES else "scene"
+
+
+def load_or_train_selector(
+    vlm: Any,
+    *,
+    train: bool = False,
+    selector_path: str = "",
+    n_train: int = 4000,
+    steps: int = 3000,
+    p: float = 0.5,
+    d_model: int = 128,
+    layers: int = 3,
+    seed: int = 0,
+    device: str = "cpu",
+):
+    """(selector, training history): trained here (``n_train`` images at data seed 3, with the sizes
+    given) when ``train``, else loaded from ``selector_path`` (empty: the one shipped beside the
+    organism; relative paths start at the project root). The selector is on ``vlm.device``, in eval mode."""
+    from pathlib import Path
+
+    from ..models.loader import organism_path
+    from ..recon import Selector
+    from ..recon.train import train_for
+    from ..runner.paths import project_root
+
+    if train:
+        sel, history = train_for(vlm, n_train=n_train, n_val=max(n_train // 16, 4), steps=steps, p=p, d_model=d_model,
+                                 n_heads=4 if d_model % 4 == 0 and d_model >= 16 else 1, selector_layers=layers,
+                                 reconstructor_layers=layers, seed=seed, device=device,
+                                 batch_size=min(32, n_train))
+    else:
+        path = Path(selector_path) if selector_path else organism_path() / "selector"
+        path = path if path.is_absolute() else project_root() / path
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no selector at {str(path)!r}; set train=True or point selector_path at one")
+        sel = Selector.load(path, device=vlm.device)
+        history = Selector.history(path)
+    return sel.to(vlm.device).eval(), history
+
+
+def accuracy_tables(sweep, group_of=family_group):
+    """Accuracy tables of a ``keep_ratio_sweep``: (by group, by family).
+
+    By group: group, method, ratio, accuracy (mean of ``correct``), n (answers), with the group of
+    each row's family given by ``group_of``. By family: family, method, ratio, accuracy."""
+    groups = sweep["family"].map(group_of)
+    acc = (sweep.assign(group=groups).groupby(["group", "method", "ratio"], as_index=False)["correct"]
+           .agg(["mean", "count"]).rename(columns={"mean": "accuracy", "count": "n"}))
+    acc_family = (sweep.groupby(["family", "method", "ratio"], as_index=False)["correct"].mean()
+                  .rename(columns={"correct": "accuracy"}))
+    return acc, acc_family
+
+
+def accuracy_pivot(acc):
+    """Accuracy by (group, method) x ratio, rounded to 3 decimals."""
+    return acc.pivot_table(index=["group", "method"], columns="ratio", values="accuracy").round(3)
+
+
+def relevance_agreement(vlm: Any, selector: Any, samples: Sequence[Any], budgets: Sequence[float], seed: int = 0,
+                        batch_size: int = 32, group_of=family_group):
+    """Agreement of the selector's kept set with ground-truth relevance, per sample.
+
+    Tidy DataFrame: sample, family, group, relevant_fraction, method, ratio, metric, value, with
+    metric ``auroc`` (selector logits vs relevant tokens; ratio NaN) and, at each budget, ``recall``
+    (share of relevant tokens kept) and ``iou`` (kept vs relevant) for ``selector`` (top-k) and
+    ``random`` (seeded per sample). Samples whose tokens are all or none relevant are skipped."""
+    import pandas as pd
+
+    from ..metrics.agreement import auroc
+
+    rows = []
+    for a in range(0, len(samples), batch_size):
+        chunk = samples[a : a + batch_size]
+        b = vlm.prepare([s.image for s in chunk], [s.question for s in chunk])
+        scores = selector.token_scores(vlm, b)
+        for i, (s, lay, sc) in enumerate(zip(chunk, b.layout, scores)):
+            rel = relevance_per_token(lay, s.relevance).astype(bool)
+            if rel.all() or not rel.any():
+                continue
+            base = {"sample": a + i, "family": s.family, "group": group_of(s.family), "relevant_fraction": rel.mean()}
+            rows.append({**base, "method": "selector", "ratio": np.nan, "metric": "auroc", "value": float(auroc(sc, rel))})
+            rng = np.random.default_rng([seed, a + i])
+            for r in budgets:
+                for method, keep in (("selector", selector.topk_mask(sc, r)), ("random", random_keep(len(sc), r, rng))):
+                    rows.append({**base, "method": method, "ratio": r, "metric": "recall", "value": (keep & rel).sum() / rel.sum()})
+                    rows.append({**base, "method": method, "ratio": r, "metric": "iou", "value": (keep & rel).sum() / (keep | rel).sum()})
+    return pd.DataFrame(rows)
+
+
+def agreement_summary(agree):
+    """Mean value per (group, metric, method) x ratio (NaN ratio: AUROC), rounded to 3 decimals."""
+    return agree.groupby(["group", "metric", "method", "ratio"], dropna=False)["value"].mean().unstack("ratio").round(3)
+
+
+DIAGNOSTIC_PLANS = ("selector", "random", "relevant only", "relevant + random others", "random others only",
+                    "selector minus relevant")
+
+
+def context_diagnostic(vlm: Any, selector: Any, samples: Sequence[Any], ratio: float = 0.1, seed: int = 0,
+                       batch_size: int = 32, families: Sequence[str] | None = None, max_new_tokens: int = 6):
+    """What the LM needs besides the relevant tokens, at keep ratio ``ratio``: greedy answers per
+    sample for each of ``DIAGNOSTIC_PLANS`` (selector top-k, random, relevant tokens only, relevant
+    topped up with random other tokens to the budget, random other tokens only, selector minus relevant).
+
+    Samples go family by family (``families``: default, in order of first appearance), in batches.
+    Returns a DataFrame: family, plan, correct, kept."""
+    import pandas as pd
+
+    from ..metrics.fidelity import exact_match
+    from ..reduce import answer
+
+    if families is None:
+        families = list(dict.fromkeys(s.family for s in samples))
+    rows = []
+    for fam in families:
+        fam_samples = [s for s in samples if s.family == fam]
+        for a in range(0, len(fam_samples), batch_size):
+            chunk = fam_samples[a : a + batch_size]
+            b = vlm.prepare([s.image for s in chunk], [s.question for s in chunk])
+            dec = vlm.adapter.decoder_inputs(vlm.model, b.inputs)
+            scores = selector.token_scores(vlm, b)
+            plans = {k: [] for k in DIAGNOSTIC_PLANS}
+            for i, (s, lay, sc) in enumerate(zip(chunk, b.layout, scores)):
+                rng = np.random.default_rng([seed, 7, a + i])
+                rel = relevance_per_token(lay, s.relevance).astype(bool)
+                n, k = len(sc), int(round(ratio * len(sc)))
+                others = np.flatnonzero(~rel)
+                fill = np.zeros(n, dtype=bool)
+                fill[rng.choice(others, min(max(k - rel.sum(), 0), len(others)), replace=False)] = True
+                alone = np.zeros(n, dtype=bool)
+                alone[rng.choice(others, min(k, len(others)), replace=False)] = True
+                top = selector.topk_mask(sc, ratio)
+                for name, keep in (("selector", top), ("random", random_keep(n, ratio, rng)), ("relevant only", rel),
+                                   ("relevant + random others", rel | fill), ("random others only", alone),
+                                   ("selector minus relevant", top & ~rel)):
+                    plans[name].append(keep)
+            for name, keep in plans.items():
+                preds = answer(vlm, b, keep=keep, max_new_tokens=max_new_tokens, decoder_inputs=dec)
+                for s, pred, m in zip(chunk, preds, keep):
+                    rows.append({"family": fam, "plan": name, "correct": exact_match(pred, s.answer),
+                                 "kept": int(m.sum())})
+    return pd.DataFrame(rows)
+
+
+def diagnostic_table(diag):
+    """Accuracy per family x plan (2 decimals), plus a ``mean kept`` row (tokens kept per plan, 1 decimal)."""
+    table = diag.pivot_table(index="family", columns="plan", values="correct").round(2)
+    table.loc["mean kept"] = diag.groupby("plan")["kept"].mean().round(1)
+    return table
+
+
+def layer_error_table(lerr: xr.DataArray):
+    """Per-sample mean of a ``layer_reconstruction_error`` over image tokens, per layer.
+
+    Columns: sample, stack (``vision`` or ``lm``), index (layer within the stack), error."""
+    per_layer = lerr.to_dataframe().reset_index().dropna(subset=["layer_recon_error"])
+    per_layer["stack"] = per_layer["layer"].str.split(".").str[0]
+    per_layer["index"] = per_layer["layer"].str.split(".").str[1].astype(int)
+    per_sample = per_layer.groupby(["sample", "stack", "index"], as_index=False)["layer_recon_error"].mean()
+    return per_sample.rename(columns={"layer_recon_error": "error"})
+
+
+def claim_summary(acc, acc_family, budgets: Sequence[float], n_eval: int, seed: int,
+                  families: Sequence[str] | None = None, reading: Sequence[str] = READING_FAMILIES) -> dict:
+    """Whether the paper's finding is reproduced, from ``accuracy_tables``.
+
+    Criteria: (a) on reading, the selector beats random by at least 0.10 at some budget <= 50% and
+    is not worse by more than 0.05 at any; (b) on scene families, random at 30% is within 0.10 of full.
+    Returns ``{"metrics": {...}, "lines": [...]}``: the metrics to log and the lines to print
+    (per-family scene gaps over ``families``, default: those in ``acc_family``, that are not ``reading``)."""
+
+    def acc_at(group, method, ratio):
+        d = acc[(acc["group"] == group) & (acc["method"] == method) & np.isclose(acc["ratio"], ratio)]
+        return float(d["accuracy"].iloc[0]) if len(d) else float("nan")
+
+    if families is None:
+        families = list(dict.fromkeys(acc_family["family"]))
+    low = [r for r in budgets if 0 < r <= 0.5]
+    gaps = {r: acc_at("reading", "selector", r) - acc_at("reading", "random", r) for r in low}
+    full_scene, full_reading = acc_at("scene", "full", 1.0), acc_at("reading", "full", 1.0)
+    random30 = acc_at("scene", "random", 0.3) if 0.3 in budgets else float("nan")
+    claim_a = bool(low) and max(gaps.values()) >= 0.10 and min(gaps.values()) > -0.05
+    claim_b = abs(full_scene - random30) <= 0.10
+    metrics = {
+        "reading_full": full_reading, "scene_full": full_scene,
+        "reading_no_image": acc_at("reading", "no_image", 0.0), "scene_no_image": acc_at("scene", "no_image", 0.0),
+        **{f"reading_selector_{r:.2f}": acc_at("reading", "selector", r) for r in budgets},
+        **{f"reading_random_{r:.2f}": acc_at("reading", "random", r) for r in budgets},
+        **{f"scene_selector_{r:.2f}": acc_at("scene", "selector", r) for r in budgets},
+        **{f"scene_random_{r:.2f}": acc_at("scene", "random", r) for r in budgets},
+        "claim_reading_selector_beats_random": claim_a, "claim_scene_random30_close_to_full": claim_b,
+        "n_eval_per_family": n_eval, "seed": seed,
+    }
+    lines = [
+        f"reading: full {full_reading:.2f}; selector - random at " + ", ".join(f"{r:.0%}: {g:+.2f}" for r, g in gaps.items()),
+        f"scene: full {full_scene:.2f}, random 30% {random30:.2f} (gap {full_scene - random30:+.2f})",
+        " ".join(["(a) selector clearly beats random on reading at <= 50% keep:",
+                  "REPRODUCED" if claim_a else "NOT reproduced"]),
+        " ".join(["(b) random 30% close to full on scene families:", "REPRODUCED" if claim_b else "NOT reproduced"]),
+    ]
+    scene_gaps = {f: acc_family.query("family == @f and method == 'full'")["accuracy"].mean()
+                  - acc_family.query("family == @f and method == 'random' and abs(ratio - 0.3) < 1e-9")["accuracy"].mean()
+                  for f in families if f not in reading}
+    worst = max(scene_gaps, key=lambda f: scene_gaps[f]) if scene_gaps else None
+    if worst is not None and np.isfinite(scene_gaps[worst]):
+        lines.append(" ".join([f"largest scene gap full - random 30%: {worst} ({scene_gaps[worst]:+.2f}); per family:",
+                               str({f: round(float(g), 2) for f, g in scene_gaps.items()})]))
+    per_family = acc_family.pivot_table(index="family", columns=["method", "ratio"], values="accuracy").round(2)
+    lines.append(per_family.to_string())
+    if full_reading < 0.3:
+        lines.append("note: the model itself reads poorly (full accuracy < 0.3), so the reading comparison has little room.")
+    return {"metrics": metrics, "lines": lines}

@@ -1,4 +1,5 @@
-"""vtrlab.plots: the one figure style, saving, heatmaps over images, layer curves and matrices.
+"""vtrlab.plots: the one figure style, saving, heatmaps over images, layer curves and matrices,
+and the figures of notebook 03 (`vtrlab.plots.reconstruction`).
 
 Importing this module installs the style (seaborn paper context, colorblind palette, Type 42
 fonts). Figure widths: `SINGLE_COLUMN` (3.25 in) and `DOUBLE_COLUMN` (6.75 in).
@@ -6,6 +7,14 @@ fonts). Figure widths: `SINGLE_COLUMN` (3.25 in) and `DOUBLE_COLUMN` (6.75 in).
 
 from vtrlab.plots.curves import layer_curve, layer_matrix
 from vtrlab.plots.heatmap import heatmap_over_image
+from vtrlab.plots.reconstruction import (
+    accuracy_vs_keep_ratio,
+    kept_token_maps,
+    layer_error_curves,
+    relevance_recall,
+    token_error_maps,
+    training_curves,
+)
 from vtrlab.plots.save import save_figure
 from vtrlab.plots.style import DOUBLE_COLUMN, DPI, SINGLE_COLUMN, apply, figure
 
@@ -14,4 +23,6 @@ apply()
 __all__ = [
     "save_figure", "heatmap_over_image", "layer_curve", "layer_matrix", "figure", "apply",
     "SINGLE_COLUMN", "DOUBLE_COLUMN", "DPI",
+    "training_curves", "kept_token_maps", "accuracy_vs_keep_ratio", "token_error_maps", "layer_error_curves",
+    "relevance_recall",
 ]
