@@ -16,11 +16,31 @@ import torch
 from torch import nn
 
 from ..base import VISION_COLUMNS, FamilyAdapter, ImageLayout
+from ..geometry import AxisMap, center_crop_offset, shortest_edge_size, size_value
 from ..text_positions import prompt_token_positions
 
 # Attribute under which build_inputs leaves the templated texts and prompts for layouts():
 # the contract's layouts() receives only the processor outputs.
 TEXTS_ATTR = "_vtrlab_texts"
+
+
+def resize_then_crop(amap: AxisMap, hw: tuple[int, int], ip: Any) -> tuple[AxisMap, tuple[int, int]]:
+    """Extend ``amap`` by the ``resize(size)`` then optional ``center_crop`` that every LLaVA-family
+    image processor applies (to the whole image, or to each anyres crop); returns the new (h, w)."""
+    if getattr(ip, "do_resize", True):
+        size = ip.size
+        if size_value(size, "shortest_edge"):
+            new = shortest_edge_size(hw, size_value(size, "shortest_edge"))
+        elif size_value(size, "height") and size_value(size, "width"):
+            new = (size_value(size, "height"), size_value(size, "width"))
+        else:
+            raise NotImplementedError(f"vtrlab cannot map LLaVA image-processor size {size!r}")
+        amap, hw = amap.resize(hw, new), new
+    if getattr(ip, "do_center_crop", False) and ip.crop_size is not None:
+        crop = ip.crop_size
+        dx, dy, hw = center_crop_offset(hw, (size_value(crop, "height"), size_value(crop, "width")))
+        amap = amap.shift(dx, dy)
+    return amap, hw
 
 
 @dataclass

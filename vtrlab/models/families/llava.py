@@ -12,9 +12,9 @@ import numpy as np
 from torch import nn
 
 from ..base import KIND_IMAGE, KIND_SEPARATOR
-from ..geometry import AxisMap, boxes_in_original, center_crop_offset, shortest_edge_size, size_value
+from ..geometry import AxisMap, boxes_in_original
 from ..registry import register
-from ._llava_common import ImageBlock, LlavaFamilyAdapter, image_wh, vision_rows
+from ._llava_common import ImageBlock, LlavaFamilyAdapter, image_wh, resize_then_crop, vision_rows
 
 
 def llava_crop_map(image_processor: Any, wh: tuple[int, int]) -> tuple[AxisMap, tuple[int, int]]:
@@ -25,20 +25,7 @@ def llava_crop_map(image_processor: Any, wh: tuple[int, int]) -> tuple[AxisMap, 
         side = max(h, w)
         amap = amap.shift((side - w) // 2, (side - h) // 2)
         hw = (side, side)
-    if getattr(image_processor, "do_resize", True):
-        size = image_processor.size
-        if size_value(size, "shortest_edge"):
-            new = shortest_edge_size(hw, size_value(size, "shortest_edge"))
-        elif size_value(size, "height") and size_value(size, "width"):
-            new = (size_value(size, "height"), size_value(size, "width"))
-        else:
-            raise NotImplementedError(f"vtrlab cannot map LLaVA image-processor size {size!r}")
-        amap, hw = amap.resize(hw, new), new
-    if getattr(image_processor, "do_center_crop", False):
-        crop = image_processor.crop_size
-        dx, dy, hw = center_crop_offset(hw, (size_value(crop, "height"), size_value(crop, "width")))
-        amap = amap.shift(dx, dy)
-    return amap, hw
+    return resize_then_crop(amap, hw, image_processor)
 
 
 @register

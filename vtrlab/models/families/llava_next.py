@@ -18,9 +18,9 @@ from torch import nn
 from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
 
 from ..base import KIND_IMAGE, KIND_NEWLINE, VISION_COLUMNS
-from ..geometry import AxisMap, boxes_in_original, center_crop_offset, shortest_edge_size, size_value
+from ..geometry import AxisMap, boxes_in_original, size_value
 from ..registry import register
-from ._llava_common import ImageBlock, LlavaFamilyAdapter, image_wh, vision_rows
+from ._llava_common import ImageBlock, LlavaFamilyAdapter, image_wh, resize_then_crop, vision_rows
 
 
 @dataclass
@@ -51,22 +51,6 @@ def _unpad(grid_hw: tuple[int, int], hw: tuple[int, int]) -> tuple[int, int, int
     new_w = int(round(w * (cur_h / h), 7))
     pad = (cur_w - new_w) // 2
     return 0, pad, cur_h, cur_w - 2 * pad
-
-
-def _resize_then_crop(amap: AxisMap, hw: tuple[int, int], ip: Any) -> tuple[AxisMap, tuple[int, int]]:
-    """The per-crop ``resize(size)`` then optional ``center_crop`` every anyres processor applies."""
-    size = ip.size
-    if getattr(ip, "do_resize", True):
-        if size_value(size, "shortest_edge"):
-            new = shortest_edge_size(hw, size_value(size, "shortest_edge"))
-        else:
-            new = (size_value(size, "height"), size_value(size, "width"))
-        amap, hw = amap.resize(hw, new), new
-    if getattr(ip, "do_center_crop", False) and ip.crop_size is not None:
-        crop = ip.crop_size
-        dx, dy, hw = center_crop_offset(hw, (size_value(crop, "height"), size_value(crop, "width")))
-        amap = amap.shift(dx, dy)
-    return amap, hw
 
 
 @register
@@ -121,7 +105,7 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
         crop's pixels then map 1:1 onto the stitched grid."""
         ip, side = processor.image_processor, model.config.vision_config.image_size
         crop_px = self._crop_px(ip)
-        amap, hw = _resize_then_crop(AxisMap(), (crop_px, crop_px), ip)
+        amap, hw = resize_then_crop(AxisMap(), (crop_px, crop_px), ip)
         if hw != (side, side) or amap != AxisMap():
             raise NotImplementedError(
                 f"{self.family}: crops of {crop_px}px become {hw} after resize/crop (vision image_size {side}); "
@@ -164,7 +148,7 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
                 sq = (size_value(ip.size, "height"), size_value(ip.size, "width"))
                 if not sq[0]:
                     sq = (size_value(ip.size, "shortest_edge"),) * 2
-                base_map, hw = _resize_then_crop(AxisMap().resize(plan.wh[::-1], sq), sq, ip)
+                base_map, hw = resize_then_crop(AxisMap().resize(plan.wh[::-1], sq), sq, ip)
                 if hw != (side, side):
                     raise RuntimeError(f"base view is {hw}, vision tower expects {(side, side)}")
             base_boxes = boxes_in_original(base_map, rows, cols, p, p, plan.wh)

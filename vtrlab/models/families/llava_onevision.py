@@ -17,7 +17,8 @@ from torch import nn
 
 from ..geometry import AxisMap
 from ..registry import register
-from .llava_next import LlavaNextAdapter, _resize_then_crop
+from ._llava_common import resize_then_crop
+from .llava_next import LlavaNextAdapter
 
 
 @register
@@ -48,5 +49,5 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         w, h = wh
         side = max(w, h)
         amap = AxisMap().shift((side - w) // 2, (side - h) // 2)
-        amap, _ = _resize_then_crop(amap, (side, side), processor.image_processor)
+        amap, _ = resize_then_crop(amap, (side, side), processor.image_processor)
         return amap
