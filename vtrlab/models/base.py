@@ -131,7 +131,7 @@ class FamilyAdapter:
 
     # --- modules -------------------------------------------------------------------------
     def lm_layers(self, model: nn.Module) -> Sequence[nn.Module]:
-        raise NotImplementedError
+        return self.language_model(model).layers
 
     def lm_attention(self, layer: nn.Module) -> nn.Module:
         return layer.self_attn

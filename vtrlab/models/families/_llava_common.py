@@ -116,9 +116,6 @@ class LlavaFamilyAdapter(FamilyAdapter):
     def vision_tower(self, model: nn.Module) -> nn.Module:
         return self._inner(model).vision_tower
 
-    def lm_layers(self, model: nn.Module) -> Sequence[nn.Module]:
-        return self.language_model(model).layers
-
     def vision_layers(self, model: nn.Module) -> Sequence[nn.Module]:
         return _find_layers(self.vision_tower(model))
 

@@ -34,9 +34,6 @@ class Gemma3Adapter(FamilyAdapter):
     model_types = ("gemma3",)
 
     # --- modules -------------------------------------------------------------------------
-    def lm_layers(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.model.language_model.layers
-
     def vision_encoder(self, model: nn.Module) -> nn.Module:
         """The SigLIP module holding embeddings / encoder / post_layernorm (transformers releases
         differ on whether ``SiglipVisionModel`` wraps it in ``.vision_model``)."""

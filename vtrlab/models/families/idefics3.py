@@ -37,9 +37,6 @@ class Idefics3Adapter(FamilyAdapter):
     def language_model(self, model: nn.Module) -> nn.Module:
         return model.model.text_model
 
-    def lm_layers(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.model.text_model.layers
-
     def vision_layers(self, model: nn.Module) -> Sequence[nn.Module]:
         return model.model.vision_model.encoder.layers
 

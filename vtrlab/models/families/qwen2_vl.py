@@ -36,9 +36,6 @@ class Qwen2VLAdapter(FamilyAdapter):
     model_types = ("qwen2_vl",)
 
     # --- modules -------------------------------------------------------------------------
-    def lm_layers(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.model.language_model.layers
-
     def vision_layers(self, model: nn.Module) -> Sequence[nn.Module]:
         return model.model.visual.blocks
 
