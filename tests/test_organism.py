@@ -102,6 +102,53 @@ def test_patch_targets_follow_the_object_map():
     assert np.allclose(t["own_rc"][17], (1 / 15, 1 / 15))
 
 
+@pytest.mark.parametrize("index", range(6))
+def test_referent_targets_mark_the_two_named_shapes(index):
+    """Recomputed from the rendering: role 1 / 2 are exactly the patches owned by the shape the
+    question names first / second, and their union lies inside the relevance mask."""
+    from vtrlab.data.synthetic import SHAPES
+    from vtrlab.organism.dataset import MIN_PIXELS, referent_targets
+
+    s = make_sample(7, index, "relation")
+    t = referent_targets(s)
+    assert t["ref_on"]
+    a, b = [w for w in s.question.split() if w in SHAPES]
+    for role, name in ((1, a), (2, b)):
+        obj = next(o for o in s.objects if o.shape == name)
+        own = (s.object_map == obj.index).reshape(16, 8, 16, 8).sum(axis=(1, 3)).ravel()
+        assert (t["ref_role"] == role).sum() > 0
+        assert (own[t["ref_role"] == role] >= MIN_PIXELS).all()
+        assert np.allclose(t["ref_xy"][2 * role - 2: 2 * role], (obj.center[0] / 128, obj.center[1] / 128))
+    assert s.relevance.ravel()[t["ref_role"] > 0].all()
+    other = referent_targets(make_sample(7, index, "color"))
+    assert not other["ref_on"] and not other["ref_role"].any()
+
+
+def test_referent_loss_reads_the_hf_hidden_states(random_organism):
+    """Oracle: the hidden states the referent heads read equal LlavaForConditionalGeneration's
+    output_hidden_states; the last prompt token is the one before the answer."""
+    from vtrlab.organism.dataset import build_set
+    from vtrlab.organism.train import ReferentHeads, TrainConfig, answer_forward, pixel_values, tower_features
+
+    model, proc = random_organism
+    data = build_set(1, seed=3, processor=proc)
+    pix = pixel_values(data.pixels, proc)
+    with torch.no_grad():
+        feats = tower_features(model, pix)
+        _, _, sel, hidden = answer_forward(model, feats, data.input_ids, data.attention_mask, data.labels, layers=(2, 4))
+        hf = model(input_ids=data.input_ids, attention_mask=data.attention_mask.long(), pixel_values=pix,
+                   output_hidden_states=True).hidden_states
+    for k in (2, 4):
+        assert torch.allclose(hidden[k], hf[k], atol=1e-5)
+    last = sel.float().argmax(1)
+    first_answer = (data.labels != -100).float().argmax(1)
+    assert torch.equal(last + 1, first_answer)
+    cfg = TrainConfig(ref_weight=1.0)
+    loss, parts = ReferentHeads(model.config.text_config.hidden_size).loss(
+        hidden, data.input_ids == model.config.image_token_id, last, data.targets, cfg, metrics=True)
+    assert loss.item() > 0 and {"ref_xy", "ref_role"} <= set(parts)
+
+
 def test_train_smoke_and_bundle_roundtrip(tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -154,3 +201,11 @@ def test_bundle_batched_left_padding_equals_one_by_one(bundle):
     single = [answer(model, proc, [im], [q])[0] for im, q in zip(images, qs)]
     assert batched == single
     assert proc.tokenizer.padding_side == "left"
+
+
+def test_card_is_rendered_from_its_records():
+    """The model card's numbers come from eval.json and the training records beside it:
+    the committed README is exactly what ``python -m vtrlab.organism.card`` renders."""
+    from vtrlab.organism.card import render
+
+    assert (BUNDLE / "README.md").read_text() == render(BUNDLE)

@@ -16,6 +16,85 @@ STAGE2 = ("python -m vtrlab.organism.train --out runs/organism --init-from runs/
           "--tower-steps 0 --frozen-steps 0 --joint-steps 1947 --aux-weight 0 --lr-tower-joint 3e-5 "
           "--lr-lm 6e-4 --n-train-per-family 12000 --eval-n 0 --max-minutes 60")
 
+TARGETS = {"color": 0.98, "shape": 0.98, "count": 0.98, "reading": 0.98, "relation": 0.90}  # issue 3
+
+
+STAGE3 = ("python -m vtrlab.organism.train --out runs/organism-stage3 --init-from runs/organism --image-first false "
+          "--tower-steps 0 --frozen-steps 3033 --joint-steps 0 --lr-lm 5e-4 --batch-size 32 --n-train-per-family 6000 "
+          "--n-val-per-family 64 --eval-every 200 --log-every 50 --eval-n 0 --ref-weight 1 --max-minutes 76 "
+          "--reserve-seconds 60 --workers 2 --family-weights color=0.5,shape=0.5,count=1,relation=4,reading=1.5 "
+          "--device cpu")
+STAGE4 = ("python -m vtrlab.organism.train --out runs/organism-stage4 --init-from runs/organism-stage3 --image-first false "
+          "--tower-steps 0 --frozen-steps {steps} --joint-steps 0 --lr-lm 2e-4 --batch-size 32 --n-train-per-family 6000 "
+          "--n-val-per-family 64 --eval-every 200 --log-every 50 --eval-n 0 --ref-weight 1 --max-minutes 24 "
+          "--reserve-seconds 45 --workers 2 --seed 1 --family-weights color=0.5,shape=0.5,count=2,relation=1,reading=2 "
+          "--device cpu")
+
+
+def _val_trajectory(record: dict, family: str) -> str:
+    return ", ".join(f"{e['step']}: {e['val'][family]:.2f}" for e in record["log"] if "val" in e and "step" in e)
+
+
+def _planned(record: dict, stage: str = "frozen") -> tuple[int, int | None]:
+    """(steps the cosine schedule was fitted to, step at which the wall-time limit cut the stage)."""
+    planned = next((e["fitted_steps"] for e in record["log"] if e.get("stage") == stage and "fitted_steps" in e),
+                   record["config"][f"{stage}_steps"])
+    cut = next((e["step"] for e in record["log"] if e.get("stage") == stage and e.get("cut_short")), None)
+    return planned, cut
+
+
+def referent_section(s3: dict | None, s4: dict | None) -> str:
+    """Stages 3 and 4 (relation made learnable by referent supervision), from their records."""
+    if s3 is None:
+        return ""
+    log = [e for e in s3["log"] if "step" in e and "ref_xy" in e]
+    hops = next((e["step"] for e in log if e.get("ref_role_acc", 0) >= 0.99), None)
+    jump = next((e["step"] for e in s3["log"] if "val" in e and "step" in e and e["val"]["relation"] >= 0.9), None)
+    planned3, cut3 = _planned(s3)
+    text = f"""Stage 3 (`train_record_stage3.json`, CPU, 2 cores, {s3['train_seconds'] / 60:.0f} min): continued from stage 2 with the
+**tower frozen** (the selector in `selector/` stays valid: vision features are unchanged) and
+**referent supervision** of the LM on relation questions ("is the A left of the B ?", `--ref-weight 1`):
+a linear head reads, at LM layer {s3['config']['ref_role_layer']}, which image tokens belong to A, to B or to neither
+(class-weighted cross-entropy over the generator's object map), and another reads A's and B's
+centres from the last prompt token (the one predicting the answer) at layer {s3['config']['ref_xy_layer']} (regression).
+Batch {s3['config']['batch_size']}, LM lr {s3['config']['lr_lm']:g}, families color 0.5, shape 0.5, count 1, relation 4, reading 1.5; the
+cosine schedule was fitted to {planned3} steps and the wall-time limit stopped the stage after
+{s3['steps']['frozen'] if cut3 is None else cut3} (`--max-minutes` is generous in the command below, so it runs all {planned3}).
+
+- The two hops were learned first (A/B patch accuracy >= 0.99 from step {hops}, centre error ~{(log[-1]['ref_xy'] / 10) ** 0.5 * 128:.0f} px at the end).
+- The yes/no answer then stayed at chance for a long time and jumped late: validation relation by step
+  {_val_trajectory(s3, 'relation')} (first >= 0.9 at step {jump}).
+- The other families dipped meanwhile (validation count by step: {_val_trajectory(s3, 'count')}).
+"""
+    if s4 is not None:
+        planned4, cut4 = _planned(s4)
+        text += f"""
+Stage 4 (`train_record_stage4.json`, CPU, {s4['train_seconds'] / 60:.0f} min): the same set-up from stage 3 at LM lr {s4['config']['lr_lm']:g}, families
+color 0.5, shape 0.5, count 2, relation 1, reading 2 (batch order seed {s4['config']['seed']}), {s4['steps']['frozen']} steps
+(schedule fitted to {planned4}), to win back count and reading. Validation at its end:
+{', '.join(f"{k} {v:.2f}" for k, v in s4['val'].items())}.
+"""
+    return text
+
+
+def target_lines(ev: dict) -> str:
+    """One line per family: accuracy against the issue's target, computed from eval.json."""
+    out = []
+    for fam, r in ev["families"].items():
+        goal = TARGETS.get(fam)
+        if goal is None:
+            continue
+        n = ev["n_per_family"]
+        wrong = round((1 - r["accuracy"]) * n)
+        verdict = "met" if r["accuracy"] >= goal else "**not met**"
+        out.append(f"- {fam}: {r['accuracy']:.3f} ({wrong} of {n} wrong) against >= {goal:.2f}: {verdict}")
+    unused = [f for f, r in ev["families"].items() if r["accuracy"] <= r["chance"] + 0.1]
+    if unused:
+        out.append(f"\n**Do not use {' / '.join(unused)} samples to validate importance methods against the "
+                   "ground truth**: the model answers them at chance, so it does not use the relevant patches.")
+    return "\n".join(out)
+
+
 SNIPPET = '''```python
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -57,6 +136,9 @@ def render(bundle: Path) -> str:
                   f"benchmarks/results/organism_forward.json)."
                   if bench else "CPU forward time: run `python benchmarks/organism_forward.py`.")
     steps1, steps2 = s1.get("steps", {}), s2.get("steps", {})
+    s3, s4 = (json.loads((bundle / f"train_record_stage{i}.json").read_text())
+              if (bundle / f"train_record_stage{i}.json").is_file() else None for i in (3, 4))
+    stage4_cmd = STAGE4.format(steps=_planned(s4)[0]) if s4 else ""
     return f"""# vtrlab organism: a tiny LLaVA trained on synthetic VQA with ground-truth relevance
 
 The kit's default model (`vtrlab.load("organism")`). A real, trained vision-language model whose
@@ -90,7 +172,7 @@ pixels and which of the 16x16 patches hold the answer (`Sample.pixel_mask`, `Sam
 | reading | what word is written ? | 3 random letters, 10x14 px glyphs (~2x2 patches) on clutter |
 
 Data seeds: training samples seed 1 ({s1['config']['n_train_per_family']} per family in stage 1,
-{s2['config']['n_train_per_family']} in stage 2), validation seed 2, **held-out evaluation seed 0**
+{s2['config']['n_train_per_family']} in stage 2{f", {s3['config']['n_train_per_family']} in stages 3-4" if s3 else ""}), validation seed 2, **held-out evaluation seed 0**
 (notebooks' default `seed=0` therefore sees held-out samples).
 
 ## Held-out accuracy (greedy exact match, {ev['n_per_family']} samples per family, seed {ev['seed']})
@@ -103,14 +185,13 @@ Reproduce: `vtrlab organism eval data/models/organism --n {ev['n_per_family']}`
 (= `python -m vtrlab.organism.evaluate data/models/organism --n {ev['n_per_family']}`; CPU, ~20 min on
 2 busy cores). The numbers live in `eval.json` (the tests read them from there).
 
-Targets of issue 3: color, shape, count, reading >= 0.98 (reading misses it by 0.006: 13 of 500
-wrong, each a single-letter confusion such as z->c, f->p, o->d); relation >= 0.90: **not met,
-relation is at chance**: the model has not learned it (see below). Do not use relation samples
-to validate importance methods against ground truth: the model does not use the relevant patches.
+Targets of issue 3 (computed from eval.json):
+
+{target_lines(ev)}
 
 {bench_line}
 
-## Recipe (vtrlab/organism/train.py; records of both runs beside this card)
+## Recipe (vtrlab/organism/train.py; the record of every stage lies beside this card)
 
 Stage 1 (`train_record_stage1.json`, one H100 shared with a second variant, {s1.get('train_seconds')} s):
 
@@ -132,13 +213,27 @@ device runs (stage 1 planned 1328 joint steps and was stopped by its time limit 
 commands below fix them (GPU kernels are not bitwise deterministic: expect the numbers within
 noise, not identical bits). Stage 1 without a GPU is impractical (hours on CPU).
 
+{referent_section(s3, s4)}
+The commands of all stages (stages 3-4 run on CPU, where training is deterministic for a given
+torch build and thread count):
+
 ```
 {STAGE1}
 {STAGE2}
+{STAGE3 if s3 else ""}
+{stage4_cmd}
 ```
 
-`vtrlab organism train --out DIR` runs the default recipe from scratch in one command (train,
-evaluate on held-out data, save the bundle with eval.json).
+`vtrlab organism train --out DIR` runs the recipe from scratch in one command (train, evaluate on
+held-out data, save the bundle with eval.json); its defaults are stage 1's, with the referent
+supervision of stage 3 on from the first answer step. That single-command form with referent
+supervision has **not** been run end to end yet (no device time was left): the shipped weights come
+from the four commands above.
+
+**For interpretability users:** on relation questions the LM was *told* (stages 3-4) to mark A's and
+B's patches at layer {s3['config']['ref_role_layer'] if s3 else 2} and to hold their centres at layer {s3['config']['ref_xy_layer'] if s3 else 4}. Findings there on relation samples
+(which tokens are attended, what knocking them out does) partly reflect that supervision; the other
+families had no LM-side supervision.
 
 ### What worked, what did not
 
@@ -150,9 +245,10 @@ evaluate on held-out data, save the bundle with eval.json).
 - relation: positional supervision of the tower (own row/col and object centre regression: both
   reach MSE ~1e-3, so positions *are* in the tower's features), a 2x sampling weight, and both
   token orders did **not** lift relation above chance within ~3,300 answer steps (stage 1: 0.52
-  image-first, 0.51 question-first; stage 2: still ~0.52). Not tried for lack of device time:
-  an auxiliary "locate" task (name a shape, answer its coarse position) as a curriculum for the
-  first hop, much longer training, relation-only warm-up.
+  image-first, 0.51 question-first; stage 2: still ~0.52).
+- relation, what worked: supervising the two hops inside the LM (stage 3: which image tokens are
+  A / B, and where A and B are, at the answering token). The hops were learned within ~1,000 steps;
+  the comparison itself, never supervised, followed suddenly after ~2,300 steps (see stage 3).
 
 ## Use
 

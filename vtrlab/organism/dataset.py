@@ -25,6 +25,46 @@ N_SHAPE = len(SHAPES) + 1
 N_LETTER = len(LETTERS) + 1
 
 
+def patch_owners(sample: Sample) -> np.ndarray:
+    """Per patch (grid*grid, row-major): index of the object owning most of its pixels (0: none,
+    or fewer than MIN_PIXELS)."""
+    ids = sample.object_map
+    h, w = ids.shape
+    g = sample.grid
+    k = len(sample.objects) + 1
+    ys, xs = np.divmod(np.arange(h * w), w)
+    patch = (ys // (h // g)) * g + xs // (w // g)
+    counts = np.bincount(patch * k + ids.ravel().astype(np.int64), minlength=g * g * k).reshape(g * g, k)
+    counts[:, 0] = 0
+    owner = counts.argmax(axis=1)
+    owner[counts.max(axis=1) < MIN_PIXELS] = 0
+    return owner
+
+
+def referent_targets(sample: Sample) -> dict[str, np.ndarray]:
+    """Targets for the language model's intermediate states on relation questions
+    ("is the A left of the B ?"): ``ref_role`` per patch (0 neither, 1 A, 2 B) for the image
+    tokens, and ``ref_xy`` = (A's centre x, y, B's centre x, y) in [0, 1] for the last prompt
+    token. ``ref_on`` says whether the sample has them (relation samples only).
+
+    The two hops a relation answer needs (find A and B, read their positions) are what the model
+    did not discover from the yes/no answer alone; see the model card."""
+    g = sample.grid
+    h, w = sample.object_map.shape
+    role = np.zeros(g * g, np.int64)
+    xy = np.zeros(4, np.float32)
+    if sample.family != "relation":
+        return dict(ref_role=role, ref_xy=xy, ref_on=np.array(False))
+    words = sample.question.replace("?", " ").split()
+    named = [wd for wd in words if wd in SHAPES]  # A then B, in the order the question names them
+    owner = patch_owners(sample)
+    for r, name in enumerate(named[:2], start=1):
+        obj = next(o for o in sample.objects if o.kind == "shape" and o.shape == name)
+        role[owner == obj.index] = r
+        xy[2 * (r - 1): 2 * r] = (obj.center[0] / w, obj.center[1] / h)
+    return dict(ref_role=role, ref_xy=xy, ref_on=np.array(True))
+
+
 def patch_targets(sample: Sample) -> dict[str, np.ndarray]:
     """Per-patch targets (grid*grid, row-major) from the rendered object map.
 
@@ -33,17 +73,10 @@ def patch_targets(sample: Sample) -> dict[str, np.ndarray]:
     object's centre (x, y) in [0, 1]; on_object: the patch has an owner; own_rc: the patch's own
     (row, col) in [0, 1].
     """
-    ids = sample.object_map
-    h, w = ids.shape
+    h, w = sample.object_map.shape
     g = sample.grid
     ph, pw = h // g, w // g
-    k = len(sample.objects) + 1
-    ys, xs = np.divmod(np.arange(h * w), w)
-    patch = (ys // ph) * g + xs // pw
-    counts = np.bincount(patch * k + ids.ravel().astype(np.int64), minlength=g * g * k).reshape(g * g, k)
-    counts[:, 0] = 0
-    owner = counts.argmax(axis=1)
-    owner[counts.max(axis=1) < MIN_PIXELS] = 0
+    owner = patch_owners(sample)
     color = np.zeros(g * g, np.int64)
     shape = np.zeros(g * g, np.int64)
     letter = np.zeros(g * g, np.int64)
@@ -76,7 +109,7 @@ def _render_chunk(args):
     for i in range(start, stop):
         s = make_sample(seed, i, family)
         pix.append(np.asarray(s.image, dtype=np.uint8).transpose(2, 0, 1))
-        for key, v in patch_targets(s).items():
+        for key, v in {**patch_targets(s), **referent_targets(s)}.items():
             tg.setdefault(key, []).append(v)
         qa.append((s.question, s.answer))
     return np.stack(pix), {k: np.stack(v) for k, v in tg.items()}, qa

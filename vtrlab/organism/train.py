@@ -9,6 +9,10 @@ Stages (what a probe here and the runs recorded in the model card found necessar
 3. ``joint``: everything trains, the tower at a lower rate and still under the dense targets
    so that its per-patch meaning (and with it the relevance ground truth) is kept.
 
+In the answer stages, relation questions also carry *referent supervision* of the LM
+(``ref_weight``): the image tokens learn which of them are A / B, the answering token learns where
+A and B are. Without it relation stayed at chance; with it the yes/no comparison followed.
+
 Usage: ``python -m vtrlab.organism.train --out DIR`` (``vtrlab organism train --out DIR``).
 """
 
@@ -59,6 +63,14 @@ class TrainConfig:
     lr_tower_joint: float = 2e-4
     weight_decay: float = 0.01
     aux_weight: float = 1.0  # weight of the dense targets in the joint stage
+    # referent supervision of the LM on relation questions (0: off): image tokens at layer
+    # ref_role_layer learn which of them belong to A / B, the last prompt token at ref_xy_layer
+    # learns A's and B's centres. Without it relation stayed at chance; with it, it was learned
+    # (stage 3 of the model card).
+    ref_weight: float = 1.0
+    ref_role: bool = True  # False: only the positions at the last prompt token (ablation)
+    ref_role_layer: int = 2
+    ref_xy_layer: int = 4
     family_weights: dict = field(default_factory=lambda: {"color": 1.0, "shape": 1.0, "count": 1.5,
                                                            "relation": 2.0, "reading": 1.5})
     workers: int = max(1, (os.cpu_count() or 2) - 1)
@@ -102,6 +114,42 @@ class DenseHeads(nn.Module):
         return sum(out.values()), parts, acc
 
 
+class ReferentHeads(nn.Module):
+    """Linear read-outs of the two hops of a relation question from the LM's hidden states:
+    which image tokens are A / B (``role``), and where A and B are (``xy``, at the last prompt
+    token, the one that predicts the answer)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.role = nn.Linear(dim, 3)
+        self.xy = nn.Linear(dim, 4)
+
+    def loss(self, hidden: dict[int, torch.Tensor], is_image: torch.Tensor, last: torch.Tensor,
+             tg: dict[str, torch.Tensor], cfg: TrainConfig, metrics: bool = False):
+        on = tg["ref_on"]
+        zero = hidden[cfg.ref_xy_layer].sum() * 0.0
+        if not bool(on.any()):
+            return zero, {}
+        out = {}
+        h_xy = hidden[cfg.ref_xy_layer].float()
+        pred = self.xy(h_xy[torch.arange(len(last), device=last.device), last])[on]
+        out["ref_xy"] = F.mse_loss(pred, tg["ref_xy"][on]) * 10
+        if cfg.ref_role:
+            h = hidden[cfg.ref_role_layer].float()
+            n_img = tg["ref_role"].shape[1]
+            img = h[is_image].view(len(last), n_img, -1)[on]
+            logits = self.role(img)
+            # A and B own ~5% of the patches: weighted so that "all background" is no easy optimum
+            weight = torch.tensor([1.0, 10.0, 10.0], device=logits.device)
+            out["ref_role"] = F.cross_entropy(logits.flatten(0, 1), tg["ref_role"][on].flatten(), weight=weight)
+            if metrics:
+                fg = tg["ref_role"][on] > 0
+                out["ref_role_acc"] = ((logits.argmax(-1) == tg["ref_role"][on]) & fg).sum() / fg.sum().clamp(min=1)
+        total = sum(v for k, v in out.items() if not k.endswith("_acc"))
+        parts = {k: round(v.item(), 4) for k, v in out.items()} if metrics else {}
+        return total, parts
+
+
 def pixel_values(pixels_u8: torch.Tensor, processor) -> torch.Tensor:
     """uint8 (B,3,H,W) -> normalised floats, as the organism's CLIP image processor does
     (rescale then normalise; its resize is a no-op at the native 128 px)."""
@@ -122,18 +170,27 @@ def tower_features(model, pixels: torch.Tensor) -> torch.Tensor:
 def answer_logits(model, feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   labels: torch.Tensor):
     """Logits predicting each labelled token (same computation as LlavaForConditionalGeneration)."""
+    logits, target, sel, _ = answer_forward(model, feats, input_ids, attention_mask, labels)
+    return logits, target, sel
+
+
+def answer_forward(model, feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   labels: torch.Tensor, layers: tuple[int, ...] = ()):
+    """``answer_logits`` plus the LM's hidden states after each of ``layers`` (1-based)."""
     image_embeds = model.model.multi_modal_projector(feats)
     embeds = model.get_input_embeddings()(input_ids)
     image_token = getattr(model.config, "image_token_id", None)
     image_token = model.config.image_token_index if image_token is None else image_token
     is_image = (input_ids == image_token).unsqueeze(-1)
     embeds = embeds.masked_scatter(is_image, image_embeds.to(embeds.dtype))
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask.long()).last_hidden_state
+    out = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask.long(),
+                                     output_hidden_states=bool(layers))
+    hidden = out.last_hidden_state
     # the token at t predicts labels[t + 1]
     target = labels[:, 1:]
     sel = target != -100
     logits = model.lm_head(hidden[:, :-1][sel])
-    return logits, target[sel], sel
+    return logits, target[sel], sel, {k: out.hidden_states[k] for k in layers}
 
 
 def _lr(step: int, total: int, base: float, warmup: int = 100) -> float:
@@ -231,9 +288,15 @@ def train_organism(out: str | os.PathLike, cfg: TrainConfig | None = None, **ove
     print(f"data ready in {record['data_seconds']} s: {len(train)} train, {len(val)} val", flush=True)
     model.to(dev).train()
     heads = DenseHeads(model.config.vision_config.hidden_size).to(dev)
+    ref_heads = ReferentHeads(model.config.text_config.hidden_size).to(dev)
+    ref_layers = tuple(sorted({cfg.ref_xy_layer} | ({cfg.ref_role_layer} if cfg.ref_role else set())))
+    image_token = getattr(model.config, "image_token_id", None)
+    image_token = model.config.image_token_index if image_token is None else image_token
     sampler = _Sampler(train, cfg.family_weights, cfg.batch_size, cfg.seed)
     tower = list(model.model.vision_tower.parameters())
     rest = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
+    if cfg.ref_weight > 0:
+        rest += list(ref_heads.parameters())
 
     def run_stage(name: str, steps: int, groups: list[tuple[list, float]], answer: bool, dense_w: float,
                   share: float | None = None):
@@ -243,7 +306,7 @@ def train_organism(out: str | os.PathLike, cfg: TrainConfig | None = None, **ove
         opt = torch.optim.AdamW([{"params": p, "lr": lr} for p, lr in groups], weight_decay=cfg.weight_decay)
         params = [q for ps, _ in groups for q in ps]
         trainable = {id(q) for q in params}
-        for p in list(model.parameters()) + list(heads.parameters()):
+        for p in list(model.parameters()) + list(heads.parameters()) + list(ref_heads.parameters()):
             p.requires_grad_(id(p) in trainable)
         bar = tqdm(total=steps, desc=name, mininterval=5)
         st = time.time()
@@ -278,11 +341,20 @@ def train_organism(out: str | os.PathLike, cfg: TrainConfig | None = None, **ove
                                                 metrics=logging)
                     loss = loss + dense_w * dl
                 if answer:
-                    logits, target, _ = answer_logits(model, feats, train.input_ids[idx], train.attention_mask[idx], train.labels[idx])
+                    ids = train.input_ids[idx]
+                    logits, target, sel, hidden = answer_forward(
+                        model, feats, ids, train.attention_mask[idx], train.labels[idx],
+                        layers=ref_layers if cfg.ref_weight > 0 else ())
                     al = F.cross_entropy(logits.float(), target)
                     if logging:
                         parts["answer"] = round(al.item(), 4)
                     loss = loss + al
+                    if cfg.ref_weight > 0:
+                        last = sel.float().argmax(1)  # the last prompt token predicts the first answer token
+                        rl, rparts = ref_heads.loss(hidden, ids == image_token, last,
+                                                    {k: v[idx] for k, v in train.targets.items()}, cfg, logging)
+                        parts.update(rparts)
+                        loss = loss + cfg.ref_weight * rl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
