@@ -88,6 +88,14 @@ def target_lines(ev: dict) -> str:
         wrong = round((1 - r["accuracy"]) * n)
         verdict = "met" if r["accuracy"] >= goal else "**not met**"
         out.append(f"- {fam}: {r['accuracy']:.3f} ({wrong} of {n} wrong) against >= {goal:.2f}: {verdict}")
+    reading = ev["families"].get("reading")
+    if reading and reading["accuracy"] < TARGETS["reading"]:
+        out.append("\nReading errors are single-letter confusions made by the vision tower, which stages 3-4 kept "
+                   "frozen. Next step (GPU): a joint stage from this bundle with the tower under its dense letter "
+                   "targets, e.g. `python -m vtrlab.organism.train --out runs/organism-stage5 --init-from "
+                   "data/models/organism --tower-steps 0 --frozen-steps 0 --joint-steps 2000 --aux-weight 1 "
+                   "--lr-tower-joint 3e-5 --lr-lm 4e-4 --family-weights reading=3,count=1.5,relation=1.5 "
+                   "--n-train-per-family 12000`, then retrain the selector (its input changes).")
     unused = [f for f, r in ev["families"].items() if r["accuracy"] <= r["chance"] + 0.1]
     if unused:
         out.append(f"\n**Do not use {' / '.join(unused)} samples to validate importance methods against the "
