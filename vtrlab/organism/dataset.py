@@ -41,7 +41,7 @@ def patch_owners(sample: Sample) -> np.ndarray:
     return owner
 
 
-def referent_targets(sample: Sample) -> dict[str, np.ndarray]:
+def referent_targets(sample: Sample, owner: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Targets for the language model's intermediate states on relation questions
     ("is the A left of the B ?"): ``ref_role`` per patch (0 neither, 1 A, 2 B) for the image
     tokens, and ``ref_xy`` = (A's centre x, y, B's centre x, y) in [0, 1] for the last prompt
@@ -57,7 +57,7 @@ def referent_targets(sample: Sample) -> dict[str, np.ndarray]:
         return dict(ref_role=role, ref_xy=xy, ref_on=np.array(False))
     words = sample.question.replace("?", " ").split()
     named = [wd for wd in words if wd in SHAPES]  # A then B, in the order the question names them
-    owner = patch_owners(sample)
+    owner = patch_owners(sample) if owner is None else owner
     for r, name in enumerate(named[:2], start=1):
         obj = next(o for o in sample.objects if o.kind == "shape" and o.shape == name)
         role[owner == obj.index] = r
@@ -65,7 +65,7 @@ def referent_targets(sample: Sample) -> dict[str, np.ndarray]:
     return dict(ref_role=role, ref_xy=xy, ref_on=np.array(True))
 
 
-def patch_targets(sample: Sample) -> dict[str, np.ndarray]:
+def patch_targets(sample: Sample, owner: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per-patch targets (grid*grid, row-major) from the rendered object map.
 
     color/shape/letter: class of the object owning most of the patch (0: none); centre: shape
@@ -76,7 +76,7 @@ def patch_targets(sample: Sample) -> dict[str, np.ndarray]:
     h, w = sample.object_map.shape
     g = sample.grid
     ph, pw = h // g, w // g
-    owner = patch_owners(sample)
+    owner = patch_owners(sample) if owner is None else owner
     color = np.zeros(g * g, np.int64)
     shape = np.zeros(g * g, np.int64)
     letter = np.zeros(g * g, np.int64)
@@ -109,7 +109,8 @@ def _render_chunk(args):
     for i in range(start, stop):
         s = make_sample(seed, i, family)
         pix.append(np.asarray(s.image, dtype=np.uint8).transpose(2, 0, 1))
-        for key, v in {**patch_targets(s), **referent_targets(s)}.items():
+        owner = patch_owners(s)  # shared by both target sets
+        for key, v in {**patch_targets(s, owner), **referent_targets(s, owner)}.items():
             tg.setdefault(key, []).append(v)
         qa.append((s.question, s.answer))
     return np.stack(pix), {k: np.stack(v) for k, v in tg.items()}, qa

@@ -127,9 +127,8 @@ class ReferentHeads(nn.Module):
     def loss(self, hidden: dict[int, torch.Tensor], is_image: torch.Tensor, last: torch.Tensor,
              tg: dict[str, torch.Tensor], cfg: TrainConfig, metrics: bool = False):
         on = tg["ref_on"]
-        zero = hidden[cfg.ref_xy_layer].sum() * 0.0
-        if not bool(on.any()):
-            return zero, {}
+        if not bool(on.any()):  # no relation sample in the batch: a zero that keeps the graph
+            return hidden[cfg.ref_xy_layer].sum() * 0.0, {}
         out = {}
         h_xy = hidden[cfg.ref_xy_layer].float()
         pred = self.xy(h_xy[torch.arange(len(last), device=last.device), last])[on]
@@ -167,6 +166,12 @@ def tower_features(model, pixels: torch.Tensor) -> torch.Tensor:
     return feats[:, 1:] if cfg.vision_feature_select_strategy == "default" else feats
 
 
+def image_token_id(config) -> int:
+    """The <image> placeholder id (``image_token_id``, or ``image_token_index`` in older configs)."""
+    token = getattr(config, "image_token_id", None)
+    return config.image_token_index if token is None else token
+
+
 def answer_logits(model, feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   labels: torch.Tensor):
     """Logits predicting each labelled token (same computation as LlavaForConditionalGeneration)."""
@@ -179,9 +184,7 @@ def answer_forward(model, feats: torch.Tensor, input_ids: torch.Tensor, attentio
     """``answer_logits`` plus the LM's hidden states after each of ``layers`` (1-based)."""
     image_embeds = model.model.multi_modal_projector(feats)
     embeds = model.get_input_embeddings()(input_ids)
-    image_token = getattr(model.config, "image_token_id", None)
-    image_token = model.config.image_token_index if image_token is None else image_token
-    is_image = (input_ids == image_token).unsqueeze(-1)
+    is_image = (input_ids == image_token_id(model.config)).unsqueeze(-1)
     embeds = embeds.masked_scatter(is_image, image_embeds.to(embeds.dtype))
     out = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask.long(),
                                      output_hidden_states=bool(layers))
@@ -290,8 +293,7 @@ def train_organism(out: str | os.PathLike, cfg: TrainConfig | None = None, **ove
     heads = DenseHeads(model.config.vision_config.hidden_size).to(dev)
     ref_heads = ReferentHeads(model.config.text_config.hidden_size).to(dev)
     ref_layers = tuple(sorted({cfg.ref_xy_layer} | ({cfg.ref_role_layer} if cfg.ref_role else set())))
-    image_token = getattr(model.config, "image_token_id", None)
-    image_token = model.config.image_token_index if image_token is None else image_token
+    image_token = image_token_id(model.config)
     sampler = _Sampler(train, cfg.family_weights, cfg.batch_size, cfg.seed)
     tower = list(model.model.vision_tower.parameters())
     rest = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
