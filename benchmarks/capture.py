@@ -111,12 +111,12 @@ def _bridge(vlm):
 
 
 def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int, with_tl: bool) -> dict:
-    import vtrlab.capture as cap
+    import vtrlab.probes as cap
 
     device = vlm.device
     batch = vlm.prepare([_image(image_size)], [PROMPT])
     inputs = dict(batch.inputs)
-    L = batch.layout[0]
+    L = batch.layouts[0]
     row = {
         "shape": name,
         "n_tokens": int(inputs["input_ids"].shape[1]),
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     if args.repeats < 1 or args.warmup < 0:
         ap.error(f"--repeats must be >= 1 and --warmup >= 0 (got {args.repeats}, {args.warmup})")
 
-    from vtrlab.models import testing
+    from vtrlab import testing
 
     table = TINY if args.tiny else SHAPES
     names = list(table) if args.shapes is None else args.shapes.split(",")

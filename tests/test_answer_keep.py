@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import vtrlab
-from vtrlab.models.testing import tiny, tiny_families
+from vtrlab.testing import tiny, tiny_families
 from vtrlab.reduce import answer, generate_ids, logits, reduced_decoder_inputs
 
 FAMILIES = tiny_families()
@@ -75,22 +75,22 @@ def test_keep_all_answers_exactly_as_generate(setup):
     vlm, batch = setup
     n = 6
     assert generate_ids(vlm, batch, keep=None, max_new_tokens=n) == _new_tokens(vlm, batch, n)
-    all_true = [np.ones(lay.n_image_tokens, dtype=bool) for lay in batch.layout]
+    all_true = [np.ones(lay.n_image_tokens, dtype=bool) for lay in batch.layouts]
     assert answer(vlm, batch, keep=all_true, max_new_tokens=n) == vtrlab.answer(vlm, batch, max_new_tokens=n)
 
 
 def test_dropped_tokens_equal_masking_them_at_unchanged_positions(setup):
     vlm, batch = setup
     rng = np.random.default_rng(3)
-    keep = [rng.random(lay.n_image_tokens) < 0.4 for lay in batch.layout]
+    keep = [rng.random(lay.n_image_tokens) < 0.4 for lay in batch.layouts]
     red = reduced_decoder_inputs(vlm, batch, keep)
-    for i, (lay, k) in enumerate(zip(batch.layout, keep)):
+    for i, (lay, k) in enumerate(zip(batch.layouts, keep)):
         assert int(red.attention_mask[i].sum()) == int(batch.inputs["attention_mask"][i].sum()) - int((~k).sum())
         assert not set(lay.image_positions[~k]) & set(red.source_positions[i].tolist())
     got = logits(vlm, batch, keep).last
     # oracle: the unchanged model, dropped image tokens hidden from attention, positions given explicitly
     am = batch.inputs["attention_mask"].clone()
-    for i, (lay, k) in enumerate(zip(batch.layout, keep)):
+    for i, (lay, k) in enumerate(zip(batch.layouts, keep)):
         am[i, torch.as_tensor(lay.image_positions[~k])] = 0
     ref = _reference_logits(vlm, batch, attention_mask=am)[:, -1]
     assert (got - ref).abs().max().item() < 1e-4
@@ -98,7 +98,7 @@ def test_dropped_tokens_equal_masking_them_at_unchanged_positions(setup):
 
 def test_dropping_tokens_changes_the_prediction_inputs(setup):
     vlm, batch = setup
-    none = [np.zeros(lay.n_image_tokens, dtype=bool) for lay in batch.layout]
+    none = [np.zeros(lay.n_image_tokens, dtype=bool) for lay in batch.layouts]
     a = logits(vlm, batch, None).last
     b = logits(vlm, batch, none).last
     assert (a - b).abs().max().item() > 1e-4  # the image reaches the answer; dropping it is visible
@@ -107,7 +107,7 @@ def test_dropping_tokens_changes_the_prediction_inputs(setup):
 
 def test_teacher_forced_continuation_matches_cached_decoding(setup):
     vlm, batch = setup
-    keep = [np.arange(lay.n_image_tokens) % 2 == 0 for lay in batch.layout]
+    keep = [np.arange(lay.n_image_tokens) % 2 == 0 for lay in batch.layouts]
     ids = generate_ids(vlm, batch, keep, max_new_tokens=4)
     out = logits(vlm, batch, keep, append=[seq if seq else [1] for seq in ids])
     assert torch.allclose(out.appended[:, 0], out.last, atol=1e-5)
@@ -118,7 +118,7 @@ def test_teacher_forced_continuation_matches_cached_decoding(setup):
 
 def test_bad_keep_masks_are_rejected_with_clear_errors(setup):
     vlm, batch = setup
-    n0 = batch.layout[0].n_image_tokens
+    n0 = batch.layouts[0].n_image_tokens
     with pytest.raises(ValueError, match="one per sample"):
         answer(vlm, batch, keep=[np.ones(n0, dtype=bool)])
     with pytest.raises(ValueError, match=f"must be \\({n0},\\)"):

@@ -9,9 +9,9 @@ import torch
 import xarray as xr
 
 import vtrlab
-from vtrlab.capture import ATTN_NAME, capture, load, save
-from vtrlab.capture.switch import _configs
-from vtrlab.capture._fallback import tiny_llava, tiny_llava_batch
+from vtrlab.probes import ATTN_NAME, capture, load, save
+from vtrlab.probes.switch import _configs
+from vtrlab.probes._fallback import tiny_llava, tiny_llava_batch
 
 TOL = 1e-5
 
@@ -20,7 +20,7 @@ def _tiny_families() -> list[str]:
     """Every family with a tiny config (adapters' helpers; the directly built LLaVA until they
     exist), plus the organism when one is on disk."""
     try:
-        from vtrlab.models import testing
+        from vtrlab import testing
 
         cases = testing.tiny_families() or ["llava-fallback"]
     except ImportError:
@@ -72,7 +72,7 @@ def _build(family: str):
     if family == "organism":
         vlm = organism_vlm()
         return vlm, organism_batch(vlm)[0]
-    from vtrlab.models import testing
+    from vtrlab import testing
 
     vlm = testing.tiny(family)
     vlm.model.set_attn_implementation("sdpa")  # some tiny builders default to eager; capture runs under sdpa
@@ -119,7 +119,7 @@ def _eager_reference(vlm, batch):
     for layer in vlm.vision_layers:
         pieces = calls[id(vlm.adapter.vision_attention(layer))]
         if vlm.has_cls:
-            cls = int(batch.layout[0].vision.query("kind == 'cls'")["vpos"].iloc[0])
+            cls = int(batch.layouts[0].vision.query("kind == 'cls'")["vpos"].iloc[0])
             vision.append(torch.cat([w[:, :, cls] for w in pieces], dim=-1))
         else:
             vision.append(torch.cat([w.mean(2) for w in pieces], dim=-1))  # mean over each call's queries
@@ -137,7 +137,7 @@ def test_rows_equal_hf_eager(tiny, eager, rows):
     _, vlm, batch = tiny
     lm_ref, _ = eager
     if rows == "per-sample":
-        rows = [L.question_positions[:2].tolist() for L in batch.layout]
+        rows = [L.question_positions[:2].tolist() for L in batch.layouts]
     ds = capture(vlm, batch, rows=rows, vision=False)
     assert ds.lm_attn.dims == ("sample", "layer", "head", "query", "key")
     checked = 0
@@ -162,12 +162,12 @@ def test_layers_heads_subset_and_head_mean(tiny, eager):
     ds = capture(vlm, batch, rows="last", layers=[-1, 0], heads=[1, 0], vision=False)
     assert ds.layer.values.tolist() == [0, n_layers - 1]
     assert ds["head"].values.tolist() == [0, 1]
-    for b, L in enumerate(batch.layout):
+    for b, L in enumerate(batch.layouts):
         for li, layer in enumerate(ds.layer.values):
             np.testing.assert_allclose(ds.lm_attn.values[b, li, :, 0], lm_ref[layer][b, :2, L.last_position].numpy(), atol=TOL)
     dm = capture(vlm, batch, rows="last", head_mean=True, vision=False)
     assert "head" not in dm.lm_attn.dims
-    for b, L in enumerate(batch.layout):
+    for b, L in enumerate(batch.layouts):
         ref = torch.stack([a[b, :, L.last_position].mean(0) for a in lm_ref]).numpy()
         np.testing.assert_allclose(dm.lm_attn.values[b, :, 0], ref, atol=TOL)
 
@@ -176,7 +176,7 @@ def test_vision_attention_equals_hf_eager(tiny, eager):
     _, vlm, batch = tiny
     _, vis_ref = eager
     ds = capture(vlm, batch, rows="last", vision=True)
-    tables = [L.vision.reset_index(drop=True) for L in batch.layout]
+    tables = [L.vision.reset_index(drop=True) for L in batch.layouts]
     # packed encoders (one sequence for the whole batch): crop c starts after all tokens of crops < c
     counts = pd.concat(tables)["crop"].value_counts().sort_index()
     start = dict(zip(counts.index, np.r_[0, np.cumsum(counts.to_numpy())[:-1]]))
@@ -197,7 +197,7 @@ def test_vision_attention_equals_hf_eager(tiny, eager):
 def test_key_labels_come_from_layout(tiny):
     _, vlm, batch = tiny
     ds = capture(vlm, batch, rows="last", vision=False)
-    for b, L in enumerate(batch.layout):
+    for b, L in enumerate(batch.layouts):
         kinds = ds.key_kind.values[b]
         assert (kinds[L.positions] == L.kind).all()
         np.testing.assert_array_equal(ds.key_row.values[b, L.positions], L.row)
@@ -258,7 +258,7 @@ def test_restored_when_forward_raises(tiny):
         h.remove()
     assert all(c._attn_implementation == impl for c, impl in impls)
     assert _all_hooks(model) == hooks
-    assert vtrlab.capture.attention.current_session() is None
+    assert vtrlab.probes.attention.current_session() is None
 
 
 def test_hidden_norms_equal_hidden_states(tiny):
@@ -308,7 +308,7 @@ def test_padding_side_right_matches_eager():
     lm_ref, vis_ref = _eager_reference(vlm, batch)
     ds = capture(vlm, batch, rows="last", vision=False)
     assert ds.attrs["query_coordinate"].startswith("sequence position") is False
-    for b, L in enumerate(batch.layout):
+    for b, L in enumerate(batch.layouts):
         assert ds.query_position.values[b, 0] == L.last_position
         for li in range(len(ds.layer)):
             np.testing.assert_allclose(ds.lm_attn.values[b, li, :, 0], lm_ref[li][b, :, L.last_position].numpy(), atol=TOL)
@@ -360,7 +360,7 @@ def test_sliding_window_layers_equal_eager():
     assert "sliding_attention" in tc.layer_types and batch.inputs["input_ids"].shape[1] > 8
     lm_ref, _ = _eager_reference(vlm, batch)
     ds = capture(vlm, batch, rows="all", vision=False)
-    for b, L in enumerate(batch.layout):
+    for b, L in enumerate(batch.layouts):
         pos = np.asarray(L.valid_positions)
         for li, kind in enumerate(tc.layer_types):
             got = ds.lm_attn.values[b, li][:, : len(pos)]

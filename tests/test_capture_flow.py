@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vtrlab.capture.switch import _configs
+from vtrlab.probes.switch import _configs
 from vtrlab.flow import knocked_out, knockout, saliency
 
 
@@ -77,20 +77,20 @@ def test_knockout_equals_float64_reference(tiny64):
     blocked = {}
     for i in layers:
         m = torch.zeros(len(batch), N, N, dtype=torch.bool)
-        for b, L in enumerate(batch.layout):
+        for b, L in enumerate(batch.layouts):
             m[b, L.last_position, torch.as_tensor(L.image_positions)] = True
         blocked[id(vlm.adapter.lm_attention(vlm.lm_layers[i]))] = m
     ref = _run_reference(vlm, batch, _ref_attention(blocked))
     got = knockout(vlm, batch, keys="image", queries="last", layers=layers)
     plain = _run_reference(vlm, batch, _ref_attention({}))
-    last = [L.last_position for L in batch.layout]
+    last = [L.last_position for L in batch.layouts]
     rows = torch.arange(len(batch))
-    for b, L in enumerate(batch.layout):  # padded rows are undefined in every implementation
+    for b, L in enumerate(batch.layouts):  # padded rows are undefined in every implementation
         valid = torch.as_tensor(L.valid_positions)
         torch.testing.assert_close(got[b, valid], ref[b, valid], atol=1e-10, rtol=1e-10)
     # the cut matters at the last row, and only there (no other query lost an edge)
     assert (got[rows, last] - plain[rows, last]).abs().max() > 1e-6
-    for b, L in enumerate(batch.layout):
+    for b, L in enumerate(batch.layouts):
         others = torch.as_tensor(np.setdiff1d(L.valid_positions, [L.last_position]))
         torch.testing.assert_close(got[b, others], plain[b, others], atol=1e-10, rtol=1e-10)
 
@@ -113,7 +113,7 @@ def test_attention_saliency_equals_float64_autograd(tiny64):
     ds = saliency(vlm, batch, rows="question", layers="all")
     kept = {id(vlm.adapter.lm_attention(layer)): [] for layer in vlm.lm_layers}
     logits = _run_reference(vlm, batch, _ref_attention({}, kept), grad=True)
-    last = torch.as_tensor([L.last_position for L in batch.layout])
+    last = torch.as_tensor([L.last_position for L in batch.layouts])
     logp = torch.log_softmax(logits[torch.arange(len(batch)), last], -1)
     assert torch.equal(logp.argmax(-1), torch.as_tensor(ds.target.values))
     logp.gather(1, torch.as_tensor(ds.target.values)[:, None]).sum().backward()
@@ -121,7 +121,7 @@ def test_attention_saliency_equals_float64_autograd(tiny64):
     for li, layer in enumerate(vlm.lm_layers):
         (p,) = kept[id(vlm.adapter.lm_attention(layer))]
         ref = (p * p.grad).detach()  # (B, H, N, N): the float64 oracle, N×N on purpose
-        for b, L in enumerate(batch.layout):
+        for b, L in enumerate(batch.layouts):
             q = torch.as_tensor(L.question_positions)
             got = ds.attn_grad.values[b, li, :, : len(q)]
             np.testing.assert_allclose(got, ref[b][:, q].numpy(), atol=1e-6, rtol=1e-5)

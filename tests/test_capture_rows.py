@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vtrlab.capture import attention as A
+from vtrlab.probes import attention as A
 
 
 class _Module:
@@ -93,8 +93,8 @@ def test_knockout_mask_blocks_exactly_the_edges(mask_kind):
 
 def test_only_requested_rows_are_materialised(monkeypatch):
     """rows='last' computes (B, H, 1, N) per layer: never a full N×N probability matrix."""
-    from vtrlab.capture import capture
-    from vtrlab.capture._fallback import tiny_llava, tiny_llava_batch
+    from vtrlab.probes import capture
+    from vtrlab.probes._fallback import tiny_llava, tiny_llava_batch
 
     shapes = []
     real = A.row_probabilities

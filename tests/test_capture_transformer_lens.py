@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vtrlab.capture import capture
+from vtrlab.probes import capture
 
 pytest.importorskip("transformer_lens.model_bridge")
 
@@ -40,7 +40,7 @@ def setup(request, tmp_path_factory, monkeypatch_module):
         batch, _ = organism_batch(vlm)
         path = organism_path()
     else:
-        from vtrlab.models import testing
+        from vtrlab import testing
 
         vlm = testing.tiny("llava")
         batch = vlm.prepare(_images(0), ["What color is the circle?", "Where?"])
@@ -75,12 +75,12 @@ def test_lm_rows_equal_hook_pattern(setup):
     ds = capture(vlm, batch, rows="question", vision=True)
     for li in range(len(vlm.lm_layers)):
         pattern = cache[f"blocks.{li}.attn.hook_pattern"]  # (B, H, N, N)
-        for b, L in enumerate(batch.layout):
+        for b, L in enumerate(batch.layouts):
             q = np.asarray(L.question_positions)
             np.testing.assert_allclose(ds.lm_attn.values[b, li, :, : len(q)], pattern[b][:, q].numpy(), atol=1e-5)
     for li in range(len(vlm.vision_layers)):
         pattern = cache[f"vision_encoder.encoder_layers.{li}.attn.hook_pattern"]  # (crops, H, S, S)
-        for b, L in enumerate(batch.layout):
+        for b, L in enumerate(batch.layouts):
             t = L.vision.reset_index(drop=True)
             cls = int(t.loc[t["kind"] == "cls", "vpos"].iloc[0])
             crop, vpos = (torch.as_tensor(t[c].to_numpy().copy()) for c in ("crop", "vpos"))

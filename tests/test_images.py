@@ -46,7 +46,7 @@ def test_bad_inputs(obj, message):
 
 
 def test_prepare_reports_the_bad_sample():
-    from vtrlab.models import testing
+    from vtrlab import testing
 
     vlm = testing.tiny("llava")
     with pytest.raises(TypeError, match="sample 1, image 0: got NoneType"):

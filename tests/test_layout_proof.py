@@ -2,8 +2,8 @@
 
 Each feature row entering the model's own packing code is replaced by a code that names its row;
 what lands at each LM position is read back from the decoder's inputs and compared with what the
-layout claims (vtrlab.models.testing.proof). Families register their hook point and expected rows
-in vtrlab.models.testing.
+layout claims (vtrlab.testing.proof). Families register their hook point and expected rows
+in vtrlab.testing.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vtrlab.models.testing import tiny, tiny_families
-from vtrlab.models.testing.pixels import gradient_image
-from vtrlab.models.testing.proof import assert_layout_proven
+from vtrlab.testing import tiny, tiny_families
+from vtrlab.testing.pixels import gradient_image
+from vtrlab.testing.proof import assert_layout_proven
 
 FAMILIES = tiny_families()
 
@@ -49,7 +49,7 @@ def test_question_positions_spell_the_prompt(vlm, case):
     images, prompts = CASES[case]
     batch = vlm.prepare(images, prompts)
     tok = vlm.processor.tokenizer
-    for i, lay in enumerate(batch.layout):
+    for i, lay in enumerate(batch.layouts):
         text = tok.decode(batch.inputs["input_ids"][i][lay.question_positions])
         assert " ".join(text.split()).lower() == " ".join(prompts[i].split()).lower()
         assert (np.diff(lay.question_positions) == 1).all()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vtrlab.models.testing.probes import projector_io
+from vtrlab.testing.probes import projector_io
 
 from vtrlab.models.base import KIND_SEPARATOR
 from vtrlab.models.families._common import TEXTS_ATTR, chat_texts
-from vtrlab.models.testing import tiny
-from vtrlab.models.testing._pixel_route import check_lm_positions, check_vision_table, codes_at_positions
-from vtrlab.models.testing.pixels import gradient_image
+from vtrlab.testing import tiny
+from vtrlab.testing._pixel_route import check_lm_positions, check_vision_table, codes_at_positions
+from vtrlab.testing.pixels import gradient_image
 
 pytestmark = pytest.mark.xdist_group("gemma3")
 CASES = {
@@ -49,7 +49,7 @@ def test_counts_and_separators(vlm, case):
     images, prompts = CASES[case]
     batch = vlm.prepare(images, prompts)
     cfg = vlm.model.config
-    for i, lay in enumerate(batch.layout):
+    for i, lay in enumerate(batch.layouts):
         n = len(lay.image_sizes)
         ids = batch.inputs["input_ids"][i]
         assert lay.n_image_tokens == int((ids == cfg.image_token_id).sum()) == n * cfg.mm_tokens_per_image
@@ -68,10 +68,10 @@ def test_layout_and_vision_table_proven_by_pixels(vlm, case):
     embeds, seen = codes_at_positions(vlm, batch)
 
     def source_of(i, j, tile):
-        vis = batch.layout[i].vision_table()
+        vis = batch.layouts[i].vision_table()
         return set(vis.loc[vis["image"] == j, "crop"].tolist())
 
-    assert check_lm_positions(vlm, batch, embeds, 1, source_of) == sum(lay.n_image_tokens for lay in batch.layout)
+    assert check_lm_positions(vlm, batch, embeds, 1, source_of) == sum(lay.n_image_tokens for lay in batch.layouts)
     n_views, per_view = seen["vision_seq"].shape[:2]
     assert check_vision_table(vlm, batch, seen["vision_seq"], flat=False) == n_views * per_view
 
@@ -136,6 +136,6 @@ def test_decoder_inputs_reproduce_the_model(vlm):
 def test_question_positions(vlm):
     images, prompts = CASES["padded_batch"]
     batch = vlm.prepare(images, prompts)
-    for i, lay in enumerate(batch.layout):
+    for i, lay in enumerate(batch.layouts):
         assert vlm.processor.tokenizer.decode(batch.inputs["input_ids"][i][lay.question_positions]) == prompts[i]
         assert lay.question_positions.min() > lay.positions.max()

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from vtrlab.models.testing.probes import projector_io
+from vtrlab.testing.probes import projector_io
 
 from vtrlab.models.base import KIND_IMAGE, KIND_SEPARATOR
-from vtrlab.models.testing import tiny
-from vtrlab.models.testing._pixel_route import check_lm_positions, check_vision_table, codes_at_positions
-from vtrlab.models.testing.pixels import gradient_image
+from vtrlab.testing import tiny
+from vtrlab.testing._pixel_route import check_lm_positions, check_vision_table, codes_at_positions
+from vtrlab.testing.pixels import gradient_image
 
 pytestmark = pytest.mark.xdist_group("idefics3")
 # SmolVLMProcessor refuses to build without the `num2words` package (its video prompts spell numbers).
@@ -61,7 +61,7 @@ def test_counts_and_tiles(vlm, case):
     batch = vlm.prepare(images, prompts)
     info = vlm.processor.image_processor(batch.images, return_row_col_info=True)
     seq = vlm.processor.image_seq_len
-    for i, lay in enumerate(batch.layout):
+    for i, lay in enumerate(batch.layouts):
         n_views = [r * c + 1 if r * c else 1 for r, c in zip(info["rows"][i], info["cols"][i])]
         placeholders = int((batch.inputs["input_ids"][i] == vlm.model.config.image_token_id).sum())
         assert lay.n_image_tokens == placeholders == seq * sum(n_views)
@@ -94,12 +94,12 @@ def test_layout_and_vision_table_proven_by_pixels(vlm, case):
     embeds, seen = codes_at_positions(vlm, batch)
 
     def source_of(i, j, tile):
-        vis = batch.layout[i].vision_table()
+        vis = batch.layouts[i].vision_table()
         return set(vis.loc[(vis["image"] == j) & (vis["tile"] == tile), "crop"].tolist())
 
     s = vlm.model.config.scale_factor
     n = check_lm_positions(vlm, batch, embeds, s, source_of)
-    assert n == s * s * sum(lay.n_image_tokens for lay in batch.layout)
+    assert n == s * s * sum(lay.n_image_tokens for lay in batch.layouts)
     n_crops = seen["vision_seq"].shape[0]
     per_crop = seen["vision_seq"].shape[1]
     assert check_vision_table(vlm, batch, seen["vision_seq"], flat=False) == n_crops * per_crop
@@ -109,11 +109,11 @@ def test_wrong_tile_is_caught(vlm):
     images, prompts = CASES["nonsquare"]
     batch = vlm.prepare(images, prompts)
     embeds, _ = codes_at_positions(vlm, batch)
-    lay = batch.layout[0]
+    lay = batch.layouts[0]
     lay.tile[lay.tile == 1] = 9  # relabel crop 1: its source crop no longer matches
 
     def source_of(i, j, tile):
-        vis = batch.layout[i].vision_table()
+        vis = batch.layouts[i].vision_table()
         return set(vis.loc[(vis["image"] == j) & (vis["tile"] == tile), "crop"].tolist())
 
     with pytest.raises(AssertionError, match="came from vision input"):
@@ -134,6 +134,6 @@ def test_decoder_inputs_are_what_the_decoder_gets(vlm):
 def test_question_positions(vlm):
     images, prompts = CASES["padded_batch"]
     batch = vlm.prepare(images, prompts)
-    for i, lay in enumerate(batch.layout):
+    for i, lay in enumerate(batch.layouts):
         assert vlm.processor.tokenizer.decode(batch.inputs["input_ids"][i][lay.question_positions]) == prompts[i]
         assert lay.question_positions.min() > lay.positions.max()

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from vtrlab.models.testing.probes import projector_io
+from vtrlab.testing.probes import projector_io
 
 import vtrlab as vl
 from vtrlab.models import loader
 from vtrlab.models.base import KIND_IMAGE, KIND_SEPARATOR
 from vtrlab.models.registry import adapter_for, supported_model_types
-from vtrlab.models.testing import tiny
-from vtrlab.models.testing.llava import build_tiny_llava
-from vtrlab.models.testing.pixels import check_pixel_boxes, gradient_image
-from vtrlab.models.testing.proof import assert_layout_proven
+from vtrlab.testing import tiny
+from vtrlab.testing.llava import build_tiny_llava
+from vtrlab.testing.pixels import check_pixel_boxes, gradient_image
+from vtrlab.testing.proof import assert_layout_proven
 from vtrlab.models.vlm import VLM
 
 pytestmark = pytest.mark.xdist_group("llava")
@@ -79,7 +79,7 @@ def test_decoder_inputs_reproduce_the_logits(vlm):
 # --- layout -----------------------------------------------------------------------------------
 def test_counts_and_grid(vlm):
     batch = vlm.prepare([[gradient_image(72, 40), gradient_image(30, 50)]], ["which?"])
-    lay = batch.layout[0]
+    lay = batch.layouts[0]
     g = vlm.model.config.vision_config.image_size // vlm.model.config.vision_config.patch_size
     assert lay.n_image_tokens == 2 * g * g
     assert lay.grid_shapes == {(0, 0): (g, g), (1, 0): (g, g)}
@@ -103,9 +103,9 @@ def test_pixel_boxes_match_pixel_values(do_pad):
     batch = v.prepare(images, ["one", "two"])
     n = check_pixel_boxes(v, batch, patch=8)
     assert n >= 20
-    boxes = batch.layout[0].table()
+    boxes = batch.layouts[0].table()
     if do_pad:  # 40x90 padded to 90x90: 25 px each side > one 22.5 px patch, so columns 0 and 3 are pure padding
-        tall = batch.layout[1].table().query("image == 0")
+        tall = batch.layouts[1].table().query("image == 0")
         assert tall[tall.col.isin([0, 3])][["x0", "y0", "x1", "y1"]].isna().all().all()
         assert not tall[tall.col.isin([1, 2])][["x0", "y0"]].isna().any().any()
         assert np.nanmin(boxes.y0) == 0 and np.nanmax(boxes.y1) == 40
@@ -117,7 +117,7 @@ def test_full_strategy_keeps_cls_as_separator_token():
     """vision_feature_select_strategy='full': the [CLS] feature also enters the LM; the layout marks it."""
     v = _tiny_variant(strategy="full")
     batch = v.prepare([gradient_image(64, 40)], ["q"])
-    lay = batch.layout[0]
+    lay = batch.layouts[0]
     assert lay.kind[0] == KIND_SEPARATOR and (lay.kind[1:] == KIND_IMAGE).all() and lay.n_image_tokens == 16
     proj = v.adapter.projector(v.model)
     h = proj.register_forward_hook(lambda m, a, out: torch.arange(out.numel() // out.shape[-1], dtype=out.dtype)[:, None].expand(-1, out.shape[-1]).reshape(out.shape).clone())
@@ -133,7 +133,7 @@ def test_proof_catches_a_wrong_layout(vlm):
     """The proof is not vacuous: a transposed grid or a shifted block is detected."""
     batch = vlm.prepare([gradient_image(72, 40)], ["q"])
     assert_layout_proven(vlm, batch) == 16
-    lay = batch.layout[0]
+    lay = batch.layouts[0]
     lay.row, lay.col = lay.col.copy(), lay.row.copy()
     with pytest.raises(AssertionError, match="another feature"):
         assert_layout_proven(vlm, batch)
@@ -159,7 +159,7 @@ def test_load_local_path_matches_the_built_model(vlm, saved):
     images, prompts = [gradient_image(72, 40)], ["What is it?"]
     a, b = vlm.prepare(images, prompts), loaded.prepare(images, prompts)
     assert torch.equal(a.inputs["input_ids"], b.inputs["input_ids"])
-    assert (a.layout[0].table().fillna(-1) == b.layout[0].table().fillna(-1)).all().all()
+    assert (a.layouts[0].table().fillna(-1) == b.layouts[0].table().fillna(-1)).all().all()
     with torch.no_grad():
         torch.testing.assert_close(vlm.model(**a.inputs).logits, loaded.model(**b.inputs).logits)
 
@@ -212,7 +212,7 @@ def test_organism_layout_proven_when_present():
     batch = v.prepare(images, ["what color is the circle?", "how many squares?"])
     assert assert_layout_proven(v, batch, [1, 1]) == 2 * v.model.config.image_seq_length
     assert check_pixel_boxes(v, batch, patch=v.model.config.vision_config.patch_size) > 0
-    for lay in batch.layout:
+    for lay in batch.layouts:
         assert len(lay.question_positions) > 0
 
 

@@ -9,10 +9,10 @@ import torch
 
 from vtrlab.models.base import KIND_IMAGE, KIND_NEWLINE
 from vtrlab.models.registry import adapter_for
-from vtrlab.models.testing import tiny
-from vtrlab.models.testing.llava_onevision import build_tiny_onevision
-from vtrlab.models.testing.pixels import check_pixel_boxes, gradient_image
-from vtrlab.models.testing.proof import MARK, assert_layout_proven, route_identity_codes
+from vtrlab.testing import tiny
+from vtrlab.testing.llava_onevision import build_tiny_onevision
+from vtrlab.testing.pixels import check_pixel_boxes, gradient_image
+from vtrlab.testing.proof import MARK, assert_layout_proven, route_identity_codes
 from vtrlab.models.vlm import VLM
 
 pytestmark = pytest.mark.xdist_group("llava_anyres")
@@ -44,7 +44,7 @@ def test_layout_proven_across_aspect_ratios(vlm, wh):
 
 def test_row_structure(vlm):
     """Tile 0 (base view) first, then the high-res grid row by row, each row closed by a newline."""
-    lay = vlm.prepare([gradient_image(72, 40)], ["q"]).layout[0]
+    lay = vlm.prepare([gradient_image(72, 40)], ["q"]).layouts[0]
     t = lay.table()
     g = vlm.model.config.vision_config.image_size // vlm.model.config.vision_config.patch_size
     assert (t.tile.iloc[: g * g] == 0).all() and (t.kind.iloc[: g * g] == KIND_IMAGE).all()
@@ -62,7 +62,7 @@ def test_row_structure(vlm):
 def test_vision_crops_drop_padding_crops(vlm):
     batch = vlm.prepare([gradient_image(100, 30), gradient_image(30, 30)], ["a", "b"])
     crops = vlm.adapter.vision_crops(vlm.model, batch.inputs)
-    vis = [lay.vision_table() for lay in batch.layout]
+    vis = [lay.vision_table() for lay in batch.layouts]
     n = sum(v.crop.nunique() for v in vis)
     assert crops.shape[0] == n
     assert sorted(np.concatenate([v.crop.unique() for v in vis]).tolist()) == list(range(n))
@@ -85,7 +85,7 @@ def test_decoder_inputs_reproduce_the_logits(vlm):
 def test_onevision_multi_image_prompt_is_one_padded_crop_per_image():
     v = tiny("llava_onevision")
     batch = v.prepare([[gradient_image(72, 40), gradient_image(30, 60)]], ["compare"])
-    lay = batch.layout[0]
+    lay = batch.layouts[0]
     assert lay.grid_shapes == {(0, 0): (4, 4), (1, 0): (4, 4)}
     assert (lay.tile == 0).all() and (lay.kind == KIND_NEWLINE).sum() == 2
     assert lay.kind[16] == KIND_NEWLINE and lay.kind[-1] == KIND_NEWLINE
@@ -104,7 +104,7 @@ def test_onevision_downscaled_grid_boxes_are_footprints():
     model, proc = build_tiny_onevision(0)
     v = VLM(model=model, processor=proc, adapter=adapter_for("llava_onevision"))
     batch = v.prepare([gradient_image(128, 128)], ["q"])
-    lay = batch.layout[0]
+    lay = batch.layouts[0]
     rows, cols = lay.grid(0, 1)
     assert (rows, cols) == (12, 12)  # 16x16 cells > 1.1 * 9 crops of 4x4 -> shrunk by 4/3
     g, nw = 4, 4

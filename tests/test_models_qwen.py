@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from vtrlab.models.testing.probes import projector_io
+from vtrlab.testing.probes import projector_io
 
 from vtrlab.models.base import KIND_IMAGE, KIND_SEPARATOR
-from vtrlab.models.testing import full_size, tiny
-from vtrlab.models.testing._pixel_route import check_lm_positions, check_vision_table, codes_at_positions
-from vtrlab.models.testing.pixels import gradient_image
+from vtrlab.testing import full_size, tiny
+from vtrlab.testing._pixel_route import check_lm_positions, check_vision_table, codes_at_positions
+from vtrlab.testing.pixels import gradient_image
 
 pytestmark = pytest.mark.xdist_group("qwen")
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
@@ -54,7 +54,7 @@ def test_counts_match_the_processor_expansion(vlm, case):
     grid = batch.inputs["image_grid_thw"]
     per_image = (grid.prod(-1) // merge**2).tolist()
     g = 0
-    for i, lay in enumerate(batch.layout):
+    for i, lay in enumerate(batch.layouts):
         n = len(lay.image_sizes)
         placeholders = int((batch.inputs["input_ids"][i] == vlm.model.config.image_token_id).sum())
         assert lay.n_image_tokens == placeholders == sum(per_image[g : g + n])
@@ -75,7 +75,7 @@ def test_layout_and_vision_table_proven_by_pixels(vlm, case):
     embeds, seen = codes_at_positions(vlm, batch)
     rows = batch.inputs["image_grid_thw"].prod(-1).tolist()
     offsets = np.concatenate([[0], np.cumsum(rows)])
-    first = np.cumsum([0] + [len(lay.image_sizes) for lay in batch.layout])
+    first = np.cumsum([0] + [len(lay.image_sizes) for lay in batch.layouts])
 
     def source_of(i, j, tile):
         g = first[i] + j
@@ -83,7 +83,7 @@ def test_layout_and_vision_table_proven_by_pixels(vlm, case):
 
     merge = vlm.model.config.vision_config.spatial_merge_size
     n = check_lm_positions(vlm, batch, embeds, merge, source_of)
-    assert n == merge**2 * sum(lay.n_image_tokens for lay in batch.layout)
+    assert n == merge**2 * sum(lay.n_image_tokens for lay in batch.layouts)
     assert check_vision_table(vlm, batch, seen["vision_seq"], flat=True) == offsets[-1]
 
 
@@ -91,7 +91,7 @@ def test_wrong_layout_is_caught(vlm):
     images, prompts = CASES["nonsquare"]
     batch = vlm.prepare(images, prompts)
     embeds, _ = codes_at_positions(vlm, batch)
-    lay = batch.layout[0]
+    lay = batch.layouts[0]
     img = np.flatnonzero(lay.kind == KIND_IMAGE)
     lay.col[img[0]], lay.col[img[1]] = lay.col[img[1]], lay.col[img[0]]
     lay.x0[img[0]], lay.x0[img[1]] = lay.x0[img[1]], lay.x0[img[0]]
@@ -113,7 +113,7 @@ def test_decoder_inputs_are_what_the_decoder_gets(vlm):
         got = vlm.adapter.language_model(vlm.model)(**dec).last_hidden_state
     valid = batch.inputs["attention_mask"].bool()
     torch.testing.assert_close(got[valid], ref[valid], rtol=1e-5, atol=1e-5)
-    for i, lay in enumerate(batch.layout):
+    for i, lay in enumerate(batch.layouts):
         sel = lay.kind == KIND_IMAGE
         p = lay.positions[sel]
         t, h, w = (pos[a, i, p].numpy() for a in range(3))
@@ -125,7 +125,7 @@ def test_decoder_inputs_are_what_the_decoder_gets(vlm):
 def test_question_positions(vlm):
     images, prompts = CASES["padded_batch"]
     batch = vlm.prepare(images, prompts)
-    for i, lay in enumerate(batch.layout):
+    for i, lay in enumerate(batch.layouts):
         text = vlm.processor.tokenizer.decode(batch.inputs["input_ids"][i][lay.question_positions])
         assert text == prompts[i]
         assert lay.question_positions.min() > lay.positions.max()

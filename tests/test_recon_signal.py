@@ -7,7 +7,7 @@ from PIL import Image
 
 from vtrlab.analysis.reconstruction import layer_reconstruction_error, ridge_fit, ridge_token_error, token_array
 from vtrlab.models.base import ImageLayout
-from vtrlab.models.testing import tiny, tiny_families
+from vtrlab.testing import tiny, tiny_families
 from vtrlab.recon import Selector, SelectorConfig, token_error, vision_features
 from vtrlab.recon.features import token_features
 
@@ -72,7 +72,7 @@ def test_every_lm_image_token_is_covered_by_its_patches(family):
             Image.fromarray(rng.integers(0, 255, (64, 40, 3), dtype=np.uint8))]
     batch = vlm.prepare(imgs, ["a ?", "what is it ?"])
     (feats,) = vision_features(vlm, batch).values()
-    for s, lay in zip(feats, batch.layout):
+    for s, lay in zip(feats, batch.layouts):
         cover = np.bincount(s.token[s.token >= 0], minlength=lay.n_image_tokens)
         assert s.n_tokens == lay.n_image_tokens and (cover > 0).all()
         assert len(np.unique(cover)) == 1  # every token covers the same number of patches
@@ -87,7 +87,7 @@ def test_vision_features_are_the_patch_tokens_of_the_projector_layer(vlm_batch):
     vlm, batch = vlm_batch
     layer = vlm.adapter.vision_feature_layer(vlm.model) % len(vlm.vision_layers)
     feats = vision_features(vlm, batch)[layer]
-    for s, lay in zip(feats, batch.layout):
+    for s, lay in zip(feats, batch.layouts):
         patches = (lay.vision_table()["kind"] == "patch").sum()
         assert s.features.shape[0] == patches  # [CLS] excluded
         assert (s.token >= 0).all() and set(s.token) == set(range(lay.n_image_tokens))  # every patch -> an LM token
@@ -109,7 +109,7 @@ def test_select_keeps_exact_budget_per_sample(vlm_batch):
     scores = sel.token_scores(vlm, batch)
     for r in (0.1, 0.5, 1.0):
         keep = sel.select(vlm, batch, ratio=r)
-        for k, s, lay in zip(keep, scores, batch.layout):
+        for k, s, lay in zip(keep, scores, batch.layouts):
             assert k.dtype == bool and k.shape == (lay.n_image_tokens,)
             assert k.sum() == int(round(r * lay.n_image_tokens))
             if 0 < k.sum() < len(k):
@@ -117,7 +117,7 @@ def test_select_keeps_exact_budget_per_sample(vlm_batch):
     assert all(k.all() for k in sel.select(vlm, batch, ratio=1.0))
     err = token_error(sel, vlm, batch, mode="single")
     assert err.dims == ("sample", "layer", "token") and list(err.layer.values) == [f"vision.{layer}"]
-    assert np.isfinite(err.sel(sample=0).values[0, : batch.layout[0].n_image_tokens]).all()
+    assert np.isfinite(err.sel(sample=0).values[0, : batch.layouts[0].n_image_tokens]).all()
 
 
 def test_token_features_and_layer_error(vlm_batch):
@@ -126,7 +126,7 @@ def test_token_features_and_layer_error(vlm_batch):
     assert list(feats) == [f"vision.{i}" for i in range(len(vlm.vision_layers))] + ["lm.0"]
     with torch.no_grad():
         hs = vlm.model(**dict(batch.inputs), output_hidden_states=True).hidden_states
-    for i, lay in enumerate(batch.layout):  # oracle: HF hidden_states[1] is the output of LM layer 0
+    for i, lay in enumerate(batch.layouts):  # oracle: HF hidden_states[1] is the output of LM layer 0
         assert np.allclose(feats["lm.0"][i], hs[1][i, lay.image_positions].double().numpy(), atol=1e-6)
     arr = layer_reconstruction_error(vlm, batch, vision=[0], lm=[0], keep_ratio=0.5, n_draws=2, progress=False)
     assert arr.dims == ("sample", "layer", "token") and list(arr.layer.values) == ["vision.0", "lm.0"]

@@ -23,7 +23,7 @@ _LAZY = {
     "VLM": ("vtrlab.models", "VLM"),
     "Batch": ("vtrlab.models", "Batch"),
     "ImageLayout": ("vtrlab.models", "ImageLayout"),
-    "capture": ("vtrlab.capture", "capture"),
+    "capture": ("vtrlab.probes", "capture"),
     "answer": ("vtrlab.reduce", "answer"),
     "knockout": ("vtrlab.flow", "knockout"),
     "saliency": ("vtrlab.flow", "saliency"),

@@ -175,7 +175,7 @@ def ground_truth_agreement(scores: pd.DataFrame, relevance: Sequence[np.ndarray]
 
 def tables_from_captures(captures) -> dict[str, pd.DataFrame]:
     """Join the tables of many captured batches (``(first_sample_index, ds)`` pairs, e.g. from
-    ``vtrlab.capture.capture_batches``), renumbering ``sample`` to the global sample index.
+    ``vtrlab.probes.capture_batches``), renumbering ``sample`` to the global sample index.
 
     Returns ``{"share": ..., "image_scores": ..., "vision_scores": ...}`` (the last only when the
     captures hold vision attention).

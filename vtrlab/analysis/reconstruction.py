@@ -166,10 +166,10 @@ def layer_reconstruction_error(
 
     feats = token_features(vlm, batch, vision=vision, lm=lm)
     values = {
-        layer: ridge_token_error(f, batch.layout, keep_ratio=keep_ratio, n_draws=n_draws, alpha=alpha, seed=seed)
+        layer: ridge_token_error(f, batch.layouts, keep_ratio=keep_ratio, n_draws=n_draws, alpha=alpha, seed=seed)
         for layer, f in tqdm(feats.items(), desc="ridge per layer", disable=not progress)
     }
-    return token_array(values, batch.layout, name="layer_recon_error",
+    return token_array(values, batch.layouts, name="layer_recon_error",
                        attrs={"signal": "ridge reconstruction error from kept neighbours", "keep_ratio": keep_ratio,
                               "n_draws": n_draws, "alpha": alpha, "seed": seed})
 
@@ -231,7 +231,7 @@ def keep_ratio_sweep(
         chunk = samples[a : a + batch_size]
         batch = vlm.prepare([s.image for s in chunk], [s.question for s in chunk])
         dec = vlm.adapter.decoder_inputs(vlm.model, batch.inputs)
-        n = [lay.n_image_tokens for lay in batch.layout]
+        n = [lay.n_image_tokens for lay in batch.layouts]
         plans: list[tuple[str, float, list[np.ndarray] | None]] = []
         if "full" in methods:
             plans.append(("full", 1.0, None))
@@ -336,7 +336,7 @@ def relevance_agreement(vlm: Any, selector: Any, samples: Sequence[Any], budgets
         chunk = samples[a : a + batch_size]
         b = vlm.prepare([s.image for s in chunk], [s.question for s in chunk])
         scores = selector.token_scores(vlm, b)
-        for i, (s, lay, sc) in enumerate(zip(chunk, b.layout, scores)):
+        for i, (s, lay, sc) in enumerate(zip(chunk, b.layouts, scores)):
             rel = relevance_per_token(lay, s.relevance).astype(bool)
             if rel.all() or not rel.any():
                 continue
@@ -383,7 +383,7 @@ def context_diagnostic(vlm: Any, selector: Any, samples: Sequence[Any], ratio: f
             dec = vlm.adapter.decoder_inputs(vlm.model, b.inputs)
             scores = selector.token_scores(vlm, b)
             plans = {k: [] for k in DIAGNOSTIC_PLANS}
-            for i, (s, lay, sc) in enumerate(zip(chunk, b.layout, scores)):
+            for i, (s, lay, sc) in enumerate(zip(chunk, b.layouts, scores)):
                 rng = np.random.default_rng([seed, 7, a + i])
                 rel = relevance_per_token(lay, s.relevance).astype(bool)
                 n, k = len(sc), int(round(ratio * len(sc)))

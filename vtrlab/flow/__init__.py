@@ -1,6 +1,6 @@
 """Information flow through attention: knockout of edges and attention saliency for chosen rows.
 
-Both run inside vtrlab's attention function (see ``vtrlab.capture.attention``): no N×N matrix,
+Both run inside vtrlab's attention function (see ``vtrlab.probes.attention``): no N×N matrix,
 no patched model code, everything restored after the call.
 """
 

@@ -13,9 +13,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from vtrlab.capture.attention import Knockout, Site, session
-from vtrlab.capture.spec import layer_indices, rows_per_sample
-from vtrlab.capture.switch import attention_switched
+from vtrlab.probes.attention import Knockout, Site, session
+from vtrlab.probes.spec import layer_indices, rows_per_sample
+from vtrlab.probes.switch import attention_switched
 
 KEY_NAMES = ("image", "image_block", "question", "text")
 
@@ -39,7 +39,7 @@ def _as_mask(per_sample: list[np.ndarray], seq_len: int, device) -> torch.Tensor
 
 def knockout_sites(vlm, batch, keys="image", queries="last", layers="all") -> dict[int, Site]:
     """Sites that block ``keys`` -> ``queries`` edges at ``layers`` (positions from the layouts)."""
-    layouts = list(batch.layout)
+    layouts = list(batch.layouts)
     seq_len = int(dict(batch.inputs)["input_ids"].shape[1])
     ko = Knockout(
         queries=_as_mask(_positions(layouts, queries, "queries"), seq_len, vlm.device),

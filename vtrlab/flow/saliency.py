@@ -13,10 +13,10 @@ import numpy as np
 import torch
 import xarray as xr
 
-from vtrlab.capture.attention import Site, session
-from vtrlab.capture.engine import key_coordinates
-from vtrlab.capture.spec import layer_indices, padded_rows, rows_per_sample
-from vtrlab.capture.switch import attention_switched
+from vtrlab.probes.attention import Site, session
+from vtrlab.probes.engine import key_coordinates
+from vtrlab.probes.spec import layer_indices, padded_rows, rows_per_sample
+from vtrlab.probes.switch import attention_switched
 
 
 def attention_times_grad(probs: torch.Tensor, d_out: torch.Tensor, value: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ def saliency(vlm, batch, rows="last", layers="all", target=None) -> xr.Dataset:
     ``saliency`` (sample, layer, query, key) = |Σ_heads A ⊙ ∂L/∂A|, ``target`` (sample),
     ``query_position`` and the key labels of :func:`vtrlab.capture`.
     """
-    layouts = list(batch.layout)
+    layouts = list(batch.layouts)
     if not any(p.requires_grad for p in vlm.model.parameters()):
         raise ValueError("saliency needs a gradient path: no parameter of the model requires grad")
     lm_layers = layer_indices(layers, len(vlm.lm_layers))

@@ -108,16 +108,16 @@ class Batch:
     """Model inputs built by the model's own processor and chat template, plus one layout per sample."""
 
     inputs: Any  # BatchFeature / dict: what ``vlm.model(**batch.inputs)`` takes
-    layout: list[ImageLayout]
+    layouts: list[ImageLayout]
     images: list[list[Any]]  # per sample, the PIL images it holds
     prompts: list[str]
 
     def __len__(self) -> int:
-        return len(self.layout)
+        return len(self.layouts)
 
     def to(self, device: torch.device | str) -> "Batch":
         inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in dict(self.inputs).items()}
-        return Batch(inputs=inputs, layout=self.layout, images=self.images, prompts=self.prompts)
+        return Batch(inputs=inputs, layouts=self.layouts, images=self.images, prompts=self.prompts)
 
 
 class FamilyAdapter:

@@ -60,5 +60,5 @@ class VLM:
             raise ValueError(f"got {len(per_sample)} image entries for {len(prompts)} prompts; need one per prompt")
         inputs = self.adapter.build_inputs(self.processor, per_sample, list(prompts))
         layouts = self.adapter.layouts(self.model, self.processor, inputs, per_sample)
-        batch = Batch(inputs=inputs, layout=layouts, images=per_sample, prompts=list(prompts))
+        batch = Batch(inputs=inputs, layouts=layouts, images=per_sample, prompts=list(prompts))
         return batch.to(self.device)

@@ -46,7 +46,7 @@ def kept_token_maps(examples: Sequence[Any], batch: Any, scores: Sequence[np.nda
 
     n = len(examples)
     fig, axes = figure("double", height=1.45 * n, nrows=n, ncols=2 + len(show), squeeze=False)
-    for i, (s, lay, sc) in enumerate(zip(examples, batch.layout, scores)):
+    for i, (s, lay, sc) in enumerate(zip(examples, batch.layouts, scores)):
         axes[i, 0].imshow(s.image)
         axes[i, 0].set_title(f"{s.family} → {s.answer}", fontsize=6)
         heatmap_over_image(axes[i, 1], s.image, sc, layout=lay, colorbar=False)
@@ -89,7 +89,7 @@ def token_error_maps(examples: Sequence[Any], batch: Any, err):
     n = len(examples)
     vmax = float(np.nanpercentile(err.values, 99))
     fig, axes = figure("double", height=1.5, ncols=n, squeeze=False)
-    for i, (s, lay) in enumerate(zip(examples, batch.layout)):
+    for i, (s, lay) in enumerate(zip(examples, batch.layouts)):
         v = err.sel(sample=i).values[0, : lay.n_image_tokens]
         heatmap_over_image(axes[0, i], s.image, v, layout=lay, vmin=0.0, vmax=vmax, colorbar=i == n - 1)
         axes[0, i].set_title(s.family, fontsize=6)

@@ -81,5 +81,5 @@ def token_error(
     samples = vision_features(vlm, batch, layer)[layer]
     per_patch = masked_token_error(sel, samples, mode=mode, keep_ratio=keep_ratio, n_draws=n_draws, seed=seed)
     values = [patches_to_tokens(s, e) for s, e in zip(samples, per_patch)]
-    return token_array({f"vision.{layer}": values}, batch.layout, name="recon_error",
+    return token_array({f"vision.{layer}": values}, batch.layouts, name="recon_error",
                        attrs={"signal": "selector reconstruction error when masked", "mode": mode})

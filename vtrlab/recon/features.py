@@ -145,10 +145,10 @@ def vision_features(vlm: Any, batch: Batch, layers: Sequence[int] | int | None =
     with record_outputs(mods, stop=True) as seen:
         run_forward(vlm.model, batch.inputs)
     out: dict[int, list[SampleFeatures]] = {}
-    tables = [patch_rows(lay.vision_table()) for lay in batch.layout]
-    tokens = [_token_index(lay, t) for lay, t in zip(batch.layout, tables)]
+    tables = [patch_rows(lay.vision_table()) for lay in batch.layouts]
+    tokens = [_token_index(lay, t) for lay, t in zip(batch.layouts, tables)]
     for l in layers:
-        per = _gather(seen[str(l)], batch.layout)
+        per = _gather(seen[str(l)], batch.layouts)
         out[l] = [
             SampleFeatures(
                 features=f.float().cpu(),
@@ -158,7 +158,7 @@ def vision_features(vlm: Any, batch: Batch, layers: Sequence[int] | int | None =
                 token=tok,
                 n_tokens=lay.n_image_tokens,
             )
-            for f, t, tok, lay in zip(per, tables, tokens, batch.layout)
+            for f, t, tok, lay in zip(per, tables, tokens, batch.layouts)
         ]
     return out
 
@@ -190,17 +190,17 @@ def token_features(
     mods = _layer_names(vlm, vision, lm)
     with record_outputs(mods, stop=True) as seen:
         run_forward(vlm.model, batch.inputs)
-    tables = [patch_rows(lay.vision_table()) for lay in batch.layout] if vision is not None else []
-    tokens = [_token_index(lay, t) for lay, t in zip(batch.layout, tables)]
+    tables = [patch_rows(lay.vision_table()) for lay in batch.layouts] if vision is not None else []
+    tokens = [_token_index(lay, t) for lay, t in zip(batch.layouts, tables)]
     out: dict[str, list[np.ndarray]] = {}
     for name, hidden in seen.items():
         if name.startswith("lm."):
             out[name] = [hidden[i, torch.as_tensor(lay.image_positions)].double().cpu().numpy()
-                         for i, lay in enumerate(batch.layout)]
+                         for i, lay in enumerate(batch.layouts)]
             continue
-        per = _gather(hidden, batch.layout)
+        per = _gather(hidden, batch.layouts)
         rows = []
-        for f, tok, lay in zip(per, tokens, batch.layout):
+        for f, tok, lay in zip(per, tokens, batch.layouts):
             f = f.double().cpu().numpy()
             agg = np.zeros((lay.n_image_tokens, f.shape[1]))
             cnt = np.bincount(tok[tok >= 0], minlength=lay.n_image_tokens)

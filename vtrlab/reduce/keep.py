@@ -35,7 +35,7 @@ KeepMasks = Sequence[Any] | None
 
 def validate_keep(batch: Batch, keep: KeepMasks) -> list[np.ndarray]:
     """Per sample a bool array over that sample's image tokens (layout order); ``None`` keeps all."""
-    n_tokens = [lay.n_image_tokens for lay in batch.layout]
+    n_tokens = [lay.n_image_tokens for lay in batch.layouts]
     if keep is None:
         return [np.ones(n, dtype=bool) for n in n_tokens]
     if isinstance(keep, (np.ndarray, torch.Tensor)) and keep.ndim == 1:
@@ -112,7 +112,7 @@ def reduced_decoder_inputs(
         raise ValueError(f"position_ids of shape {tuple(pos.shape)}; expected (B, N) or (axes, B, N)")
 
     columns = []
-    for i, (lay, m) in enumerate(zip(batch.layout, masks)):
+    for i, (lay, m) in enumerate(zip(batch.layouts, masks)):
         valid = attn[i].bool().cpu().numpy()
         cols = np.flatnonzero(valid)
         dropped = lay.image_positions[~m]

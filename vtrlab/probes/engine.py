@@ -166,7 +166,7 @@ def capture(
     ``hidden_norm`` (sample, layer, key). The model's outputs are those of a plain sdpa forward.
     """
     sdtype = store_dtype(dtype)
-    layouts = list(batch.layout)
+    layouts = list(batch.layouts)
     lm_layers = layer_indices(layers, len(vlm.lm_layers))
     per_sample = rows_per_sample(layouts, rows)
     rows_np = padded_rows(per_sample)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-from ..base import KIND_IMAGE
+from vtrlab.models.base import KIND_IMAGE
 from ._common import LLAVA_CHAT_TEMPLATE, image_processor
 from .registry import register_full_size, register_proof, register_tiny
 from .tokenizer import byte_tokenizer
@@ -100,7 +100,7 @@ def llava_family_proof(vlm, batch):
     adapter, model = vlm.adapter, vlm.model
     drop = adapter.features_drop_cls(model)
     expected = []
-    for lay in batch.layout:
+    for lay in batch.layouts:
         vis = lay.vision_table()
         n_vis = vis.groupby("crop").size()
         if n_vis.nunique() != 1:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ..registry import adapter_for
-from ..vlm import VLM
+from vtrlab.models.registry import adapter_for
+from vtrlab.models.vlm import VLM
 from .registry import FULL_SIZE, PROOF, TINY, discover
 
 

@@ -1,6 +1,6 @@
 """A tiny LLaVA built directly from configs, for tests and `benchmarks/capture.py --tiny`.
 
-Used only where ``vtrlab.models.testing`` (the adapters' helpers) is not available yet; the
+Used only where ``vtrlab.testing`` (the adapters' helpers) is not available yet; the
 layout is derived from where ``image_token_id`` sits in ``input_ids`` (never a fixed offset).
 """
 
@@ -92,4 +92,4 @@ def tiny_llava_batch(vlm: VLM, n: int = 2, seed: int = 0, padding: str = "left",
             question_positions=np.arange(*qspans[i]) + offsets[i],
             image_sizes=[(vc.image_size, vc.image_size)], grid_shapes={(0, 0): (side, side)}, vision=vis))
     inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}
-    return Batch(inputs=inputs, layout=layouts, images=[[None] for _ in range(n)], prompts=[""] * n).to(vlm.device)
+    return Batch(inputs=inputs, layouts=layouts, images=[[None] for _ in range(n)], prompts=[""] * n).to(vlm.device)

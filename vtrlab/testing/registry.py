@@ -4,7 +4,7 @@
 ``register_full_size(name)``: ``fn(dtype, device) -> (model, processor)``, real shapes, random weights.
 ``register_proof(family)``: ``fn(vlm, batch) -> (module, expected)`` for the layout proof
 (see tests/test_layout_proof.py): ``module``'s output holds the per-image features before the
-model packs them; ``expected[i]`` is, for each of ``batch.layout[i].image_positions``, the row of
+model packs them; ``expected[i]`` is, for each of ``batch.layouts[i].image_positions``, the row of
 that output (flattened to ``(-1, hidden)``) that the layout claims lands there.
 """
 

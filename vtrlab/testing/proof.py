@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..base import KIND_IMAGE, KIND_NEWLINE
+from vtrlab.models.base import KIND_IMAGE, KIND_NEWLINE
 from . import proof_spec
 
 MARK = 4096.0  # channel 1 of every code; no text embedding of a random model comes near it
@@ -79,7 +79,7 @@ def assert_layout_proven(vlm, batch, n_images: list[int] | None = None) -> int:
     ids = batch.inputs["input_ids"].cpu()
     newline = getattr(vlm.adapter, "newline_embedding", lambda m: None)(vlm.model)
     seen_rows = []
-    for i, lay in enumerate(batch.layout):
+    for i, lay in enumerate(batch.layouts):
         e = embeds[i].cpu()
         is_code = e[:, 1] == MARK
         # (a) the processor's image placeholders are exactly the layout's image + newline positions

@@ -1,6 +1,6 @@
 """GPU smoke check of the full-size builders and of device_map loading (run on a GPU host):
 
-    python -m vtrlab.models.testing._gpu_check [name ...]   # prints one JSON line per check
+    python benchmarks/layout_check.py [name ...]   # prints one JSON line per check
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import torch
 import transformers
 
 import vtrlab as vl
-from vtrlab.models.testing import full_size, full_size_names, tiny
-from vtrlab.models.testing.pixels import check_pixel_boxes, gradient_image
-from vtrlab.models.testing.proof import assert_layout_proven
+from vtrlab.testing import full_size, full_size_names, tiny
+from vtrlab.testing.pixels import check_pixel_boxes, gradient_image
+from vtrlab.testing.proof import assert_layout_proven
 
 
 def check_device_map() -> dict:
@@ -53,7 +53,7 @@ def check_full_size(name: str) -> dict:
         "build_s": round(build, 1),
         "params_b": round(sum(p.numel() for p in vlm.model.parameters()) / 1e9, 3),
         "seq_len": int(batch.inputs["input_ids"].shape[1]),
-        "image_tokens": [int(lay.n_image_tokens) for lay in batch.layout],
+        "image_tokens": [int(lay.n_image_tokens) for lay in batch.layouts],
         "forward_s_batch2": round(fwd, 3),
         "proven_positions": proven,
         "pixel_boxes_checked": boxes,

@@ -36,7 +36,7 @@ def check_pixel_boxes(vlm, batch, patch: int) -> int:
     crops = _denormalize(vlm.adapter.vision_crops(vlm.model, batch.inputs), vlm.processor.image_processor)
     gw = crops.shape[-1] // patch
     checked = 0
-    for i, lay in enumerate(batch.layout):
+    for i, lay in enumerate(batch.layouts):
         vis = lay.vision_table()
         vis = vis[vis["kind"] == "patch"]
         n_cls = int((lay.vision_table()["kind"] == "cls").sum() // max(1, vis["crop"].nunique()))

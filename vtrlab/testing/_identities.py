@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..base import KIND_IMAGE
+from vtrlab.models.base import KIND_IMAGE
 
 
 def expected_rows(identities: pd.DataFrame, batch) -> list[np.ndarray]:
@@ -16,7 +16,7 @@ def expected_rows(identities: pd.DataFrame, batch) -> list[np.ndarray]:
     if len(index) != len(identities):
         raise AssertionError("two feature rows claim the same (sample, image, tile, row, col)")
     out = []
-    for s, lay in enumerate(batch.layout):
+    for s, lay in enumerate(batch.layouts):
         sel = lay.kind == KIND_IMAGE
         keys = zip(lay.image[sel], lay.tile[sel], lay.row[sel], lay.col[sel])
         out.append(np.asarray([index.get((s, int(j), int(t), int(r), int(c)), -1) for j, t, r, c in keys], dtype=int))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..base import KIND_IMAGE
+from vtrlab.models.base import KIND_IMAGE
 
 CODE = 5  # R, G, B, marker, source
 
@@ -162,7 +162,7 @@ def check_lm_positions(vlm, batch, embeds: torch.Tensor, sub_grid: int, source_o
     sub-box of the layout's box and whose source is ``source_of(sample, image, tile)`` (a set)."""
     checked = 0
     n_sub = sub_grid * sub_grid
-    for i, lay in enumerate(batch.layout):
+    for i, lay in enumerate(batch.layouts):
         e = embeds[i].numpy()
         marker = e[:, 3 : n_sub * CODE : CODE]
         is_code = np.isclose(marker, 1.0, atol=1e-4).all(axis=1)
@@ -196,7 +196,7 @@ def check_vision_table(vlm, batch, vision_seq: torch.Tensor, flat: bool) -> int:
     """Each vision-table row (crop, vpos) must show, in the sequence the vision blocks see, the
     pixels of its box. ``flat``: one concatenated sequence (Qwen) with crops back to back."""
     seq = vision_seq.double()
-    tables = [lay.vision_table() for lay in batch.layout]
+    tables = [lay.vision_table() for lay in batch.layouts]
     checked = 0
     if flat:
         sizes = np.zeros(1 + max(int(v["crop"].max()) for v in tables), dtype=int)
@@ -205,7 +205,7 @@ def check_vision_table(vlm, batch, vision_seq: torch.Tensor, flat: bool) -> int:
                 sizes[crop] = n
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         assert offsets[-1] == seq.shape[0], "vision tables do not cover the vision sequence"
-    for i, (lay, vis) in enumerate(zip(batch.layout, tables)):
+    for i, (lay, vis) in enumerate(zip(batch.layouts, tables)):
         for rec in vis.itertuples():
             code = (seq[offsets[rec.crop] + rec.vpos] if flat else seq[rec.crop, rec.vpos]).numpy()
             wh = lay.image_sizes[rec.image]
