@@ -71,7 +71,7 @@ def _checks_batch(model: torch.nn.Module, binding: Binding) -> Iterator[None]:
 
     def check(_module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
-        past = kwargs.get("past_key_values")
+        past = kwargs.get("past_key_values", kwargs.get("cache"))
         if ids is not None and past is not None and getattr(past, "get_seq_length", lambda: 0)() > 0:
             return None  # a cached decode step: refused inside the attention function, with its shapes
         binding.check_ids(ids, "a knockout")

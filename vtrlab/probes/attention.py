@@ -86,6 +86,12 @@ class Knockout:
                 raise ValueError(_decode_message(bind, Q, N) if N > L else (
                     f"a knockout built for {bind.describe()} runs on a sequence of {Q} queries x {N} keys, "
                     f"but the reduced sequence has {L} columns"))
+            if bool((src == APPENDED).any()):
+                raise ValueError(
+                    f"a knockout built for {bind.describe()} cannot apply to tokens appended after the prompt "
+                    "(teacher forcing): they are no position of that batch. Score the prompt's last position "
+                    "instead (append=None)"
+                )
             valid = src >= 0
             idx = src.clamp(min=0)
             q = self.queries.gather(1, idx) & valid
@@ -187,10 +193,14 @@ class session:
         _SESSION.reset(self._token)
 
 
+APPENDED = -2  # a column of a reduced sequence that holds a token appended after the prompt
+
+
 @dataclass
 class SequenceMap:
     """The sequence the model runs is a reduced one: column j holds position ``source_positions[b, j]``
-    of the batch whose ids are ``input_ids`` (-1: padding)."""
+    of the batch whose ids are ``input_ids`` (-1: padding; :data:`APPENDED`: a token appended after
+    the prompt, no position of the batch)."""
 
     source_positions: torch.Tensor  # (B, L) long
     input_ids: torch.Tensor | None = None
