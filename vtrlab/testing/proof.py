@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from vtrlab.models.base import KIND_IMAGE, KIND_NEWLINE
-from . import proof_spec
+from .registry import PROOF
 
 MARK = 4096.0  # channel 1 of every code; no text embedding of a random model comes near it
 BASE = 128
@@ -38,7 +38,7 @@ def _replace(out, codes_fn):
 def route_identity_codes(vlm, batch, module=None, codes=None):
     """(inputs_embeds as float, expected rows per sample, number of feature rows) with every feature
     row n of the proof module replaced by ``codes(t)`` (default: the identity code above)."""
-    spec_module, expected = proof_spec(vlm.family)(vlm, batch)
+    spec_module, expected = PROOF[vlm.family](vlm, batch)
     module = module or spec_module
     n_rows = {}
 
