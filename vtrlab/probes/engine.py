@@ -10,7 +10,8 @@ import torch
 import xarray as xr
 
 from vtrlab.models.base import ImageLayout
-from vtrlab.models.labels import key_coordinates
+from vtrlab.models.hooks import record
+from vtrlab.models.labels import key_coordinates, packed_crop_offsets
 
 from .attention import Site, session
 from .spec import head_indices, layer_indices, padded_rows, queries_per_sample, store_dtype
@@ -42,39 +43,11 @@ def _vision_sites(vlm, layers: list[int], mode: str, cls_index: int, dtype, devi
     }
 
 
-@contextlib.contextmanager
-def _hidden_norm_hooks(vlm, layers: list[int], store: dict[int, torch.Tensor]):
+def _hidden_norm_hooks(vlm, layers: list[int]):
     """Record the L2 norm of every position's hidden state after each chosen decoder layer."""
-    handles = []
-
-    def make(i):
-        def hook(_module, _args, output):
-            h = output[0] if isinstance(output, (tuple, list)) else output
-            store[i] = h.detach().float().norm(dim=-1).cpu()
-
-        return hook
-
-    try:
-        for i in layers:
-            handles.append(vlm.lm_layers[i].register_forward_hook(make(i)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return record(outputs={i: vlm.lm_layers[i] for i in layers}, transform=lambda h: h.float().norm(dim=-1).cpu())
 
 
-def _crop_offsets(tables) -> dict[int, int]:
-    """Packed encoders (Qwen: one sequence, no batch dim) put crop c's tokens after those of crops
-    0..c-1; each crop's length is its number of rows in the layouts' vision tables."""
-    counts: dict[int, int] = {}
-    for t in tables:
-        for crop, n in t["crop"].value_counts().items():
-            counts[int(crop)] = counts.get(int(crop), 0) + int(n)
-    offsets, at = {}, 0
-    for crop in sorted(counts):
-        offsets[crop] = at
-        at += counts[crop]
-    return offsets
 
 
 def _vision_table(layouts, probs_by_layer: dict[int, torch.Tensor], layers: list[int]):
@@ -90,10 +63,11 @@ def _vision_table(layouts, probs_by_layer: dict[int, torch.Tensor], layers: list
     V = max(len(t) for t in tables)
     H = next(iter(probs_by_layer.values())).shape[1]
     values = np.full((len(layouts), len(layers), H, V), np.nan, dtype=np.float32)
-    offsets = _crop_offsets(tables)
+    n_crops = len({int(c) for t in tables for c in t["crop"]})
     for li, layer in enumerate(layers):
         p = probs_by_layer[layer].float().numpy()
-        packed = p.shape[0] == 1 and len(offsets) > 1
+        packed = p.shape[0] == 1 and n_crops > 1
+        offsets = packed_crop_offsets(layouts) if packed else {}
         for b, t in enumerate(tables):
             crop, vpos = t["crop"].to_numpy(), t["vpos"].to_numpy()
             if packed:
@@ -178,9 +152,8 @@ def capture(
         mode = "cls" if vlm.has_cls else "mean"
         sites.update(_vision_sites(vlm, v_layers, mode, _cls_index(layouts), torch.float32, device))
 
-    norms: dict[int, torch.Tensor] = {}
-    hooks = _hidden_norm_hooks(vlm, lm_layers, norms) if hidden else contextlib.nullcontext()
-    with attention_switched(vlm.model), session(sites), hooks, torch.no_grad():
+    hooks = _hidden_norm_hooks(vlm, lm_layers) if hidden else contextlib.nullcontext({})
+    with attention_switched(vlm.model), session(sites), hooks as norms, torch.no_grad():
         vlm.model(**inputs, use_cache=False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the asynchronous row copies into `buffer` have landed
