@@ -126,6 +126,8 @@ def test_image_token_scores_average_only_rows_that_see_the_token():
     np.testing.assert_allclose(df.score.to_numpy(), want, rtol=1e-12)
     old = [sum(1.0 / (q + 1) for q in range(k, N)) / N for k in image]  # zeros of blind rows counted
     assert not np.allclose(df.score.to_numpy(), old)
+    # lift over uniform: every row is uniform over what it sees, so every token's lift is exactly 1
+    np.testing.assert_allclose(df.lift.to_numpy(), 1.0, rtol=1e-12)
 
 
 def test_vision_scores_skip_cls_and_average_heads():

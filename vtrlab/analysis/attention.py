@@ -54,7 +54,7 @@ def visible_keys(ds: xr.Dataset) -> xr.DataArray:
     see nothing.
     """
     attn = _heads_mean(ds.lm_attn.astype(np.float64), "head")
-    causal = ds["key"] <= ds.query_position  # NaN (padding rows) compares False
+    causal = (ds["key"] <= ds.query_position) & (ds.key_kind != "pad")  # NaN (padding rows) compares False
     return (causal | (attn > 0)) & ds.query_position.notnull()
 
 
@@ -64,12 +64,20 @@ def image_token_scores(ds: xr.Dataset) -> pd.DataFrame:
     nothing about it (averaging its zero would inflate early tokens when ``queries="all"``).
 
     Columns: sample, layer, position, image, tile, row, col, score, share (score over the sample's
-    image tokens at that layer, so rows of a sample/layer sum to 1). A token no captured row can see
-    gets NaN.
+    image tokens at that layer, so rows of a sample/layer sum to 1), lift (mean over the same rows of
+    the attention times the row's number of visible keys: 1 = what a uniform row gives). With several
+    query rows (``queries="all"``), ``score`` still favours early tokens under a causal mask (they are
+    seen by short rows, whose attention is spread over few keys); ``lift`` does not. A token no
+    captured row can see gets NaN.
     """
     attn = _heads_mean(ds.lm_attn.astype(np.float64), "head")
-    scores = attn.where(visible_keys(ds)).mean("query", skipna=True)  # (sample, layer, key)
-    return _token_table(scores, ds, "layer", "key", "key_", image_kind="image", pos_name="position")
+    visible = visible_keys(ds)
+    scores = attn.where(visible).mean("query", skipna=True)  # (sample, layer, key)
+    lift = (attn * visible.sum("key")).where(visible).mean("query", skipna=True)
+    table = _token_table(scores, ds, "layer", "key", "key_", image_kind="image", pos_name="position")
+    lifts = _token_table(lift, ds, "layer", "key", "key_", image_kind="image", pos_name="position")
+    table["lift"] = lifts["score"].to_numpy()  # same rows, same order
+    return table
 
 
 def vision_token_scores(ds: xr.Dataset) -> pd.DataFrame:
