@@ -10,6 +10,14 @@ from .manifest import Record, read_image_folder, read_manifest, write_manifest
 from .synthetic import FAMILIES, Sample, blank_like, generate, make_sample, relevance_from_mask
 
 __all__ = [
-    "FAMILIES", "Record", "Sample", "blank_like", "generate", "make_sample", "read_image_folder", "read_manifest",
-    "relevance_from_mask", "write_manifest",
+    "FAMILIES",
+    "Record",
+    "Sample",
+    "blank_like",
+    "generate",
+    "make_sample",
+    "read_image_folder",
+    "read_manifest",
+    "relevance_from_mask",
+    "write_manifest",
 ]
