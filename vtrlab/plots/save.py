@@ -6,6 +6,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
+from vtrlab.io import atomic_path
 from vtrlab.plots.style import DPI
 from vtrlab.runner.outputs import check_name
 from vtrlab.runner.paths import figure_dir
@@ -28,10 +29,9 @@ def save_figure(fig, name: str, *, close: bool = False, directory: str | Path | 
     paths = []
     for fmt in FORMATS:
         path = out / f"{name}.{fmt}"
-        tmp = out / f".{name}.tmp.{fmt}"
         metadata = PDF_METADATA if fmt == "pdf" else PNG_METADATA
-        fig.savefig(tmp, format=fmt, dpi=DPI, metadata=metadata)
-        tmp.replace(path)
+        with atomic_path(path, suffix=f".{fmt}") as tmp:
+            fig.savefig(tmp, format=fmt, dpi=DPI, metadata=metadata)
         paths.append(path)
     if close:
         plt.close(fig)

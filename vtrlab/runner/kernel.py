@@ -8,14 +8,29 @@ works the same in a fresh virtual environment.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
+import weakref
 
 from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.manager import KernelManager
 
 KERNEL_NAME = "python3"  # what papermill records in the executed notebook
+_MANAGERS: "weakref.WeakSet[KernelManager]" = weakref.WeakSet()  # every manager made in this process
+
+
+def shutdown_kernels() -> None:
+    """Stop every kernel this process started that is still alive (e.g. after SIGINT/SIGTERM).
+
+    Kernels run in a session of their own (jupyter_client), so a signal to the runner's process
+    group does not reach them; without this an interrupted run would leave its kernel behind.
+    """
+    for km in list(_MANAGERS):
+        with contextlib.suppress(Exception):  # best effort: the kernel may be exiting already
+            if km.has_kernel and km.is_alive():
+                km.shutdown_kernel(now=True)
 
 
 class VenvKernelManager(KernelManager):
@@ -26,6 +41,7 @@ class VenvKernelManager(KernelManager):
         kwargs.setdefault("transport", "ipc")
         kwargs.setdefault("ip", os.path.join(tempfile.mkdtemp(prefix="vtrlab-kernel-"), "kernel"))
         super().__init__(**kwargs)
+        _MANAGERS.add(self)
 
     def cleanup_resources(self, restart: bool = False) -> None:
         super().cleanup_resources(restart=restart)  # removes the socket files
