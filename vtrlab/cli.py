@@ -6,52 +6,23 @@ user errors into one line on stderr with a non-zero exit code (no traceback).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import importlib.util
 import re
-import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import click
 import typer
 import typer.core
 
 from vtrlab.runner.errors import RunnerError
+from vtrlab.runner.interrupt import describe, exit_cleanly_on_signals
 
 PARAM_FLAGS = ("-p", "--param")
 _JOINED = "\x1f"  # joins NAME and VALUE of `-p NAME VALUE` into the single token typer parses
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM, raised in the main thread so every `finally` (temp dirs, kernels) runs."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def signals_as_interrupts() -> Iterator[None]:
-    """While inside: SIGTERM (and SIGINT) raise `Interrupted` instead of killing the process outright."""
-
-    def handler(signum, frame):
-        raise Interrupted(signum)
-
-    saved = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            saved[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread (e.g. some test runners): keep the defaults
-            pass
-    try:
-        yield
-    finally:
-        for sig, old in saved.items():
-            signal.signal(sig, old)
 
 
 class _Group(typer.core.TyperGroup):
@@ -68,7 +39,7 @@ class _Group(typer.core.TyperGroup):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            with signals_as_interrupts():
+            with exit_cleanly_on_signals(describe):
                 rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
                                   standalone_mode=False, **extra)
         except click.ClickException as exc:
@@ -139,7 +110,7 @@ def _fail(message: str, code: int = EXIT_USAGE) -> None:
 
 
 def _user_errors(fn: Callable) -> Callable:
-    """Report RunnerError and missing files as one line, exit 2; an interrupt as one line, 130/143."""
+    """Report RunnerError and missing files as one line, exit 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -147,10 +118,6 @@ def _user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except (RunnerError, FileNotFoundError) as exc:
             _fail(_one_line(str(exc)))
-        except KeyboardInterrupt as exc:
-            signum = getattr(exc, "signum", signal.SIGINT)
-            _fail(f"interrupted by {signal.Signals(signum).name}; completed runs are kept, temp dirs removed",
-                  128 + signum)
 
     return wrapper
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import tempfile
 import threading
 from dataclasses import asdict
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from vtrlab.io import atomic_write_json
+from vtrlab.runner.interrupt import exit_cleanly_on_signals
 from vtrlab.runner.run import Job, RunResult, run_job
 
 _FORKSERVER = None
@@ -37,19 +37,11 @@ def _forkserver():
     return _FORKSERVER
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _child(job: dict, root: str, env: dict, result_file: str) -> None:
     os.environ.update(env)  # before anything in this process can touch a GPU
-    # SIGTERM from the driver unwinds like Ctrl-C: run_job's finally stops the kernel and removes the temp dir
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
-    try:
+    # SIGTERM from the driver (or Ctrl-C): kill this job's kernel, remove its temp dir, exit
+    with exit_cleanly_on_signals():
         result = run_job(Job(**job), root)
-    except KeyboardInterrupt:
-        os._exit(128 + signal.SIGTERM)
     atomic_write_json(Path(result_file), result.to_dict())
 
 

@@ -21,6 +21,28 @@ KERNEL_NAME = "python3"  # what papermill records in the executed notebook
 _MANAGERS: "weakref.WeakSet[KernelManager]" = weakref.WeakSet()  # every manager made in this process
 
 
+def kill_kernels() -> None:
+    """SIGKILL every live kernel of this process and its process group, without the event loop.
+
+    For signal handlers: the kernel runs in a session of its own, so its pid is its group id.
+    """
+    import signal
+
+    for km in list(_MANAGERS):
+        with contextlib.suppress(Exception):
+            pid = getattr(getattr(km, "provisioner", None), "pid", None)
+            if pid:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            if km.transport == "ipc":
+                import shutil
+
+                shutil.rmtree(os.path.dirname(km.ip), ignore_errors=True)
+
+
 def shutdown_kernels() -> None:
     """Stop every kernel this process started that is still alive (e.g. after SIGINT/SIGTERM).
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping
 
 from vtrlab.io import atomic_write_json, replace_dir
-from vtrlab.runner import paths
+from vtrlab.runner import interrupt, paths
 from vtrlab.runner.errors import RunnerError
 from vtrlab.runner.params import ParameterSpec, read_parameters
 from vtrlab.runner.provenance import git_state, publish_figures, versions
@@ -211,6 +211,7 @@ def run_job(job: Job, root: str | Path | None = None) -> RunResult:
     base.mkdir(parents=True, exist_ok=True)
     clean_stale_temp_dirs(base)
     tmp = base / f".tmp-{digest}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    interrupt.track_temp_dir(tmp)  # removed by the signal handler if the run is interrupted
     (tmp / "figures").mkdir(parents=True)
     atomic_write_json(tmp / "metrics.json", {})
     record: dict[str, Any] = {
@@ -266,9 +267,10 @@ def run_job(job: Job, root: str | Path | None = None) -> RunResult:
         if failed.exists():
             shutil.rmtree(failed, ignore_errors=True)
     finally:
-        shutdown_kernels()  # an interrupt (SIGINT/SIGTERM) may leave papermill's kernel running
+        shutdown_kernels()  # an exception may leave papermill's kernel running
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        interrupt.untrack_temp_dir(tmp)
     published = publish_figures(root, final / "figures", fig_dest, _manifest_record(record, final, root))
     return RunResult(name, digest, "ok", rel(final), record["duration_s"], [rel(p) for p in published])
 
