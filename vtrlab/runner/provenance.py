@@ -78,11 +78,11 @@ def read_manifest(root: Path) -> dict[str, Any]:
     """
     path = root / "figures" / MANIFEST
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         return {}
     try:
-        data = json.loads(text)
+        data = json.loads(raw.decode("utf-8"))
         if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
             raise ValueError("expected an object mapping figure paths to records")
         return data
