@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from .vlm import VLM
 ORGANISM = "organism"
 ORGANISM_ENV = "VTRLAB_ORGANISM"
 REPO_ROOT = Path(__file__).resolve().parents[2]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -70,6 +72,10 @@ def resolve(model: str, cache_dir: str | None = None) -> tuple[str, bool]:
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{model!r} is not a model directory (no config.json there)")
         return str(path), True
+    if not _HUB_ID.match(model):
+        raise ModelLoadError(
+            f"{model!r} is neither 'organism', an existing local model directory, nor a hub id like 'org/name'"
+        )
     from huggingface_hub import try_to_load_from_cache
 
     cached = isinstance(try_to_load_from_cache(model, "config.json", cache_dir=cache_dir), str)
@@ -162,6 +168,8 @@ def check_loading_info(info: dict[str, Any], model: str, strict: bool) -> None:
 
 def _pick_dtype(dtype: str | torch.dtype, device: torch.device, config: Any) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype {dtype} is not a floating-point dtype; use 'auto' or one of {sorted(DTYPES)}")
         return dtype
     if dtype == "auto":
         saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
