@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from vtrlab.io import atomic_dir
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -75,9 +75,7 @@ def read_image_folder(folder: str | os.PathLike, question: str | None = None,
 def write_manifest(samples, folder: str | os.PathLike) -> Path:
     """Export synthetic samples as PNGs + manifest.jsonl + masks.npz; the folder appears whole."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         (tmp / "images").mkdir()
         lines, relevance, pixel = [], [], []
         for i, s in enumerate(samples):
@@ -89,10 +87,4 @@ def write_manifest(samples, folder: str | os.PathLike) -> Path:
             pixel.append(s.pixel_mask)
         (tmp / "manifest.jsonl").write_text("\n".join(lines) + "\n")
         np.savez_compressed(tmp / "masks.npz", relevance=np.stack(relevance), pixel_mask=np.stack(pixel))
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder / "manifest.jsonl"
