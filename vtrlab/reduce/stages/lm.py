@@ -267,12 +267,25 @@ def _mask_for(state: RemovalState, base: Any, cols: torch.Tensor, valid: torch.T
     return allowed & valid[:, None, None, :]
 
 
-def _rotary(state: RemovalState, hidden: torch.Tensor, pos: torch.Tensor):
+def _rotary(state: RemovalState, k: int, hidden: torch.Tensor, pos: torch.Tensor):
+    """The LM's own rotary embedding at positions ``pos`` for layer ``k`` (its layer type, if typed)."""
+    import inspect
+
     lm = state.vlm.adapter.language_model(state.vlm.model)
     rot = getattr(lm, "rotary_emb", None)
     if rot is None:
         raise ValueError(f"positions='renumbered' needs the LM's rotary_emb; {type(lm).__name__} has none")
+    if "layer_type" in inspect.signature(rot.forward).parameters:
+        return rot(hidden, pos, lm.config.layer_types[k])
     return rot(hidden, pos)
+
+
+MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def uses_mrope(vlm: Any) -> bool:
+    """Whether the family's LM takes multi-axis (mRoPE) position ids, where renumbering is undefined."""
+    return vlm.family in MROPE_FAMILIES
 
 
 def _pre_hook(state: RemovalState, k: int):
@@ -358,7 +371,7 @@ def _sliced_kwargs(state: RemovalState, k: int, kwargs: dict, hidden: torch.Tens
     stage = _renum_stage(state, k)
     if stage is not None:
         pos = state.renum[stage]
-        out["position_embeddings"] = _rotary(state, hidden, pos)
+        out["position_embeddings"] = _rotary(state, k, hidden, pos)
         if kwargs.get("position_ids") is not None:
             out["position_ids"] = pos
         return out
@@ -394,7 +407,7 @@ def _decode_kwargs(state: RemovalState, k: int, kwargs: dict, hidden: torch.Tens
         if pos is None or pos.dim() != 2:
             raise ValueError("positions='renumbered' decoding needs 1-D position_ids")
         pos = _expand_batch(pos, bsz, 0) - state.shift[stage][:, None]
-        out["position_embeddings"] = _rotary(state, hidden, pos)
+        out["position_embeddings"] = _rotary(state, k, hidden, pos)
         out["position_ids"] = pos
     return out
 
