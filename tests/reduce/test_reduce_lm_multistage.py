@@ -32,7 +32,7 @@ def organism():
     return vlm, batch, eager
 
 
-def _reference(vlm, eager, red, blocked_per_stage, attentions=False):
+def _reference(vlm, eager, red, blocked_per_stage, attentions=False, renumber=True):
     """Eager forward: from LAYERS[j] on, columns blocked_per_stage[j] (cumulative) are hidden as keys and
     positions are recounted over the unblocked real columns."""
     lm = vlm.adapter.language_model(eager)
@@ -51,6 +51,8 @@ def _reference(vlm, eager, red, blocked_per_stage, attentions=False):
             allowed = causal & (real & ~blocked)[:, None, None, :]
             allowed = allowed | torch.eye(L, dtype=torch.bool)[None, None]  # pad rows keep a key
             mask = torch.zeros(B, 1, L, L).masked_fill(~allowed, torch.finfo(torch.float32).min)
+            if not renumber:
+                return args, dict(kwargs, attention_mask=mask)
             pos = ((real & ~blocked).long().cumsum(-1) - 1).clamp_min(0)
             return args, dict(kwargs, attention_mask=mask, position_embeddings=lm.rotary_emb(h, pos))
 
@@ -85,7 +87,7 @@ def test_pyramiddrop_matches_eager_reference(organism):
         stage_blocked = []
         for i, lay in enumerate(batch.layouts):
             cols = np.searchsorted(src[i], lay.image_positions)  # image columns in the run
-            s = row[i, cols].numpy()
+            s = row[i, cols].detach().numpy()
             n_keep = int(round(n_img[i] * keep ** ((j + 1) / len(LAYERS)))) if j < len(LAYERS) - 1 else int(round(keep * n_img[i]))
             cand = np.flatnonzero(alive[i])
             order = cand[np.argsort(-s[cand], kind="stable")]
@@ -116,3 +118,68 @@ def test_pyramiddrop_decodes_and_is_not_applicable_on_mrope(organism):
     qb = q.prepare([batch.images[0][0]], ["color ?"])
     with pytest.raises(vl.reduce.NotApplicable, match="pyramiddrop.*qwen2_vl.*mRoPE"):
         vl.reduce.apply(q, qb, "pyramiddrop", keep=0.5, layers=(1,))
+
+
+def _no_rope_row(vlm, eager, red, blocked_cols, layer):
+    """Reference FEATHER score: eager forward (removed keys masked from ``layer``'s predecessors'
+    stages), the input of ``layer`` captured, then softmax(q_last·Kᵀ/√d) without RoPE in float64."""
+    layers = vlm.adapter.lm_layers(eager)
+    got = {}
+
+    def grab(_m, args, kwargs):
+        got["h"] = args[0]
+
+    h = layers[layer].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        _reference(vlm, eager, red, blocked_cols, renumber=False)
+    finally:
+        h.remove()
+    lay = layers[layer]
+    att = lay.self_attn
+    with torch.no_grad():
+        x = lay.input_layernorm(got["h"]).double()
+    B, L, _ = x.shape
+    hd = att.head_dim
+    q = (x[:, -1:] @ att.q_proj.weight.double().T + (att.q_proj.bias.double() if att.q_proj.bias is not None else 0))
+    k = x @ att.k_proj.weight.double().T + (att.k_proj.bias.double() if att.k_proj.bias is not None else 0)
+    q = q.view(B, 1, -1, hd).transpose(1, 2)
+    n_kv = att.k_proj.out_features // hd
+    k = k.view(B, L, n_kv, hd).transpose(1, 2).repeat_interleave(q.shape[1] // n_kv, 1)
+    s = (q @ k.transpose(-1, -2))[:, :, 0] / hd**0.5
+    real = red.attention_mask.bool().clone()
+    if blocked_cols:
+        for i, cols in enumerate(blocked_cols[-1]):
+            real[i, cols] = False
+    s = s.masked_fill(~real[:, None], float("-inf"))
+    return torch.softmax(s, -1).mean(1)  # (B, L)
+
+
+def test_feather_matches_float64_reference(organism):
+    from vtrlab.reduce.methods.feather import grid_tokens
+
+    vlm, batch, eager = organism
+    layers = (LAYERS[0], LAYERS[1])
+    keep, first = 0.09, 0.3
+    ds = vl.reduce.apply(vlm, batch, "feather", keep=keep, layers=layers)
+    red = reduced_decoder_inputs(vlm, batch, None)
+    src = red.source_positions.numpy()
+    alive = [np.ones(lay.n_image_tokens, bool) for lay in batch.layouts]
+    blocked = []
+    for j, k in enumerate(layers):
+        row = _no_rope_row(vlm, eager, red, blocked, k)
+        stage_blocked = []
+        for i, lay in enumerate(batch.layouts):
+            n = lay.n_image_tokens
+            cols = np.searchsorted(src[i], lay.image_positions)
+            s = row[i, cols].detach().numpy()
+            budget = int(round(first * n)) if j == 0 else int(round(keep * n))
+            cand = np.flatnonzero(alive[i])
+            pri = np.where(grid_tokens(lay, 3), np.inf, s) if j == 0 else s
+            order = cand[np.argsort(-pri[cand], kind="stable")]
+            new = np.zeros(n, bool)
+            new[order[:budget]] = True
+            np.testing.assert_allclose(ds.score.values[i, j, cand], s[cand], rtol=1e-4, atol=1e-7)
+            np.testing.assert_array_equal(ds.kept.values[i, j, :n], new)
+            alive[i] = new
+            stage_blocked.append(cols[~new])
+        blocked.append(stage_blocked)
