@@ -104,8 +104,8 @@ def _sha256_file(path: Path) -> str:
 def _hash_value(h, value: Any) -> None:
     if value is None:
         h.update(b"\x00none")
-    elif isinstance(value, (bytes, bytearray, memoryview)):
-        h.update(bytes(value))
+    elif isinstance(value, (bytes, bytearray, memoryview)):  # encoded file bytes hash as the file would
+        h.update(hashlib.sha256(bytes(value)).hexdigest().encode())
     elif isinstance(value, Path):
         h.update(_sha256_file(value).encode())
     elif isinstance(value, str) and value.startswith(SKIMAGE_PREFIX):
