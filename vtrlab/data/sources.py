@@ -71,12 +71,42 @@ class Data:
     def groups(self) -> list[str]:
         return [r.group if r.group is not None else "all" for r in self.records]
 
+    @property
+    def images(self) -> "LazyImages":
+        """The pictures as a sequence read on access (a slice reads only its own pictures)."""
+        return LazyImages(self.records)
+
+    @property
+    def questions(self) -> list[str]:
+        return [r.question for r in self.records]
+
+    def prompts(self, template: str = "{question}") -> list[str]:
+        """Each question with the task instructions of ``template`` (``vtrlab.data.answers.format_prompt``)."""
+        from vtrlab.data.answers import format_prompt
+
+        return [format_prompt(q, template) for q in self.questions]
+
     def batches(self, batch_size: int) -> Iterator[tuple[int, list[Record]]]:
         """``(first index, records)`` chunks; pictures are read only when a chunk's records are used."""
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}; must be a positive integer")
         for start in range(0, len(self.records), batch_size):
             yield start, self.records[start:start + batch_size]
+
+
+class LazyImages(Sequence):
+    """Pictures of records, read when indexed: memory stays bounded by the batch, not the dataset."""
+
+    def __init__(self, records: Sequence[Record]):
+        self._records = records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [r.image for r in self._records[i]]
+        return self._records[i].image
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -206,7 +236,7 @@ def load_data(data: str | os.PathLike = "organism", *, n_samples: int | None = N
                          f"(column {question_column!r}); pass question= or question_column=")
     identity = {"data": str(data), "kind": kind, "path": str(path.resolve()), "source_sha256": source_hash,
                 "content_sha256": content_hash(records), "n_samples": len(records), "seed": seed,
-                "family": family, "ids": [r.id for r in records][:1000]}
+                "family": family if family is None or isinstance(family, str) else ",".join(family)}
     return Data(records, identity)
 
 
@@ -312,7 +342,7 @@ def _organism(n_samples: int, seed: int, families) -> Data:
     records = [organism_record(s) for s in samples]
     identity = {"data": "organism", "kind": "organism", "path": None, "source_sha256": None,
                 "content_sha256": content_hash(records), "n_samples": len(records), "seed": seed,
-                "family": None if families is None else ",".join(families), "ids": [r.id for r in records][:1000]}
+                "family": None if families is None else ",".join(families)}
     return Data(records, identity)
 
 
