@@ -180,6 +180,7 @@ def test_exported_organism_manifest_equals_organism_data(tmp_path):
         assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
         assert np.array_equal(a.pixel_mask(), b.pixel_mask())
     assert exp.has_ground_truth and org.has_ground_truth
+    assert exp.identity["content_sha256"] == org.identity["content_sha256"]  # same pixels, masks and text
 
 
 def test_photos_set_loads_with_boxes_inside_each_picture():

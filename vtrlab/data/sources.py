@@ -131,37 +131,26 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _hash_value(h, value: Any) -> None:
-    if value is None:
-        h.update(b"\x00none")
-    elif isinstance(value, (bytes, bytearray, memoryview)):  # encoded file bytes hash as the file would
-        h.update(hashlib.sha256(bytes(value)).hexdigest().encode())
-    elif isinstance(value, Path):
-        h.update(_sha256_file(value).encode())
-    elif isinstance(value, str) and value.startswith(SKIMAGE_PREFIX):
-        h.update(value.encode())
-        from vtrlab.data.photos import skimage_photo
-
-        h.update(np.asarray(skimage_photo(value[len(SKIMAGE_PREFIX):])).tobytes())
-    elif isinstance(value, np.ndarray):
-        h.update(str((value.shape, value.dtype.str)).encode())
-        h.update(np.ascontiguousarray(value).tobytes())
-    elif callable(value) or hasattr(value, "tobytes"):
-        img = value() if callable(value) else value
-        h.update(np.asarray(img).tobytes())
-    else:
-        h.update(json.dumps(value, sort_keys=True, default=str).encode())
+def _hash_array(h, value: np.ndarray) -> None:
+    h.update(str((value.shape, value.dtype.str)).encode())
+    h.update(np.ascontiguousarray(value).tobytes())
 
 
 def content_hash(records: Sequence[Record]) -> str:
-    """sha256 over what is analysed: each record's picture bytes, question, answers, boxes and mask."""
+    """sha256 over what is analysed: each record's id, decoded RGB pixels, question, answers, group,
+    boxes and mask (as read). Encoding-independent: the organism's samples and their exported
+    manifest (PNG files) hash the same."""
     h = hashlib.sha256()
     for r in records:
         h.update(r.id.encode() + b"\x00")
-        _hash_value(h, r.image_source)
-        _hash_value(h, [r.question, list(r.answers), r.group, r.box_format])
-        _hash_value(h, None if r.boxes is None else r.boxes.astype(np.float64))
-        _hash_value(h, r.mask)
+        _hash_array(h, np.asarray(r.image, dtype=np.uint8))
+        h.update(json.dumps([r.question, list(r.answers), r.group, r.box_format]).encode())
+        if r.boxes is not None:
+            _hash_array(h, r.boxes.astype(np.float64))
+        mask = r.pixel_mask()
+        if mask is not None:
+            _hash_array(h, mask.astype(np.float64))
+        h.update(b"\x01")
     return h.hexdigest()
 
 
