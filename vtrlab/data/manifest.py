@@ -137,7 +137,7 @@ class Record:
 
     ``boxes`` are in ``box_format`` (see ``BOX_FORMATS``) and are converted to pixel corners by
     ``pixel_boxes()``; ``mask`` is a pixel mask of the original picture (or a source read on
-    access by ``pixel_mask()``). ``relevance`` is the organism's own patch-grid mask, kept only as
+    access by ``pixel_mask``). ``relevance`` is the organism's own patch-grid mask, kept only as
     a reference: ground truth for any model comes from the pixels (``vtrlab.data.groundtruth``).
     """
 
@@ -197,8 +197,10 @@ class Record:
                               image_size if image_size is not None or "norm" not in self.box_format
                               else self.image_size())
 
+    @property
     def pixel_mask(self) -> np.ndarray | None:
-        """The mask as float (H, W) in [0, 1], or None."""
+        """The mask as float (H, W) in [0, 1] (read on access), or None; same name as the synthetic
+        ``Sample.pixel_mask``, so ground truth reads either kind of sample."""
         return None if self.mask is None else read_mask(self.mask)
 
 

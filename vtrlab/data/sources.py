@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +80,15 @@ class Data:
     def questions(self) -> list[str]:
         return [r.question for r in self.records]
 
-    def prompts(self, template: str = "{question}") -> list[str]:
-        """Each question with the task instructions of ``template`` (``vtrlab.data.answers.format_prompt``)."""
+    def with_prompt(self, template: str = "{question}") -> "Data":
+        """The same data with each question wrapped in task instructions, e.g. ``"{question} Answer with
+        a single word."`` (``vtrlab.data.answers.format_prompt``); the template joins the identity."""
         from vtrlab.data.answers import format_prompt
 
-        return [format_prompt(q, template) for q in self.questions]
+        if template == "{question}":
+            return self
+        records = [replace(r, question=format_prompt(r.question, template)) for r in self.records]
+        return Data(records, {**self.identity, "prompt_template": template})
 
     def batches(self, batch_size: int) -> Iterator[tuple[int, list[Record]]]:
         """``(first index, records)`` chunks; pictures are read only when a chunk's records are used."""
@@ -147,7 +151,7 @@ def content_hash(records: Sequence[Record]) -> str:
         h.update(json.dumps([r.question, list(r.answers), r.group, r.box_format]).encode())
         if r.boxes is not None:
             _hash_array(h, r.boxes.astype(np.float64))
-        mask = r.pixel_mask()
+        mask = r.pixel_mask
         if mask is not None:
             _hash_array(h, mask.astype(np.float64))
         h.update(b"\x01")
