@@ -202,3 +202,11 @@ def test_with_prompt_wraps_questions_and_joins_the_identity():
     assert d.with_prompt("{question}") is d
     with pytest.raises(ValueError, match="exactly once"):
         d.with_prompt("Answer:")
+
+
+def test_relative_paths_start_at_root(tmp_path, rows, monkeypatch):
+    _write_jsonl(tmp_path / "m.jsonl", rows)
+    monkeypatch.chdir("/")
+    assert len(load_data("m.jsonl", root=tmp_path)) == 6
+    with pytest.raises(FileNotFoundError, match="m.jsonl"):
+        load_data("m.jsonl")

@@ -162,14 +162,16 @@ def load_data(data: str | os.PathLike = "organism", *, n_samples: int | None = N
               family: str | Sequence[str] | None = None, question: str | None = None,
               image_column: str = "image", question_column: str = "question", answer_column: str | None = None,
               boxes_column: str = "boxes", mask_column: str = "mask", group_column: str | None = None,
-              id_column: str = "id", box_format: str = "xyxy", split: str | None = None) -> Data:
+              id_column: str = "id", box_format: str = "xyxy", split: str | None = None,
+              root: str | os.PathLike | None = None) -> Data:
     """Load ``data`` (see the module docstring) as ``Data``.
 
     ``family`` filters by group (the organism's task family, or a manifest's ``group``) before
     subsampling; "all" or None keeps everything. ``question`` is the question asked of every
     picture of an image folder (and replaces a missing question elsewhere). ``answer_column``
     None reads ``answers`` if present, else ``answer``. ``split`` picks one split of a saved
-    ``DatasetDict``.
+    ``DatasetDict``. A relative path starts at ``root`` when given (notebooks pass the project root,
+    since their kernel runs in ``notebooks/``), else at the current directory.
     """
     if n_samples is not None:
         _check_int("n_samples", n_samples, 1)
@@ -190,6 +192,8 @@ def load_data(data: str | os.PathLike = "organism", *, n_samples: int | None = N
         path = photos_manifest()
     else:
         path = Path(data).expanduser()
+        if root is not None and not path.is_absolute():
+            path = Path(root) / path
         if not path.exists():
             raise FileNotFoundError(f"data={str(data)!r} does not exist; accepted: {', '.join(map(repr, BUILTIN))}, "
                                     "a .jsonl/.json/.parquet file, an image folder or a saved HF dataset folder")
