@@ -81,7 +81,8 @@ def test_knockout_equals_float64_reference(tiny64):
             m[b, L.last_position, torch.as_tensor(L.image_positions)] = True
         blocked[id(vlm.adapter.lm_attention(vlm.lm_layers[i]))] = m
     ref = _run_reference(vlm, batch, _ref_attention(blocked))
-    got = knockout(vlm, batch, keys="image", queries="last", layers=layers)
+    with knocked_out(vlm, batch, keys="image", queries="last", layers=layers), torch.no_grad():
+        got = vlm.model(**batch.inputs, use_cache=False).logits
     plain = _run_reference(vlm, batch, _ref_attention({}))
     last = [L.last_position for L in batch.layouts]
     rows = torch.arange(len(batch))
@@ -93,6 +94,21 @@ def test_knockout_equals_float64_reference(tiny64):
     for b, L in enumerate(batch.layouts):
         others = torch.as_tensor(np.setdiff1d(L.valid_positions, [L.last_position]))
         torch.testing.assert_close(got[b, others], plain[b, others], atol=1e-10, rtol=1e-10)
+    # the verb: log-probs at the last position, with and without the cut, and what was cut
+    ds = knockout(vlm, batch, keys="image", queries="last", layers=layers)
+    ref_lp = torch.log_softmax(ref[rows, last], -1)
+    plain_lp = torch.log_softmax(plain[rows, last], -1)
+    np.testing.assert_allclose(ds.logprobs.values, ref_lp.numpy(), atol=1e-9)
+    np.testing.assert_allclose(ds.logprobs_clean.values, plain_lp.numpy(), atol=1e-9)
+    tgt = plain_lp.argmax(-1)
+    assert ds.target.values.tolist() == tgt.tolist()
+    np.testing.assert_allclose(ds.logprob.values, ref_lp[rows, tgt].numpy(), atol=1e-9)
+    np.testing.assert_allclose(ds.delta.values, (ref_lp[rows, tgt] - plain_lp[rows, tgt]).numpy(), atol=1e-9)
+    assert ds.layer.values.tolist() == layers
+    for b, L in enumerate(batch.layouts):
+        assert np.flatnonzero(ds.cut_query.values[b]).tolist() == [L.last_position]
+        assert np.flatnonzero(ds.cut_key.values[b]).tolist() == sorted(L.image_positions.tolist())
+        assert (ds.key_kind.values[b][ds.cut_key.values[b]] == "image").all()
 
 
 def test_knockout_restores_and_rejects_empty_rows(tiny64):
@@ -101,7 +117,7 @@ def test_knockout_restores_and_rejects_empty_rows(tiny64):
     with pytest.raises(ValueError, match="no key to attend to"):
         knockout(vlm, batch, keys="all", queries="last", layers=[0])
     assert all(c._attn_implementation == impl for c, impl in impls)
-    with pytest.raises(ValueError, match="keys:"):
+    with pytest.raises(ValueError, match="keys='pixels' is not accepted"):
         knockout(vlm, batch, keys="pixels")
     with knocked_out(vlm, batch, keys="image", queries="last", layers=[0]):
         assert vlm.model.config.text_config._attn_implementation == "vtrlab_sdpa"
@@ -110,7 +126,7 @@ def test_knockout_restores_and_rejects_empty_rows(tiny64):
 
 def test_attention_saliency_equals_float64_autograd(tiny64):
     vlm, batch = tiny64
-    ds = saliency(vlm, batch, rows="question", layers="all")
+    ds = saliency(vlm, batch, queries="question", layers="all")
     kept = {id(vlm.adapter.lm_attention(layer)): [] for layer in vlm.lm_layers}
     logits = _run_reference(vlm, batch, _ref_attention({}, kept), grad=True)
     last = torch.as_tensor([L.last_position for L in batch.layouts])
@@ -133,6 +149,12 @@ def test_saliency_restores_when_it_raises(tiny64):
     vlm, batch = tiny64
     impls = [(c, c._attn_implementation) for c in _configs(vlm.model)]
     with pytest.raises(ValueError, match="target has 3 token ids for a batch of 2"):
-        saliency(vlm, batch, rows="last", target=[1, 2, 3])  # raised after the forward, inside the switch
+        saliency(vlm, batch, queries="last", target=[1, 2, 3])  # refused before any forward
+    with pytest.raises(ValueError, match="no key to attend to"):  # raised inside the forward, in the session
+        with knocked_out(vlm, batch, keys="all", queries="last", layers=[0]):
+            saliency(vlm, batch, queries="last")
     assert all(c._attn_implementation == impl for c, impl in impls)
+    from vtrlab.probes.attention import current_session
+
+    assert current_session() is None
     assert all(p.grad is None for p in vlm.model.parameters())

@@ -27,7 +27,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
-from vtrlab.plots.save import save_figure
+from vtrlab.runner import save_figure
 from vtrlab.runner import save_table, log_metrics
 run_dir = Path(os.environ["VTRLAB_RUN_DIR"])
 digest = run_dir.name.split("-")[1]

@@ -13,6 +13,7 @@ import pandas as pd
 import xarray as xr
 
 from vtrlab.metrics import agreement
+from vtrlab.models.base import grid_values
 
 METRICS = ("spearman", "kendall", "top_k_iou", "top_k_ioa")
 
@@ -42,7 +43,7 @@ def check_image_visible(share: pd.DataFrame) -> None:
         positions = sorted(share["query_position"].unique())[:5] if not share.empty else []
         raise ValueError(
             f"the captured query rows (positions {positions}...) give no attention to image tokens; "
-            "under a causal mask rows before the image cannot see it — capture rows='last' or 'text'"
+            "under a causal mask rows before the image cannot see it — capture queries='last' or 'text'"
         )
 
 
@@ -137,16 +138,6 @@ def position_bias(scores: pd.DataFrame, layer: str = "layer") -> pd.DataFrame:
     return g.agg(mean_share="mean", n="count").reset_index()
 
 
-def _mask_on_grid(mask: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    mask = np.asarray(mask, dtype=bool)
-    if mask.shape == (rows, cols):
-        return mask
-    fr, fc = rows / mask.shape[0], cols / mask.shape[1]
-    if fr == int(fr) and fc == int(fc):  # finer patch grid (e.g. before a 2x2 merge)
-        return np.kron(mask, np.ones((int(fr), int(fc)), dtype=bool))
-    raise ValueError(f"relevance mask of shape {mask.shape} does not map onto a {rows}x{cols} patch grid")
-
-
 def ground_truth_agreement(scores: pd.DataFrame, relevance: Sequence[np.ndarray] | Mapping[int, np.ndarray],
                            families: Sequence[str] | Mapping[int, str] | None = None, layer: str = "layer",
                            tile: int = 0) -> pd.DataFrame:
@@ -160,8 +151,8 @@ def ground_truth_agreement(scores: pd.DataFrame, relevance: Sequence[np.ndarray]
     sub = scores[(scores["tile"] == tile) & (scores["image"] == 0)]
     for (sample, lay), group in sub.groupby(["sample", layer], sort=True):
         rows, cols = int(group["row"].max()) + 1, int(group["col"].max()) + 1
-        mask = _mask_on_grid(relevance[sample], rows, cols)
-        truth = mask[group["row"].to_numpy(), group["col"].to_numpy()]
+        truth = grid_values(relevance[sample], (rows, cols), group["row"].to_numpy(), group["col"].to_numpy())
+        truth = truth.astype(bool)
         s = group["score"].to_numpy()
         out.append({
             "sample": sample,

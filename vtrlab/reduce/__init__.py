@@ -13,12 +13,14 @@ second decode loop. ``vtrlab.recon.Selector.select`` is the first such producer.
 """
 
 from .answer import ReducedLogits, answer, generate_ids, logits
-from .keep import ReducedInputs, reduced_decoder_inputs, validate_keep
+from .keep import ReducedInputs, batch_fingerprint, decoder_inputs, reduced_decoder_inputs, validate_keep
 
 __all__ = [
     "ReducedInputs",
     "ReducedLogits",
     "answer",
+    "batch_fingerprint",
+    "decoder_inputs",
     "generate_ids",
     "logits",
     "reduced_decoder_inputs",

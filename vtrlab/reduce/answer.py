@@ -10,10 +10,17 @@ The reduced sequence goes through the model's own ``forward`` as ``inputs_embeds
 as ``generate`` would call it: the model then builds its own attention masks (Gemma3's
 bidirectional image blocks from ``token_type_ids``) and applies its own head (final-logit
 soft-capping), so nothing family-specific is re-implemented here.
+
+Probes active around these calls (e.g. ``vtrlab.knocked_out(vlm, batch, ...)``) are told which
+original position each column of the reduced sequence holds (``source_positions``), so a knockout
+of ``batch`` applies to the kept tokens exactly as in the full sequence (an edge is cut iff both of
+its ends were kept and it is cut there). Generated tokens and appended (teacher-forced) tokens are
+no position of ``batch``: a knockout refuses them with a clear error.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -21,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.base import Batch
+from ..probes.attention import APPENDED, sequence_map
 from .keep import KeepMasks, ReducedInputs, reduced_decoder_inputs
 
 
@@ -46,7 +54,8 @@ def _pad_id(vlm: Any, eos: list[int]) -> int:
     return int(pad[0] if isinstance(pad, (list, tuple)) else pad)
 
 
-def _forward(vlm: Any, embeds, attention_mask, position_ids, cache=None, use_cache=True, extras=None, last_only=False):
+def _forward(vlm: Any, embeds, attention_mask, position_ids, cache=None, use_cache=True, extras=None, last_only=False,
+             source=None):
     """One call of the model on embeddings; returns (float32 logits, cache). A mask of all ones is
     passed as None, as ``generate`` does, so the attention path (and its numerics) is the same.
     ``last_only`` computes the head for the last column only (``logits_to_keep=1``), as
@@ -54,16 +63,22 @@ def _forward(vlm: Any, embeds, attention_mask, position_ids, cache=None, use_cac
     if last_only:
         extras = {**(extras or {}), "logits_to_keep": 1}
     mask = None if bool((attention_mask == 1).all()) else attention_mask
-    out = vlm.model(
-        inputs_embeds=embeds,
-        attention_mask=mask,
-        position_ids=position_ids,
-        past_key_values=cache,
-        use_cache=use_cache,
-        return_dict=True,
-        **(extras or {}),
-    )
+    with sequence_map(*source) if source is not None else contextlib.nullcontext():
+        out = vlm.model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=use_cache,
+            return_dict=True,
+            **(extras or {}),
+        )
     return out.logits.float(), out.past_key_values
+
+
+def _source(batch: Batch, positions: torch.Tensor) -> tuple:
+    """What a probe bound to ``batch`` needs to map the reduced sequence: (source positions, ids)."""
+    return positions, dict(batch.inputs).get("input_ids")
 
 
 @torch.no_grad()
@@ -85,7 +100,9 @@ def generate_ids(
     eos_t = torch.tensor(eos, device=red.inputs_embeds.device, dtype=torch.long)
 
     attn = red.attention_mask
-    logit, cache = _forward(vlm, red.inputs_embeds, attn, red.position_ids, extras=red.per_token, last_only=True)
+    source = _source(batch, red.source_positions)
+    logit, cache = _forward(vlm, red.inputs_embeds, attn, red.position_ids, extras=red.per_token, last_only=True,
+                            source=source)
     next_pos = red.next_position
     bsz = attn.shape[0]
     done = torch.zeros(bsz, dtype=torch.bool, device=attn.device)
@@ -103,7 +120,8 @@ def generate_ids(
         attn = torch.cat([attn, attn.new_ones(bsz, 1)], dim=1)
         pos = next_pos + step
         # per-token extras are prompt-only (generate drops e.g. token_type_ids after the prefill)
-        logit, cache = _forward(vlm, embed(token)[:, None].to(red.inputs_embeds.dtype), attn, pos, cache)
+        logit, cache = _forward(vlm, embed(token)[:, None].to(red.inputs_embeds.dtype), attn, pos, cache,
+                                source=source)
     return out
 
 
@@ -158,6 +176,7 @@ def logits(
     red = reduced_decoder_inputs(vlm, batch, keep, decoder_inputs)
     embeds, attn, pos, extras = red.inputs_embeds, red.attention_mask, red.position_ids, red.per_token
     length = embeds.shape[1]
+    source = red.source_positions
     app_mask = None
     if append is not None:
         append = [list(map(int, a)) for a in append]
@@ -179,7 +198,8 @@ def logits(
         pos = torch.cat([pos, app_pos], dim=-1)
         # appended tokens are text: per-token extras continue with zeros (text) there
         extras = {k: torch.cat([v, v.new_zeros(v.shape[0], width)], dim=1) for k, v in extras.items()}
-    out, _ = _forward(vlm, embeds, attn, pos, use_cache=False, extras=extras)
+        source = torch.cat([source, source.new_full((source.shape[0], width), APPENDED)], dim=1)
+    out, _ = _forward(vlm, embeds, attn, pos, use_cache=False, extras=extras, source=_source(batch, source))
     full = out[:, :length]
     appended = None
     if append is not None:

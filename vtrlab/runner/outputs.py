@@ -1,6 +1,6 @@
 """Notebook-side helpers: tables and metrics written into the current run directory.
 
-Figures are saved by `vtrlab.plots.save_figure`, which writes into `paths.figure_dir()`.
+Figures are saved by `vtrlab.runner.save_figure` (runner/figures.py), into `paths.figure_dir()`.
 """
 
 from __future__ import annotations
