@@ -210,3 +210,14 @@ def test_relative_paths_start_at_root(tmp_path, rows, monkeypatch):
     assert len(load_data("m.jsonl", root=tmp_path)) == 6
     with pytest.raises(FileNotFoundError, match="m.jsonl"):
         load_data("m.jsonl")
+
+
+def test_per_group_draws_n_samples_of_each_group(tmp_path, rows):
+    from vtrlab.data.synthetic import generate
+
+    d = load_data(_write_jsonl(tmp_path / "m.jsonl", rows), n_samples=2, seed=0, per_group=True)
+    assert [r.group for r in d].count("a") == 2 and [r.group for r in d].count("b") == 2
+    org = load_data("organism", n_samples=2, seed=5, per_group=True, family=["count", "reading"])
+    want = generate(2, 5, family="count") + generate(2, 5, family="reading")
+    assert [r.question for r in org] == [s.question for s in want]
+    assert [r.id for r in org.spread(3)] == [org[0].id, org[2].id, org[1].id]

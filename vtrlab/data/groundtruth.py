@@ -128,6 +128,14 @@ def token_relevance(layout, sample, image: int = 0) -> np.ndarray | None:
     return None if mask is None else token_coverage(layout, mask, image=image)
 
 
+def relevant_tokens(layout, sample, threshold: float = 0.0, image: int = 0) -> np.ndarray | None:
+    """Bool per image token of ``layout``: covered fraction of its pixel box > ``threshold`` (default: the
+    box touches the ground truth). None when ``sample`` has no ground truth. Aligned with
+    ``layout.image_positions``; for the organism this equals ``layout.tokens_from_grid(sample.relevance)``."""
+    cov = token_relevance(layout, sample, image=image)
+    return None if cov is None else np.nan_to_num(cov, nan=0.0) > threshold
+
+
 def relevance_grid(layout, coverage: np.ndarray, threshold: float = 0.0, tile: int = 0,
                    image: int = 0) -> np.ndarray:
     """Boolean (rows, cols) mask on the layout's grid of (image, tile): coverage > ``threshold``.

@@ -174,8 +174,9 @@ class Record:
         return self.answers[0] if self.answers else None
 
     @property
-    def family(self) -> str | None:
-        return self.group
+    def family(self) -> str:
+        """The group, as the synthetic samples name it ("all" for a record without one)."""
+        return "all" if self.group is None else self.group
 
     @property
     def has_ground_truth(self) -> bool:
