@@ -11,7 +11,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..data.answers import answer_accuracy
+from ..data.groundtruth import relevant_tokens
 from .reconstruction import DIAGNOSTIC_PLANS, KEEP_METHODS, family_group, random_keep
+
+
+def _correct(prediction: str, sample: Any) -> bool:
+    """Exact match (VQA normalisation) with any accepted answer (``sample.answers``, else ``sample.answer``)."""
+    return answer_accuracy(prediction, list(getattr(sample, "answers", None) or [sample.answer])) == 1.0
 
 
 def keep_ratio_sweep(
@@ -35,7 +42,6 @@ def keep_ratio_sweep(
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from ..metrics.fidelity import exact_match
     from ..reduce import answer, decoder_inputs
 
     bad = [m for m in methods if m not in KEEP_METHODS]
@@ -67,18 +73,9 @@ def keep_ratio_sweep(
         for method, r, keep in plans:
             preds = answer(vlm, batch, keep=keep, max_new_tokens=max_new_tokens, decoder_inputs=dec)
             for i, (s, p) in enumerate(zip(chunk, preds)):
-                rows.append(
-                    {
-                        "sample": a + i,
-                        "family": s.family,
-                        "method": method,
-                        "ratio": r,
-                        "prediction": p,
-                        "answer": s.answer,
-                        "correct": exact_match(p, s.answer),
-                        "kept": int(n[i] if keep is None else keep[i].sum()),
-                    }
-                )
+                rows.append({"sample": a + i, "family": s.family, "method": method, "ratio": r, "prediction": p,
+                             "answer": s.answer, "correct": _correct(p, s),
+                             "kept": int(n[i] if keep is None else keep[i].sum())})
     return pd.DataFrame(rows)
 
 
@@ -143,7 +140,8 @@ def relevance_agreement(
     Tidy DataFrame: sample, family, group, relevant_fraction, method, ratio, metric, value, with
     metric ``auroc`` (selector logits vs relevant tokens; ratio NaN) and, at each budget, ``recall``
     (share of relevant tokens kept) and ``iou`` (kept vs relevant) for ``selector`` (top-k) and
-    ``random`` (seeded per sample). Samples whose tokens are all or none relevant are skipped."""
+    ``random`` (seeded per sample). A token is relevant when its pixel box touches the sample's boxes
+    or mask. Samples without ground truth, or whose tokens are all or none relevant, are skipped."""
     import pandas as pd
 
     from ..metrics.agreement import auroc
@@ -154,8 +152,8 @@ def relevance_agreement(
         b = vlm.prepare([s.image for s in chunk], [s.question for s in chunk])
         scores = selector.token_scores(vlm, b)
         for i, (s, lay, sc) in enumerate(zip(chunk, b.layouts, scores)):
-            rel = lay.tokens_from_grid(s.relevance).astype(bool)
-            if rel.all() or not rel.any():
+            rel = relevant_tokens(lay, s)
+            if rel is None or rel.all() or not rel.any():
                 continue
             base = {"sample": a + i, "family": s.family, "group": group_of(s.family), "relevant_fraction": rel.mean()}
             rows.append(
@@ -199,12 +197,13 @@ def context_diagnostic(
     sample for each of ``DIAGNOSTIC_PLANS`` (selector top-k, random, relevant tokens only, relevant
     topped up with random other tokens to the budget, random other tokens only, selector minus relevant).
 
-    Samples go family by family (``families``: default, in order of first appearance), in batches.
-    Returns a DataFrame: family, plan, correct, kept."""
+    Samples go family by family (``families``: default, in order of first appearance), in batches;
+    samples without ground truth are left out. Returns a DataFrame: family, plan, correct, kept."""
     import pandas as pd
 
-    from ..metrics.fidelity import exact_match
     from ..reduce import answer, decoder_inputs
+
+    samples = [s for s in samples if getattr(s, "has_ground_truth", True)]
 
     if families is None:
         families = list(dict.fromkeys(s.family for s in samples))
@@ -219,7 +218,7 @@ def context_diagnostic(
             plans = {k: [] for k in DIAGNOSTIC_PLANS}
             for i, (s, lay, sc) in enumerate(zip(chunk, b.layouts, scores)):
                 rng = np.random.default_rng([seed, 7, a + i])
-                rel = lay.tokens_from_grid(s.relevance).astype(bool)
+                rel = relevant_tokens(lay, s)
                 n, k = len(sc), int(round(ratio * len(sc)))
                 others = np.flatnonzero(~rel)
                 fill = np.zeros(n, dtype=bool)
@@ -239,7 +238,6 @@ def context_diagnostic(
             for name, keep in plans.items():
                 preds = answer(vlm, b, keep=keep, max_new_tokens=max_new_tokens, decoder_inputs=dec)
                 for s, pred, m in zip(chunk, preds, keep):
-                    rows.append(
-                        {"family": fam, "plan": name, "correct": exact_match(pred, s.answer), "kept": int(m.sum())}
-                    )
+                    rows.append({"family": fam, "plan": name, "correct": _correct(pred, s),
+                                 "kept": int(m.sum())})
     return pd.DataFrame(rows)
