@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from vtrlab._version import __version__
 
 _LAZY = {
     "load": ("vtrlab.models", "load"),

@@ -71,9 +71,9 @@ def notebook_code(notebook: str | Path) -> list[str]:
 
 
 def vtrlab_version() -> str:
-    import vtrlab
+    from vtrlab._version import __version__
 
-    return versions().get("vtrlab") or vtrlab.__version__
+    return versions().get("vtrlab") or __version__
 
 
 def run_hash(notebook: str | Path, parameters: Mapping[str, Any], version: str | None = None) -> str:
