@@ -145,7 +145,7 @@ def capture(
         vision_layers: ``"all"`` or vision layer indices.
 
     Returns an ``xarray.Dataset`` with ``lm_attn`` (sample, layer, head, query, key),
-    ``query_position`` (sample, query; NaN where a sample has fewer rows), key labels
+    ``query_position`` (sample, query; NaN where a sample has fewer queries), key labels
     ``key_kind/key_image/key_tile/key_row/key_col`` (sample, key), and if asked ``vision_attn``
     (sample, vision_layer, vision_head, vision_key) with ``vision_key_*`` labels, and
     ``hidden_norm`` (sample, layer, key). The model's outputs are those of a plain sdpa forward.
