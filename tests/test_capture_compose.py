@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import vtrlab as vl
-from vtrlab.flow import knocked_out, knockout, saliency
+from vtrlab.flow import knocked_out, knockout
 from vtrlab.probes import capture
 from vtrlab.probes.attention import Site, current_session, session
 from vtrlab.probes.switch import _configs
@@ -49,7 +49,8 @@ def _blocked(vlm, batch, cuts):
     out = {}
     for keys, queries, layers in cuts:
         for i in layers:
-            m = out.setdefault(id(vlm.adapter.lm_attention(vlm.lm_layers[i])), torch.zeros(len(batch), N, N, dtype=torch.bool))
+            key_ = id(vlm.adapter.lm_attention(vlm.lm_layers[i]))
+            m = out.setdefault(key_, torch.zeros(len(batch), N, N, dtype=torch.bool))
             for b, L in enumerate(batch.layouts):
                 q = torch.as_tensor(np.asarray(pick[queries](L)), dtype=torch.long)
                 k = torch.as_tensor(np.asarray(pick[keys](L)), dtype=torch.long)
@@ -147,7 +148,8 @@ def test_nested_knockouts_unite_and_restore(setup):
     with knocked_out(vlm, batch, keys="image", queries="last", layers=[0]):
         ko = knockout(vlm, batch, keys="question", queries="last", layers=[0, -1])
     np.testing.assert_allclose(ko.logprobs.values, torch.log_softmax(ref_both[rows, last], -1).numpy(), atol=1e-4)
-    np.testing.assert_allclose(ko.logprobs_clean.values, torch.log_softmax(ref_outer[rows, last], -1).numpy(), atol=1e-4)
+    want_clean = torch.log_softmax(ref_outer[rows, last], -1).numpy()
+    np.testing.assert_allclose(ko.logprobs_clean.values, want_clean, atol=1e-4)
 
 
 def test_two_recorders_on_one_module_are_refused():
