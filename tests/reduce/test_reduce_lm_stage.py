@@ -187,3 +187,56 @@ def test_fastv_errors(setup):
         vl.reduce.apply(vlm, batch, "fastv", keep=0.5, layer=5)
     with pytest.raises(ValueError, match="must be >= 1"):
         vl.reduce.apply(vlm, batch, "fastv", keep=0.5, layer=0)
+
+
+def _dart_reference(family, batch, layer, budgets, p_img=4, p_txt=4):
+    """DART from its definition on an eager copy: keys of layer K-1 from the model's own KV cache
+    (post-RoPE), hidden states entering layer K from ``output_hidden_states`` through the final norm."""
+    vlm_e = tiny(family, seed=0, attn_implementation="eager")
+    dec = vlm_e.adapter.decoder_inputs(vlm_e.model, batch.inputs)
+    pos = dec["position_ids"]
+    if pos.dim() == 2:
+        pos = (batch.inputs["attention_mask"].long().cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        out = vlm_e.model(**dict(batch.inputs), position_ids=pos, use_cache=True, output_hidden_states=True)
+        cache = out.past_key_values
+        keys = cache.layers[layer - 1].keys if hasattr(cache, "layers") else cache.key_cache[layer - 1]
+        keys = keys.permute(0, 2, 1, 3).flatten(2).double()  # (B, L, kv*hd)
+        normed = vlm_e.adapter.language_model(vlm_e.model).norm(out.hidden_states[layer]).double()
+    kept = []
+    for i, lay in enumerate(batch.layouts):
+        img = lay.image_positions
+        real = np.flatnonzero(batch.inputs["attention_mask"][i].numpy())
+        txt = real[real > img.max()]
+        l1 = keys[i].abs().sum(-1).numpy()
+        piv_img = [int(img[j]) for j in np.argsort(-l1[img], kind="stable")[:p_img]]
+        piv_txt = [int(txt[j]) for j in np.argsort(-l1[txt], kind="stable")[:p_txt]]
+        chosen = list(piv_img)
+        rest = [int(c) for c in img if int(c) not in chosen]
+        extra = budgets[i] - len(piv_img)
+        pivots = piv_img + piv_txt
+        for j, p in enumerate(pivots):
+            take = extra // len(pivots) + (1 if j < extra % len(pivots) else 0)
+            sims = [float(torch.nn.functional.cosine_similarity(normed[i, p], normed[i, c], dim=0)) for c in rest]
+            picked = [rest[t] for t in np.argsort(sims, kind="stable")[:take]]
+            chosen += picked
+            rest = [c for c in rest if c not in picked]
+        kept.append(np.isin(img, chosen))
+    return kept
+
+
+@pytest.mark.parametrize("keep", [0.5, 12])
+def test_dart_matches_eager_reference(setup, keep):
+    vlm, batch = setup
+    if min(lay.n_image_tokens for lay in batch.layouts) < 12:
+        keep = 0.5 if keep == 12 else keep
+    budgets = [keep if isinstance(keep, int) else int(round(keep * lay.n_image_tokens)) for lay in batch.layouts]
+    if min(budgets) < 4:
+        with pytest.raises(ValueError, match="below pivot_image=4"):
+            vl.reduce.apply(vlm, batch, "dart", keep=keep, layer=1)
+        return
+    ds = vl.reduce.apply(vlm, batch, "dart", keep=keep, layer=1)
+    ref = _dart_reference(vlm.family, batch, 1, budgets)
+    for i, lay in enumerate(batch.layouts):
+        np.testing.assert_array_equal(ds.kept.values[i, 0, : lay.n_image_tokens], ref[i])
+        assert int(ds.budget[i]) == budgets[i]

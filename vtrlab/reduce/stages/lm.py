@@ -42,6 +42,7 @@ class LMMethod(Method):
 
     stage = "lm"
     needs_prev_rows = False  # score from layer K-1's attention rows recorded in the forward
+    needs_prev_input = False  # score from layer K-1's input (e.g. its keys, recomputed)
 
     def lm_layers(self, vlm: Any) -> list[int]:
         raise NotImplementedError
@@ -136,6 +137,48 @@ class StageProbe:
             attn(hidden_states=normed, **kw)
         return site.probs[0].float()
 
+    def prev_keys(self) -> torch.Tensor:
+        """Layer K-1's keys as its attention computes them (projection, k-norm where the family has
+        one, RoPE with the positions that layer saw), heads concatenated: (B, L_cur, kv_heads * head_dim).
+        Recomputed from the input recorded at layer K-1 (requires ``needs_prev_input``)."""
+        import sys
+
+        got = self.state.prev_inputs.get(self.layer - 1)
+        if got is None:
+            raise RuntimeError(f"no input recorded at layer {self.layer - 1}; set needs_prev_input = True")
+        hidden, kwargs = got
+        vlm = self.state.vlm
+        layer = vlm.lm_layers[self.layer - 1]
+        attn = vlm.adapter.lm_attention(layer)
+        rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+        if rope is None:
+            raise ValueError(f"{type(attn).__name__}: no apply_rotary_pos_emb in its module; keys cannot be recomputed")
+        with torch.no_grad():
+            x = layer.input_layernorm(hidden)
+            bsz, L, _ = x.shape
+            k = attn.k_proj(x).view(bsz, L, -1, attn.head_dim).transpose(1, 2)
+            if getattr(attn, "k_norm", None) is not None:
+                k = attn.k_norm(k)
+            cos, sin = kwargs["position_embeddings"]
+            _, k = rope(k, k, cos, sin)
+            return k.transpose(1, 2).reshape(bsz, L, -1)
+
+    def final_normed(self) -> torch.Tensor:
+        """The hidden states entering layer K through the LM's final norm, (B, L_cur, D)."""
+        lm = self.state.vlm.adapter.language_model(self.state.vlm.model)
+        with torch.no_grad():
+            return lm.norm(self.hidden)
+
+    def text_after_image(self) -> list[np.ndarray]:
+        """Per sample: current columns of the real prompt tokens after the last image token present."""
+        cols = self.state.cols.cpu().numpy()
+        valid = (self.state.valid & _gather_seq(self.state.real_cols, self.state.cols, 1, 0)).cpu().numpy()
+        out = []
+        for i in range(cols.shape[0]):
+            after = np.arange(cols.shape[1]) > self.image_columns[i].max()
+            out.append(np.flatnonzero(after & valid[i] & (cols[i] < self.state.prompt_len)))
+        return out
+
     def rows_without_rope(self) -> torch.Tensor:
         """Layer K's attention of the last prompt token computed **without rotary embeddings**:
         ``softmax(q_last · Kᵀ · scale)`` over the present keys it may see, (B, H, L_cur) float32.
@@ -191,6 +234,7 @@ class RemovalState:
     base_posemb: Any = None
     base_posids: Any = None
     prev_probs: dict[int, torch.Tensor] = field(default_factory=dict)
+    prev_inputs: dict[int, tuple] = field(default_factory=dict)  # layer -> (hidden, kwargs) it received
     kept: list[list[np.ndarray]] = field(default_factory=list)  # per stage, per sample: bool over image tokens
     scores: list[list[np.ndarray]] = field(default_factory=list)  # per stage, per sample: float over image tokens
     forwards: int = 0
@@ -336,6 +380,8 @@ def _pre_hook(state: RemovalState, k: int):
                 kwargs = _sliced_kwargs(state, k, kwargs, hidden)
             if state.method.needs_prev_rows and (k + 1) in state.layers:
                 _arm_prev_site(state, k)
+            if state.method.needs_prev_input and (k + 1) in state.layers:
+                state.prev_inputs[k] = (hidden, kwargs)
         else:
             state.last_q = hidden.shape[1]
             kwargs = _decode_kwargs(state, k, kwargs, hidden)
@@ -498,7 +544,7 @@ def lm_removal(vlm: Any, batch: Batch, method: LMMethod, keep: Any, source_posit
 
     lm = vlm.adapter.language_model(vlm.model)
     try:
-        first = layers[0] - 1 if method.needs_prev_rows else layers[0]
+        first = layers[0] - 1 if (method.needs_prev_rows or method.needs_prev_input) else layers[0]
         for k in range(first, len(mods)):
             handles.append(mods[k].register_forward_pre_hook(_pre_hook(state, k), with_kwargs=True))
         if method.needs_prev_rows:
