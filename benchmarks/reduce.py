@@ -217,7 +217,8 @@ def bench_shape(label, vlm, size, args) -> dict:
 
 def markdown(report: dict) -> str:
     lines = [f"Device: {report['device']}; torch {report['torch']}, transformers {report['transformers']}; "
-             f"median of {report['repeats']} after {report['warmup']} warm-up; decode over {report['new_tokens']} tokens.",
+             f"median of {report['repeats']} after {report['warmup']} warm-up; "
+             f"decode over {report['new_tokens']} tokens.",
              "", "| shape | method | kept | TTFT (s) | TTFT × | prefill (s) | prefill × | scoring / forward | "
              "decode (ms/token) | peak extra (GiB) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in report["shapes"]:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import vtrlab as vl
-from vtrlab.reduce import logits, generate_ids
+from vtrlab.reduce import generate_ids, logits
 from vtrlab.reduce.keep import reduced_decoder_inputs
 from vtrlab.reduce.stages.lm import LMMethod
 from vtrlab.testing import tiny, tiny_families

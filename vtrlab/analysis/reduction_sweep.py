@@ -80,7 +80,6 @@ def reduction_sweep(
     from ..metrics.fidelity import answer_logprob, exact_match, kl_divergence
     from ..models.base import KIND_IMAGE
     from ..reduce import answer, apply, decoder_inputs, get, logits
-
     from ..reduce.methods.oracle import relevance_per_token
 
     for name in methods:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,7 +69,9 @@ class LMMethod(Method):
     def layers_checked(self, vlm: Any) -> list[int]:
         layers = [lm_layer_index(vlm, int(k), what=f"{self.name} layer") for k in self.lm_layers(vlm)]
         if any(k < 1 for k in layers):
-            raise ValueError(f"method {self.name!r}: pruning layer must be >= 1 (tokens enter at layer 0); got {layers}")
+            raise ValueError(
+                f"method {self.name!r}: pruning layer must be >= 1 (tokens enter at layer 0); got {layers}"
+            )
         if sorted(set(layers)) != layers:
             raise ValueError(f"method {self.name!r}: layers {layers} must be strictly increasing")
         self._layers = layers
@@ -508,7 +510,9 @@ def lm_removal(vlm: Any, batch: Batch, method: LMMethod, keep: Any, source_posit
     for lay, n in zip(batch.layouts, n_final):
         s = [int(x) for x in method.lm_schedule(lay.n_image_tokens, n)]
         if len(s) != len(layers) or s[-1] != n or any(b > a for a, b in zip([lay.n_image_tokens] + s, s)):
-            raise RuntimeError(f"{method.name}: schedule {s} for {lay.n_image_tokens} tokens, budget {n}, layers {layers}")
+            raise RuntimeError(
+                f"{method.name}: schedule {s} for {lay.n_image_tokens} tokens, budget {n}, layers {layers}"
+            )
         schedule.append(s)
     src = source_positions.cpu().numpy()
     col_image = np.full(src.shape, -1, dtype=np.int64)
