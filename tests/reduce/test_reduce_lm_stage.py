@@ -240,3 +240,33 @@ def test_dart_matches_eager_reference(setup, keep):
     for i, lay in enumerate(batch.layouts):
         np.testing.assert_array_equal(ds.kept.values[i, 0, : lay.n_image_tokens], ref[i])
         assert int(ds.budget[i]) == budgets[i]
+
+
+def test_sparsevlm_matches_eager_reference(setup):
+    """Raters from the LM input embeddings (softmax over text after the image, mean over image tokens,
+    above the mean); score = eager attention of layer K-1 from the raters, head mean then rater mean."""
+    vlm, batch = setup
+    ds = vl.reduce.apply(vlm, batch, "sparsevlm", keep=0.5, layers=(1,))
+    vlm_e = tiny(vlm.family, seed=0, attn_implementation="eager")
+    dec = vlm_e.adapter.decoder_inputs(vlm_e.model, batch.inputs)
+    pos = dec["position_ids"]
+    if pos.dim() == 2:
+        pos = (batch.inputs["attention_mask"].long().cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        att = vlm_e.model(**dict(batch.inputs), position_ids=pos, output_attentions=True,
+                          use_cache=False).attentions[0].double()
+    emb = dec["inputs_embeds"].float()  # the rater rule is a comparison: float32, as the code computes it
+    for i, lay in enumerate(batch.layouts):
+        img = lay.image_positions
+        real = np.flatnonzero(batch.inputs["attention_mask"][i].numpy())
+        txt = real[real > img.max()]
+        r = torch.softmax(emb[i, img] @ emb[i, txt].T, -1).mean(0)
+        above = (r > r.mean()).numpy()
+        raters = txt[above] if above.any() else txt
+        s = att[i][:, raters][:, :, img].mean(0).mean(0).numpy()
+        n = lay.n_image_tokens
+        k = int(round(0.5 * n))
+        ref = np.zeros(n, bool)
+        ref[np.argsort(-s, kind="stable")[:k]] = True
+        np.testing.assert_allclose(ds.score.values[i, 0, :n], s, rtol=1e-4, atol=1e-7)
+        np.testing.assert_array_equal(ds.kept.values[i, 0, :n], ref)

@@ -56,6 +56,12 @@ class LMMethod(Method):
         steps[-1] = n_final
         return steps
 
+    def query_rows(self, state: "RemovalState") -> list[np.ndarray]:
+        """Per sample, the current columns whose layer K-1 attention rows are recorded (needs_prev_rows).
+        Default: the last prompt token."""
+        cols = state.cols.cpu().numpy()
+        return [np.flatnonzero(cols[i] == state.prompt_len - 1) for i in range(cols.shape[0])]
+
     def lm_score(self, probe: "StageProbe", stage: int) -> list[np.ndarray]:
         """Per sample, one score per image token still present (in layout order)."""
         raise NotImplementedError
@@ -116,10 +122,15 @@ class StageProbe:
     def prev_rows(self) -> torch.Tensor:
         """Layer K-1's attention probabilities of the last prompt token, (B, H, L_cur) over the present
         columns (recorded during the forward; requires ``needs_prev_rows``)."""
+        return self.prev_rows_all()[:, :, 0]
+
+    def prev_rows_all(self) -> torch.Tensor:
+        """Layer K-1's attention probabilities of the method's ``query_rows``: (B, H, R, L_cur), NaN rows
+        where a sample has fewer rows (requires ``needs_prev_rows``)."""
         p = self.state.prev_probs.get(self.layer - 1)
         if p is None:
             raise RuntimeError(f"no attention rows recorded at layer {self.layer - 1}; set needs_prev_rows = True")
-        return p[:, :, 0]
+        return p
 
     def rows(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Layer K's own attention probabilities of query ``rows`` ((B, R) current columns; default
@@ -237,6 +248,7 @@ class RemovalState:
     base_posids: Any = None
     prev_probs: dict[int, torch.Tensor] = field(default_factory=dict)
     prev_inputs: dict[int, tuple] = field(default_factory=dict)  # layer -> (hidden, kwargs) it received
+    inputs_embeds: torch.Tensor | None = None  # (B, run_len, D) the LM's input embeddings (prefill)
     kept: list[list[np.ndarray]] = field(default_factory=list)  # per stage, per sample: bool over image tokens
     scores: list[list[np.ndarray]] = field(default_factory=list)  # per stage, per sample: float over image tokens
     forwards: int = 0
@@ -489,10 +501,13 @@ def _decode_kwargs(state: RemovalState, k: int, kwargs: dict, hidden: torch.Tens
 
 
 def _arm_prev_site(state: RemovalState, k: int) -> None:
-    """Record layer k's attention rows of the last prompt token during this forward (site in a session)."""
-    cols_np = state.cols.cpu().numpy()
-    last = [int(np.flatnonzero(cols_np[i] == state.prompt_len - 1)[0]) for i in range(cols_np.shape[0])]
-    state.pending_rows[k] = torch.as_tensor(last, device=state.cols.device)[:, None]
+    """Record layer k's attention rows of the method's query rows during this forward (site in a session)."""
+    rows = state.method.query_rows(state)
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), -1, dtype=torch.long, device=state.cols.device)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(np.asarray(r), dtype=torch.long, device=out.device)
+    state.pending_rows[k] = out
 
 
 @contextlib.contextmanager
@@ -546,8 +561,13 @@ def lm_removal(vlm: Any, batch: Batch, method: LMMethod, keep: Any, source_posit
             state.decoded += state.last_q
         state.forwards += 1
 
+    def grab_embeds(_m, args, kwargs):
+        if state.forwards == 0:
+            state.inputs_embeds = kwargs.get("inputs_embeds", args[0] if args else None)
+
     lm = vlm.adapter.language_model(vlm.model)
     try:
+        handles.append(lm.register_forward_pre_hook(grab_embeds, with_kwargs=True))
         first = layers[0] - 1 if (method.needs_prev_rows or method.needs_prev_input) else layers[0]
         for k in range(first, len(mods)):
             handles.append(mods[k].register_forward_pre_hook(_pre_hook(state, k), with_kwargs=True))
