@@ -7,6 +7,8 @@ Public surface (kept small and stable)::
     batch = vlm.prepare(images=[img], prompts=["What color is the circle?"])
     cap   = vl.capture(vlm, batch, rows="last", layers="all", vision=True)   # xarray.Dataset
     answers = vl.answer(vlm, batch, keep=None)     # greedy answers, optional keep masks
+    answers = vl.answer(vlm, batch, method="fastv", keep=0.25)   # with a reduction method
+    record  = vl.reduce.apply(vlm, batch, "random", keep=0.25)   # which tokens survive where
 
 Attributes are imported lazily so that ``import vtrlab`` stays cheap (the CLI, the runner and
 notebook kernels import it often).
@@ -28,6 +30,7 @@ _LAZY = {
     "knockout": ("vtrlab.flow", "knockout"),
     "saliency": ("vtrlab.flow", "saliency"),
     "recon": ("vtrlab.recon", None),
+    "reduce": ("vtrlab.reduce", None),
     "plots": ("vtrlab.plots", None),
     "metrics": ("vtrlab.metrics", None),
     "data": ("vtrlab.data", None),

@@ -66,6 +66,29 @@ def _forward(vlm: Any, embeds, attention_mask, position_ids, cache=None, use_cac
     return out.logits.float(), out.past_key_values
 
 
+def _plan(vlm: Any, batch: Batch, method: Any, keep: Any, params: dict, decoder_inputs: dict | None):
+    """(keep masks, embeds, positions, in-LM removal context) for ``method`` at budget ``keep``."""
+    import contextlib
+
+    from .apply import resolve, select
+
+    if method is None:
+        if params:
+            raise ValueError(f"parameters {sorted(params)} given without method=; they are a method's parameters")
+        if isinstance(keep, (float, int)) and not isinstance(keep, bool):
+            raise ValueError(f"keep={keep!r} is a budget; give method= (e.g. 'random') or per-sample bool masks")
+        return keep, None, "kept", contextlib.nullcontext()
+    m = resolve(method, params)
+    if keep is None:
+        raise ValueError(f"method={m.name!r} needs a budget keep= (ratio in (0, 1] or a number of image tokens)")
+    if m.stage == "lm":
+        from .stages.lm import lm_removal
+
+        return None, None, "kept", lm_removal(vlm, batch, m, keep)
+    sel = select(vlm, batch, m, keep, decoder_inputs)
+    return sel.keep, sel.embeds, m.positions, contextlib.nullcontext()
+
+
 @torch.no_grad()
 def generate_ids(
     vlm: Any,
@@ -74,11 +97,21 @@ def generate_ids(
     max_new_tokens: int = 16,
     progress: bool = False,
     decoder_inputs: dict | None = None,
+    *,
+    method: Any = None,
+    **params: Any,
 ) -> list[list[int]]:
-    """Greedy new token ids per sample (up to and excluding the first EOS)."""
+    """Greedy new token ids per sample (up to and excluding the first EOS); ``method``/``keep`` as
+    in :func:`answer`."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}; accepted: an integer >= 1")
-    red: ReducedInputs = reduced_decoder_inputs(vlm, batch, keep, decoder_inputs)
+    keep, embeds, positions, removal = _plan(vlm, batch, method, keep, params, decoder_inputs)
+    red: ReducedInputs = reduced_decoder_inputs(vlm, batch, keep, decoder_inputs, embeds=embeds, positions=positions)
+    with removal:
+        return _decode(vlm, red, max_new_tokens, progress)
+
+
+def _decode(vlm: Any, red: ReducedInputs, max_new_tokens: int, progress: bool) -> list[list[int]]:
     embed = vlm.model.get_input_embeddings()
     eos = _eos_ids(vlm)
     pad = _pad_id(vlm, eos)
@@ -110,17 +143,25 @@ def generate_ids(
 def answer(
     vlm: Any,
     batch: Batch,
-    keep: KeepMasks = None,
+    keep: KeepMasks | float | int = None,
     max_new_tokens: int = 16,
     progress: bool = False,
     decoder_inputs: dict | None = None,
+    *,
+    method: Any = None,
+    **params: Any,
 ) -> list[str]:
-    """Greedy answer strings; ``keep[i]`` (bool over sample i's image tokens, layout order) drops
-    the False tokens before the LM. ``keep=None`` keeps all and answers as ``model.generate``.
+    """Greedy answer strings.
+
+    Without ``method``: ``keep[i]`` (bool over sample i's image tokens, layout order) drops the
+    False tokens before the LM; ``keep=None`` keeps all and answers as ``model.generate``.
+    With ``method`` (a registry name or a :class:`vtrlab.reduce.Method`; ``params`` override its
+    defaults): ``keep`` is the budget — a ratio in (0, 1] or a number of image tokens per sample —
+    and the method is applied at its stage (before the LM, or inside it from layer K on).
     ``decoder_inputs`` (``vlm.adapter.decoder_inputs(vlm.model, batch.inputs)``) may be passed
     to reuse one vision forward over many keep masks of the same batch."""
     ids = generate_ids(vlm, batch, keep, max_new_tokens=max_new_tokens, progress=progress,
-                       decoder_inputs=decoder_inputs)
+                       decoder_inputs=decoder_inputs, method=method, **params)
     tok = _tokenizer(vlm)
     return [tok.decode(t, skip_special_tokens=True).strip() for t in ids]
 
@@ -146,23 +187,34 @@ class ReducedLogits:
 def logits(
     vlm: Any,
     batch: Batch,
-    keep: KeepMasks = None,
+    keep: KeepMasks | float | int = None,
     append: Sequence[Sequence[int]] | None = None,
     decoder_inputs: dict | None = None,
+    *,
+    method: Any = None,
+    **params: Any,
 ) -> ReducedLogits:
     """Full logits of the LM over the kept tokens (float32), for fidelity measures.
 
     ``append`` (one list of token ids per sample, e.g. the gold answer) is fed after the prompt
     at positions ``max kept + 1, + 2, ...`` so that ``appended`` scores it by teacher forcing.
+    ``method``/``keep`` as in :func:`answer`. For a method that prunes inside the LM, ``logits``
+    and ``source_positions`` cover the columns left after its last stage.
     """
-    red = reduced_decoder_inputs(vlm, batch, keep, decoder_inputs)
+    keep, embeds, positions, removal = _plan(vlm, batch, method, keep, params, decoder_inputs)
+    red = reduced_decoder_inputs(vlm, batch, keep, decoder_inputs, embeds=embeds, positions=positions)
+    with removal as state:
+        return _logits(vlm, red, append, len(batch), state)
+
+
+def _logits(vlm: Any, red: ReducedInputs, append, bsz: int, state: Any) -> ReducedLogits:
     embeds, attn, pos, extras = red.inputs_embeds, red.attention_mask, red.position_ids, red.per_token
     length = embeds.shape[1]
     app_mask = None
     if append is not None:
         append = [list(map(int, a)) for a in append]
-        if len(append) != len(batch):
-            raise ValueError(f"append has {len(append)} entries for a batch of {len(batch)}; need one per sample")
+        if len(append) != bsz:
+            raise ValueError(f"append has {len(append)} entries for a batch of {bsz}; need one per sample")
         width = max(len(a) for a in append)
         if width == 0:
             raise ValueError("append holds no tokens; give at least one token id per sample or append=None")
@@ -180,9 +232,13 @@ def logits(
         # appended tokens are text: per-token extras continue with zeros (text) there
         extras = {k: torch.cat([v, v.new_zeros(v.shape[0], width)], dim=1) for k, v in extras.items()}
     out, _ = _forward(vlm, embeds, attn, pos, use_cache=False, extras=extras)
+    source = red.source_positions
+    if state is not None:  # columns removed inside the LM: the head saw only the survivors
+        source = state.source_positions(source)
+        length = source.shape[1]
     full = out[:, :length]
     appended = None
     if append is not None:
         # the token at appended index t is predicted by the column just before it
         appended = out[:, length - 1 : length - 1 + app_mask.shape[1]]
-    return ReducedLogits(full, red.source_positions, full[:, -1], appended, app_mask)
+    return ReducedLogits(full, source, full[:, -1], appended, app_mask)
