@@ -248,29 +248,34 @@ def vispruner_select(cls_attn: torch.Tensor, feats: torch.Tensor, n_keep: int, i
     return torch.cat([important, residual]).sort().values
 
 
-def divprune_select(feats: torch.Tensor, k: int) -> torch.Tensor:
+def divprune_order(feats: torch.Tensor, k: int) -> torch.Tensor:
     """DivPrune (vbdi/divprune, ``LLaVA/llava/model/llava_arch.py::DivPrune``): max–min diversity
     on D = 1 − cos of the projector outputs ``feats`` (V, D). First pick: the largest
     nearest-neighbour distance (second-smallest entry of each column); then repeatedly the token
-    whose minimum distance to the picked set is largest (first index on ties). Ascending indices.
+    whose minimum distance to the picked set is largest (first index on ties). Indices in the
+    order they were picked.
     """
     V = feats.shape[0]
     k = _check_k(k, V)
     if k == 0:
         return torch.zeros(0, dtype=torch.long, device=feats.device)
-    normed = feats / feats.norm(dim=1, keepdim=True)
-    dist = 1.0 - normed @ normed.T
-    picked = []
     if V == 1:
         return torch.zeros(1, dtype=torch.long, device=feats.device)
+    normed = feats / feats.norm(dim=1, keepdim=True)
+    dist = 1.0 - normed @ normed.T
     first = torch.topk(dist, 2, dim=0, largest=False).values[1]
-    picked.append(int(torch.argmax(first)))
+    picked = [int(torch.argmax(first))]
     best = dist[picked[0]].clone()
     for _ in range(1, k):
         nxt = int(torch.argmax(best))
         picked.append(nxt)
         best = torch.minimum(best, dist[nxt])
-    return torch.as_tensor(sorted(picked), dtype=torch.long, device=feats.device)
+    return torch.as_tensor(picked, dtype=torch.long, device=feats.device)
+
+
+def divprune_select(feats: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`divprune_order`, ascending indices (the code re-sorts the kept tokens)."""
+    return divprune_order(feats, k).sort().values
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,153 @@
+"""Vision-tower signals of the projector-stage methods, mapped onto the layout's image tokens.
+
+* :func:`token_attention` — per sample, per layout image token: [CLS]→patch attention of a vision
+  layer (``vl.capture``, no eager attention), heads aggregated as the method does; where the tower
+  has no [CLS] it is the mean attention each patch receives (capture's substitute). Where one LM
+  token covers several vision patches (Qwen's 2×2 merger, Idefics3's pixel shuffle, Gemma3's
+  pooling) the token's score is the mean over its patches — pooled as the merger pools.
+* :func:`crop_attention` — the same per vision crop, (H, V) over that crop's patches (vpos order).
+* :func:`tower_tensor` — output of a module of the tower (a layer, its ``k_proj``/``q_proj``) per
+  crop, through a forward hook (removed in ``finally``), cached per batch in the context.
+* :func:`one_to_one` — the crop and patch behind each image token where tokens and patches are 1:1
+  (LLaVA-family CLIP towers); methods that merge tower features need it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ...models.base import KIND_IMAGE
+from ..context import vision_layer_index
+from ..registry import NotApplicable
+
+HEAD_AGG = ("mean", "sum")
+
+
+def _agg(values: np.ndarray, heads: str) -> np.ndarray:
+    if heads not in HEAD_AGG:
+        raise ValueError(f"heads={heads!r}; accepted: {', '.join(HEAD_AGG)}")
+    return values.mean(-2) if heads == "mean" else values.sum(-2)
+
+
+def _layer_ds(ctx, layer: int):
+    idx = vision_layer_index(ctx.vlm, layer)
+    ds = ctx.vision_attention(layer)
+    return ds.sel(vision_layer=idx)
+
+
+def _token_index(lay) -> dict[tuple[int, int, int, int], int]:
+    img = lay.kind == KIND_IMAGE
+    keys = zip(lay.image[img], lay.tile[img], lay.row[img], lay.col[img])
+    return {tuple(int(v) for v in k): j for j, k in enumerate(keys)}
+
+
+def token_attention(ctx, layer: int, heads: str = "mean") -> list[np.ndarray]:
+    """Per sample, (n_image_tokens,) float64 attention of vision layer ``layer`` (see module doc)."""
+
+    def compute():
+        ds = _layer_ds(ctx, layer)
+        vals = ds["vision_attn"].values.astype(np.float64)  # (B, H, K)
+        out = []
+        for b, lay in enumerate(ctx.layouts):
+            a = _agg(vals[b], heads)  # (K,)
+            kind = ds["vision_key_kind"].values[b]
+            lab = [ds[f"vision_key_{c}"].values[b] for c in ("image", "tile", "row", "col")]
+            index = _token_index(lay)
+            sums = np.zeros(lay.n_image_tokens)
+            counts = np.zeros(lay.n_image_tokens)
+            for k in np.flatnonzero((kind == "patch") & (lab[2] >= 0)):
+                j = index.get((int(lab[0][k]), int(lab[1][k]), int(lab[2][k]), int(lab[3][k])))
+                if j is not None:
+                    sums[j] += a[k]
+                    counts[j] += 1
+            if (counts == 0).any():
+                raise RuntimeError(f"sample {b}: {int((counts == 0).sum())} image tokens cover no vision patch")
+            out.append(sums / counts)
+        return out
+
+    return ctx.cached(("token_attention", vision_layer_index(ctx.vlm, layer), heads), compute)
+
+
+def crop_attention(ctx, layer: int, sample: int, crop: int) -> torch.Tensor:
+    """(H, V) [CLS]→patch attention of one crop at ``layer``, patches in vpos order (float64)."""
+    ds = _layer_ds(ctx, layer)
+    kind = ds["vision_key_kind"].values[sample]
+    crops = ds["vision_key_crop"].values[sample]
+    vpos = ds["vision_key_vpos"].values[sample]
+    sel = np.flatnonzero((kind == "patch") & (crops == crop))
+    sel = sel[np.argsort(vpos[sel], kind="stable")]
+    vals = ds["vision_attn"].values[sample][:, sel]
+    return torch.as_tensor(vals, dtype=torch.float64)
+
+
+def tower_tensor(ctx, module, key: str) -> torch.Tensor:
+    """Output of ``module`` (part of the vision tower) for this batch, one forward, cached under
+    ``key``; tower calls are concatenated along their first axis (crops)."""
+
+    def compute():
+        out: list[torch.Tensor] = []
+
+        def hook(_m, _a, output):
+            h = output[0] if isinstance(output, (tuple, list)) else output
+            out.append(h.detach())
+
+        handle = module.register_forward_hook(hook)
+        try:
+            ctx.vlm.adapter.decoder_inputs(ctx.vlm.model, ctx.batch.inputs)  # stops before the LM
+        finally:
+            handle.remove()
+        if not out:
+            raise RuntimeError(f"{type(module).__name__} did not run during the vision forward")
+        return torch.cat(out, 0)
+
+    return ctx.cached(("tower_tensor", key), compute)
+
+
+def layer_hidden(ctx, layer: int) -> torch.Tensor:
+    """(crops, S, D) output of vision layer ``layer`` (``hidden_states[layer]`` for negative values
+    in LLaVA's convention: -2 is the second-to-last layer's output)."""
+    idx = vision_layer_index(ctx.vlm, layer)
+    return tower_tensor(ctx, ctx.vlm.vision_layers[idx], f"hidden{idx}")
+
+
+def layer_proj(ctx, layer: int, name: str) -> torch.Tensor:
+    """(crops, S, C) output of ``q_proj``/``k_proj`` of vision layer ``layer``'s attention."""
+    idx = vision_layer_index(ctx.vlm, layer)
+    attn = ctx.vlm.adapter.vision_attention(ctx.vlm.vision_layers[idx])
+    mod = getattr(attn, name, None)
+    if mod is None:
+        raise NotApplicable("?", ctx.vlm.family, f"the vision attention has no {name}")
+    return tower_tensor(ctx, mod, f"{name}{idx}")
+
+
+def one_to_one(lay, family: str, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """(crop, vpos) of each layout image token where tokens and vision patches are 1:1."""
+    vis = lay.vision
+    if vis is None:
+        raise NotApplicable(method, family, "the layout has no vision-encoder table")
+    patches = vis[(vis["kind"] == "patch") & (vis["row"] >= 0)]
+    index = _token_index(lay)
+    crop = np.full(lay.n_image_tokens, -1)
+    vpos = np.full(lay.n_image_tokens, -1)
+    for r in patches.itertuples():
+        j = index.get((int(r.image), int(r.tile), int(r.row), int(r.col)))
+        if j is None:
+            continue
+        if crop[j] >= 0:
+            raise NotApplicable(method, family, "LM tokens merge several vision patches; the method merges tower "
+                                "features of single patches")
+        crop[j], vpos[j] = int(r.crop), int(r.vpos)
+    return crop, vpos
+
+
+def require_cls(vlm, method: str, why: str) -> None:
+    if not vlm.has_cls:
+        raise NotApplicable(method, vlm.family, f"the vision tower has no [CLS] token, and {why}")
+
+
+def require_llava_tower(vlm, method: str) -> None:
+    """Methods that read per-crop tower features: LLaVA-family towers (one sequence per crop)."""
+    if vlm.family not in ("llava", "llava_next", "llava_onevision"):
+        raise NotApplicable(method, vlm.family, "it merges or compares tower features per crop, which vtrlab reads "
+                            "from LLaVA-family towers only (one sequence per crop)")
