@@ -151,3 +151,38 @@ def require_llava_tower(vlm, method: str) -> None:
     if vlm.family not in ("llava", "llava_next", "llava_onevision"):
         raise NotApplicable(method, vlm.family, "it merges or compares tower features per crop, which vtrlab reads "
                             "from LLaVA-family towers only (one sequence per crop)")
+
+
+def single_crop(lay, family: str, method: str) -> tuple[int, np.ndarray]:
+    """(crop, token order by vpos) for a sample whose image tokens all come from one crop, 1:1,
+    patches 1..V after one [CLS] (LLaVA-1.5's CLIP tower)."""
+    crop, vpos = one_to_one(lay, family, method)
+    crops = np.unique(crop)
+    if len(crops) != 1:
+        raise NotApplicable(method, family, f"a sample spans {len(crops)} vision crops; the official code merges "
+                            "within one LLaVA-1.5 crop (one image, no anyres tiles)")
+    order = np.argsort(vpos, kind="stable")
+    if not np.array_equal(vpos[order], np.arange(1, len(vpos) + 1)):
+        raise NotApplicable(method, family, "the crop's patches are not all image tokens after one [CLS]")
+    return int(crops[0]), order
+
+
+def heads_mean(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(S, C) projection -> (S, C / n_heads): the mean over heads of the per-head vectors."""
+    return x.reshape(x.shape[0], n_heads, -1).mean(1)
+
+
+def n_vision_heads(vlm, layer: int) -> int:
+    attn = vlm.adapter.vision_attention(vlm.vision_layers[vision_layer_index(vlm, layer)])
+    for name in ("num_heads", "num_attention_heads"):
+        if hasattr(attn, name):
+            return int(getattr(attn, name))
+    return int(attn.config.num_attention_heads)
+
+
+def project(vlm, feats: torch.Tensor) -> torch.Tensor:
+    """Tower features (N, D) through the model's projector (LLaVA: the MLP) -> (N, D_lm)."""
+    proj = vlm.adapter.projector(vlm.model)
+    p = next(proj.parameters())
+    with torch.no_grad():
+        return proj(feats.to(p.device, p.dtype))
