@@ -209,3 +209,18 @@ def test_bad_params():
         get("fastervlm", layer=3)
     with pytest.raises(TypeError, match="important_ratio='x'"):
         get("vispruner", important_ratio="x")
+
+
+def test_selector_keeps_top_logits(tmp_path):
+    from vtrlab.recon import Selector, SelectorConfig
+
+    vlm, _, batch, _ = _setup("llava")
+    torch.manual_seed(0)
+    sel = Selector(SelectorConfig(feature_dim=32, d_model=16, n_heads=2, selector_layers=1, reconstructor_layers=1))
+    sel.eval().save(tmp_path / "sel")
+    ds = vl.reduce.apply(vlm, batch, "selector", keep=0.5, path=str(tmp_path / "sel"))
+    want = sel.select(vlm, batch, ratio=0.5)
+    for i in range(len(batch)):
+        np.testing.assert_array_equal(_kept(ds)[i], want[i])
+    with pytest.raises(NotApplicable, match="trained for the organism"):
+        vl.reduce.apply(vlm, batch, "selector", keep=0.5)
