@@ -325,3 +325,60 @@ def hired_select(
         for i, n in enumerate(share.tolist()):
             mask[i + 1, rank_desc(bottom[i + 1])[:n]] = True
     return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# ToMe
+
+
+def tome_match(metric: torch.Tensor, r: int, protect_first: bool = True):
+    """ToMe's bipartite soft matching (facebookresearch/ToMe, ``tome/merge.py``) on ``metric``
+    (B, T, d): tokens alternate into sets A (even) and B (odd); each A token's best edge is its
+    highest cosine to a B token; the ``r`` A tokens with the best edges (ties: lower index) merge
+    into their B partner. With ``protect_first`` the first token ([CLS]) is never merged and the
+    unmerged A tokens stay in index order. Returns (unm_idx, src_idx, dst_idx), each (B, ·) indices
+    into A / A / B."""
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    scores = a @ b.transpose(-1, -2)
+    if protect_first:
+        scores[:, 0, :] = -torch.inf
+    node_max, node_idx = scores.max(dim=-1)
+    edge = torch.sort(node_max, dim=-1, descending=True, stable=True).indices
+    unm, src = edge[:, r:], edge[:, :r]
+    dst = node_idx.gather(1, src)
+    if protect_first:
+        unm = unm.sort(dim=1).values
+    return unm, src, dst
+
+
+def tome_merge(x: torch.Tensor, match, mode: str = "sum") -> torch.Tensor:
+    """Apply a :func:`tome_match` result to (B, T, C): [unmerged A (in ``unm`` order), B with the
+    merged A tokens reduced in] — ToMe's output order."""
+    unm, src, dst = match
+    xa, xb = x[:, ::2], x[:, 1::2]
+    C = x.shape[-1]
+    keep_a = xa.gather(1, unm[..., None].expand(-1, -1, C))
+    moved = xa.gather(1, src[..., None].expand(-1, -1, C))
+    xb = xb.scatter_reduce(1, dst[..., None].expand(-1, -1, C), moved, reduce=mode)
+    return torch.cat([keep_a, xb], dim=1)
+
+
+def tome_schedule(n_tokens: int, remove: int, n_layers: int, protected: int = 1) -> list[int]:
+    """Tokens to merge per layer to remove exactly ``remove`` in ``n_layers`` layers: as even as
+    possible (ToMe's constant r, the remainder on the first layers), each layer capped at
+    ⌊(T − protected) / 2⌋ as ToMe caps it, the excess carried to later layers."""
+    if remove < 0:
+        raise ValueError(f"cannot remove {remove} tokens")
+    plan = [remove // n_layers + (1 if i < remove % n_layers else 0) for i in range(n_layers)]
+    out, T, carry = [], n_tokens, 0
+    for want in plan:
+        want += carry
+        r = min(want, (T - protected) // 2)
+        carry = want - r
+        out.append(r)
+        T -= r
+    if carry:
+        raise ValueError(f"ToMe cannot remove {remove} of {n_tokens} tokens in {n_layers} layers "
+                         f"(each layer merges at most half of its tokens)")
+    return out
