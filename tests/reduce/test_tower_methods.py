@@ -122,3 +122,52 @@ def test_tome_schedule_and_errors():
     vlm = tiny("qwen2_vl")
     with pytest.raises(NotApplicable, match="'tome'.*'qwen2_vl'"):
         vl.reduce.apply(vlm, vlm.prepare(_images(0, 1), ["a ?"]), "tome", keep=2)
+
+
+def test_flowcut_matches_eager(llava):
+    vlm, batch = llava
+    eager = tiny("llava", seed=0, attn_implementation="eager")
+    crops = eager.adapter.vision_crops(eager.model, batch.inputs)
+    tower = eager.adapter.vision_tower(eager.model)
+    with torch.no_grad():
+        out = tower(crops, output_attentions=True, output_hidden_states=True)
+    keep = 6
+    sel = select(vlm, batch, get("flowcut", feature_layer=-1), keep)  # feature layer 2: layers 0 (EMA) and 1 (prune)
+    layers = eager.adapter.vision_layers(eager.model)
+    for i, lay in enumerate(batch.layouts):
+        scores = []
+        for li in (0, 1):
+            a = out.attentions[li][i].double()  # (H, T, T)
+            cls = a[:, 0, 1:].mean(0).numpy()
+            at = layers[li].self_attn
+            with torch.no_grad():
+                v = at.v_proj(layers[li].layer_norm1(out.hidden_states[li][i])).double()
+            v = v.view(v.shape[0], at.num_heads, -1).transpose(0, 1).numpy()  # (H, T, d)
+            sem = []
+            for h in range(v.shape[0]):
+                w = v[h] @ v[h][0]
+                e = np.exp(w - w.max())
+                sem.append(e / e.sum())
+            sem = np.mean(sem, 0)[1:]
+            l1 = np.abs(v.mean(0)[1:]).sum(-1)
+            scores.append((cls / cls.sum() + sem / sem.sum()) * l1)
+        cum = 0.5 * scores[0] + 0.5 * scores[1]
+        kept = sorted(sorted(range(len(cum)), key=lambda j: (-cum[j], j))[: keep])
+        want = np.zeros(lay.n_image_tokens, bool)
+        want[kept] = True
+        np.testing.assert_array_equal(sel.keep[i], want)
+        rows = [0] + [j + 1 for j in kept]
+        with torch.no_grad():
+            feats = layers[2](out.hidden_states[2][i : i + 1, rows], attention_mask=None)
+            feats = feats[0] if isinstance(feats, tuple) else feats
+            proj = eager.adapter.projector(eager.model)(feats[0, 1:])
+        torch.testing.assert_close(sel.embeds[i], proj, rtol=1e-4, atol=1e-5)
+
+
+def test_flowcut_prune_count_reference():
+    rng = np.random.default_rng(0)
+    a = rng.dirichlet(np.ones(40), size=1)
+    p = a[0] / a[0].sum()
+    ent = -(p * np.log(p)).sum() / np.log(40)
+    want = int(np.round((40 - 10) / np.sqrt(4) * (1 - ent**2)))
+    assert scoring.flowcut_prune_count(torch.as_tensor(a), 4, 10) == want

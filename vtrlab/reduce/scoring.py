@@ -382,3 +382,28 @@ def tome_schedule(n_tokens: int, remove: int, n_layers: int, protected: int = 1)
         raise ValueError(f"ToMe cannot remove {remove} of {n_tokens} tokens in {n_layers} layers "
                          f"(each layer merges at most half of its tokens)")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# FlowCut
+
+
+def flowcut_score(cls_attn: torch.Tensor, semantic: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """FlowCut (TungChintao/FlowCut, ``flowcut/utils_flowcut.py::compute_score``):
+    (cls / Σcls + semantic / Σsemantic) · ‖v‖₁, over the patches (last axis of the attentions,
+    ``values`` (…, N, d) the head-mean values)."""
+    rel = cls_attn / cls_attn.sum(-1, keepdim=True)
+    sem = semantic / semantic.sum(-1, keepdim=True)
+    return (rel + sem) * values.abs().sum(-1)
+
+
+def flowcut_prune_count(cls_attn: torch.Tensor, rpl: int, target_patches: int) -> int:
+    """FlowCut's adaptive count (``utils_flowcut.py::adaptive_prune_ratio``):
+    round((N − target) / √rpl · (1 − (H / log N)²)), H the entropy of the normalised [CLS]
+    attention over the N patches; the max over the batch."""
+    N = cls_attn.shape[-1]
+    p = cls_attn / cls_attn.sum(-1, keepdim=True)
+    ent = -(p * torch.log(p)).sum(-1)
+    ratio = ent / torch.log(torch.tensor(float(N), dtype=ent.dtype))
+    r = (N - target_patches) / rpl**0.5 * (1 - ratio**2)
+    return int(r.max().round())

@@ -8,7 +8,7 @@ shrink between blocks; the model's own modules are never patched. Each token car
 original tokens, so every merged token can be traced to the patches it covers.
 
 ``between(layer, state)`` is called after each block's attention (ToMe merges there, before the
-MLP) with a :class:`TowerState` it may replace; ``proportional`` adds log(size) to the attention
+MLP) or after the whole block (FlowCut prunes there), with a :class:`TowerState` it may replace; ``proportional`` adds log(size) to the attention
 logits of every key (ToMe's proportional attention). The output is the hidden state after the
 feature layer (LLaVA's ``vision_feature_layer``), as the projector would receive it.
 
@@ -30,6 +30,7 @@ class TowerState:
     size: torch.Tensor  # (B, T, 1) original tokens per token
     source: torch.Tensor  # (B, T, N0) membership of the original tokens (0/1)
     metric: torch.Tensor | None = None  # (B, T, d) this block's keys, mean over heads (after attention)
+    extra: dict | None = None  # a method's own per-token state (e.g. FlowCut's cumulative scores)
     attn_cls: torch.Tensor | None = None  # (B, H, T) this block's attention from token 0 (if asked)
     values: torch.Tensor | None = None  # (B, H, T, d) this block's values (if asked)
 
@@ -61,9 +62,13 @@ def run_tower(
     between: Callable[[int, TowerState], TowerState] | None = None,
     proportional: bool = False,
     want_cls: bool = False,
+    where: str = "attention",
 ) -> TowerState:
     """Run the tower up to and including layer ``feature_layer`` (0-indexed), calling ``between``
-    after each block's attention. Returns the final state (``x`` = that layer's output)."""
+    after each block's attention (``where="attention"``, ToMe) or after the whole block
+    (``where="block"``, FlowCut). Returns the final state (``x`` = that layer's output)."""
+    if where not in ("attention", "block"):
+        raise ValueError(f"where={where!r}; accepted: 'attention', 'block'")
     vm = _vision_model(vlm)
     layers = vm.encoder.layers
     if not 0 <= feature_layer < len(layers):
@@ -86,7 +91,9 @@ def run_tower(
                                          want_cls)
         state.x = res + out
         state.metric, state.attn_cls, state.values = metric, cls, v
-        if between is not None:
+        if between is not None and where == "attention":
             state = between(li, state)
         state.x = state.x + layer.mlp(layer.layer_norm2(state.x))
+        if between is not None and where == "block":
+            state = between(li, state)
     return state
