@@ -224,3 +224,41 @@ def test_selector_keeps_top_logits(tmp_path):
         np.testing.assert_array_equal(_kept(ds)[i], want[i])
     with pytest.raises(NotApplicable, match="trained for the organism"):
         vl.reduce.apply(vlm, batch, "selector", keep=0.5)
+
+
+def test_cdpruner_with_attached_clip_text_tower():
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    vlm, eager, batch, out = _setup("llava")
+    with pytest.raises(NotApplicable, match="'cdpruner'.*'llava'.*CLIP text tower"):
+        vl.reduce.apply(vlm, batch, "cdpruner", keep=6)
+    tok = vlm.processor.tokenizer
+    torch.manual_seed(0)
+    text = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=8, projection_dim=16, eos_token_id=tok.eos_token_id or 2)).eval()
+    proj = torch.nn.Linear(32, 16, bias=False)
+
+    def clip_tok(text, return_tensors):
+        return tok(text, return_tensors=return_tensors)
+
+    vlm.clip_text = (text, clip_tok, proj)
+    try:
+        ds = vl.reduce.apply(vlm, batch, "cdpruner", keep=6)
+    finally:
+        del vlm.clip_text
+    dec = eager.adapter.decoder_inputs(eager.model, batch.inputs)
+    post = eager.adapter.vision_tower(eager.model).post_layernorm
+    for i, lay in enumerate(batch.layouts):
+        with torch.no_grad():
+            img = proj(post(out.hidden_states[-2][i, 1:])).double()
+            ids = tok(batch.prompts[i], return_tensors="pt")["input_ids"]
+            pad = (-ids.shape[1]) % 8
+            ids = torch.cat([ids, ids.new_zeros(1, pad)], 1).reshape(-1, 8)
+            mask = (torch.arange(ids.numel()) < ids.numel() - pad).reshape(-1, 8).long()
+            txt = text(input_ids=ids, attention_mask=mask).text_embeds.double()
+        rel = scoring.cdpruner_relevance(img, txt)
+        feats = dec["inputs_embeds"][i, torch.as_tensor(lay.image_positions)].double()
+        want = np.zeros(lay.n_image_tokens, bool)
+        want[scoring.cdpruner_select(feats, rel, 6).numpy()] = True
+        np.testing.assert_array_equal(_kept(ds)[i], want)

@@ -212,3 +212,29 @@ def test_hired_matches_reference(grid):
     got = scoring.hired_select(_t(a0), _t(a22), grid, budget_rate=0.2, alpha=0.5)
     np.testing.assert_array_equal(got.numpy(), _hired_ref(a0, a22, grid, 0.2, 0.5))
     assert got.sum() <= int(n * V * 0.2)
+
+
+@pytest.mark.parametrize("k", [1, 5, 12])
+def test_cdpruner_dpp_matches_bruteforce_greedy(k):
+    rng = np.random.default_rng(k)
+    feats = rng.normal(size=(20, 24))
+    img, txt = rng.normal(size=(20, 4)), rng.normal(size=(3, 4))
+    cos = np.array([[_cos(a, b) for b in txt] for a in img])
+    r = -cos.mean(1)
+    r = (r - r.min() + 1e-6) / (r.max() - r.min())
+    rel = scoring.cdpruner_relevance(_t(img), _t(txt))
+    np.testing.assert_allclose(rel.numpy(), r, rtol=1e-12)
+    S = np.array([[_cos(a, b) for b in feats] for a in feats])
+    L = r[:, None] * S * r[None, :]
+    picked = []
+    for _ in range(k):
+        gains = [np.linalg.det(L[np.ix_(picked + [j], picked + [j])]) if j not in picked else -np.inf
+                 for j in range(20)]
+        picked.append(int(np.argmax(gains)))
+    assert scoring.cdpruner_select(_t(feats), rel, k).tolist() == sorted(picked)
+
+
+def test_cdpruner_dpp_refuses_beyond_kernel_rank():
+    feats = _t(np.random.default_rng(0).normal(size=(10, 3)))
+    with pytest.raises(ValueError, match="numerical rank 3 < k=5"):
+        scoring.cdpruner_select(feats, torch.ones(10, dtype=torch.float64), 5)

@@ -407,3 +407,44 @@ def flowcut_prune_count(cls_attn: torch.Tensor, rpl: int, target_patches: int) -
     ratio = ent / torch.log(torch.tensor(float(N), dtype=ent.dtype))
     r = (N - target_patches) / rpl**0.5 * (1 - ratio**2)
     return int(r.max().round())
+
+
+# ---------------------------------------------------------------------------------------------
+# CDPruner
+
+
+def cdpruner_relevance(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """CDPruner's relevance (Theia-4869/CDPruner, ``llava/model/llava_arch.py::encode_images``): the
+    **negated** cosine of each patch's CLIP image embedding with the M text embeddings, averaged
+    over M, min–max normalised as ``(r − min + 1e-6) / (max − min)`` (the sign is deliberate for
+    LLaVA's CLIP, per the authors)."""
+    im = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+    tx = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+    r = (-(im @ tx.T)).mean(-1)
+    return (r - r.min() + 1e-6) / (r.max() - r.min())
+
+
+def cdpruner_select(feats: torch.Tensor, relevance: torch.Tensor, k: int) -> torch.Tensor:
+    """Conditional DPP, greedy MAP (fast incremental Cholesky, Chen et al. 2018) on the kernel
+    L = diag(r) · S · diag(r), S the cosine similarity of the projector outputs ``feats`` (N, D);
+    ``k`` steps, each the token of largest remaining marginal gain (first index on ties);
+    ascending indices (the code re-sorts)."""
+    N = feats.shape[0]
+    k = _check_k(k, N)
+    fn = feats / feats.norm(dim=-1, keepdim=True)
+    kernel = relevance[:, None] * (fn @ fn.T) * relevance[None, :]
+    cis = torch.zeros(k, N, dtype=kernel.dtype, device=kernel.device)
+    d2 = torch.diagonal(kernel).clone()
+    picked = []
+    floor = float(torch.diagonal(kernel).max()) * 1e-10
+    for i in range(k):
+        j = int(torch.argmax(d2))
+        if not float(d2[j]) > floor:
+            raise ValueError(f"the DPP kernel has numerical rank {i} < k={k}: greedy MAP cannot pick more tokens "
+                             "(features of too low a rank for this budget)")
+        picked.append(j)
+        e = (kernel[j] - cis[:i, j] @ cis[:i]) / torch.sqrt(d2[j])
+        cis[i] = e
+        d2 = d2 - e**2
+        d2[j] = -torch.inf
+    return torch.as_tensor(sorted(picked), dtype=torch.long, device=feats.device)
