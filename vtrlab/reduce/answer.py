@@ -67,7 +67,8 @@ def _forward(vlm: Any, embeds, attention_mask, position_ids, cache=None, use_cac
 
 
 def _plan(vlm: Any, batch: Batch, method: Any, keep: Any, params: dict, decoder_inputs: dict | None):
-    """(keep masks, embeds, positions, in-LM removal context) for ``method`` at budget ``keep``."""
+    """(keep masks, embeds, positions, removal) for ``method`` at budget ``keep``; ``removal(red)`` is the
+    context in which the reduced inputs ``red`` run (in-LM removal for LM-stage methods)."""
     import contextlib
 
     from .apply import resolve, select
@@ -77,16 +78,16 @@ def _plan(vlm: Any, batch: Batch, method: Any, keep: Any, params: dict, decoder_
             raise ValueError(f"parameters {sorted(params)} given without method=; they are a method's parameters")
         if isinstance(keep, (float, int)) and not isinstance(keep, bool):
             raise ValueError(f"keep={keep!r} is a budget; give method= (e.g. 'random') or per-sample bool masks")
-        return keep, None, "kept", contextlib.nullcontext()
+        return keep, None, "kept", lambda red: contextlib.nullcontext()
     m = resolve(method, params)
     if keep is None:
         raise ValueError(f"method={m.name!r} needs a budget keep= (ratio in (0, 1] or a number of image tokens)")
     if m.stage == "lm":
         from .stages.lm import lm_removal
 
-        return None, None, "kept", lm_removal(vlm, batch, m, keep)
+        return None, None, "kept", lambda red: lm_removal(vlm, batch, m, keep, red.source_positions)
     sel = select(vlm, batch, m, keep, decoder_inputs)
-    return sel.keep, sel.embeds, m.positions, contextlib.nullcontext()
+    return sel.keep, sel.embeds, m.positions, lambda red: contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -107,7 +108,7 @@ def generate_ids(
         raise ValueError(f"max_new_tokens={max_new_tokens}; accepted: an integer >= 1")
     keep, embeds, positions, removal = _plan(vlm, batch, method, keep, params, decoder_inputs)
     red: ReducedInputs = reduced_decoder_inputs(vlm, batch, keep, decoder_inputs, embeds=embeds, positions=positions)
-    with removal:
+    with removal(red):
         return _decode(vlm, red, max_new_tokens, progress)
 
 
@@ -203,7 +204,7 @@ def logits(
     """
     keep, embeds, positions, removal = _plan(vlm, batch, method, keep, params, decoder_inputs)
     red = reduced_decoder_inputs(vlm, batch, keep, decoder_inputs, embeds=embeds, positions=positions)
-    with removal as state:
+    with removal(red) as state:
         return _logits(vlm, red, append, len(batch), state)
 
 
