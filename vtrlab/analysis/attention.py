@@ -42,7 +42,7 @@ def check_image_visible(share: pd.DataFrame) -> None:
         positions = sorted(share["query_position"].unique())[:5] if not share.empty else []
         raise ValueError(
             f"the captured query rows (positions {positions}...) give no attention to image tokens; "
-            "under a causal mask rows before the image cannot see it — capture rows='last' or 'text'"
+            "under a causal mask rows before the image cannot see it — capture queries='last' or 'text'"
         )
 
 

@@ -216,7 +216,7 @@ def keep_ratio_sweep(
     from tqdm.auto import tqdm
 
     from ..metrics.fidelity import exact_match
-    from ..reduce import answer
+    from ..reduce import answer, decoder_inputs
 
     bad = [m for m in methods if m not in KEEP_METHODS]
     if bad:
@@ -230,7 +230,7 @@ def keep_ratio_sweep(
     for a in tqdm(range(0, len(samples), batch_size), desc="keep-ratio sweep", disable=not progress):
         chunk = samples[a : a + batch_size]
         batch = vlm.prepare([s.image for s in chunk], [s.question for s in chunk])
-        dec = vlm.adapter.decoder_inputs(vlm.model, batch.inputs)
+        dec = decoder_inputs(vlm, batch)
         n = [lay.n_image_tokens for lay in batch.layouts]
         plans: list[tuple[str, float, list[np.ndarray] | None]] = []
         if "full" in methods:
@@ -370,7 +370,7 @@ def context_diagnostic(vlm: Any, selector: Any, samples: Sequence[Any], ratio: f
     import pandas as pd
 
     from ..metrics.fidelity import exact_match
-    from ..reduce import answer
+    from ..reduce import answer, decoder_inputs
 
     if families is None:
         families = list(dict.fromkeys(s.family for s in samples))
@@ -380,7 +380,7 @@ def context_diagnostic(vlm: Any, selector: Any, samples: Sequence[Any], ratio: f
         for a in range(0, len(fam_samples), batch_size):
             chunk = fam_samples[a : a + batch_size]
             b = vlm.prepare([s.image for s in chunk], [s.question for s in chunk])
-            dec = vlm.adapter.decoder_inputs(vlm.model, b.inputs)
+            dec = decoder_inputs(vlm, b)
             scores = selector.token_scores(vlm, b)
             plans = {k: [] for k in DIAGNOSTIC_PLANS}
             for i, (s, lay, sc) in enumerate(zip(chunk, b.layouts, scores)):

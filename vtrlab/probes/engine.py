@@ -9,14 +9,12 @@ import numpy as np
 import torch
 import xarray as xr
 
-from vtrlab.models.base import KIND_IMAGE, ImageLayout
+from vtrlab.models.base import ImageLayout
+from vtrlab.models.labels import key_coordinates
 
 from .attention import Site, session
-from .spec import head_indices, layer_indices, padded_rows, rows_per_sample, store_dtype
+from .spec import head_indices, layer_indices, padded_rows, queries_per_sample, store_dtype
 from .switch import attention_switched
-
-KEY_KIND_TEXT = "text"
-KEY_KIND_PAD = "pad"
 
 
 def _lm_sites(vlm, layers: list[int], rows: torch.Tensor, dtype, device) -> dict[int, Site]:
@@ -63,21 +61,6 @@ def _hidden_norm_hooks(vlm, layers: list[int], store: dict[int, torch.Tensor]):
     finally:
         for h in handles:
             h.remove()
-
-
-def key_coordinates(layouts: Sequence[ImageLayout], seq_len: int) -> dict[str, tuple]:
-    """Per-sample (sample, key) variables mapping sequence positions to the image layout."""
-    B = len(layouts)
-    kind = np.full((B, seq_len), KEY_KIND_PAD, dtype=object)
-    fields = {name: np.full((B, seq_len), -1, dtype=np.int64) for name in ("image", "tile", "row", "col")}
-    for b, L in enumerate(layouts):
-        kind[b, L.valid_positions] = KEY_KIND_TEXT
-        kind[b, L.positions] = L.kind
-        for name, arr in fields.items():
-            arr[b, L.positions] = getattr(L, name)
-    out = {"key_kind": (("sample", "key"), kind.astype(str))}
-    out.update({f"key_{name}": (("sample", "key"), arr) for name, arr in fields.items()})
-    return out
 
 
 def _crop_offsets(tables) -> dict[int, int]:
@@ -134,7 +117,8 @@ def _vision_table(layouts, probs_by_layer: dict[int, torch.Tensor], layers: list
 def capture(
     vlm,
     batch,
-    rows="last",
+    *,
+    queries="last",
     layers="all",
     heads=None,
     vision: bool = True,
@@ -143,14 +127,14 @@ def capture(
     head_mean: bool = False,
     vision_layers="all",
 ) -> xr.Dataset:
-    """Attention probabilities from chosen query rows, per LM layer, in one sdpa forward.
+    """Attention probabilities of the chosen queries, per LM layer, in one sdpa forward.
 
     Args:
         vlm: a :class:`vtrlab.models.VLM` (its model runs with attn_implementation='sdpa').
         batch: ``vlm.prepare(...)`` output.
-        rows: ``"last"`` (each sample's last real token), ``"question"``, ``"text"``, ``"all"``, or
-            explicit positions (one list for all samples, or one list per sample; negative counts
-            back from the last real token).
+        queries: ``"last"`` (each sample's last real token), ``"question"``, ``"text"``, ``"all"``,
+            ``"image"``, or explicit integer positions (one list for all samples, or one list per
+            sample; negative counts back from the last real token).
         layers: ``"all"`` or LM layer indices.
         heads: ``None`` (all) or LM head indices.
         vision: also record vision-encoder attention from [CLS] (mean over queries without [CLS]).
@@ -168,7 +152,7 @@ def capture(
     sdtype = store_dtype(dtype)
     layouts = list(batch.layouts)
     lm_layers = layer_indices(layers, len(vlm.lm_layers))
-    per_sample = rows_per_sample(layouts, rows)
+    per_sample = queries_per_sample(layouts, queries)
     rows_np = padded_rows(per_sample)
     device = vlm.device
     rows_t = torch.as_tensor(rows_np, device=device)
@@ -248,7 +232,7 @@ def capture(
         {
             "model": str(vlm.name),
             "family": str(vlm.family),
-            "rows": rows if isinstance(rows, str) else "explicit",
+            "queries": queries if isinstance(queries, str) else "explicit",
             "query_coordinate": "sequence position" if same_rows else "row index (see query_position)",
             "vision_mode": ("cls" if vlm.has_cls else "mean over queries") if vision else "none",
             "head_mean": int(head_mean),
