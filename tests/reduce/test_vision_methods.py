@@ -146,7 +146,8 @@ def test_visionzip_matches_eager_and_conserves_tokens():
             proj = eager.adapter.projector(eager.model)(res.embeds.float())
         torch.testing.assert_close(sel.embeds[i].float(), proj[torch.as_tensor(np.flatnonzero(src >= 0))],
                                    rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(sel.info["extra_embeds"][i].float(), proj[:1], rtol=1e-4, atol=1e-5)
+        assert sel.info["extra"][i][0] == "start"
+        torch.testing.assert_close(sel.info["extra"][i][1].float(), proj[:1], rtol=1e-4, atol=1e-5)
         # bookkeeping: 1 [CLS] + kept patches = budget; every patch kept or merged into a kept target
         assert 1 + int(sel.keep[i].sum()) == 9
         assert (sel.group[i] >= 0).all() and sel.keep[i][sel.group[i]].all()
@@ -170,7 +171,8 @@ def test_prumerge_matches_eager(name):
         want = np.zeros(lay.n_image_tokens, bool)
         want[src[src >= 0]] = True
         np.testing.assert_array_equal(sel.keep[i], want)
-        assert int(sel.keep[i].sum()) == 5 and sel.info["extra_embeds"][i].shape[0] == 1
+        assert int(sel.keep[i].sum()) == 5 and sel.info["extra"][i][0] == "end"
+        assert sel.info["extra"][i][1].shape[0] == 1
         with torch.no_grad():
             proj = eager.adapter.projector(eager.model)(res.embeds.float())
         torch.testing.assert_close(sel.embeds[i].float(), proj[:-1], rtol=1e-4, atol=1e-5)
@@ -262,3 +264,27 @@ def test_cdpruner_with_attached_clip_text_tower():
         want = np.zeros(lay.n_image_tokens, bool)
         want[scoring.cdpruner_select(feats, rel, 6).numpy()] = True
         np.testing.assert_array_equal(_kept(ds)[i], want)
+
+
+@pytest.mark.parametrize("name,budget", [("visionzip", 9), ("prumerge", 6)])
+def test_merged_methods_feed_the_code_sequence_to_the_lm(name, budget):
+    """End to end: the LM input is the official code's sequence — text, then the method's tokens in
+    its order ([CLS] first for VisionZip, the extra token last for PruMerge), then text, positions
+    0..L-1 — and the logits equal a plain forward of that sequence."""
+    vlm = tiny("llava", seed=0)
+    batch = vlm.prepare(_images(4, 1), ["what is in the picture ?"])
+    params = {"adaptive": False} if name == "prumerge" else {}
+    sel = select(vlm, batch, get(name, **params), budget)
+    where, extra = sel.info["extra"][0]
+    lay = batch.layouts[0]
+    dec = vlm.adapter.decoder_inputs(vlm.model, batch.inputs)
+    emb = dec["inputs_embeds"][0]
+    first, last = int(lay.positions.min()), int(lay.positions.max())
+    tokens = [sel.embeds[0], extra] if where == "end" else [extra, sel.embeds[0]]
+    seq = torch.cat([emb[:first], *tokens, emb[last + 1 :]])[None]
+    assert seq.shape[1] == emb.shape[0] - lay.n_image_tokens + budget
+    with torch.no_grad():
+        want = vlm.model(inputs_embeds=seq, position_ids=torch.arange(seq.shape[1])[None]).logits[0, -1].float()
+    got = vl.reduce.logits(vlm, batch, method=name, keep=budget, **params)
+    torch.testing.assert_close(got.last[0], want, rtol=1e-4, atol=1e-4)
+    assert (got.source_positions[0] == -2).sum() == 1  # the inserted token is no position of the batch

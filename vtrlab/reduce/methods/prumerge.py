@@ -15,8 +15,9 @@ Positions renumbered (features concatenated).
 vtrlab specifics: ``adaptive=True`` (the code's default) ignores the requested budget (the record
 reports what was kept; ``exact_budget`` is False); ``adaptive=False`` keeps the top ``n − 1``
 tokens (+ the extra token = n), PruMerge+ then fills with its grid up to that count. The extra
-token is no layout token: it is in ``Selection.info["extra_embeds"]`` (projected); the keep path
-does not insert it yet. ``group``: kept tokens point to themselves; the neighbourhoods a kept token
+token is no layout token: it is inserted after the last kept image token
+(``Selection.info["extra"]``, the keep path's ``extra=``). The kept slots receive the merged tokens in
+the method's LM order (attention rank), so with renumbered positions the LM sees the code's sequence. ``group``: kept tokens point to themselves; the neighbourhoods a kept token
 absorbs overlap between kept tokens, so they are not a partition and are not recorded. One crop per sample (LLaVA-1.5; the code hard-codes 576 patches).
 """
 
@@ -95,7 +96,7 @@ class PruMerge(Method):
             embeds.append(proj[torch.as_tensor(patch_rows, device=proj.device)])
             extra.append(proj[torch.as_tensor(np.flatnonzero(src < 0), device=proj.device)])
         return Selection(keep=keep, scores=scores, embeds=embeds, group=groups,
-                         info={"extra_embeds": extra, "extra_at": "end", "embeds_order": "method (LM) order"})
+                         info={"extra": [("end", e) for e in extra], "embeds_order": "method (LM) order"})
 
 
 @register("prumerge_plus")

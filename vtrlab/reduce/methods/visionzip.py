@@ -14,11 +14,12 @@ contextual (raster); positions renumbered (the features are concatenated).
 
 vtrlab specifics: the kept image-token slots (layout order) receive the method's tokens in the
 method's LM order, so with renumbered positions the LM sees exactly the code's sequence. The
-[CLS] token VisionZip sends first is not a layout token: it is returned in
-``Selection.info["extra_embeds"]`` (projected) and counted in the budget; the keep path does not
-insert it yet, so the LM currently receives the ``n − 1`` patch-derived tokens (set
-``cls_token=False`` to spend that slot on one more dominant patch instead). One crop per sample
-(LLaVA-1.5 towers); the code's anyres variant is not implemented here.
+[CLS] token VisionZip sends first is no layout token: it is inserted before the first kept image
+token (``Selection.info["extra"]``, the keep path's ``extra=``), so the LM receives exactly ``n``
+tokens: the [CLS], ``dominant − 1`` patches and ``contextual`` merged tokens; the record's
+``budget`` counts the ``n − 1`` layout tokens kept (``cls_token=False`` spends the [CLS] slot on one
+more dominant patch). One crop per sample (LLaVA-1.5 towers); the code's anyres variant (no
+unpadding, per-crop [CLS] and contextual tokens appended after the grid) is not implemented.
 """
 
 from __future__ import annotations
@@ -85,4 +86,4 @@ class VisionZip(Method):
             embeds.append(proj[torch.as_tensor(patch_rows, device=proj.device)])
             extra.append(proj[torch.as_tensor(np.flatnonzero(src < 0), device=proj.device)])
         return Selection(keep=keep, scores=scores, embeds=embeds, group=groups,
-                         info={"extra_embeds": extra, "extra_at": "start", "embeds_order": "method (LM) order"})
+                         info={"extra": [("start", e) for e in extra], "embeds_order": "method (LM) order"})
