@@ -288,3 +288,16 @@ def test_merged_methods_feed_the_code_sequence_to_the_lm(name, budget):
     got = vl.reduce.logits(vlm, batch, method=name, keep=budget, **params)
     torch.testing.assert_close(got.last[0], want, rtol=1e-4, atol=1e-4)
     assert (got.source_positions[0] == -2).sum() == 1  # the inserted token is no position of the batch
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "gemma3"])
+def test_attention_rankers_run_on_every_family(family):
+    """Families without an eager tower oracle here (packed / pooled towers): the substitute signal
+    (mean attention received, pooled over each token's patches) is finite and budgets are exact."""
+    vlm = tiny(family)
+    batch = vlm.prepare(_images(5), ["what is in the picture ?", "color ?"])
+    for name in ("fastervlm", "vtc_cls"):
+        ds = vl.reduce.apply(vlm, batch, name, keep=0.5)
+        for i, lay in enumerate(batch.layouts):
+            assert int(_kept(ds)[i].sum()) == int(round(0.5 * lay.n_image_tokens))
+            assert np.isfinite(ds.score.values[i, 0, : lay.n_image_tokens]).all()

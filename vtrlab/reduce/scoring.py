@@ -263,7 +263,8 @@ def divprune_order(feats: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(1, dtype=torch.long, device=feats.device)
     norms = feats.norm(dim=1, keepdim=True)
     if bool((norms == 0).any()):
-        raise ValueError(f"{int((norms == 0).sum())} of {V} features have zero norm; DivPrune's cosine distance is undefined")
+        raise ValueError(f"{int((norms == 0).sum())} of {V} features have zero norm; DivPrune's cosine distance "
+                         "is undefined")
     normed = feats / norms
     dist = 1.0 - normed @ normed.T
     first = torch.topk(dist, 2, dim=0, largest=False).values[1]

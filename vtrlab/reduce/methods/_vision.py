@@ -30,10 +30,26 @@ def _agg(values: np.ndarray, heads: str) -> np.ndarray:
     return values.mean(-2) if heads == "mean" else values.sum(-2)
 
 
+def prefetch_attention(ctx, layers: list[int]) -> None:
+    """Capture the vision attention of several layers in ONE forward (methods that read many layers,
+    e.g. VTC-CLS, HiRED), cached in the context; :func:`_layer_ds` serves layers from it."""
+    idx = sorted({vision_layer_index(ctx.vlm, layer) for layer in layers})
+
+    def compute():
+        from ...probes import capture
+
+        return capture(ctx.vlm, ctx.batch, layers=[0], vision=True, vision_layers=idx)
+
+    ds = ctx.cached(("vision_attention_layers", tuple(idx)), compute)
+    ctx.cached("vision_attention_prefetched", dict)[tuple(idx)] = ds
+
+
 def _layer_ds(ctx, layer: int):
     idx = vision_layer_index(ctx.vlm, layer)
-    ds = ctx.vision_attention(layer)
-    return ds.sel(vision_layer=idx)
+    for layers, ds in ctx.cached("vision_attention_prefetched", dict).items():
+        if idx in layers:
+            return ds.sel(vision_layer=idx)
+    return ctx.vision_attention(layer).sel(vision_layer=idx)
 
 
 def _token_index(lay) -> dict[tuple[int, int, int, int], int]:
@@ -159,8 +175,8 @@ def single_crop(lay, family: str, method: str) -> tuple[int, np.ndarray]:
     crop, vpos = one_to_one(lay, family, method)
     crops = np.unique(crop)
     if len(crops) != 1:
-        raise NotApplicable(method, family, f"a sample spans {len(crops)} vision crops; the official code merges "
-                            "within one LLaVA-1.5 crop (one image, no anyres tiles)")
+        raise NotApplicable(method, family, f"a sample spans {len(crops)} vision crops; vtrlab implements this "
+                            "method on single-crop images (LLaVA-1.5 style: one image, no anyres tiles)")
     order = np.argsort(vpos, kind="stable")
     if not np.array_equal(vpos[order], np.arange(1, len(vpos) + 1)):
         raise NotApplicable(method, family, "the crop's patches are not all image tokens after one [CLS]")

@@ -86,4 +86,5 @@ class FlowCut(Method):
             keep.append(m)
             scores.append(s)
             embeds.append(project(vlm, st.x[0, 1:])[torch.as_tensor(np.argsort(order[kept_patches], kind="stable"))])
-        return Selection(keep=keep, scores=scores, embeds=embeds, info={"scores": "cumulative FlowCut score of kept tokens"})
+        return Selection(keep=keep, scores=scores, embeds=embeds,
+                         info={"scores": "cumulative FlowCut score of kept tokens"})

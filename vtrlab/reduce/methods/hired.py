@@ -24,7 +24,7 @@ import torch
 
 from ..registry import Method, NotApplicable, Selection, register
 from ..scoring import hired_select
-from ._vision import crop_attention, one_to_one, require_cls
+from ._vision import crop_attention, one_to_one, prefetch_attention, require_cls
 
 
 @register("hired")
@@ -46,6 +46,7 @@ class HiRED(Method):
 
     def select(self, ctx, n_keep):
         vlm = ctx.vlm
+        prefetch_attention(ctx, [int(self.params["early_layer"]), int(self.params["vision_layer"])])
         keep, scores = [], []
         for i, (lay, n) in enumerate(zip(ctx.layouts, n_keep)):
             crop, vpos = one_to_one(lay, vlm.family, self.name)

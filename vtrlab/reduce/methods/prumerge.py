@@ -17,8 +17,10 @@ reports what was kept; ``exact_budget`` is False); ``adaptive=False`` keeps the 
 tokens (+ the extra token = n), PruMerge+ then fills with its grid up to that count. The extra
 token is no layout token: it is inserted after the last kept image token
 (``Selection.info["extra"]``, the keep path's ``extra=``). The kept slots receive the merged tokens in
-the method's LM order (attention rank), so with renumbered positions the LM sees the code's sequence. ``group``: kept tokens point to themselves; the neighbourhoods a kept token
-absorbs overlap between kept tokens, so they are not a partition and are not recorded. One crop per sample (LLaVA-1.5; the code hard-codes 576 patches).
+the method's LM order (attention rank), so with renumbered positions the LM sees the code's
+sequence. ``group``: kept tokens point to themselves; the neighbourhoods a kept token absorbs
+overlap between kept tokens, so they are not a partition and are not recorded. One crop per
+sample (LLaVA-1.5; the code hard-codes 576 patches).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ class PruMerge(Method):
             idx = rank[: int(V * ratio)]
             if self.plus:
                 if outliers == 0:
-                    raise ValueError(f"{self.name}: no [CLS]-attention outliers; the code's grid step 1/ratio is undefined")
+                    raise ValueError(f"{self.name}: no [CLS]-attention outliers; the code's grid step 1/ratio "
+                                     "is undefined")
                 idx = torch.cat([idx, prumerge_plus_grid(idx, ratio, V)])
             return idx
         left = max(0, n - 1)

@@ -29,8 +29,16 @@ import torch
 
 from ..registry import Method, Selection, register
 from ..scoring import visionzip_merge, visionzip_split
-from ._vision import (crop_attention, heads_mean, layer_hidden, layer_proj, n_vision_heads, project,
-                      require_cls, single_crop)
+from ._vision import (
+    crop_attention,
+    heads_mean,
+    layer_hidden,
+    layer_proj,
+    n_vision_heads,
+    project,
+    require_cls,
+    single_crop,
+)
 
 
 @register("visionzip")

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..context import top_k_mask, vision_layer_index
 from ..registry import Method, Selection, register
-from ._vision import token_attention
+from ._vision import prefetch_attention, token_attention
 
 
 @register("vtc_cls")
@@ -38,7 +38,9 @@ class VTCCLS(Method):
         self.layers(vlm)
 
     def select(self, ctx, n_keep):
-        per_layer = [token_attention(ctx, layer, "mean") for layer in self.layers(ctx.vlm)]
+        layers = self.layers(ctx.vlm)
+        prefetch_attention(ctx, layers)
+        per_layer = [token_attention(ctx, layer, "mean") for layer in layers]
         scores = [np.sum([p[i] for p in per_layer], axis=0) for i in range(len(ctx.layouts))]
         keep = [top_k_mask(s, k) for s, k in zip(scores, n_keep)]
         return Selection(keep=keep, scores=scores)

@@ -8,8 +8,9 @@ shrink between blocks; the model's own modules are never patched. Each token car
 original tokens, so every merged token can be traced to the patches it covers.
 
 ``between(layer, state)`` is called after each block's attention (ToMe merges there, before the
-MLP) or after the whole block (FlowCut prunes there), with a :class:`TowerState` it may replace; ``proportional`` adds log(size) to the attention
-logits of every key (ToMe's proportional attention). The output is the hidden state after the
+MLP) or after the whole block (FlowCut prunes there), with a :class:`TowerState` it may replace;
+``proportional`` adds log(size) to the attention logits of every key (ToMe's proportional
+attention). The output is the hidden state after the
 feature layer (LLaVA's ``vision_feature_layer``), as the projector would receive it.
 
 Supported towers: CLIP / SigLIP encoders of the LLaVA families (``encoder.layers`` of
@@ -87,8 +88,8 @@ def run_tower(
     for li in range(feature_layer + 1):
         layer = layers[li]
         res = state.x
-        out, metric, cls, v = _attention(layer.self_attn, layer.layer_norm1(state.x), state.size if proportional else None,
-                                         want_cls)
+        size = state.size if proportional else None
+        out, metric, cls, v = _attention(layer.self_attn, layer.layer_norm1(state.x), size, want_cls)
         state.x = res + out
         state.metric, state.attn_cls, state.values = metric, cls, v
         if between is not None and where == "attention":
