@@ -109,15 +109,17 @@ def test_divprune_matches_eager_projector_outputs(family):
         np.testing.assert_array_equal(_kept(ds)[i], want)
 
 
-def test_vispruner_matches_eager():
-    vlm, eager, batch, out = _setup("llava")
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_vispruner_matches_eager(family):
+    vlm, eager, batch, out = _setup(family)
     n = len(vlm.vision_layers)
     ds = vl.reduce.apply(vlm, batch, "vispruner", keep=7)
-    ref = _eager_scores("llava", n - 2)
+    ref = _eager_scores(family, n - 2)
     for i, lay in enumerate(batch.layouts):
-        feats = out.hidden_states[-2][i, 1:]
+        cv = [ps[0] for ps in _token_patches(lay)]  # 1:1 towers: one (crop, vpos) per token
+        feats = torch.stack([out.hidden_states[-2][c, v] for c, v in cv]).double()
         want = np.zeros(lay.n_image_tokens, bool)
-        want[scoring.vispruner_select(torch.as_tensor(ref[i]), feats.double(), 7).numpy()] = True
+        want[scoring.vispruner_select(torch.as_tensor(ref[i]), feats, 7).numpy()] = True
         np.testing.assert_array_equal(_kept(ds)[i], want)
 
 
