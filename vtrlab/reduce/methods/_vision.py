@@ -1,7 +1,8 @@
 """Vision-tower signals of the projector-stage methods, mapped onto the layout's image tokens.
 
 * :func:`token_attention` — per sample, per layout image token: [CLS]→patch attention of a vision
-  layer (``vl.capture``, no eager attention), heads aggregated as the method does; where the tower
+  layer (probe sites in a vision-only forward, no eager attention, no LM), heads aggregated as the
+  method does; where the tower
   has no [CLS] it is the mean attention each patch receives (capture's substitute). Where one LM
   token covers several vision patches (Qwen's 2×2 merger, Idefics3's pixel shuffle, Gemma3's
   pooling) the token's score is the mean over its patches — pooled as the merger pools.
@@ -30,26 +31,73 @@ def _agg(values: np.ndarray, heads: str) -> np.ndarray:
     return values.mean(-2) if heads == "mean" else values.sum(-2)
 
 
+def _vision_probs(ctx, idx: list[int]) -> dict[int, torch.Tensor]:
+    """[CLS]→key attention (mean attention received without a [CLS]) of vision layers ``idx`` in ONE
+    vision-only forward: probe sites of the session every probe joins record the rows (no eager
+    attention), and the forward stops before the LM (``adapter.decoder_inputs``), so scoring costs
+    the tower, not a prefill. Per layer: the tower calls joined along keys (packed towers)."""
+    from ...probes.attention import Site, session
+    from ...probes.switch import attention_switched
+
+    vlm = ctx.vlm
+    mode = "cls" if vlm.has_cls else "mean"
+    vis = ctx.layouts[0].vision
+    cls_index = int(vis.loc[vis["kind"] == "cls", "vpos"].iloc[0]) if vis is not None and (vis["kind"] == "cls").any() \
+        else 0
+    sites = {
+        id(vlm.adapter.vision_attention(vlm.vision_layers[i])): Site(
+            "vision", i, vision_mode=mode, cls_index=cls_index, probe="vtrlab.reduce"
+        )
+        for i in idx
+    }
+    with attention_switched(vlm.model), session(sites), torch.no_grad():
+        vlm.adapter.decoder_inputs(vlm.model, ctx.batch.inputs)
+    out = {}
+    for site in sites.values():
+        if not site.probs:
+            raise RuntimeError(f"vision layer {site.layer}'s attention never ran through {type(vlm.model).__name__}")
+        out[site.layer] = torch.cat(site.probs, dim=-1).float().cpu()
+    return out
+
+
 def prefetch_attention(ctx, layers: list[int]) -> None:
-    """Capture the vision attention of several layers in ONE forward (methods that read many layers,
-    e.g. VTC-CLS, HiRED), cached in the context; :func:`_layer_ds` serves layers from it."""
-    idx = sorted({vision_layer_index(ctx.vlm, layer) for layer in layers})
-
-    def compute():
-        from ...probes import capture
-
-        return capture(ctx.vlm, ctx.batch, layers=[0], vision=True, vision_layers=idx)
-
-    ds = ctx.cached(("vision_attention_layers", tuple(idx)), compute)
-    ctx.cached("vision_attention_prefetched", dict)[tuple(idx)] = ds
+    """Record the vision attention of several layers in one forward (methods that read many layers,
+    e.g. VTC-CLS, HiRED); later per-layer requests are served from it."""
+    idx = tuple(sorted({vision_layer_index(ctx.vlm, layer) for layer in layers}))
+    probs = ctx.cached(("vision_probs", idx), lambda: _vision_probs(ctx, list(idx)))
+    ctx.cached("vision_probs_by_layer", dict).update(probs)
 
 
-def _layer_ds(ctx, layer: int):
+def _layer_probs(ctx, layer: int) -> torch.Tensor:
     idx = vision_layer_index(ctx.vlm, layer)
-    for layers, ds in ctx.cached("vision_attention_prefetched", dict).items():
-        if idx in layers:
-            return ds.sel(vision_layer=idx)
-    return ctx.vision_attention(layer).sel(vision_layer=idx)
+    have = ctx.cached("vision_probs_by_layer", dict)
+    if idx not in have:
+        prefetch_attention(ctx, [idx])
+    return have[idx]
+
+
+def _patch_values(ctx, layer: int, sample: int):
+    """(vision table of the sample, values (H, rows)) at ``layer``: each vision-table row's attention."""
+    p = _layer_probs(ctx, layer).numpy()  # (calls_B, H, S)
+    tables = [lay.vision for lay in ctx.layouts]
+    if any(t is None for t in tables):
+        raise ValueError("a layout has no vision-encoder table; vision attention cannot be mapped to its tokens")
+    counts: dict[int, int] = {}
+    for t in tables:
+        for c, n in t["crop"].value_counts().items():
+            counts[int(c)] = counts.get(int(c), 0) + int(n)
+    offsets, at = {}, 0
+    for c in sorted(counts):
+        offsets[c], at = at, at + counts[c]
+    t = tables[sample].reset_index(drop=True)
+    crop, vpos = t["crop"].to_numpy().astype(int), t["vpos"].to_numpy().astype(int)
+    if p.shape[0] == 1 and len(offsets) > 1:  # packed tower: one sequence holding every crop
+        vpos = vpos + np.array([offsets[int(c)] for c in crop])
+        crop = np.zeros_like(crop)
+    if crop.max() >= p.shape[0] or vpos.max() >= p.shape[2]:
+        raise ValueError(f"sample {sample}'s vision table names crop {t['crop'].max()} / vpos {t['vpos'].max()}, "
+                         f"but the tower ran {p.shape[0]} sequence(s) of {p.shape[2]} tokens")
+    return t, p[crop, :, vpos].T.astype(np.float64)
 
 
 def _token_index(lay) -> dict[tuple[int, int, int, int], int]:
@@ -62,18 +110,16 @@ def token_attention(ctx, layer: int, heads: str = "mean") -> list[np.ndarray]:
     """Per sample, (n_image_tokens,) float64 attention of vision layer ``layer`` (see module doc)."""
 
     def compute():
-        ds = _layer_ds(ctx, layer)
-        vals = ds["vision_attn"].values.astype(np.float64)  # (B, H, K)
         out = []
         for b, lay in enumerate(ctx.layouts):
-            a = _agg(vals[b], heads)  # (K,)
-            kind = ds["vision_key_kind"].values[b]
-            lab = [ds[f"vision_key_{c}"].values[b] for c in ("image", "tile", "row", "col")]
+            t, vals = _patch_values(ctx, layer, b)
+            a = _agg(vals, heads)  # (rows,)
             index = _token_index(lay)
             sums = np.zeros(lay.n_image_tokens)
             counts = np.zeros(lay.n_image_tokens)
-            for k in np.flatnonzero((kind == "patch") & (lab[2] >= 0)):
-                j = index.get((int(lab[0][k]), int(lab[1][k]), int(lab[2][k]), int(lab[3][k])))
+            ok = (t["kind"].to_numpy() == "patch") & (t["row"].to_numpy() >= 0)
+            for k in np.flatnonzero(ok):
+                j = index.get((int(t["image"][k]), int(t["tile"][k]), int(t["row"][k]), int(t["col"][k])))
                 if j is not None:
                     sums[j] += a[k]
                     counts[j] += 1
@@ -87,14 +133,10 @@ def token_attention(ctx, layer: int, heads: str = "mean") -> list[np.ndarray]:
 
 def crop_attention(ctx, layer: int, sample: int, crop: int) -> torch.Tensor:
     """(H, V) [CLS]→patch attention of one crop at ``layer``, patches in vpos order (float64)."""
-    ds = _layer_ds(ctx, layer)
-    kind = ds["vision_key_kind"].values[sample]
-    crops = ds["vision_key_crop"].values[sample]
-    vpos = ds["vision_key_vpos"].values[sample]
-    sel = np.flatnonzero((kind == "patch") & (crops == crop))
-    sel = sel[np.argsort(vpos[sel], kind="stable")]
-    vals = ds["vision_attn"].values[sample][:, sel]
-    return torch.as_tensor(vals, dtype=torch.float64)
+    t, vals = _patch_values(ctx, layer, sample)
+    sel = np.flatnonzero((t["kind"].to_numpy() == "patch") & (t["crop"].to_numpy() == crop))
+    sel = sel[np.argsort(t["vpos"].to_numpy()[sel], kind="stable")]
+    return torch.as_tensor(vals[:, sel], dtype=torch.float64)
 
 
 def tower_tensor(ctx, module, key: str) -> torch.Tensor:
