@@ -31,49 +31,73 @@ def _agg(values: np.ndarray, heads: str) -> np.ndarray:
     return values.mean(-2) if heads == "mean" else values.sum(-2)
 
 
-def _vision_probs(ctx, idx: list[int]) -> dict[int, torch.Tensor]:
-    """[CLS]→key attention (mean attention received without a [CLS]) of vision layers ``idx`` in ONE
-    vision-only forward: probe sites of the session every probe joins record the rows (no eager
-    attention), and the forward stops before the LM (``adapter.decoder_inputs``), so scoring costs
-    the tower, not a prefill. Per layer: the tower calls joined along keys (packed towers)."""
+def vision_forward(ctx, attention: list[int] = (), tensors: dict | None = None) -> None:
+    """ONE vision-only forward that records what a method needs, cached in the context:
+
+    * ``attention``: vision layers whose [CLS]→key attention (mean attention received without a
+      [CLS]) is recorded by probe sites of the session every probe joins (no eager attention);
+    * ``tensors``: ``{key: module}`` of the tower whose outputs are kept (forward hooks, removed in
+      ``finally``; tower calls concatenated along the first axis).
+
+    The forward stops before the LM (``adapter.decoder_inputs``), so scoring costs the tower, not a
+    prefill. Items already cached are not recomputed."""
     from ...probes.attention import Site, session
     from ...probes.switch import attention_switched
 
     vlm = ctx.vlm
+    have_p = ctx.cached("vision_probs_by_layer", dict)
+    have_t = ctx.cached("tower_tensors", dict)
+    idx = sorted({vision_layer_index(vlm, layer) for layer in attention} - set(have_p))
+    todo = {k: m for k, m in (tensors or {}).items() if k not in have_t}
+    if not idx and not todo:
+        return
     mode = "cls" if vlm.has_cls else "mean"
     vis = ctx.layouts[0].vision
-    cls_index = int(vis.loc[vis["kind"] == "cls", "vpos"].iloc[0]) if vis is not None and (vis["kind"] == "cls").any() \
-        else 0
+    has_cls_row = vis is not None and bool((vis["kind"] == "cls").any())
+    cls_index = int(vis.loc[vis["kind"] == "cls", "vpos"].iloc[0]) if has_cls_row else 0
     sites = {
         id(vlm.adapter.vision_attention(vlm.vision_layers[i])): Site(
             "vision", i, vision_mode=mode, cls_index=cls_index, probe="vtrlab.reduce"
         )
         for i in idx
     }
-    with attention_switched(vlm.model), session(sites), torch.no_grad():
-        vlm.adapter.decoder_inputs(vlm.model, ctx.batch.inputs)
-    out = {}
+    outs: dict[str, list[torch.Tensor]] = {k: [] for k in todo}
+    handles = []
+
+    def make(key):
+        def hook(_m, _a, output):
+            h = output[0] if isinstance(output, (tuple, list)) else output
+            outs[key].append(h.detach())
+
+        return hook
+
+    try:
+        for k, m in todo.items():
+            handles.append(m.register_forward_hook(make(k)))
+        with attention_switched(vlm.model), session(sites), torch.no_grad():
+            vlm.adapter.decoder_inputs(vlm.model, ctx.batch.inputs)
+    finally:
+        for h in handles:
+            h.remove()
     for site in sites.values():
         if not site.probs:
             raise RuntimeError(f"vision layer {site.layer}'s attention never ran through {type(vlm.model).__name__}")
-        out[site.layer] = torch.cat(site.probs, dim=-1).float().cpu()
-    return out
+        have_p[site.layer] = torch.cat(site.probs, dim=-1).float().cpu()
+    for k, v in outs.items():
+        if not v:
+            raise RuntimeError(f"{type(todo[k]).__name__} ({k}) did not run during the vision forward")
+        have_t[k] = torch.cat(v, 0)
 
 
 def prefetch_attention(ctx, layers: list[int]) -> None:
-    """Record the vision attention of several layers in one forward (methods that read many layers,
-    e.g. VTC-CLS, HiRED); later per-layer requests are served from it."""
-    idx = tuple(sorted({vision_layer_index(ctx.vlm, layer) for layer in layers}))
-    probs = ctx.cached(("vision_probs", idx), lambda: _vision_probs(ctx, list(idx)))
-    ctx.cached("vision_probs_by_layer", dict).update(probs)
+    """Record the vision attention of several layers in one forward (VTC-CLS, HiRED)."""
+    vision_forward(ctx, attention=layers)
 
 
 def _layer_probs(ctx, layer: int) -> torch.Tensor:
     idx = vision_layer_index(ctx.vlm, layer)
-    have = ctx.cached("vision_probs_by_layer", dict)
-    if idx not in have:
-        prefetch_attention(ctx, [idx])
-    return have[idx]
+    vision_forward(ctx, attention=[idx])
+    return ctx.cached("vision_probs_by_layer", dict)[idx]
 
 
 def _patch_values(ctx, layer: int, sample: int):
@@ -140,43 +164,37 @@ def crop_attention(ctx, layer: int, sample: int, crop: int) -> torch.Tensor:
 
 
 def tower_tensor(ctx, module, key: str) -> torch.Tensor:
-    """Output of ``module`` (part of the vision tower) for this batch, one forward, cached under
-    ``key``; tower calls are concatenated along their first axis (crops)."""
+    """Output of ``module`` (part of the vision tower) for this batch, cached under ``key``; tower
+    calls concatenated along their first axis (crops). See :func:`vision_forward`."""
+    vision_forward(ctx, tensors={key: module})
+    return ctx.cached("tower_tensors", dict)[key]
 
-    def compute():
-        out: list[torch.Tensor] = []
 
-        def hook(_m, _a, output):
-            h = output[0] if isinstance(output, (tuple, list)) else output
-            out.append(h.detach())
+def hidden_module(vlm, layer: int) -> tuple[str, torch.nn.Module]:
+    """(cache key, module) whose output is vision layer ``layer``'s output (``hidden_states[layer]``
+    in LLaVA's convention for negative values: -2 is the second-to-last layer's output)."""
+    idx = vision_layer_index(vlm, layer)
+    return f"hidden{idx}", vlm.vision_layers[idx]
 
-        handle = module.register_forward_hook(hook)
-        try:
-            ctx.vlm.adapter.decoder_inputs(ctx.vlm.model, ctx.batch.inputs)  # stops before the LM
-        finally:
-            handle.remove()
-        if not out:
-            raise RuntimeError(f"{type(module).__name__} did not run during the vision forward")
-        return torch.cat(out, 0)
 
-    return ctx.cached(("tower_tensor", key), compute)
+def proj_module(vlm, layer: int, name: str, method: str = "?") -> tuple[str, torch.nn.Module]:
+    """(cache key, module) of ``q_proj``/``k_proj`` of vision layer ``layer``'s attention."""
+    idx = vision_layer_index(vlm, layer)
+    mod = getattr(vlm.adapter.vision_attention(vlm.vision_layers[idx]), name, None)
+    if mod is None:
+        raise NotApplicable(method, vlm.family, f"the vision attention has no {name}")
+    return f"{name}{idx}", mod
 
 
 def layer_hidden(ctx, layer: int) -> torch.Tensor:
-    """(crops, S, D) output of vision layer ``layer`` (``hidden_states[layer]`` for negative values
-    in LLaVA's convention: -2 is the second-to-last layer's output)."""
-    idx = vision_layer_index(ctx.vlm, layer)
-    return tower_tensor(ctx, ctx.vlm.vision_layers[idx], f"hidden{idx}")
+    """(crops, S, D) output of vision layer ``layer`` (see :func:`hidden_module`)."""
+    return tower_tensor(ctx, hidden_module(ctx.vlm, layer)[1], hidden_module(ctx.vlm, layer)[0])
 
 
 def layer_proj(ctx, layer: int, name: str) -> torch.Tensor:
     """(crops, S, C) output of ``q_proj``/``k_proj`` of vision layer ``layer``'s attention."""
-    idx = vision_layer_index(ctx.vlm, layer)
-    attn = ctx.vlm.adapter.vision_attention(ctx.vlm.vision_layers[idx])
-    mod = getattr(attn, name, None)
-    if mod is None:
-        raise NotApplicable("?", ctx.vlm.family, f"the vision attention has no {name}")
-    return tower_tensor(ctx, mod, f"{name}{idx}")
+    key, mod = proj_module(ctx.vlm, layer, name)
+    return tower_tensor(ctx, mod, key)
 
 
 def one_to_one(lay, family: str, method: str) -> tuple[np.ndarray, np.ndarray]:

@@ -30,7 +30,16 @@ import torch
 
 from ..registry import Method, Selection, register
 from ..scoring import iqr_outlier_count, prumerge_cls_attention, prumerge_merge, prumerge_plus_grid, rank_desc
-from ._vision import layer_hidden, layer_proj, project, require_cls, single_crop
+from ._vision import (
+    hidden_module,
+    layer_hidden,
+    layer_proj,
+    proj_module,
+    project,
+    require_cls,
+    single_crop,
+    vision_forward,
+)
 
 
 @register("prumerge")
@@ -73,6 +82,9 @@ class PruMerge(Method):
 
     def select(self, ctx, n_keep):
         vlm = ctx.vlm
+        lq, lf = int(self.params["vision_layer"]), int(self.params["feature_layer"])
+        vision_forward(ctx, tensors=dict([proj_module(vlm, lq, "q_proj", self.name),
+                                          proj_module(vlm, lq, "k_proj", self.name), hidden_module(vlm, lf)]))
         q = layer_proj(ctx, int(self.params["vision_layer"]), "q_proj")
         k = layer_proj(ctx, int(self.params["vision_layer"]), "k_proj")
         feats_all = layer_hidden(ctx, int(self.params["feature_layer"]))

@@ -32,12 +32,15 @@ from ..scoring import visionzip_merge, visionzip_split
 from ._vision import (
     crop_attention,
     heads_mean,
+    hidden_module,
     layer_hidden,
     layer_proj,
     n_vision_heads,
+    proj_module,
     project,
     require_cls,
     single_crop,
+    vision_forward,
 )
 
 
@@ -63,6 +66,8 @@ class VisionZip(Method):
     def select(self, ctx, n_keep):
         layer = int(self.params["vision_layer"])
         vlm = ctx.vlm
+        needs = dict([hidden_module(vlm, layer), proj_module(vlm, layer, "k_proj", self.name)])
+        vision_forward(ctx, attention=[layer], tensors=needs)
         hidden = layer_hidden(ctx, layer)
         keys = layer_proj(ctx, layer, "k_proj")
         heads = n_vision_heads(vlm, layer)

@@ -19,7 +19,7 @@ import torch
 
 from ..registry import Method, Selection, register
 from ..scoring import vispruner_select
-from ._vision import layer_hidden, one_to_one, require_llava_tower, token_attention
+from ._vision import hidden_module, layer_hidden, one_to_one, require_llava_tower, token_attention, vision_forward
 
 
 @register("vispruner")
@@ -38,6 +38,7 @@ class VisPruner(Method):
 
     def select(self, ctx, n_keep):
         layer = int(self.params["vision_layer"])
+        vision_forward(ctx, attention=[layer], tensors=dict([hidden_module(ctx.vlm, layer)]))
         scores = token_attention(ctx, layer, "mean")
         hidden = layer_hidden(ctx, layer)
         keep = []
