@@ -116,9 +116,12 @@ class _Timed:
 
 
 def bench_method(vlm, batch, name, params, budget, args) -> dict:
+    import importlib
+
     from vtrlab import reduce as R
-    from vtrlab.reduce import answer as A
     from vtrlab.reduce.apply import select
+
+    A = importlib.import_module("vtrlab.reduce.answer")
     from vtrlab.reduce.keep import reduced_decoder_inputs
 
     device = vlm.device
@@ -168,9 +171,12 @@ def bench_method(vlm, batch, name, params, budget, args) -> dict:
 
 
 def bench_shape(label, vlm, size, args) -> dict:
+    import importlib
+
     from vtrlab import reduce as R
     from vtrlab.analysis.reduction_sweep import depth_scaled_params
-    from vtrlab.reduce import answer as A
+
+    A = importlib.import_module("vtrlab.reduce.answer")
 
     batch = vlm.prepare([_image(size)], [PROMPT])
     lay = batch.layouts[0]
@@ -187,7 +193,7 @@ def bench_shape(label, vlm, size, args) -> dict:
         for b in budgets:
             key = f"{name}@{b:.3f}"
             try:
-                params = {} if name == "keep_all" else depth_scaled_params(vlm, name)
+                params = {} if name == "keep_all" else depth_scaled_params(vlm, name, collapse=args.smoke)
                 res = bench_method(vlm, batch, name, params, b, args)
             except Exception as err:  # noqa: BLE001 - one method failing must not hide the others' numbers
                 res = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
@@ -211,7 +217,8 @@ def bench_shape(label, vlm, size, args) -> dict:
 
 def markdown(report: dict) -> str:
     lines = [f"Device: {report['device']}; torch {report['torch']}, transformers {report['transformers']}; "
-             f"median of {report['repeats']} after {report['warmup']} warm-up; decode over {report['new_tokens']} tokens.",
+             f"median of {report['repeats']} after {report['warmup']} warm-up; "
+             f"decode over {report['new_tokens']} tokens.",
              "", "| shape | method | kept | TTFT (s) | TTFT × | prefill (s) | prefill × | scoring / forward | "
              "decode (ms/token) | peak extra (GiB) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in report["shapes"]:

@@ -60,8 +60,8 @@ def _reference(vlm, eager, red, blocked_per_stage, attentions=False, renumber=Tr
 
     for j, k in enumerate(LAYERS):
         if j < len(blocked_per_stage):
-            for l in range(k, LAYERS[j + 1] if j + 1 < len(blocked_per_stage) else len(layers)):
-                handles.append(layers[l].register_forward_pre_hook(make(j), with_kwargs=True))
+            for li in range(k, LAYERS[j + 1] if j + 1 < len(blocked_per_stage) else len(layers)):
+                handles.append(layers[li].register_forward_pre_hook(make(j), with_kwargs=True))
     try:
         with torch.no_grad():
             return eager(inputs_embeds=red.inputs_embeds, attention_mask=red.attention_mask,
@@ -88,7 +88,8 @@ def test_pyramiddrop_matches_eager_reference(organism):
         for i, lay in enumerate(batch.layouts):
             cols = np.searchsorted(src[i], lay.image_positions)  # image columns in the run
             s = row[i, cols].detach().numpy()
-            n_keep = int(round(n_img[i] * keep ** ((j + 1) / len(LAYERS)))) if j < len(LAYERS) - 1 else int(round(keep * n_img[i]))
+            last = j == len(LAYERS) - 1
+            n_keep = int(round(keep * n_img[i])) if last else int(round(n_img[i] * keep ** ((j + 1) / len(LAYERS))))
             cand = np.flatnonzero(alive[i])
             order = cand[np.argsort(-s[cand], kind="stable")]
             new_alive = np.zeros(n_img[i], bool)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import vtrlab as vl
-from vtrlab.reduce import logits, generate_ids
+from vtrlab.reduce import generate_ids, logits
 from vtrlab.reduce.keep import reduced_decoder_inputs
 from vtrlab.reduce.stages.lm import LMMethod
 from vtrlab.testing import tiny, tiny_families
@@ -187,3 +187,86 @@ def test_fastv_errors(setup):
         vl.reduce.apply(vlm, batch, "fastv", keep=0.5, layer=5)
     with pytest.raises(ValueError, match="must be >= 1"):
         vl.reduce.apply(vlm, batch, "fastv", keep=0.5, layer=0)
+
+
+def _dart_reference(family, batch, layer, budgets, p_img=4, p_txt=4):
+    """DART from its definition on an eager copy: keys of layer K-1 from the model's own KV cache
+    (post-RoPE), hidden states entering layer K from ``output_hidden_states`` through the final norm."""
+    vlm_e = tiny(family, seed=0, attn_implementation="eager")
+    dec = vlm_e.adapter.decoder_inputs(vlm_e.model, batch.inputs)
+    pos = dec["position_ids"]
+    if pos.dim() == 2:
+        pos = (batch.inputs["attention_mask"].long().cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        out = vlm_e.model(**dict(batch.inputs), position_ids=pos, use_cache=True, output_hidden_states=True)
+        cache = out.past_key_values
+        keys = cache.layers[layer - 1].keys if hasattr(cache, "layers") else cache.key_cache[layer - 1]
+        keys = keys.permute(0, 2, 1, 3).flatten(2).double()  # (B, L, kv*hd)
+        normed = vlm_e.adapter.language_model(vlm_e.model).norm(out.hidden_states[layer]).double()
+    kept = []
+    for i, lay in enumerate(batch.layouts):
+        img = lay.image_positions
+        real = np.flatnonzero(batch.inputs["attention_mask"][i].numpy())
+        txt = real[real > img.max()]
+        l1 = keys[i].abs().sum(-1).numpy()
+        piv_img = [int(img[j]) for j in np.argsort(-l1[img], kind="stable")[:p_img]]
+        piv_txt = [int(txt[j]) for j in np.argsort(-l1[txt], kind="stable")[:p_txt]]
+        chosen = list(piv_img)
+        rest = [int(c) for c in img if int(c) not in chosen]
+        extra = budgets[i] - len(piv_img)
+        pivots = piv_img + piv_txt
+        for j, p in enumerate(pivots):
+            take = extra // len(pivots) + (1 if j < extra % len(pivots) else 0)
+            sims = [float(torch.nn.functional.cosine_similarity(normed[i, p], normed[i, c], dim=0)) for c in rest]
+            picked = [rest[t] for t in np.argsort(sims, kind="stable")[:take]]
+            chosen += picked
+            rest = [c for c in rest if c not in picked]
+        kept.append(np.isin(img, chosen))
+    return kept
+
+
+@pytest.mark.parametrize("keep", [0.5, 12])
+def test_dart_matches_eager_reference(setup, keep):
+    vlm, batch = setup
+    if min(lay.n_image_tokens for lay in batch.layouts) < 12:
+        keep = 0.5 if keep == 12 else keep
+    budgets = [keep if isinstance(keep, int) else int(round(keep * lay.n_image_tokens)) for lay in batch.layouts]
+    if min(budgets) < 4:
+        with pytest.raises(ValueError, match="below pivot_image=4"):
+            vl.reduce.apply(vlm, batch, "dart", keep=keep, layer=1)
+        return
+    ds = vl.reduce.apply(vlm, batch, "dart", keep=keep, layer=1)
+    ref = _dart_reference(vlm.family, batch, 1, budgets)
+    for i, lay in enumerate(batch.layouts):
+        np.testing.assert_array_equal(ds.kept.values[i, 0, : lay.n_image_tokens], ref[i])
+        assert int(ds.budget[i]) == budgets[i]
+
+
+def test_sparsevlm_matches_eager_reference(setup):
+    """Raters from the LM input embeddings (softmax over text after the image, mean over image tokens,
+    above the mean); score = eager attention of layer K-1 from the raters, head mean then rater mean."""
+    vlm, batch = setup
+    ds = vl.reduce.apply(vlm, batch, "sparsevlm", keep=0.5, layers=(1,))
+    vlm_e = tiny(vlm.family, seed=0, attn_implementation="eager")
+    dec = vlm_e.adapter.decoder_inputs(vlm_e.model, batch.inputs)
+    pos = dec["position_ids"]
+    if pos.dim() == 2:
+        pos = (batch.inputs["attention_mask"].long().cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        att = vlm_e.model(**dict(batch.inputs), position_ids=pos, output_attentions=True,
+                          use_cache=False).attentions[0].double()
+    emb = dec["inputs_embeds"].float()  # the rater rule is a comparison: float32, as the code computes it
+    for i, lay in enumerate(batch.layouts):
+        img = lay.image_positions
+        real = np.flatnonzero(batch.inputs["attention_mask"][i].numpy())
+        txt = real[real > img.max()]
+        r = torch.softmax(emb[i, img] @ emb[i, txt].T, -1).mean(0)
+        above = (r > r.mean()).numpy()
+        raters = txt[above] if above.any() else txt
+        s = att[i][:, raters][:, :, img].mean(0).mean(0).numpy()
+        n = lay.n_image_tokens
+        k = int(round(0.5 * n))
+        ref = np.zeros(n, bool)
+        ref[np.argsort(-s, kind="stable")[:k]] = True
+        np.testing.assert_allclose(ds.score.values[i, 0, :n], s, rtol=1e-4, atol=1e-7)
+        np.testing.assert_array_equal(ds.kept.values[i, 0, :n], ref)

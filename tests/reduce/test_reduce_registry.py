@@ -13,7 +13,7 @@ from PIL import Image
 
 import vtrlab as vl
 from vtrlab.reduce import get, names
-from vtrlab.reduce.registry import Method, NotApplicable, Selection, register
+from vtrlab.reduce.registry import Method, Selection, register
 from vtrlab.testing import tiny
 
 

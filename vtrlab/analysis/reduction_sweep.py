@@ -25,9 +25,10 @@ RANDOM = "random"
 REFERENCE_DEPTH = 32  # LM depth the in-LM methods' default layers were chosen for (LLaVA-1.5-7B)
 
 
-def depth_scaled_params(vlm: Any, name: str) -> dict:
+def depth_scaled_params(vlm: Any, name: str, collapse: bool = False) -> dict:
     """Parameters of in-LM method ``name`` whose default layers do not fit ``vlm``'s LM, scaled by
-    depth (layer k of 32 -> round(k * n / 32), at least 1, strictly increasing); {} when they fit."""
+    depth (layer k of 32 -> round(k * n / 32), at least 1, strictly increasing); {} when they fit.
+    Stages that cannot stay distinct raise, or with ``collapse`` merge (smoke runs on 2-layer models)."""
     from ..reduce import get
 
     m = get(name)
@@ -46,6 +47,8 @@ def depth_scaled_params(vlm: Any, name: str) -> dict:
             k = max(int(round(v * n / REFERENCE_DEPTH)), 1, prev + 1)
             scaled.append(min(k, n - 1))
             prev = scaled[-1]
+        if len(set(scaled)) != len(scaled) and collapse:
+            scaled = sorted(set(scaled))
         if len(set(scaled)) != len(scaled):
             raise ValueError(f"{name}: layers {vals} do not fit an LM of {n} layers even scaled ({scaled})")
         out[key] = scaled[0] if key == "layer" else tuple(scaled)
@@ -77,7 +80,6 @@ def reduction_sweep(
     from ..metrics.fidelity import answer_logprob, exact_match, kl_divergence
     from ..models.base import KIND_IMAGE
     from ..reduce import answer, apply, decoder_inputs, get, logits
-
     from ..reduce.methods.oracle import relevance_per_token
 
     for name in methods:

@@ -78,7 +78,9 @@ class Selection:
             if k.dtype != bool:
                 raise ValueError(f"Selection.keep[{i}] has dtype {k.dtype}; need bool")
             if np.shape(s) != k.shape or np.shape(g) != k.shape:
-                raise ValueError(f"Selection sample {i}: keep {k.shape}, scores {np.shape(s)}, group {np.shape(g)} differ")
+                raise ValueError(
+                    f"Selection sample {i}: keep {k.shape}, scores {np.shape(s)}, group {np.shape(g)} differ"
+                )
             if e is not None and e.shape[0] != int(k.sum()):
                 raise ValueError(f"Selection.embeds[{i}] has {e.shape[0]} rows for {int(k.sum())} kept tokens")
             g = np.asarray(g)

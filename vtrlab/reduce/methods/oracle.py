@@ -28,7 +28,9 @@ def relevance_per_token(layout, relevance) -> np.ndarray:
     img = layout.kind == KIND_IMAGE
     rows, cols = layout.row[img], layout.col[img]
     if rows.max() >= rel.shape[0] or cols.max() >= rel.shape[1]:
-        raise ValueError(f"relevance grid {rel.shape} is smaller than the layout's grid ({rows.max() + 1}, {cols.max() + 1})")
+        raise ValueError(
+            f"relevance grid {rel.shape} is smaller than the layout's grid ({rows.max() + 1}, {cols.max() + 1})"
+        )
     return rel[rows, cols].astype(bool)
 
 

@@ -28,7 +28,8 @@ class PyramidDrop(LMMethod):
 
     def check(self, vlm):
         if uses_mrope(vlm):
-            raise NotApplicable(self.name, vlm.family, "renumbered position ids are undefined for mRoPE (3-D) positions")
+            why = "renumbered position ids are undefined for mRoPE (3-D) positions"
+            raise NotApplicable(self.name, vlm.family, why)
 
     def lm_layers(self, vlm):
         return [int(k) for k in self.params["layers"]]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ class LMMethod(Method):
 
     stage = "lm"
     needs_prev_rows = False  # score from layer K-1's attention rows recorded in the forward
+    needs_prev_input = False  # score from layer K-1's input (e.g. its keys, recomputed)
 
     def lm_layers(self, vlm: Any) -> list[int]:
         raise NotImplementedError
@@ -54,6 +55,12 @@ class LMMethod(Method):
         steps = [int(round(n_image * ratio ** ((j + 1) / n_st))) for j in range(n_st)]
         steps[-1] = n_final
         return steps
+
+    def query_rows(self, state: "RemovalState") -> list[np.ndarray]:
+        """Per sample, the current columns whose layer K-1 attention rows are recorded (needs_prev_rows).
+        Default: the last prompt token."""
+        cols = state.cols.cpu().numpy()
+        return [np.flatnonzero(cols[i] == state.prompt_len - 1) for i in range(cols.shape[0])]
 
     def lm_score(self, probe: "StageProbe", stage: int) -> list[np.ndarray]:
         """Per sample, one score per image token still present (in layout order)."""
@@ -68,7 +75,9 @@ class LMMethod(Method):
     def layers_checked(self, vlm: Any) -> list[int]:
         layers = [lm_layer_index(vlm, int(k), what=f"{self.name} layer") for k in self.lm_layers(vlm)]
         if any(k < 1 for k in layers):
-            raise ValueError(f"method {self.name!r}: pruning layer must be >= 1 (tokens enter at layer 0); got {layers}")
+            raise ValueError(
+                f"method {self.name!r}: pruning layer must be >= 1 (tokens enter at layer 0); got {layers}"
+            )
         if sorted(set(layers)) != layers:
             raise ValueError(f"method {self.name!r}: layers {layers} must be strictly increasing")
         self._layers = layers
@@ -113,10 +122,15 @@ class StageProbe:
     def prev_rows(self) -> torch.Tensor:
         """Layer K-1's attention probabilities of the last prompt token, (B, H, L_cur) over the present
         columns (recorded during the forward; requires ``needs_prev_rows``)."""
+        return self.prev_rows_all()[:, :, 0]
+
+    def prev_rows_all(self) -> torch.Tensor:
+        """Layer K-1's attention probabilities of the method's ``query_rows``: (B, H, R, L_cur), NaN rows
+        where a sample has fewer rows (requires ``needs_prev_rows``)."""
         p = self.state.prev_probs.get(self.layer - 1)
         if p is None:
             raise RuntimeError(f"no attention rows recorded at layer {self.layer - 1}; set needs_prev_rows = True")
-        return p[:, :, 0]
+        return p
 
     def rows(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Layer K's own attention probabilities of query ``rows`` ((B, R) current columns; default
@@ -135,6 +149,48 @@ class StageProbe:
         with attention_switched(vlm.model), session({id(attn): site}), torch.no_grad():
             attn(hidden_states=normed, **kw)
         return site.probs[0].float()
+
+    def prev_keys(self) -> torch.Tensor:
+        """Layer K-1's keys as its attention computes them (projection, k-norm where the family has
+        one, RoPE with the positions that layer saw), heads concatenated: (B, L_cur, kv_heads * head_dim).
+        Recomputed from the input recorded at layer K-1 (requires ``needs_prev_input``)."""
+        import sys
+
+        got = self.state.prev_inputs.get(self.layer - 1)
+        if got is None:
+            raise RuntimeError(f"no input recorded at layer {self.layer - 1}; set needs_prev_input = True")
+        hidden, kwargs = got
+        vlm = self.state.vlm
+        layer = vlm.lm_layers[self.layer - 1]
+        attn = vlm.adapter.lm_attention(layer)
+        rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+        if rope is None:
+            raise ValueError(f"{type(attn).__name__}: no apply_rotary_pos_emb in its module; keys cannot be recomputed")
+        with torch.no_grad():
+            x = layer.input_layernorm(hidden)
+            bsz, L, _ = x.shape
+            k = attn.k_proj(x).view(bsz, L, -1, attn.head_dim).transpose(1, 2)
+            if getattr(attn, "k_norm", None) is not None:
+                k = attn.k_norm(k)
+            cos, sin = kwargs["position_embeddings"]
+            _, k = rope(k, k, cos, sin)
+            return k.transpose(1, 2).reshape(bsz, L, -1)
+
+    def final_normed(self) -> torch.Tensor:
+        """The hidden states entering layer K through the LM's final norm, (B, L_cur, D)."""
+        lm = self.state.vlm.adapter.language_model(self.state.vlm.model)
+        with torch.no_grad():
+            return lm.norm(self.hidden)
+
+    def text_after_image(self) -> list[np.ndarray]:
+        """Per sample: current columns of the real prompt tokens after the last image token present."""
+        cols = self.state.cols.cpu().numpy()
+        valid = (self.state.valid & _gather_seq(self.state.real_cols, self.state.cols, 1, 0)).cpu().numpy()
+        out = []
+        for i in range(cols.shape[0]):
+            after = np.arange(cols.shape[1]) > self.image_columns[i].max()
+            out.append(np.flatnonzero(after & valid[i] & (cols[i] < self.state.prompt_len)))
+        return out
 
     def rows_without_rope(self) -> torch.Tensor:
         """Layer K's attention of the last prompt token computed **without rotary embeddings**:
@@ -191,6 +247,8 @@ class RemovalState:
     base_posemb: Any = None
     base_posids: Any = None
     prev_probs: dict[int, torch.Tensor] = field(default_factory=dict)
+    prev_inputs: dict[int, tuple] = field(default_factory=dict)  # layer -> (hidden, kwargs) it received
+    inputs_embeds: torch.Tensor | None = None  # (B, run_len, D) the LM's input embeddings (prefill)
     kept: list[list[np.ndarray]] = field(default_factory=list)  # per stage, per sample: bool over image tokens
     scores: list[list[np.ndarray]] = field(default_factory=list)  # per stage, per sample: float over image tokens
     forwards: int = 0
@@ -336,6 +394,8 @@ def _pre_hook(state: RemovalState, k: int):
                 kwargs = _sliced_kwargs(state, k, kwargs, hidden)
             if state.method.needs_prev_rows and (k + 1) in state.layers:
                 _arm_prev_site(state, k)
+            if state.method.needs_prev_input and (k + 1) in state.layers:
+                state.prev_inputs[k] = (hidden, kwargs)
         else:
             state.last_q = hidden.shape[1]
             kwargs = _decode_kwargs(state, k, kwargs, hidden)
@@ -441,10 +501,13 @@ def _decode_kwargs(state: RemovalState, k: int, kwargs: dict, hidden: torch.Tens
 
 
 def _arm_prev_site(state: RemovalState, k: int) -> None:
-    """Record layer k's attention rows of the last prompt token during this forward (site in a session)."""
-    cols_np = state.cols.cpu().numpy()
-    last = [int(np.flatnonzero(cols_np[i] == state.prompt_len - 1)[0]) for i in range(cols_np.shape[0])]
-    state.pending_rows[k] = torch.as_tensor(last, device=state.cols.device)[:, None]
+    """Record layer k's attention rows of the method's query rows during this forward (site in a session)."""
+    rows = state.method.query_rows(state)
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), -1, dtype=torch.long, device=state.cols.device)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(np.asarray(r), dtype=torch.long, device=out.device)
+    state.pending_rows[k] = out
 
 
 @contextlib.contextmanager
@@ -462,7 +525,9 @@ def lm_removal(vlm: Any, batch: Batch, method: LMMethod, keep: Any, source_posit
     for lay, n in zip(batch.layouts, n_final):
         s = [int(x) for x in method.lm_schedule(lay.n_image_tokens, n)]
         if len(s) != len(layers) or s[-1] != n or any(b > a for a, b in zip([lay.n_image_tokens] + s, s)):
-            raise RuntimeError(f"{method.name}: schedule {s} for {lay.n_image_tokens} tokens, budget {n}, layers {layers}")
+            raise RuntimeError(
+                f"{method.name}: schedule {s} for {lay.n_image_tokens} tokens, budget {n}, layers {layers}"
+            )
         schedule.append(s)
     src = source_positions.cpu().numpy()
     col_image = np.full(src.shape, -1, dtype=np.int64)
@@ -496,9 +561,14 @@ def lm_removal(vlm: Any, batch: Batch, method: LMMethod, keep: Any, source_posit
             state.decoded += state.last_q
         state.forwards += 1
 
+    def grab_embeds(_m, args, kwargs):
+        if state.forwards == 0:
+            state.inputs_embeds = kwargs.get("inputs_embeds", args[0] if args else None)
+
     lm = vlm.adapter.language_model(vlm.model)
     try:
-        first = layers[0] - 1 if method.needs_prev_rows else layers[0]
+        handles.append(lm.register_forward_pre_hook(grab_embeds, with_kwargs=True))
+        first = layers[0] - 1 if (method.needs_prev_rows or method.needs_prev_input) else layers[0]
         for k in range(first, len(mods)):
             handles.append(mods[k].register_forward_pre_hook(_pre_hook(state, k), with_kwargs=True))
         if method.needs_prev_rows:

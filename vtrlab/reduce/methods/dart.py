@@ -1,0 +1,75 @@
+"""DART: keep image tokens that *differ* from a few pivot tokens (duplication-aware), inside the LM.
+
+Source: DART (Wen et al. 2025, "Stop looking for important tokens..."), ``modeling_llama_self.py::
+get_retained_image_token`` (cross-checked with ModelTC/LightCompress ``token_reduction/dart.py``).
+At layer K (default 2) the method reads layer K-1's keys (post-RoPE, heads concatenated): the 4
+image tokens and the 4 text tokens *after the image block* with the largest key L1 norm are pivots.
+With the hidden states entering layer K passed through the LM's final RMS norm, each pivot in turn
+adds the image tokens least cosine-similar to it among those not yet chosen. Kept: the image
+pivots and every added token (text pivots only select). Position ids: kept.
+
+Differences from the code, stated: the code gives every pivot ``int(V·keep/8)`` tokens, so it keeps
+``4 + 8·int(V·keep/8)`` (e.g. 132 for a budget of 128); here the budget is exact — the remaining
+``budget - 4`` tokens are split over the pivots as evenly as possible, earlier pivots first. The code
+walks its pivots in Python ``set`` order; here image pivots come first, then text pivots, each group
+by descending key norm. Needs ``budget >= image pivots``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..registry import register
+from ..stages.lm import LMMethod
+
+
+def dart_select(keys_l1: np.ndarray, img_cols: np.ndarray, text_cols: np.ndarray, normed: torch.Tensor,
+                n_keep: int, pivot_image: int, pivot_text: int) -> np.ndarray:
+    """Bool over ``img_cols``: the DART kept set (see module doc). ``keys_l1`` and ``normed`` are per column."""
+    n = len(img_cols)
+    p_img = min(pivot_image, n, n_keep)
+    img_order = img_cols[np.argsort(-keys_l1[img_cols], kind="stable")][:p_img]
+    txt_order = text_cols[np.argsort(-keys_l1[text_cols], kind="stable")][:pivot_text]
+    pivots = list(img_order) + list(txt_order)
+    chosen = set(int(c) for c in img_order)
+    remaining = [int(c) for c in img_cols if int(c) not in chosen]
+    extra = n_keep - p_img
+    share = [extra // len(pivots) + (1 if j < extra % len(pivots) else 0) for j in range(len(pivots))]
+    for piv, take in zip(pivots, share):
+        if take == 0 or not remaining:
+            continue
+        cand = normed[remaining].double()
+        sim = torch.nn.functional.cosine_similarity(normed[piv].double()[None], cand, dim=-1)
+        order = torch.argsort(sim, stable=True)[:take].tolist()  # least similar first
+        picked = [remaining[j] for j in order]
+        chosen.update(picked)
+        remaining = [c for c in remaining if c not in set(picked)]
+    return np.isin(img_cols, np.array(sorted(chosen), dtype=np.int64))
+
+
+@register("dart")
+class Dart(LMMethod):
+    positions = "kept"
+    merges = False
+    needs_prev_input = True
+    defaults = {"layer": 2, "pivot_image": 4, "pivot_text": 4}
+    source = "DART modeling_llama_self.py::get_retained_image_token (key-L1 pivots, least-cosine duplicates)"
+
+    def lm_layers(self, vlm):
+        return [int(self.params["layer"])]
+
+    def lm_score(self, probe, stage):
+        self._keys_l1 = probe.prev_keys().float().abs().sum(-1).cpu().numpy()  # (B, L_cur)
+        self._normed = probe.final_normed()
+        self._text = probe.text_after_image()
+        return [self._keys_l1[i, c] for i, c in enumerate(probe.image_columns)]
+
+    def lm_keep(self, probe, stage, scores, n_keep):
+        out = []
+        for i, (cols, k) in enumerate(zip(probe.image_columns, n_keep)):
+            if k < min(int(self.params["pivot_image"]), len(cols)):
+                raise ValueError(f"dart: budget {k} is below pivot_image={self.params['pivot_image']}")
+            out.append(dart_select(self._keys_l1[i], cols, self._text[i], self._normed[i], k,
+                                   int(self.params["pivot_image"]), int(self.params["pivot_text"])))
+        return out
