@@ -82,8 +82,9 @@ def _source(batch: Batch, positions: torch.Tensor) -> tuple:
 
 
 def _plan(vlm: Any, batch: Batch, method: Any, keep: Any, params: dict, decoder_inputs: dict | None):
-    """(keep masks, embeds, positions, removal) for ``method`` at budget ``keep``; ``removal(red)`` is the
-    context in which the reduced inputs ``red`` run (in-LM removal for LM-stage methods)."""
+    """(keep masks, embeds, positions, removal, extra) for ``method`` at budget ``keep``; ``removal(red)``
+    is the context in which the reduced inputs ``red`` run (in-LM removal for LM-stage methods); ``extra``
+    the tokens a pre-LM method sends that are no layout token (``Selection.info["extra"]``)."""
     from .apply import resolve, select
 
     if method is None:
@@ -91,16 +92,16 @@ def _plan(vlm: Any, batch: Batch, method: Any, keep: Any, params: dict, decoder_
             raise ValueError(f"parameters {sorted(params)} given without method=; they are a method's parameters")
         if isinstance(keep, (float, int)) and not isinstance(keep, bool):
             raise ValueError(f"keep={keep!r} is a budget; give method= (e.g. 'random') or per-sample bool masks")
-        return keep, None, "kept", lambda red: contextlib.nullcontext()
+        return keep, None, "kept", lambda red: contextlib.nullcontext(), None
     m = resolve(method, params)
     if keep is None:
         raise ValueError(f"method={m.name!r} needs a budget keep= (ratio in (0, 1] or a number of image tokens)")
     if m.stage == "lm":
         from .stages.lm import lm_removal
 
-        return None, None, "kept", lambda red: lm_removal(vlm, batch, m, keep, red.source_positions)
+        return None, None, "kept", lambda red: lm_removal(vlm, batch, m, keep, red.source_positions), None
     sel = select(vlm, batch, m, keep, decoder_inputs)
-    return sel.keep, sel.embeds, m.positions, lambda red: contextlib.nullcontext()
+    return sel.keep, sel.embeds, m.positions, lambda red: contextlib.nullcontext(), sel.info.get("extra")
 
 
 @torch.no_grad()
@@ -119,8 +120,9 @@ def generate_ids(
     in :func:`answer`."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}; accepted: an integer >= 1")
-    keep, embeds, positions, removal = _plan(vlm, batch, method, keep, params, decoder_inputs)
-    red: ReducedInputs = reduced_decoder_inputs(vlm, batch, keep, decoder_inputs, embeds=embeds, positions=positions)
+    keep, embeds, positions, removal, extra = _plan(vlm, batch, method, keep, params, decoder_inputs)
+    red: ReducedInputs = reduced_decoder_inputs(vlm, batch, keep, decoder_inputs, embeds=embeds, positions=positions,
+                                                extra=extra)
     with removal(red):
         return _decode(vlm, batch, red, max_new_tokens, progress)
 
@@ -218,8 +220,8 @@ def logits(
     ``method``/``keep`` as in :func:`answer`. For a method that prunes inside the LM, ``logits``
     and ``source_positions`` cover the columns left after its last stage.
     """
-    keep, embeds, positions, removal = _plan(vlm, batch, method, keep, params, decoder_inputs)
-    red = reduced_decoder_inputs(vlm, batch, keep, decoder_inputs, embeds=embeds, positions=positions)
+    keep, embeds, positions, removal, extra = _plan(vlm, batch, method, keep, params, decoder_inputs)
+    red = reduced_decoder_inputs(vlm, batch, keep, decoder_inputs, embeds=embeds, positions=positions, extra=extra)
     with removal(red) as state:
         return _logits(vlm, batch, red, append, state)
 

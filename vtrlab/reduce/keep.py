@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..models.base import Batch
+from ..probes.attention import APPENDED
 
 KeepMasks = Sequence[Any] | None
 
@@ -144,6 +145,7 @@ def reduced_decoder_inputs(
     decoder_inputs: dict | None = None,
     embeds: Sequence[torch.Tensor | None] | None = None,
     positions: str = "kept",
+    extra: Sequence[tuple[str, torch.Tensor] | None] | None = None,
 ) -> ReducedInputs:
     """The inputs the LM decoder receives, minus the image tokens whose keep mask is False.
 
@@ -158,10 +160,16 @@ def reduced_decoder_inputs(
     ``positions``: ``"kept"`` (kept tokens keep their position ids; gaps remain) or
     ``"renumbered"`` (1-D positions recounted over the kept tokens, as methods that rebuild
     ``position_ids`` after pruning do; not defined for multi-axis mRoPE ids, which raise).
+    ``extra[i]`` (None, or ``(where, (e, D) tensor)``): tokens a method sends that are no layout token
+    (VisionZip's [CLS] token, PruMerge's extra token), inserted before the sample's first kept image
+    token (``where="start"``) or after its last (``"end"``); only with ``positions="renumbered"``
+    (they have no position of their own). Their ``source_positions`` are
+    :data:`vtrlab.probes.attention.APPENDED` (no position of the batch).
     """
     if positions not in ("kept", "renumbered"):
         raise ValueError(f"positions={positions!r}; accepted: 'kept', 'renumbered'")
     masks = validate_keep(batch, keep)
+    extra = _check_extra(batch, extra, positions)
     if embeds is not None:
         embeds = list(embeds)
         if len(embeds) != len(batch):
@@ -193,7 +201,8 @@ def reduced_decoder_inputs(
         if dropped.size and not valid[dropped].all():
             raise ValueError(f"sample {i}: layout image positions fall on padding; layout and inputs disagree")
         columns.append(np.setdiff1d(cols, dropped, assume_unique=True))
-    length = max(len(c) for c in columns)
+    n_extra = [0 if e is None else int(e[1].shape[0]) for e in extra]
+    length = max(len(c) + n for c, n in zip(columns, n_extra))
 
     # per-token model inputs besides ids and mask (e.g. Gemma3's token_type_ids, from which the model
     # builds its bidirectional image-block mask) follow the kept columns
@@ -208,18 +217,64 @@ def reduced_decoder_inputs(
     source = torch.full((bsz, length), -1, dtype=torch.long, device=device)
     for i, cols in enumerate(columns):
         idx = torch.as_tensor(cols, dtype=torch.long, device=device)
-        start = length - len(cols)  # left padding: every sample's last real token is the last column
-        new_embeds[i, start:] = dec_embeds[i, idx]
+        row = dec_embeds[i, idx]
         if embeds is not None and embeds[i] is not None:
             kept_pos = batch.layouts[i].image_positions[masks[i]]  # layout order, as embeds[i] rows
             img_cols = torch.as_tensor(np.searchsorted(cols, kept_pos), device=idx.device)
-            new_embeds[i, start + img_cols] = embeds[i].to(new_embeds.device, new_embeds.dtype)
+            row = row.clone()
+            row[img_cols] = embeds[i].to(row.device, row.dtype)
+        src = idx
+        per_tok = {k: v[i, idx.to(v.device)] for k, v in extras.items()}
+        if extra[i] is not None:
+            where, e = extra[i]
+            at = _insert_at(batch.layouts[i], masks[i], cols, where)
+            row = torch.cat([row[:at], e.to(row.device, row.dtype), row[at:]])
+            marker = torch.full((e.shape[0],), APPENDED, dtype=torch.long, device=device)
+            src = torch.cat([idx[:at], marker, idx[at:]])
+            # per-token inputs of an inserted token: those of the image block's first token (image kind)
+            ref = int(batch.layouts[i].image_positions[0])
+            per_tok = {k: torch.cat([t[:at], batch.inputs[k][i, ref].repeat(e.shape[0]).to(t.device), t[at:]])
+                       for k, t in per_tok.items()}
+        n = row.shape[0]
+        start = length - n  # left padding: every sample's last real token is the last column
+        new_embeds[i, start:] = row
         new_attn[i, start:] = 1
         if positions == "renumbered":
-            new_pos[i, start:] = torch.arange(len(cols), device=pos.device) + pos[i, idx[0]]
+            new_pos[i, start:] = torch.arange(n, device=pos.device) + pos[i, idx[0]]
         else:
             new_pos[..., i, start:] = pos[..., i, idx]
-        source[i, start:] = idx
-        for k, v in extras.items():
-            new_extras[k][i, start:] = v[i, idx.to(v.device)]
+        source[i, start:] = src
+        for k, t in per_tok.items():
+            new_extras[k][i, start:] = t
     return ReducedInputs(new_embeds, new_attn, new_pos, source, new_extras)
+
+
+def _check_extra(batch: Batch, extra, positions: str) -> list:
+    if extra is None:
+        return [None] * len(batch)
+    extra = list(extra)
+    if len(extra) != len(batch):
+        raise ValueError(f"extra has {len(extra)} entries for a batch of {len(batch)}; need one per sample")
+    out = []
+    for i, e in enumerate(extra):
+        if e is None or e[1].shape[0] == 0:
+            out.append(None)
+            continue
+        where, t = e
+        if where not in ("start", "end"):
+            raise ValueError(f"extra[{i}] is placed at {where!r}; accepted: 'start', 'end'")
+        if positions != "renumbered":
+            raise ValueError("extra tokens (no layout token) need positions='renumbered': they have no position id")
+        out.append((where, t))
+    return out
+
+
+def _insert_at(layout, mask: np.ndarray, cols: np.ndarray, where: str) -> int:
+    """Column (index into ``cols``) where extra tokens go: before the first kept image token / after
+    the last; with none kept, where the image block starts / ends."""
+    kept = layout.image_positions[mask]
+    if where == "start":
+        anchor = int(kept[0]) if kept.size else int(layout.positions.min())
+        return int(np.searchsorted(cols, anchor, side="left"))
+    anchor = int(kept[-1]) if kept.size else int(layout.positions.max())
+    return int(np.searchsorted(cols, anchor, side="right"))

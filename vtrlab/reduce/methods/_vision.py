@@ -1,0 +1,264 @@
+"""Vision-tower signals of the projector-stage methods, mapped onto the layout's image tokens.
+
+* :func:`token_attention` — per sample, per layout image token: [CLS]→patch attention of a vision
+  layer (probe sites in a vision-only forward, no eager attention, no LM), heads aggregated as the
+  method does; where the tower
+  has no [CLS] it is the mean attention each patch receives (capture's substitute). Where one LM
+  token covers several vision patches (Qwen's 2×2 merger, Idefics3's pixel shuffle, Gemma3's
+  pooling) the token's score is the mean over its patches — pooled as the merger pools.
+* :func:`crop_attention` — the same per vision crop, (H, V) over that crop's patches (vpos order).
+* :func:`tower_tensor` — output of a module of the tower (a layer, its ``k_proj``/``q_proj``) per
+  crop, through a forward hook (removed in ``finally``), cached per batch in the context.
+* :func:`one_to_one` — the crop and patch behind each image token where tokens and patches are 1:1
+  (LLaVA-family CLIP towers); methods that merge tower features need it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ...models.base import KIND_IMAGE
+from ..context import vision_layer_index
+from ..registry import NotApplicable
+
+HEAD_AGG = ("mean", "sum")
+
+
+def _agg(values: np.ndarray, heads: str) -> np.ndarray:
+    if heads not in HEAD_AGG:
+        raise ValueError(f"heads={heads!r}; accepted: {', '.join(HEAD_AGG)}")
+    return values.mean(-2) if heads == "mean" else values.sum(-2)
+
+
+def vision_forward(ctx, attention: list[int] = (), tensors: dict | None = None) -> None:
+    """ONE vision-only forward that records what a method needs, cached in the context:
+
+    * ``attention``: vision layers whose [CLS]→key attention (mean attention received without a
+      [CLS]) is recorded by probe sites of the session every probe joins (no eager attention);
+    * ``tensors``: ``{key: module}`` of the tower whose outputs are kept (forward hooks, removed in
+      ``finally``; tower calls concatenated along the first axis).
+
+    The forward stops before the LM (``adapter.decoder_inputs``), so scoring costs the tower, not a
+    prefill. Items already cached are not recomputed."""
+    from ...probes.attention import Site, session
+    from ...probes.switch import attention_switched
+
+    vlm = ctx.vlm
+    have_p = ctx.cached("vision_probs_by_layer", dict)
+    have_t = ctx.cached("tower_tensors", dict)
+    idx = sorted({vision_layer_index(vlm, layer) for layer in attention} - set(have_p))
+    todo = {k: m for k, m in (tensors or {}).items() if k not in have_t}
+    if not idx and not todo:
+        return
+    mode = "cls" if vlm.has_cls else "mean"
+    vis = ctx.layouts[0].vision
+    has_cls_row = vis is not None and bool((vis["kind"] == "cls").any())
+    cls_index = int(vis.loc[vis["kind"] == "cls", "vpos"].iloc[0]) if has_cls_row else 0
+    sites = {
+        id(vlm.adapter.vision_attention(vlm.vision_layers[i])): Site(
+            "vision", i, vision_mode=mode, cls_index=cls_index, probe="vtrlab.reduce"
+        )
+        for i in idx
+    }
+    outs: dict[str, list[torch.Tensor]] = {k: [] for k in todo}
+    handles = []
+
+    def make(key):
+        def hook(_m, _a, output):
+            h = output[0] if isinstance(output, (tuple, list)) else output
+            outs[key].append(h.detach())
+
+        return hook
+
+    try:
+        for k, m in todo.items():
+            handles.append(m.register_forward_hook(make(k)))
+        with attention_switched(vlm.model), session(sites), torch.no_grad():
+            vlm.adapter.decoder_inputs(vlm.model, ctx.batch.inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    for site in sites.values():
+        if not site.probs:
+            raise RuntimeError(f"vision layer {site.layer}'s attention never ran through {type(vlm.model).__name__}")
+        have_p[site.layer] = torch.cat(site.probs, dim=-1).float().cpu()
+    for k, v in outs.items():
+        if not v:
+            raise RuntimeError(f"{type(todo[k]).__name__} ({k}) did not run during the vision forward")
+        have_t[k] = torch.cat(v, 0)
+
+
+def prefetch_attention(ctx, layers: list[int]) -> None:
+    """Record the vision attention of several layers in one forward (VTC-CLS, HiRED)."""
+    vision_forward(ctx, attention=layers)
+
+
+def _layer_probs(ctx, layer: int) -> torch.Tensor:
+    idx = vision_layer_index(ctx.vlm, layer)
+    vision_forward(ctx, attention=[idx])
+    return ctx.cached("vision_probs_by_layer", dict)[idx]
+
+
+def _patch_values(ctx, layer: int, sample: int):
+    """(vision table of the sample, values (H, rows)) at ``layer``: each vision-table row's attention."""
+    p = _layer_probs(ctx, layer).numpy()  # (calls_B, H, S)
+    tables = [lay.vision for lay in ctx.layouts]
+    if any(t is None for t in tables):
+        raise ValueError("a layout has no vision-encoder table; vision attention cannot be mapped to its tokens")
+    counts: dict[int, int] = {}
+    for t in tables:
+        for c, n in t["crop"].value_counts().items():
+            counts[int(c)] = counts.get(int(c), 0) + int(n)
+    offsets, at = {}, 0
+    for c in sorted(counts):
+        offsets[c], at = at, at + counts[c]
+    t = tables[sample].reset_index(drop=True)
+    crop, vpos = t["crop"].to_numpy().astype(int), t["vpos"].to_numpy().astype(int)
+    if p.shape[0] == 1 and len(offsets) > 1:  # packed tower: one sequence holding every crop
+        vpos = vpos + np.array([offsets[int(c)] for c in crop])
+        crop = np.zeros_like(crop)
+    if crop.max() >= p.shape[0] or vpos.max() >= p.shape[2]:
+        raise ValueError(f"sample {sample}'s vision table names crop {t['crop'].max()} / vpos {t['vpos'].max()}, "
+                         f"but the tower ran {p.shape[0]} sequence(s) of {p.shape[2]} tokens")
+    return t, p[crop, :, vpos].T.astype(np.float64)
+
+
+def _token_index(lay) -> dict[tuple[int, int, int, int], int]:
+    img = lay.kind == KIND_IMAGE
+    keys = zip(lay.image[img], lay.tile[img], lay.row[img], lay.col[img])
+    return {tuple(int(v) for v in k): j for j, k in enumerate(keys)}
+
+
+def token_attention(ctx, layer: int, heads: str = "mean") -> list[np.ndarray]:
+    """Per sample, (n_image_tokens,) float64 attention of vision layer ``layer`` (see module doc)."""
+
+    def compute():
+        out = []
+        for b, lay in enumerate(ctx.layouts):
+            t, vals = _patch_values(ctx, layer, b)
+            a = _agg(vals, heads)  # (rows,)
+            index = _token_index(lay)
+            sums = np.zeros(lay.n_image_tokens)
+            counts = np.zeros(lay.n_image_tokens)
+            ok = (t["kind"].to_numpy() == "patch") & (t["row"].to_numpy() >= 0)
+            for k in np.flatnonzero(ok):
+                j = index.get((int(t["image"][k]), int(t["tile"][k]), int(t["row"][k]), int(t["col"][k])))
+                if j is not None:
+                    sums[j] += a[k]
+                    counts[j] += 1
+            if (counts == 0).any():
+                raise RuntimeError(f"sample {b}: {int((counts == 0).sum())} image tokens cover no vision patch")
+            out.append(sums / counts)
+        return out
+
+    return ctx.cached(("token_attention", vision_layer_index(ctx.vlm, layer), heads), compute)
+
+
+def crop_attention(ctx, layer: int, sample: int, crop: int) -> torch.Tensor:
+    """(H, V) [CLS]→patch attention of one crop at ``layer``, patches in vpos order (float64)."""
+    t, vals = _patch_values(ctx, layer, sample)
+    sel = np.flatnonzero((t["kind"].to_numpy() == "patch") & (t["crop"].to_numpy() == crop))
+    sel = sel[np.argsort(t["vpos"].to_numpy()[sel], kind="stable")]
+    return torch.as_tensor(vals[:, sel], dtype=torch.float64)
+
+
+def tower_tensor(ctx, module, key: str) -> torch.Tensor:
+    """Output of ``module`` (part of the vision tower) for this batch, cached under ``key``; tower
+    calls concatenated along their first axis (crops). See :func:`vision_forward`."""
+    vision_forward(ctx, tensors={key: module})
+    return ctx.cached("tower_tensors", dict)[key]
+
+
+def hidden_module(vlm, layer: int) -> tuple[str, torch.nn.Module]:
+    """(cache key, module) whose output is vision layer ``layer``'s output (``hidden_states[layer]``
+    in LLaVA's convention for negative values: -2 is the second-to-last layer's output)."""
+    idx = vision_layer_index(vlm, layer)
+    return f"hidden{idx}", vlm.vision_layers[idx]
+
+
+def proj_module(vlm, layer: int, name: str, method: str = "?") -> tuple[str, torch.nn.Module]:
+    """(cache key, module) of ``q_proj``/``k_proj`` of vision layer ``layer``'s attention."""
+    idx = vision_layer_index(vlm, layer)
+    mod = getattr(vlm.adapter.vision_attention(vlm.vision_layers[idx]), name, None)
+    if mod is None:
+        raise NotApplicable(method, vlm.family, f"the vision attention has no {name}")
+    return f"{name}{idx}", mod
+
+
+def layer_hidden(ctx, layer: int) -> torch.Tensor:
+    """(crops, S, D) output of vision layer ``layer`` (see :func:`hidden_module`)."""
+    return tower_tensor(ctx, hidden_module(ctx.vlm, layer)[1], hidden_module(ctx.vlm, layer)[0])
+
+
+def layer_proj(ctx, layer: int, name: str) -> torch.Tensor:
+    """(crops, S, C) output of ``q_proj``/``k_proj`` of vision layer ``layer``'s attention."""
+    key, mod = proj_module(ctx.vlm, layer, name)
+    return tower_tensor(ctx, mod, key)
+
+
+def one_to_one(lay, family: str, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """(crop, vpos) of each layout image token where tokens and vision patches are 1:1."""
+    vis = lay.vision
+    if vis is None:
+        raise NotApplicable(method, family, "the layout has no vision-encoder table")
+    patches = vis[(vis["kind"] == "patch") & (vis["row"] >= 0)]
+    index = _token_index(lay)
+    crop = np.full(lay.n_image_tokens, -1)
+    vpos = np.full(lay.n_image_tokens, -1)
+    for r in patches.itertuples():
+        j = index.get((int(r.image), int(r.tile), int(r.row), int(r.col)))
+        if j is None:
+            continue
+        if crop[j] >= 0:
+            raise NotApplicable(method, family, "LM tokens merge several vision patches; the method merges tower "
+                                "features of single patches")
+        crop[j], vpos[j] = int(r.crop), int(r.vpos)
+    return crop, vpos
+
+
+def require_cls(vlm, method: str, why: str) -> None:
+    if not vlm.has_cls:
+        raise NotApplicable(method, vlm.family, f"the vision tower has no [CLS] token, and {why}")
+
+
+def require_llava_tower(vlm, method: str) -> None:
+    """Methods that read per-crop tower features: LLaVA-family towers (one sequence per crop)."""
+    if vlm.family not in ("llava", "llava_next", "llava_onevision"):
+        raise NotApplicable(method, vlm.family, "it merges or compares tower features per crop, which vtrlab reads "
+                            "from LLaVA-family towers only (one sequence per crop)")
+
+
+def single_crop(lay, family: str, method: str) -> tuple[int, np.ndarray]:
+    """(crop, token order by vpos) for a sample whose image tokens all come from one crop, 1:1,
+    patches 1..V after one [CLS] (LLaVA-1.5's CLIP tower)."""
+    crop, vpos = one_to_one(lay, family, method)
+    crops = np.unique(crop)
+    if len(crops) != 1:
+        raise NotApplicable(method, family, f"a sample spans {len(crops)} vision crops; vtrlab implements this "
+                            "method on single-crop images (LLaVA-1.5 style: one image, no anyres tiles)")
+    order = np.argsort(vpos, kind="stable")
+    if not np.array_equal(vpos[order], np.arange(1, len(vpos) + 1)):
+        raise NotApplicable(method, family, "the crop's patches are not all image tokens after one [CLS]")
+    return int(crops[0]), order
+
+
+def heads_mean(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(S, C) projection -> (S, C / n_heads): the mean over heads of the per-head vectors."""
+    return x.reshape(x.shape[0], n_heads, -1).mean(1)
+
+
+def n_vision_heads(vlm, layer: int) -> int:
+    attn = vlm.adapter.vision_attention(vlm.vision_layers[vision_layer_index(vlm, layer)])
+    for name in ("num_heads", "num_attention_heads"):
+        if hasattr(attn, name):
+            return int(getattr(attn, name))
+    return int(attn.config.num_attention_heads)
+
+
+def project(vlm, feats: torch.Tensor) -> torch.Tensor:
+    """Tower features (N, D) through the model's projector (LLaVA: the MLP) -> (N, D_lm)."""
+    proj = vlm.adapter.projector(vlm.model)
+    p = next(proj.parameters())
+    with torch.no_grad():
+        return proj(feats.to(p.device, p.dtype))

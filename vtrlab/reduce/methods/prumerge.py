@@ -1,0 +1,121 @@
+"""PruMerge and PruMerge+: keep the [CLS]-attention outliers, fold the others into them.
+
+Source: 42Shawn/LLaVA-PruMerge — ``llava/model/multimodal_encoder/clip_encoder.py``
+(``token_prune_merge_advanced`` = PruMerge, ``token_prune_merge_advanced_plus`` = PruMerge+, the
+one ``forward`` calls). Signal: ``q_proj``/``k_proj`` outputs of vision layer **23** (the last of
+CLIP-L's 24; ``vision_layer=-1``) hooked, ``softmax(q_CLS · Kᵀ · C^-1/2)`` over the full width C
+(no heads) and all 1+V tokens, patches taken. Adaptive budget: the number of patches above
+Q3 + 1.5·IQR; they are taken in attention rank order (``topk``, sorted) — which is also their LM
+order. PruMerge+ appends ``arange(0, 575, int(int(1/ratio)/3))`` minus the picked ones (the code
+hard-codes 575 = V − 1; step clamped to ≥ 1 here). Merge on the ``hidden_states[-2]`` features
+(before the projector): kept token i += Σ of the 32 most key-similar other tokens' features
+weighted by their [CLS] attention (no normalisation); one extra token Σ_dropped a·x follows.
+Positions renumbered (features concatenated).
+
+vtrlab specifics: ``adaptive=True`` (the code's default) ignores the requested budget (the record
+reports what was kept; ``exact_budget`` is False); ``adaptive=False`` keeps the top ``n − 1``
+tokens (+ the extra token = n), PruMerge+ then fills with its grid up to that count. The extra
+token is no layout token: it is inserted after the last kept image token
+(``Selection.info["extra"]``, the keep path's ``extra=``). The kept slots receive the merged tokens in
+the method's LM order (attention rank), so with renumbered positions the LM sees the code's
+sequence. ``group``: kept tokens point to themselves; the neighbourhoods a kept token absorbs
+overlap between kept tokens, so they are not a partition and are not recorded. One crop per
+sample (LLaVA-1.5; the code hard-codes 576 patches).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..registry import Method, Selection, register
+from ..scoring import iqr_outlier_count, prumerge_cls_attention, prumerge_merge, prumerge_plus_grid, rank_desc
+from ._vision import (
+    hidden_module,
+    layer_hidden,
+    layer_proj,
+    proj_module,
+    project,
+    require_cls,
+    single_crop,
+    vision_forward,
+)
+
+
+@register("prumerge")
+class PruMerge(Method):
+    stage = "projector"
+    positions = "renumbered"
+    merges = True
+    exact_budget = False
+    plus = False
+    defaults = {"vision_layer": -1, "feature_layer": -2, "adaptive": True, "n_neighbors": 32}
+    source = "42Shawn/LLaVA-PruMerge: llava/model/multimodal_encoder/clip_encoder.py::token_prune_merge_advanced"
+
+    def check(self, vlm):
+        require_cls(vlm, self.name, "its signal is the [CLS] query's attention")
+        if int(self.params["n_neighbors"]) < 1:
+            raise ValueError(f"{self.name}: n_neighbors={self.params['n_neighbors']}; accepted: an int >= 1")
+
+    def picked(self, attn: torch.Tensor, n: int) -> torch.Tensor:
+        V = attn.shape[0]
+        rank = rank_desc(attn)
+        outliers = iqr_outlier_count(attn)
+        if bool(self.params["adaptive"]):
+            ratio = outliers / V
+            idx = rank[: int(V * ratio)]
+            if self.plus:
+                if outliers == 0:
+                    raise ValueError(f"{self.name}: no [CLS]-attention outliers; the code's grid step 1/ratio "
+                                     "is undefined")
+                idx = torch.cat([idx, prumerge_plus_grid(idx, ratio, V)])
+            return idx
+        left = max(0, n - 1)
+        if not self.plus:
+            return rank[:left]
+        idx = rank[: min(outliers, left)]
+        idx = torch.cat([idx, prumerge_plus_grid(idx, max(outliers, 1) / V, V)])[:left]
+        if idx.numel() < left:
+            rest = rank[~torch.isin(rank, idx)]
+            idx = torch.cat([idx, rest[: left - idx.numel()]])
+        return idx
+
+    def select(self, ctx, n_keep):
+        vlm = ctx.vlm
+        lq, lf = int(self.params["vision_layer"]), int(self.params["feature_layer"])
+        vision_forward(ctx, tensors=dict([proj_module(vlm, lq, "q_proj", self.name),
+                                          proj_module(vlm, lq, "k_proj", self.name), hidden_module(vlm, lf)]))
+        q = layer_proj(ctx, int(self.params["vision_layer"]), "q_proj")
+        k = layer_proj(ctx, int(self.params["vision_layer"]), "k_proj")
+        feats_all = layer_hidden(ctx, int(self.params["feature_layer"]))
+        keep, scores, embeds, groups, extra = [], [], [], [], []
+        for i, (lay, n) in enumerate(zip(ctx.layouts, n_keep)):
+            crop, order = single_crop(lay, vlm.family, self.name)
+            qc, kc = q[crop].double(), k[crop].double()
+            attn = prumerge_cls_attention(qc[0], kc)
+            picked = self.picked(attn, n)
+            res = prumerge_merge(attn, kc[1:], feats_all[crop][1:].double(), picked, int(self.params["n_neighbors"]))
+            V = lay.n_image_tokens
+            src = res.sources.numpy()
+            patch_rows = np.flatnonzero(src >= 0)
+            m = np.zeros(V, dtype=bool)
+            m[order[src[patch_rows]]] = True
+            g = np.full(V, -1, dtype=np.int64)
+            g[order[src[patch_rows]]] = order[src[patch_rows]]
+            s = np.zeros(V)
+            s[order] = attn.numpy()
+            proj = project(vlm, res.embeds)
+            keep.append(m)
+            scores.append(s)
+            groups.append(g)
+            embeds.append(proj[torch.as_tensor(patch_rows, device=proj.device)])
+            extra.append(proj[torch.as_tensor(np.flatnonzero(src < 0), device=proj.device)])
+        return Selection(keep=keep, scores=scores, embeds=embeds, group=groups,
+                         info={"extra": [("end", e) for e in extra], "embeds_order": "method (LM) order"})
+
+
+@register("prumerge_plus")
+class PruMergePlus(PruMerge):
+    plus = True
+    source = ("42Shawn/LLaVA-PruMerge: llava/model/multimodal_encoder/clip_encoder.py::"
+              "token_prune_merge_advanced_plus")

@@ -1,0 +1,102 @@
+"""VisionZip: dominant tokens by summed [CLS] attention, plus contextual tokens merged by key similarity.
+
+Source: dvlab-research/VisionZip — ``visionzip/clip_encoder.py::CLIPVisionTower_VisionZip.forward``
+(layer ``-2``: ``attentions[-2]``, ``hidden_states[-2]`` and that layer's raw keys averaged over
+heads, ``utils.py::CLIPAttention_forward``), ``visionzip/main.py`` (``dominant - 1`` patches go to the
+tower: the [CLS] token itself is the remaining dominant token). Released budgets: 54+10 / 108+20 /
+162+30 (dominant incl. [CLS] + contextual) for 64 / 128 / 192 tokens; vtrlab splits any budget
+in the same proportion (contextual = round(n · 10/64)) unless ``dominant``/``contextual`` are given.
+Heads are **summed** for the ranking. Contextual: the remaining patches (raster order), targets
+evenly spaced, every other remaining patch assigned to its most key-similar target; a target's
+token is its own feature plus the mean of those assigned. Merging is in tower-feature space;
+the projector is applied afterwards, as the code does. LM order: [CLS], dominant (raster),
+contextual (raster); positions renumbered (the features are concatenated).
+
+vtrlab specifics: the kept image-token slots (layout order) receive the method's tokens in the
+method's LM order, so with renumbered positions the LM sees exactly the code's sequence. The
+[CLS] token VisionZip sends first is no layout token: it is inserted before the first kept image
+token (``Selection.info["extra"]``, the keep path's ``extra=``), so the LM receives exactly ``n``
+tokens: the [CLS], ``dominant − 1`` patches and ``contextual`` merged tokens; the record's
+``budget`` counts the ``n − 1`` layout tokens kept (``cls_token=False`` spends the [CLS] slot on one
+more dominant patch). One crop per sample (LLaVA-1.5 towers); the code's anyres variant (no
+unpadding, per-crop [CLS] and contextual tokens appended after the grid) is not implemented.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..registry import Method, Selection, register
+from ..scoring import visionzip_merge, visionzip_split
+from ._vision import (
+    crop_attention,
+    heads_mean,
+    hidden_module,
+    layer_hidden,
+    layer_proj,
+    n_vision_heads,
+    proj_module,
+    project,
+    require_cls,
+    single_crop,
+    vision_forward,
+)
+
+
+@register("visionzip")
+class VisionZip(Method):
+    stage = "projector"
+    positions = "renumbered"
+    merges = True
+    exact_budget = False
+    defaults = {"vision_layer": -2, "dominant": 0, "contextual": 0, "cls_token": True}
+    source = "dvlab-research/VisionZip: visionzip/clip_encoder.py, visionzip/utils.py, visionzip/main.py"
+
+    def check(self, vlm):
+        require_cls(vlm, self.name, "its dominant tokens include the [CLS] token and its ranking reads [CLS] attention")
+        if (int(self.params["dominant"]) > 0) != (int(self.params["contextual"]) > 0):
+            raise ValueError("visionzip: give both dominant and contextual (> 0), or neither (split from the budget)")
+
+    def split(self, n: int) -> tuple[int, int]:
+        if int(self.params["dominant"]) > 0:
+            return int(self.params["dominant"]), int(self.params["contextual"])
+        return visionzip_split(n)
+
+    def select(self, ctx, n_keep):
+        layer = int(self.params["vision_layer"])
+        vlm = ctx.vlm
+        needs = dict([hidden_module(vlm, layer), proj_module(vlm, layer, "k_proj", self.name)])
+        vision_forward(ctx, attention=[layer], tensors=needs)
+        hidden = layer_hidden(ctx, layer)
+        keys = layer_proj(ctx, layer, "k_proj")
+        heads = n_vision_heads(vlm, layer)
+        use_cls = bool(self.params["cls_token"])
+        keep, scores, embeds, groups, extra = [], [], [], [], []
+        for i, (lay, n) in enumerate(zip(ctx.layouts, n_keep)):
+            crop, order = single_crop(lay, vlm.family, self.name)
+            dominant, contextual = self.split(n)
+            attn = crop_attention(ctx, layer, i, crop)
+            h = hidden[crop].double()
+            kk = heads_mean(keys[crop].double(), heads)
+            if not use_cls:
+                h, kk = h[1:], kk[1:]
+            res = visionzip_merge(attn, h, kk, dominant, contextual, has_cls=use_cls)
+            V = lay.n_image_tokens
+            src = res.sources.numpy()
+            patch_rows = np.flatnonzero(src >= 0)
+            m = np.zeros(V, dtype=bool)
+            m[order[src[patch_rows]]] = True
+            g = np.full(V, -1, dtype=np.int64)
+            gv = res.group.numpy()
+            g[order] = np.where(gv >= 0, order[np.clip(gv, 0, None)], -1)
+            s = np.zeros(V)
+            s[order] = res.scores.numpy()
+            proj = project(vlm, res.embeds)
+            keep.append(m)
+            scores.append(s)
+            groups.append(g)
+            embeds.append(proj[torch.as_tensor(patch_rows, device=proj.device)])
+            extra.append(proj[torch.as_tensor(np.flatnonzero(src < 0), device=proj.device)])
+        return Selection(keep=keep, scores=scores, embeds=embeds, group=groups,
+                         info={"extra": [("start", e) for e in extra], "embeds_order": "method (LM) order"})

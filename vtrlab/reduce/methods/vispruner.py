@@ -1,0 +1,52 @@
+"""VisPruner: half the budget by [CLS] attention, the other half by removing near-duplicates.
+
+Source: Theia-4869/VisPruner — ``llava/model/llava_arch.py::encode_images``: head-mean [CLS]
+attention of the selected vision layer (``-2``, layer 22 of CLIP-L); the top
+``int(T · important_ratio)`` tokens (``important_ratio = 0.5``) are kept; the rest of the ranking
+is deduplicated on the same layer's normalised patch features (before the projector): split into
+even/odd positions of the ranking, drop the ``min(8, excess)`` even-position tokens most similar
+to any odd-position token, repeat until ``T − important`` remain. Kept tokens stay in raster order
+and the sequence is rebuilt with ``arange`` positions (renumbered). Budgets 64 / 128 / 192 of 576.
+Where vtrlab differs: anyres images (LLaVA-NeXT) — the code keeps T per crop; vtrlab ranks a
+sample's image tokens together so the budget is exact. Towers without a [CLS] use the mean
+attention each patch receives (VisPruner issue #1), where tokens and patches are 1:1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..registry import Method, Selection, register
+from ..scoring import vispruner_select
+from ._vision import hidden_module, layer_hidden, one_to_one, require_llava_tower, token_attention, vision_forward
+
+
+@register("vispruner")
+class VisPruner(Method):
+    stage = "projector"
+    positions = "renumbered"
+    merges = False
+    defaults = {"vision_layer": -2, "important_ratio": 0.5}
+    source = "Theia-4869/VisPruner: llava/model/llava_arch.py::encode_images"
+
+    def check(self, vlm):
+        require_llava_tower(vlm, self.name)
+        r = float(self.params["important_ratio"])
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"vispruner: important_ratio={r}; accepted: a float in [0, 1]")
+
+    def select(self, ctx, n_keep):
+        layer = int(self.params["vision_layer"])
+        vision_forward(ctx, attention=[layer], tensors=dict([hidden_module(ctx.vlm, layer)]))
+        scores = token_attention(ctx, layer, "mean")
+        hidden = layer_hidden(ctx, layer)
+        keep = []
+        for i, (lay, k) in enumerate(zip(ctx.layouts, n_keep)):
+            crop, vpos = one_to_one(lay, ctx.vlm.family, self.name)
+            feats = hidden[torch.as_tensor(crop), torch.as_tensor(vpos)].double()
+            idx = vispruner_select(torch.as_tensor(scores[i]), feats, k, float(self.params["important_ratio"]))
+            m = np.zeros(lay.n_image_tokens, dtype=bool)
+            m[idx.numpy()] = True
+            keep.append(m)
+        return Selection(keep=keep, scores=[np.asarray(s) for s in scores])
