@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
 import statistics
 import sys
@@ -39,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from vtrlab.io import atomic_write_text
 
 SHAPES = {
     # name -> (full-size builder name, image size (w, h)) ; LLaVA-NeXT at 672x672: 576 + 2304 + 48 tokens
@@ -256,9 +257,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(report, indent=2))
     print()
     print(markdown(report))
     return 0

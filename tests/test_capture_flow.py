@@ -158,3 +158,70 @@ def test_saliency_restores_when_it_raises(tiny64):
 
     assert current_session() is None
     assert all(p.grad is None for p in vlm.model.parameters())
+
+
+def test_saliency_inside_knocked_out_equals_float64_autograd_with_the_cut(tiny64):
+    vlm, batch = tiny64
+    N = batch.inputs["input_ids"].shape[1]
+    blocked = {}
+    m = torch.zeros(len(batch), N, N, dtype=torch.bool)
+    for b, L in enumerate(batch.layouts):
+        m[b, L.last_position, torch.as_tensor(L.image_positions)] = True
+    blocked[id(vlm.adapter.lm_attention(vlm.lm_layers[0]))] = m
+    with knocked_out(vlm, batch, keys="image", queries="last", layers=[0]):
+        ds = saliency(vlm, batch, queries="last", layers="all")
+    kept = {id(vlm.adapter.lm_attention(layer)): [] for layer in vlm.lm_layers}
+    logits = _run_reference(vlm, batch, _ref_attention(blocked, kept), grad=True)
+    last = torch.as_tensor([L.last_position for L in batch.layouts])
+    logp = torch.log_softmax(logits[torch.arange(len(batch)), last], -1)
+    assert torch.equal(logp.argmax(-1), torch.as_tensor(ds.target.values))
+    logp.gather(1, torch.as_tensor(ds.target.values)[:, None]).sum().backward()
+    vlm.model.zero_grad(set_to_none=True)
+    for li, layer in enumerate(vlm.lm_layers):
+        (p,) = kept[id(vlm.adapter.lm_attention(layer))]
+        ref = (p * p.grad).detach()
+        for b, L in enumerate(batch.layouts):
+            got = ds.attn_grad.values[b, li, :, 0]
+            np.testing.assert_allclose(got, ref[b][:, L.last_position].numpy(), atol=1e-6, rtol=1e-5)
+            if li == 0:  # the cut edges carry no attention, so no saliency
+                assert np.all(got[:, L.image_positions] == 0)
+
+
+@pytest.mark.parametrize(
+    "target, match",
+    [
+        ([10**9, 1], "token id 1000000000 is outside the vocabulary"),
+        ([-1, 1], "token id -1 is outside the vocabulary"),
+        ([1.5, 2.0], "holds float64 values, not token ids"),
+        ("yes", "target='yes' is a string"),
+        ([True, False], "holds bool values"),
+        ([[1, 2], [3, 4]], r"target of shape \(2, 2\)"),
+    ],
+)
+def test_saliency_refuses_bad_targets(tiny64, target, match):
+    vlm, batch = tiny64
+    with pytest.raises(ValueError, match=match):
+        saliency(vlm, batch, target=target)
+    with pytest.raises(ValueError, match=match):
+        knockout(vlm, batch, target=target)
+
+
+def test_saliency_refuses_a_path_without_gradients(tiny64):
+    vlm, batch = tiny64
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="torch.inference_mode"):
+        saliency(vlm, batch)
+    flags = [p.requires_grad for p in vlm.model.parameters()]
+    vlm.model.requires_grad_(False)
+    try:
+        with pytest.raises(ValueError, match="no parameter of the model requires grad"):
+            saliency(vlm, batch)
+        vlm.model.get_output_embeddings().requires_grad_(True)  # only the head: no path to any attention
+        if vlm.model.get_output_embeddings().weight is not vlm.model.get_input_embeddings().weight:
+            with pytest.raises(ValueError, match=r"gradient path to the attention of LM layer\(s\) \[0, 1"):
+                saliency(vlm, batch)
+    finally:
+        for p, f in zip(vlm.model.parameters(), flags):
+            p.requires_grad_(f)
+    with torch.no_grad():  # no_grad around the call is fine: saliency enables grad itself
+        ds = saliency(vlm, batch, layers=[0])
+    assert np.isfinite(ds.saliency.values[:, :, 0]).all()

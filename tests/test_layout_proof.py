@@ -70,7 +70,8 @@ def test_public_prove_layout_proves_and_catches_a_wrong_layout():
     img = np.flatnonzero(lay.kind == "image")
     row[img[[0, 1]]], col[img[[0, 1]]] = row[img[[1, 0]]], col[img[[1, 0]]]  # two tokens swap patches
     wrong = replace(batch, layouts=[replace(lay, row=row, col=col)])
-    with pytest.raises(AssertionError, match=f"2/16 positions hold another feature.*position {lay.image_positions[0]} holds row 0, layout says 1"):
+    msg = f"2/16 positions hold another feature.*position {lay.image_positions[0]} holds row 0, layout says 1"
+    with pytest.raises(AssertionError, match=msg):
         prove_layout(vlm, wrong)
     with pytest.raises(ValueError, match="no tiny builder 'nope'; have: gemma3"):
         tiny("nope")

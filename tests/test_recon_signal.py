@@ -6,7 +6,15 @@ import torch
 from PIL import Image
 
 from vtrlab.models.base import ImageLayout
-from vtrlab.recon import Selector, SelectorConfig, layer_error, token_dataset, token_error, token_features, vision_features
+from vtrlab.recon import (
+    Selector,
+    SelectorConfig,
+    layer_error,
+    token_dataset,
+    token_error,
+    token_features,
+    vision_features,
+)
 from vtrlab.recon.ridge import ridge_fit, ridge_token_error
 from vtrlab.testing import tiny, tiny_families
 
@@ -14,10 +22,21 @@ from vtrlab.testing import tiny, tiny_families
 def _layout(side, offset=3):
     n = side * side
     r, c = np.divmod(np.arange(n), side)
-    f = np.zeros(n)
-    return ImageLayout(positions=np.arange(n) + offset, kind=np.array(["image"] * n, dtype=object), image=np.zeros(n, int),
-                       tile=np.zeros(n, int), row=r, col=c, x0=c * 8.0, y0=r * 8.0, x1=c * 8.0 + 8, y1=r * 8.0 + 8,
-                       seq_len=n + offset + 2, valid_positions=np.arange(n + offset + 2), question_positions=np.array([n + offset]))
+    return ImageLayout(
+        positions=np.arange(n) + offset,
+        kind=np.array(["image"] * n, dtype=object),
+        image=np.zeros(n, int),
+        tile=np.zeros(n, int),
+        row=r,
+        col=c,
+        x0=c * 8.0,
+        y0=r * 8.0,
+        x1=c * 8.0 + 8,
+        y1=r * 8.0 + 8,
+        seq_len=n + offset + 2,
+        valid_positions=np.arange(n + offset + 2),
+        question_positions=np.array([n + offset]),
+    )
 
 
 def test_ridge_fit_matches_float64_least_squares_and_shrinks():
@@ -43,8 +62,13 @@ def test_ridge_error_is_zero_for_redundant_tokens_and_one_for_independent_tokens
 
 def test_token_dataset_shape_and_coords():
     lays = [_layout(3), _layout(2, offset=5)]
-    ds = token_dataset({"vision_error": ("vision_layer", {0: [np.arange(9.0), np.arange(4.0)]}),
-                        "lm_error": ("layer", {1: [np.ones(9), np.ones(4)], 3: [np.zeros(9), np.zeros(4)]})}, lays)
+    ds = token_dataset(
+        {
+            "vision_error": ("vision_layer", {0: [np.arange(9.0), np.arange(4.0)]}),
+            "lm_error": ("layer", {1: [np.ones(9), np.ones(4)], 3: [np.zeros(9), np.zeros(4)]}),
+        },
+        lays,
+    )
     assert ds["lm_error"].dims == ("sample", "layer", "token") and ds["lm_error"].shape == (2, 2, 9)
     assert ds["vision_error"].dims == ("sample", "vision_layer", "token")
     assert ds.layer.values.tolist() == [1, 3] and ds.vision_layer.values.tolist() == [0]
@@ -70,8 +94,10 @@ def test_every_lm_image_token_is_covered_by_its_patches(family):
     """Patches map to LM tokens by pixel box: 1:1 (LLaVA), 4:1 (Qwen merge, Idefics3 shuffle, Gemma3 pool)."""
     vlm = tiny(family, seed=0)
     rng = np.random.default_rng(0)
-    imgs = [Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)),
-            Image.fromarray(rng.integers(0, 255, (64, 40, 3), dtype=np.uint8))]
+    imgs = [
+        Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 255, (64, 40, 3), dtype=np.uint8)),
+    ]
     batch = vlm.prepare(imgs, ["a ?", "what is it ?"])
     (feats,) = vision_features(vlm, batch).values()
     for s, lay in zip(feats, batch.layouts):
@@ -107,7 +133,9 @@ def test_select_keeps_exact_budget_per_sample(vlm_batch):
     layer = vlm.adapter.vision_feature_layer(vlm.model) % len(vlm.vision_layers)
     c = vision_features(vlm, batch)[layer][0].features.shape[1]
     torch.manual_seed(0)
-    sel = Selector(SelectorConfig(feature_dim=c, d_model=16, n_heads=2, selector_layers=1, reconstructor_layers=1)).eval()
+    sel = Selector(
+        SelectorConfig(feature_dim=c, d_model=16, n_heads=2, selector_layers=1, reconstructor_layers=1)
+    ).eval()
     scores = sel.token_scores(vlm, batch)
     for r in (0.1, 0.5, 1.0):
         keep = sel.select(vlm, batch, ratio=r)
@@ -140,7 +168,9 @@ def test_token_features_and_layer_error(vlm_batch):
     # the same ridge on the same features gives the same values (one rule, labelled with int layers)
     direct = ridge_token_error(feats[("lm", 0)], batch.layouts, keep_ratio=0.5, n_draws=2)
     for i, lay in enumerate(batch.layouts):
-        assert np.allclose(ds["lm_error"].sel(sample=i, layer=0).values[: lay.n_image_tokens], direct[i], equal_nan=True)
+        assert np.allclose(
+            ds["lm_error"].sel(sample=i, layer=0).values[: lay.n_image_tokens], direct[i], equal_nan=True
+        )
     assert "vision_error" not in layer_error(vlm, batch, layers=[0], vision_layers=None, n_draws=1, progress=False)
     with pytest.raises(ValueError, match="layers: 99 is not an index"):
         token_features(vlm, batch, vision_layers=None, layers=[99])

@@ -12,6 +12,8 @@ Public surface (kept small and stable)::
     with vl.knocked_out(vlm, batch, keys="image", queries="last", layers=[2]):
         cap2 = vl.capture(vlm, batch)              # probes compose: capture sees the knockout
     answers = vl.answer(vlm, batch, keep=None)     # greedy answers, optional keep masks
+    answers = vl.answer(vlm, batch, method="fastv", keep=0.25)   # with a reduction method
+    record  = vl.reduce.apply(vlm, batch, "random", keep=0.25)   # which tokens survive where
 
 Attributes are imported lazily so that ``import vtrlab`` stays cheap (the CLI, the runner and
 notebook kernels import it often).
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from vtrlab._version import __version__
 
 _LAZY = {
     "load": ("vtrlab.models", "load"),
@@ -34,6 +36,7 @@ _LAZY = {
     "knocked_out": ("vtrlab.flow", "knocked_out"),
     "saliency": ("vtrlab.flow", "saliency"),
     "recon": ("vtrlab.recon", None),
+    "reduce": ("vtrlab.reduce", None),
     "plots": ("vtrlab.plots", None),
     "metrics": ("vtrlab.metrics", None),
     "data": ("vtrlab.data", None),

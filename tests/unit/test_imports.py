@@ -35,7 +35,7 @@ RANK = {
     "cli": 7,
     "vtrlab": 8,  # the package's lazy top-level namespace (vtrlab/__init__.py)
 }
-ANYWHERE = {"metrics", "io", "_io", "_validate"}  # pure helpers; they import nothing above themselves
+ANYWHERE = {"metrics", "io", "_io", "_validate", "_version"}  # pure helpers; they import nothing above themselves
 SIDE = {"testing": {"models", "probes", "data"}}  # beside the table; imported by tests only
 EXTRA: set[tuple[str, str]] = set()  # explicit exceptions (importer, imported); keep empty
 

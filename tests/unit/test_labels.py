@@ -18,11 +18,22 @@ def _layout(side, offset=3, tile=None):
     n = side * side
     r, c = np.divmod(np.arange(n), side)
     t = np.zeros(n, int) if tile is None else np.asarray(tile)
-    return ImageLayout(positions=np.arange(n) + offset, kind=np.array(["image"] * n, dtype=object),
-                       image=np.zeros(n, int), tile=t, row=r, col=c, x0=c * 8.0, y0=r * 8.0, x1=c * 8.0 + 8,
-                       y1=r * 8.0 + 8, seq_len=n + offset + 2, valid_positions=np.arange(n + offset + 2),
-                       question_positions=np.array([n + offset]),
-                       grid_shapes={(0, int(k)): (side, side) for k in np.unique(t)})
+    return ImageLayout(
+        positions=np.arange(n) + offset,
+        kind=np.array(["image"] * n, dtype=object),
+        image=np.zeros(n, int),
+        tile=t,
+        row=r,
+        col=c,
+        x0=c * 8.0,
+        y0=r * 8.0,
+        x1=c * 8.0 + 8,
+        y1=r * 8.0 + 8,
+        seq_len=n + offset + 2,
+        valid_positions=np.arange(n + offset + 2),
+        question_positions=np.array([n + offset]),
+        grid_shapes={(0, int(k)): (side, side) for k in np.unique(t)},
+    )
 
 
 # --- value per LM image token from a patch-grid mask --------------------------------------------------
@@ -101,9 +112,13 @@ def qwen_batch():
 
     vlm = tiny("qwen2_vl", seed=0)
     rng = np.random.default_rng(0)
-    imgs = [[Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8))],
-            [Image.fromarray(rng.integers(0, 255, (64, 40, 3), dtype=np.uint8)),
-             Image.fromarray(rng.integers(0, 255, (40, 72, 3), dtype=np.uint8))]]
+    imgs = [
+        [Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8))],
+        [
+            Image.fromarray(rng.integers(0, 255, (64, 40, 3), dtype=np.uint8)),
+            Image.fromarray(rng.integers(0, 255, (40, 72, 3), dtype=np.uint8)),
+        ],
+    ]
     return vlm, vlm.prepare(imgs, ["a ?", "what is it ?"])
 
 
@@ -134,8 +149,9 @@ def test_vision_features_with_an_incomplete_table_match_the_complete_one(qwen_ba
     t = lays[0].vision
     keep = ~((t["crop"] == 0) & (t["vpos"] >= t.loc[t["crop"] == 0, "vpos"].max() - 4))
     lays[0].vision = t[keep].reset_index(drop=True)
-    part = vision_features(vlm, type(batch)(inputs=batch.inputs, layouts=lays, images=batch.images,
-                                            prompts=batch.prompts), 0)[0]
+    part = vision_features(
+        vlm, type(batch)(inputs=batch.inputs, layouts=lays, images=batch.images, prompts=batch.prompts), 0
+    )[0]
     assert torch.equal(part[0].features, full[0].features[torch.as_tensor(keep.to_numpy().copy())])
     assert torch.equal(part[1].features, full[1].features)  # crops 1 and 2 read at the right offsets
 

@@ -103,10 +103,20 @@ def load_or_train_selector(
     from ..recon.train import train_for
 
     if train:
-        sel, history = train_for(vlm, n_train=n_train, n_val=max(n_train // 16, 4), steps=steps, p=p, d_model=d_model,
-                                 n_heads=4 if d_model % 4 == 0 and d_model >= 16 else 1, selector_layers=layers,
-                                 reconstructor_layers=layers, seed=seed, device=device,
-                                 batch_size=min(32, n_train))
+        sel, history = train_for(
+            vlm,
+            n_train=n_train,
+            n_val=max(n_train // 16, 4),
+            steps=steps,
+            p=p,
+            d_model=d_model,
+            n_heads=4 if d_model % 4 == 0 and d_model >= 16 else 1,
+            selector_layers=layers,
+            reconstructor_layers=layers,
+            seed=seed,
+            device=device,
+            batch_size=min(32, n_train),
+        )
     else:
         path = Path(selector_path) if selector_path else organism_path() / "selector"
         if not (path / "config.json").is_file():
@@ -116,8 +126,15 @@ def load_or_train_selector(
     return sel.to(vlm.device).eval(), history
 
 
-def relevance_agreement(vlm: Any, selector: Any, samples: Sequence[Any], budgets: Sequence[float], seed: int = 0,
-                        batch_size: int = 32, group_of=family_group):
+def relevance_agreement(
+    vlm: Any,
+    selector: Any,
+    samples: Sequence[Any],
+    budgets: Sequence[float],
+    seed: int = 0,
+    batch_size: int = 32,
+    group_of=family_group,
+):
     """Agreement of the selector's kept set with ground-truth relevance, per sample.
 
     Tidy DataFrame: sample, family, group, relevant_fraction, method, ratio, metric, value, with
@@ -139,17 +156,43 @@ def relevance_agreement(vlm: Any, selector: Any, samples: Sequence[Any], budgets
             if rel is None or rel.all() or not rel.any():
                 continue
             base = {"sample": a + i, "family": s.family, "group": group_of(s.family), "relevant_fraction": rel.mean()}
-            rows.append({**base, "method": "selector", "ratio": np.nan, "metric": "auroc", "value": float(auroc(sc, rel))})
+            rows.append(
+                {**base, "method": "selector", "ratio": np.nan, "metric": "auroc", "value": float(auroc(sc, rel))}
+            )
             rng = np.random.default_rng([seed, a + i])
             for r in budgets:
                 for method, keep in (("selector", selector.topk_mask(sc, r)), ("random", random_keep(len(sc), r, rng))):
-                    rows.append({**base, "method": method, "ratio": r, "metric": "recall", "value": (keep & rel).sum() / rel.sum()})
-                    rows.append({**base, "method": method, "ratio": r, "metric": "iou", "value": (keep & rel).sum() / (keep | rel).sum()})
+                    rows.append(
+                        {
+                            **base,
+                            "method": method,
+                            "ratio": r,
+                            "metric": "recall",
+                            "value": (keep & rel).sum() / rel.sum(),
+                        }
+                    )
+                    rows.append(
+                        {
+                            **base,
+                            "method": method,
+                            "ratio": r,
+                            "metric": "iou",
+                            "value": (keep & rel).sum() / (keep | rel).sum(),
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
-def context_diagnostic(vlm: Any, selector: Any, samples: Sequence[Any], ratio: float = 0.1, seed: int = 0,
-                       batch_size: int = 32, families: Sequence[str] | None = None, max_new_tokens: int = 6):
+def context_diagnostic(
+    vlm: Any,
+    selector: Any,
+    samples: Sequence[Any],
+    ratio: float = 0.1,
+    seed: int = 0,
+    batch_size: int = 32,
+    families: Sequence[str] | None = None,
+    max_new_tokens: int = 6,
+):
     """What the LM needs besides the relevant tokens, at keep ratio ``ratio``: greedy answers per
     sample for each of ``DIAGNOSTIC_PLANS`` (selector top-k, random, relevant tokens only, relevant
     topped up with random other tokens to the budget, random other tokens only, selector minus relevant).
@@ -183,9 +226,14 @@ def context_diagnostic(vlm: Any, selector: Any, samples: Sequence[Any], ratio: f
                 alone = np.zeros(n, dtype=bool)
                 alone[rng.choice(others, min(k, len(others)), replace=False)] = True
                 top = selector.topk_mask(sc, ratio)
-                for name, keep in (("selector", top), ("random", random_keep(n, ratio, rng)), ("relevant only", rel),
-                                   ("relevant + random others", rel | fill), ("random others only", alone),
-                                   ("selector minus relevant", top & ~rel)):
+                for name, keep in (
+                    ("selector", top),
+                    ("random", random_keep(n, ratio, rng)),
+                    ("relevant only", rel),
+                    ("relevant + random others", rel | fill),
+                    ("random others only", alone),
+                    ("selector minus relevant", top & ~rel),
+                ):
                     plans[name].append(keep)
             for name, keep in plans.items():
                 preds = answer(vlm, b, keep=keep, max_new_tokens=max_new_tokens, decoder_inputs=dec)
@@ -193,5 +241,3 @@ def context_diagnostic(vlm: Any, selector: Any, samples: Sequence[Any], ratio: f
                     rows.append({"family": fam, "plan": name, "correct": _correct(pred, s),
                                  "kept": int(m.sum())})
     return pd.DataFrame(rows)
-
-

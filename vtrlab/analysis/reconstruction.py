@@ -7,7 +7,7 @@ per-token and per-layer reconstruction errors are verbs of ``vtrlab.recon``.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import xarray as xr
@@ -52,10 +52,17 @@ def accuracy_tables(sweep, group_of=family_group):
     By group: group, method, ratio, accuracy (mean of ``correct``), n (answers), with the group of
     each row's family given by ``group_of``. By family: family, method, ratio, accuracy."""
     groups = sweep["family"].map(group_of)
-    acc = (sweep.assign(group=groups).groupby(["group", "method", "ratio"], as_index=False)["correct"]
-           .agg(["mean", "count"]).rename(columns={"mean": "accuracy", "count": "n"}))
-    acc_family = (sweep.groupby(["family", "method", "ratio"], as_index=False)["correct"].mean()
-                  .rename(columns={"correct": "accuracy"}))
+    acc = (
+        sweep.assign(group=groups)
+        .groupby(["group", "method", "ratio"], as_index=False)["correct"]
+        .agg(["mean", "count"])
+        .rename(columns={"mean": "accuracy", "count": "n"})
+    )
+    acc_family = (
+        sweep.groupby(["family", "method", "ratio"], as_index=False)["correct"]
+        .mean()
+        .rename(columns={"correct": "accuracy"})
+    )
     return acc, acc_family
 
 
@@ -69,8 +76,14 @@ def agreement_summary(agree):
     return agree.groupby(["group", "metric", "method", "ratio"], dropna=False)["value"].mean().unstack("ratio").round(3)
 
 
-DIAGNOSTIC_PLANS = ("selector", "random", "relevant only", "relevant + random others", "random others only",
-                    "selector minus relevant")
+DIAGNOSTIC_PLANS = (
+    "selector",
+    "random",
+    "relevant only",
+    "relevant + random others",
+    "random others only",
+    "selector minus relevant",
+)
 
 
 def diagnostic_table(diag):
@@ -91,16 +104,24 @@ def layer_error_table(lerr: xr.Dataset):
         if name not in lerr:
             continue
         d = lerr[name].reset_coords(drop=True).to_dataframe().reset_index().dropna(subset=[name])
-        parts.append(pd.DataFrame({"sample": d["sample"], "stack": stack, "index": d[dim].astype(int),
-                                   "error": d[name]}))
+        parts.append(
+            pd.DataFrame({"sample": d["sample"], "stack": stack, "index": d[dim].astype(int), "error": d[name]})
+        )
     if not parts:
         raise ValueError(f"no vision_error or lm_error in this Dataset; it holds {sorted(lerr.data_vars)}")
     per_layer = pd.concat(parts, ignore_index=True)
     return per_layer.groupby(["sample", "stack", "index"], as_index=False)["error"].mean()
 
 
-def claim_summary(acc, acc_family, budgets: Sequence[float], n_eval: int, seed: int,
-                  families: Sequence[str] | None = None, reading: Sequence[str] = READING_FAMILIES) -> dict:
+def claim_summary(
+    acc,
+    acc_family,
+    budgets: Sequence[float],
+    n_eval: int,
+    seed: int,
+    families: Sequence[str] | None = None,
+    reading: Sequence[str] = READING_FAMILIES,
+) -> dict:
     """Whether the paper's finding is reproduced, from ``accuracy_tables``.
 
     Criteria: (a) on reading, the selector beats random by at least 0.10 at some budget <= 50% and
@@ -121,31 +142,51 @@ def claim_summary(acc, acc_family, budgets: Sequence[float], n_eval: int, seed: 
     claim_a = bool(low) and max(gaps.values()) >= 0.10 and min(gaps.values()) > -0.05
     claim_b = abs(full_scene - random30) <= 0.10
     metrics = {
-        "reading_full": full_reading, "scene_full": full_scene,
-        "reading_no_image": acc_at("reading", "no_image", 0.0), "scene_no_image": acc_at("scene", "no_image", 0.0),
+        "reading_full": full_reading,
+        "scene_full": full_scene,
+        "reading_no_image": acc_at("reading", "no_image", 0.0),
+        "scene_no_image": acc_at("scene", "no_image", 0.0),
         **{f"reading_selector_{r:.2f}": acc_at("reading", "selector", r) for r in budgets},
         **{f"reading_random_{r:.2f}": acc_at("reading", "random", r) for r in budgets},
         **{f"scene_selector_{r:.2f}": acc_at("scene", "selector", r) for r in budgets},
         **{f"scene_random_{r:.2f}": acc_at("scene", "random", r) for r in budgets},
-        "claim_reading_selector_beats_random": claim_a, "claim_scene_random30_close_to_full": claim_b,
-        "n_eval_per_family": n_eval, "seed": seed,
+        "claim_reading_selector_beats_random": claim_a,
+        "claim_scene_random30_close_to_full": claim_b,
+        "n_eval_per_family": n_eval,
+        "seed": seed,
     }
     lines = [
-        f"reading: full {full_reading:.2f}; selector - random at " + ", ".join(f"{r:.0%}: {g:+.2f}" for r, g in gaps.items()),
+        f"reading: full {full_reading:.2f}; selector - random at "
+        + ", ".join(f"{r:.0%}: {g:+.2f}" for r, g in gaps.items()),
         f"scene: full {full_scene:.2f}, random 30% {random30:.2f} (gap {full_scene - random30:+.2f})",
-        " ".join(["(a) selector clearly beats random on reading at <= 50% keep:",
-                  "REPRODUCED" if claim_a else "NOT reproduced"]),
+        " ".join(
+            [
+                "(a) selector clearly beats random on reading at <= 50% keep:",
+                "REPRODUCED" if claim_a else "NOT reproduced",
+            ]
+        ),
         " ".join(["(b) random 30% close to full on scene families:", "REPRODUCED" if claim_b else "NOT reproduced"]),
     ]
-    scene_gaps = {f: acc_family.query("family == @f and method == 'full'")["accuracy"].mean()
-                  - acc_family.query("family == @f and method == 'random' and abs(ratio - 0.3) < 1e-9")["accuracy"].mean()
-                  for f in families if f not in reading}
+    scene_gaps = {
+        f: acc_family.query("family == @f and method == 'full'")["accuracy"].mean()
+        - acc_family.query("family == @f and method == 'random' and abs(ratio - 0.3) < 1e-9")["accuracy"].mean()
+        for f in families
+        if f not in reading
+    }
     worst = max(scene_gaps, key=lambda f: scene_gaps[f]) if scene_gaps else None
     if worst is not None and np.isfinite(scene_gaps[worst]):
-        lines.append(" ".join([f"largest scene gap full - random 30%: {worst} ({scene_gaps[worst]:+.2f}); per family:",
-                               str({f: round(float(g), 2) for f, g in scene_gaps.items()})]))
+        lines.append(
+            " ".join(
+                [
+                    f"largest scene gap full - random 30%: {worst} ({scene_gaps[worst]:+.2f}); per family:",
+                    str({f: round(float(g), 2) for f, g in scene_gaps.items()}),
+                ]
+            )
+        )
     per_family = acc_family.pivot_table(index="family", columns=["method", "ratio"], values="accuracy").round(2)
     lines.append(per_family.to_string())
     if full_reading < 0.3:
-        lines.append("note: the model itself reads poorly (full accuracy < 0.3), so the reading comparison has little room.")
+        lines.append(
+            "note: the model itself reads poorly (full accuracy < 0.3), so the reading comparison has little room."
+        )
     return {"metrics": metrics, "lines": lines}

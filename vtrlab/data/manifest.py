@@ -24,8 +24,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from vtrlab.io import atomic_dir
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 # (corner convention, normalised): x0,y0,x1,y1 or x,y,w,h; in pixels or as fractions of width/height.
@@ -324,9 +324,7 @@ def write_manifest(samples, folder: str | os.PathLike) -> Path:
     ``pixel_mask`` as a 1-bit PNG) and the generator's seed and index.
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         (tmp / "images").mkdir()
         (tmp / "masks").mkdir()
         lines = []
@@ -339,11 +337,4 @@ def write_manifest(samples, folder: str | os.PathLike) -> Path:
                    "seed": s.seed, "index": s.index}
             lines.append(json.dumps(row))
         (tmp / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-        os.chmod(tmp, 0o755)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder / "manifest.jsonl"

@@ -22,7 +22,9 @@ from vtrlab.probes.switch import attention_switched
 from .target import log_probs_at_last, validate_target
 
 
-def attention_times_grad(probs: torch.Tensor, d_out: torch.Tensor, value: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def attention_times_grad(
+    probs: torch.Tensor, d_out: torch.Tensor, value: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
     """``A ⊙ (dO·Vᵀ)`` for ``rows``: probs (B, H, R, N), d_out (B, Q, H, D) (the attention output's
     gradient, HF layout), value (B, Hkv, N, D), rows (B, R) with -1 padding -> (B, H, R, N)."""
     B, H, R, N = probs.shape
@@ -87,9 +89,13 @@ def saliency(vlm, batch, *, queries="last", layers="all", target=None) -> xr.Dat
         if missing:
             raise RuntimeError(f"LM layer(s) {missing}' attention never ran through vtrlab's attention function")
         outs = [by_layer[i].saliency["output"] for i in lm_layers]
-        if not loss.requires_grad:
-            raise RuntimeError("saliency: the answer's log-prob does not depend on any parameter that requires "
-                               "grad (frozen layers or a detached path); unfreeze the LM and retry")
+        no_path = [i for i, o in zip(lm_layers, outs) if not o.requires_grad]
+        if not loss.requires_grad or no_path:
+            raise ValueError(
+                f"saliency needs a gradient path to the attention of LM layer(s) {no_path or lm_layers}, but every "
+                "parameter before them is frozen (requires_grad=False); call vlm.model.requires_grad_(True) first "
+                "(saliency never writes .grad)"
+            )
         grads = torch.autograd.grad(loss, outs, allow_unused=True)
     per_layer = []
     for i, g in zip(lm_layers, grads):

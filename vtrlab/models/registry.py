@@ -80,8 +80,10 @@ def register(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
     for fam, other in ADAPTERS._entries.items():
         if fam != cls.family and set(other.model_types) & set(cls.model_types):
             clash = sorted(set(other.model_types) & set(cls.model_types))
-            raise ValueError(f"model_type {clash[0]!r} is already served by {type(other).__name__}; "
-                             f"{cls.__name__} cannot claim it too")
+            raise ValueError(
+                f"model_type {clash[0]!r} is already served by {type(other).__name__}; "
+                f"{cls.__name__} cannot claim it too"
+            )
     adapter = cls()
     existing = ADAPTERS._entries.get(cls.family)
     if existing is not None and type(existing).__qualname__ != cls.__qualname__:

@@ -33,8 +33,13 @@ def training_curves(history, config):
     axes[1].set(xlabel="step", ylabel="mean(M)", title="kept fraction (hard mask)")
     axes[1].legend(fontsize=6)
     axes[2].axis("off")
-    axes[2].text(0, 0.5, "\n".join(f"{k}: {v}" for k, v in vars(config).items() if k not in ("extra", "model")),
-                 fontsize=6, va="center")
+    axes[2].text(
+        0,
+        0.5,
+        "\n".join(f"{k}: {v}" for k, v in vars(config).items() if k not in ("extra", "model")),
+        fontsize=6,
+        va="center",
+    )
     return fig
 
 
@@ -52,8 +57,17 @@ def kept_token_maps(examples: Sequence[Any], batch: Any, scores: Sequence[np.nda
         axes[i, 1].set_title("selector logits", fontsize=6)
         for j, r in enumerate(show):
             keep = kept[r][i]["keep"]
-            heatmap_over_image(axes[i, 2 + j], s.image, np.where(keep, np.nan, 0.0), layout=lay, alpha=0.85,
-                               cmap="gray", vmin=0, vmax=1, colorbar=False)
+            heatmap_over_image(
+                axes[i, 2 + j],
+                s.image,
+                np.where(keep, np.nan, 0.0),
+                layout=lay,
+                alpha=0.85,
+                cmap="gray",
+                vmin=0,
+                vmax=1,
+                colorbar=False,
+            )
             axes[i, 2 + j].set_title(f"keep {r:.0%}: {kept[r][i]['relevant_kept']:.0%} of relevant", fontsize=6)
         for ax in axes[i]:
             ax.set_xticks([])

@@ -55,7 +55,9 @@ def masked_token_error(
         for a in range(0, len(keeps), chunk):
             kk = torch.as_tensor(keeps[a : a + chunk], device=sel.device)
             m = kk.shape[0]
-            rec = sel.reconstruct(feats.expand(m, -1, -1), kk.float(), row.expand(m, -1), col.expand(m, -1), valid.expand(m, -1))
+            rec = sel.reconstruct(
+                feats.expand(m, -1, -1), kk.float(), row.expand(m, -1), col.expand(m, -1), valid.expand(m, -1)
+            )
             errs[a : a + m] = ((rec - target) ** 2).mean(-1).cpu().numpy()
         masked = ~keeps
         with np.errstate(invalid="ignore"):
@@ -73,7 +75,13 @@ def patches_to_tokens(sample: SampleFeatures, per_patch: np.ndarray) -> np.ndarr
 
 
 def token_error(
-    vlm: Any, batch, *, selector: Selector, mode: str = "single", keep_ratio: float = 0.5, n_draws: int = 16,
+    vlm: Any,
+    batch,
+    *,
+    selector: Selector,
+    mode: str = "single",
+    keep_ratio: float = 0.5,
+    n_draws: int = 16,
     seed: int = 0,
 ) -> xr.Dataset:
     """Per LM image token, the selector-reconstructor's error when the token is masked.
@@ -88,6 +96,9 @@ def token_error(
     samples = vision_features(vlm, batch, layer)[layer]
     per_patch = masked_token_error(selector, samples, mode=mode, keep_ratio=keep_ratio, n_draws=n_draws, seed=seed)
     values = [patches_to_tokens(s, e) for s, e in zip(samples, per_patch)]
-    ds = token_dataset({"recon_error": (None, {layer: values})}, batch.layouts,
-                       attrs={"signal": "selector reconstruction error when masked", "mode": mode})
+    ds = token_dataset(
+        {"recon_error": (None, {layer: values})},
+        batch.layouts,
+        attrs={"signal": "selector reconstruction error when masked", "mode": mode},
+    )
     return ds.assign_coords(vision_layer=layer)

@@ -59,7 +59,12 @@ def _token_index(layout, patches) -> np.ndarray:
     cx = (patches["x0"].to_numpy(float) + patches["x1"].to_numpy(float)) / 2
     cy = (patches["y0"].to_numpy(float) + patches["y1"].to_numpy(float)) / 2
     same = (patches["image"].to_numpy()[:, None] == t_img[None]) & (patches["tile"].to_numpy()[:, None] == t_tile[None])
-    inside = (t_x0[None] <= cx[:, None]) & (cx[:, None] < t_x1[None]) & (t_y0[None] <= cy[:, None]) & (cy[:, None] < t_y1[None])
+    inside = (
+        (t_x0[None] <= cx[:, None])
+        & (cx[:, None] < t_x1[None])
+        & (t_y0[None] <= cy[:, None])
+        & (cy[:, None] < t_y1[None])
+    )
     hit = same & inside
     return np.where(hit.any(1), hit.argmax(1), -1).astype(np.int64)
 
@@ -69,9 +74,17 @@ def _gather(hidden: torch.Tensor, layouts: Sequence[Any]) -> list[torch.Tensor]:
     encoders that pack all crops into one sequence (Qwen2-VL), (total tokens, C)."""
     tables = [patch_rows(lay.vision_table()) for lay in layouts]
     if hidden.dim() == 3:
-        return [hidden[torch.as_tensor(t["crop"].to_numpy(np.int64, copy=True)), torch.as_tensor(t["vpos"].to_numpy(np.int64, copy=True))] for t in tables]
+        return [
+            hidden[
+                torch.as_tensor(t["crop"].to_numpy(np.int64, copy=True)),
+                torch.as_tensor(t["vpos"].to_numpy(np.int64, copy=True)),
+            ]
+            for t in tables
+        ]
     if hidden.dim() != 2:
-        raise ValueError(f"vision layer output has shape {tuple(hidden.shape)}; expected (crops, tokens, C) or (tokens, C)")
+        raise ValueError(
+            f"vision layer output has shape {tuple(hidden.shape)}; expected (crops, tokens, C) or (tokens, C)"
+        )
     # packed: crop c occupies a contiguous block after crops 0..c-1 (one rule: models.labels)
     offsets = packed_crop_offsets(layouts)
     total = max((offsets[c] + n for lay in layouts for c, n in lay.crop_lengths.items()), default=0)
@@ -89,7 +102,9 @@ def _run(vlm: Any, batch: Batch, mods: dict[str, torch.nn.Module]) -> dict[str, 
 
 
 @torch.no_grad()
-def vision_features(vlm: Any, batch: Batch, layers: Sequence[int] | int | None = None) -> dict[int, list[SampleFeatures]]:
+def vision_features(
+    vlm: Any, batch: Batch, layers: Sequence[int] | int | None = None
+) -> dict[int, list[SampleFeatures]]:
     """Patch features of the given vision layers (default: the projector's input layer) for every sample.
 
     Runs the unchanged model's forward only as far as the deepest requested layer.
@@ -119,8 +134,10 @@ def vision_features(vlm: Any, batch: Batch, layers: Sequence[int] | int | None =
 
 def _layer_modules(vlm: Any, vision_layers, layers) -> dict[tuple[str, int], torch.nn.Module]:
     mods: dict[tuple[str, int], torch.nn.Module] = {}
-    for stack, mlist, sel, what in (("vision", vlm.vision_layers, vision_layers, "vision_layers"),
-                                    ("lm", vlm.lm_layers, layers, "layers")):
+    for stack, mlist, sel, what in (
+        ("vision", vlm.vision_layers, vision_layers, "vision_layers"),
+        ("lm", vlm.lm_layers, layers, "layers"),
+    ):
         if sel is None:
             continue
         for i in layer_indices(sel, len(mlist), what=what):
@@ -132,7 +149,10 @@ def _layer_modules(vlm: Any, vision_layers, layers) -> dict[tuple[str, int], tor
 
 @torch.no_grad()
 def token_features(
-    vlm: Any, batch: Batch, *, layers: Sequence[int] | str | None = "all",
+    vlm: Any,
+    batch: Batch,
+    *,
+    layers: Sequence[int] | str | None = "all",
     vision_layers: Sequence[int] | str | None = "all",
 ) -> dict[tuple[str, int], list[np.ndarray]]:
     """Per layer — key ``("lm", i)`` for the output of LM layer i, ``("vision", j)`` for vision layer
@@ -147,8 +167,10 @@ def token_features(
     for key in mods:
         hidden = seen[f"{key[0]}.{key[1]}"]
         if key[0] == "lm":
-            out[key] = [hidden[i, torch.as_tensor(lay.image_positions)].double().cpu().numpy()
-                        for i, lay in enumerate(batch.layouts)]
+            out[key] = [
+                hidden[i, torch.as_tensor(lay.image_positions)].double().cpu().numpy()
+                for i, lay in enumerate(batch.layouts)
+            ]
             continue
         rows = []
         for f, tok, lay in zip(_gather(hidden, batch.layouts), tokens, batch.layouts):

@@ -35,8 +35,11 @@ from ..models.labels import token_coordinates
 from .features import token_features
 
 
-def token_dataset(variables: dict[str, tuple[str | None, dict[int, Sequence[np.ndarray]]]], layouts: Sequence[Any],
-                  attrs: dict | None = None) -> xr.Dataset:
+def token_dataset(
+    variables: dict[str, tuple[str | None, dict[int, Sequence[np.ndarray]]]],
+    layouts: Sequence[Any],
+    attrs: dict | None = None,
+) -> xr.Dataset:
     """A Dataset of per-image-token values: ``variables[name] = (layer_dim, {layer: [per-sample arrays]})``
     with ``layer_dim`` ``"layer"``, ``"vision_layer"`` or ``None`` (then the dict has one entry, key
     ignored). Each per-sample array has one value per LM image token (layout order); the ``token``
@@ -51,16 +54,18 @@ def token_dataset(variables: dict[str, tuple[str | None, dict[int, Sequence[np.n
             for s, lay in enumerate(layouts):
                 v = np.asarray(per_layer[key][s], dtype=float)
                 if v.shape != (lay.n_image_tokens,):
-                    raise ValueError(f"{name}[{key!r}][{s}] has shape {v.shape}; sample {s} has "
-                                     f"{lay.n_image_tokens} image tokens")
+                    raise ValueError(
+                        f"{name}[{key!r}][{s}] has shape {v.shape}; sample {s} has {lay.n_image_tokens} image tokens"
+                    )
                 arr[s, j, : len(v)] = v
         if dim is None:
             data[name] = (("sample", "token"), arr[:, 0])
         else:
             data[name] = (("sample", dim, "token"), arr)
             layer_coords[dim] = np.asarray(keys, dtype=np.int64)
-    return xr.Dataset(data, coords={"sample": np.arange(len(layouts)), **layer_coords, **coords},
-                      attrs=dict(attrs or {}))
+    return xr.Dataset(
+        data, coords={"sample": np.arange(len(layouts)), **layer_coords, **coords}, attrs=dict(attrs or {})
+    )
 
 
 def _neighbours(layout: Any) -> np.ndarray:
@@ -167,6 +172,14 @@ def layer_error(
         per = {i: v for (st, i), v in values.items() if st == stack}
         if per:
             variables[name] = (dim, per)
-    return token_dataset(variables, batch.layouts,
-                         attrs={"signal": "ridge reconstruction error from kept neighbours", "keep_ratio": keep_ratio,
-                                "n_draws": n_draws, "alpha": alpha, "seed": seed})
+    return token_dataset(
+        variables,
+        batch.layouts,
+        attrs={
+            "signal": "ridge reconstruction error from kept neighbours",
+            "keep_ratio": keep_ratio,
+            "n_draws": n_draws,
+            "alpha": alpha,
+            "seed": seed,
+        },
+    )

@@ -81,6 +81,28 @@ def _source(batch: Batch, positions: torch.Tensor) -> tuple:
     return positions, dict(batch.inputs).get("input_ids")
 
 
+def _plan(vlm: Any, batch: Batch, method: Any, keep: Any, params: dict, decoder_inputs: dict | None):
+    """(keep masks, embeds, positions, removal) for ``method`` at budget ``keep``; ``removal(red)`` is the
+    context in which the reduced inputs ``red`` run (in-LM removal for LM-stage methods)."""
+    from .apply import resolve, select
+
+    if method is None:
+        if params:
+            raise ValueError(f"parameters {sorted(params)} given without method=; they are a method's parameters")
+        if isinstance(keep, (float, int)) and not isinstance(keep, bool):
+            raise ValueError(f"keep={keep!r} is a budget; give method= (e.g. 'random') or per-sample bool masks")
+        return keep, None, "kept", lambda red: contextlib.nullcontext()
+    m = resolve(method, params)
+    if keep is None:
+        raise ValueError(f"method={m.name!r} needs a budget keep= (ratio in (0, 1] or a number of image tokens)")
+    if m.stage == "lm":
+        from .stages.lm import lm_removal
+
+        return None, None, "kept", lambda red: lm_removal(vlm, batch, m, keep, red.source_positions)
+    sel = select(vlm, batch, m, keep, decoder_inputs)
+    return sel.keep, sel.embeds, m.positions, lambda red: contextlib.nullcontext()
+
+
 @torch.no_grad()
 def generate_ids(
     vlm: Any,
@@ -89,11 +111,21 @@ def generate_ids(
     max_new_tokens: int = 16,
     progress: bool = False,
     decoder_inputs: dict | None = None,
+    *,
+    method: Any = None,
+    **params: Any,
 ) -> list[list[int]]:
-    """Greedy new token ids per sample (up to and excluding the first EOS)."""
+    """Greedy new token ids per sample (up to and excluding the first EOS); ``method``/``keep`` as
+    in :func:`answer`."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}; accepted: an integer >= 1")
-    red: ReducedInputs = reduced_decoder_inputs(vlm, batch, keep, decoder_inputs)
+    keep, embeds, positions, removal = _plan(vlm, batch, method, keep, params, decoder_inputs)
+    red: ReducedInputs = reduced_decoder_inputs(vlm, batch, keep, decoder_inputs, embeds=embeds, positions=positions)
+    with removal(red):
+        return _decode(vlm, batch, red, max_new_tokens, progress)
+
+
+def _decode(vlm: Any, batch: Batch, red: ReducedInputs, max_new_tokens: int, progress: bool) -> list[list[int]]:
     embed = vlm.model.get_input_embeddings()
     eos = _eos_ids(vlm)
     pad = _pad_id(vlm, eos)
@@ -128,17 +160,25 @@ def generate_ids(
 def answer(
     vlm: Any,
     batch: Batch,
-    keep: KeepMasks = None,
+    keep: KeepMasks | float | int = None,
     max_new_tokens: int = 16,
     progress: bool = False,
     decoder_inputs: dict | None = None,
+    *,
+    method: Any = None,
+    **params: Any,
 ) -> list[str]:
-    """Greedy answer strings; ``keep[i]`` (bool over sample i's image tokens, layout order) drops
-    the False tokens before the LM. ``keep=None`` keeps all and answers as ``model.generate``.
-    ``decoder_inputs`` (``vlm.adapter.decoder_inputs(vlm.model, batch.inputs)``) may be passed
-    to reuse one vision forward over many keep masks of the same batch."""
+    """Greedy answer strings.
+
+    Without ``method``: ``keep[i]`` (bool over sample i's image tokens, layout order) drops the
+    False tokens before the LM; ``keep=None`` keeps all and answers as ``model.generate``.
+    With ``method`` (a registry name or a :class:`vtrlab.reduce.Method`; ``params`` override its
+    defaults): ``keep`` is the budget — a ratio in (0, 1] or a number of image tokens per sample —
+    and the method is applied at its stage (before the LM, or inside it from layer K on).
+    ``decoder_inputs`` (:func:`vtrlab.reduce.decoder_inputs`) may be passed to reuse one vision
+    forward over many keep masks of the same batch."""
     ids = generate_ids(vlm, batch, keep, max_new_tokens=max_new_tokens, progress=progress,
-                       decoder_inputs=decoder_inputs)
+                       decoder_inputs=decoder_inputs, method=method, **params)
     tok = _tokenizer(vlm)
     return [tok.decode(t, skip_special_tokens=True).strip() for t in ids]
 
@@ -164,16 +204,27 @@ class ReducedLogits:
 def logits(
     vlm: Any,
     batch: Batch,
-    keep: KeepMasks = None,
+    keep: KeepMasks | float | int = None,
     append: Sequence[Sequence[int]] | None = None,
     decoder_inputs: dict | None = None,
+    *,
+    method: Any = None,
+    **params: Any,
 ) -> ReducedLogits:
     """Full logits of the LM over the kept tokens (float32), for fidelity measures.
 
     ``append`` (one list of token ids per sample, e.g. the gold answer) is fed after the prompt
     at positions ``max kept + 1, + 2, ...`` so that ``appended`` scores it by teacher forcing.
+    ``method``/``keep`` as in :func:`answer`. For a method that prunes inside the LM, ``logits``
+    and ``source_positions`` cover the columns left after its last stage.
     """
-    red = reduced_decoder_inputs(vlm, batch, keep, decoder_inputs)
+    keep, embeds, positions, removal = _plan(vlm, batch, method, keep, params, decoder_inputs)
+    red = reduced_decoder_inputs(vlm, batch, keep, decoder_inputs, embeds=embeds, positions=positions)
+    with removal(red) as state:
+        return _logits(vlm, batch, red, append, state)
+
+
+def _logits(vlm: Any, batch: Batch, red: ReducedInputs, append, state: Any) -> ReducedLogits:
     embeds, attn, pos, extras = red.inputs_embeds, red.attention_mask, red.position_ids, red.per_token
     length = embeds.shape[1]
     source = red.source_positions
@@ -200,9 +251,14 @@ def logits(
         extras = {k: torch.cat([v, v.new_zeros(v.shape[0], width)], dim=1) for k, v in extras.items()}
         source = torch.cat([source, source.new_full((source.shape[0], width), APPENDED)], dim=1)
     out, _ = _forward(vlm, embeds, attn, pos, use_cache=False, extras=extras, source=_source(batch, source))
+    kept_source = red.source_positions
+    if state is not None:  # columns removed inside the LM: the head saw only the survivors (appended last)
+        width = 0 if app_mask is None else app_mask.shape[1]
+        length = out.shape[1] - width
+        kept_source = state.source_positions(kept_source)[:, :length]
     full = out[:, :length]
     appended = None
     if append is not None:
         # the token at appended index t is predicted by the column just before it
         appended = out[:, length - 1 : length - 1 + app_mask.shape[1]]
-    return ReducedLogits(full, red.source_positions, full[:, -1], appended, app_mask)
+    return ReducedLogits(full, kept_source, full[:, -1], appended, app_mask)

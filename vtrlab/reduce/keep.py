@@ -138,7 +138,12 @@ def _one_d_positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 def reduced_decoder_inputs(
-    vlm: Any, batch: Batch, keep: KeepMasks = None, decoder_inputs: dict | None = None
+    vlm: Any,
+    batch: Batch,
+    keep: KeepMasks = None,
+    decoder_inputs: dict | None = None,
+    embeds: Sequence[torch.Tensor | None] | None = None,
+    positions: str = "kept",
 ) -> ReducedInputs:
     """The inputs the LM decoder receives, minus the image tokens whose keep mask is False.
 
@@ -146,18 +151,37 @@ def reduced_decoder_inputs(
     ``kind == image`` tokens are subject to the mask. ``decoder_inputs``: the result of
     :func:`decoder_inputs` ``(vlm, batch)`` when it is reused over many keep masks of the same batch
     (saves the vision tower; checked against ``batch``); computed here when None.
+
+    ``embeds[i]`` (None, or a ``(n_kept_i, D)`` tensor, kept tokens in layout order) replaces the
+    embeddings of sample i's kept image tokens: merged tokens (VisionZip's contextual tokens,
+    PruMerge's weighted sums, pooled windows) enter the LM through this same path.
+    ``positions``: ``"kept"`` (kept tokens keep their position ids; gaps remain) or
+    ``"renumbered"`` (1-D positions recounted over the kept tokens, as methods that rebuild
+    ``position_ids`` after pruning do; not defined for multi-axis mRoPE ids, which raise).
     """
+    if positions not in ("kept", "renumbered"):
+        raise ValueError(f"positions={positions!r}; accepted: 'kept', 'renumbered'")
     masks = validate_keep(batch, keep)
+    if embeds is not None:
+        embeds = list(embeds)
+        if len(embeds) != len(batch):
+            raise ValueError(f"embeds has {len(embeds)} entries for a batch of {len(batch)}; need one per sample")
+        for i, (e, m) in enumerate(zip(embeds, masks)):
+            if e is not None and tuple(e.shape[:1]) != (int(m.sum()),):
+                raise ValueError(f"embeds[{i}] has {tuple(e.shape)} rows; sample {i} keeps {int(m.sum())} tokens")
     if decoder_inputs is not None:
         check_decoder_inputs(batch, decoder_inputs)
     dec = decoder_inputs if decoder_inputs is not None else vlm.adapter.decoder_inputs(vlm.model, batch.inputs)
-    embeds: torch.Tensor = dec["inputs_embeds"]
-    bsz, seq, _ = embeds.shape
+    dec_embeds: torch.Tensor = dec["inputs_embeds"]
+    bsz, seq, _ = dec_embeds.shape
     attn = dec["attention_mask"]
-    attn = torch.ones(bsz, seq, dtype=torch.long, device=embeds.device) if attn is None else attn.to(embeds.device)
-    pos = dec["position_ids"].to(embeds.device)
+    device = dec_embeds.device
+    attn = torch.ones(bsz, seq, dtype=torch.long, device=device) if attn is None else attn.to(device)
+    pos = dec["position_ids"].to(device)
     if pos.dim() == 2:
         pos = _one_d_positions(attn)
+    elif positions == "renumbered":
+        raise ValueError("positions='renumbered' is not defined for multi-axis (mRoPE) position ids; use 'kept'")
     elif pos.dim() != 3:
         raise ValueError(f"position_ids of shape {tuple(pos.shape)}; expected (B, N) or (axes, B, N)")
 
@@ -178,16 +202,23 @@ def reduced_decoder_inputs(
         if torch.is_tensor(v) and k not in ("input_ids", "attention_mask") and tuple(v.shape) == (bsz, seq)
     }
     new_extras = {k: v.new_zeros(bsz, length) for k, v in extras.items()}
-    new_embeds = embeds.new_zeros(bsz, length, embeds.shape[-1])
+    new_embeds = dec_embeds.new_zeros(bsz, length, dec_embeds.shape[-1])
     new_attn = attn.new_zeros(bsz, length)
     new_pos = pos.new_zeros(*pos.shape[:-1], length)
-    source = torch.full((bsz, length), -1, dtype=torch.long, device=embeds.device)
+    source = torch.full((bsz, length), -1, dtype=torch.long, device=device)
     for i, cols in enumerate(columns):
-        idx = torch.as_tensor(cols, dtype=torch.long, device=embeds.device)
+        idx = torch.as_tensor(cols, dtype=torch.long, device=device)
         start = length - len(cols)  # left padding: every sample's last real token is the last column
-        new_embeds[i, start:] = embeds[i, idx]
+        new_embeds[i, start:] = dec_embeds[i, idx]
+        if embeds is not None and embeds[i] is not None:
+            kept_pos = batch.layouts[i].image_positions[masks[i]]  # layout order, as embeds[i] rows
+            img_cols = torch.as_tensor(np.searchsorted(cols, kept_pos), device=idx.device)
+            new_embeds[i, start + img_cols] = embeds[i].to(new_embeds.device, new_embeds.dtype)
         new_attn[i, start:] = 1
-        new_pos[..., i, start:] = pos[..., i, idx]
+        if positions == "renumbered":
+            new_pos[i, start:] = torch.arange(len(cols), device=pos.device) + pos[i, idx[0]]
+        else:
+            new_pos[..., i, start:] = pos[..., i, idx]
         source[i, start:] = idx
         for k, v in extras.items():
             new_extras[k][i, start:] = v[i, idx.to(v.device)]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
+from vtrlab.io import atomic_path
 from vtrlab.plots.save import FORMATS, write_figure
 from vtrlab.runner.outputs import check_name
 from vtrlab.runner.paths import figure_dir
@@ -23,9 +24,8 @@ def save_figure(fig, name: str, *, close: bool = False, directory: str | Path | 
     paths = []
     for fmt in FORMATS:
         path = out / f"{name}.{fmt}"
-        tmp = out / f".{name}.tmp.{fmt}"
-        write_figure(fig, tmp, fmt)
-        tmp.replace(path)
+        with atomic_path(path, suffix=f".{fmt}") as tmp:
+            write_figure(fig, tmp, fmt)
         paths.append(path)
     if close:
         plt.close(fig)

@@ -1,0 +1,140 @@
+"""`ReductionContext`: the signals a pre-LM method scores with, computed once per batch and cached.
+
+A method asks for what it needs; nothing is computed twice for one batch, and nothing is computed
+that no method asked for. Signals:
+
+* :meth:`decoder_inputs` — the LM decoder's inputs as the model builds them (image features merged).
+* :meth:`image_embeds` — per sample, the projector outputs at the image tokens (layout order).
+* :meth:`vision_hidden` — per vision layer, the tower's hidden states after that layer (forward hook),
+  as the tower produced them (one tensor per tower call: crops / images in processor order).
+* :meth:`vision_attention` — [CLS]→patch attention (or the mean attention each patch receives where
+  the tower has no [CLS]) at chosen vision layers, through ``vl.capture`` (no eager attention).
+* :meth:`question_embeds` — per sample, the LM input embeddings of the question tokens.
+
+``vision_layer`` arguments follow LLaVA's ``hidden_states`` convention when negative: ``-1`` is the
+last vision layer's output, ``-2`` the one before (LLaVA-1.5's layer 22 of 24) — so a method's
+default works on towers of any depth; non-negative values are 0-indexed layer numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..models.base import Batch
+
+
+def vision_layer_index(vlm: Any, layer: int) -> int:
+    """0-indexed vision layer for ``layer`` (negative: counted from the end, ``-1`` = last layer)."""
+    n = len(vlm.vision_layers)
+    idx = layer + n if layer < 0 else layer
+    if not 0 <= idx < n:
+        raise ValueError(f"vision_layer={layer}: the tower has {n} layers; accepted: {-n}..{n - 1}")
+    return idx
+
+
+def lm_layer_index(vlm: Any, layer: int, what: str = "layer") -> int:
+    """0-indexed LM decoder layer for ``layer`` (negative counts from the end)."""
+    n = len(vlm.lm_layers)
+    idx = layer + n if layer < 0 else layer
+    if not 0 <= idx < n:
+        raise ValueError(f"{what}={layer}: the LM has {n} decoder layers; accepted: {-n}..{n - 1}")
+    return idx
+
+
+class ReductionContext:
+    """Lazily computed, cached signals of one batch for reduction methods."""
+
+    def __init__(self, vlm: Any, batch: Batch, decoder_inputs: dict | None = None):
+        self.vlm = vlm
+        self.batch = batch
+        self._cache: dict[Any, Any] = {}
+        if decoder_inputs is not None:
+            self._cache["decoder_inputs"] = decoder_inputs
+
+    @property
+    def layouts(self):
+        return self.batch.layouts
+
+    def cached(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per key for this batch (methods may cache their own signals here)."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def decoder_inputs(self) -> dict:
+        from .keep import decoder_inputs
+
+        return self.cached("decoder_inputs", lambda: decoder_inputs(self.vlm, self.batch))
+
+    def image_embeds(self, i: int) -> torch.Tensor:
+        """(n_image_tokens, D) projector outputs of sample ``i`` at its image tokens (layout order)."""
+        emb = self.decoder_inputs()["inputs_embeds"]
+        pos = torch.as_tensor(self.layouts[i].image_positions, dtype=torch.long, device=emb.device)
+        return emb[i, pos]
+
+    def question_embeds(self, i: int) -> torch.Tensor:
+        emb = self.decoder_inputs()["inputs_embeds"]
+        pos = torch.as_tensor(self.layouts[i].question_positions, dtype=torch.long, device=emb.device)
+        return emb[i, pos]
+
+    def vision_hidden(self, layer: int) -> list[torch.Tensor]:
+        """Outputs of vision layer ``layer`` (see module doc for negative values), one per tower call."""
+        idx = vision_layer_index(self.vlm, layer)
+
+        def compute():
+            out: list[torch.Tensor] = []
+
+            def hook(_m, _a, output):
+                h = output[0] if isinstance(output, (tuple, list)) else output
+                out.append(h.detach())
+
+            handle = self.vlm.vision_layers[idx].register_forward_hook(hook)
+            try:
+                with torch.no_grad():
+                    self.vlm.model(**dict(self.batch.inputs), use_cache=False)
+            finally:
+                handle.remove()
+            return out
+
+        return self.cached(("vision_hidden", idx), compute)
+
+    def vision_attention(self, layer: int):
+        """``vl.capture``'s ``vision_attn`` at vision layer ``layer`` (an xarray.Dataset; labels per
+        vision key), [CLS] rows where the tower has one, else the mean attention each key receives."""
+        idx = vision_layer_index(self.vlm, layer)
+
+        def compute():
+            from ..probes import capture
+
+            return capture(self.vlm, self.batch, layers=[0], vision=True, vision_layers=[idx])
+
+        return self.cached(("vision_attention", idx), compute)
+
+
+def budgets(batch: Batch, keep: float | int | Any) -> list[int]:
+    """Exact number of image tokens each sample keeps: ``round(keep * n)`` for a ratio in (0, 1],
+    ``keep`` itself for an int (at most each sample's count)."""
+    n_tokens = [lay.n_image_tokens for lay in batch.layouts]
+    if isinstance(keep, (bool, np.bool_)):
+        raise TypeError(f"keep={keep!r}; accepted: a ratio in (0, 1] or a number of image tokens (int >= 0)")
+    if isinstance(keep, (int, np.integer)):
+        if keep < 0 or keep > min(n_tokens):
+            raise ValueError(f"keep={keep} image tokens; accepted: 0..{min(n_tokens)} (the fewest any sample has)")
+        return [int(keep)] * len(n_tokens)
+    if isinstance(keep, (float, np.floating)):
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"keep={keep} as a ratio; accepted: a float in (0, 1] or an int number of tokens")
+        return [int(round(float(keep) * n)) for n in n_tokens]
+    raise TypeError(f"keep={keep!r}; accepted: a ratio in (0, 1] or a number of image tokens (int >= 0)")
+
+
+def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
+    """Bool mask of the k highest scores; ties broken by the lower index (stable, deterministic)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="stable")
+    mask = np.zeros(scores.shape[0], dtype=bool)
+    mask[order[:k]] = True
+    return mask
