@@ -26,9 +26,9 @@ def _reference_coverage(mask: np.ndarray, box) -> float:
     if not area > 0:
         return math.nan
     total = 0.0
-    for y in range(int(math.floor(y0)), int(math.ceil(y1))):
+    for y in range(math.floor(y0), math.ceil(y1)):
         oy = min(y + 1, y1) - max(y, y0)
-        for x in range(int(math.floor(x0)), int(math.ceil(x1))):
+        for x in range(math.floor(x0), math.ceil(x1)):
             ox = min(x + 1, x1) - max(x, x0)
             if ox > 0 and oy > 0:
                 total += mask[y, x] * ox * oy
@@ -132,7 +132,7 @@ def test_mask_and_normalised_boxes_agree_with_pixel_boxes(family_layout):
 
 
 def test_mask_of_the_wrong_size_is_refused(family_layout):
-    _, layout, image = family_layout
+    _, layout, _ = family_layout
     with pytest.raises(ValueError, match="mask is 10x10"):
         token_coverage(layout, np.ones((10, 10)))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -14,13 +13,13 @@ app = typer.Typer(help="Data for the notebooks: check a source, export the organ
 
 @app.command("check")
 def check(
-    data: str = typer.Argument(..., help="organism, photos, or a path (.jsonl/.json/.parquet, image folder, HF dataset)"),
-    n_samples: Optional[int] = typer.Option(None, "--n-samples", help="seeded random subset of this size"),
+    data: str = typer.Argument(..., help="organism, photos, or a path: .jsonl/.json/.parquet, folder, HF dataset"),
+    n_samples: int | None = typer.Option(None, "--n-samples", help="seeded random subset of this size"),
     seed: int = typer.Option(0, "--seed"),
-    question: Optional[str] = typer.Option(None, "--question", help="question for an image folder"),
+    question: str | None = typer.Option(None, "--question", help="question for an image folder"),
     image_column: str = typer.Option("image", "--image-column"),
     question_column: str = typer.Option("question", "--question-column"),
-    answer_column: Optional[str] = typer.Option(None, "--answer-column"),
+    answer_column: str | None = typer.Option(None, "--answer-column"),
     boxes_column: str = typer.Option("boxes", "--boxes-column"),
     mask_column: str = typer.Option("mask", "--mask-column"),
     box_format: str = typer.Option("xyxy", "--box-format", help="xyxy, xywh, xyxy_norm or xywh_norm"),

@@ -32,7 +32,6 @@ import numpy as np
 from vtrlab.data.manifest import (
     BOX_FORMATS,
     IMAGE_EXTENSIONS,
-    SKIMAGE_PREFIX,
     Record,
     read_image_folder,
     record_from_row,
@@ -72,7 +71,7 @@ class Data:
         return [r.family for r in self.records]
 
     @property
-    def images(self) -> "LazyImages":
+    def images(self) -> LazyImages:
         """The pictures as a sequence read on access (a slice reads only its own pictures)."""
         return LazyImages(self.records)
 
@@ -80,7 +79,7 @@ class Data:
     def questions(self) -> list[str]:
         return [r.question for r in self.records]
 
-    def with_prompt(self, template: str = "{question}") -> "Data":
+    def with_prompt(self, template: str = "{question}") -> Data:
         """The same data with each question wrapped in task instructions, e.g. ``"{question} Answer with
         a single word."`` (``vtrlab.data.answers.format_prompt``); the template joins the identity."""
         from vtrlab.data.answers import format_prompt
@@ -183,8 +182,9 @@ def load_data(data: str | os.PathLike = "organism", *, n_samples: int | None = N
     picture of an image folder (and replaces a missing question elsewhere). ``answer_column``
     None reads ``answers`` if present, else ``answer``. ``split`` picks one split of a saved
     ``DatasetDict``. ``per_group``: ``n_samples`` is drawn from each group (task family) instead of
-    from the whole data (groups in order of first appearance). A relative path starts at ``root`` when given (notebooks pass the project root,
-    since their kernel runs in ``notebooks/``), else at the current directory.
+    from the whole data (groups in order of first appearance). A relative path starts at ``root``
+    when given (notebooks pass the project root, since their kernel runs in ``notebooks/``), else at
+    the current directory.
     """
     if n_samples is not None:
         _check_int("n_samples", n_samples, 1)
@@ -389,5 +389,13 @@ def export_organism(folder: str | os.PathLike, n_samples: int = 64, seed: int = 
     return write_manifest(generate(n_samples, seed=seed, family=families), folder)
 
 
-__all__ = ["BUILTIN", "Data", "IMAGE_EXTENSIONS", "content_hash", "export_organism", "load_data",
-           "organism_record", "subsample"]
+__all__ = [
+    "BUILTIN",
+    "IMAGE_EXTENSIONS",
+    "Data",
+    "content_hash",
+    "export_organism",
+    "load_data",
+    "organism_record",
+    "subsample",
+]
