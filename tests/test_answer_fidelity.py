@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from vtrlab.metrics.fidelity import accuracy, answer_logprob, exact_match, kl_divergence, normalize_answer
+from vtrlab.metrics.answers import normalize_answer
+from vtrlab.metrics.fidelity import accuracy, answer_logprob, exact_match, kl_divergence
 
 
 def test_normalize_and_exact_match():

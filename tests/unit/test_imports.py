@@ -2,8 +2,8 @@
 ones resolved, plus module paths named in lazy-import tables) goes down the table below, and no
 modules import each other in a circle.
 
-Bottom to top (``shared/DESIGN.md``): models → probes → flow / reduce / recon → analysis → plots →
-runner → cli. ``metrics`` is pure and may be imported from anywhere (it imports nothing of vtrlab);
+Bottom to top (``shared/DESIGN.md``): models → probes → flow / recon → reduce (its registry holds the
+learned selector of recon) → analysis → plots → runner → integrations / cli. ``metrics`` is pure and may be imported from anywhere (it imports nothing of vtrlab);
 ``data`` sits just above models (it may read layouts; models never read data); ``organism`` builds a
 model from data and sits with the probes' consumers; ``testing`` sits beside models: it may import
 models, probes and data, and nothing at runtime imports it.
@@ -26,14 +26,15 @@ RANK = {
     "data": 2,
     "probes": 2,
     "flow": 3,
-    "reduce": 3,
     "recon": 3,
     "organism": 3,
-    "analysis": 4,
-    "plots": 5,
-    "runner": 6,
-    "cli": 7,
-    "vtrlab": 8,  # the package's lazy top-level namespace (vtrlab/__init__.py)
+    "reduce": 4,  # above recon: the learned selector is one of the registry's methods
+    "analysis": 5,
+    "plots": 6,
+    "runner": 7,
+    "integrations": 8,
+    "cli": 8,
+    "vtrlab": 9,  # the package's lazy top-level namespace (vtrlab/__init__.py)
 }
 ANYWHERE = {"metrics", "io", "_io", "_validate", "_version"}  # pure helpers; they import nothing above themselves
 SIDE = {"testing": {"models", "probes", "data"}}  # beside the table; imported by tests only

@@ -8,10 +8,12 @@ metrics.accuracy(predictions, references); metrics.kl_divergence(full_logits, re
 """
 
 from .agreement import auroc, kendall, pointing_game, rankdata, spearman, top_k_ioa, top_k_iou, top_k_mask
-from .fidelity import accuracy, answer_logprob, exact_match, kl_divergence, normalize_answer
+from .answers import answer_accuracy, normalize_answer
+from .fidelity import accuracy, answer_logprob, exact_match, kl_divergence
 
 __all__ = [
     "accuracy",
+    "answer_accuracy",
     "answer_logprob",
     "auroc",
     "exact_match",

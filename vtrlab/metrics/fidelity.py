@@ -5,26 +5,17 @@ Small pure functions over strings, logits and token ids; no model, no I/O.
 
 from __future__ import annotations
 
-import re
-import string
 from typing import Sequence
 
 import numpy as np
 import torch
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation and English articles, collapse whitespace (SQuAD/VQA style)."""
-    text = str(text).lower().translate(_PUNCT)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
+from .answers import answer_accuracy
 
 
 def exact_match(prediction: str, reference: str) -> bool:
-    return normalize_answer(prediction) == normalize_answer(reference)
+    """Normalised exact match (:func:`vtrlab.metrics.answers.normalize_answer`, the VQA normalisation)."""
+    return answer_accuracy(prediction, [reference]) == 1.0
 
 
 def accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
