@@ -257,6 +257,17 @@ def organism(ctx: typer.Context) -> None:
     sub.main(args=list(ctx.args), prog_name="vtrlab organism", standalone_mode=True)
 
 
+@typer_app.command(
+    "data",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    help="Data: check a source, export the organism's samples as a manifest (`vtrlab data --help`).",
+)
+def data(ctx: typer.Context) -> None:
+    from vtrlab.data.cli import app as data_app
+
+    typer.main.get_command(data_app).main(args=list(ctx.args), prog_name="vtrlab data", standalone_mode=True)
+
+
 app = typer_app  # console entry point: vtrlab = vtrlab.cli:app
 
 if __name__ == "__main__":  # pragma: no cover
