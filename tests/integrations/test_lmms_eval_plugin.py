@@ -126,3 +126,75 @@ def test_failing_evaluation_is_detected(lmms_run):
     with pytest.raises(EvaluationFailed, match="no \\*_results.json"):
         read_results(lmms_run["root"] / "out" / "failing", TASK, since=lmms_run["started"])
     assert "unknown reduction method 'no_such_method'; accepted:" in lmms_run["log"]  # vtrlab's own message
+
+
+# -- the model class without the CLI (fast) -------------------------------------------------------------------
+def _refuse_load(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(vl, "load", boom)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"method": "no_such", "keep": 0.25}, "unknown reduction method 'no_such'; accepted: "),
+    ({"method": "fastv", "keep": 0.25, "layr": 2}, "method 'fastv' has no parameter 'layr'; accepted: layer"),
+    ({"method": "fastv", "keep": 0.25, "layer": "two"}, "parameter layer='two' has type str; expected int"),
+    ({"method": "random"}, "method='random' needs a budget keep="),
+    ({"keep": 0.25}, "keep=0.25 is a budget; give method="),
+    ({"layer": 2}, "model_args \\['layer'\\] are not vtrlab model arguments"),
+    ({"batch_size": "auto"}, "batch_size='auto'; accepted: an integer >= 1"),
+    ({"max_new_tokens": 0}, "max_new_tokens=0; accepted: an integer >= 1"),
+])
+def test_bad_model_args_fail_before_the_model_loads(monkeypatch, kwargs, message):
+    from vtrlab.integrations.lmms_eval import VtrlabModel
+
+    _refuse_load(monkeypatch)
+    with pytest.raises((ValueError, TypeError), match=message):
+        VtrlabModel(pretrained="organism", **kwargs)
+
+
+def test_model_args_as_lmms_eval_parses_them(monkeypatch):
+    """lmms-eval turns "-1" into -1.0 and "2" into 2: integer parameters get their int back."""
+    from lmms_eval.utils import simple_parse_args_string
+
+    from vtrlab.integrations.lmms_eval import VtrlabModel, _coerce_param
+
+    args = simple_parse_args_string("pretrained=organism,method=fastv,keep=0.25,layer=-1")
+    assert args["layer"] == -1.0 and _coerce_param(2, args["layer"]) == -1
+    assert _coerce_param("mean", 3) == "3" and _coerce_param(0.5, 1) == 1 and _coerce_param(True, 1) == 1
+    _refuse_load(monkeypatch)
+    with pytest.raises(AssertionError, match="loaded before"):  # the arguments passed: it went on to load
+        VtrlabModel(**args)
+
+
+def test_budget_refused_by_the_preflight_with_vtrlabs_message():
+    from vtrlab.integrations.lmms_eval import VtrlabModel
+
+    with pytest.raises(ValueError, match="keep=1.5 as a ratio; accepted: a float in \\(0, 1\\]"):
+        VtrlabModel(pretrained="organism", device="cpu", method="random", keep=1.5)
+
+
+def test_requests_are_single_user_turns():
+    from PIL import Image
+
+    from vtrlab.integrations.lmms_eval import VtrlabModel, _messages_to_sample, _truncate
+
+    pic = Image.new("RGB", (8, 8))
+    msgs = [{"role": "user", "content": [{"type": "image", "url": pic}, {"type": "text", "text": "What color?"}]}]
+    images, text = _messages_to_sample(msgs, 7)
+    assert images == [pic] and text == "What color?"
+    two_turns = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}] + msgs
+    with pytest.raises(NotImplementedError, match="doc 7: messages with roles \\['system', 'user'\\]"):
+        _messages_to_sample(two_turns, 7)
+    video = [{"role": "user", "content": [{"type": "video", "url": "a.mp4"}, {"type": "text", "text": "?"}]}]
+    with pytest.raises(NotImplementedError, match="doc 3: video input"):
+        _messages_to_sample(video, 3)
+    assert _truncate("red\n\nmore", ["\n\n"]) == "red" and _truncate("red", None) == "red"
+    model = object.__new__(VtrlabModel)
+    with pytest.raises(NotImplementedError, match="generate_until only"):
+        model.loglikelihood([])
+    model.max_new_tokens = 16
+    with pytest.raises(ValueError, match="vtrlab answers greedily"):
+        model._generation({"temperature": 0.7})
+    assert model._generation({"until": ["\n\n"]}) == {"max_new_tokens": 16}
