@@ -28,8 +28,9 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 TASK_CONFIG = "vtrlab_task.json"
 UTILS_SOURCE = Path(__file__).with_name("lmms_eval_task_utils.py")
@@ -201,4 +202,4 @@ def read_results(output_path: str | os.PathLike, tasks: Sequence[str] | str | No
     return out
 
 
-__all__ = ["EvaluationFailed", "METRIC_NAME", "default_task_name", "export_task", "read_results"]
+__all__ = ["METRIC_NAME", "EvaluationFailed", "default_task_name", "export_task", "read_results"]
