@@ -132,3 +132,20 @@ def test_read_results_reads_and_detects_failures(tmp_path):
     (run / "20260101_000001_results.json").write_text(json.dumps(doc))
     with pytest.raises(EvaluationFailed, match="has no 'accuracy'"):
         read_results(tmp_path / "out", "t")
+
+
+def test_export_from_a_saved_hf_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    pics = [Image.new("RGB", (12, 8), (0, 40 * i, 0)) for i in range(4)]
+    ds = datasets.Dataset.from_dict(
+        {"image": pics, "question": ["How many?"] * 4, "answer": ["two", "3", "1", "0"], "family": list("aabb")},
+        features=datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                    "answer": datasets.Value("string"), "family": datasets.Value("string")}))
+    datasets.DatasetDict({"validation": ds}).save_to_disk(str(tmp_path / "hf"))
+    path = export_task(tmp_path / "task", tmp_path / "hf", name="hf_counts", split="validation", family="b",
+                       prompt_template="{question} Answer with a number.")
+    rows = pq.read_table(path.with_suffix(".parquet")).to_pylist()
+    assert [r["answers"] for r in rows] == [["1"], ["0"]] and {r["group"] for r in rows} == {"b"}
+    assert rows[0]["prompt"] == "How many? Answer with a number."
+    got = np.asarray(Image.open(io.BytesIO(rows[1]["image"]["bytes"])).convert("RGB"))
+    assert np.array_equal(got, np.asarray(pics[3]))
