@@ -13,9 +13,9 @@ Methods, each timed in the same process on the same inputs, median of ``--repeat
 ``--warmup`` runs:
 
   sdpa            plain forward (use_cache=False), the reference cost
-  capture_last    vtrlab.capture(rows="last", layers="all", vision=False)
-  capture_question  vtrlab.capture(rows="question", layers="all", vision=False)
-  capture_last_vision  vtrlab.capture(rows="last", layers="all", vision=True)
+  capture_last    vtrlab.capture(queries="last", layers="all", vision=False)
+  capture_question  vtrlab.capture(queries="question", layers="all", vision=False)
+  capture_last_vision  vtrlab.capture(queries="last", layers="all", vision=True)
   eager           attn_implementation="eager", output_attentions=True (all N×N maps)
   transformer_lens  TransformerBridge.run_with_cache(names_filter=hook_pattern) (if installed)
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
 import statistics
 import sys
@@ -39,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from vtrlab.io import atomic_write_text
 
 SHAPES = {
     # name -> (full-size builder name, image size (w, h)) ; LLaVA-NeXT at 672x672: 576 + 2304 + 48 tokens
@@ -134,9 +135,9 @@ def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int, with_tl: 
 
     methods = {
         "sdpa": sdpa,
-        "capture_last": lambda: cap.capture(vlm, batch, rows="last", vision=False),
-        "capture_question": lambda: cap.capture(vlm, batch, rows="question", vision=False),
-        "capture_last_vision": lambda: cap.capture(vlm, batch, rows="last", vision=True),
+        "capture_last": lambda: cap.capture(vlm, batch, queries="last", vision=False),
+        "capture_question": lambda: cap.capture(vlm, batch, queries="question", vision=False),
+        "capture_last_vision": lambda: cap.capture(vlm, batch, queries="last", vision=True),
     }
     for method, fn in methods.items():
         row["results"][method] = measure(fn, device, warmup, repeats)
@@ -256,9 +257,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(report, indent=2))
     print()
     print(markdown(report))
     return 0

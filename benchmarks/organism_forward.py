@@ -9,15 +9,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from vtrlab.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,11 +61,7 @@ def main(argv=None) -> dict:
     }
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, out)
+    atomic_write_json(out, result, indent=1, sort_keys=False)
     print(f"forward of a batch of {a.batch} on {a.threads} threads: median {result['median_s']:.3f} s "
           f"(min {result['min_s']:.3f}, max {result['max_s']:.3f}); written to {out}")
     return result

@@ -86,13 +86,32 @@ def test_auroc_and_pointing_game_match_reference(seed):
     for s in (rng.random(50), rng.integers(0, 3, 50).astype(float)):
         m = rng.random(50) < 0.3
         assert ag.auroc(s, m) == pytest.approx(ref_auroc(s, m), abs=1e-12)
-        top = max(range(50), key=lambda i: (s[i], -i))
-        assert ag.pointing_game(s, m) == float(m[top])
+        tops = [i for i in range(50) if s[i] == max(s)]  # every entry sharing the maximum
+        assert ag.pointing_game(s, m) == pytest.approx(sum(m[i] for i in tops) / len(tops), abs=1e-12)
     m = np.zeros(10, bool)
     m[[2, 7]] = True
     s = np.arange(10.0)
     assert ag.auroc(s, m) == pytest.approx(ref_auroc(s, m))
     assert np.isnan(ag.auroc(s, np.zeros(10, bool))) and np.isnan(ag.pointing_game(s, np.zeros(10, bool)))
+
+
+def test_pointing_game_ties_count_fractionally_not_toward_the_first_token():
+    # a flat map: every token ties for the maximum. The old code took argmax (the top-left token),
+    # so a mask holding only the first token scored 1.0 and one holding only the last scored 0.0.
+    flat = np.ones(16)
+    first, last = np.zeros(16, bool), np.zeros(16, bool)
+    first[0], last[-1] = True, True
+    assert ag.pointing_game(flat, first) == pytest.approx(1 / 16)
+    assert ag.pointing_game(flat, last) == pytest.approx(1 / 16)
+    # two tied maxima, one inside the mask: half a hit, whichever comes first
+    s = np.array([0.1, 0.9, 0.3, 0.9])
+    assert ag.pointing_game(s, np.array([0, 1, 0, 0], bool)) == 0.5
+    assert ag.pointing_game(s, np.array([0, 0, 0, 1], bool)) == 0.5
+    assert ag.pointing_game(s, np.array([0, 1, 0, 1], bool)) == 1.0
+    # broadcasting over leading axes keeps the per-row share
+    np.testing.assert_allclose(ag.pointing_game(np.stack([s, flat[:4]]), np.array([0, 1, 0, 0], bool)), [0.5, 0.25])
+    with pytest.raises(ValueError, match="boolean"):
+        ag.pointing_game(s, np.array([0, 2, 0, 0]))
 
 
 def test_broadcasting_gives_layer_by_layer_matrices():

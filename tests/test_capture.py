@@ -11,21 +11,41 @@ import xarray as xr
 import vtrlab
 from vtrlab.probes import ATTN_NAME, capture, load, save
 from vtrlab.probes.switch import _configs
-from vtrlab.probes._fallback import tiny_llava, tiny_llava_batch
 
 TOL = 1e-5
 
 
 def _tiny_families() -> list[str]:
-    """Every family with a tiny config (adapters' helpers; the directly built LLaVA until they
-    exist), plus the organism when one is on disk."""
-    try:
-        from vtrlab import testing
+    """Every family with a tiny config (``vtrlab.testing``), plus the organism when one is on disk."""
+    from vtrlab import testing
 
-        cases = testing.tiny_families() or ["llava-fallback"]
-    except ImportError:
-        cases = ["llava-fallback"]
-    return cases + (["organism"] if organism_path() is not None else [])
+    return testing.tiny_families() + (["organism"] if organism_path() is not None else [])
+
+
+def tiny_llava(seed: int = 0, attn_implementation: str = "sdpa"):
+    from vtrlab import testing
+
+    return testing.tiny("llava", seed=seed, attn_implementation=attn_implementation)
+
+
+def tiny_llava_batch(vlm, n: int = 2, padding: str = "left", prompts=("What color is the circle?", "Where?")):
+    """``n`` random images with prompts of different lengths: a padded batch (``padding`` side;
+    ``prepare`` pads left, a right-padded copy moves every row's tokens to the start)."""
+    import dataclasses
+
+    batch = vlm.prepare((_images(0) * n)[:n], [prompts[i % len(prompts)] for i in range(n)])
+    if padding == "left":
+        return batch
+    inputs, layouts = dict(batch.inputs), []
+    for b, L in enumerate(batch.layouts):
+        off = int(L.valid_positions.min())
+        for k in ("input_ids", "attention_mask"):
+            inputs[k] = inputs[k].clone()
+            inputs[k][b] = torch.roll(batch.inputs[k][b], -off)
+        layouts.append(dataclasses.replace(L, positions=L.positions - off, valid_positions=L.valid_positions - off,
+                                           question_positions=L.question_positions - off))
+    batch.inputs, batch.layouts = inputs, layouts
+    return batch
 
 
 def organism_path():
@@ -66,9 +86,6 @@ def _images(seed: int):
 
 
 def _build(family: str):
-    if family == "llava-fallback":
-        vlm = tiny_llava()
-        return vlm, tiny_llava_batch(vlm, n=2, padding="left")
     if family == "organism":
         vlm = organism_vlm()
         return vlm, organism_batch(vlm)[0]
@@ -132,13 +149,13 @@ def eager(tiny):
     return _eager_reference(vlm, batch)
 
 
-@pytest.mark.parametrize("rows", ["last", "question", "text", "all", [-1, -3], "per-sample"])
-def test_rows_equal_hf_eager(tiny, eager, rows):
+@pytest.mark.parametrize("queries", ["last", "question", "text", "all", "image", [-1, -3], "per-sample"])
+def test_queries_equal_hf_eager(tiny, eager, queries):
     _, vlm, batch = tiny
     lm_ref, _ = eager
-    if rows == "per-sample":
-        rows = [L.question_positions[:2].tolist() for L in batch.layouts]
-    ds = capture(vlm, batch, rows=rows, vision=False)
+    if queries == "per-sample":
+        queries = [L.question_positions[:2].tolist() for L in batch.layouts]
+    ds = capture(vlm, batch, queries=queries, vision=False)
     assert ds.lm_attn.dims == ("sample", "layer", "head", "query", "key")
     checked = 0
     for b in range(len(batch)):
@@ -159,13 +176,13 @@ def test_layers_heads_subset_and_head_mean(tiny, eager):
     _, vlm, batch = tiny
     lm_ref, _ = eager
     n_layers = len(vlm.lm_layers)
-    ds = capture(vlm, batch, rows="last", layers=[-1, 0], heads=[1, 0], vision=False)
+    ds = capture(vlm, batch, queries="last", layers=[-1, 0], heads=[1, 0], vision=False)
     assert ds.layer.values.tolist() == [0, n_layers - 1]
     assert ds["head"].values.tolist() == [0, 1]
     for b, L in enumerate(batch.layouts):
         for li, layer in enumerate(ds.layer.values):
             np.testing.assert_allclose(ds.lm_attn.values[b, li, :, 0], lm_ref[layer][b, :2, L.last_position].numpy(), atol=TOL)
-    dm = capture(vlm, batch, rows="last", head_mean=True, vision=False)
+    dm = capture(vlm, batch, queries="last", head_mean=True, vision=False)
     assert "head" not in dm.lm_attn.dims
     for b, L in enumerate(batch.layouts):
         ref = torch.stack([a[b, :, L.last_position].mean(0) for a in lm_ref]).numpy()
@@ -175,7 +192,7 @@ def test_layers_heads_subset_and_head_mean(tiny, eager):
 def test_vision_attention_equals_hf_eager(tiny, eager):
     _, vlm, batch = tiny
     _, vis_ref = eager
-    ds = capture(vlm, batch, rows="last", vision=True)
+    ds = capture(vlm, batch, queries="last", vision=True)
     tables = [L.vision.reset_index(drop=True) for L in batch.layouts]
     # packed encoders (one sequence for the whole batch): crop c starts after all tokens of crops < c
     counts = pd.concat(tables)["crop"].value_counts().sort_index()
@@ -196,7 +213,7 @@ def test_vision_attention_equals_hf_eager(tiny, eager):
 
 def test_key_labels_come_from_layout(tiny):
     _, vlm, batch = tiny
-    ds = capture(vlm, batch, rows="last", vision=False)
+    ds = capture(vlm, batch, queries="last", vision=False)
     for b, L in enumerate(batch.layouts):
         kinds = ds.key_kind.values[b]
         assert (kinds[L.positions] == L.kind).all()
@@ -232,7 +249,7 @@ def test_logits_unchanged_and_state_restored(tiny):
     seen = {}
     h = vlm.adapter.lm_head(model).register_forward_hook(lambda m, a, o: seen.setdefault("logits", o.detach()))
     try:
-        capture(vlm, batch, rows="all", vision=True, hidden=True)
+        capture(vlm, batch, queries="all", vision=True, hidden=True)
     finally:
         h.remove()
     assert torch.equal(seen["logits"], plain)
@@ -253,7 +270,7 @@ def test_restored_when_forward_raises(tiny):
     h = vlm.lm_layers[-1].register_forward_pre_hook(boom)
     try:
         with pytest.raises(RuntimeError, match="boom"):
-            capture(vlm, batch, rows="last", hidden=True)
+            capture(vlm, batch, queries="last", hidden=True)
     finally:
         h.remove()
     assert all(c._attn_implementation == impl for c, impl in impls)
@@ -263,7 +280,7 @@ def test_restored_when_forward_raises(tiny):
 
 def test_hidden_norms_equal_hidden_states(tiny):
     _, vlm, batch = tiny
-    ds = capture(vlm, batch, rows="last", vision=False, hidden=True, layers=[0])
+    ds = capture(vlm, batch, queries="last", vision=False, hidden=True, layers=[0])
     with torch.no_grad():
         out = vlm.model(**batch.inputs, output_hidden_states=True, use_cache=False)
     ref = out.hidden_states[1].norm(dim=-1).numpy()
@@ -283,7 +300,7 @@ def test_netcdf_storage_variants(tmp_path, dtype, engine):
 
 
 def _check_roundtrip(vlm, batch, tmp_path, dtype, engine):
-    ds = capture(vlm, batch, rows="question", dtype=dtype, hidden=True)
+    ds = capture(vlm, batch, queries="question", dtype=dtype, hidden=True)
     assert ds.lm_attn.dtype == np.dtype(dtype)
     path = save(ds, tmp_path / "cap.nc", engine=engine)
     assert [p.name for p in tmp_path.iterdir()] == ["cap.nc"]  # no temp file left behind
@@ -304,9 +321,9 @@ def _check_roundtrip(vlm, batch, tmp_path, dtype, engine):
 
 def test_padding_side_right_matches_eager():
     vlm = tiny_llava(seed=1)
-    batch = tiny_llava_batch(vlm, n=2, padding="right", question_lengths=(2, 6))
+    batch = tiny_llava_batch(vlm, n=2, padding="right", prompts=("Hi?", "What shape is left of the circle?"))
     lm_ref, vis_ref = _eager_reference(vlm, batch)
-    ds = capture(vlm, batch, rows="last", vision=False)
+    ds = capture(vlm, batch, queries="last", vision=False)
     assert ds.attrs["query_coordinate"].startswith("sequence position") is False
     for b, L in enumerate(batch.layouts):
         assert ds.query_position.values[b, 0] == L.last_position
@@ -317,10 +334,16 @@ def test_padding_side_right_matches_eager():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"rows": "first"}, "rows='first' is not one of"),
-        ({"rows": [10_000]}, r"position\(s\) \[10000\]"),
+        ({"queries": "first"}, "queries='first' is not accepted"),
+        ({"queries": [10_000]}, r"queries: position\(s\) \[10000\]"),
+        ({"queries": [1.5]}, r"queries: 1.5 is not an integer position"),
+        ({"queries": [True]}, r"queries: True is not an integer position"),
+        ({"queries": 2.0}, r"queries=2.0 is not accepted"),
+        ({"layers": True}, r"layers=True is not accepted"),
+        ({"layers": [1.0]}, r"layers: 1.0 is not an index"),
+        ({"heads": "all"}, r"heads='all' is not accepted"),
         ({"layers": [99]}, "layers: 99 is not an index"),
-        ({"layers": "some"}, "layers='some'"),
+        ({"layers": "some"}, "layers='some' is not accepted"),
         ({"heads": [999]}, "heads: 999 is not an index"),
         ({"dtype": "int8"}, "dtype='int8'"),
         ({"vision_layers": [5]}, "vision_layers: 5"),
@@ -343,7 +366,7 @@ def test_refuses_non_sdpa_model():
 def test_public_name_is_callable():
     vlm = tiny_llava()
     batch = tiny_llava_batch(vlm, n=1)
-    ds = vtrlab.capture(vlm, batch, rows="last", vision=False)
+    ds = vtrlab.capture(vlm, batch, queries="last", vision=False)
     np.testing.assert_allclose(ds.lm_attn.sum("key").values, 1.0, atol=1e-5)
 
 
@@ -359,7 +382,7 @@ def test_sliding_window_layers_equal_eager():
             attn.sliding_window = 8
     assert "sliding_attention" in tc.layer_types and batch.inputs["input_ids"].shape[1] > 8
     lm_ref, _ = _eager_reference(vlm, batch)
-    ds = capture(vlm, batch, rows="all", vision=False)
+    ds = capture(vlm, batch, queries="all", vision=False)
     for b, L in enumerate(batch.layouts):
         pos = np.asarray(L.valid_positions)
         for li, kind in enumerate(tc.layer_types):

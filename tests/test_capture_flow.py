@@ -81,7 +81,8 @@ def test_knockout_equals_float64_reference(tiny64):
             m[b, L.last_position, torch.as_tensor(L.image_positions)] = True
         blocked[id(vlm.adapter.lm_attention(vlm.lm_layers[i]))] = m
     ref = _run_reference(vlm, batch, _ref_attention(blocked))
-    got = knockout(vlm, batch, keys="image", queries="last", layers=layers)
+    with knocked_out(vlm, batch, keys="image", queries="last", layers=layers), torch.no_grad():
+        got = vlm.model(**batch.inputs, use_cache=False).logits
     plain = _run_reference(vlm, batch, _ref_attention({}))
     last = [L.last_position for L in batch.layouts]
     rows = torch.arange(len(batch))
@@ -93,6 +94,21 @@ def test_knockout_equals_float64_reference(tiny64):
     for b, L in enumerate(batch.layouts):
         others = torch.as_tensor(np.setdiff1d(L.valid_positions, [L.last_position]))
         torch.testing.assert_close(got[b, others], plain[b, others], atol=1e-10, rtol=1e-10)
+    # the verb: log-probs at the last position, with and without the cut, and what was cut
+    ds = knockout(vlm, batch, keys="image", queries="last", layers=layers)
+    ref_lp = torch.log_softmax(ref[rows, last], -1)
+    plain_lp = torch.log_softmax(plain[rows, last], -1)
+    np.testing.assert_allclose(ds.logprobs.values, ref_lp.numpy(), atol=1e-9)
+    np.testing.assert_allclose(ds.logprobs_clean.values, plain_lp.numpy(), atol=1e-9)
+    tgt = plain_lp.argmax(-1)
+    assert ds.target.values.tolist() == tgt.tolist()
+    np.testing.assert_allclose(ds.logprob.values, ref_lp[rows, tgt].numpy(), atol=1e-9)
+    np.testing.assert_allclose(ds.delta.values, (ref_lp[rows, tgt] - plain_lp[rows, tgt]).numpy(), atol=1e-9)
+    assert ds.layer.values.tolist() == layers
+    for b, L in enumerate(batch.layouts):
+        assert np.flatnonzero(ds.cut_query.values[b]).tolist() == [L.last_position]
+        assert np.flatnonzero(ds.cut_key.values[b]).tolist() == sorted(L.image_positions.tolist())
+        assert (ds.key_kind.values[b][ds.cut_key.values[b]] == "image").all()
 
 
 def test_knockout_restores_and_rejects_empty_rows(tiny64):
@@ -101,7 +117,7 @@ def test_knockout_restores_and_rejects_empty_rows(tiny64):
     with pytest.raises(ValueError, match="no key to attend to"):
         knockout(vlm, batch, keys="all", queries="last", layers=[0])
     assert all(c._attn_implementation == impl for c, impl in impls)
-    with pytest.raises(ValueError, match="keys:"):
+    with pytest.raises(ValueError, match="keys='pixels' is not accepted"):
         knockout(vlm, batch, keys="pixels")
     with knocked_out(vlm, batch, keys="image", queries="last", layers=[0]):
         assert vlm.model.config.text_config._attn_implementation == "vtrlab_sdpa"
@@ -110,7 +126,7 @@ def test_knockout_restores_and_rejects_empty_rows(tiny64):
 
 def test_attention_saliency_equals_float64_autograd(tiny64):
     vlm, batch = tiny64
-    ds = saliency(vlm, batch, rows="question", layers="all")
+    ds = saliency(vlm, batch, queries="question", layers="all")
     kept = {id(vlm.adapter.lm_attention(layer)): [] for layer in vlm.lm_layers}
     logits = _run_reference(vlm, batch, _ref_attention({}, kept), grad=True)
     last = torch.as_tensor([L.last_position for L in batch.layouts])
@@ -133,6 +149,79 @@ def test_saliency_restores_when_it_raises(tiny64):
     vlm, batch = tiny64
     impls = [(c, c._attn_implementation) for c in _configs(vlm.model)]
     with pytest.raises(ValueError, match="target has 3 token ids for a batch of 2"):
-        saliency(vlm, batch, rows="last", target=[1, 2, 3])  # raised after the forward, inside the switch
+        saliency(vlm, batch, queries="last", target=[1, 2, 3])  # refused before any forward
+    with pytest.raises(ValueError, match="no key to attend to"):  # raised inside the forward, in the session
+        with knocked_out(vlm, batch, keys="all", queries="last", layers=[0]):
+            saliency(vlm, batch, queries="last")
     assert all(c._attn_implementation == impl for c, impl in impls)
+    from vtrlab.probes.attention import current_session
+
+    assert current_session() is None
     assert all(p.grad is None for p in vlm.model.parameters())
+
+
+def test_saliency_inside_knocked_out_equals_float64_autograd_with_the_cut(tiny64):
+    vlm, batch = tiny64
+    N = batch.inputs["input_ids"].shape[1]
+    blocked = {}
+    m = torch.zeros(len(batch), N, N, dtype=torch.bool)
+    for b, L in enumerate(batch.layouts):
+        m[b, L.last_position, torch.as_tensor(L.image_positions)] = True
+    blocked[id(vlm.adapter.lm_attention(vlm.lm_layers[0]))] = m
+    with knocked_out(vlm, batch, keys="image", queries="last", layers=[0]):
+        ds = saliency(vlm, batch, queries="last", layers="all")
+    kept = {id(vlm.adapter.lm_attention(layer)): [] for layer in vlm.lm_layers}
+    logits = _run_reference(vlm, batch, _ref_attention(blocked, kept), grad=True)
+    last = torch.as_tensor([L.last_position for L in batch.layouts])
+    logp = torch.log_softmax(logits[torch.arange(len(batch)), last], -1)
+    assert torch.equal(logp.argmax(-1), torch.as_tensor(ds.target.values))
+    logp.gather(1, torch.as_tensor(ds.target.values)[:, None]).sum().backward()
+    vlm.model.zero_grad(set_to_none=True)
+    for li, layer in enumerate(vlm.lm_layers):
+        (p,) = kept[id(vlm.adapter.lm_attention(layer))]
+        ref = (p * p.grad).detach()
+        for b, L in enumerate(batch.layouts):
+            got = ds.attn_grad.values[b, li, :, 0]
+            np.testing.assert_allclose(got, ref[b][:, L.last_position].numpy(), atol=1e-6, rtol=1e-5)
+            if li == 0:  # the cut edges carry no attention, so no saliency
+                assert np.all(got[:, L.image_positions] == 0)
+
+
+@pytest.mark.parametrize(
+    "target, match",
+    [
+        ([10**9, 1], "token id 1000000000 is outside the vocabulary"),
+        ([-1, 1], "token id -1 is outside the vocabulary"),
+        ([1.5, 2.0], "holds float64 values, not token ids"),
+        ("yes", "target='yes' is a string"),
+        ([True, False], "holds bool values"),
+        ([[1, 2], [3, 4]], r"target of shape \(2, 2\)"),
+    ],
+)
+def test_saliency_refuses_bad_targets(tiny64, target, match):
+    vlm, batch = tiny64
+    with pytest.raises(ValueError, match=match):
+        saliency(vlm, batch, target=target)
+    with pytest.raises(ValueError, match=match):
+        knockout(vlm, batch, target=target)
+
+
+def test_saliency_refuses_a_path_without_gradients(tiny64):
+    vlm, batch = tiny64
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="torch.inference_mode"):
+        saliency(vlm, batch)
+    flags = [p.requires_grad for p in vlm.model.parameters()]
+    vlm.model.requires_grad_(False)
+    try:
+        with pytest.raises(ValueError, match="no parameter of the model requires grad"):
+            saliency(vlm, batch)
+        vlm.model.get_output_embeddings().requires_grad_(True)  # only the head: no path to any attention
+        if vlm.model.get_output_embeddings().weight is not vlm.model.get_input_embeddings().weight:
+            with pytest.raises(ValueError, match=r"gradient path to the attention of LM layer\(s\) \[0, 1"):
+                saliency(vlm, batch)
+    finally:
+        for p, f in zip(vlm.model.parameters(), flags):
+            p.requires_grad_(f)
+    with torch.no_grad():  # no_grad around the call is fine: saliency enables grad itself
+        ds = saliency(vlm, batch, layers=[0])
+    assert np.isfinite(ds.saliency.values[:, :, 0]).all()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -81,20 +83,20 @@ def test_knockout_mask_blocks_exactly_the_edges(mask_kind):
     ko = A.Knockout(queries=torch.zeros(B, N, dtype=torch.bool), keys=torch.zeros(B, N, dtype=torch.bool))
     ko.queries[:, [6, 9]] = True
     ko.keys[:, 2:5] = True
-    new = A.knockout_mask(ko, base, q, k, causal=True)
+    new = A.knockout_mask(ko.blocked(q, k), base, q, k, causal=True)
     kept = new if new.dtype == torch.bool else new > torch.finfo(new.dtype).min / 2
     want = allowed.clone()
     want[:, :, 6, 2:5] = want[:, :, 9, 2:5] = False
     assert torch.equal(kept.expand_as(want), want)
     ko.keys[:, :] = True
     with pytest.raises(ValueError, match="no key to attend to"):
-        A.knockout_mask(ko, base, q, k, causal=True)
+        A.knockout_mask(ko.blocked(q, k), base, q, k, causal=True)
 
 
 def test_only_requested_rows_are_materialised(monkeypatch):
-    """rows='last' computes (B, H, 1, N) per layer: never a full N×N probability matrix."""
+    """queries='last' computes (B, H, 1, N) per layer: never a full N×N probability matrix."""
     from vtrlab.probes import capture
-    from vtrlab.probes._fallback import tiny_llava, tiny_llava_batch
+    from vtrlab import testing
 
     shapes = []
     real = A.row_probabilities
@@ -105,8 +107,8 @@ def test_only_requested_rows_are_materialised(monkeypatch):
         return out
 
     monkeypatch.setattr(A, "row_probabilities", spy)
-    vlm = tiny_llava()
-    batch = tiny_llava_batch(vlm, n=2)
-    capture(vlm, batch, rows="last", vision=False)
+    vlm = testing.tiny("llava")
+    batch = vlm.prepare([np.zeros((40, 56, 3), np.uint8), np.zeros((64, 48, 3), np.uint8)], ["What color?", "Where?"])
+    capture(vlm, batch, queries="last", vision=False)
     assert len(shapes) == len(vlm.lm_layers)
     assert all(s[2] == 1 for s in shapes)

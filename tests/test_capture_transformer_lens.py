@@ -72,7 +72,7 @@ def test_lm_rows_equal_hook_pattern(setup):
         inputs["input_ids"], pixel_values=inputs["pixel_values"], attention_mask=inputs["attention_mask"],
         names_filter=lambda name: name.endswith("hook_pattern"),
     )
-    ds = capture(vlm, batch, rows="question", vision=True)
+    ds = capture(vlm, batch, queries="question", vision=True)
     for li in range(len(vlm.lm_layers)):
         pattern = cache[f"blocks.{li}.attn.hook_pattern"]  # (B, H, N, N)
         for b, L in enumerate(batch.layouts):

@@ -53,3 +53,25 @@ def test_question_positions_spell_the_prompt(vlm, case):
         text = tok.decode(batch.inputs["input_ids"][i][lay.question_positions])
         assert " ".join(text.split()).lower() == " ".join(prompts[i].split()).lower()
         assert (np.diff(lay.question_positions) == 1).all()
+
+
+def test_public_prove_layout_proves_and_catches_a_wrong_layout():
+    """``vtrlab.testing.prove_layout`` is what users run on their own checkpoints: it returns the
+    number of positions proven and fails, naming the position, when a layout is wrong."""
+    from dataclasses import replace
+
+    from vtrlab.testing import prove_layout
+
+    vlm = tiny("llava", seed=0)
+    batch = vlm.prepare([gradient_image(48, 48)], ["What is in the picture?"])
+    assert prove_layout(vlm, batch) == batch.layouts[0].n_image_tokens
+    lay = batch.layouts[0]
+    row, col = lay.row.copy(), lay.col.copy()
+    img = np.flatnonzero(lay.kind == "image")
+    row[img[[0, 1]]], col[img[[0, 1]]] = row[img[[1, 0]]], col[img[[1, 0]]]  # two tokens swap patches
+    wrong = replace(batch, layouts=[replace(lay, row=row, col=col)])
+    msg = f"2/16 positions hold another feature.*position {lay.image_positions[0]} holds row 0, layout says 1"
+    with pytest.raises(AssertionError, match=msg):
+        prove_layout(vlm, wrong)
+    with pytest.raises(ValueError, match="no tiny builder 'nope'; have: gemma3"):
+        tiny("nope")

@@ -13,7 +13,7 @@ from vtrlab.models import loader
 from vtrlab.models.base import KIND_IMAGE, KIND_SEPARATOR
 from vtrlab.models.registry import adapter_for, supported_model_types
 from vtrlab.testing import tiny
-from vtrlab.testing.llava import build_tiny_llava
+from vtrlab.testing.families.llava import build_tiny_llava
 from vtrlab.testing.pixels import check_pixel_boxes, gradient_image
 from vtrlab.testing.proof import assert_layout_proven
 from vtrlab.models.vlm import VLM

@@ -30,7 +30,8 @@ df = pd.DataFrame({"layer": np.repeat(np.arange(6), 8), "value": rng.random(48),
 vp.layer_curve(axes[1], df, hue="method")
 vp.layer_matrix(axes[2], rng.standard_normal((5, 5)), annotate=True)
 axes[1].set_title("Attention µ ≥ 0.5")
-vp.save_figure(fig, "all", directory=sys.argv[1])
+from vtrlab.runner import save_figure
+save_figure(fig, "all", directory=sys.argv[1])
 """
 
 
@@ -92,15 +93,24 @@ def test_style_settings():
 
 
 def test_save_figure_goes_to_run_figure_dir(tmp_path, monkeypatch):
+    from vtrlab.runner import save_figure
+
     monkeypatch.setenv("VTRLAB_FIGURE_DIR", str(tmp_path / "figs"))
     fig, ax = plt.subplots()
     ax.plot([0, 1])
-    paths = vp.save_figure(fig, "curve", close=True)
+    paths = save_figure(fig, "curve", close=True)
     assert [p.name for p in paths] == ["curve.pdf", "curve.png"] and all(p.parent == tmp_path / "figs" for p in paths)
     assert not list((tmp_path / "figs").glob(".*"))  # temp files renamed away
     for bad in ("a/b", "x.pdf", "", "../up"):
         with pytest.raises(ValueError, match="plain file stem"):
-            vp.save_figure(fig, bad)
+            save_figure(fig, bad)
+    # the bytes on disk are exactly what plots renders (byte-stable metadata)
+    import io
+
+    for p in paths:
+        buf = io.BytesIO()
+        vp.write_figure(fig, buf, p.suffix[1:])
+        assert buf.getvalue() == p.read_bytes()
 
 
 def test_heatmap_grid_cells_cover_the_picture():

@@ -141,11 +141,26 @@ def test_diagnostic_table():
 def test_layer_error_table():
     data = np.array([[[1.0, 3.0, np.nan], [2.0, 2.0, np.nan], [0.5, 1.5, np.nan]],
                      [[4.0, np.nan, np.nan], [np.nan, np.nan, np.nan], [1.0, 2.0, 3.0]]])
-    lerr = xr.DataArray(data, dims=("sample", "layer", "token"), name="layer_recon_error",
-                        coords={"sample": [0, 1], "layer": ["vision.0", "vision.1", "lm.0"], "token": [0, 1, 2]})
+    lerr = xr.Dataset({"vision_error": (("sample", "vision_layer", "token"), data[:, :2]),
+                       "lm_error": (("sample", "layer", "token"), data[:, 2:])},
+                      coords={"sample": [0, 1], "vision_layer": [0, 1], "layer": [0], "token": [0, 1, 2],
+                              "row": (("sample", "token"), np.zeros((2, 3), int))})
     t = layer_error_table(lerr)
     assert list(t.columns) == ["sample", "stack", "index", "error"]
     got = {(s, st, i): e for s, st, i, e in t.itertuples(index=False)}
     assert got == {(0, "lm", 0): 1.0, (0, "vision", 0): 2.0, (0, "vision", 1): 2.0,
                    (1, "lm", 0): 2.0, (1, "vision", 0): 4.0}  # all-NaN (1, vision.1) is dropped
     assert t["index"].dtype.kind == "i"
+    with pytest.raises(ValueError, match="no vision_error or lm_error"):
+        layer_error_table(xr.Dataset({"x": ("sample", [1.0])}))
+
+
+def test_kept_sets_top_k_and_share_of_relevant_kept():
+    from vtrlab.analysis.reconstruction import kept_sets
+
+    scores = [np.array([0.9, 0.1, 0.5, 0.3]), np.array([1.0, 2.0, 3.0, 4.0, 5.0])]
+    relevant = [np.array([True, True, False, False]), np.array([False, False, False, True, True])]
+    k = kept_sets(scores, relevant, [0.5, 0.2])
+    assert list(k) == [0.5, 0.2]
+    assert k[0.5][0]["keep"].tolist() == [True, False, True, False] and k[0.5][0]["relevant_kept"] == 0.5
+    assert k[0.2][1]["keep"].tolist() == [False, False, False, False, True] and k[0.2][1]["relevant_kept"] == 0.5

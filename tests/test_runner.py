@@ -14,7 +14,7 @@ import pytest
 from vtrlab.runner import paths
 from vtrlab.runner.outputs import log_metrics, save_table
 from vtrlab.runner.provenance import publish_figures
-from vtrlab.runner.run import params_hash, prepare_job, run_job
+from vtrlab.runner.run import prepare_job, run_hash, run_job
 
 PARAMS = "n: int = 3  # points\nfail: bool = False  # raise in the body\nseed: int = 0  # seed\ndevice: str = 'cpu'  # device"
 
@@ -27,7 +27,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
-from vtrlab.plots.save import save_figure
+from vtrlab.runner import save_figure
 from vtrlab.runner import save_table, log_metrics
 run_dir = Path(os.environ["VTRLAB_RUN_DIR"])
 digest = run_dir.name.split("-")[1]
@@ -67,7 +67,7 @@ def test_run_resume_force_and_manifest(project):
     job = prepare_job(nb, {"n": "5"}, from_strings=True)
     result = run_job(job, root)
     assert result.status == "ok", result.line()
-    run_dir = root / "runs" / "demo" / params_hash({"n": 5, "fail": False, "seed": 0, "device": "cpu"})
+    run_dir = root / "runs" / "demo" / run_hash(nb, {"n": 5, "fail": False, "seed": 0, "device": "cpu"})
     assert run_dir.is_dir() and Path(result.run_dir).resolve() == run_dir
 
     # complete run dir, written in a hidden temp dir that was renamed at the end
@@ -121,7 +121,7 @@ def test_failure_is_reported_and_kept(project):
     assert result.error == {"cell": 2, "ename": "ZeroDivisionError", "evalue": "boom at n=3"}
     line = result.line()
     assert "\n" not in line and "cell 2" in line and "ZeroDivisionError: boom at n=3" in line
-    digest = params_hash({"n": 3, "fail": True, "seed": 0, "device": "cpu"})
+    digest = run_hash(nb, {"n": 3, "fail": True, "seed": 0, "device": "cpu"})
     failed_dir = root / "runs" / "demo" / f"{digest}.failed"
     assert (failed_dir / "demo.ipynb").is_file()
     assert json.loads((failed_dir / "run.json").read_text())["status"] == "failed"

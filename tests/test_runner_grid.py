@@ -11,7 +11,7 @@ import yaml
 
 from vtrlab.runner.errors import GridError, ParameterError
 from vtrlab.runner.grid import load_grid, run_grid
-from vtrlab.runner.run import params_hash
+from vtrlab.runner.run import run_hash
 
 # Light notebook (no pandas/matplotlib): fails on request, records the GPU it was given, and
 # writes a stand-in figure file so grid publishing is exercised.
@@ -111,7 +111,7 @@ def _two_jobs(tmp_path):
 def _check_two(tmp_path, results):
     assert [r.status for r in results] == ["ok", "failed"]
     assert results[1].error["ename"] == "RuntimeError"
-    digest = params_hash({"x": 5, "fail": False, "layers": [0]})
+    digest = run_hash(tmp_path / "notebooks/tiny.ipynb", {"x": 5, "fail": False, "layers": [0]})
     assert json.loads((tmp_path / "runs/tiny" / digest / "metrics.json").read_text())["x"] == 5
 
 

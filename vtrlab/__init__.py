@@ -5,7 +5,12 @@ Public surface (kept small and stable)::
     import vtrlab as vl
     vlm   = vl.load("organism")                    # or a local path / hub id
     batch = vlm.prepare(images=[img], prompts=["What color is the circle?"])
-    cap   = vl.capture(vlm, batch, rows="last", layers="all", vision=True)   # xarray.Dataset
+    # one family of verbs: verb(vlm, batch, *, queries=, keys=, layers=, ...) -> xarray.Dataset
+    cap   = vl.capture(vlm, batch, queries="last", layers="all", vision=True)  # attention rows
+    sal   = vl.saliency(vlm, batch, queries="last")                           # A * dL/dA per layer
+    ko    = vl.knockout(vlm, batch, keys="image", queries="last", layers=range(0, 4))  # log-probs, cut vs not
+    with vl.knocked_out(vlm, batch, keys="image", queries="last", layers=[2]):
+        cap2 = vl.capture(vlm, batch)              # probes compose: capture sees the knockout
     answers = vl.answer(vlm, batch, keep=None)     # greedy answers, optional keep masks
     answers = vl.answer(vlm, batch, method="fastv", keep=0.25)   # with a reduction method
     record  = vl.reduce.apply(vlm, batch, "random", keep=0.25)   # which tokens survive where
@@ -28,6 +33,7 @@ _LAZY = {
     "capture": ("vtrlab.probes", "capture"),
     "answer": ("vtrlab.reduce", "answer"),
     "knockout": ("vtrlab.flow", "knockout"),
+    "knocked_out": ("vtrlab.flow", "knocked_out"),
     "saliency": ("vtrlab.flow", "saliency"),
     "recon": ("vtrlab.recon", None),
     "reduce": ("vtrlab.reduce", None),

@@ -9,28 +9,55 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import click
 import typer
 import typer.core
 
 from vtrlab.runner.errors import RunnerError
+from vtrlab.runner.interrupt import describe, exit_cleanly_on_signals
 
 PARAM_FLAGS = ("-p", "--param")
 _JOINED = "\x1f"  # joins NAME and VALUE of `-p NAME VALUE` into the single token typer parses
 
 
 class _Group(typer.core.TyperGroup):
-    """Lets `run` take `-p NAME VALUE` (typer has no repeatable two-value option).
+    """`-p NAME VALUE` for `run` (typer has no repeatable two-value option) and one-line errors.
 
     Before parsing, every `-p NAME VALUE` after the `run` command becomes `-p NAME<sep>VALUE`;
-    `run` splits it back. Works the same for the console script and for test runners.
+    `run` splits it back. Usage errors (unknown option, missing argument) are printed as one
+    `error: ...` line with exit code 2, like every other user error. Works the same for the
+    console script and for test runners.
     """
 
     def parse_args(self, ctx, args):
         return super().parse_args(ctx, join_param_pairs(list(args)))
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            with exit_cleanly_on_signals(describe):
+                rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                  standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            click.echo(f"error: {_one_line(exc.format_message())}", err=True)
+            rv = exc.exit_code
+        except (click.Abort, KeyboardInterrupt):
+            click.echo("error: interrupted", err=True)
+            rv = 130
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+_NUMBER = re.compile(r"^-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def join_param_pairs(args: list[str]) -> list[str]:
@@ -41,7 +68,13 @@ def join_param_pairs(args: list[str]) -> list[str]:
         if args[i] == "--":  # everything after -- is positional
             out += args[i:]
             break
-        if args[i] in PARAM_FLAGS and len(args) >= i + 3:
+        if args[i] in PARAM_FLAGS:
+            pair = args[i + 1 : i + 3]
+            looks_like_option = [t for t in pair if t.startswith("-") and not _NUMBER.match(t)]
+            if len(pair) < 2 or looks_like_option:
+                got = " ".join([args[i], *pair[:1]]) if pair else args[i]
+                hint = f"; {looks_like_option[0]!r} looks like an option, not a value" if looks_like_option else ""
+                raise click.UsageError(f"{got}: -p needs a NAME and a VALUE{hint}")
             out += [args[i], f"{args[i + 1]}{_JOINED}{args[i + 2]}"]
             i += 3
             continue
@@ -84,7 +117,7 @@ def _user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (RunnerError, FileNotFoundError) as exc:
-            _fail(str(exc))
+            _fail(_one_line(str(exc)))
 
     return wrapper
 
@@ -141,6 +174,10 @@ def run(
     spec = read_parameters(notebook)
     values = spec.resolve(_read_yaml_params(params_file) if params_file else {})
     pairs = [_split_pair(p) for p in param]
+    names = [name for name, _ in pairs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        _fail(f"-p {twice[0]!r} given more than once; give each parameter once")
     cli_values = spec.resolve(dict(pairs), from_strings=True)
     values.update({name: cli_values[name] for name, _ in pairs})
     result = run_job(Job(str(notebook), values, "notebook", force))
@@ -149,16 +186,19 @@ def run(
 
 
 def _read_yaml_params(path: Path) -> dict[str, Any]:
-    import yaml
+    from vtrlab.runner.params import load_yaml
 
     if not path.is_file():
         raise FileNotFoundError(f"parameters file not found: {str(path)!r}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        _fail(f"{path}: not valid YAML: {str(exc).splitlines()[0]}")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"{path}: cannot read the parameters file ({type(exc).__name__})")
+    data = load_yaml(text, str(path))
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        _fail(f"{path}: expected a mapping of parameter names to values")
+        _fail(f"{path}: expected a mapping of parameter names to values, got {type(data).__name__}")
     return data
 
 

@@ -158,3 +158,15 @@ def test_organism_pixel_masks_give_its_patch_relevance():
         m = np.asarray(rec.mask, dtype=float)
         frac = m.reshape(16, 8, 16, 8).mean(axis=(1, 3))
         np.testing.assert_allclose(layout.to_grid(cov), frac, atol=1e-12)
+
+
+def test_synthetic_samples_and_their_records_give_the_same_coverage():
+    from vtrlab.data.sources import organism_record
+    from vtrlab.data.synthetic import generate
+
+    vlm = tiny("llava_next")
+    samples = generate(3, seed=1)
+    batch = vlm.prepare(images=[s.image for s in samples], prompts=[s.question for s in samples])
+    for layout, s in zip(batch.layouts, samples):
+        a, b = token_relevance(layout, s), token_relevance(layout, organism_record(s))
+        assert a is not None and np.array_equal(a, b)

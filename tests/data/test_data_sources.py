@@ -97,7 +97,7 @@ def test_masks_from_files(tmp_path):
     m[1:3, 2:5] = True
     Image.fromarray(m).save(tmp_path / "a_mask.png")
     d = load_data(_write_jsonl(tmp_path / "m.jsonl", [{"image": "a.png", "question": "q", "mask": "a_mask.png"}]))
-    assert np.array_equal(d[0].pixel_mask(), m.astype(float))
+    assert np.array_equal(d[0].pixel_mask, m.astype(float))
 
 
 def test_image_folder_needs_a_question(tmp_path):
@@ -178,7 +178,7 @@ def test_exported_organism_manifest_equals_organism_data(tmp_path):
     for a, b in zip(org, exp):
         assert (a.question, a.answers, a.group) == (b.question, b.answers, b.group)
         assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
-        assert np.array_equal(a.pixel_mask(), b.pixel_mask())
+        assert np.array_equal(a.pixel_mask, b.pixel_mask)
     assert exp.has_ground_truth and org.has_ground_truth
     assert exp.identity["content_sha256"] == org.identity["content_sha256"]  # same pixels, masks and text
 
@@ -192,3 +192,32 @@ def test_photos_set_loads_with_boxes_inside_each_picture():
         b = r.pixel_boxes()
         assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 3] <= h).all(), r.id
         assert ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) > 0).all(), r.id
+
+
+def test_with_prompt_wraps_questions_and_joins_the_identity():
+    d = load_data("photos", n_samples=3)
+    t = d.with_prompt("{question} Answer with a single word.")
+    assert [r.question for r in t] == [r.question + " Answer with a single word." for r in d]
+    assert t.identity["prompt_template"] == "{question} Answer with a single word."
+    assert d.with_prompt("{question}") is d
+    with pytest.raises(ValueError, match="exactly once"):
+        d.with_prompt("Answer:")
+
+
+def test_relative_paths_start_at_root(tmp_path, rows, monkeypatch):
+    _write_jsonl(tmp_path / "m.jsonl", rows)
+    monkeypatch.chdir("/")
+    assert len(load_data("m.jsonl", root=tmp_path)) == 6
+    with pytest.raises(FileNotFoundError, match="m.jsonl"):
+        load_data("m.jsonl")
+
+
+def test_per_group_draws_n_samples_of_each_group(tmp_path, rows):
+    from vtrlab.data.synthetic import generate
+
+    d = load_data(_write_jsonl(tmp_path / "m.jsonl", rows), n_samples=2, seed=0, per_group=True)
+    assert [r.group for r in d].count("a") == 2 and [r.group for r in d].count("b") == 2
+    org = load_data("organism", n_samples=2, seed=5, per_group=True, family=["count", "reading"])
+    want = generate(2, 5, family="count") + generate(2, 5, family="reading")
+    assert [r.question for r in org] == [s.question for s in want]
+    assert [r.id for r in org.spread(3)] == [org[0].id, org[2].id, org[1].id]

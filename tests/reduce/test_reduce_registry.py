@@ -138,7 +138,7 @@ def test_merged_embeddings_reach_the_lm(llava):
 
     sel = select(vlm, batch, get("pooling"), 0.25)
     got = logits(vlm, batch, keep=0.25, method="pooling").last
-    dec = vlm.adapter.decoder_inputs(vlm.model, batch.inputs)
+    dec = vl.reduce.decoder_inputs(vlm, batch)
     emb = dec["inputs_embeds"].clone()
     for i, lay in enumerate(batch.layouts):
         emb[i, torch.as_tensor(lay.image_positions[sel.keep[i]])] = sel.embeds[i]

@@ -13,6 +13,7 @@ import pandas as pd
 import xarray as xr
 
 from vtrlab.metrics import agreement
+from vtrlab.models.base import grid_values
 
 METRICS = ("spearman", "kendall", "top_k_iou", "top_k_ioa")
 
@@ -42,18 +43,42 @@ def check_image_visible(share: pd.DataFrame) -> None:
         positions = sorted(share["query_position"].unique())[:5] if not share.empty else []
         raise ValueError(
             f"the captured query rows (positions {positions}...) give no attention to image tokens; "
-            "under a causal mask rows before the image cannot see it — capture rows='last' or 'text'"
+            "under a causal mask rows before the image cannot see it — capture queries='last' or 'text'"
         )
 
 
+def visible_keys(ds: xr.Dataset) -> xr.DataArray:
+    """(sample, layer, query, key) bool: whether each captured query row can see each key.
+
+    A key is visible to a row when it is not after it (``key <= query_position``, the causal mask) or
+    when the row gave it attention (bidirectional blocks, e.g. Gemma3's image tokens). Padding rows
+    see nothing.
+    """
+    attn = _heads_mean(ds.lm_attn.astype(np.float64), "head")
+    causal = (ds["key"] <= ds.query_position) & (ds.key_kind != "pad")  # NaN (padding rows) compares False
+    return (causal | (attn > 0)) & ds.query_position.notnull()
+
+
 def image_token_scores(ds: xr.Dataset) -> pd.DataFrame:
-    """Attention each image token receives per LM layer (mean over heads and query rows).
+    """Attention each image token receives per LM layer: mean over heads, then over the query rows
+    that can *see* the token (:func:`visible_keys`) — a row the causal mask hides a key from says
+    nothing about it (averaging its zero would inflate early tokens when ``queries="all"``).
 
     Columns: sample, layer, position, image, tile, row, col, score, share (score over the sample's
-    image tokens at that layer, so rows of a sample/layer sum to 1).
+    image tokens at that layer, so rows of a sample/layer sum to 1), lift (mean over the same rows of
+    the attention times the row's number of visible keys: 1 = what a uniform row gives). With several
+    query rows (``queries="all"``), ``score`` still favours early tokens under a causal mask (they are
+    seen by short rows, whose attention is spread over few keys); ``lift`` does not. A token no
+    captured row can see gets NaN.
     """
-    scores = _heads_mean(ds.lm_attn.astype(np.float64), "head").mean("query", skipna=True)  # (sample, layer, key)
-    return _token_table(scores, ds, "layer", "key", "key_", image_kind="image", pos_name="position")
+    attn = _heads_mean(ds.lm_attn.astype(np.float64), "head")
+    visible = visible_keys(ds)
+    scores = attn.where(visible).mean("query", skipna=True)  # (sample, layer, key)
+    lift = (attn * visible.sum("key")).where(visible).mean("query", skipna=True)
+    table = _token_table(scores, ds, "layer", "key", "key_", image_kind="image", pos_name="position")
+    lifts = _token_table(lift, ds, "layer", "key", "key_", image_kind="image", pos_name="position")
+    table["lift"] = lifts["score"].to_numpy()  # same rows, same order
+    return table
 
 
 def vision_token_scores(ds: xr.Dataset) -> pd.DataFrame:
@@ -82,7 +107,7 @@ def _token_table(scores: xr.DataArray, ds: xr.Dataset, layer_dim: str, key_dim: 
             labels = {"crop": ds[f"{prefix}crop"].values[b, sel], "vpos": ds[f"{prefix}vpos"].values[b, sel], **labels}
         else:
             labels = {"position": sel, **labels}
-        total = vals.sum(1, keepdims=True)
+        total = np.nansum(vals, 1, keepdims=True)
         frame = pd.DataFrame({
             "sample": b,
             layer_dim: np.repeat(layers, sel.size),
@@ -137,16 +162,6 @@ def position_bias(scores: pd.DataFrame, layer: str = "layer") -> pd.DataFrame:
     return g.agg(mean_share="mean", n="count").reset_index()
 
 
-def _mask_on_grid(mask: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    mask = np.asarray(mask, dtype=bool)
-    if mask.shape == (rows, cols):
-        return mask
-    fr, fc = rows / mask.shape[0], cols / mask.shape[1]
-    if fr == int(fr) and fc == int(fc):  # finer patch grid (e.g. before a 2x2 merge)
-        return np.kron(mask, np.ones((int(fr), int(fc)), dtype=bool))
-    raise ValueError(f"relevance mask of shape {mask.shape} does not map onto a {rows}x{cols} patch grid")
-
-
 def ground_truth_agreement(scores: pd.DataFrame, relevance: Sequence[np.ndarray] | Mapping[int, np.ndarray],
                            families: Sequence[str] | Mapping[int, str] | None = None, layer: str = "layer",
                            tile: int = 0) -> pd.DataFrame:
@@ -160,8 +175,8 @@ def ground_truth_agreement(scores: pd.DataFrame, relevance: Sequence[np.ndarray]
     sub = scores[(scores["tile"] == tile) & (scores["image"] == 0)]
     for (sample, lay), group in sub.groupby(["sample", layer], sort=True):
         rows, cols = int(group["row"].max()) + 1, int(group["col"].max()) + 1
-        mask = _mask_on_grid(relevance[sample], rows, cols)
-        truth = mask[group["row"].to_numpy(), group["col"].to_numpy()]
+        truth = grid_values(relevance[sample], (rows, cols), group["row"].to_numpy(), group["col"].to_numpy())
+        truth = truth.astype(bool)
         s = group["score"].to_numpy()
         out.append({
             "sample": sample,

@@ -76,12 +76,18 @@ def box_coverage(mask: np.ndarray, x0, y0, x1, y1) -> np.ndarray:
     return out
 
 
-def pixel_mask_for(record, image_size: tuple[int, int]) -> np.ndarray | None:
-    """A record's ground truth as a float pixel mask (H, W): its mask, its boxes, or their union."""
-    mask = record.pixel_mask()
-    boxes = record.pixel_boxes(image_size)
+def pixel_mask_for(sample, image_size: tuple[int, int]) -> np.ndarray | None:
+    """A sample's ground truth as a float pixel mask (H, W): its mask, its boxes, or their union.
+
+    ``sample`` is a ``Record`` (boxes and/or mask) or any object with a ``pixel_mask`` array, such as
+    a synthetic organism ``Sample``; None when it has neither.
+    """
+    mask = getattr(sample, "pixel_mask", None)
+    mask = None if mask is None else np.asarray(mask, dtype=np.float64)
+    boxes = sample.pixel_boxes(image_size) if hasattr(sample, "pixel_boxes") else None
+    name = getattr(sample, "id", None) or getattr(sample, "question", "sample")
     if mask is not None and mask.shape != (image_size[1], image_size[0]):
-        raise ValueError(f"record {record.id}: mask is {mask.shape[1]}x{mask.shape[0]} but the picture is "
+        raise ValueError(f"{name}: mask is {mask.shape[1]}x{mask.shape[0]} but the picture is "
                          f"{image_size[0]}x{image_size[1]} (width x height)")
     if boxes is not None:
         from_boxes = rasterize_boxes(boxes, image_size)
@@ -110,16 +116,24 @@ def token_coverage(layout, mask: np.ndarray, image: int = 0) -> np.ndarray:
     return cov
 
 
-def token_relevance(layout, record, image: int = 0) -> np.ndarray | None:
-    """Ground truth of ``record`` (boxes and/or mask) per image token of ``layout``: covered fraction in [0, 1].
+def token_relevance(layout, sample, image: int = 0) -> np.ndarray | None:
+    """Ground truth of ``sample`` per image token of ``layout``: covered fraction in [0, 1].
 
-    None when the record has no ground truth. Aligned with ``layout.image_positions``.
+    ``sample``: a ``Record`` (boxes and/or mask) or a synthetic ``Sample`` (its ``pixel_mask``).
+    None when it has no ground truth. Aligned with ``layout.image_positions``.
     """
-    if not record.has_ground_truth:
-        return None
     sizes = list(getattr(layout, "image_sizes", []) or [])
-    size = tuple(sizes[image]) if sizes else record.image_size()
-    return token_coverage(layout, pixel_mask_for(record, size), image=image)
+    size = tuple(sizes[image]) if sizes else sample.image.size
+    mask = pixel_mask_for(sample, size)
+    return None if mask is None else token_coverage(layout, mask, image=image)
+
+
+def relevant_tokens(layout, sample, threshold: float = 0.0, image: int = 0) -> np.ndarray | None:
+    """Bool per image token of ``layout``: covered fraction of its pixel box > ``threshold`` (default: the
+    box touches the ground truth). None when ``sample`` has no ground truth. Aligned with
+    ``layout.image_positions``; for the organism this equals ``layout.tokens_from_grid(sample.relevance)``."""
+    cov = token_relevance(layout, sample, image=image)
+    return None if cov is None else np.nan_to_num(cov, nan=0.0) > threshold
 
 
 def relevance_grid(layout, coverage: np.ndarray, threshold: float = 0.0, tile: int = 0,

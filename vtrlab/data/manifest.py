@@ -24,8 +24,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from vtrlab.io import atomic_dir
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 # (corner convention, normalised): x0,y0,x1,y1 or x,y,w,h; in pixels or as fractions of width/height.
@@ -137,7 +137,7 @@ class Record:
 
     ``boxes`` are in ``box_format`` (see ``BOX_FORMATS``) and are converted to pixel corners by
     ``pixel_boxes()``; ``mask`` is a pixel mask of the original picture (or a source read on
-    access by ``pixel_mask()``). ``relevance`` is the organism's own patch-grid mask, kept only as
+    access by ``pixel_mask``). ``relevance`` is the organism's own patch-grid mask, kept only as
     a reference: ground truth for any model comes from the pixels (``vtrlab.data.groundtruth``).
     """
 
@@ -174,8 +174,9 @@ class Record:
         return self.answers[0] if self.answers else None
 
     @property
-    def family(self) -> str | None:
-        return self.group
+    def family(self) -> str:
+        """The group, as the synthetic samples name it ("all" for a record without one)."""
+        return "all" if self.group is None else self.group
 
     @property
     def has_ground_truth(self) -> bool:
@@ -197,8 +198,10 @@ class Record:
                               image_size if image_size is not None or "norm" not in self.box_format
                               else self.image_size())
 
+    @property
     def pixel_mask(self) -> np.ndarray | None:
-        """The mask as float (H, W) in [0, 1], or None."""
+        """The mask as float (H, W) in [0, 1] (read on access), or None; same name as the synthetic
+        ``Sample.pixel_mask``, so ground truth reads either kind of sample."""
         return None if self.mask is None else read_mask(self.mask)
 
 
@@ -321,9 +324,7 @@ def write_manifest(samples, folder: str | os.PathLike) -> Path:
     ``pixel_mask`` as a 1-bit PNG) and the generator's seed and index.
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         (tmp / "images").mkdir()
         (tmp / "masks").mkdir()
         lines = []
@@ -336,11 +337,4 @@ def write_manifest(samples, folder: str | os.PathLike) -> Path:
                    "seed": s.seed, "index": s.index}
             lines.append(json.dumps(row))
         (tmp / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-        os.chmod(tmp, 0o755)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder / "manifest.jsonl"

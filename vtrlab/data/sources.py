@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ class Data:
 
     @property
     def groups(self) -> list[str]:
-        return [r.group if r.group is not None else "all" for r in self.records]
+        return [r.family for r in self.records]
 
     @property
     def images(self) -> "LazyImages":
@@ -80,11 +80,27 @@ class Data:
     def questions(self) -> list[str]:
         return [r.question for r in self.records]
 
-    def prompts(self, template: str = "{question}") -> list[str]:
-        """Each question with the task instructions of ``template`` (``vtrlab.data.answers.format_prompt``)."""
+    def with_prompt(self, template: str = "{question}") -> "Data":
+        """The same data with each question wrapped in task instructions, e.g. ``"{question} Answer with
+        a single word."`` (``vtrlab.data.answers.format_prompt``); the template joins the identity."""
         from vtrlab.data.answers import format_prompt
 
-        return [format_prompt(q, template) for q in self.questions]
+        if template == "{question}":
+            return self
+        records = [replace(r, question=format_prompt(r.question, template)) for r in self.records]
+        return Data(records, {**self.identity, "prompt_template": template})
+
+    def spread(self, n: int) -> list[Record]:
+        """``n`` records cycling through the groups (first of each group, then the second, ...)."""
+        by_group: dict = {}
+        for r in self.records:
+            by_group.setdefault(r.group, []).append(r)
+        groups = list(by_group.values())
+        out, k = [], 0
+        while len(out) < n and any(k < len(g) for g in groups):
+            out += [g[k] for g in groups if k < len(g)][: n - len(out)]
+            k += 1
+        return out
 
     def batches(self, batch_size: int) -> Iterator[tuple[int, list[Record]]]:
         """``(first index, records)`` chunks; pictures are read only when a chunk's records are used."""
@@ -147,7 +163,7 @@ def content_hash(records: Sequence[Record]) -> str:
         h.update(json.dumps([r.question, list(r.answers), r.group, r.box_format]).encode())
         if r.boxes is not None:
             _hash_array(h, r.boxes.astype(np.float64))
-        mask = r.pixel_mask()
+        mask = r.pixel_mask
         if mask is not None:
             _hash_array(h, mask.astype(np.float64))
         h.update(b"\x01")
@@ -158,14 +174,17 @@ def load_data(data: str | os.PathLike = "organism", *, n_samples: int | None = N
               family: str | Sequence[str] | None = None, question: str | None = None,
               image_column: str = "image", question_column: str = "question", answer_column: str | None = None,
               boxes_column: str = "boxes", mask_column: str = "mask", group_column: str | None = None,
-              id_column: str = "id", box_format: str = "xyxy", split: str | None = None) -> Data:
+              id_column: str = "id", box_format: str = "xyxy", split: str | None = None,
+              root: str | os.PathLike | None = None, per_group: bool = False) -> Data:
     """Load ``data`` (see the module docstring) as ``Data``.
 
     ``family`` filters by group (the organism's task family, or a manifest's ``group``) before
     subsampling; "all" or None keeps everything. ``question`` is the question asked of every
     picture of an image folder (and replaces a missing question elsewhere). ``answer_column``
     None reads ``answers`` if present, else ``answer``. ``split`` picks one split of a saved
-    ``DatasetDict``.
+    ``DatasetDict``. ``per_group``: ``n_samples`` is drawn from each group (task family) instead of
+    from the whole data (groups in order of first appearance). A relative path starts at ``root`` when given (notebooks pass the project root,
+    since their kernel runs in ``notebooks/``), else at the current directory.
     """
     if n_samples is not None:
         _check_int("n_samples", n_samples, 1)
@@ -176,7 +195,7 @@ def load_data(data: str | os.PathLike = "organism", *, n_samples: int | None = N
     if not isinstance(data, (str, os.PathLike)):
         raise TypeError(f"data={data!r}; accepted: {', '.join(map(repr, BUILTIN))} or a path")
     if str(data) == "organism":
-        return _organism(n_samples if n_samples is not None else 64, seed, families)
+        return _organism(n_samples if n_samples is not None else 64, seed, families, per_group)
     columns = dict(image_column=image_column, question_column=question_column, answer_column=answer_column,
                    boxes_column=boxes_column, mask_column=mask_column, group_column=group_column,
                    id_column=id_column, box_format=box_format)
@@ -186,6 +205,8 @@ def load_data(data: str | os.PathLike = "organism", *, n_samples: int | None = N
         path = photos_manifest()
     else:
         path = Path(data).expanduser()
+        if root is not None and not path.is_absolute():
+            path = Path(root) / path
         if not path.exists():
             raise FileNotFoundError(f"data={str(data)!r} does not exist; accepted: {', '.join(map(repr, BUILTIN))}, "
                                     "a .jsonl/.json/.parquet file, an image folder or a saved HF dataset folder")
@@ -208,13 +229,15 @@ def load_data(data: str | os.PathLike = "organism", *, n_samples: int | None = N
     if kind == "image_folder":
         pass
     elif kind == "hf_dataset":
+        if per_group:
+            raise ValueError("per_group=True is not supported for a saved Hugging Face dataset; pass family= instead")
         records, source_hash = _hf_records(path, split, families, n_samples, seed, columns)
     else:
         rows = _read_rows(path, kind)
         records = [record_from_row(row, base=path.parent, where=f"{path}:{i + 1}", default_id=str(i), **columns)
                    for i, row in enumerate(rows)]
     if kind != "hf_dataset":
-        records = _select(records, families, n_samples, seed, str(data))
+        records = _select(records, families, n_samples, seed, str(data), per_group)
     if question is not None:
         for r in records:
             if r.question is None:
@@ -225,18 +248,25 @@ def load_data(data: str | os.PathLike = "organism", *, n_samples: int | None = N
                          f"(column {question_column!r}); pass question= or question_column=")
     identity = {"data": str(data), "kind": kind, "path": str(path.resolve()), "source_sha256": source_hash,
                 "content_sha256": content_hash(records), "n_samples": len(records), "seed": seed,
-                "family": family if family is None or isinstance(family, str) else ",".join(family)}
+                "family": family if family is None or isinstance(family, str) else ",".join(family),
+                "per_group": per_group}
     return Data(records, identity)
 
 
-def _select(records: list[Record], families, n_samples, seed, data: str) -> list[Record]:
+def _select(records: list[Record], families, n_samples, seed, data: str, per_group: bool = False) -> list[Record]:
     if families is not None:
         have = sorted({str(r.group) for r in records})
         unknown = [f for f in families if f not in have]
         if unknown:
             raise ValueError(f"family={unknown[0]!r} is not a group of data={data!r}; have: {', '.join(have)}")
         records = [r for r in records if r.group in families]
-    return [records[i] for i in subsample(len(records), n_samples, seed)]
+    if not per_group:
+        return [records[i] for i in subsample(len(records), n_samples, seed)]
+    out = []
+    for g in dict.fromkeys(r.group for r in records):
+        members = [r for r in records if r.group == g]
+        out += [members[i] for i in subsample(len(members), n_samples, seed)]
+    return out
 
 
 def _read_rows(path: Path, kind: str) -> list[dict]:
@@ -324,14 +354,17 @@ class _HFImage:
         return _open_rgb(value)
 
 
-def _organism(n_samples: int, seed: int, families) -> Data:
-    from vtrlab.data.synthetic import generate
+def _organism(n_samples: int, seed: int, families, per_group: bool = False) -> Data:
+    from vtrlab.data.synthetic import FAMILIES, generate
 
-    samples = generate(n_samples, seed=seed, family=families)
+    if per_group:  # n_samples of each family: the same samples as generate(n_samples, seed, family=f)
+        samples = [s for f in (families or FAMILIES) for s in generate(n_samples, seed=seed, family=f)]
+    else:
+        samples = generate(n_samples, seed=seed, family=families)
     records = [organism_record(s) for s in samples]
     identity = {"data": "organism", "kind": "organism", "path": None, "source_sha256": None,
                 "content_sha256": content_hash(records), "n_samples": len(records), "seed": seed,
-                "family": None if families is None else ",".join(families)}
+                "family": None if families is None else ",".join(families), "per_group": per_group}
     return Data(records, identity)
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vtrlab._validate import check_int
 from vtrlab.data.glyphs import LETTERS, glyph
 
 FAMILIES = ("color", "shape", "count", "relation", "reading")
@@ -312,8 +313,8 @@ def make_sample(seed: int, index: int, family: str, grid: int = 16, image_size: 
 def generate(n: int, seed: int, family: str | Sequence[str] | None = None, grid: int = 16,
              image_size: int = 128) -> list[Sample]:
     """n samples; ``family`` None cycles through all FAMILIES (balanced), a list cycles through it."""
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+    n, seed = check_int(n, "n", minimum=0), check_int(seed, "seed", minimum=0)  # seed=1.5 is not seed 1
+    grid, image_size = check_int(grid, "grid", minimum=1), check_int(image_size, "image_size", minimum=16)
     if family is None:
         families = list(FAMILIES)
     elif isinstance(family, str):

@@ -1,7 +1,7 @@
-"""Information flow through attention: knockout of edges and attention saliency for chosen rows.
+"""Information flow through attention: knockout of edges and attention saliency for chosen queries.
 
 Both run inside vtrlab's attention function (see ``vtrlab.probes.attention``): no N×N matrix,
-no patched model code, everything restored after the call.
+no patched model code, everything restored after the call; they compose with the other probes.
 """
 
 from .knockout import knocked_out, knockout, knockout_sites

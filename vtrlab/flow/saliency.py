@@ -1,10 +1,11 @@
-"""Attention saliency for selected query rows: ``A ⊙ ∂L/∂A`` without any N×N matrix.
+"""Attention saliency for selected queries: ``A ⊙ ∂L/∂A`` without any N×N matrix.
 
 An attention output row is ``O_r = Σ_k A_rk V_k``, and A feeds nothing else, so
 ``∂L/∂A_rk = dO_r · V_k``. The attention function keeps, for the chosen rows only, the
 probabilities ``A[rows]`` (B, H, R, N), V (already held by autograd) and the output tensor; one
 ``autograd.grad`` call gives dO for every chosen layer, and ``A ⊙ (dO·Vᵀ)`` is formed per layer.
-Parameters' ``.grad`` are never touched.
+Parameters' ``.grad`` are never touched. Inside :func:`vtrlab.knocked_out` the saliency is that of
+the knocked-out model (probes compose).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import numpy as np
 import torch
 import xarray as xr
 
+from vtrlab.models.labels import key_coordinates
 from vtrlab.probes.attention import Site, session
-from vtrlab.probes.engine import key_coordinates
-from vtrlab.probes.spec import layer_indices, padded_rows, rows_per_sample
+from vtrlab.probes.spec import layer_indices, padded_rows, queries_per_sample
 from vtrlab.probes.switch import attention_switched
+
+from .target import log_probs_at_last, validate_target
 
 
 def attention_times_grad(probs: torch.Tensor, d_out: torch.Tensor, value: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -30,8 +33,25 @@ def attention_times_grad(probs: torch.Tensor, d_out: torch.Tensor, value: torch.
     return probs * g.view(B, H, R, N).float()
 
 
-def saliency(vlm, batch, rows="last", layers="all", target=None) -> xr.Dataset:
-    """Per-layer attention saliency of the chosen query rows for the answer token.
+def _check_gradient_path(vlm) -> None:
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "saliency needs gradients, but torch.inference_mode() is active; call vtrlab.saliency outside "
+            "the inference_mode block (torch.no_grad is fine: saliency enables grad itself)"
+        )
+    params = list(vlm.model.parameters())
+    if not any(p.requires_grad for p in params):
+        raise ValueError(
+            "saliency needs a gradient path through the LM, but no parameter of the model requires grad "
+            "(all frozen); call vlm.model.requires_grad_(True) first (saliency never writes .grad)"
+        )
+    if any(p.is_inference() for p in params[:1]):
+        raise RuntimeError("the model's parameters were created under torch.inference_mode(); reload the model "
+                           "outside inference_mode to take gradients")
+
+
+def saliency(vlm, batch, *, queries="last", layers="all", target=None) -> xr.Dataset:
+    """Per-layer attention saliency of the chosen queries for the answer token.
 
     L = Σ_samples log p(target | sample) at each sample's last real position; ``target`` is one
     token id per sample (default: the model's own greedy prediction there).
@@ -41,24 +61,39 @@ def saliency(vlm, batch, rows="last", layers="all", target=None) -> xr.Dataset:
     ``query_position`` and the key labels of :func:`vtrlab.capture`.
     """
     layouts = list(batch.layouts)
-    if not any(p.requires_grad for p in vlm.model.parameters()):
-        raise ValueError("saliency needs a gradient path: no parameter of the model requires grad")
     lm_layers = layer_indices(layers, len(vlm.lm_layers))
-    rows_np = padded_rows(rows_per_sample(layouts, rows))
+    rows_np = padded_rows(queries_per_sample(layouts, queries))
+    vocab = vlm.model.get_output_embeddings().weight.shape[0] if vlm.model.get_output_embeddings() is not None else None
+    if target is not None and vocab is not None:
+        validate_target(target, len(layouts), vocab, "cpu")  # before any forward
+    _check_gradient_path(vlm)
     rows_t = torch.as_tensor(rows_np, device=vlm.device)
     mods = vlm.lm_layers
-    sites = {id(vlm.adapter.lm_attention(mods[i])): Site("lm", i, saliency_rows=rows_t) for i in lm_layers}
-    last = torch.as_tensor([L.last_position for L in layouts], device=vlm.device)
+    sites = {
+        id(vlm.adapter.lm_attention(mods[i])): Site("lm", i, saliency_rows=rows_t, probe="saliency")
+        for i in lm_layers
+    }
     inputs = dict(batch.inputs)
     with attention_switched(vlm.model), session(sites), torch.enable_grad():
         logits = vlm.model(**inputs, use_cache=False).logits
-        logp = torch.log_softmax(logits[torch.arange(len(layouts), device=vlm.device), last].float(), dim=-1)
-        tgt = logp.argmax(-1).detach() if target is None else torch.as_tensor(target, device=vlm.device).view(-1)
-        if tgt.numel() != len(layouts):
-            raise ValueError(f"target has {tgt.numel()} token ids for a batch of {len(layouts)} samples")
+        logp = log_probs_at_last(vlm, layouts, logits)
+        if target is None:
+            tgt = logp.argmax(-1).detach()
+        else:
+            tgt = validate_target(target, len(layouts), logp.shape[-1], logp.device)
         loss = logp.gather(1, tgt[:, None]).sum()
         by_layer = {s.layer: s for s in sites.values()}
+        missing = [i for i in lm_layers if not by_layer[i].saliency]
+        if missing:
+            raise RuntimeError(f"LM layer(s) {missing}' attention never ran through vtrlab's attention function")
         outs = [by_layer[i].saliency["output"] for i in lm_layers]
+        no_path = [i for i, o in zip(lm_layers, outs) if not o.requires_grad]
+        if not loss.requires_grad or no_path:
+            raise ValueError(
+                f"saliency needs a gradient path to the attention of LM layer(s) {no_path or lm_layers}, but every "
+                "parameter before them is frozen (requires_grad=False); call vlm.model.requires_grad_(True) first "
+                "(saliency never writes .grad)"
+            )
         grads = torch.autograd.grad(loss, outs, allow_unused=True)
     per_layer = []
     for i, g in zip(lm_layers, grads):
@@ -86,5 +121,8 @@ def saliency(vlm, batch, rows="last", layers="all", target=None) -> xr.Dataset:
             "key": np.arange(seq_len),
         },
     )
-    ds.attrs.update({"model": str(vlm.name), "family": str(vlm.family), "objective": "sum log p(target) at last position"})
+    ds.attrs.update({
+        "model": str(vlm.name), "family": str(vlm.family), "objective": "sum log p(target) at last position",
+        "queries": queries if isinstance(queries, str) else "explicit",
+    })
     return ds

@@ -114,9 +114,15 @@ def auroc(scores, mask) -> np.ndarray:
 
 
 def pointing_game(scores, mask) -> np.ndarray:
-    """1.0 where the highest-scoring entry lies inside ``mask`` (first one on ties), else 0.0;
-    NaN where the mask is empty."""
+    """Whether the highest-scoring entry lies inside ``mask``; NaN where the mask is empty.
+
+    Ties count fractionally: with several entries sharing the maximum, the result is the share of
+    them that lie inside the mask (a flat map scores the mask's coverage, not the luck of whichever
+    token comes first)."""
     s, m = _pair(scores, np.asarray(mask, dtype=np.float64))
+    if not np.isin(m, (0.0, 1.0)).all():
+        raise ValueError("mask must be boolean (or 0/1)")
     m = m.astype(bool)
-    hit = np.take_along_axis(m, np.argmax(s, axis=-1)[..., None], -1)[..., 0]
+    top = s == s.max(-1, keepdims=True)
+    hit = (top & m).sum(-1) / top.sum(-1)
     return np.where(m.any(-1), hit.astype(np.float64), np.nan)

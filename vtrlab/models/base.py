@@ -14,6 +14,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .hooks import record, require_seen
+
 # Kinds of token in the image block of the LM sequence.
 KIND_IMAGE = "image"  # covers a picture patch (after any merge)
 KIND_NEWLINE = "newline"  # LLaVA-NeXT / OneVision row terminator: covers no patch
@@ -22,6 +24,44 @@ TOKEN_KINDS = (KIND_IMAGE, KIND_NEWLINE, KIND_SEPARATOR)
 
 LAYOUT_COLUMNS = ("position", "kind", "image", "tile", "row", "col", "x0", "y0", "x1", "y1")
 VISION_COLUMNS = ("crop", "vpos", "kind", "image", "tile", "row", "col", "x0", "y0", "x1", "y1")
+
+
+def grid_values(mask, grid: tuple[int, int], rows, cols) -> np.ndarray:
+    """``mask[row, col]`` for each (row, col) of a patch grid of shape ``grid``.
+
+    ``mask`` must be on that grid: its shape equals ``grid``, or it is coarser by an integer factor
+    per axis (each mask cell then covers factor x factor grid cells). Any other shape — a finer
+    mask, or one that does not divide — is refused with an error naming both shapes: reading a
+    larger mask at the grid's indices would silently look at its top-left corner only.
+    """
+    m = np.asarray(mask)
+    grid = (int(grid[0]), int(grid[1]))
+    if m.ndim != 2:
+        raise ValueError(f"mask must be a 2-D (rows, cols) patch-grid array; got shape {m.shape}")
+    if m.shape != grid:
+        fr, fc = grid[0] / m.shape[0], grid[1] / m.shape[1]
+        if not (fr >= 1 and fc >= 1 and fr == int(fr) and fc == int(fc)):
+            raise ValueError(
+                f"mask of shape {m.shape} does not match the layout's {grid[0]}x{grid[1]} patch grid; accepted: "
+                f"a {grid[0]}x{grid[1]} mask, or a coarser one whose shape divides it"
+            )
+        m = np.kron(m, np.ones((int(fr), int(fc)), dtype=m.dtype))
+    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    if rows.size and (rows.min() < 0 or cols.min() < 0 or rows.max() >= grid[0] or cols.max() >= grid[1]):
+        raise ValueError(f"(row, col) outside the {grid[0]}x{grid[1]} grid: rows {rows.min()}..{rows.max()}, "
+                         f"cols {cols.min()}..{cols.max()}")
+    return m[rows, cols]
+
+
+def image_token_id(config: Any) -> int:
+    """The image placeholder id of a model config (``image_token_id``, or ``image_token_index`` in older
+    LLaVA configs)."""
+    token = getattr(config, "image_token_id", None)
+    if token is None:
+        token = getattr(config, "image_token_index", None)
+    if token is None:
+        raise ValueError(f"{type(config).__name__} names no image placeholder (image_token_id / image_token_index)")
+    return int(token)
 
 
 @dataclass
@@ -50,6 +90,7 @@ class ImageLayout:
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) per image
     grid_shapes: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # (image, tile) -> (rows, cols)
     vision: pd.DataFrame | None = None  # one row per vision-encoder token, columns VISION_COLUMNS
+    crop_lengths: dict[int, int] = field(default_factory=dict)  # crop -> tokens the encoder ran (packed encoders)
 
     # --- derived views -------------------------------------------------------------------
     @property
@@ -87,6 +128,26 @@ class ImageLayout:
             raise KeyError(
                 f"no (image={image}, tile={tile}) in this layout; have {sorted(self.grid_shapes)}"
             ) from None
+
+    def tokens_from_grid(self, mask, image: int = 0, tile: int = 0) -> np.ndarray:
+        """The value of a patch-grid ``mask`` (rows, cols) at each image token, aligned with ``image_positions``.
+
+        ``mask`` lies on the grid of view (``image``, ``tile``); its shape must equal that grid (or be
+        coarser by an integer factor, see :func:`grid_values`) — a mismatched mask is refused, never read
+        at its top-left corner. Every image token must belong to that view (a layout with several views
+        needs one mask per view). The result keeps ``mask``'s dtype::
+
+            relevant = batch.layouts[0].tokens_from_grid(sample.relevance)   # bool per image token
+        """
+        sel = self.kind == KIND_IMAGE
+        inside = (self.image[sel] == image) & (self.tile[sel] == tile)
+        if not inside.all():
+            views = sorted({(int(i), int(t)) for i, t in zip(self.image[sel], self.tile[sel])})
+            raise ValueError(
+                f"this layout's image tokens span views (image, tile) {views}; a mask on view ({image}, {tile}) "
+                "covers only some of them: give one mask per view"
+            )
+        return grid_values(mask, self.grid(image, tile), self.row[sel], self.col[sel])
 
     def to_grid(self, values: np.ndarray, image: int = 0, tile: int = 0) -> np.ndarray:
         """Scatter per-image-token ``values`` (aligned with ``image_positions``) onto a (rows, cols) grid."""
@@ -156,33 +217,19 @@ class FamilyAdapter:
         """The exact tensors the LM decoder receives for ``inputs``: inputs_embeds (image features
         already merged by the model's own code), attention_mask, position_ids (3-D for mRoPE).
 
-        Generic for every family: a forward pre-hook on the decoder records its keyword
-        arguments and aborts the forward, so the model's own merge code is the only one used.
+        Generic for every family: the decoder's call is recorded (``models.hooks.record``) and the
+        forward stops there, so the model's own merge code is the only one used.
         ``position_ids`` is filled with the decoder's default (0..N-1) where the model passes None.
         ``attention_mask`` is the 2-D padding mask; ``decoder_mask`` the mask as the decoder got it.
         """
         lm = self.language_model(model)
-        seen: dict[str, Any] = {}
-
-        class _Stop(Exception):
-            pass
-
-        def grab(_module, args, kwargs):
-            seen.update(kwargs)
-            if args:
-                seen.setdefault("input_ids", args[0])
-            raise _Stop
-
-        handle = lm.register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                model(**dict(inputs), use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        if not seen:
-            raise RuntimeError(f"{type(lm).__name__} was never called by {type(model).__name__}.forward")
+        with record(inputs={"decoder": lm}, stop=True) as seen, torch.no_grad():
+            model(**dict(inputs), use_cache=False)
+        require_seen(seen, ["decoder"], model)
+        call = seen["decoder"]
+        seen = dict(call.kwargs)
+        if call.args:
+            seen.setdefault("input_ids", call.args[0])
         embeds = seen["inputs_embeds"]
         raw_mask = seen.get("attention_mask")
         mask = raw_mask
@@ -198,6 +245,10 @@ class FamilyAdapter:
 
     def has_cls(self, model: nn.Module) -> bool:
         return False
+
+    def image_token_id(self, model: nn.Module) -> int:
+        """The id of the image placeholder the processor expands (see :func:`image_token_id`)."""
+        return image_token_id(model.config)
 
     def vision_feature_layer(self, model: nn.Module) -> int:
         """Index (into ``vision_layers``) of the layer whose output feeds the projector."""

@@ -20,14 +20,17 @@ def as_image(obj: Any, where: str = "image") -> Image.Image:
         try:
             with Image.open(path) as im:
                 im.load()  # decode now: a truncated or corrupt file fails here, not deep in a processor
-                return im.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+                image = im.convert("RGB")
+        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
             raise ValueError(f"{where}: '{path}' is not a readable image ({err})") from None
+        _check_size(image, where)
+        return image
     if isinstance(obj, Image.Image):
         try:
             obj.load()
         except (OSError, SyntaxError) as err:
             raise ValueError(f"{where}: the PIL image cannot be decoded ({err})") from None
+        _check_size(obj, where)
         return obj if obj.mode == "RGB" else obj.convert("RGB")
     if hasattr(obj, "detach") and hasattr(obj, "cpu"):  # a torch tensor
         obj = obj.detach().cpu().numpy()
@@ -39,6 +42,8 @@ def as_image(obj: Any, where: str = "image") -> Image.Image:
             arr = arr[..., 0]
         if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == 3)) or min(arr.shape[:2]) < 1:
             raise ValueError(f"{where}: array of shape {obj.shape} is not an image; accepted: {ACCEPTED}")
+        if arr.dtype.kind not in "uif" or arr.dtype.itemsize > 8:  # bool, complex, object, strings
+            raise TypeError(f"{where}: array of dtype {arr.dtype} is not an image; accepted: {ACCEPTED}")
         if arr.dtype != np.uint8:
             arr = np.asarray(arr, dtype=np.float64)
             if not np.isfinite(arr).all():
@@ -49,3 +54,9 @@ def as_image(obj: Any, where: str = "image") -> Image.Image:
             arr = np.round(arr).astype(np.uint8)
         return Image.fromarray(arr).convert("RGB")
     raise TypeError(f"{where}: got {type(obj).__name__}; accepted: {ACCEPTED}")
+
+
+def _check_size(image: Image.Image, where: str) -> None:
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ValueError(f"{where}: image of size {width}×{height} has no pixels")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, LlavaForConditionalGeneration, LlavaProcessor
 
+from vtrlab.io import atomic_dir
 from vtrlab.organism.config import build_config
 from vtrlab.organism.processor import build_processor
 
@@ -30,24 +29,11 @@ def save_organism(model, processor, out: str | os.PathLike, extra_files: dict[st
                   max_shard_size: str = "15MB") -> Path:
     """Write model + processor (+ extra text files) to ``out`` atomically (temp dir, then rename)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         processor.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

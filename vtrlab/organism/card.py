@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from vtrlab.io import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[2]
 
 STAGE1 = ("python -m vtrlab.organism.train --out runs/organism-stage1 --image-first false "
@@ -282,9 +284,7 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     bundle = Path(argv[0]) if argv else ROOT / "data" / "models" / "organism"
     text = render(bundle)
-    tmp = bundle / "README.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(bundle / "README.md")
+    atomic_write_text(bundle / "README.md", text)
     print(f"wrote {bundle / 'README.md'}")
 
 

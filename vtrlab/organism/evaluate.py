@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from vtrlab.data.glyphs import LETTERS
 from vtrlab.data.synthetic import FAMILIES, WORD_LENGTH, blank_like, generate
+from vtrlab.io import atomic_write_text
 
 EVAL_SEED = 0  # training uses seeds 1 (train) and 2 (validation): seed 0 is held out
 
@@ -89,10 +90,7 @@ def evaluate_bundle(path: str | os.PathLike, n: int = 500, seed: int = EVAL_SEED
     model, processor = load_bundle(path, device)
     result = evaluate(model, processor, n=n, seed=seed, families=families, device=device, batch_size=batch_size)
     if out_json is not None:
-        out_json = Path(out_json)
-        tmp = out_json.with_name(out_json.name + ".tmp")
-        tmp.write_text(eval_to_json(result))
-        tmp.replace(out_json)
+        atomic_write_text(out_json, eval_to_json(result))
     return result
 
 

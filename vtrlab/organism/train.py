@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vtrlab.data.synthetic import BACKGROUND, FAMILIES
+from vtrlab.models.base import image_token_id
 from vtrlab.organism.dataset import (
     N_CENTRE,
     N_COLOR,
@@ -164,12 +165,6 @@ def tower_features(model, pixels: torch.Tensor) -> torch.Tensor:
     out = model.model.vision_tower(pixels, output_hidden_states=True)
     feats = out.hidden_states[cfg.vision_feature_layer]
     return feats[:, 1:] if cfg.vision_feature_select_strategy == "default" else feats
-
-
-def image_token_id(config) -> int:
-    """The <image> placeholder id (``image_token_id``, or ``image_token_index`` in older configs)."""
-    token = getattr(config, "image_token_id", None)
-    return config.image_token_index if token is None else token
 
 
 def answer_logits(model, feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -1,6 +1,6 @@
 """Figures of notebook 03 (the reconstruction selector): each function draws one figure and returns it.
 
-Tables come from ``vtrlab.analysis.reconstruction``; save with ``vtrlab.plots.save_figure``.
+Tables come from ``vtrlab.analysis.reconstruction``; save with ``vtrlab.runner.save_figure``.
 """
 
 from __future__ import annotations
@@ -33,18 +33,22 @@ def training_curves(history, config):
     axes[1].set(xlabel="step", ylabel="mean(M)", title="kept fraction (hard mask)")
     axes[1].legend(fontsize=6)
     axes[2].axis("off")
-    axes[2].text(0, 0.5, "\n".join(f"{k}: {v}" for k, v in vars(config).items() if k not in ("extra", "model")),
-                 fontsize=6, va="center")
+    axes[2].text(
+        0,
+        0.5,
+        "\n".join(f"{k}: {v}" for k, v in vars(config).items() if k not in ("extra", "model")),
+        fontsize=6,
+        va="center",
+    )
     return fig
 
 
-def kept_token_maps(examples: Sequence[Any], batch: Any, scores: Sequence[np.ndarray], show: Sequence[float] = (0.3, 0.5)):
-    """One row per example: the image, the selector's logits, and the tokens kept at each ratio in
-    ``show`` (dropped tokens dark; titles give the share of relevant tokens kept)."""
-    from vtrlab.analysis.reconstruction import relevance_per_token
-    from vtrlab.recon import Selector
-
+def kept_token_maps(examples: Sequence[Any], batch: Any, scores: Sequence[np.ndarray], kept: dict):
+    """One row per example: the image, the selector's logits, and the tokens kept at each ratio of
+    ``kept`` (dropped tokens dark; titles give the share of relevant tokens kept). ``kept``:
+    ``vtrlab.analysis.reconstruction.kept_sets``'s ``{ratio: [{"keep", "relevant_kept"}, ...]}``."""
     n = len(examples)
+    show = list(kept)
     fig, axes = figure("double", height=1.45 * n, nrows=n, ncols=2 + len(show), squeeze=False)
     for i, (s, lay, sc) in enumerate(zip(examples, batch.layouts, scores)):
         axes[i, 0].imshow(s.image)
@@ -52,11 +56,19 @@ def kept_token_maps(examples: Sequence[Any], batch: Any, scores: Sequence[np.nda
         heatmap_over_image(axes[i, 1], s.image, sc, layout=lay, colorbar=False)
         axes[i, 1].set_title("selector logits", fontsize=6)
         for j, r in enumerate(show):
-            keep = Selector.topk_mask(sc, r)
-            heatmap_over_image(axes[i, 2 + j], s.image, np.where(keep, np.nan, 0.0), layout=lay, alpha=0.85,
-                               cmap="gray", vmin=0, vmax=1, colorbar=False)
-            rel = relevance_per_token(lay, s.relevance)
-            axes[i, 2 + j].set_title(f"keep {r:.0%}: {keep[rel].mean():.0%} of relevant", fontsize=6)
+            keep = kept[r][i]["keep"]
+            heatmap_over_image(
+                axes[i, 2 + j],
+                s.image,
+                np.where(keep, np.nan, 0.0),
+                layout=lay,
+                alpha=0.85,
+                cmap="gray",
+                vmin=0,
+                vmax=1,
+                colorbar=False,
+            )
+            axes[i, 2 + j].set_title(f"keep {r:.0%}: {kept[r][i]['relevant_kept']:.0%} of relevant", fontsize=6)
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])
@@ -84,13 +96,14 @@ def accuracy_vs_keep_ratio(acc, groups: Sequence[str] = GROUPS):
 
 
 def token_error_maps(examples: Sequence[Any], batch: Any, err):
-    """Per-token reconstruction error (``vtrlab.recon.token_error``) over each example image, one
-    colour scale (0 to the 99th percentile) for every map."""
+    """Per-token reconstruction error (``vtrlab.recon.token_error``'s Dataset) over each example image,
+    one colour scale (0 to the 99th percentile) for every map."""
     n = len(examples)
+    err = err["recon_error"]
     vmax = float(np.nanpercentile(err.values, 99))
     fig, axes = figure("double", height=1.5, ncols=n, squeeze=False)
     for i, (s, lay) in enumerate(zip(examples, batch.layouts)):
-        v = err.sel(sample=i).values[0, : lay.n_image_tokens]
+        v = err.sel(sample=i).values[: lay.n_image_tokens]
         heatmap_over_image(axes[0, i], s.image, v, layout=lay, vmin=0.0, vmax=vmax, colorbar=i == n - 1)
         axes[0, i].set_title(s.family, fontsize=6)
         axes[0, i].set_xticks([])

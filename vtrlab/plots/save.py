@@ -1,14 +1,15 @@
-"""Save a figure as PDF and PNG with byte-stable metadata, into the run's figure directory."""
+"""Render a figure to PDF or PNG with byte-stable metadata (the same figure gives the same bytes).
+
+Where a figure goes (the run's figure directory, atomic writes) is the runner's job:
+``vtrlab.runner.save_figure`` writes each format through :func:`write_figure`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import matplotlib.pyplot as plt
+from typing import IO
 
 from vtrlab.plots.style import DPI
-from vtrlab.runner.outputs import check_name
-from vtrlab.runner.paths import figure_dir
 
 # No creation dates, no library versions: the same figure must give the same bytes.
 PDF_METADATA = {"Creator": "vtrlab", "Producer": "vtrlab", "CreationDate": None, "ModDate": None}
@@ -16,23 +17,9 @@ PNG_METADATA = {"Software": None}
 FORMATS = ("pdf", "png")
 
 
-def save_figure(fig, name: str, *, close: bool = False, directory: str | Path | None = None) -> list[Path]:
-    """Write `fig` as `<name>.pdf` and `<name>.png`.
-
-    The directory is $VTRLAB_FIGURE_DIR when run by the vtrlab runner, else
-    `figures/<notebook>/` of the project (`directory` overrides both). Returns the two paths.
-    """
-    check_name(name, "figure")
-    out = Path(directory) if directory is not None else figure_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for fmt in FORMATS:
-        path = out / f"{name}.{fmt}"
-        tmp = out / f".{name}.tmp.{fmt}"
-        metadata = PDF_METADATA if fmt == "pdf" else PNG_METADATA
-        fig.savefig(tmp, format=fmt, dpi=DPI, metadata=metadata)
-        tmp.replace(path)
-        paths.append(path)
-    if close:
-        plt.close(fig)
-    return paths
+def write_figure(fig, target: str | Path | IO[bytes], fmt: str) -> None:
+    """Write ``fig`` in format ``fmt`` (``"pdf"`` or ``"png"``) to a path or binary file object,
+    at the house DPI and with deterministic metadata."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r}; accepted: {FORMATS}")
+    fig.savefig(target, format=fmt, dpi=DPI, metadata=PDF_METADATA if fmt == "pdf" else PNG_METADATA)

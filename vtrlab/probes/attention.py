@@ -10,13 +10,25 @@ Inside one, each attention module that the session names (a :class:`Site`) may:
   on purpose, for the layers asked);
 * keep what gradient saliency needs for chosen rows: the rows' probabilities, V, and the attention
   output tensor, so that ``A ⊙ (dO · Vᵀ)`` is formed after ``autograd.grad`` (no N×N).
+
+Probes compose through one session: entering a probe (:class:`session`) *adds* its sites to those
+already active (a ContextVar, so threads never share one); several sites may sit on one module.
+Per call, the attention function (1) unites the edges every site's mask edit blocks
+(``Site.knockout``: any object with ``blocked(query, key) -> (B, Q, N) bool``, which maps its
+positions to the running sequence or raises), (2) runs stock sdpa under that mask, (3) lets every
+recording site keep what it asks for, computed under the same final mask. New site kinds plug in
+there: a mask edit (e.g. an in-LM reduction that hides tokens) implements ``blocked``; a recorder
+(e.g. rollout) sets ``Site.on_call``, called with ``(site, module, query, key, value, mask, scaling,
+causal, out)``. Probes that act on layer outputs rather than attention (logit lens) use a forward
+hook and compose automatically, since the forward they observe already runs under the session.
+Sequences other than the batch a site was built for are declared with :class:`sequence_map`.
 """
 
 from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -30,16 +42,99 @@ _MEAN_CHUNK = 256
 
 
 @dataclass
+class Binding:
+    """The batch and sequence a site was built for: ``batch_size`` samples of ``seq_len`` positions,
+    and (when known) the batch's ``input_ids``, so that a forward of another batch is refused."""
+
+    batch_size: int
+    seq_len: int
+    input_ids: torch.Tensor | None = None
+
+    def describe(self) -> str:
+        return f"a batch of {self.batch_size} sample(s) x {self.seq_len} positions"
+
+    def check_ids(self, input_ids: torch.Tensor | None, what: str) -> None:
+        """Raise unless ``input_ids`` are this binding's (same shape and tokens)."""
+        if input_ids is None or self.input_ids is None:
+            return
+        if tuple(input_ids.shape) != (self.batch_size, self.seq_len):
+            raise ValueError(
+                f"{what} was built for {self.describe()}, but the model now runs input_ids of shape "
+                f"{tuple(input_ids.shape)}; build it for the batch you run (positions are the batch's)"
+            )
+        if not torch.equal(input_ids.to(self.input_ids.device), self.input_ids):
+            raise ValueError(
+                f"{what} was built for another batch (same shape {self.batch_size}x{self.seq_len}, other tokens); "
+                "build it for the batch you run (positions are the batch's)"
+            )
+
+
+@dataclass
 class Knockout:
-    """Edges to block at one site: ``queries[b, i] & keys[b, j]`` means query i may not see key j."""
+    """Edges to block at one site: ``queries[b, i] & keys[b, j]`` means query i may not see key j.
+
+    Positions are those of the batch in ``binding``. Run on another sequence, the edges are mapped
+    (a reduced sequence: through its ``source_positions``, see :func:`sequence_map`) or refused.
+    """
 
     queries: torch.Tensor  # (B, N) bool
     keys: torch.Tensor  # (B, N) bool
+    binding: Binding | None = None
+
+    def blocked(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """(B, Q, N) bool: the edges to cut in the sequence now running (mapped or refused)."""
+        B, Q, N = query.shape[0], query.shape[2], key.shape[2]
+        bind = self.binding or Binding(self.queries.shape[0], self.queries.shape[1])
+        seq = _SEQUENCE.get()
+        if seq is not None:
+            bind.check_ids(seq.input_ids, "a knockout")
+            src = seq.source_positions.to(self.queries.device)
+            L = src.shape[1]
+            if src.shape[0] != B or src.shape[0] != bind.batch_size:
+                raise ValueError(
+                    f"a knockout built for {bind.describe()} runs on a reduced batch of {src.shape[0]} sample(s)"
+                )
+            if Q != L or N != L:
+                raise ValueError(_decode_message(bind, Q, N) if N > L else (
+                    f"a knockout built for {bind.describe()} runs on a sequence of {Q} queries x {N} keys, "
+                    f"but the reduced sequence has {L} columns"))
+            if bool((src == APPENDED).any()):
+                raise ValueError(
+                    f"a knockout built for {bind.describe()} cannot apply to tokens appended after the prompt "
+                    "(teacher forcing): they are no position of that batch. Score the prompt's last position "
+                    "instead (append=None)"
+                )
+            valid = src >= 0
+            idx = src.clamp(min=0)
+            q = self.queries.gather(1, idx) & valid
+            k = self.keys.gather(1, idx) & valid
+            return q[:, :, None] & k[:, None, :]
+        if B != bind.batch_size or Q != bind.seq_len or N != bind.seq_len:
+            if Q == 1 and N != 1:
+                raise ValueError(_decode_message(bind, Q, N))
+            raise ValueError(
+                f"a knockout built for {bind.describe()} runs on {B} sample(s) x {Q} queries x {N} keys; "
+                "build it for the batch you run (positions are the batch's), or reduce tokens with "
+                "vtrlab.reduce (keep masks), which maps the positions"
+            )
+        return self.queries[:, :, None] & self.keys[:, None, :]
+
+
+def _decode_message(bind: Binding, Q: int, N: int) -> str:
+    return (
+        f"a knockout built for {bind.describe()} cannot apply to a cached decode step ({Q} new query over "
+        f"{N} cached keys): the generated token is no position of that batch. Measure the cut on the "
+        "prompt with vtrlab.knockout (log-probs), or generate outside the knocked_out block"
+    )
 
 
 @dataclass
 class Site:
-    """What one attention module should do in the current session."""
+    """What one probe asks of one attention module in the current session.
+
+    Several sites may sit on one module (probes nest): their knockouts are united, and every
+    recording site (rows, vision, saliency) sees the attention under the united mask.
+    """
 
     stream: str  # "lm" or "vision"
     layer: int
@@ -55,15 +150,23 @@ class Site:
     out: torch.Tensor | None = None
     head_sel: torch.Tensor | None = None
     head_mean: bool = False
+    probe: str = "probe"  # the verb that made the site (for error messages)
+    on_call: Callable[..., None] | None = None  # a recorder kind of its own (see the module docstring)
     # filled during the forward
     probs: list[torch.Tensor] = field(default_factory=list)  # lm: (B, H, R, N); vision: (B, H, N) per call
     segments: list[tuple[int, int]] = field(default_factory=list)  # vision: (offset, length) per call
     saliency: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def records(self) -> bool:
+        """Whether the site keeps something from the forward (as opposed to only changing it)."""
+        return (self.rows is not None or self.vision_mode is not None or self.saliency_rows is not None
+                or self.on_call is not None)
+
 
 @dataclass
 class Session:
-    sites: dict[int, Site]  # id(attention module) -> site
+    sites: dict[int, list[Site]]  # id(attention module) -> the sites on it, outermost first
 
 
 def current_session() -> Session | None:
@@ -71,18 +174,69 @@ def current_session() -> Session | None:
 
 
 class session:
-    """Activate ``sites`` for the forwards run inside the ``with`` block (restored on exit)."""
+    """Join ``sites`` (id(attention module) -> Site) to the active session for the ``with`` block.
+
+    Probes compose: a site joins those already on its module (knockouts unite; recorders see the
+    attention under every knockout). Two recording sites on one module are refused (the outer one
+    would also record the inner forward). On exit the previous session is restored exactly, also
+    when the body raises.
+    """
 
     def __init__(self, sites: dict[int, Site]):
-        self._session = Session(sites)
+        self._sites = sites
         self._token = None
 
     def __enter__(self) -> Session:
-        self._token = _SESSION.set(self._session)
-        return self._session
+        outer = _SESSION.get()
+        merged = {} if outer is None else {k: list(v) for k, v in outer.sites.items()}
+        for key, site in self._sites.items():
+            here = merged.setdefault(key, [])
+            if site.records:
+                clash = next((s for s in here if s.records), None)
+                if clash is not None:
+                    raise ValueError(
+                        f"{site.probe} inside {clash.probe} on the same attention module ({site.stream} layer "
+                        f"{site.layer}) cannot work: the outer probe would record the inner forward too. "
+                        "Run them one after the other"
+                    )
+            here.append(site)
+        self._token = _SESSION.set(Session(merged))
+        return _SESSION.get()
 
     def __exit__(self, *exc) -> None:
         _SESSION.reset(self._token)
+
+
+APPENDED = -2  # a column of a reduced sequence that holds a token appended after the prompt
+
+
+@dataclass
+class SequenceMap:
+    """The sequence the model runs is a reduced one: column j holds position ``source_positions[b, j]``
+    of the batch whose ids are ``input_ids`` (-1: padding; :data:`APPENDED`: a token appended after
+    the prompt, no position of the batch)."""
+
+    source_positions: torch.Tensor  # (B, L) long
+    input_ids: torch.Tensor | None = None
+
+
+_SEQUENCE: contextvars.ContextVar[SequenceMap | None] = contextvars.ContextVar("vtrlab_sequence", default=None)
+
+
+class sequence_map:
+    """Declare, for the forwards in the block, that the LM runs a reduced sequence (keep masks):
+    probes bound to the full batch map their positions through ``source_positions``."""
+
+    def __init__(self, source_positions: torch.Tensor, input_ids: torch.Tensor | None = None):
+        self._map = SequenceMap(source_positions, input_ids)
+        self._token = None
+
+    def __enter__(self) -> SequenceMap:
+        self._token = _SEQUENCE.set(self._map)
+        return self._map
+
+    def __exit__(self, *exc) -> None:
+        _SEQUENCE.reset(self._token)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,11 +321,11 @@ def _mean_over_queries(module, query, key, attention_mask, scaling, causal, soft
 # knockout
 
 
-def knockout_mask(ko: Knockout, attention_mask, query, key, causal: bool) -> torch.Tensor:
-    """The mask sdpa should use with ``ko``'s edges removed (bool, or additive in the mask's dtype)."""
+def knockout_mask(blocked: torch.Tensor, attention_mask, query, key, causal: bool) -> torch.Tensor:
+    """The mask sdpa should use with the ``blocked`` (B, Q, N) edges removed (bool, or additive in
+    the mask's dtype)."""
     Q, N = query.shape[2], key.shape[2]
-    blocked = ko.queries[:, :Q, None] & ko.keys[:, None, :N]  # (B, Q, N)
-    blocked = blocked[:, None]
+    blocked = blocked.to(query.device)[:, None]
     if attention_mask is None:
         if causal:
             base = torch.ones(Q, N, dtype=torch.bool, device=query.device).tril()[None, None]
@@ -214,8 +368,8 @@ def vtrlab_sdpa_attention_forward(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     sess = _SESSION.get()
-    site = sess.sites.get(id(module)) if sess is not None else None
-    if site is None:
+    here = sess.sites.get(id(module)) if sess is not None else None
+    if not here:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
@@ -229,13 +383,25 @@ def vtrlab_sdpa_attention_forward(
         raise ValueError(f"{type(module).__name__} passes a position_bias; vtrlab capture does not support it yet")
     causal = _is_causal(module, query, attention_mask, is_causal)
     mask = attention_mask
-    if site.knockout is not None:
-        mask = knockout_mask(site.knockout, attention_mask, query, key, causal)
+    knockouts = [s.knockout for s in here if s.knockout is not None]
+    if knockouts:
+        blocked = knockouts[0].blocked(query, key)
+        for ko in knockouts[1:]:
+            blocked = blocked | ko.blocked(query, key)  # nested knockouts: the union of their edges
+        mask = knockout_mask(blocked, attention_mask, query, key, causal)
         causal = False  # the causal pattern is now inside the mask
     out, _ = sdpa_attention_forward(
         module, query, key, value, mask, dropout=dropout, scaling=scaling,
-        is_causal=(False if site.knockout is not None else is_causal), **kwargs
+        is_causal=(False if knockouts else is_causal), **kwargs
     )
+    for site in here:
+        if site.records:
+            _record(site, module, query, key, value, mask, scaling, causal, out)
+    return out, None
+
+
+def _record(site: Site, module, query, key, value, mask, scaling, causal, out) -> None:
+    """Keep what ``site`` asks for from this call (probabilities under ``mask``, the final one)."""
     with torch.no_grad():
         if site.stream == "lm" and site.rows is not None:
             p = row_probabilities(module, query.detach(), key.detach(), mask, scaling, causal, site.rows)
@@ -264,7 +430,8 @@ def vtrlab_sdpa_attention_forward(
         with torch.no_grad():
             a = row_probabilities(module, query.detach(), key.detach(), mask, scaling, causal, site.saliency_rows)
         site.saliency = {"probs": a, "value": value.detach(), "output": out, "rows": site.saliency_rows}
-    return out, None
+    if site.on_call is not None:
+        site.on_call(site, module, query, key, value, mask, scaling, causal, out)
 
 
 def register() -> str:

@@ -9,14 +9,13 @@ import numpy as np
 import torch
 import xarray as xr
 
-from vtrlab.models.base import KIND_IMAGE, ImageLayout
+from vtrlab.models.base import ImageLayout
+from vtrlab.models.hooks import record
+from vtrlab.models.labels import key_coordinates, packed_crop_offsets
 
 from .attention import Site, session
-from .spec import head_indices, layer_indices, padded_rows, rows_per_sample, store_dtype
+from .spec import head_indices, layer_indices, padded_rows, queries_per_sample, store_dtype
 from .switch import attention_switched
-
-KEY_KIND_TEXT = "text"
-KEY_KIND_PAD = "pad"
 
 
 def _lm_sites(vlm, layers: list[int], rows: torch.Tensor, dtype, device) -> dict[int, Site]:
@@ -44,54 +43,11 @@ def _vision_sites(vlm, layers: list[int], mode: str, cls_index: int, dtype, devi
     }
 
 
-@contextlib.contextmanager
-def _hidden_norm_hooks(vlm, layers: list[int], store: dict[int, torch.Tensor]):
+def _hidden_norm_hooks(vlm, layers: list[int]):
     """Record the L2 norm of every position's hidden state after each chosen decoder layer."""
-    handles = []
-
-    def make(i):
-        def hook(_module, _args, output):
-            h = output[0] if isinstance(output, (tuple, list)) else output
-            store[i] = h.detach().float().norm(dim=-1).cpu()
-
-        return hook
-
-    try:
-        for i in layers:
-            handles.append(vlm.lm_layers[i].register_forward_hook(make(i)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return record(outputs={i: vlm.lm_layers[i] for i in layers}, transform=lambda h: h.float().norm(dim=-1).cpu())
 
 
-def key_coordinates(layouts: Sequence[ImageLayout], seq_len: int) -> dict[str, tuple]:
-    """Per-sample (sample, key) variables mapping sequence positions to the image layout."""
-    B = len(layouts)
-    kind = np.full((B, seq_len), KEY_KIND_PAD, dtype=object)
-    fields = {name: np.full((B, seq_len), -1, dtype=np.int64) for name in ("image", "tile", "row", "col")}
-    for b, L in enumerate(layouts):
-        kind[b, L.valid_positions] = KEY_KIND_TEXT
-        kind[b, L.positions] = L.kind
-        for name, arr in fields.items():
-            arr[b, L.positions] = getattr(L, name)
-    out = {"key_kind": (("sample", "key"), kind.astype(str))}
-    out.update({f"key_{name}": (("sample", "key"), arr) for name, arr in fields.items()})
-    return out
-
-
-def _crop_offsets(tables) -> dict[int, int]:
-    """Packed encoders (Qwen: one sequence, no batch dim) put crop c's tokens after those of crops
-    0..c-1; each crop's length is its number of rows in the layouts' vision tables."""
-    counts: dict[int, int] = {}
-    for t in tables:
-        for crop, n in t["crop"].value_counts().items():
-            counts[int(crop)] = counts.get(int(crop), 0) + int(n)
-    offsets, at = {}, 0
-    for crop in sorted(counts):
-        offsets[crop] = at
-        at += counts[crop]
-    return offsets
 
 
 def _vision_table(layouts, probs_by_layer: dict[int, torch.Tensor], layers: list[int]):
@@ -107,10 +63,11 @@ def _vision_table(layouts, probs_by_layer: dict[int, torch.Tensor], layers: list
     V = max(len(t) for t in tables)
     H = next(iter(probs_by_layer.values())).shape[1]
     values = np.full((len(layouts), len(layers), H, V), np.nan, dtype=np.float32)
-    offsets = _crop_offsets(tables)
+    n_crops = len({int(c) for t in tables for c in t["crop"]})
     for li, layer in enumerate(layers):
         p = probs_by_layer[layer].float().numpy()
-        packed = p.shape[0] == 1 and len(offsets) > 1
+        packed = p.shape[0] == 1 and n_crops > 1
+        offsets = packed_crop_offsets(layouts) if packed else {}
         for b, t in enumerate(tables):
             crop, vpos = t["crop"].to_numpy(), t["vpos"].to_numpy()
             if packed:
@@ -134,7 +91,8 @@ def _vision_table(layouts, probs_by_layer: dict[int, torch.Tensor], layers: list
 def capture(
     vlm,
     batch,
-    rows="last",
+    *,
+    queries="last",
     layers="all",
     heads=None,
     vision: bool = True,
@@ -143,14 +101,14 @@ def capture(
     head_mean: bool = False,
     vision_layers="all",
 ) -> xr.Dataset:
-    """Attention probabilities from chosen query rows, per LM layer, in one sdpa forward.
+    """Attention probabilities of the chosen queries, per LM layer, in one sdpa forward.
 
     Args:
         vlm: a :class:`vtrlab.models.VLM` (its model runs with attn_implementation='sdpa').
         batch: ``vlm.prepare(...)`` output.
-        rows: ``"last"`` (each sample's last real token), ``"question"``, ``"text"``, ``"all"``, or
-            explicit positions (one list for all samples, or one list per sample; negative counts
-            back from the last real token).
+        queries: ``"last"`` (each sample's last real token), ``"question"``, ``"text"``, ``"all"``,
+            ``"image"``, or explicit integer positions (one list for all samples, or one list per
+            sample; negative counts back from the last real token).
         layers: ``"all"`` or LM layer indices.
         heads: ``None`` (all) or LM head indices.
         vision: also record vision-encoder attention from [CLS] (mean over queries without [CLS]).
@@ -168,7 +126,7 @@ def capture(
     sdtype = store_dtype(dtype)
     layouts = list(batch.layouts)
     lm_layers = layer_indices(layers, len(vlm.lm_layers))
-    per_sample = rows_per_sample(layouts, rows)
+    per_sample = queries_per_sample(layouts, queries)
     rows_np = padded_rows(per_sample)
     device = vlm.device
     rows_t = torch.as_tensor(rows_np, device=device)
@@ -194,9 +152,8 @@ def capture(
         mode = "cls" if vlm.has_cls else "mean"
         sites.update(_vision_sites(vlm, v_layers, mode, _cls_index(layouts), torch.float32, device))
 
-    norms: dict[int, torch.Tensor] = {}
-    hooks = _hidden_norm_hooks(vlm, lm_layers, norms) if hidden else contextlib.nullcontext()
-    with attention_switched(vlm.model), session(sites), hooks, torch.no_grad():
+    hooks = _hidden_norm_hooks(vlm, lm_layers) if hidden else contextlib.nullcontext({})
+    with attention_switched(vlm.model), session(sites), hooks as norms, torch.no_grad():
         vlm.model(**inputs, use_cache=False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the asynchronous row copies into `buffer` have landed
@@ -248,7 +205,7 @@ def capture(
         {
             "model": str(vlm.name),
             "family": str(vlm.family),
-            "rows": rows if isinstance(rows, str) else "explicit",
+            "queries": queries if isinstance(queries, str) else "explicit",
             "query_coordinate": "sequence position" if same_rows else "row index (see query_position)",
             "vision_mode": ("cls" if vlm.has_cls else "mean over queries") if vision else "none",
             "head_mean": int(head_mean),

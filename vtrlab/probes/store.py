@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import xarray as xr
+
+from vtrlab.io import atomic_path
 
 
 ENGINES = ("netcdf4", "h5netcdf", "scipy")
@@ -35,10 +36,7 @@ def _engine(engine: str | None) -> str:
 def save(ds: xr.Dataset, path: str | os.PathLike, engine: str | None = None) -> Path:
     """Write ``ds`` to ``path`` (netCDF): a temp file beside it, then an atomic rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         # netCDF has no float16: such variables are written as float32 (exact) and marked, so that
         # load() gives float16 back while plain xarray still reads plain floats
         out = ds.copy()
@@ -48,11 +46,6 @@ def save(ds: xr.Dataset, path: str | os.PathLike, engine: str | None = None) -> 
                 out[name].attrs["vtrlab_dtype"] = "float16"
                 encoding[name] = {"dtype": "float32"}
         out.to_netcdf(tmp, engine=_engine(engine), encoding=encoding)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

@@ -3,10 +3,14 @@
     sel = vtrlab.recon.Selector.load("data/models/organism/selector")
     keep = sel.select(vlm, batch, ratio=0.3)        # per sample, bool over image tokens (layout order)
     answers = vtrlab.answer(vlm, batch, keep=keep)
+    err = vtrlab.recon.token_error(vlm, batch, selector=sel)            # Dataset: recon_error (sample, token)
+    lerr = vtrlab.recon.layer_error(vlm, batch, layers="all", vision_layers="all")
+    # Dataset: lm_error (sample, layer, token), vision_error (sample, vision_layer, token)
 """
 
 from .error import masked_token_error, token_error
-from .features import SampleFeatures, vision_features
+from .features import SampleFeatures, token_features, vision_features
+from .ridge import layer_error, ridge_token_error, token_dataset
 from .selector import (
     Selector,
     SelectorConfig,
@@ -21,6 +25,10 @@ __all__ = [
     "Selector",
     "SelectorConfig",
     "gumbel_keep_mask",
+    "layer_error",
+    "ridge_token_error",
+    "token_dataset",
+    "token_features",
     "masked_token_error",
     "selector_loss",
     "token_error",

@@ -9,8 +9,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import xarray as xr
 
 from .features import SampleFeatures, resolve_vision_layer, vision_features
+from .ridge import token_dataset
 from .selector import Selector, collate
 
 MODES = ("single", "random")
@@ -53,7 +55,9 @@ def masked_token_error(
         for a in range(0, len(keeps), chunk):
             kk = torch.as_tensor(keeps[a : a + chunk], device=sel.device)
             m = kk.shape[0]
-            rec = sel.reconstruct(feats.expand(m, -1, -1), kk.float(), row.expand(m, -1), col.expand(m, -1), valid.expand(m, -1))
+            rec = sel.reconstruct(
+                feats.expand(m, -1, -1), kk.float(), row.expand(m, -1), col.expand(m, -1), valid.expand(m, -1)
+            )
             errs[a : a + m] = ((rec - target) ** 2).mean(-1).cpu().numpy()
         masked = ~keeps
         with np.errstate(invalid="ignore"):
@@ -71,15 +75,30 @@ def patches_to_tokens(sample: SampleFeatures, per_patch: np.ndarray) -> np.ndarr
 
 
 def token_error(
-    sel: Selector, vlm: Any, batch, mode: str = "single", keep_ratio: float = 0.5, n_draws: int = 16, seed: int = 0
-):
-    """Per LM image token, the selector-reconstructor's error when the token is masked, as a
-    labeled array (sample, layer, token) like every other importance signal."""
-    from ..analysis.reconstruction import token_array
+    vlm: Any,
+    batch,
+    *,
+    selector: Selector,
+    mode: str = "single",
+    keep_ratio: float = 0.5,
+    n_draws: int = 16,
+    seed: int = 0,
+) -> xr.Dataset:
+    """Per LM image token, the selector-reconstructor's error when the token is masked.
 
-    layer = resolve_vision_layer(vlm, sel.config.vision_layer)
+    The selector reads one vision layer (``selector.config.vision_layer``, default the projector's
+    input layer); the result names it in the ``vision_layer`` coordinate. Returns a Dataset with
+    ``recon_error`` (sample, token), the ``token`` axis labelled with the layouts' image / tile / row /
+    col / pixel box, NaN-padded where a sample has fewer image tokens."""
+    if not isinstance(selector, Selector):
+        raise TypeError(f"selector must be a vtrlab.recon.Selector; got {type(selector).__name__}")
+    layer = resolve_vision_layer(vlm, selector.config.vision_layer)
     samples = vision_features(vlm, batch, layer)[layer]
-    per_patch = masked_token_error(sel, samples, mode=mode, keep_ratio=keep_ratio, n_draws=n_draws, seed=seed)
+    per_patch = masked_token_error(selector, samples, mode=mode, keep_ratio=keep_ratio, n_draws=n_draws, seed=seed)
     values = [patches_to_tokens(s, e) for s, e in zip(samples, per_patch)]
-    return token_array({f"vision.{layer}": values}, batch.layouts, name="recon_error",
-                       attrs={"signal": "selector reconstruction error when masked", "mode": mode})
+    ds = token_dataset(
+        {"recon_error": (None, {layer: values})},
+        batch.layouts,
+        attrs={"signal": "selector reconstruction error when masked", "mode": mode},
+    )
+    return ds.assign_coords(vision_layer=layer)

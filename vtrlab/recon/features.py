@@ -10,14 +10,16 @@ shuffle, Gemma3 pooling).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from ..models.base import KIND_IMAGE, Batch
+from ..models.hooks import record, require_seen
+from ..models.labels import packed_crop_offsets
+from ..probes.spec import layer_indices
 
 PATCH = "patch"
 
@@ -32,53 +34,6 @@ class SampleFeatures:
     tile: np.ndarray  # (P,)
     token: np.ndarray  # (P,) index into the sample's LM image tokens (layout order); -1 if none
     n_tokens: int  # number of LM image tokens of the sample
-
-
-def _output_tensor(out: Any) -> torch.Tensor:
-    if torch.is_tensor(out):
-        return out
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    for key in ("last_hidden_state", "hidden_states"):
-        if hasattr(out, key):
-            return getattr(out, key)
-    raise TypeError(f"cannot read a hidden-state tensor from a layer output of type {type(out).__name__}")
-
-
-class _Done(Exception):
-    """Raised by the last recording hook to skip the rest of the forward (nothing after it is needed)."""
-
-
-@contextmanager
-def record_outputs(modules: dict[str, torch.nn.Module], stop: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Record each module's output tensor (detached) during the forward run inside the block.
-
-    With ``stop=True`` the forward is aborted once every module has fired; run it through
-    :func:`run_forward`, which swallows that abort.
-    """
-    seen: dict[str, torch.Tensor] = {}
-    handles = []
-    try:
-        for name, mod in modules.items():
-            def hook(_m, _a, out, name=name):
-                seen[name] = _output_tensor(out).detach()
-                if stop and len(seen) == len(modules):
-                    raise _Done
-
-            handles.append(mod.register_forward_hook(hook))
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def run_forward(model: torch.nn.Module, inputs: Any) -> None:
-    """One no-grad forward of the unchanged model (stops early when a recorder says so)."""
-    try:
-        with torch.no_grad():
-            model(**dict(inputs), use_cache=False)
-    except _Done:
-        pass
 
 
 def resolve_vision_layer(vlm: Any, layer: int | None) -> int:
@@ -104,7 +59,12 @@ def _token_index(layout, patches) -> np.ndarray:
     cx = (patches["x0"].to_numpy(float) + patches["x1"].to_numpy(float)) / 2
     cy = (patches["y0"].to_numpy(float) + patches["y1"].to_numpy(float)) / 2
     same = (patches["image"].to_numpy()[:, None] == t_img[None]) & (patches["tile"].to_numpy()[:, None] == t_tile[None])
-    inside = (t_x0[None] <= cx[:, None]) & (cx[:, None] < t_x1[None]) & (t_y0[None] <= cy[:, None]) & (cy[:, None] < t_y1[None])
+    inside = (
+        (t_x0[None] <= cx[:, None])
+        & (cx[:, None] < t_x1[None])
+        & (t_y0[None] <= cy[:, None])
+        & (cy[:, None] < t_y1[None])
+    )
     hit = same & inside
     return np.where(hit.any(1), hit.argmax(1), -1).astype(np.int64)
 
@@ -114,26 +74,37 @@ def _gather(hidden: torch.Tensor, layouts: Sequence[Any]) -> list[torch.Tensor]:
     encoders that pack all crops into one sequence (Qwen2-VL), (total tokens, C)."""
     tables = [patch_rows(lay.vision_table()) for lay in layouts]
     if hidden.dim() == 3:
-        return [hidden[torch.as_tensor(t["crop"].to_numpy(np.int64, copy=True)), torch.as_tensor(t["vpos"].to_numpy(np.int64, copy=True))] for t in tables]
+        return [
+            hidden[
+                torch.as_tensor(t["crop"].to_numpy(np.int64, copy=True)),
+                torch.as_tensor(t["vpos"].to_numpy(np.int64, copy=True)),
+            ]
+            for t in tables
+        ]
     if hidden.dim() != 2:
-        raise ValueError(f"vision layer output has shape {tuple(hidden.shape)}; expected (crops, tokens, C) or (tokens, C)")
-    # packed: crop c occupies a contiguous block; its length is its token count over the whole batch
-    every = [lay.vision_table() for lay in layouts]
-    sizes: dict[int, int] = {}
-    for t in every:
-        for crop, vmax in t.groupby("crop")["vpos"].max().items():
-            sizes[int(crop)] = max(sizes.get(int(crop), 0), int(vmax) + 1)
-    offsets, acc = {}, 0
-    for crop in sorted(sizes):
-        offsets[crop] = acc
-        acc += sizes[crop]
-    if acc != hidden.shape[0]:
-        raise ValueError(f"vision tables account for {acc} packed tokens; the layer output has {hidden.shape[0]}")
+        raise ValueError(
+            f"vision layer output has shape {tuple(hidden.shape)}; expected (crops, tokens, C) or (tokens, C)"
+        )
+    # packed: crop c occupies a contiguous block after crops 0..c-1 (one rule: models.labels)
+    offsets = packed_crop_offsets(layouts)
+    total = max((offsets[c] + n for lay in layouts for c, n in lay.crop_lengths.items()), default=0)
+    if total != hidden.shape[0]:
+        raise ValueError(f"layouts account for {total} packed vision tokens; the layer output has {hidden.shape[0]}")
     return [hidden[torch.as_tensor([offsets[int(c)] + int(v) for c, v in zip(t["crop"], t["vpos"])])] for t in tables]
 
 
+def _run(vlm: Any, batch: Batch, mods: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Outputs of ``mods`` in one no-grad forward of the unchanged model, stopped once all have fired."""
+    with record(outputs=mods, stop=True) as seen, torch.no_grad():
+        vlm.model(**dict(batch.inputs), use_cache=False)
+    require_seen(seen, list(mods), vlm.model)
+    return seen
+
+
 @torch.no_grad()
-def vision_features(vlm: Any, batch: Batch, layers: Sequence[int] | int | None = None) -> dict[int, list[SampleFeatures]]:
+def vision_features(
+    vlm: Any, batch: Batch, layers: Sequence[int] | int | None = None
+) -> dict[int, list[SampleFeatures]]:
     """Patch features of the given vision layers (default: the projector's input layer) for every sample.
 
     Runs the unchanged model's forward only as far as the deepest requested layer.
@@ -141,9 +112,7 @@ def vision_features(vlm: Any, batch: Batch, layers: Sequence[int] | int | None =
     if layers is None or isinstance(layers, (int, np.integer)):
         layers = [resolve_vision_layer(vlm, layers)]
     layers = [resolve_vision_layer(vlm, l) for l in layers]
-    mods = {str(l): vlm.vision_layers[l] for l in layers}
-    with record_outputs(mods, stop=True) as seen:
-        run_forward(vlm.model, batch.inputs)
+    seen = _run(vlm, batch, {str(l): vlm.vision_layers[l] for l in layers})
     out: dict[int, list[SampleFeatures]] = {}
     tables = [patch_rows(lay.vision_table()) for lay in batch.layouts]
     tokens = [_token_index(lay, t) for lay, t in zip(batch.layouts, tables)]
@@ -163,44 +132,48 @@ def vision_features(vlm: Any, batch: Batch, layers: Sequence[int] | int | None =
     return out
 
 
-def _layer_names(vlm: Any, vision: Sequence[int] | str | None, lm: Sequence[int] | str | None) -> dict[str, torch.nn.Module]:
-    mods: dict[str, torch.nn.Module] = {}
-    for prefix, stack, sel in (("vision", vlm.vision_layers, vision), ("lm", vlm.lm_layers, lm)):
+def _layer_modules(vlm: Any, vision_layers, layers) -> dict[tuple[str, int], torch.nn.Module]:
+    mods: dict[tuple[str, int], torch.nn.Module] = {}
+    for stack, mlist, sel, what in (
+        ("vision", vlm.vision_layers, vision_layers, "vision_layers"),
+        ("lm", vlm.lm_layers, layers, "layers"),
+    ):
         if sel is None:
             continue
-        idx = range(len(stack)) if sel == "all" else sel
-        if isinstance(idx, str):
-            raise ValueError(f"{prefix} layers={sel!r}; accepted: 'all', None or a list of layer indices")
-        for i in idx:
-            if not -len(stack) <= int(i) < len(stack):
-                raise ValueError(f"{prefix} layer {i} out of range; this model has {prefix} layers 0..{len(stack) - 1}")
-            mods[f"{prefix}.{int(i) % len(stack)}"] = stack[int(i)]
+        for i in layer_indices(sel, len(mlist), what=what):
+            mods[(stack, i)] = mlist[i]
     if not mods:
-        raise ValueError("no layers requested; give vision= and/or lm= ('all' or indices)")
+        raise ValueError("no layers requested; give layers= and/or vision_layers= ('all' or indices)")
     return mods
 
 
 @torch.no_grad()
 def token_features(
-    vlm: Any, batch: Batch, vision: Sequence[int] | str | None = "all", lm: Sequence[int] | str | None = "all"
-) -> dict[str, list[np.ndarray]]:
-    """Per layer (``vision.i`` / ``lm.j``, output of that layer), per sample, one feature row per
-    LM image token (layout order), float64. Vision patches are averaged over the LM token that
-    covers them (identity for 1:1 models), so every layer lives on the same token axis."""
-    mods = _layer_names(vlm, vision, lm)
-    with record_outputs(mods, stop=True) as seen:
-        run_forward(vlm.model, batch.inputs)
-    tables = [patch_rows(lay.vision_table()) for lay in batch.layouts] if vision is not None else []
+    vlm: Any,
+    batch: Batch,
+    *,
+    layers: Sequence[int] | str | None = "all",
+    vision_layers: Sequence[int] | str | None = "all",
+) -> dict[tuple[str, int], list[np.ndarray]]:
+    """Per layer — key ``("lm", i)`` for the output of LM layer i, ``("vision", j)`` for vision layer
+    j — per sample, one feature row per LM image token (layout order), float64. Vision patches are
+    averaged over the LM token that covers them (identity for 1:1 models), so every layer lives on
+    the same token axis. ``None`` skips a stack."""
+    mods = _layer_modules(vlm, vision_layers, layers)
+    seen = _run(vlm, batch, {f"{k[0]}.{k[1]}": m for k, m in mods.items()})
+    tables = [patch_rows(lay.vision_table()) for lay in batch.layouts] if vision_layers is not None else []
     tokens = [_token_index(lay, t) for lay, t in zip(batch.layouts, tables)]
-    out: dict[str, list[np.ndarray]] = {}
-    for name, hidden in seen.items():
-        if name.startswith("lm."):
-            out[name] = [hidden[i, torch.as_tensor(lay.image_positions)].double().cpu().numpy()
-                         for i, lay in enumerate(batch.layouts)]
+    out: dict[tuple[str, int], list[np.ndarray]] = {}
+    for key in mods:
+        hidden = seen[f"{key[0]}.{key[1]}"]
+        if key[0] == "lm":
+            out[key] = [
+                hidden[i, torch.as_tensor(lay.image_positions)].double().cpu().numpy()
+                for i, lay in enumerate(batch.layouts)
+            ]
             continue
-        per = _gather(hidden, batch.layouts)
         rows = []
-        for f, tok, lay in zip(per, tokens, batch.layouts):
+        for f, tok, lay in zip(_gather(hidden, batch.layouts), tokens, batch.layouts):
             f = f.double().cpu().numpy()
             agg = np.zeros((lay.n_image_tokens, f.shape[1]))
             cnt = np.bincount(tok[tok >= 0], minlength=lay.n_image_tokens)
@@ -208,6 +181,5 @@ def token_features(
             agg[cnt > 0] /= cnt[cnt > 0, None]
             agg[cnt == 0] = np.nan
             rows.append(agg)
-        out[name] = rows
-    order = list(mods)
-    return {k: out[k] for k in order}
+        out[key] = rows
+    return out

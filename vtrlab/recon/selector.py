@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,6 +36,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+
+from vtrlab.io import atomic_dir
 
 from .features import SampleFeatures, resolve_vision_layer, vision_features
 
@@ -232,29 +232,13 @@ class Selector(nn.Module):
     def save(self, path: str | os.PathLike, history: pd.DataFrame | None = None) -> Path:
         """Write config.json + model.safetensors (+ history.csv) atomically into directory ``path``."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        # keep files we do not write (e.g. README.md) when replacing an existing selector
+        with atomic_dir(path, keep=lambda p: p.name not in (WEIGHTS_FILE, CONFIG_FILE, HISTORY_FILE)) as tmp:
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_FILE))
             (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2, sort_keys=True) + "\n")
             if history is not None:
                 history.to_csv(tmp / HISTORY_FILE, index=False)
-            # keep files we do not write (e.g. README.md) when replacing an existing selector
-            if path.exists():
-                for extra in path.iterdir():
-                    if extra.name not in (WEIGHTS_FILE, CONFIG_FILE, HISTORY_FILE) and extra.is_file():
-                        shutil.copy2(extra, tmp / extra.name)
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod

@@ -16,7 +16,7 @@ Layout of this package (one module per concern):
 from .answer import ReducedLogits, answer, generate_ids, logits
 from .apply import apply
 from .context import ReductionContext
-from .keep import ReducedInputs, reduced_decoder_inputs, validate_keep
+from .keep import ReducedInputs, batch_fingerprint, decoder_inputs, reduced_decoder_inputs, validate_keep
 from .registry import Method, NotApplicable, Selection, get, names, register
 
 __all__ = [
@@ -28,6 +28,8 @@ __all__ = [
     "Selection",
     "answer",
     "apply",
+    "batch_fingerprint",
+    "decoder_inputs",
     "generate_ids",
     "get",
     "logits",

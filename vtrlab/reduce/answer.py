@@ -10,10 +10,17 @@ The reduced sequence goes through the model's own ``forward`` as ``inputs_embeds
 as ``generate`` would call it: the model then builds its own attention masks (Gemma3's
 bidirectional image blocks from ``token_type_ids``) and applies its own head (final-logit
 soft-capping), so nothing family-specific is re-implemented here.
+
+Probes active around these calls (e.g. ``vtrlab.knocked_out(vlm, batch, ...)``) are told which
+original position each column of the reduced sequence holds (``source_positions``), so a knockout
+of ``batch`` applies to the kept tokens exactly as in the full sequence (an edge is cut iff both of
+its ends were kept and it is cut there). Generated tokens and appended (teacher-forced) tokens are
+no position of ``batch``: a knockout refuses them with a clear error.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -21,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.base import Batch
+from ..probes.attention import APPENDED, sequence_map
 from .keep import KeepMasks, ReducedInputs, reduced_decoder_inputs
 
 
@@ -46,7 +54,8 @@ def _pad_id(vlm: Any, eos: list[int]) -> int:
     return int(pad[0] if isinstance(pad, (list, tuple)) else pad)
 
 
-def _forward(vlm: Any, embeds, attention_mask, position_ids, cache=None, use_cache=True, extras=None, last_only=False):
+def _forward(vlm: Any, embeds, attention_mask, position_ids, cache=None, use_cache=True, extras=None, last_only=False,
+             source=None):
     """One call of the model on embeddings; returns (float32 logits, cache). A mask of all ones is
     passed as None, as ``generate`` does, so the attention path (and its numerics) is the same.
     ``last_only`` computes the head for the last column only (``logits_to_keep=1``), as
@@ -54,23 +63,27 @@ def _forward(vlm: Any, embeds, attention_mask, position_ids, cache=None, use_cac
     if last_only:
         extras = {**(extras or {}), "logits_to_keep": 1}
     mask = None if bool((attention_mask == 1).all()) else attention_mask
-    out = vlm.model(
-        inputs_embeds=embeds,
-        attention_mask=mask,
-        position_ids=position_ids,
-        past_key_values=cache,
-        use_cache=use_cache,
-        return_dict=True,
-        **(extras or {}),
-    )
+    with sequence_map(*source) if source is not None else contextlib.nullcontext():
+        out = vlm.model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=use_cache,
+            return_dict=True,
+            **(extras or {}),
+        )
     return out.logits.float(), out.past_key_values
+
+
+def _source(batch: Batch, positions: torch.Tensor) -> tuple:
+    """What a probe bound to ``batch`` needs to map the reduced sequence: (source positions, ids)."""
+    return positions, dict(batch.inputs).get("input_ids")
 
 
 def _plan(vlm: Any, batch: Batch, method: Any, keep: Any, params: dict, decoder_inputs: dict | None):
     """(keep masks, embeds, positions, removal) for ``method`` at budget ``keep``; ``removal(red)`` is the
     context in which the reduced inputs ``red`` run (in-LM removal for LM-stage methods)."""
-    import contextlib
-
     from .apply import resolve, select
 
     if method is None:
@@ -109,17 +122,19 @@ def generate_ids(
     keep, embeds, positions, removal = _plan(vlm, batch, method, keep, params, decoder_inputs)
     red: ReducedInputs = reduced_decoder_inputs(vlm, batch, keep, decoder_inputs, embeds=embeds, positions=positions)
     with removal(red):
-        return _decode(vlm, red, max_new_tokens, progress)
+        return _decode(vlm, batch, red, max_new_tokens, progress)
 
 
-def _decode(vlm: Any, red: ReducedInputs, max_new_tokens: int, progress: bool) -> list[list[int]]:
+def _decode(vlm: Any, batch: Batch, red: ReducedInputs, max_new_tokens: int, progress: bool) -> list[list[int]]:
     embed = vlm.model.get_input_embeddings()
     eos = _eos_ids(vlm)
     pad = _pad_id(vlm, eos)
     eos_t = torch.tensor(eos, device=red.inputs_embeds.device, dtype=torch.long)
 
     attn = red.attention_mask
-    logit, cache = _forward(vlm, red.inputs_embeds, attn, red.position_ids, extras=red.per_token, last_only=True)
+    source = _source(batch, red.source_positions)
+    logit, cache = _forward(vlm, red.inputs_embeds, attn, red.position_ids, extras=red.per_token, last_only=True,
+                            source=source)
     next_pos = red.next_position
     bsz = attn.shape[0]
     done = torch.zeros(bsz, dtype=torch.bool, device=attn.device)
@@ -137,7 +152,8 @@ def _decode(vlm: Any, red: ReducedInputs, max_new_tokens: int, progress: bool) -
         attn = torch.cat([attn, attn.new_ones(bsz, 1)], dim=1)
         pos = next_pos + step
         # per-token extras are prompt-only (generate drops e.g. token_type_ids after the prefill)
-        logit, cache = _forward(vlm, embed(token)[:, None].to(red.inputs_embeds.dtype), attn, pos, cache)
+        logit, cache = _forward(vlm, embed(token)[:, None].to(red.inputs_embeds.dtype), attn, pos, cache,
+                                source=source)
     return out
 
 
@@ -159,8 +175,8 @@ def answer(
     With ``method`` (a registry name or a :class:`vtrlab.reduce.Method`; ``params`` override its
     defaults): ``keep`` is the budget — a ratio in (0, 1] or a number of image tokens per sample —
     and the method is applied at its stage (before the LM, or inside it from layer K on).
-    ``decoder_inputs`` (``vlm.adapter.decoder_inputs(vlm.model, batch.inputs)``) may be passed
-    to reuse one vision forward over many keep masks of the same batch."""
+    ``decoder_inputs`` (:func:`vtrlab.reduce.decoder_inputs`) may be passed to reuse one vision
+    forward over many keep masks of the same batch."""
     ids = generate_ids(vlm, batch, keep, max_new_tokens=max_new_tokens, progress=progress,
                        decoder_inputs=decoder_inputs, method=method, **params)
     tok = _tokenizer(vlm)
@@ -205,17 +221,18 @@ def logits(
     keep, embeds, positions, removal = _plan(vlm, batch, method, keep, params, decoder_inputs)
     red = reduced_decoder_inputs(vlm, batch, keep, decoder_inputs, embeds=embeds, positions=positions)
     with removal(red) as state:
-        return _logits(vlm, red, append, len(batch), state)
+        return _logits(vlm, batch, red, append, state)
 
 
-def _logits(vlm: Any, red: ReducedInputs, append, bsz: int, state: Any) -> ReducedLogits:
+def _logits(vlm: Any, batch: Batch, red: ReducedInputs, append, state: Any) -> ReducedLogits:
     embeds, attn, pos, extras = red.inputs_embeds, red.attention_mask, red.position_ids, red.per_token
     length = embeds.shape[1]
+    source = red.source_positions
     app_mask = None
     if append is not None:
         append = [list(map(int, a)) for a in append]
-        if len(append) != bsz:
-            raise ValueError(f"append has {len(append)} entries for a batch of {bsz}; need one per sample")
+        if len(append) != len(batch):
+            raise ValueError(f"append has {len(append)} entries for a batch of {len(batch)}; need one per sample")
         width = max(len(a) for a in append)
         if width == 0:
             raise ValueError("append holds no tokens; give at least one token id per sample or append=None")
@@ -232,14 +249,16 @@ def _logits(vlm: Any, red: ReducedInputs, append, bsz: int, state: Any) -> Reduc
         pos = torch.cat([pos, app_pos], dim=-1)
         # appended tokens are text: per-token extras continue with zeros (text) there
         extras = {k: torch.cat([v, v.new_zeros(v.shape[0], width)], dim=1) for k, v in extras.items()}
-    out, _ = _forward(vlm, embeds, attn, pos, use_cache=False, extras=extras)
-    source = red.source_positions
-    if state is not None:  # columns removed inside the LM: the head saw only the survivors
-        source = state.source_positions(source)
-        length = source.shape[1]
+        source = torch.cat([source, source.new_full((source.shape[0], width), APPENDED)], dim=1)
+    out, _ = _forward(vlm, embeds, attn, pos, use_cache=False, extras=extras, source=_source(batch, source))
+    kept_source = red.source_positions
+    if state is not None:  # columns removed inside the LM: the head saw only the survivors (appended last)
+        width = 0 if app_mask is None else app_mask.shape[1]
+        length = out.shape[1] - width
+        kept_source = state.source_positions(kept_source)[:, :length]
     full = out[:, :length]
     appended = None
     if append is not None:
         # the token at appended index t is predicted by the column just before it
         appended = out[:, length - 1 : length - 1 + app_mask.shape[1]]
-    return ReducedLogits(full, source, full[:, -1], appended, app_mask)
+    return ReducedLogits(full, kept_source, full[:, -1], appended, app_mask)

@@ -65,7 +65,9 @@ class ReductionContext:
         return self._cache[key]
 
     def decoder_inputs(self) -> dict:
-        return self.cached("decoder_inputs", lambda: self.vlm.adapter.decoder_inputs(self.vlm.model, self.batch.inputs))
+        from .keep import decoder_inputs
+
+        return self.cached("decoder_inputs", lambda: decoder_inputs(self.vlm, self.batch))
 
     def image_embeds(self, i: int) -> torch.Tensor:
         """(n_image_tokens, D) projector outputs of sample ``i`` at its image tokens (layout order)."""

@@ -22,6 +22,7 @@ fed ``inputs_embeds`` instead of pixels, builds its family-specific masks over t
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -31,6 +32,53 @@ import torch
 from ..models.base import Batch
 
 KeepMasks = Sequence[Any] | None
+
+FINGERPRINT_KEY = "batch_fingerprint"
+
+
+def batch_fingerprint(batch: Batch) -> str:
+    """A short hash of the batch's model inputs (token ids, masks, pixels): two batches with the same
+    fingerprint give the model the same inputs."""
+    h = hashlib.sha1()
+    for name in sorted(dict(batch.inputs)):
+        v = batch.inputs[name]
+        if torch.is_tensor(v):
+            t = v.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def decoder_inputs(vlm: Any, batch: Batch) -> dict[str, Any]:
+    """What the LM decoder receives for ``batch`` (the family adapter's ``decoder_inputs``: embeddings
+    with the image features merged in, mask, positions), tagged with the batch's fingerprint so that
+    :func:`vtrlab.answer` / :func:`vtrlab.reduce.logits` can reuse it over many keep masks of *this*
+    batch (one vision forward) and refuse it for any other."""
+    dec = dict(vlm.adapter.decoder_inputs(vlm.model, batch.inputs))
+    dec[FINGERPRINT_KEY] = batch_fingerprint(batch)
+    return dec
+
+
+def check_decoder_inputs(batch: Batch, dec: dict) -> None:
+    """Raise unless ``dec`` was built by :func:`decoder_inputs` for ``batch`` (size, length, fingerprint)."""
+    if not isinstance(dec, dict) or "inputs_embeds" not in dec:
+        raise ValueError(f"decoder_inputs must be the dict of vtrlab.reduce.decoder_inputs(vlm, batch), "
+                         f"got {type(dec).__name__}")
+    ids = dict(batch.inputs).get("input_ids")
+    want = (len(batch), int(ids.shape[1]) if ids is not None else int(batch.layouts[0].seq_len))
+    got = tuple(dec["inputs_embeds"].shape[:2])
+    if got != want:
+        raise ValueError(
+            f"decoder_inputs hold {got[0]} sample(s) x {got[1]} positions, but the batch has {want[0]} x {want[1]}; "
+            "build them for this batch with vtrlab.reduce.decoder_inputs(vlm, batch)"
+        )
+    fp = dec.get(FINGERPRINT_KEY)
+    if fp is None:
+        raise ValueError("decoder_inputs carry no batch fingerprint (raw adapter output?); build them with "
+                         "vtrlab.reduce.decoder_inputs(vlm, batch) so they can be checked against the batch")
+    if fp != batch_fingerprint(batch):
+        raise ValueError(f"decoder_inputs were built for another batch (fingerprint {fp}, this batch "
+                         f"{batch_fingerprint(batch)}); build them with vtrlab.reduce.decoder_inputs(vlm, batch)")
 
 
 def validate_keep(batch: Batch, keep: KeepMasks) -> list[np.ndarray]:
@@ -101,8 +149,8 @@ def reduced_decoder_inputs(
 
     Non-image tokens of the image block (newline / separator kinds) are always kept; only
     ``kind == image`` tokens are subject to the mask. ``decoder_inputs``: the result of
-    ``vlm.adapter.decoder_inputs(vlm.model, batch.inputs)`` when it is reused over many keep
-    masks of the same batch (saves the vision tower); computed here when None.
+    :func:`decoder_inputs` ``(vlm, batch)`` when it is reused over many keep masks of the same batch
+    (saves the vision tower; checked against ``batch``); computed here when None.
 
     ``embeds[i]`` (None, or a ``(n_kept_i, D)`` tensor, kept tokens in layout order) replaces the
     embeddings of sample i's kept image tokens: merged tokens (VisionZip's contextual tokens,
@@ -121,6 +169,8 @@ def reduced_decoder_inputs(
         for i, (e, m) in enumerate(zip(embeds, masks)):
             if e is not None and tuple(e.shape[:1]) != (int(m.sum()),):
                 raise ValueError(f"embeds[{i}] has {tuple(e.shape)} rows; sample {i} keeps {int(m.sum())} tokens")
+    if decoder_inputs is not None:
+        check_decoder_inputs(batch, decoder_inputs)
     dec = decoder_inputs if decoder_inputs is not None else vlm.adapter.decoder_inputs(vlm.model, batch.inputs)
     dec_embeds: torch.Tensor = dec["inputs_embeds"]
     bsz, seq, _ = dec_embeds.shape

@@ -1,7 +1,7 @@
 """vtrlab.runner: run notebooks with checked parameters, record provenance, run grids.
 
-Notebook side: ``save_table(df, name)`` and ``log_metrics(dict)`` write into the current run
-(``vtrlab.plots.save_figure`` saves figures). Runner side: ``prepare_job`` / ``run_job`` for one
+Notebook side: ``save_table(df, name)``, ``save_figure(fig, name)`` and ``log_metrics(dict)`` write
+into the current run. Runner side: ``prepare_job`` / ``run_job`` for one
 notebook, ``vtrlab.runner.grid`` for many. Heavy pieces (papermill) load on first use.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 
 from vtrlab.runner.errors import GridError, ParameterError, RunnerError
+from vtrlab.runner.figures import save_figure
 from vtrlab.runner.outputs import log_metrics, save_table
 
 _LAZY = {
@@ -23,7 +24,7 @@ _LAZY = {
     "run_grid": "vtrlab.runner.grid",
 }
 
-__all__ = ["save_table", "log_metrics", "ParameterError", "GridError", "RunnerError", *_LAZY]
+__all__ = ["save_table", "save_figure", "log_metrics", "ParameterError", "GridError", "RunnerError", *_LAZY]
 
 
 def __getattr__(name: str):

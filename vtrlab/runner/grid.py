@@ -24,16 +24,15 @@ import itertools
 import os
 import queue
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
-import yaml
-
 from vtrlab.runner.errors import GridError, ParameterError
-from vtrlab.runner.params import ParameterSpec, read_parameters
+from vtrlab.runner.params import ParameterSpec, load_yaml, read_parameters
 from vtrlab.runner.run import Job, RunResult, is_complete, prepare_job, run_job
 
 Backend = Literal["local", "ray", "slurm"]
@@ -47,9 +46,13 @@ def load_grid(path: str | Path, *, force: bool = False) -> list[Job]:
     if not path.is_file():
         raise GridError(f"grid file not found: {str(path)!r}")
     try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise GridError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GridError(f"{path}: cannot read the grid file ({type(exc).__name__})") from None
+    try:
+        spec = load_yaml(text, str(path))
+    except ParameterError as exc:
+        raise GridError(str(exc)) from None
     if not isinstance(spec, dict):
         raise GridError(f"{path}: expected a mapping with keys {sorted(_GRID_KEYS)}")
     unknown = set(spec) - _GRID_KEYS
@@ -193,7 +196,9 @@ def run_grid(
 
 
 def _run_local(jobs, workers, gpus, root, report) -> None:
-    from vtrlab.runner.job import run_in_process
+    from vtrlab.runner.job import allow_new_jobs, run_in_process
+
+    allow_new_jobs()
 
     # one token per worker slot; slot i always uses gpus[i % len(gpus)]
     slots: queue.Queue = queue.Queue()
@@ -207,10 +212,25 @@ def _run_local(jobs, workers, gpus, root, report) -> None:
         finally:
             slots.put(gpu)
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(one, job): i for i, job in enumerate(jobs)}
+    stopping = threading.Event()
+
+    def one_unless_stopping(job: Job) -> RunResult | None:
+        return None if stopping.is_set() else one(job)
+
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        futures = {pool.submit(one_unless_stopping, job): i for i, job in enumerate(jobs)}
         for fut in as_completed(futures):
             report(futures[fut], fut.result())
+    except BaseException:  # KeyboardInterrupt (SIGINT, or SIGTERM via the CLI): stop every job process
+        stopping.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        from vtrlab.runner.job import stop_all
+
+        stop_all()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _failed(job: Job, exc: BaseException) -> RunResult:

@@ -8,14 +8,51 @@ works the same in a fresh virtual environment.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
+import weakref
 
 from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.manager import KernelManager
 
 KERNEL_NAME = "python3"  # what papermill records in the executed notebook
+_MANAGERS: "weakref.WeakSet[KernelManager]" = weakref.WeakSet()  # every manager made in this process
+
+
+def kill_kernels() -> None:
+    """SIGKILL every live kernel of this process and its process group, without the event loop.
+
+    For signal handlers: the kernel runs in a session of its own, so its pid is its group id.
+    """
+    import signal
+
+    for km in list(_MANAGERS):
+        with contextlib.suppress(Exception):
+            pid = getattr(getattr(km, "provisioner", None), "pid", None)
+            if pid:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            if km.transport == "ipc":
+                import shutil
+
+                shutil.rmtree(os.path.dirname(km.ip), ignore_errors=True)
+
+
+def shutdown_kernels() -> None:
+    """Stop every kernel this process started that is still alive (e.g. after SIGINT/SIGTERM).
+
+    Kernels run in a session of their own (jupyter_client), so a signal to the runner's process
+    group does not reach them; without this an interrupted run would leave its kernel behind.
+    """
+    for km in list(_MANAGERS):
+        with contextlib.suppress(Exception):  # best effort: the kernel may be exiting already
+            if km.has_kernel and km.is_alive():
+                km.shutdown_kernel(now=True)
 
 
 class VenvKernelManager(KernelManager):
@@ -26,6 +63,7 @@ class VenvKernelManager(KernelManager):
         kwargs.setdefault("transport", "ipc")
         kwargs.setdefault("ip", os.path.join(tempfile.mkdtemp(prefix="vtrlab-kernel-"), "kernel"))
         super().__init__(**kwargs)
+        _MANAGERS.add(self)
 
     def cleanup_resources(self, restart: bool = False) -> None:
         super().cleanup_resources(restart=restart)  # removes the socket files

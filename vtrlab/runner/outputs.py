@@ -1,19 +1,19 @@
 """Notebook-side helpers: tables and metrics written into the current run directory.
 
-Figures are saved by `vtrlab.plots.save_figure`, which writes into `paths.figure_dir()`.
+Figures are saved by `vtrlab.runner.save_figure` (runner/figures.py), into `paths.figure_dir()`.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+from vtrlab.io import atomic_path, atomic_write_json, finite_or_str, to_jsonable
 from vtrlab.runner.paths import run_dir
+
+__all__ = ["check_name", "save_table", "log_metrics", "atomic_write_json"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -28,33 +28,6 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file in the same directory and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n").encode())
-
-
-def _jsonable(value: Any) -> Any:
-    # numpy / torch scalars and arrays, paths
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
 def save_table(df, name: str) -> list[Path]:
     """Write a pandas DataFrame as `tables/<name>.parquet` and `tables/<name>.csv` in the run dir."""
     import pandas as pd
@@ -67,17 +40,11 @@ def save_table(df, name: str) -> list[Path]:
     keep_index = not isinstance(df.index, pd.RangeIndex)
     paths = [out / f"{name}.parquet", out / f"{name}.csv"]
     for path in paths:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=out)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             if path.suffix == ".parquet":
                 df.to_parquet(tmp, index=keep_index)
             else:
                 df.to_csv(tmp, index=keep_index)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     return paths
 
 
@@ -90,9 +57,7 @@ def log_metrics(metrics: Mapping[str, Any]) -> Path:
     for key, value in metrics.items():
         if not isinstance(key, str):
             raise TypeError(f"metric names must be strings, got {key!r}")
-        value = _jsonable(value) if hasattr(value, "tolist") else value
-        if isinstance(value, float) and not math.isfinite(value):
-            value = str(value)  # JSON has no NaN/inf; keep them readable
-        current[key] = value
+        value = to_jsonable(value) if hasattr(value, "tolist") else value
+        current[key] = finite_or_str(value)  # JSON has no NaN/inf; keep them readable
     atomic_write_json(path, current)
     return path

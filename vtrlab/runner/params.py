@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import math
 import tokenize
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,6 +236,8 @@ def _coerce_scalar(value: Any, ptype: ParamType) -> Any:
     if ptype.base == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError("expected a number")
+        if not math.isfinite(value):
+            raise ValueError("expected a finite number (inf and nan are not accepted)")
         return float(value)
     if not isinstance(value, str):  # str: never silently turn 1 into "1"
         raise TypeError("expected a string (quote it in YAML)")
@@ -265,9 +268,10 @@ def _parse_scalar_string(text: str, ptype: ParamType) -> Any:
         raise ValueError("expected true or false")
     if ptype.base in ("int", "float"):
         try:
-            return int(text) if ptype.base == "int" else float(text)
+            value = int(text) if ptype.base == "int" else float(text)
         except ValueError:
             raise ValueError("expected an integer" if ptype.base == "int" else "expected a number") from None
+        return _coerce_scalar(value, ptype)
     if ptype.base == "literal":
         for choice in ptype.choices:
             if str(choice) == text:
@@ -296,3 +300,40 @@ def parse_string(text: Any, ptype: ParamType) -> Any:
         parts = [p for p in stripped.split(",")] if stripped else []
         return [_parse_scalar_string(p, ptype) for p in parts]
     return _parse_scalar_string(text, ptype)
+
+
+# --- YAML ---------------------------------------------------------------------------------
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """Parse YAML safely, refusing a key given twice in one mapping (PyYAML keeps the last silently).
+
+    Raises ParameterError naming `where`, the key and its line.
+    """
+    import yaml
+
+    class _StrictLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                raise ParameterError(f"{where}: unhashable mapping key on line {key_node.start_mark.line + 1}") from None
+            if key in seen:
+                raise ParameterError(
+                    f"{where}: key {key!r} given twice (lines {seen[key]} and {key_node.start_mark.line + 1}); "
+                    "YAML keeps only the last one — merge them"
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return loader.construct_mapping_plain(node, deep=deep)
+
+    _StrictLoader.construct_mapping_plain = yaml.SafeLoader.construct_mapping
+    _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as exc:
+        raise ParameterError(f"{where}: not valid YAML: {str(exc).splitlines()[0]}") from None

@@ -8,7 +8,10 @@ hand in Jupyter has none of them and falls back to the project's `figures/<noteb
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+
+from vtrlab.runner.errors import RunnerError
 
 ENV_ROOT = "VTRLAB_ROOT"  # project root (runs/ and figures/ live here)
 ENV_RUN_DIR = "VTRLAB_RUN_DIR"  # this run's directory: metrics.json, tables/
@@ -51,3 +54,31 @@ def run_dir() -> Path:
     if os.environ.get(ENV_RUN_DIR):
         return Path(os.environ[ENV_RUN_DIR])
     return project_root() / "runs" / current_notebook() / "interactive"
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def safe_name(stem: str, what: str = "notebook") -> str:
+    """A notebook stem made safe as one directory name under runs/ and figures/.
+
+    Characters other than letters, digits, '_', '-', '.' become '_' and leading dots are dropped
+    (no hidden, `.` or `..` names); a stem with nothing left is refused.
+    """
+    if not isinstance(stem, str):
+        raise RunnerError(f"{what} name must be a string, got {type(stem).__name__}")
+    name = _UNSAFE.sub("_", stem).lstrip(".")
+    if not name or not name.strip("._-"):
+        raise RunnerError(
+            f"{what} name {stem!r} gives no usable directory name (letters, digits, '_', '-', '.' needed); "
+            "rename the file"
+        )
+    return name[:120]
+
+
+def inside(path: Path, folder: Path, what: str) -> Path:
+    """``path`` resolved, or a RunnerError when it resolves outside ``folder`` (`..`, symlinks)."""
+    resolved, folder = Path(path).resolve(), Path(folder).resolve()
+    if resolved == folder or not resolved.is_relative_to(folder):
+        raise RunnerError(f"{what} {str(path)!r} resolves to {str(resolved)!r}, not inside {str(folder)!r}; refused")
+    return resolved

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shutil
 import subprocess
+import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
-from vtrlab.runner.outputs import atomic_write_json
+from vtrlab.io import atomic_path, atomic_write_json
+from vtrlab.runner.paths import inside
 
 MANIFEST = "MANIFEST.json"
 FIGURE_SUFFIXES = (".pdf", ".png")
@@ -67,18 +71,45 @@ def manifest_lock(root: Path) -> FileLock:
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
+    """figures/MANIFEST.json as a dict; a truncated or corrupt one is set aside with a warning.
+
+    The bad file is renamed to ``MANIFEST.json.corrupt-<UTC time>`` (kept for inspection) and an
+    empty manifest is returned, so the next publish rebuilds it instead of failing every run.
+    """
     path = root / "figures" / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else {}
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    try:
+        data = json.loads(raw.decode("utf-8"))
+        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+            raise ValueError("expected an object mapping figure paths to records")
+        return data
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = path.with_name(f"{MANIFEST}.corrupt-{stamp}-{os.getpid()}")
+        os.replace(path, aside)
+        warnings.warn(
+            f"{path} is not a valid manifest ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            f"set aside as {aside.name} and rebuilt from the figures published from now on",
+            RuntimeWarning, stacklevel=2,
+        )
+        return {}
 
 
 def publish_figures(root: Path, source_dir: Path, dest_dir: Path, record: dict[str, Any]) -> list[Path]:
     """Copy a run's figures into `dest_dir` and record each file in figures/MANIFEST.json.
 
-    Earlier figures in `dest_dir` that this run did not produce are removed with their manifest
-    entries (a renamed figure must not linger with stale provenance). Subdirectories of
+    `dest_dir` must lie inside `root/figures` (else RunnerError). Earlier figures in `dest_dir`
+    that this run did not produce are removed with their manifest entries only when the manifest
+    says vtrlab published them (a renamed figure must not linger with stale provenance); a file
+    the manifest does not list (a user's own file) is never deleted. Subdirectories of
     `dest_dir` (grid runs) are left alone.
     """
     root = root.resolve()
+    figures_root = root / "figures"
+    dest_dir = inside(dest_dir, figures_root, "figure directory")
     files = sorted(p for p in source_dir.iterdir() if p.suffix in FIGURE_SUFFIXES) if source_dir.is_dir() else []
     published: list[Path] = []
     with manifest_lock(root):
@@ -86,18 +117,20 @@ def publish_figures(root: Path, source_dir: Path, dest_dir: Path, record: dict[s
         dest_dir.mkdir(parents=True, exist_ok=True)
         new_names = {p.name for p in files}
         for old in sorted(dest_dir.iterdir()):
-            if old.is_file() and old.suffix in FIGURE_SUFFIXES and old.name not in new_names:
+            if not (old.is_file() and old.suffix in FIGURE_SUFFIXES and old.name not in new_names):
+                continue
+            key = old.relative_to(root).as_posix()
+            if key in manifest:  # published by an earlier run: ours to replace
                 old.unlink()
-                manifest.pop(old.resolve().relative_to(root).as_posix(), None)
+                manifest.pop(key)
         for src in files:
             dest = dest_dir / src.name
-            tmp = dest.with_name(f".{dest.name}.tmp")
-            shutil.copyfile(src, tmp)
-            tmp.replace(dest)
-            key = dest.resolve().relative_to(root).as_posix()
+            with atomic_path(dest) as tmp:
+                shutil.copyfile(src, tmp)
+            key = dest.relative_to(root).as_posix()
             manifest[key] = {**record, "sha256": sha256(dest)}
             published.append(dest)
         # drop entries whose file is gone (deleted by hand)
         manifest = {k: v for k, v in manifest.items() if (root / k).is_file()}
-        atomic_write_json(root / "figures" / MANIFEST, manifest)
+        atomic_write_json(figures_root / MANIFEST, manifest)
     return published

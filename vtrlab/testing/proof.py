@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from vtrlab.models.base import KIND_IMAGE, KIND_NEWLINE
-from . import proof_spec
+from .registry import PROOF
 
 MARK = 4096.0  # channel 1 of every code; no text embedding of a random model comes near it
 BASE = 128
@@ -38,7 +38,7 @@ def _replace(out, codes_fn):
 def route_identity_codes(vlm, batch, module=None, codes=None):
     """(inputs_embeds as float, expected rows per sample, number of feature rows) with every feature
     row n of the proof module replaced by ``codes(t)`` (default: the identity code above)."""
-    spec_module, expected = proof_spec(vlm.family)(vlm, batch)
+    spec_module, expected = PROOF[vlm.family](vlm, batch)
     module = module or spec_module
     n_rows = {}
 
@@ -64,15 +64,6 @@ def route_identity_codes(vlm, batch, module=None, codes=None):
     return embeds.float(), expected, n_rows["n"]
 
 
-def image_token_id(vlm) -> int:
-    fn = getattr(vlm.adapter, "image_token_id", None)
-    if fn is not None:
-        return int(fn(vlm.model))
-    cfg = vlm.model.config
-    tid = getattr(cfg, "image_token_id", None)
-    return int(tid if tid is not None else cfg.image_token_index)
-
-
 def assert_layout_proven(vlm, batch, n_images: list[int] | None = None) -> int:
     """Assert the whole proof for ``batch``; returns the number of image positions checked."""
     embeds, expected, n_rows = route_identity_codes(vlm, batch)
@@ -83,7 +74,7 @@ def assert_layout_proven(vlm, batch, n_images: list[int] | None = None) -> int:
         e = embeds[i].cpu()
         is_code = e[:, 1] == MARK
         # (a) the processor's image placeholders are exactly the layout's image + newline positions
-        placeholder = set(torch.nonzero(ids[i] == image_token_id(vlm)).flatten().tolist())
+        placeholder = set(torch.nonzero(ids[i] == vlm.adapter.image_token_id(vlm.model)).flatten().tolist())
         fed = set(lay.positions[np.isin(lay.kind, [KIND_IMAGE, KIND_NEWLINE])].tolist())
         assert placeholder == fed, f"sample {i}: processor placeholders and layout positions disagree"
         if n_images is not None:

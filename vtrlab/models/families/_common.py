@@ -128,6 +128,7 @@ class LayoutRows:
     rows: list[tuple] = field(default_factory=list)
     vision_rows: list[tuple] = field(default_factory=list)
     grid_shapes: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
+    crop_lengths: dict[int, int] = field(default_factory=dict)  # crop -> tokens the vision encoder ran for it
 
     def add(self, position: int, kind: str, image: int, tile: int, row: int = -1, col: int = -1,
             box: Sequence[float] = NAN_BOX) -> None:
@@ -165,6 +166,7 @@ class LayoutRows:
             image_sizes=list(image_sizes),
             grid_shapes=dict(self.grid_shapes),
             vision=vision,
+            crop_lengths=dict(self.crop_lengths),
         )
 
 

@@ -146,11 +146,6 @@ class LlavaFamilyAdapter(FamilyAdapter):
         n = len(self.vision_layers(model))
         return (idx - 1) if idx >= 0 else (n + idx)
 
-    def image_token_id(self, model: nn.Module) -> int:
-        cfg = model.config
-        tid = getattr(cfg, "image_token_id", None)
-        return int(tid if tid is not None else cfg.image_token_index)
-
     def select_strategy(self, model: nn.Module) -> str:
         return model.config.vision_feature_select_strategy
 

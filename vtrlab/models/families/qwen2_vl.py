@@ -99,6 +99,7 @@ class Qwen2VLAdapter(FamilyAdapter):
                 # vision encoder: one token per pre-merge patch; vpos in the order the blocks see
                 prow, pcol = merged_patch_order(gh, gw, merge)
                 local = seq_order[starts[g] : starts[g + 1]] - starts[g]
+                rows.crop_lengths[g] = int(starts[g + 1] - starts[g])
                 for vpos, tok in enumerate(local):
                     r, c = int(prow[tok]), int(pcol[tok])
                     rows.add_vision(g, vpos, j, 0, r, c, image_box(r, c, (patch, patch), (0, 0), scale))

@@ -136,6 +136,34 @@ class StageProbe:
             attn(hidden_states=normed, **kw)
         return site.probs[0].float()
 
+    def rows_without_rope(self) -> torch.Tensor:
+        """Layer K's attention of the last prompt token computed **without rotary embeddings**:
+        ``softmax(q_last · Kᵀ · scale)`` over the present keys it may see, (B, H, L_cur) float32.
+        q and k come from the layer's own projections (and q/k norms where the family has them)
+        of its normalised input; K/V heads are shared by query groups as the model does."""
+        vlm = self.state.vlm
+        layer = vlm.lm_layers[self.layer]
+        attn = vlm.adapter.lm_attention(layer)
+        with torch.no_grad():
+            x = layer.input_layernorm(self.hidden)
+            bsz, L, _ = x.shape
+            last = torch.as_tensor(self.last_column, device=x.device)
+            x_last = x[torch.arange(bsz, device=x.device), last][:, None]
+            hd = attn.head_dim
+            q = attn.q_proj(x_last).view(bsz, 1, -1, hd).transpose(1, 2)
+            k = attn.k_proj(x).view(bsz, L, -1, hd).transpose(1, 2)
+            if getattr(attn, "q_norm", None) is not None:
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            scale = getattr(attn, "scaling", hd**-0.5)
+            scores = (q.float() @ k.float().transpose(-1, -2))[:, :, 0] * scale  # (B, H, L)
+            mask = self.kwargs.get("attention_mask")
+            if mask is not None:
+                row = mask[torch.arange(bsz, device=x.device), 0, last]  # (B, L)
+                allowed = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+                scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+            return torch.softmax(scores, -1)
+
     def image_scores(self, per_column: torch.Tensor) -> list[np.ndarray]:
         """(B, L_cur) per-column values read at each sample's present image tokens."""
         v = per_column.detach().double().cpu().numpy()
@@ -267,12 +295,25 @@ def _mask_for(state: RemovalState, base: Any, cols: torch.Tensor, valid: torch.T
     return allowed & valid[:, None, None, :]
 
 
-def _rotary(state: RemovalState, hidden: torch.Tensor, pos: torch.Tensor):
+def _rotary(state: RemovalState, k: int, hidden: torch.Tensor, pos: torch.Tensor):
+    """The LM's own rotary embedding at positions ``pos`` for layer ``k`` (its layer type, if typed)."""
+    import inspect
+
     lm = state.vlm.adapter.language_model(state.vlm.model)
     rot = getattr(lm, "rotary_emb", None)
     if rot is None:
         raise ValueError(f"positions='renumbered' needs the LM's rotary_emb; {type(lm).__name__} has none")
+    if "layer_type" in inspect.signature(rot.forward).parameters:
+        return rot(hidden, pos, lm.config.layer_types[k])
     return rot(hidden, pos)
+
+
+MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def uses_mrope(vlm: Any) -> bool:
+    """Whether the family's LM takes multi-axis (mRoPE) position ids, where renumbering is undefined."""
+    return vlm.family in MROPE_FAMILIES
 
 
 def _pre_hook(state: RemovalState, k: int):
@@ -358,7 +399,7 @@ def _sliced_kwargs(state: RemovalState, k: int, kwargs: dict, hidden: torch.Tens
     stage = _renum_stage(state, k)
     if stage is not None:
         pos = state.renum[stage]
-        out["position_embeddings"] = _rotary(state, hidden, pos)
+        out["position_embeddings"] = _rotary(state, k, hidden, pos)
         if kwargs.get("position_ids") is not None:
             out["position_ids"] = pos
         return out
@@ -394,7 +435,7 @@ def _decode_kwargs(state: RemovalState, k: int, kwargs: dict, hidden: torch.Tens
         if pos is None or pos.dim() != 2:
             raise ValueError("positions='renumbered' decoding needs 1-D position_ids")
         pos = _expand_batch(pos, bsz, 0) - state.shift[stage][:, None]
-        out["position_embeddings"] = _rotary(state, hidden, pos)
+        out["position_embeddings"] = _rotary(state, k, hidden, pos)
         out["position_ids"] = pos
     return out
 

@@ -11,10 +11,10 @@ from transformers import (
     LlavaNextProcessor,
 )
 
-from ._common import LLAVA_CHAT_TEMPLATE, image_processor
+from .._common import LLAVA_CHAT_TEMPLATE, image_processor
 from .llava import build_full, llava_family_proof
-from .registry import register_full_size, register_proof, register_tiny
-from .tokenizer import byte_tokenizer
+from ..registry import register_full_size, register_proof, register_tiny
+from ..tokenizer import byte_tokenizer
 
 
 def next_processor(side: int, patch: int, pinpoints: list[list[int]]):

@@ -13,11 +13,11 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from ._common import CHATML_TEMPLATE, image_processor
-from ._processors import build_processor
+from .._common import CHATML_TEMPLATE, image_processor
+from .._processors import build_processor
 from .llava import llava_family_proof
-from .registry import register_proof, register_tiny
-from .tokenizer import byte_tokenizer
+from ..registry import register_proof, register_tiny
+from ..tokenizer import byte_tokenizer
 
 
 def build_tiny_onevision(seed: int = 0, side: int = 32, patch: int = 8, max_grid: int = 4, aspect: str = "anyres_max_9"):

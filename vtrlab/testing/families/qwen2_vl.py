@@ -18,10 +18,10 @@ from transformers import (
     Qwen2VLProcessor,
 )
 
-from ._identities import expected_rows
-from .registry import register_full_size, register_proof, register_tiny
-from .tokenizer import byte_tokenizer
-from ._processors import build_processor, image_processor_class, video_processor
+from .._identities import expected_rows
+from ..registry import register_full_size, register_proof, register_tiny
+from ..tokenizer import byte_tokenizer
+from .._processors import build_processor, image_processor_class, video_processor
 
 # The real Qwen2-VL chat template, less tool calls and video (it opens with the default system turn).
 QWEN_CHAT_TEMPLATE = (

@@ -7,9 +7,9 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from vtrlab.models.base import KIND_IMAGE
-from ._common import LLAVA_CHAT_TEMPLATE, image_processor
-from .registry import register_full_size, register_proof, register_tiny
-from .tokenizer import byte_tokenizer
+from .._common import LLAVA_CHAT_TEMPLATE, image_processor
+from ..registry import register_full_size, register_proof, register_tiny
+from ..tokenizer import byte_tokenizer
 
 
 def llava_processor(image_size: int, patch: int, *, do_pad: bool = False, strategy: str = "default", n_cls: int = 1):

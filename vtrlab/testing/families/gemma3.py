@@ -6,10 +6,10 @@ import pandas as pd
 import torch
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
 
-from ._identities import expected_rows
-from ._processors import build_processor, image_processor_class
-from .registry import register_proof, register_tiny
-from .tokenizer import byte_tokenizer
+from .._identities import expected_rows
+from .._processors import build_processor, image_processor_class
+from ..registry import register_proof, register_tiny
+from ..tokenizer import byte_tokenizer
 
 # The checkpoints' template, less the system-prompt folding: images then text in a user turn.
 GEMMA3_CHAT_TEMPLATE = (

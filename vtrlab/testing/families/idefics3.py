@@ -17,10 +17,10 @@ from transformers import (
     SmolVLMProcessor,
 )
 
-from ._processors import build_processor, image_processor_class, video_processor
-from ._identities import expected_rows
-from .registry import register_proof, register_tiny
-from .tokenizer import byte_tokenizer
+from .._processors import build_processor, image_processor_class, video_processor
+from .._identities import expected_rows
+from ..registry import register_proof, register_tiny
+from ..tokenizer import byte_tokenizer
 
 # The checkpoints' chat template (Idefics3-8B-Llama3 / SmolVLM-Instruct): "User:<image>text<end_of_utterance>\nAssistant:"
 IDEFICS3_CHAT_TEMPLATE = (

@@ -1,0 +1,146 @@
+"""Bad inputs to every verb: capture, saliency, knockout, answer with keep masks.
+
+The verbs share `verb(vlm, batch, *, queries=, keys=, layers=)`; defect 10 of issue 15 was that
+floats and bools were coerced to indices (`rows=[1.5]` -> 1, `layers=True` -> 1). These rows use
+the unified keyword `queries=` (vtrlab.probes / vtrlab.flow, "core" helper's branch).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import Case, params, run_case
+
+import vtrlab as vl
+
+SELECTORS = ("'last'", "'question'", "'image'")  # the accepted names are listed in each error
+
+
+def cap(**kw):
+    return lambda c: vl.capture(c["vlm"], c["batch"], **{"layers": [0], "vision": False, **kw})
+
+
+def sal(**kw):
+    return lambda c: vl.saliency(c["vlm"], c["batch"], **{"layers": [0], **kw})
+
+
+def ko(**kw):
+    return lambda c: vl.knockout(c["vlm"], c["batch"], **{"layers": [0], **kw})
+
+
+def ans(keep=None, **kw):
+    def call(c):
+        k = keep(c) if callable(keep) else keep
+        return vl.answer(c["vlm"], c["batch"], keep=k, **{"max_new_tokens": 2, **kw})
+
+    return call
+
+
+def masks(n_extra=0, dtype=bool, count=None, fill=True, shape=None):
+    def make(c):
+        n = c["n_img"] + n_extra
+        one = np.full(shape or n, fill, dtype=dtype) if shape is None else np.full(shape(c["n_img"]), fill, dtype)
+        return [one.copy() for _ in range(count if count is not None else 2)]
+
+    return make
+
+
+def is_dataset(ds):
+    import xarray as xr
+
+    return isinstance(ds, xr.Dataset)
+
+
+def answers(n=2):
+    return lambda out: isinstance(out, list) and len(out) == n and all(isinstance(a, str) for a in out)
+
+
+BAD_POSITIONS = [  # (id, value, error, fragments)
+    ("float", 1.5, ValueError, ("1.5",)),
+    ("bool_true", True, ValueError, ("True",)),
+    ("bool_false", False, ValueError, ("False",)),
+    ("unknown_name", "answer", ValueError, ("'answer'", "'last'")),
+    ("typo", "lst", ValueError, ("'lst'",)),
+    ("none", None, ValueError, ("None",)),
+    ("dict", {"a": 1}, ValueError, ("{'a': 1}",)),
+    ("empty_list", [], ValueError, ("[]",)),
+    ("list_of_floats", [1.5], ValueError, ("1.5",)),
+    ("list_of_bools", [True], ValueError, ("True",)),
+    ("float_array", np.array([1.5]), ValueError, ("1.5",)),
+    ("far_negative", -1000, ValueError, ("not real tokens",)),
+    ("past_the_end", 10**6, ValueError, ("1000000", "not real tokens")),
+    ("list_past_end", [3, 10**6], ValueError, ("1000000",)),
+    ("pad_position", [0, 0], ValueError, ("[0, 0]", "not real tokens")),
+]
+
+GOOD_POSITIONS = [("last", "last"), ("question", "question"), ("image", "image"), ("int_list", [5, 6]),
+                  ("numpy_ints", np.array([5])), ("tensor_ints", torch.tensor([5])), ("negative", -1)]
+
+BAD_LAYERS = [
+    ("bool", True, ValueError, ("True",)),
+    ("float", 1.5, ValueError, ("1.5",)),
+    ("float_integral", 1.0, ValueError, ("1.0",)),
+    ("too_low", -100, ValueError, ("-100",)),
+    ("too_high", 99, ValueError, ("99", "0..5")),
+    ("name", "first", ValueError, ("'first'", "'all'")),
+    ("empty", [], ValueError, ("[]",)),
+    ("none", None, ValueError, ("None",)),
+    ("list_float", [1.0], ValueError, ("1.0",)),
+    ("list_bool", [True], ValueError, ("True",)),
+    ("list_too_high", [0, 6], ValueError, ("6",)),
+]
+
+CASES: list[Case] = []
+for verb, make in (("capture", cap), ("saliency", sal), ("knockout", ko)):
+    for name, value, err, frags in BAD_POSITIONS:
+        CASES.append(Case(f"{verb}_queries_{name}", make(queries=value), err, frags))
+    for name, value, err, frags in BAD_LAYERS:
+        CASES.append(Case(f"{verb}_layers_{name}", make(layers=value), err, frags))
+for name, value in GOOD_POSITIONS:
+    CASES.append(Case(f"capture_queries_ok_{name}", cap(queries=value), None, check=is_dataset))
+for name, value, err, frags in BAD_POSITIONS:
+    CASES.append(Case(f"knockout_keys_{name}", ko(keys=value), err, frags))
+CASES += [
+    Case("knockout_keys_ok_image", ko(keys="image"), None, check=is_dataset),
+    Case("knockout_keys_ok_text", ko(keys="text"), None, check=is_dataset),
+    Case("capture_layers_ok_negative", cap(layers=-1), None, check=lambda ds: is_dataset(ds)),
+    Case("capture_layers_ok_all", cap(layers="all"), None, check=is_dataset),
+    Case("capture_unknown_keyword_rows", cap(rows="last"), TypeError, ("rows",), ours=False),
+    # saliency targets
+    Case("saliency_target_float", sal(target=1.5), ValueError, ("1.5", "token id")),
+    Case("saliency_target_string", sal(target="red"), ValueError, ("'red'", "string")),
+    Case("saliency_target_bool", sal(target=True), ValueError, ("True",)),
+    Case("saliency_target_one_for_two", sal(target=[1]), ValueError, ("1 token ids", "2 samples")),
+    Case("saliency_target_three_for_two", sal(target=[1, 2, 3]), ValueError, ("3 token ids",)),
+    Case("saliency_target_out_of_vocab", sal(target=[1, 10**9]), ValueError, ("1000000000",)),
+    Case("saliency_target_negative", sal(target=[1, -1]), ValueError, ("-1",)),
+    Case("saliency_target_ok_list", sal(target=[1, 2]), None, check=is_dataset),
+    Case("saliency_target_ok_tensor", sal(target=torch.tensor([1, 2])), None, check=is_dataset),
+    Case("saliency_target_ok_none", sal(target=None), None, check=is_dataset),
+    # answer with keep masks
+    Case("answer_keep_one_mask_for_two", ans(masks(count=1)), ValueError, ("1 masks", "2 samples")),
+    Case("answer_keep_three_masks_for_two", ans(masks(count=3)), ValueError, ("3 masks",)),
+    Case("answer_keep_too_long", ans(masks(n_extra=1)), ValueError, ("keep[0]", "(257,)", "(256,)")),
+    Case("answer_keep_too_short", ans(masks(n_extra=-1)), ValueError, ("keep[0]", "(255,)")),
+    Case("answer_keep_float", ans(masks(dtype=float)), ValueError, ("keep[0]", "float64", "bool")),
+    Case("answer_keep_half", ans(masks(dtype=float, fill=0.5)), ValueError, ("float64",)),
+    Case("answer_keep_int", ans(masks(dtype=np.int64)), ValueError, ("int64",)),
+    Case("answer_keep_2d", ans(masks(shape=lambda n: (2, n))), ValueError, ("keep[0]", "(2, 256)")),
+    Case("answer_keep_ok_all_true", ans(masks()), None, check=answers()),
+    Case("answer_keep_ok_none", ans(None), None, check=answers()),
+    Case("answer_keep_ok_drop_all", ans(masks(fill=False)), None, check=answers()),
+    Case("answer_keep_ok_tensor", ans(lambda c: torch.ones(2, c["n_img"], dtype=torch.bool)), None, check=answers()),
+    Case("answer_max_new_tokens_zero", ans(None, max_new_tokens=0), ValueError, ("max_new_tokens=0",)),
+    Case("answer_max_new_tokens_negative", ans(None, max_new_tokens=-1), ValueError, ("max_new_tokens=-1",)),
+]
+
+
+@pytest.fixture(scope="module")
+def ctx(organism, batch):
+    return {"vlm": organism, "batch": batch, "n_img": int(batch.layouts[0].table().shape[0])}
+
+
+@params(CASES)
+def test_bad_verbs(case, ctx):
+    run_case(case, ctx)
