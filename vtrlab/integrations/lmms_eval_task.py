@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,6 +120,7 @@ def export_task(out: str | os.PathLike, data: str | os.PathLike = "organism", *,
     from vtrlab import __version__
     from vtrlab.data.answers import METRICS, format_prompt
     from vtrlab.data.sources import load_data
+    from vtrlab.io import atomic_dir
 
     name = name or default_task_name(data)
     if not isinstance(name, str) or not _NAME.match(name):
@@ -150,24 +150,11 @@ def export_task(out: str | os.PathLike, data: str | os.PathLike = "organism", *,
     meta = {"version": 1.0, "vtrlab_version": __version__, "metric": metric,
             "content_sha256": loaded.identity.get("content_sha256")}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:  # the folder appears whole, or the old one stays
         _write_parquet(loaded.records, prompts, tmp / f"{name}.parquet")
         (tmp / f"{name}.yaml").write_text(_yaml(name, out / f"{name}.parquet", max_new_tokens, meta))
         shutil.copyfile(UTILS_SOURCE, tmp / "utils.py")
         (tmp / TASK_CONFIG).write_text(json.dumps(config, indent=2, default=str) + "\n")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / "task")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out / f"{name}.yaml"
 
 
