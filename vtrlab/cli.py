@@ -311,7 +311,7 @@ def data(ctx: typer.Context) -> None:
 @typer_app.command("export-task")
 def export_task(
     out: Path = typer.Argument(..., help="task folder to write (YAML + parquet + utils.py); replaced whole"),
-    data: str = typer.Option("organism", "--data", help="organism, photos, or a path (.jsonl/.json/.parquet, folder, HF)"),
+    data: str = typer.Option("organism", "--data", help="organism, photos, or a path (.jsonl/.json/.parquet, HF)"),
     name: Optional[str] = typer.Option(None, "--name", help="lmms-eval task name (default vtrlab_<data>)"),
     n_samples: Optional[int] = typer.Option(None, "--n-samples", help="seeded random subset (organism: default 64)"),
     seed: int = typer.Option(0, "--seed"),

@@ -46,23 +46,22 @@ def _offline_env(home: Path) -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
-def lmms_run(tmp_path_factory):
+def _run_lmms_eval(root: Path) -> dict:
     """One lmms-eval CLI process evaluating the three runs and a failing one (a --config list)."""
-    root = tmp_path_factory.mktemp("lmms")
     task_dir = root / "task"
     export_task(task_dir, "organism", n_samples=N_SAMPLES, seed=SEED)
     configs = []
     for name, (args, _) in list(RUNS.items()) + [("failing", (FAILING, {}))]:
-        configs.append({"model": "vtrlab", "model_args": ",".join(a for a in ("pretrained=organism,device=cpu", args)
-                                                                     if a),
+        model_args = ",".join(a for a in ("pretrained=organism,device=cpu", args) if a)
+        configs.append({"model": "vtrlab", "model_args": model_args,
                         "tasks": TASK, "include_path": str(task_dir), "batch_size": str(BATCH),
                         "output_path": str(root / "out" / name), "log_samples": True})
     config = root / "runs.yaml"
     config.write_text(yaml.safe_dump(configs))
     started = time.time()
     proc = subprocess.run([sys.executable, "-m", "lmms_eval", "eval", "--config", str(config)],
-                          cwd=root, env=_offline_env(root / "hf"), capture_output=True, text=True, timeout=900, check=False)
+                          cwd=root, env=_offline_env(root / "hf"), capture_output=True, text=True, timeout=900,
+                          check=False)
     return {"root": root, "proc": proc, "started": started, "log": proc.stdout + proc.stderr}
 
 
@@ -95,44 +94,35 @@ def _logged_answers(out: Path) -> dict[int, str]:
             for r in rows}
 
 
-# one lmms-eval process for the module: keep its tests on one xdist worker (make test: --dist loadgroup)
-e2e = pytest.mark.xdist_group("lmms_eval_e2e")
-
-
 @pytest.mark.slow
-@e2e
-@pytest.mark.parametrize("run", list(RUNS))
-def test_lmms_eval_accuracy_equals_vl_answer(lmms_run, run):
-    out = lmms_run["root"] / "out" / run
-    try:
-        got = read_results(out, TASK, since=lmms_run["started"])
-    except EvaluationFailed:
-        pytest.fail(f"lmms-eval run {run!r} failed:\n{lmms_run['log'][-6000:]}")
-    want = _reference(RUNS[run][1])
+def test_lmms_eval_cli_end_to_end(tmp_path):
+    """One test (one lmms-eval process, whatever the xdist scheduling): per run, the accuracy in
+    results.json equals vl.answer's on the same samples and batches, answer by answer; the failing
+    run exits 0 (lmms-eval) and is detected by read_results, with vtrlab's message in the log."""
+    run = _run_lmms_eval(tmp_path)
     data = load_data("organism", n_samples=N_SAMPLES, seed=SEED)
-    accuracy = float(np.mean([answer_accuracy(a, r.answers) for a, r in zip(want, data)]))
-    assert got[TASK]["n_samples"] == N_SAMPLES
-    assert got[TASK]["accuracy"] == pytest.approx(accuracy, abs=1e-12)
-    logged = _logged_answers(out)
-    assert [logged[i] for i in range(N_SAMPLES)] == want  # answer by answer, not only the mean
-
-
-@pytest.mark.slow
-@e2e
-def test_budgets_change_the_answers(lmms_run):
-    """The method really reaches the model: keep-all, random and FastV answers are not all the same."""
-    answers = {run: _logged_answers(lmms_run["root"] / "out" / run) for run in RUNS}
+    answers = {}
+    for name, (_, method_kw) in RUNS.items():
+        out = run["root"] / "out" / name
+        try:
+            got = read_results(out, TASK, since=run["started"])
+        except EvaluationFailed:
+            pytest.fail(f"lmms-eval run {name!r} failed:\n{run['log'][-6000:]}")
+        want = _reference(method_kw)
+        accuracy = float(np.mean([answer_accuracy(a, r.answers) for a, r in zip(want, data)]))
+        assert got[TASK]["n_samples"] == N_SAMPLES, name
+        assert got[TASK]["accuracy"] == pytest.approx(accuracy, abs=1e-12), name
+        logged = _logged_answers(out)
+        answers[name] = [logged[i] for i in range(N_SAMPLES)]
+        assert answers[name] == want, name  # answer by answer, not only the mean
+    # the method really reaches the model: keep-all, random and FastV answers are not all the same
     assert answers["all"] != answers["random"] or answers["all"] != answers["fastv"]
 
-
-@pytest.mark.slow
-@e2e
-def test_failing_evaluation_is_detected(lmms_run):
     # lmms-eval 0.7.3 exits 0 when an evaluation fails: the failure is read from results.json
-    assert lmms_run["proc"].returncode == 0, lmms_run["log"][-3000:]
+    assert run["proc"].returncode == 0, run["log"][-3000:]
     with pytest.raises(EvaluationFailed, match="no \\*_results.json"):
-        read_results(lmms_run["root"] / "out" / "failing", TASK, since=lmms_run["started"])
-    assert "unknown reduction method 'no_such_method'; accepted:" in lmms_run["log"]  # vtrlab's own message
+        read_results(run["root"] / "out" / "failing", TASK, since=run["started"])
+    assert "unknown reduction method 'no_such_method'; accepted:" in run["log"]  # vtrlab's own message
 
 
 # -- the model class without the CLI (fast) -------------------------------------------------------------------
