@@ -10,6 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 STAMP := $(VENV)/.vtrlab-installed
+LMMS_STAMP := $(VENV)/.vtrlab-lmms-installed
 
 .PHONY: figures test install clean-figures
 
@@ -20,10 +21,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,ray,slurm]'
 	@touch $@
 
+# The lmms-eval plugin's end-to-end tests need the `lmms` extra (`make test` installs it; figures do not).
+# torch is pinned to the build already installed, so torchvision (which lmms-eval requires) resolves to
+# the release matching it and no CUDA torch is pulled. PyPI's torchvision is a CUDA build that breaks
+# imports on a CPU-only torch ("operator torchvision::nms does not exist"): it is removed where it does
+# not import; lmms-eval and vtrlab run without it.
+$(LMMS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[lmms]' "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
+	@$(PY) -c 'import torchvision' >/dev/null 2>&1 || $(PY) -m pip uninstall -q -y torchvision
+	@touch $@
+
 install: $(STAMP)
 
 figures: $(STAMP)
 	$(VENV)/bin/vtrlab figures $(FIGURES_ARGS)
 
-test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup -q -p no:cacheprovider $(PYTEST_ARGS)
+test: $(LMMS_STAMP)
+	VTRLAB_REQUIRE_LMMS=1 $(PY) -m pytest -n 2 --dist loadgroup -q -p no:cacheprovider $(PYTEST_ARGS)

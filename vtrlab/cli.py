@@ -308,6 +308,33 @@ def data(ctx: typer.Context) -> None:
     typer.main.get_command(data_app).main(args=list(ctx.args), prog_name="vtrlab data", standalone_mode=True)
 
 
+@typer_app.command("export-task")
+def export_task(
+    out: Path = typer.Argument(..., help="task folder to write (YAML + parquet + utils.py); replaced whole"),
+    data: str = typer.Option("organism", "--data", help="organism, photos, or a path (.jsonl/.json/.parquet, HF)"),
+    name: Optional[str] = typer.Option(None, "--name", help="lmms-eval task name (default vtrlab_<data>)"),
+    n_samples: Optional[int] = typer.Option(None, "--n-samples", help="seeded random subset (organism: default 64)"),
+    seed: int = typer.Option(0, "--seed"),
+    family: str = typer.Option("all", "--family", help="'all' or one task family / group"),
+    prompt_template: str = typer.Option("{question}", "--prompt-template", help="e.g. '{question} One word.'"),
+    metric: str = typer.Option("exact", "--metric", help="exact or vqa (vtrlab.data.answers)"),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens"),
+    question: Optional[str] = typer.Option(None, "--question", help="question for an image folder"),
+    answer_column: Optional[str] = typer.Option(None, "--answer-column"),
+    split: Optional[str] = typer.Option(None, "--split", help="split of a saved HF DatasetDict"),
+) -> None:
+    """Write an lmms-eval task folder from DATA (answers scored as in the notebooks); prints the YAML path."""
+    from vtrlab.integrations.lmms_eval_task import export_task as export
+
+    try:
+        path = export(out, data, name=name, n_samples=n_samples, seed=seed, family=family,
+                      prompt_template=prompt_template, metric=metric, max_new_tokens=max_new_tokens,
+                      question=question, answer_column=answer_column, split=split)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError) as exc:
+        _fail(str(exc))
+    typer.echo(str(path))
+
+
 app = typer_app  # console entry point: vtrlab = vtrlab.cli:app
 
 if __name__ == "__main__":  # pragma: no cover
