@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import Case, params, run_case
+from bad_cases import Case, params, run_case
 
 import vtrlab as vl
 

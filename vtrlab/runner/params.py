@@ -322,7 +322,8 @@ def load_yaml(text: str, where: str) -> Any:
             try:
                 hash(key)
             except TypeError:
-                raise ParameterError(f"{where}: unhashable mapping key on line {key_node.start_mark.line + 1}") from None
+                line = key_node.start_mark.line + 1
+                raise ParameterError(f"{where}: unhashable mapping key on line {line}") from None
             if key in seen:
                 raise ParameterError(
                     f"{where}: key {key!r} given twice (lines {seen[key]} and {key_node.start_mark.line + 1}); "
