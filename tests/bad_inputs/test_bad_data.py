@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 from bad_cases import Case, params, run_case
 from PIL import Image
 

@@ -119,6 +119,8 @@ def read_parameters(notebook: str | Path) -> ParameterSpec:
     try:
         nb = json.loads(path.read_text(encoding="utf-8"))
         nb_cells = nb["cells"]
+        if not isinstance(nb_cells, list) or not all(isinstance(c, dict) for c in nb_cells):
+            raise TypeError("cells is not a list of cells")
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise ParameterError(f"{str(path)!r} is not a readable .ipynb notebook ({type(exc).__name__})") from None
     name = path.stem
