@@ -150,9 +150,8 @@ YAML_FILES = {
 }
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
+def build_project(root):
+    """The notebooks and YAML files the rows refer to, under `root`."""
     nbs = root / "notebooks"
     write_notebook(nbs / "demo.ipynb", PARAMS, "print(n)")
     write_notebook(nbs / "syntax.ipynb", "n: int = = 2", "print(n)")
@@ -171,6 +170,11 @@ def project(tmp_path_factory):
     (root / "binary.yaml").write_bytes(b"\xff\xfe\x00\x01")
     (root / "pyproject.toml").write_text("")
     return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return build_project(tmp_path_factory.mktemp("cli"))
 
 
 def _one_line_error(result) -> str:
