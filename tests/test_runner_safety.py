@@ -229,7 +229,8 @@ def _wait_for(paths_, timeout=120.0):
 
 
 def _start(project: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    tree = str(Path(__file__).parents[1])  # this checkout's vtrlab first
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tree, os.environ.get("PYTHONPATH", "")])}
     env.pop(paths.ENV_ROOT, None)
     return subprocess.Popen([sys.executable, "-m", "vtrlab.cli", *args], cwd=project, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

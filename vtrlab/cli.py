@@ -14,9 +14,28 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import click
 import typer
 import typer.core
+
+
+
+def _exception_classes(name: str) -> tuple[type, ...]:
+    """`name` from click and from the copy of click that newer typer versions vendor (typer._click)."""
+    import typer.exceptions
+
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(getattr(importlib.import_module(module), name, None))
+        except ImportError:
+            pass
+    found.append(getattr(typer.exceptions, name, None))
+    return tuple({c for c in found if isinstance(c, type)})
+
+
+_CLICK_ERRORS = _exception_classes("ClickException")
+_ABORTS = _exception_classes("Abort")
+_UsageError = next(c for c in _exception_classes("UsageError") if issubclass(c, _CLICK_ERRORS))
 
 from vtrlab.runner.errors import RunnerError
 from vtrlab.runner.interrupt import describe, exit_cleanly_on_signals
@@ -42,11 +61,11 @@ class _Group(typer.core.TyperGroup):
             with exit_cleanly_on_signals(describe):
                 rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
                                   standalone_mode=False, **extra)
-        except click.ClickException as exc:
-            click.echo(f"error: {_one_line(exc.format_message())}", err=True)
+        except _CLICK_ERRORS as exc:
+            typer.echo(f"error: {_one_line(exc.format_message())}", err=True)
             rv = exc.exit_code
-        except (click.Abort, KeyboardInterrupt):
-            click.echo("error: interrupted", err=True)
+        except (*_ABORTS, KeyboardInterrupt):
+            typer.echo("error: interrupted", err=True)
             rv = 130
         if not standalone_mode:
             return rv
@@ -57,7 +76,7 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-_NUMBER = re.compile(r"^-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+_NUMBER = re.compile(r"^-((\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|inf|infinity|nan)$", re.IGNORECASE)
 
 
 def join_param_pairs(args: list[str]) -> list[str]:
@@ -74,7 +93,7 @@ def join_param_pairs(args: list[str]) -> list[str]:
             if len(pair) < 2 or looks_like_option:
                 got = " ".join([args[i], *pair[:1]]) if pair else args[i]
                 hint = f"; {looks_like_option[0]!r} looks like an option, not a value" if looks_like_option else ""
-                raise click.UsageError(f"{got}: -p needs a NAME and a VALUE{hint}")
+                raise _UsageError(f"{got}: -p needs a NAME and a VALUE{hint}")
             out += [args[i], f"{args[i + 1]}{_JOINED}{args[i + 2]}"]
             i += 3
             continue
@@ -245,12 +264,15 @@ def figures(
 @_user_errors
 def grid(
     grid_file: Path = typer.Argument(..., help="GRID.yaml: notebooks + parameter lists (cartesian product) + jobs"),
-    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="jobs at a time (default: one per GPU, else 1)"),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", "-w", help="jobs at a time (default: one per GPU, else 1)"),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="comma-separated GPU ids; each job sees one"),
     backend: str = typer.Option("local", "--backend", help="local | ray | slurm"),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray address (else $RAY_ADDRESS, else local)"),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray-address", help="Ray address (else $RAY_ADDRESS, else local)"),
     slurm_partition: Optional[str] = typer.Option(None, "--slurm-partition", help="Slurm partition"),
-    slurm_cluster: str = typer.Option("slurm", "--slurm-cluster", help="submitit cluster: slurm, or local to try without Slurm"),
+    slurm_cluster: str = typer.Option(
+        "slurm", "--slurm-cluster", help="submitit cluster: slurm, or local to try without Slurm"),
     timeout_min: int = typer.Option(240, "--timeout-min", help="Slurm time limit per job, minutes"),
     force: bool = typer.Option(False, "--force", help="re-run complete runs"),
 ) -> None:

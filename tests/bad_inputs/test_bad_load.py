@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Case, params, run_case
+from bad_cases import Case, params, run_case
 
 import vtrlab as vl
 from vtrlab.models.loader import ModelLoadError, WeightsMismatchError, organism_path
@@ -120,7 +120,8 @@ CASES = [
     Case("model_blank", lambda b: vl.load("   "), ModelLoadError, ("'   '",)),
     Case("model_bad_hub_id", lambda b: vl.load("a/b/c/d"), ModelLoadError, ("'a/b/c/d'",)),
     Case("model_dotdot_id", lambda b: vl.load("org/../../x"), ModelLoadError, ("'org/../../x'",)),
-    Case("model_missing_dir", lambda b: vl.load("./no-such-model"), ModelLoadError, ("'./no-such-model'", "config.json")),
+    Case("model_missing_dir", lambda b: vl.load("./no-such-model"), ModelLoadError,
+         ("'./no-such-model'", "config.json")),
     Case("model_a_file", lambda b: vl.load(str(ORGANISM / "config.json")), ModelLoadError, ("config.json",)),
     Case("model_no_config", lambda b: vl.load(b["config_missing"]), ModelLoadError, ("config_missing", "config.json")),
     # devices and dtypes: refused before any file is read
@@ -166,7 +167,8 @@ def test_bad_load(case, bundles):
     run_case(case, bundles)
 
 
-@pytest.mark.parametrize("name, fragment", [("weights_missing_key", "1 missing"), ("weights_extra_key", "1 unexpected")])
+@pytest.mark.parametrize("name, fragment", [("weights_missing_key", "1 missing"),
+                                            ("weights_extra_key", "1 unexpected")])
 def test_strict_false_loads_with_a_warning_naming_the_keys(bundles, name, fragment):
     with pytest.warns(RuntimeWarning, match=fragment):
         vlm = vl.load(bundles[name], device="cpu", strict=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import Case, params, run_case
+from bad_cases import Case, params, run_case
 from PIL import Image
 
 from vtrlab.models.images import as_image

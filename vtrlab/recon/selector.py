@@ -246,9 +246,16 @@ class Selector(nn.Module):
         path = Path(path)
         if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"{path} holds no selector; expected {CONFIG_FILE} and {WEIGHTS_FILE} in it")
-        cfg = SelectorConfig(**json.loads((path / CONFIG_FILE).read_text()))
+        try:
+            cfg = SelectorConfig(**json.loads((path / CONFIG_FILE).read_bytes().decode("utf-8")))
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:  # bad JSON, unknown or bad fields
+            raise ValueError(f"{path / CONFIG_FILE} is not a selector config: {str(exc).splitlines()[0]}") from None
         sel = cls(cfg)
-        sel.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+        try:
+            sel.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+        except Exception as exc:  # SafetensorError (corrupt), RuntimeError (keys/shapes of another config)
+            raise ValueError(f"{path / WEIGHTS_FILE} does not hold this selector's weights: "
+                             f"{str(exc).strip().splitlines()[0]}") from None
         return sel.to(device).eval()
 
     @staticmethod

@@ -62,7 +62,12 @@ def load_grid(path: str | Path, *, force: bool = False) -> list[Job]:
     notebooks = spec.get("notebooks", spec.get("notebook"))
     if "notebook" in spec and "notebooks" in spec:
         raise GridError(f"{path}: give either 'notebook' or 'notebooks', not both")
-    notebooks = [notebooks] if isinstance(notebooks, str) else list(notebooks or [])
+    if isinstance(notebooks, str):
+        notebooks = [notebooks]
+    elif notebooks is None:
+        notebooks = []
+    elif not isinstance(notebooks, list):
+        raise GridError(f"{path}: notebook must be a path string or a list of them, got {notebooks!r}")
     sweep = spec.get("parameters") or {}
     if not isinstance(sweep, dict):
         raise GridError(f"{path}: 'parameters' must be a mapping name -> value or list of values")
@@ -106,7 +111,8 @@ def _resolve_notebook(text: Any, grid_file: Path) -> Path:
     for candidate in (grid_file.parent / text, Path(text)):
         if candidate.is_file():
             return candidate
-    raise GridError(f"{grid_file}: notebook {text!r} not found (looked in {str(grid_file.parent)!r} and the working directory)")
+    raise GridError(
+        f"{grid_file}: notebook {text!r} not found (looked in {str(grid_file.parent)!r} and the working directory)")
 
 
 def _product(sweep: dict[str, Any], spec: ParameterSpec) -> list[dict[str, Any]]:

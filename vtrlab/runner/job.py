@@ -79,7 +79,8 @@ def run_in_process(job: Job, root: str | Path, env: Mapping[str, str] | None = N
             return RunResult(**json.loads(result_file.read_text()))
     return RunResult(
         job.name, job.hash, "failed", f"runs/{job.name}",
-        error={"cell": None, "ename": f"JobProcessExit({proc.exitcode})", "evalue": "the job process died before reporting"},
+        error={"cell": None, "ename": f"JobProcessExit({proc.exitcode})",
+               "evalue": "the job process died before reporting"},
     )
 
 

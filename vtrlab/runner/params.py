@@ -119,6 +119,8 @@ def read_parameters(notebook: str | Path) -> ParameterSpec:
     try:
         nb = json.loads(path.read_text(encoding="utf-8"))
         nb_cells = nb["cells"]
+        if not isinstance(nb_cells, list) or not all(isinstance(c, dict) for c in nb_cells):
+            raise TypeError("cells is not a list of cells")
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise ParameterError(f"{str(path)!r} is not a readable .ipynb notebook ({type(exc).__name__})") from None
     name = path.stem
@@ -322,7 +324,8 @@ def load_yaml(text: str, where: str) -> Any:
             try:
                 hash(key)
             except TypeError:
-                raise ParameterError(f"{where}: unhashable mapping key on line {key_node.start_mark.line + 1}") from None
+                line = key_node.start_mark.line + 1
+                raise ParameterError(f"{where}: unhashable mapping key on line {line}") from None
             if key in seen:
                 raise ParameterError(
                     f"{where}: key {key!r} given twice (lines {seen[key]} and {key_node.start_mark.line + 1}); "

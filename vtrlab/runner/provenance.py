@@ -49,7 +49,8 @@ def git_state(where: Path) -> dict[str, Any]:
     if commit is None:
         return {"git_commit": None, "git_dirty": None}
     top = git("rev-parse", "--show-toplevel")
-    status = git("-C", top.strip(), "status", "--porcelain", "--", ".", ":(exclude)figures", ":(exclude)runs") if top else None
+    excludes = (":(exclude)figures", ":(exclude)runs")
+    status = git("-C", top.strip(), "status", "--porcelain", "--", ".", *excludes) if top else None
     return {"git_commit": commit.strip(), "git_dirty": bool(status and status.strip())}
 
 

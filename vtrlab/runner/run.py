@@ -200,7 +200,8 @@ def run_job(job: Job, root: str | Path | None = None) -> RunResult:
     previous = _read_record(final)
     if previous and previous.get("status") == "ok" and not job.force:
         published = publish_figures(root, final / "figures", fig_dest, _manifest_record(previous, final, root))
-        return RunResult(name, digest, "skipped", rel(final), previous.get("duration_s", 0.0), [rel(p) for p in published])
+        duration = previous.get("duration_s", 0.0)
+        return RunResult(name, digest, "skipped", rel(final), duration, [rel(p) for p in published])
 
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
