@@ -84,8 +84,9 @@ def test_image_token_scores_mean_over_heads_and_real_rows():
     df = att.image_token_scores(ds)
     assert len(df) == 2 * 3 * GRID * GRID
     for r in df.sample(20, random_state=0).itertuples():
-        vals = [ds.lm_attn.values[r.sample, r.layer, h, q, r.position] for h in range(2) for q in range(2)
-                if not np.isnan(ds.query_position.values[r.sample, q])]
+        vals = [np.mean([ds.lm_attn.values[r.sample, r.layer, h, q, r.position] for h in range(2)]) for q in range(2)
+                if not np.isnan(ds.query_position.values[r.sample, q])
+                and r.position <= ds.query_position.values[r.sample, q]]  # rows that can see the token
         assert r.score == pytest.approx(np.mean(vals), abs=1e-12)
         assert (r.row, r.col) == (ds.key_row.values[r.sample, r.position], ds.key_col.values[r.sample, r.position])
     sums = df.groupby(["sample", "layer"]).share.sum()
@@ -94,6 +95,39 @@ def test_image_token_scores_mean_over_heads_and_real_rows():
     assert values.tolist() == df[(df["sample"] == 1) & (df.layer == 2)].sort_values("position").score.tolist()
     with pytest.raises(ValueError, match="no score for position"):
         att.token_values(df, 1, 2, [0])
+
+
+def test_image_token_scores_average_only_rows_that_see_the_token():
+    """queries='all' under a causal mask: row q sees keys 0..q. Uniform attention (1/(q+1) on each
+    visible key) must give image token k the mean over rows q >= k of 1/(q+1) — the old mean over
+    every row also counted the zeros of rows that cannot see k, inflating early tokens."""
+    N, image = 8, np.arange(1, 5)
+    attn = np.zeros((1, 1, 1, N, N))
+    for q in range(N):
+        attn[0, 0, 0, q, : q + 1] = 1.0 / (q + 1)
+    kind = np.full((1, N), "text", dtype=object)
+    kind[0, image] = "image"
+    lab = np.full((1, N), -1)
+    lab[0, image] = np.arange(len(image))
+    ds = xr.Dataset(
+        {
+            "lm_attn": (("sample", "layer", "head", "query", "key"), attn),
+            "query_position": (("sample", "query"), np.arange(N, dtype=float)[None]),
+            "key_kind": (("sample", "key"), kind.astype(str)),
+            "key_image": (("sample", "key"), np.where(lab >= 0, 0, -1)),
+            "key_tile": (("sample", "key"), np.where(lab >= 0, 0, -1)),
+            "key_row": (("sample", "key"), np.where(lab >= 0, 0, -1)),
+            "key_col": (("sample", "key"), lab),
+        },
+        coords={"sample": [0], "layer": [0], "head": [0], "query": np.arange(N), "key": np.arange(N)},
+    )
+    df = att.image_token_scores(ds).sort_values("position")
+    want = [np.mean([1.0 / (q + 1) for q in range(k, N)]) for k in image]
+    np.testing.assert_allclose(df.score.to_numpy(), want, rtol=1e-12)
+    old = [sum(1.0 / (q + 1) for q in range(k, N)) / N for k in image]  # zeros of blind rows counted
+    assert not np.allclose(df.score.to_numpy(), old)
+    # lift over uniform: every row is uniform over what it sees, so every token's lift is exactly 1
+    np.testing.assert_allclose(df.lift.to_numpy(), 1.0, rtol=1e-12)
 
 
 def test_vision_scores_skip_cls_and_average_heads():

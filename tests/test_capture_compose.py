@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import vtrlab as vl
-from vtrlab.flow import knocked_out, knockout, saliency
+from vtrlab.flow import knocked_out, knockout
 from vtrlab.probes import capture
 from vtrlab.probes.attention import Site, current_session, session
 from vtrlab.probes.switch import _configs
@@ -49,7 +49,8 @@ def _blocked(vlm, batch, cuts):
     out = {}
     for keys, queries, layers in cuts:
         for i in layers:
-            m = out.setdefault(id(vlm.adapter.lm_attention(vlm.lm_layers[i])), torch.zeros(len(batch), N, N, dtype=torch.bool))
+            key_ = id(vlm.adapter.lm_attention(vlm.lm_layers[i]))
+            m = out.setdefault(key_, torch.zeros(len(batch), N, N, dtype=torch.bool))
             for b, L in enumerate(batch.layouts):
                 q = torch.as_tensor(np.asarray(pick[queries](L)), dtype=torch.long)
                 k = torch.as_tensor(np.asarray(pick[keys](L)), dtype=torch.long)
@@ -147,7 +148,8 @@ def test_nested_knockouts_unite_and_restore(setup):
     with knocked_out(vlm, batch, keys="image", queries="last", layers=[0]):
         ko = knockout(vlm, batch, keys="question", queries="last", layers=[0, -1])
     np.testing.assert_allclose(ko.logprobs.values, torch.log_softmax(ref_both[rows, last], -1).numpy(), atol=1e-4)
-    np.testing.assert_allclose(ko.logprobs_clean.values, torch.log_softmax(ref_outer[rows, last], -1).numpy(), atol=1e-4)
+    want_clean = torch.log_softmax(ref_outer[rows, last], -1).numpy()
+    np.testing.assert_allclose(ko.logprobs_clean.values, want_clean, atol=1e-4)
 
 
 def test_two_recorders_on_one_module_are_refused():
@@ -237,3 +239,39 @@ def test_public_family_of_verbs():
         assert all(p.kind is p.KEYWORD_ONLY for n, p in params.items() if n not in ("vlm", "batch"))
         assert "queries" in params and "layers" in params and "rows" not in params
     assert "keys" in inspect.signature(vl.knockout).parameters
+
+
+def test_a_new_recorder_kind_plugs_in_and_sees_the_cut(setup):
+    """A site with ``on_call`` (how rollout-like recorders plug in) gets the final mask of each call."""
+    from vtrlab.probes import attention_switched
+
+    vlm, batch = setup
+    got = []
+    attn0 = vlm.adapter.lm_attention(vlm.lm_layers[0])
+    site = Site("lm", 0, probe="recorder", on_call=lambda s, m, q, k, v, mask, *rest: got.append(mask))
+    with knocked_out(vlm, batch, keys="image", queries="last", layers=[0]):
+        with attention_switched(vlm.model), session({id(attn0): site}), torch.no_grad():
+            vlm.model(**batch.inputs, use_cache=False)
+    (mask,) = got
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    for b, L in enumerate(batch.layouts):
+        assert not allowed[b, :, L.last_position, L.image_positions].any()
+        assert allowed[b, :, L.last_position, L.last_position].all()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"keys": [1.7]}, r"keys: 1.7 is not an integer position"),
+    ({"queries": [True]}, r"queries: True is not an integer position"),
+    ({"layers": True}, r"layers=True is not accepted"),
+    ({"layers": [0.0]}, r"layers: 0.0 is not an index"),
+    ({"keys": "pixels"}, r"keys='pixels' is not accepted; use one of \('last', 'question', 'text', 'all', 'image'"),
+    ({"queries": "image_block"}, r"queries='image_block' is not accepted"),
+])
+def test_knockout_selectors_are_strict(setup, kwargs, match):
+    vlm, batch = setup
+    with pytest.raises(ValueError, match=match):
+        knockout(vlm, batch, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        with knocked_out(vlm, batch, **kwargs):
+            pass
+    assert current_session() is None

@@ -46,14 +46,38 @@ def check_image_visible(share: pd.DataFrame) -> None:
         )
 
 
+def visible_keys(ds: xr.Dataset) -> xr.DataArray:
+    """(sample, layer, query, key) bool: whether each captured query row can see each key.
+
+    A key is visible to a row when it is not after it (``key <= query_position``, the causal mask) or
+    when the row gave it attention (bidirectional blocks, e.g. Gemma3's image tokens). Padding rows
+    see nothing.
+    """
+    attn = _heads_mean(ds.lm_attn.astype(np.float64), "head")
+    causal = (ds["key"] <= ds.query_position) & (ds.key_kind != "pad")  # NaN (padding rows) compares False
+    return (causal | (attn > 0)) & ds.query_position.notnull()
+
+
 def image_token_scores(ds: xr.Dataset) -> pd.DataFrame:
-    """Attention each image token receives per LM layer (mean over heads and query rows).
+    """Attention each image token receives per LM layer: mean over heads, then over the query rows
+    that can *see* the token (:func:`visible_keys`) — a row the causal mask hides a key from says
+    nothing about it (averaging its zero would inflate early tokens when ``queries="all"``).
 
     Columns: sample, layer, position, image, tile, row, col, score, share (score over the sample's
-    image tokens at that layer, so rows of a sample/layer sum to 1).
+    image tokens at that layer, so rows of a sample/layer sum to 1), lift (mean over the same rows of
+    the attention times the row's number of visible keys: 1 = what a uniform row gives). With several
+    query rows (``queries="all"``), ``score`` still favours early tokens under a causal mask (they are
+    seen by short rows, whose attention is spread over few keys); ``lift`` does not. A token no
+    captured row can see gets NaN.
     """
-    scores = _heads_mean(ds.lm_attn.astype(np.float64), "head").mean("query", skipna=True)  # (sample, layer, key)
-    return _token_table(scores, ds, "layer", "key", "key_", image_kind="image", pos_name="position")
+    attn = _heads_mean(ds.lm_attn.astype(np.float64), "head")
+    visible = visible_keys(ds)
+    scores = attn.where(visible).mean("query", skipna=True)  # (sample, layer, key)
+    lift = (attn * visible.sum("key")).where(visible).mean("query", skipna=True)
+    table = _token_table(scores, ds, "layer", "key", "key_", image_kind="image", pos_name="position")
+    lifts = _token_table(lift, ds, "layer", "key", "key_", image_kind="image", pos_name="position")
+    table["lift"] = lifts["score"].to_numpy()  # same rows, same order
+    return table
 
 
 def vision_token_scores(ds: xr.Dataset) -> pd.DataFrame:
@@ -82,7 +106,7 @@ def _token_table(scores: xr.DataArray, ds: xr.Dataset, layer_dim: str, key_dim: 
             labels = {"crop": ds[f"{prefix}crop"].values[b, sel], "vpos": ds[f"{prefix}vpos"].values[b, sel], **labels}
         else:
             labels = {"position": sel, **labels}
-        total = vals.sum(1, keepdims=True)
+        total = np.nansum(vals, 1, keepdims=True)
         frame = pd.DataFrame({
             "sample": b,
             layer_dim: np.repeat(layers, sel.size),

@@ -125,7 +125,10 @@ def knockout(vlm, batch, *, keys="image", queries="last", layers="all", target=N
     inputs = dict(batch.inputs)
     with torch.no_grad():
         clean = log_probs_at_last(vlm, layouts, vlm.model(**inputs, use_cache=False).logits)
-        tgt = clean.argmax(-1) if target is None else validate_target(target, len(layouts), clean.shape[-1], clean.device)
+        if target is None:
+            tgt = clean.argmax(-1)
+        else:
+            tgt = validate_target(target, len(layouts), clean.shape[-1], clean.device)
         with knocked_out(vlm, batch, keys=keys, queries=queries, layers=layers):
             cut = log_probs_at_last(vlm, layouts, vlm.model(**inputs, use_cache=False).logits)
     rows = torch.arange(len(layouts), device=clean.device)

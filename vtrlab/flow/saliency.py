@@ -22,7 +22,9 @@ from vtrlab.probes.switch import attention_switched
 from .target import log_probs_at_last, validate_target
 
 
-def attention_times_grad(probs: torch.Tensor, d_out: torch.Tensor, value: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def attention_times_grad(
+    probs: torch.Tensor, d_out: torch.Tensor, value: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
     """``A ⊙ (dO·Vᵀ)`` for ``rows``: probs (B, H, R, N), d_out (B, Q, H, D) (the attention output's
     gradient, HF layout), value (B, Hkv, N, D), rows (B, R) with -1 padding -> (B, H, R, N)."""
     B, H, R, N = probs.shape

@@ -10,13 +10,25 @@ Inside one, each attention module that the session names (a :class:`Site`) may:
   on purpose, for the layers asked);
 * keep what gradient saliency needs for chosen rows: the rows' probabilities, V, and the attention
   output tensor, so that ``A ⊙ (dO · Vᵀ)`` is formed after ``autograd.grad`` (no N×N).
+
+Probes compose through one session: entering a probe (:class:`session`) *adds* its sites to those
+already active (a ContextVar, so threads never share one); several sites may sit on one module.
+Per call, the attention function (1) unites the edges every site's mask edit blocks
+(``Site.knockout``: any object with ``blocked(query, key) -> (B, Q, N) bool``, which maps its
+positions to the running sequence or raises), (2) runs stock sdpa under that mask, (3) lets every
+recording site keep what it asks for, computed under the same final mask. New site kinds plug in
+there: a mask edit (e.g. an in-LM reduction that hides tokens) implements ``blocked``; a recorder
+(e.g. rollout) sets ``Site.on_call``, called with ``(site, module, query, key, value, mask, scaling,
+causal, out)``. Probes that act on layer outputs rather than attention (logit lens) use a forward
+hook and compose automatically, since the forward they observe already runs under the session.
+Sequences other than the batch a site was built for are declared with :class:`sequence_map`.
 """
 
 from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -139,6 +151,7 @@ class Site:
     head_sel: torch.Tensor | None = None
     head_mean: bool = False
     probe: str = "probe"  # the verb that made the site (for error messages)
+    on_call: Callable[..., None] | None = None  # a recorder kind of its own (see the module docstring)
     # filled during the forward
     probs: list[torch.Tensor] = field(default_factory=list)  # lm: (B, H, R, N); vision: (B, H, N) per call
     segments: list[tuple[int, int]] = field(default_factory=list)  # vision: (offset, length) per call
@@ -147,7 +160,8 @@ class Site:
     @property
     def records(self) -> bool:
         """Whether the site keeps something from the forward (as opposed to only changing it)."""
-        return self.rows is not None or self.vision_mode is not None or self.saliency_rows is not None
+        return (self.rows is not None or self.vision_mode is not None or self.saliency_rows is not None
+                or self.on_call is not None)
 
 
 @dataclass
@@ -416,6 +430,8 @@ def _record(site: Site, module, query, key, value, mask, scaling, causal, out) -
         with torch.no_grad():
             a = row_probabilities(module, query.detach(), key.detach(), mask, scaling, causal, site.saliency_rows)
         site.saliency = {"probs": a, "value": value.detach(), "output": out, "rows": site.saliency_rows}
+    if site.on_call is not None:
+        site.on_call(site, module, query, key, value, mask, scaling, causal, out)
 
 
 def register() -> str:

@@ -106,7 +106,8 @@ def _vision_table(layouts, probs_by_layer: dict[int, torch.Tensor], layers: list
                 )
             values[b, li, :, : len(t)] = p[crop, :, vpos].T
     coords = {}
-    for col, fill in (("kind", "pad"), ("crop", -1), ("vpos", -1), ("image", -1), ("tile", -1), ("row", -1), ("col", -1)):
+    fills = (("kind", "pad"), ("crop", -1), ("vpos", -1), ("image", -1), ("tile", -1), ("row", -1), ("col", -1))
+    for col, fill in fills:
         arr = np.full((len(layouts), V), fill, dtype=object if col == "kind" else np.int64)
         for b, t in enumerate(tables):
             arr[b, : len(t)] = t[col].to_numpy()
@@ -144,7 +145,7 @@ def capture(
         vision_layers: ``"all"`` or vision layer indices.
 
     Returns an ``xarray.Dataset`` with ``lm_attn`` (sample, layer, head, query, key),
-    ``query_position`` (sample, query; NaN where a sample has fewer rows), key labels
+    ``query_position`` (sample, query; NaN where a sample has fewer queries), key labels
     ``key_kind/key_image/key_tile/key_row/key_col`` (sample, key), and if asked ``vision_attn``
     (sample, vision_layer, vision_head, vision_key) with ``vision_key_*`` labels, and
     ``hidden_norm`` (sample, layer, key). The model's outputs are those of a plain sdpa forward.
@@ -168,7 +169,8 @@ def capture(
     shape = (len(layouts), len(lm_layers)) + (() if head_mean else (len(head_sel),)) + (rows_np.shape[1], seq_len)
     buffer = torch.empty(shape, dtype=sdtype, pin_memory=device.type == "cuda")
     sites = _lm_sites(vlm, lm_layers, rows_t, sdtype, "cpu")
-    sel = None if len(head_sel) == n_heads and list(head_sel) == list(range(n_heads)) else torch.as_tensor(head_sel, device=device)
+    every_head = len(head_sel) == n_heads and list(head_sel) == list(range(n_heads))
+    sel = None if every_head else torch.as_tensor(head_sel, device=device)
     for site in sites.values():
         site.out, site.head_sel, site.head_mean = buffer[:, lm_layers.index(site.layer)], sel, head_mean
 
@@ -194,7 +196,9 @@ def capture(
             lm[site.layer] = site.probs[0]  # a view of `buffer`
         else:
             if not site.probs:
-                raise RuntimeError(f"vision layer {site.layer}'s attention never ran through {type(vlm.model).__name__}")
+                raise RuntimeError(
+                    f"vision layer {site.layer}'s attention never ran through {type(vlm.model).__name__}"
+                )
             # packed encoders (one call per image / window) give (1, H, S_seg) pieces: join along keys
             vis[site.layer] = torch.cat(site.probs, dim=-1).float().cpu()
 
@@ -219,7 +223,7 @@ def capture(
     if vision:
         values, vcoords = _vision_table(layouts, vis, v_layers)
         values = values.mean(2) if head_mean else values
-        vdims = ("sample", "vision_layer", "vision_key") if head_mean else ("sample", "vision_layer", "vision_head", "vision_key")
+        vdims = ("sample", "vision_layer") + (() if head_mean else ("vision_head",)) + ("vision_key",)
         data["vision_attn"] = (vdims, values.astype(np.float16 if sdtype == torch.float16 else np.float32))
         data.update(vcoords)
         coords["vision_layer"] = np.asarray(v_layers)
@@ -253,7 +257,9 @@ def _num_heads(attn_module) -> int:
     raise AttributeError(f"cannot tell how many heads {type(attn_module).__name__} has")
 
 
-def capture_batches(vlm, images: Sequence, prompts: Sequence[str], batch_size: int = 8, progress: bool = True, **kwargs):
+def capture_batches(
+    vlm, images: Sequence, prompts: Sequence[str], batch_size: int = 8, progress: bool = True, **kwargs
+):
     """Capture many samples in batches: yields ``(first_sample_index, batch, dataset)`` per batch.
 
     ``kwargs`` go to :func:`capture`. Batches differ in sequence length, so their datasets are

@@ -38,7 +38,9 @@ def _int_list(values, what: str, accepted: str) -> list[int]:
         values = values.detach().cpu().numpy()
     if isinstance(values, np.ndarray):
         if values.dtype.kind not in "iu":
-            raise ValueError(f"{what}: an array of dtype {values.dtype} is not a list of positions; accepted: {accepted}")
+            raise ValueError(
+                f"{what}: an array of dtype {values.dtype} is not a list of positions; accepted: {accepted}"
+            )
         return [int(v) for v in values.ravel()]
     out = []
     for v in values:
@@ -65,7 +67,8 @@ def positions_per_sample(layouts: Sequence[ImageLayout], spec, what: str = "quer
             spec = [spec]
         if torch.is_tensor(spec):
             spec = spec.detach().cpu().numpy()
-        if spec is None or isinstance(spec, (bool, float, np.bool_, np.floating, dict, set)) or not hasattr(spec, "__iter__"):
+        scalar = isinstance(spec, (bool, float, np.bool_, np.floating, dict, set))
+        if spec is None or scalar or not hasattr(spec, "__iter__"):
             raise ValueError(f"{what}={spec!r} is not accepted; use {accepted}")
         if isinstance(spec, np.ndarray):
             if spec.ndim not in (1, 2):
@@ -73,7 +76,8 @@ def positions_per_sample(layouts: Sequence[ImageLayout], spec, what: str = "quer
             nested, items = spec.ndim == 2, list(spec) if spec.ndim == 2 else spec
         else:
             items = list(spec)
-            nested = len(items) > 0 and all(isinstance(r, (list, tuple, range, np.ndarray, torch.Tensor)) for r in items)
+            sequences = (list, tuple, range, np.ndarray, torch.Tensor)
+            nested = len(items) > 0 and all(isinstance(r, sequences) for r in items)
         if nested:
             arr = [np.asarray(_int_list(r, what, accepted), dtype=np.int64) for r in items]
             if len(arr) != len(layouts):
