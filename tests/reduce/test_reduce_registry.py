@@ -146,3 +146,16 @@ def test_merged_embeddings_reach_the_lm(llava):
     torch.testing.assert_close(got, ref)
     no_merge = logits(vlm, batch, keep=sel.keep, decoder_inputs=dec).last
     assert not torch.allclose(got, no_merge)
+
+
+def test_every_method_documents_itself():
+    """Each registered method names its stage, position policy, defaults and its source (docstring too)."""
+    for name in names():
+        m = get(name)
+        cls = type(m)
+        assert m.stage in ("tower", "projector", "lm"), name
+        assert m.positions in ("kept", "renumbered"), name
+        assert isinstance(m.defaults, dict), name
+        assert m.source, f"{name}: no source"
+        doc = (__import__(cls.__module__, fromlist=["x"]).__doc__ or "") + (cls.__doc__ or "")
+        assert len(doc) > 80, f"{name}: module/class docstring must name the source and code/paper differences"
