@@ -6,11 +6,11 @@ import torch
 from PIL import Image
 
 from vtrlab.models.base import ImageLayout
+from vtrlab.models.labels import token_dataset
 from vtrlab.recon import (
     Selector,
     SelectorConfig,
     layer_error,
-    token_dataset,
     token_error,
     token_features,
     vision_features,

@@ -7,6 +7,8 @@ and reads the packed vision sequence with the same offsets:
 * :func:`token_coordinates` — the per-image-token axis ``token`` (layout order, image tokens only)
   with the layout's labels (position, image, tile, row, col, pixel box) per sample;
   (the value of a patch-grid mask at each image token is ``ImageLayout.tokens_from_grid``);
+* :func:`token_dataset` — per-image-token values of every sample (per layer) as an ``xarray.Dataset``
+  on that axis, the shape every per-token signal returns (recon errors, reduction scores, ...);
 * :func:`packed_crop_offsets` — where each crop starts in the one sequence a packed vision encoder
   (Qwen2-VL) runs, from the lengths the adapter recorded (not from the rows a vision table lists).
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
+import xarray as xr
 
 from .base import KIND_IMAGE, ImageLayout
 
@@ -77,6 +80,39 @@ def token_coordinates(layouts: Sequence[Any]) -> dict[str, Any]:
     out.update({k: (("sample", "token"), v) for k, v in ints.items()})
     out.update({k: (("sample", "token"), v) for k, v in boxes.items()})
     return out
+
+
+def token_dataset(
+    variables: dict[str, tuple[str | None, dict[int, Sequence[np.ndarray]]]],
+    layouts: Sequence[Any],
+    attrs: dict | None = None,
+) -> xr.Dataset:
+    """A Dataset of per-image-token values: ``variables[name] = (layer_dim, {layer: [per-sample arrays]})``
+    with ``layer_dim`` ``"layer"``, ``"vision_layer"`` or ``None`` (then the dict has one entry, key
+    ignored). Each per-sample array has one value per LM image token (layout order); the ``token``
+    axis is labelled by :func:`token_coordinates` and padded with NaN."""
+    coords = token_coordinates(layouts)
+    n = len(coords["token"])
+    data, layer_coords = {}, {}
+    for name, (dim, per_layer) in variables.items():
+        keys = list(per_layer)
+        arr = np.full((len(layouts), len(keys), n), np.nan)
+        for j, key in enumerate(keys):
+            for s, lay in enumerate(layouts):
+                v = np.asarray(per_layer[key][s], dtype=float)
+                if v.shape != (lay.n_image_tokens,):
+                    raise ValueError(
+                        f"{name}[{key!r}][{s}] has shape {v.shape}; sample {s} has {lay.n_image_tokens} image tokens"
+                    )
+                arr[s, j, : len(v)] = v
+        if dim is None:
+            data[name] = (("sample", "token"), arr[:, 0])
+        else:
+            data[name] = (("sample", dim, "token"), arr)
+            layer_coords[dim] = np.asarray(keys, dtype=np.int64)
+    return xr.Dataset(
+        data, coords={"sample": np.arange(len(layouts)), **layer_coords, **coords}, attrs=dict(attrs or {})
+    )
 
 
 def packed_crop_offsets(layouts: Sequence[Any]) -> dict[int, int]:

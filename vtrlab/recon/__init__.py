@@ -10,7 +10,7 @@
 
 from .error import masked_token_error, token_error
 from .features import SampleFeatures, token_features, vision_features
-from .ridge import layer_error, ridge_token_error, token_dataset
+from .ridge import layer_error, ridge_token_error
 from .selector import (
     Selector,
     SelectorConfig,
@@ -27,7 +27,6 @@ __all__ = [
     "gumbel_keep_mask",
     "layer_error",
     "ridge_token_error",
-    "token_dataset",
     "token_features",
     "masked_token_error",
     "selector_loss",

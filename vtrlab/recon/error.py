@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ..models.labels import token_dataset
 from .features import SampleFeatures, resolve_vision_layer, vision_features
-from .ridge import token_dataset
 from .selector import Selector, collate
 
 MODES = ("single", "random")

@@ -31,41 +31,8 @@ import numpy as np
 import xarray as xr
 
 from ..models.base import KIND_IMAGE
-from ..models.labels import token_coordinates
+from ..models.labels import token_dataset
 from .features import token_features
-
-
-def token_dataset(
-    variables: dict[str, tuple[str | None, dict[int, Sequence[np.ndarray]]]],
-    layouts: Sequence[Any],
-    attrs: dict | None = None,
-) -> xr.Dataset:
-    """A Dataset of per-image-token values: ``variables[name] = (layer_dim, {layer: [per-sample arrays]})``
-    with ``layer_dim`` ``"layer"``, ``"vision_layer"`` or ``None`` (then the dict has one entry, key
-    ignored). Each per-sample array has one value per LM image token (layout order); the ``token``
-    axis is labelled by ``models.labels.token_coordinates`` and padded with NaN."""
-    coords = token_coordinates(layouts)
-    n = len(coords["token"])
-    data, layer_coords = {}, {}
-    for name, (dim, per_layer) in variables.items():
-        keys = list(per_layer)
-        arr = np.full((len(layouts), len(keys), n), np.nan)
-        for j, key in enumerate(keys):
-            for s, lay in enumerate(layouts):
-                v = np.asarray(per_layer[key][s], dtype=float)
-                if v.shape != (lay.n_image_tokens,):
-                    raise ValueError(
-                        f"{name}[{key!r}][{s}] has shape {v.shape}; sample {s} has {lay.n_image_tokens} image tokens"
-                    )
-                arr[s, j, : len(v)] = v
-        if dim is None:
-            data[name] = (("sample", "token"), arr[:, 0])
-        else:
-            data[name] = (("sample", dim, "token"), arr)
-            layer_coords[dim] = np.asarray(keys, dtype=np.int64)
-    return xr.Dataset(
-        data, coords={"sample": np.arange(len(layouts)), **layer_coords, **coords}, attrs=dict(attrs or {})
-    )
 
 
 def _neighbours(layout: Any) -> np.ndarray:
