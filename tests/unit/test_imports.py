@@ -3,7 +3,7 @@ ones resolved, plus module paths named in lazy-import tables) goes down the tabl
 modules import each other in a circle.
 
 Bottom to top (``shared/DESIGN.md``): models → probes → flow / recon → reduce (its registry holds the
-learned selector of recon) → analysis → plots → runner → integrations / cli. ``metrics`` is pure and may be imported from anywhere (it imports nothing of vtrlab);
+learned selector of recon) → analysis → plots → runner → ``vtrlab`` → integrations → cli. ``metrics`` is pure and may be imported from anywhere (it imports nothing of vtrlab);
 ``data`` sits just above models (it may read layouts; models never read data); ``organism`` builds a
 model from data and sits with the probes' consumers; ``testing`` sits beside models: it may import
 models, probes and data, and nothing at runtime imports it.
@@ -32,9 +32,9 @@ RANK = {
     "analysis": 5,
     "plots": 6,
     "runner": 7,
-    "integrations": 8,
-    "cli": 8,
-    "vtrlab": 9,  # the package's lazy top-level namespace (vtrlab/__init__.py)
+    "vtrlab": 8,  # the package's lazy top-level namespace (vtrlab/__init__.py)
+    "integrations": 9,  # harness plugins use the public namespace, as a user's code does
+    "cli": 10,
 }
 ANYWHERE = {"metrics", "io", "_io", "_validate", "_version"}  # pure helpers; they import nothing above themselves
 SIDE = {"testing": {"models", "probes", "data"}}  # beside the table; imported by tests only

@@ -28,7 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.base import Batch
-from ..probes.attention import APPENDED, sequence_map
+from ..probes.attention import APPENDED
+from .forward import forward_embeds
 from .keep import KeepMasks, ReducedInputs, reduced_decoder_inputs
 
 
@@ -52,28 +53,6 @@ def _pad_id(vlm: Any, eos: list[int]) -> int:
     if pad is None:
         pad = eos[0] if eos else 0
     return int(pad[0] if isinstance(pad, (list, tuple)) else pad)
-
-
-def _forward(vlm: Any, embeds, attention_mask, position_ids, cache=None, use_cache=True, extras=None, last_only=False,
-             source=None):
-    """One call of the model on embeddings; returns (float32 logits, cache). A mask of all ones is
-    passed as None, as ``generate`` does, so the attention path (and its numerics) is the same.
-    ``last_only`` computes the head for the last column only (``logits_to_keep=1``), as
-    ``generate`` does: a full (B, L, vocab) tensor is large for real models."""
-    if last_only:
-        extras = {**(extras or {}), "logits_to_keep": 1}
-    mask = None if bool((attention_mask == 1).all()) else attention_mask
-    with sequence_map(*source) if source is not None else contextlib.nullcontext():
-        out = vlm.model(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=use_cache,
-            return_dict=True,
-            **(extras or {}),
-        )
-    return out.logits.float(), out.past_key_values
 
 
 def _source(batch: Batch, positions: torch.Tensor) -> tuple:
@@ -135,7 +114,7 @@ def _decode(vlm: Any, batch: Batch, red: ReducedInputs, max_new_tokens: int, pro
 
     attn = red.attention_mask
     source = _source(batch, red.source_positions)
-    logit, cache = _forward(vlm, red.inputs_embeds, attn, red.position_ids, extras=red.per_token, last_only=True,
+    logit, cache = forward_embeds(vlm, red.inputs_embeds, attn, red.position_ids, extras=red.per_token, last_only=True,
                             source=source)
     next_pos = red.next_position
     bsz = attn.shape[0]
@@ -154,7 +133,7 @@ def _decode(vlm: Any, batch: Batch, red: ReducedInputs, max_new_tokens: int, pro
         attn = torch.cat([attn, attn.new_ones(bsz, 1)], dim=1)
         pos = next_pos + step
         # per-token extras are prompt-only (generate drops e.g. token_type_ids after the prefill)
-        logit, cache = _forward(vlm, embed(token)[:, None].to(red.inputs_embeds.dtype), attn, pos, cache,
+        logit, cache = forward_embeds(vlm, embed(token)[:, None].to(red.inputs_embeds.dtype), attn, pos, cache,
                                 source=source)
     return out
 
@@ -252,7 +231,7 @@ def _logits(vlm: Any, batch: Batch, red: ReducedInputs, append, state: Any) -> R
         # appended tokens are text: per-token extras continue with zeros (text) there
         extras = {k: torch.cat([v, v.new_zeros(v.shape[0], width)], dim=1) for k, v in extras.items()}
         source = torch.cat([source, source.new_full((source.shape[0], width), APPENDED)], dim=1)
-    out, _ = _forward(vlm, embeds, attn, pos, use_cache=False, extras=extras, source=_source(batch, source))
+    out, _ = forward_embeds(vlm, embeds, attn, pos, use_cache=False, extras=extras, source=_source(batch, source))
     kept_source = red.source_positions
     if state is not None:  # columns removed inside the LM: the head saw only the survivors (appended last)
         width = 0 if app_mask is None else app_mask.shape[1]

@@ -20,11 +20,15 @@ import json
 from typing import Any
 
 import numpy as np
+import torch
 import xarray as xr
 
 from ..models.base import Batch
 from .context import ReductionContext, budgets
+from .forward import forward_embeds
+from .keep import reduced_decoder_inputs
 from .registry import Method, Selection, get
+from .stages.lm import LMMethod, lm_removal
 
 LABELS = ("image", "tile", "row", "col", "x0", "y0", "x1", "y1")
 
@@ -120,10 +124,22 @@ def apply(vlm: Any, batch: Batch, method: str | Method, keep: float | int = 0.25
     is a name. Returns the record described in the module docstring."""
     m = resolve(method, params)
     if m.stage == "lm":
-        from .stages.lm import lm_record
 
         return lm_record(vlm, batch, m, keep)
     sel = select(vlm, batch, m, keep)
     kept = [k[None] for k in sel.keep]
     scores = [np.asarray(s, dtype=float)[None] for s in sel.scores]
     return record(batch, m, [-1], kept, scores, list(sel.group))
+
+
+def lm_record(vlm: Any, batch: Batch, method: LMMethod, keep: Any):
+    """The record of :func:`vtrlab.reduce.apply` for an in-LM method: one prefill with removal."""
+    red = reduced_decoder_inputs(vlm, batch, None)
+    with lm_removal(vlm, batch, method, keep, red.source_positions) as state, torch.no_grad():
+        forward_embeds(vlm, red.inputs_embeds, red.attention_mask, red.position_ids, use_cache=False,
+                 extras=red.per_token, last_only=True)
+    n_tok = [lay.n_image_tokens for lay in batch.layouts]
+    kept = [np.stack([state.kept[j][i] for j in range(len(state.layers))]) for i in range(len(n_tok))]
+    scores = [np.stack([state.scores[j][i] for j in range(len(state.layers))]) for i in range(len(n_tok))]
+    group = [np.full(n, -1, dtype=np.int64) for n in n_tok]
+    return record(batch, method, list(state.layers), kept, scores, group)

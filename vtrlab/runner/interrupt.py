@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 _TEMP_DIRS: set[Path] = set()  # temp run dirs of runs in progress in this process
+_STOPPERS: list[Callable[[float], None]] = []  # what clean_up stops: kernels, grid job processes
 _LOCK = threading.Lock()
 
 
@@ -35,14 +36,21 @@ def untrack_temp_dir(path: Path) -> None:
         _TEMP_DIRS.discard(Path(path))
 
 
+def on_clean_up(stop: Callable[[float], None]) -> Callable[[float], None]:
+    """Register ``stop(grace_s)`` to run on clean-up (kernels, job processes register themselves when
+    their module is imported, so this module needs to import none of them)."""
+    with _LOCK:
+        if stop not in _STOPPERS:
+            _STOPPERS.append(stop)
+    return stop
+
+
 def clean_up(grace_s: float = 20.0) -> None:
     """Kill kernels, stop job processes, remove temp run dirs of this process (idempotent)."""
-    kernel = sys.modules.get("vtrlab.runner.kernel")
-    if kernel is not None:
-        kernel.kill_kernels()
-    job = sys.modules.get("vtrlab.runner.job")
-    if job is not None:
-        job.stop_all(grace_s)
+    with _LOCK:
+        stoppers = list(_STOPPERS)
+    for stop in stoppers:
+        stop(grace_s)
     with _LOCK:
         dirs = list(_TEMP_DIRS)
         _TEMP_DIRS.clear()

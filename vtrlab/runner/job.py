@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from vtrlab.io import atomic_write_json
-from vtrlab.runner.interrupt import exit_cleanly_on_signals
+from vtrlab.runner.interrupt import exit_cleanly_on_signals, on_clean_up
 from vtrlab.runner.run import Job, RunResult, run_job
 
 _FORKSERVER = None
@@ -45,6 +45,7 @@ def _child(job: dict, root: str, env: dict, result_file: str) -> None:
     atomic_write_json(Path(result_file), result.to_dict())
 
 
+@on_clean_up
 def stop_all(grace_s: float = 20.0) -> None:
     """SIGTERM every live job process, wait up to `grace_s` for it to clean up, then SIGKILL it."""
     with _LIVE_LOCK:

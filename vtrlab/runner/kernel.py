@@ -17,11 +17,13 @@ import weakref
 from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.manager import KernelManager
 
+from vtrlab.runner.interrupt import on_clean_up
+
 KERNEL_NAME = "python3"  # what papermill records in the executed notebook
 _MANAGERS: "weakref.WeakSet[KernelManager]" = weakref.WeakSet()  # every manager made in this process
 
 
-def kill_kernels() -> None:
+def kill_kernels(_grace_s: float = 0.0) -> None:
     """SIGKILL every live kernel of this process and its process group, without the event loop.
 
     For signal handlers: the kernel runs in a session of its own, so its pid is its group id.
@@ -87,3 +89,6 @@ class VenvKernelManager(KernelManager):
                 metadata={},
             )
         return self._kernel_spec
+
+
+on_clean_up(kill_kernels)  # SIGINT/SIGTERM kill this process's kernels too

@@ -587,20 +587,3 @@ def lm_removal(vlm: Any, batch: Batch, method: LMMethod, keep: Any, source_posit
     finally:
         for h in handles:
             h.remove()
-
-
-def lm_record(vlm: Any, batch: Batch, method: LMMethod, keep: Any):
-    """The record of :func:`vtrlab.reduce.apply` for an in-LM method: one prefill with removal."""
-    from ..answer import _forward
-    from ..apply import record
-    from ..keep import reduced_decoder_inputs
-
-    red = reduced_decoder_inputs(vlm, batch, None)
-    with lm_removal(vlm, batch, method, keep, red.source_positions) as state, torch.no_grad():
-        _forward(vlm, red.inputs_embeds, red.attention_mask, red.position_ids, use_cache=False,
-                 extras=red.per_token, last_only=True)
-    n_tok = [lay.n_image_tokens for lay in batch.layouts]
-    kept = [np.stack([state.kept[j][i] for j in range(len(state.layers))]) for i in range(len(n_tok))]
-    scores = [np.stack([state.scores[j][i] for j in range(len(state.layers))]) for i in range(len(n_tok))]
-    group = [np.full(n, -1, dtype=np.int64) for n in n_tok]
-    return record(batch, method, list(state.layers), kept, scores, group)
