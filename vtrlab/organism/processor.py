@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import CLIPImageProcessor, LlavaProcessor
 
-from vtrlab.organism.tokenizer import ASSISTANT, END, IMAGE, build_tokenizer
+from vtrlab.organism.tokenizer import ASSISTANT, END, IMAGE, SYSTEM, SYSTEM_PROMPT, build_tokenizer
 
 IMAGE_SIZE = 128
 PATCH_SIZE = 8
@@ -26,6 +26,8 @@ def chat_template(image_first: bool = True) -> str:
 
 _TEMPLATE = (
     "{{ bos_token }}"
+    # LLaVA-1.5's order: a short system prompt (this default unless the conversation brings its own)
+    "{% if messages[0]['role'] != 'system' %}" + SYSTEM + " " + SYSTEM_PROMPT + END + "{% endif %}"
     "{% for message in messages %}"
     "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
     "{{ raise_exception('unknown role ' ~ message['role'] ~ '; accepted: system, user, assistant') }}"
@@ -51,9 +53,9 @@ def build_image_processor() -> CLIPImageProcessor:
     )
 
 
-def build_processor(image_first: bool = False) -> LlavaProcessor:
-    """The organism's processor; ``image_first=False`` (the trained organism's template) puts the
-    question before the image."""
+def build_processor(image_first: bool = True) -> LlavaProcessor:
+    """The organism's processor: system prompt, then (``image_first``, LLaVA-1.5's order and the
+    trained organism's) the image, then the question; ``image_first=False`` puts the question first."""
     return LlavaProcessor(
         image_processor=build_image_processor(), tokenizer=build_tokenizer(), patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default", chat_template=chat_template(image_first), image_token=IMAGE,
