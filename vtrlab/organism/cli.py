@@ -29,6 +29,7 @@ def train(
     align_steps: int = typer.Option(600, help="LLaVA stage 1: projector on image -> caption"),
     instruct_steps: int = typer.Option(7000, help="LLaVA stage 2: projector + LM on the VQA families"),
     lr_lm: float = typer.Option(5e-4, help="learning rate of projector + LM in the instruct stage"),
+    lr_tower_instruct: float = typer.Option(0.0, help="tower learning rate in the instruct stage (0: frozen)"),
     batch_size: int = typer.Option(256, help="samples per step"),
     n_val_per_family: int = typer.Option(200, help="validation samples per family (data seed 2)"),
     eval_n: int = typer.Option(500, help="held-out samples per family evaluated at the end (0: none)"),
@@ -45,6 +46,7 @@ def train(
     opts = dict(device=device, seed=seed, max_minutes=max_minutes, n_train_per_family=n_train_per_family,
                 clip_steps=clip_steps, text_steps=text_steps, align_steps=align_steps,
                 instruct_steps=instruct_steps, lr_lm=lr_lm, eval_n=eval_n, batch_size=batch_size,
+                lr_tower_instruct=lr_tower_instruct,
                 n_val_per_family=n_val_per_family)
     if resume:  # the checkpoint's recipe stands; only this call's budget and device change
         opts = dict(device=device, max_minutes=max_minutes)

@@ -60,6 +60,9 @@ class TrainConfig:
     lr_align: float = 1e-3
     instruct_steps: int = 7000
     lr_lm: float = 5e-4  # projector + LM in the instruct stage (8 layers: 1e-3 failed in a probe)
+    # tower in the instruct stage (0: frozen, as LLaVA-1.5); > 0 trains it (and the CLIP text side)
+    # under its CLIP and dense losses, as LLaVA-NeXT tunes its tower
+    lr_tower_instruct: float = 0.0
     warmup: int = 400  # instruct stage; the other stages warm up over 100 steps
     weight_decay: float = 0.01
     family_weights: dict = field(default_factory=lambda: {"color": 1.0, "shape": 1.0, "count": 1.5,
@@ -313,10 +316,22 @@ def train_organism(out: str | os.PathLike, cfg: TrainConfig | None = None, resum
             return cfg.text_steps, [(lm, cfg.lr_text)], 100
         if name == "align":
             return cfg.align_steps, [(projector, cfg.lr_align)], 100
-        return cfg.instruct_steps, [(projector + lm, cfg.lr_lm)], cfg.warmup
+        groups = [(projector + lm, cfg.lr_lm)]
+        if cfg.lr_tower_instruct > 0:
+            groups.append((tower + list(heads.parameters()) + clip_side, cfg.lr_tower_instruct))
+        return cfg.instruct_steps, groups, cfg.warmup
 
     def step_loss(name: str, idx: torch.Tensor, logging: bool):
         parts: dict = {}
+        if name == "instruct" and cfg.lr_tower_instruct > 0:  # the tower trains too, under its own losses
+            tower_loss, parts = step_loss("clip", idx, logging)
+            feats = tower_features(model, pixel_values(train.pixels[idx], processor))
+            s = train.seqs["answer"]
+            logits, target, _ = answer_logits(model, feats, s.ids[idx], s.mask[idx], s.labels[idx])
+            loss = F.cross_entropy(logits.float(), target)
+            if logging:
+                parts[name] = round(loss.item(), 4)
+            return loss + tower_loss, parts
         if name == "clip":
             feats, pooled = tower_forward(model, pixel_values(train.pixels[idx], processor))
             cs = train.seqs["clip"]
