@@ -128,8 +128,8 @@ def not_met(ev: dict, rec: dict) -> str:
 
 def realism_parts(re_: dict | None) -> dict:
     if re_ is None:
-        return {"realism_rows": "| (realism.json missing: run `python -m vtrlab.organism.realism`) |",
-                "realism_compare": "", "realism_command": "python -m vtrlab.organism.realism", "realism_n": 0}
+        return {"realism_rows": "| (realism.json missing: run `vtrlab organism realism`) |",
+                "realism_compare": "", "realism_command": "vtrlab organism realism", "realism_n": 0}
     sh = re_["last_row_share"]
     rows = []
     for i in range(re_["lm_layers"]):
@@ -238,7 +238,9 @@ def write_card(bundle: str | os.PathLike = ROOT / "data" / "models" / "organism"
     return out
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # = ``vtrlab organism card [BUNDLE]`` (one CLI)
     import sys
 
-    print(write_card(*(sys.argv[1:2] or [ROOT / "data" / "models" / "organism"])))
+    from vtrlab.organism.cli import app
+
+    app(["card", *sys.argv[1:]])

@@ -99,6 +99,24 @@ def random_cmd(out: Path = typer.Option(Path("/tmp/vtrlab-organism-random"), hel
 
 
 @app.command()
+def realism(
+    path: Path = typer.Argument(Path("data/models/organism"), help="organism bundle folder"),
+    n: int = typer.Option(120, help="held-out samples (data seed 0, families cycled)"),
+    device: str = typer.Option("cpu", help="torch device"),
+) -> None:
+    """Measure the realism table (attention shares, raster order, high-norm tokens, ...) -> realism.json."""
+    import torch
+
+    from vtrlab.organism.realism import write_realism
+
+    if not (path / "config.json").is_file():
+        typer.echo(f"error: no organism bundle at {path} (expected config.json there)", err=True)
+        raise typer.Exit(2)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    typer.echo(str(write_realism(path, n=n, device=device)))
+
+
+@app.command()
 def card(path: Path = typer.Argument(Path("data/models/organism"), help="organism bundle folder")) -> None:
     """Render the bundle's model card (README.md) from its template and records."""
     from vtrlab.organism.card import write_card

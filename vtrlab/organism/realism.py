@@ -17,7 +17,7 @@ the model card renders its table from that record. Quantities:
   image token's hidden state, over all LM layers, when the question of a sample is replaced by
   another family's question (with the image first and causal attention, it must be 0).
 
-Usage: ``python -m vtrlab.organism.realism [BUNDLE] [--n 120]``.
+Usage: ``vtrlab organism realism [BUNDLE] [--n 120]``.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def write_realism(path: str | os.PathLike = "data/models/organism", n: int = 120
     path = Path(path)
     model, processor = _load(path, device)
     rec = measure(model, processor, n=n)
-    rec["command"] = f"python -m vtrlab.organism.realism {path} --n {n}"
+    rec["command"] = f"vtrlab organism realism {path} --n {n}"
     out = path / "realism.json"
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(rec, indent=1) + "\n")
@@ -164,14 +164,12 @@ def write_realism(path: str | os.PathLike = "data/models/organism", n: int = 120
 
 
 def main(argv=None) -> None:
-    import argparse
+    """``python -m vtrlab.organism.realism ARGS`` = ``vtrlab organism realism ARGS`` (one CLI)."""
+    import sys
 
-    p = argparse.ArgumentParser(description="measure the organism's realism table (writes realism.json)")
-    p.add_argument("path", nargs="?", default="data/models/organism")
-    p.add_argument("--n", type=int, default=120, help="held-out samples (families cycled)")
-    a = p.parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    print(write_realism(a.path, a.n))
+    from vtrlab.organism.cli import app
+
+    app(["realism", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
