@@ -180,15 +180,20 @@ def realism_parts(re_: dict | None) -> dict:
             "realism_n": re_["n_samples"]}
 
 
-def bench_line() -> str:
+def bench_line(n_parameters: int) -> str:
     b = _json(ROOT / "benchmarks" / "results" / "organism_forward.json")
-    if b is None:
-        return "CPU forward: not measured (`python benchmarks/organism_forward.py`)."
+    if b is None or b.get("n_parameters") != n_parameters:
+        return ("CPU forward: not measured for this model (`python benchmarks/organism_forward.py` writes "
+                "benchmarks/results/organism_forward.json).")
     load = b.get("load_average") or [float("nan")]
+    busy = ""
+    if load[0] > 1.5 * (b.get("cpu_count") or 1):
+        busy = (f" The machine was oversubscribed ({load[0]:.1f} runnable processes on {b.get('cpu_count')} cores): "
+                "this is not a valid measurement against the target; rerun on a quiet machine.")
     return (f"CPU forward of a batch of 8 (prompt of {b['seq_len']} tokens, no generation) on {b['threads']} threads: "
             f"median **{b['median_s']:.3f} s** (target <= {b['target_s']} s), fastest {b['min_s']:.3f} s, over "
             f"{b['repeats']} runs, on a shared machine with load average {load[0]:.1f} "
-            "(`python benchmarks/organism_forward.py`, benchmarks/results/organism_forward.json).")
+            "(`python benchmarks/organism_forward.py`, benchmarks/results/organism_forward.json)." + busy)
 
 
 def render(bundle: str | os.PathLike) -> str:
@@ -220,7 +225,7 @@ def render(bundle: str | os.PathLike) -> str:
         eval_n=ev["n_per_family"], eval_seed=ev["seed"],
         eval_rows="\n".join(f"| {f} | {r['accuracy']:.3f} | {r.get('no_image_accuracy', float('nan')):.3f} | "
                             f"{r['chance']:.3f} |" for f, r in ev["families"].items()),
-        target_lines=target_lines(ev), bench_line=bench_line(), stage_rows=stage_rows(rec), batch=tc["batch_size"],
+        target_lines=target_lines(ev), bench_line=bench_line(ev["n_parameters"]), stage_rows=stage_rows(rec), batch=tc["batch_size"],
         wd=tc["weight_decay"], warmup=tc["warmup"], n_train=tc["n_train_per_family"], n_val=tc["n_val_per_family"],
         family_weights=", ".join(f"{k} {v:g}" for k, v in tc["family_weights"].items()),
         call_lines=call_lines(rec), trajectory=trajectory(rec), not_met=not_met(ev, rec),
