@@ -126,6 +126,15 @@ def not_met(ev: dict, rec: dict) -> str:
     return "\n".join(lines)
 
 
+def _raster_verdict(rho: list) -> str:
+    if max(rho) < 0.2 and min(rho) <= -0.2:
+        layers = ", ".join(str(i) for i, r in enumerate(rho) if r <= -0.2)
+        return f": favours early (top) tokens in layers {layers}, **the opposite of LLaVA-1.5**"
+    if min(rho) > -0.2 and max(rho) >= 0.2:
+        return ": favours late (bottom) tokens, as in LLaVA-1.5"
+    return ""
+
+
 def realism_parts(re_: dict | None) -> dict:
     if re_ is None:
         return {"realism_rows": "| (realism.json missing: run `vtrlab organism realism`) |",
@@ -149,14 +158,14 @@ def realism_parts(re_: dict | None) -> dict:
          "FastV: image tokens get much attention in the two shallow layers and far less than their number (~576 "
          "tokens) would suggest from layer 2 on"),
         ("last-row attention vs raster order (Spearman)",
-         f"{_fmt_range(re_['last_row_spearman_raster'])} by layer",
+         f"{_fmt_range(re_['last_row_spearman_raster'])} by layer" + _raster_verdict(re_["last_row_spearman_raster"]),
          "FEATHER (Endo et al., 2024): attention from the last token favours late (bottom-of-image) tokens, "
          "attributed to RoPE's long-term decay"),
         ("image -> question flow",
          f"question words put {_fmt_range(re_['question_to_image_share'])} of their attention on image tokens "
          "(possible now: the image comes first)",
-         "Zhang et al. (2024): image information flows into the question tokens in the lower layers, then on to "
-         "the last position in the middle layers"),
+         "Zhang et al. (2024): image information flows into the question tokens in the lower layers; the question "
+         "then flows to the last position in the middle-to-higher layers"),
         ("high-norm tokens in the tower (norm > "
          f"{re_['high_norm_factor']:g}x median)",
          f"{_fmt_range(n_high)} per image by layer; largest norm / median {max(re_['max_norm_over_median_max']):.2f}: "
