@@ -91,7 +91,8 @@ def test_training_fast_path_equals_hf_forward(random_organism):
     images = [s.image for s in samples]
 
     def chat(q, a):
-        return proc.apply_chat_template(user_message(q) + [{"role": "assistant", "content": [{"type": "text", "text": a}]}])
+        answer = {"role": "assistant", "content": [{"type": "text", "text": a}]}
+        return proc.apply_chat_template(user_message(q) + [answer])
 
     for kind, texts in (("answer", [chat(s.question, s.answer) for s in samples]),
                         ("caption", [chat(CAPTION_PROMPT, s.caption) for s in samples])):
@@ -107,8 +108,8 @@ def test_training_fast_path_equals_hf_forward(random_organism):
         assert torch.allclose(logits, hf[:, :-1][sel[:, :length - 1]], atol=1e-4)
         assert torch.equal(target, seq.ids[:, 1:][sel])
         # labels: exactly the answer (or caption) and <|end|>
-        ans = [proc.tokenizer(" " + (s.answer if kind == "answer" else s.caption), add_special_tokens=False)["input_ids"]
-               for s in samples]
+        ans = [proc.tokenizer(" " + (s.answer if kind == "answer" else s.caption),
+                              add_special_tokens=False)["input_ids"] for s in samples]
         assert [seq.labels[i][seq.labels[i] != -100].tolist() for i in range(len(samples))] == [
             a + [proc.tokenizer.eos_token_id] for a in ans]
     # text: the chat format with the caption in place of the picture, every token labelled
@@ -213,7 +214,8 @@ def test_realism_on_random_organism(random_organism):
     ids = proc(images=[make_sample(0, 0, "color").image], text=[text])["input_ids"][0]
     pos = token_roles(ids, proc.tokenizer, model.config.image_token_id)
     assert sorted(np.concatenate(list(pos.values())).tolist()) == list(range(len(ids)))
-    assert len(pos["image"]) == 256 and proc.tokenizer.decode([ids[i] for i in pos["question"]]) == "what color is the circle?"
+    assert len(pos["image"]) == 256
+    assert proc.tokenizer.decode([ids[i] for i in pos["question"]]) == "what color is the circle?"
     x, y = np.random.default_rng(0).normal(size=(2, 50))
     assert math.isclose(_spearman(x, y), spearmanr(x, y).statistic, abs_tol=1e-12)
 
@@ -243,7 +245,8 @@ def test_bundle_reaches_its_card(bundle):
     res = evaluate(*bundle, n=n, seed=card["seed"], batch_size=16, blank=False, progress=False)
     for fam in FAMILIES:
         p = card["families"][fam]["accuracy"]
-        assert res["families"][fam]["accuracy"] >= p - 3 * math.sqrt(p * (1 - p) / n) - 1e-9, (fam, res["families"][fam])
+        floor = p - 3 * math.sqrt(p * (1 - p) / n) - 1e-9
+        assert res["families"][fam]["accuracy"] >= floor, (fam, res["families"][fam])
 
 
 @needs_bundle

@@ -72,7 +72,8 @@ POSITION_MARGIN = 12  # px between a position question's object centre and the v
 # captions: coarse regions of the picture (thirds), read from an object's centre
 COLUMNS = ("left", "center", "right")
 ROWS = ("top", "middle", "bottom")
-CAPTION_WORDS = ("a", "an", "picture", "of", "at", "and", "the", "word", "written", "on", "clutter", "empty") + COLUMNS + ROWS
+CAPTION_WORDS = ("a", "an", "picture", "of", "at", "and", "the", "word", "written", "on", "clutter", "empty",
+                 *COLUMNS, *ROWS)
 
 
 def _family_index(family: str) -> int:
@@ -204,7 +205,8 @@ def _pick(rng: np.random.Generator, options: Sequence[str], k: int = 1, exclude:
     return [pool[i] for i in rng.choice(len(pool), size=k, replace=False)]
 
 
-def _distractors(rng: np.random.Generator, n: int, shapes: Sequence[str], colors: Sequence[str]) -> list[tuple[str, str, bool]]:
+def _distractors(rng: np.random.Generator, n: int, shapes: Sequence[str],
+                 colors: Sequence[str]) -> list[tuple[str, str, bool]]:
     return [(shapes[rng.integers(len(shapes))], colors[rng.integers(len(colors))], False) for _ in range(n)]
 
 

@@ -51,7 +51,8 @@ def _last(log: list, stage: str) -> dict:
 def stage_rows(rec: dict) -> str:
     cfg, st, log = rec["config"], rec["stages"], rec["log"]
     what = {
-        "clip": ("tower + text encoder + projections (+ dense heads)", "images vs captions (InfoNCE) + per-patch targets",
+        "clip": ("tower + text encoder + projections (+ dense heads)",
+                 "images vs captions (InfoNCE) + per-patch targets",
                  cfg["clip_steps"], cfg["lr_clip"]),
         "text": ("LM (embeddings, layers, head)", "caption + question + answer as plain text", cfg["text_steps"],
                  cfg["lr_text"]),
@@ -107,7 +108,8 @@ def not_met(ev: dict, rec: dict) -> str:
     lines = []
     for fam, acc in missed.items():
         traj = ", ".join(f"{e['step']}: {e['val'][fam]:.2f}" for e in vals)
-        lines.append(f"- **{fam}**: held-out {acc:.3f} against >= {TARGETS[fam]:.2f}; validation by instruct step: {traj}.")
+        lines.append(f"- **{fam}**: held-out {acc:.3f} against >= {TARGETS[fam]:.2f}; "
+                     f"validation by instruct step: {traj}.")
     if "relation" in missed:
         blank = ev["families"]["relation"].get("no_image_accuracy", float("nan"))
         lines.append(
@@ -234,7 +236,8 @@ def render(bundle: str | os.PathLike) -> str:
         eval_n=ev["n_per_family"], eval_seed=ev["seed"],
         eval_rows="\n".join(f"| {f} | {r['accuracy']:.3f} | {r.get('no_image_accuracy', float('nan')):.3f} | "
                             f"{r['chance']:.3f} |" for f, r in ev["families"].items()),
-        target_lines=target_lines(ev), bench_line=bench_line(ev["n_parameters"]), stage_rows=stage_rows(rec), batch=tc["batch_size"],
+        target_lines=target_lines(ev), bench_line=bench_line(ev["n_parameters"]), stage_rows=stage_rows(rec),
+        batch=tc["batch_size"],
         wd=tc["weight_decay"], warmup=tc["warmup"], n_train=tc["n_train_per_family"], n_val=tc["n_val_per_family"],
         family_weights=", ".join(f"{k} {v:g}" for k, v in tc["family_weights"].items()),
         call_lines=call_lines(rec), trajectory=trajectory(rec), not_met=not_met(ev, rec),

@@ -108,7 +108,8 @@ def main(argv=None) -> None:
 def format_table(result: dict) -> str:
     rows = [f"{'family':<10} {'accuracy':>9} {'no-image':>9} {'chance':>8}"]
     for fam, r in result["families"].items():
-        rows.append(f"{fam:<10} {r['accuracy']:>9.3f} {r.get('no_image_accuracy', float('nan')):>9.3f} {r['chance']:>8.3f}")
+        blank = r.get("no_image_accuracy", float("nan"))
+        rows.append(f"{fam:<10} {r['accuracy']:>9.3f} {blank:>9.3f} {r['chance']:>8.3f}")
     return "\n".join(rows)
 
 

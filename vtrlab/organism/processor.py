@@ -16,7 +16,8 @@ IMAGE_STD = (0.5, 0.5, 0.5)
 # that LlavaProcessor expands to GRID*GRID tokens. The template fixes where the image goes,
 # whatever the order of the content items: before the text (LLaVA's convention) or after it.
 _IMAGES = "{% for item in message['content'] %}{% if item['type'] == 'image' %}" + IMAGE + "{% endif %}{% endfor %}"
-_TEXTS = "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ ' ' ~ item['text'] }}{% endif %}{% endfor %}"
+_TEXTS = ("{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ ' ' ~ item['text'] }}{% endif %}"
+          "{% endfor %}")
 
 
 def chat_template(image_first: bool = True) -> str:
@@ -48,7 +49,8 @@ def build_image_processor() -> CLIPImageProcessor:
     # off an object and invalidate the relevance masks
     return CLIPImageProcessor(
         do_resize=True, size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, resample=3,
-        do_center_crop=False, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        do_center_crop=False, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_rescale=True,
+        rescale_factor=1 / 255, do_normalize=True,
         image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD), do_convert_rgb=True,
     )
 

@@ -248,7 +248,6 @@ def train_organism(out: str | os.PathLike, cfg: TrainConfig | None = None, resum
 
     from vtrlab.organism.build import build_random
     from vtrlab.organism.config import build_clip_config
-    from vtrlab.organism.processor import build_processor
 
     t0 = time.time()
     known = {f.name for f in TrainConfig.__dataclass_fields__.values()}
