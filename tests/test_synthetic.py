@@ -154,10 +154,41 @@ def test_answers_follow_from_the_scene(samples):
         assert {o.shape for o in s.objects if o.relevant} == {a, b}
 
 
+def test_position_answer_follows_from_the_scene(samples):
+    from vtrlab.data.synthetic import POSITION_MARGIN
+
+    for s in samples["position"]:
+        words = s.question.split()  # is the COLOR SHAPE left or right ?
+        color, shape = words[2], words[3]
+        same = [o for o in s.objects if (o.color, o.shape) == (color, shape)]
+        assert len(same) == 1 and same[0].relevant and sum(o.relevant for o in s.objects) == 1
+        assert abs(same[0].center[0] - 64) >= POSITION_MARGIN - 1  # centre of the drawn pixels
+        assert s.answer == ("left" if same[0].center[0] < 64 else "right")
+        assert s.relevance.any()
+
+
+def test_captions_describe_every_object(samples):
+    from vtrlab.data.synthetic import caption, region
+
+    for fam, ss in samples.items():
+        for s in ss:
+            assert s.caption == caption(s.objects)
+            if fam == "reading":
+                assert s.caption == f"the word {s.answer} written on clutter"
+                continue
+            for o in s.objects:
+                assert f"a {o.color} {o.shape} at {region(o.center)}" in s.caption
+            assert s.caption.count(" and ") == len(s.objects) - 1
+    assert region((0, 0)) == "top left" and region((127, 127)) == "bottom right" and region((64, 64)) == "middle center"
+
+
 def test_answer_balance():
     ss = generate(400, seed=11, family="relation")
     yes = sum(s.answer == "yes" for s in ss) / len(ss)
     assert 0.4 < yes < 0.6
+    ss = generate(400, seed=11, family="position")
+    left = sum(s.answer == "left" for s in ss) / len(ss)
+    assert 0.4 < left < 0.6
     ss = generate(200, seed=11, family="shape")
     assert {s.answer for s in ss} == set(SHAPES)
 

@@ -11,6 +11,12 @@ Families (answer set in brackets):
 - ``count``    "how many circles are there ?"           [1 .. 5]       other shapes distract
 - ``relation`` "is the circle left of the square ?"     [yes, no]      the two shapes are unique
 - ``reading``  "what word is written ?"                 [3 letters]    small glyphs on clutter
+- ``position`` "is the red circle left or right ?"     [left, right]  one hop: the colour+shape pair is
+  unique, its centre >= POSITION_MARGIN px from the vertical midline
+
+Every sample also carries a ``caption`` (``Sample.caption``): a plain-text description of the whole
+scene (every object's colour, shape and coarse region, or the written word) generated with it, the
+organism's image -> text pairs for contrastive (CLIP) and captioning (LLaVA stage 1) training.
 
 Each sample is drawn from its own generator seeded by (seed, index, family), so ``generate`` is
 deterministic and a longer list extends a shorter one with the same seed.
@@ -27,7 +33,7 @@ from PIL import Image, ImageDraw
 from vtrlab._validate import check_int
 from vtrlab.data.glyphs import LETTERS, glyph
 
-FAMILIES = ("color", "shape", "count", "relation", "reading")
+FAMILIES = ("color", "shape", "count", "relation", "reading", "position")
 COLORS = {
     "red": (220, 40, 40),
     "green": (30, 160, 60),
@@ -50,6 +56,7 @@ QUESTIONS = {
     "count": "how many {plural} are there ?",
     "relation": "is the {a} {phrase} the {b} ?",
     "reading": "what word is written ?",
+    "position": "is the {color} {shape} left or right ?",
 }
 ANSWERS = {
     "color": COLOR_NAMES,
@@ -57,10 +64,17 @@ ANSWERS = {
     "count": COUNTS,
     "relation": ("yes", "no"),
     "reading": None,  # any WORD_LENGTH-letter string over LETTERS (lower case)
+    "position": ("left", "right"),
 }
 BACKGROUND = (236, 236, 236)
 GLYPH_SCALE = 2  # 5x7 font -> 10x14 px glyphs, about 2x2 patches of 8 px
 MIN_SEPARATION = 24  # px between object centres along the axis a relation question asks about
+POSITION_MARGIN = 12  # px between a position question's object centre and the vertical midline
+# captions: coarse regions of the picture (thirds), read from an object's centre
+COLUMNS = ("left", "center", "right")
+ROWS = ("top", "middle", "bottom")
+CAPTION_WORDS = ("a", "an", "picture", "of", "at", "and", "the", "word", "written", "on", "clutter", "empty",
+                 *COLUMNS, *ROWS)
 
 
 def _family_index(family: str) -> int:
@@ -96,6 +110,7 @@ class Sample:
     choices: tuple[str, ...] | None = None  # the family's answer set (None: open, reading)
     seed: int = 0
     index: int = 0
+    caption: str = ""  # plain-text description of the whole scene (see ``caption``)
 
     @property
     def grid(self) -> int:
@@ -191,7 +206,8 @@ def _pick(rng: np.random.Generator, options: Sequence[str], k: int = 1, exclude:
     return [pool[i] for i in rng.choice(len(pool), size=k, replace=False)]
 
 
-def _distractors(rng: np.random.Generator, n: int, shapes: Sequence[str], colors: Sequence[str]) -> list[tuple[str, str, bool]]:
+def _distractors(rng: np.random.Generator, n: int, shapes: Sequence[str],
+                 colors: Sequence[str]) -> list[tuple[str, str, bool]]:
     return [(shapes[rng.integers(len(shapes))], colors[rng.integers(len(colors))], False) for _ in range(n)]
 
 
@@ -250,6 +266,29 @@ def _relation_scene(rng: np.random.Generator, image_size: int):
     return canvas, question, "yes" if truth else "no"
 
 
+def _position_scene(rng: np.random.Generator, image_size: int):
+    shape, color = _pick(rng, SHAPES)[0], _pick(rng, COLOR_NAMES)[0]
+    n = int(rng.integers(1, 4))
+    # distractors never repeat the asked colour+shape pair (it must be unique)
+    others = []
+    while len(others) < n:
+        d = _distractors(rng, 1, SHAPES, COLOR_NAMES)[0]
+        if (d[0], d[1]) != (shape, color):
+            others.append(d)
+    specs = [(shape, color, True)] + others
+    mid = image_size / 2
+    for _ in range(200):
+        boxes = _place(rng, len(specs), (14, 22), image_size)
+        if abs(boxes[0][0] - mid) >= POSITION_MARGIN:
+            break
+    else:  # pragma: no cover - rejection sampling practically always succeeds
+        raise RuntimeError("could not place a position scene")
+    canvas = _Canvas(image_size, BACKGROUND)
+    _draw_shapes(canvas, rng, specs, boxes)
+    target = canvas.objects[0]
+    return canvas, QUESTIONS["position"].format(color=color, shape=shape), "left" if target.center[0] < mid else "right"
+
+
 def _reading_scene(rng: np.random.Generator, image_size: int):
     bg = tuple(int(v) for v in rng.integers(200, 246, size=3))
     canvas = _Canvas(image_size, bg)
@@ -300,6 +339,8 @@ def make_sample(seed: int, index: int, family: str, grid: int = 16, image_size: 
         canvas = _scene(rng, specs, image_size)
     elif family == "relation":
         canvas, question, answer = _relation_scene(rng, image_size)
+    elif family == "position":
+        canvas, question, answer = _position_scene(rng, image_size)
     else:
         canvas, question, answer = _reading_scene(rng, image_size)
     relevant_ids = [o.index for o in canvas.objects if o.relevant]
@@ -307,7 +348,28 @@ def make_sample(seed: int, index: int, family: str, grid: int = 16, image_size: 
     return Sample(
         image=Image.fromarray(canvas.rgb, mode="RGB"), question=question, answer=answer, family=family,
         relevance=relevance_from_mask(pixel_mask, grid), pixel_mask=pixel_mask, object_map=canvas.ids,
-        objects=canvas.objects, choices=ANSWERS[family], seed=int(seed), index=int(index))
+        objects=canvas.objects, choices=ANSWERS[family], seed=int(seed), index=int(index),
+        caption=caption(canvas.objects, image_size))
+
+
+def region(center: tuple[float, float], image_size: int = 128) -> str:
+    """Coarse region of a point, as captions name it: "top left", "middle center", ..."""
+    col = min(2, int(center[0] * 3 // image_size))
+    row = min(2, int(center[1] * 3 // image_size))
+    return f"{ROWS[row]} {COLUMNS[col]}"
+
+
+def caption(objects: Sequence[SyntheticObject], image_size: int = 128) -> str:
+    """A plain-text description of a scene: its written word, or every shape with its colour and
+    region, in reading order (top to bottom, left to right, by centre)."""
+    glyphs = [o for o in objects if o.kind == "glyph"]
+    if glyphs:
+        word = "".join(o.letter for o in sorted(glyphs, key=lambda o: o.center[0])).lower()
+        return f"the word {word} written on clutter"
+    shapes = sorted(objects, key=lambda o: (round(o.center[1] * 3 // image_size), o.center[0]))
+    if not shapes:
+        return "an empty picture"
+    return " and ".join(f"a {o.color} {o.shape} at {region(o.center, image_size)}" for o in shapes)
 
 
 def generate(n: int, seed: int, family: str | Sequence[str] | None = None, grid: int = 16,
@@ -345,4 +407,6 @@ def vocabulary() -> list[str]:
     for phrase in RELATION_PHRASES.values():
         words.update(phrase.split())
     words.update(("yes", "no"))
+    words.update(ANSWERS["position"])
+    words.update(w for w in CAPTION_WORDS if len(w) > 1)
     return sorted(words)

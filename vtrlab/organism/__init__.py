@@ -1,9 +1,11 @@
 """vtrlab.organism: the embedded model organism (tiny LLaVA trained on vtrlab.data.synthetic).
 
 Build/save: ``build_random``, ``save_organism``, ``save_random`` (vtrlab.organism.build);
-training: ``train_organism`` (vtrlab.organism.train); evaluation: vtrlab.organism.evaluate;
-CLI: ``vtrlab organism train|eval|random`` (vtrlab.organism.cli). Imported lazily: the CLI
-imports this package and should stay cheap.
+training (LLaVA's recipe in miniature, resumable): ``train_organism`` (vtrlab.organism.train);
+evaluation: vtrlab.organism.evaluate; realism table: vtrlab.organism.realism; model card:
+vtrlab.organism.card (from card_template.md + records). CLI: ``vtrlab organism
+train|eval|card|random`` (vtrlab.organism.cli). Imported lazily: the CLI imports this package and
+should stay cheap.
 """
 
 from __future__ import annotations

@@ -12,8 +12,10 @@ from vtrlab.io import atomic_dir
 from vtrlab.organism.config import build_config
 from vtrlab.organism.processor import build_processor
 
+CLIP_DIR = "clip"  # the micro-CLIP (tower + text encoder) inside a bundle
 
-def build_random(seed: int = 0, image_first: bool = False) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+
+def build_random(seed: int = 0, image_first: bool = True) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A random-init organism and its processor (deterministic for a seed)."""
     config = build_config()
     torch.manual_seed(seed)
@@ -26,12 +28,16 @@ def build_random(seed: int = 0, image_first: bool = False) -> tuple[LlavaForCond
 
 
 def save_organism(model, processor, out: str | os.PathLike, extra_files: dict[str, str] | None = None,
-                  max_shard_size: str = "15MB") -> Path:
-    """Write model + processor (+ extra text files) to ``out`` atomically (temp dir, then rename)."""
+                  max_shard_size: str = "15MB", clip=None) -> Path:
+    """Write model + processor (+ extra text files, + the micro-CLIP and its tokenizer in ``clip/``)
+    to ``out`` atomically (temp dir, then rename)."""
     out = Path(out)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         processor.save_pretrained(tmp)
+        if clip is not None:
+            clip.save_pretrained(tmp / CLIP_DIR, max_shard_size=max_shard_size)
+            processor.tokenizer.save_pretrained(tmp / CLIP_DIR)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return out

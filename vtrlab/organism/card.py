@@ -1,292 +1,261 @@
-"""Render the organism's model card (README.md) from the files that hold its numbers:
-eval.json (held-out accuracy), train_record_stage*.json (recipe as run) and, if present,
-benchmarks/results/organism_forward.json. ``python -m vtrlab.organism.card [BUNDLE]``."""
+"""Render the organism's model card (README.md) from its template (card_template.md) and the
+records beside the bundle: config.json, eval.json, train_record.json, realism.json (optional) and
+benchmarks/results/organism_forward.json (optional). ``vtrlab organism card [BUNDLE]``."""
 
 from __future__ import annotations
 
 import json
-import sys
+import os
 from pathlib import Path
+from string import Template
 
 from vtrlab.io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]
-
-STAGE1 = ("python -m vtrlab.organism.train --out runs/organism-stage1 --image-first false "
-          "--tower-steps 2000 --tower-rounds 2 --frozen-steps 472 --joint-steps 1328 --max-minutes 60")
-STAGE2 = ("python -m vtrlab.organism.train --out runs/organism --init-from runs/organism-stage1 --image-first false "
-          "--tower-steps 0 --frozen-steps 0 --joint-steps 1947 --aux-weight 0 --lr-tower-joint 3e-5 "
-          "--lr-lm 6e-4 --n-train-per-family 12000 --eval-n 0 --max-minutes 60")
-
-TARGETS = {"color": 0.98, "shape": 0.98, "count": 0.98, "reading": 0.98, "relation": 0.90}  # issue 3
+TEMPLATE = Path(__file__).with_name("card_template.md")
+# issue 10's targets (greedy exact match, held-out seed, >= 500 per family)
+TARGETS = {"color": 0.98, "shape": 0.98, "count": 0.98, "reading": 0.98, "position": 0.98, "relation": 0.95}
+BLANK_SLACK = 0.05  # the blank-picture baseline counts as "at chance" up to chance + this
 
 
-STAGE3 = ("python -m vtrlab.organism.train --out runs/organism-stage3 --init-from runs/organism --image-first false "
-          "--tower-steps 0 --frozen-steps 3033 --joint-steps 0 --lr-lm 5e-4 --batch-size 32 --n-train-per-family 6000 "
-          "--n-val-per-family 64 --eval-every 200 --log-every 50 --eval-n 0 --ref-weight 1 --max-minutes 76 "
-          "--reserve-seconds 60 --workers 2 --family-weights color=0.5,shape=0.5,count=1,relation=4,reading=1.5 "
-          "--device cpu")
-STAGE4 = ("python -m vtrlab.organism.train --out runs/organism-stage4 --init-from runs/organism-stage3 --image-first false "
-          "--tower-steps 0 --frozen-steps {steps} --joint-steps 0 --lr-lm 2e-4 --batch-size 32 --n-train-per-family 6000 "
-          "--n-val-per-family 64 --eval-every 200 --log-every 50 --eval-n 0 --ref-weight 1 --max-minutes 24 "
-          "--reserve-seconds 45 --workers 2 --seed 1 --family-weights color=0.5,shape=0.5,count=2,relation=1,reading=2 "
-          "--device cpu")
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _val_trajectory(record: dict, family: str) -> str:
-    return ", ".join(f"{e['step']}: {e['val'][family]:.2f}" for e in record["log"] if "val" in e and "step" in e)
-
-
-def _planned(record: dict, stage: str = "frozen") -> tuple[int, int | None]:
-    """(steps the cosine schedule was fitted to, step at which the wall-time limit cut the stage)."""
-    planned = next((e["fitted_steps"] for e in record["log"] if e.get("stage") == stage and "fitted_steps" in e),
-                   record["config"][f"{stage}_steps"])
-    cut = next((e["step"] for e in record["log"] if e.get("stage") == stage and e.get("cut_short")), None)
-    return planned, cut
-
-
-def referent_section(s3: dict | None, s4: dict | None) -> str:
-    """Stages 3 and 4 (relation made learnable by referent supervision), from their records."""
-    if s3 is None:
-        return ""
-    log = [e for e in s3["log"] if "step" in e and "ref_xy" in e]
-    hops = next((e["step"] for e in log if e.get("ref_role_acc", 0) >= 0.99), None)
-    jump = next((e["step"] for e in s3["log"] if "val" in e and "step" in e and e["val"]["relation"] >= 0.9), None)
-    planned3, cut3 = _planned(s3)
-    text = f"""Stage 3 (`train_record_stage3.json`, CPU, 2 cores, {s3['train_seconds'] / 60:.0f} min): continued from stage 2 with the
-**tower frozen** (the selector in `selector/` stays valid: vision features are unchanged) and
-**referent supervision** of the LM on relation questions ("is the A left of the B ?", `--ref-weight 1`):
-a linear head reads, at LM layer {s3['config']['ref_role_layer']}, which image tokens belong to A, to B or to neither
-(class-weighted cross-entropy over the generator's object map), and another reads A's and B's
-centres from the last prompt token (the one predicting the answer) at layer {s3['config']['ref_xy_layer']} (regression).
-Batch {s3['config']['batch_size']}, LM lr {s3['config']['lr_lm']:g}, families color 0.5, shape 0.5, count 1, relation 4, reading 1.5; the
-cosine schedule was fitted to {planned3} steps and the wall-time limit stopped the stage after
-{s3['steps']['frozen'] if cut3 is None else cut3} (`--max-minutes` is generous in the command below, so it runs all {planned3}).
-
-- The two hops were learned first (A/B patch accuracy >= 0.99 from step {hops}, centre error ~{(log[-1]['ref_xy'] / 10) ** 0.5 * 128:.0f} px at the end).
-- The yes/no answer then stayed at chance for a long time and jumped late: validation relation by step
-  {_val_trajectory(s3, 'relation')} (first >= 0.9 at step {jump}).
-- The other families dipped meanwhile (validation count by step: {_val_trajectory(s3, 'count')}).
-"""
-    if s4 is not None:
-        planned4, cut4 = _planned(s4)
-        text += f"""
-Stage 4 (`train_record_stage4.json`, CPU, {s4['train_seconds'] / 60:.0f} min): the same set-up from stage 3 at LM lr {s4['config']['lr_lm']:g}, families
-color 0.5, shape 0.5, count 2, relation 1, reading 2 (batch order seed {s4['config']['seed']}), {s4['steps']['frozen']} steps
-(schedule fitted to {planned4}), to win back count and reading. Validation at its end:
-{', '.join(f"{k} {v:.2f}" for k, v in s4['val'].items())}.
-"""
-    return text
+def _fmt_range(values) -> str:
+    vals = [v for v in values if v is not None]
+    return f"{min(vals):.3f} to {max(vals):.3f}" if vals else "n/a"
 
 
 def target_lines(ev: dict) -> str:
-    """One line per family: accuracy against the issue's target, computed from eval.json."""
     out = []
     for fam, r in ev["families"].items():
         goal = TARGETS.get(fam)
         if goal is None:
             continue
-        n = ev["n_per_family"]
-        wrong = round((1 - r["accuracy"]) * n)
-        verdict = "met" if r["accuracy"] >= goal else "**not met**"
-        out.append(f"- {fam}: {r['accuracy']:.3f} ({wrong} of {n} wrong) against >= {goal:.2f}: {verdict}")
-    reading = ev["families"].get("reading")
-    if reading and reading["accuracy"] < TARGETS["reading"]:
-        out.append("\nReading errors are single-letter confusions made by the vision tower, which stages 3-4 kept "
-                   "frozen. Next step (GPU): a joint stage from this bundle with the tower under its dense letter "
-                   "targets, e.g. `python -m vtrlab.organism.train --out runs/organism-stage5 --init-from "
-                   "data/models/organism --tower-steps 0 --frozen-steps 0 --joint-steps 2000 --aux-weight 1 "
-                   "--lr-tower-joint 3e-5 --lr-lm 4e-4 --family-weights reading=3,count=1.5,relation=1.5 "
-                   "--n-train-per-family 12000`, then retrain the selector (its input changes).")
-    unused = [f for f, r in ev["families"].items() if r["accuracy"] <= r["chance"] + 0.1]
-    if unused:
-        out.append(f"\n**Do not use {' / '.join(unused)} samples to validate importance methods against the "
-                   "ground truth**: the model answers them at chance, so it does not use the relevant patches.")
+        wrong = round((1 - r["accuracy"]) * r["n"])
+        met = "met" if r["accuracy"] >= goal else "**not met**"
+        out.append(f"- {fam}: {r['accuracy']:.3f} ({wrong} of {r['n']} wrong) against >= {goal:.2f}: {met}")
+    blank = [f"{f} {r['no_image_accuracy']:.3f} (chance {r['chance']:.3f})" for f, r in ev["families"].items()
+             if "no_image_accuracy" in r]
+    at_chance = all(r["no_image_accuracy"] <= r["chance"] + BLANK_SLACK for r in ev["families"].values()
+                    if "no_image_accuracy" in r)
+    out.append(f"- blank-picture baseline at chance (<= chance + {BLANK_SLACK}): "
+               f"{'met' if at_chance else '**not met**'} ({', '.join(blank)})")
     return "\n".join(out)
 
 
-SNIPPET = '''```python
-import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration
-from vtrlab.data.synthetic import generate          # or any 128x128 RGB pictures
-
-path = "data/models/organism"
-processor = AutoProcessor.from_pretrained(path)
-model = LlavaForConditionalGeneration.from_pretrained(path).eval()
-
-samples = generate(5, seed=0)                       # one held-out sample per family
-conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}]
-                 for s in samples]
-prompts = [processor.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
-processor.tokenizer.padding_side = "left"           # the saved default; batched generate needs it
-inputs = processor(images=[s.image for s in samples], text=prompts, return_tensors="pt", padding=True)
-with torch.no_grad():
-    out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-print([a.strip() for a in answers])                 # ['purple', 'diamond', '1', 'yes', 'lwd']
-```'''
+def _last(log: list, stage: str) -> dict:
+    entries = [e for e in log if e.get("stage") == stage]
+    return entries[-1] if entries else {}
 
 
-def render(bundle: Path) -> str:
+def stage_rows(rec: dict) -> str:
+    cfg, st, log = rec["config"], rec["stages"], rec["log"]
+    what = {
+        "clip": ("tower + text encoder + projections (+ dense heads)",
+                 "images vs captions (InfoNCE) + per-patch targets",
+                 cfg["clip_steps"], cfg["lr_clip"]),
+        "text": ("LM (embeddings, layers, head)", "caption + question + answer as plain text", cfg["text_steps"],
+                 cfg["lr_text"]),
+        "align": ("projector (LLaVA stage 1)", "image -> caption", cfg["align_steps"], cfg["lr_align"]),
+        "instruct": ("projector + LM (LLaVA stage 2; tower frozen)", "image + question -> answer, 6 families",
+                     cfg["instruct_steps"], cfg["lr_lm"]),
+    }
+    rows = []
+    for name, (who, data, planned, lr) in what.items():
+        s = st.get(name, {})
+        last = _last(log, name)
+        if name == "clip":
+            acc = last.get("dense_acc", {})
+            end = (f"caption retrieval top-1 in-batch {last.get('clip_top1', float('nan')):.3f} (train), "
+                   f"{s.get('val_clip_top1', float('nan')):.3f} (validation, batches of 256); dense accuracy "
+                   + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+        else:
+            end = f"loss {last.get('loss', float('nan')):.3f}"
+            if name == "instruct" and rec.get("val"):
+                end += "; validation " + ", ".join(f"{k} {v:.2f}" for k, v in rec["val"].items())
+        steps = f"{s.get('steps_done', 0)}" + ("" if s.get("steps_done") == planned else f" of {planned}")
+        if s.get("cut_short"):
+            steps += " (cut short)"
+        rows.append(f"| {name} | {who} | {data} | {steps} | {lr:g} | {s.get('seconds', 0):.0f} | {end} |")
+    return "\n".join(rows)
+
+
+def call_lines(rec: dict) -> str:
+    out = []
+    for i, c in enumerate(rec["calls"], 1):
+        where = (f"stopped at {c['stopped_at']['stage']} step {c['stopped_at']['step']} (checkpoint)"
+                 if "stopped_at" in c else "finished: evaluated and saved")
+        out.append(f"{i}. `{c['command']}` on {c['device']}, started {c['started']}: {c.get('seconds', 0):.0f} s "
+                   f"(data {c.get('data_seconds', 0):.0f} s), {where}.")
+    return "\n".join(out)
+
+
+def trajectory(rec: dict) -> str:
+    vals = [e for e in rec["log"] if e.get("stage") == "instruct" and "val" in e]
+    if not vals:
+        return "(none recorded)"
+    fams = list(vals[-1]["val"])
+    head = "| step | " + " | ".join(fams) + " |\n|---|" + "---|" * len(fams)
+    rows = [f"| {e['step']} | " + " | ".join(f"{e['val'][f]:.2f}" for f in fams) + " |" for e in vals]
+    return head + "\n" + "\n".join(rows)
+
+
+def not_met(ev: dict, rec: dict) -> str:
+    missed = {f: r["accuracy"] for f, r in ev["families"].items() if f in TARGETS and r["accuracy"] < TARGETS[f]}
+    if not missed:
+        return "Every target of issue 10 is met."
+    vals = [e for e in rec["log"] if e.get("stage") == "instruct" and "val" in e]
+    lines = []
+    for fam, acc in missed.items():
+        traj = ", ".join(f"{e['step']}: {e['val'][fam]:.2f}" for e in vals)
+        lines.append(f"- **{fam}**: held-out {acc:.3f} against >= {TARGETS[fam]:.2f}; "
+                     f"validation by instruct step: {traj}.")
+    if "relation" in missed:
+        blank = ev["families"]["relation"].get("no_image_accuracy", float("nan"))
+        lines.append(
+            f"- relation stayed at chance through all {rec['stages']['instruct']['steps_done']} instruct steps "
+            f"(blank-picture baseline {blank:.3f}), although the one-hop position family was learned at once and the "
+            "tower's features carry positions (dense centre and row/col targets). No LM-internal supervision was "
+            "used (v1 needed it); this run's differences from the throwaway probe of issue 10, which learned "
+            "relation without it, are a tower frozen during instruction tuning (LLaVA-1.5), the text-only LM stage "
+            "and the projector-alignment stage before it, and the system prompt.")
+    lines.append(
+        "- Next GPU session (two 10-minute calls, from scratch): `vtrlab organism train --out runs/organism-v2b "
+        "--max-minutes 9.2 --instruct-steps 12000 --family-weights count=2,relation=3,reading=1.5 "
+        "--lr-tower-instruct 5e-5`, then the same command with `--resume --finish` until it saves; "
+        "`--lr-tower-instruct` trains the tower in the instruct stage at a low rate under its CLIP and dense "
+        "losses (as LLaVA-NeXT tunes its tower), the remaining difference from the probe that learned relation.")
+    return "\n".join(lines)
+
+
+def _raster_verdict(rho: list) -> str:
+    if max(rho) < 0.2 and min(rho) <= -0.2:
+        layers = ", ".join(str(i) for i, r in enumerate(rho) if r <= -0.2)
+        return f": favours early (top) tokens in layers {layers}, **the opposite of LLaVA-1.5**"
+    if min(rho) > -0.2 and max(rho) >= 0.2:
+        return ": favours late (bottom) tokens, as in LLaVA-1.5"
+    return ""
+
+
+def realism_parts(re_: dict | None) -> dict:
+    if re_ is None:
+        return {"realism_rows": "| (realism.json missing: run `vtrlab organism realism`) |",
+                "realism_compare": "", "realism_command": "vtrlab organism realism", "realism_n": 0}
+    sh = re_["last_row_share"]
+    rows = []
+    for i in range(re_["lm_layers"]):
+        rows.append(f"| {i} | {sh['first'][i]:.3f} | {sh['system'][i]:.3f} | {sh['image'][i]:.3f} | "
+                    f"{sh['question'][i]:.3f} | {sh['tail'][i]:.3f} | {re_['last_row_spearman_raster'][i]:+.2f} | "
+                    f"{re_['question_to_image_share'][i]:.3f} |")
+    deep = slice(2, None)
+    n_high = re_["high_norm_tokens_per_image"]
+    cmp_ = [
+        ("attention sink: first token / system prompt, deep layers",
+         f"first token {_fmt_range(sh['first'][deep])}, rest of system prompt {_fmt_range(sh['system'][deep])} "
+         "(layers 2+): **no sink**",
+         "FastV (Chen et al., 2024): from layer 2 on, system-prompt tokens (few) receive a large share of attention "
+         "(an attention sink) while image tokens receive little"),
+        ("image tokens' share of the last row, layers 0-1 vs 2+",
+         f"{_fmt_range(sh['image'][:2])} vs {_fmt_range(sh['image'][deep])}: **stays high**",
+         "FastV: image tokens get much attention in the two shallow layers and far less than their number (~576 "
+         "tokens) would suggest from layer 2 on"),
+        ("last-row attention vs raster order (Spearman)",
+         f"{_fmt_range(re_['last_row_spearman_raster'])} by layer" + _raster_verdict(re_["last_row_spearman_raster"]),
+         "FEATHER (Endo et al., 2024): attention from the last token favours late (bottom-of-image) tokens, "
+         "attributed to RoPE's long-term decay"),
+        ("image -> question flow",
+         f"question words put {_fmt_range(re_['question_to_image_share'])} of their attention on image tokens "
+         "(possible now: the image comes first)",
+         "Zhang et al. (2024): image information flows into the question tokens in the lower layers; the question "
+         "then flows to the last position in the middle-to-higher layers"),
+        ("high-norm tokens in the tower (norm > "
+         f"{re_['high_norm_factor']:g}x median)",
+         f"{_fmt_range(n_high)} per image by layer; largest norm / median {max(re_['max_norm_over_median_max']):.2f}: "
+         "**none**",
+         "Darcet et al. (2024): large, long-trained ViTs (OpenCLIP, DINOv2, ...) have ~2% high-norm tokens on "
+         "low-information background patches that absorb most of [CLS]'s attention; small or briefly trained "
+         "models do not"),
+        ("[CLS] attention concentration (last tower layer)",
+         f"top 1% of patches hold {re_['cls_attention_top1pct']:.3f} (uniform: "
+         f"{re_['cls_attention_uniform_top1pct']:.3f}), top 10% hold {re_['cls_attention_top10pct']:.3f}; "
+         "[CLS] is trained (contrastive)",
+         "[CLS]-attention pruning methods (FasterVLM, VisionZip, ...) rely on a concentrated [CLS] attention in "
+         "CLIP ViT-L"),
+        ("image hidden states depend on the question",
+         f"largest relative change over all layers {re_['image_state_question_dependence_max']:.1e} "
+         "(float rounding): **no**",
+         "LLaVA: image before the question under causal attention, so they cannot"),
+    ]
+    compare = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in cmp_)
+    return {"realism_rows": "\n".join(rows), "realism_compare": compare, "realism_command": re_["command"],
+            "realism_n": re_["n_samples"]}
+
+
+def bench_line(n_parameters: int) -> str:
+    b = _json(ROOT / "benchmarks" / "results" / "organism_forward.json")
+    if b is None or b.get("n_parameters") != n_parameters:
+        return ("CPU forward: not measured for this model (`python benchmarks/organism_forward.py` writes "
+                "benchmarks/results/organism_forward.json).")
+    load = b.get("load_average") or [float("nan")]
+    busy = ""
+    if load[0] > 1.5 * (b.get("cpu_count") or 1):
+        busy = (f" The machine was oversubscribed ({load[0]:.1f} runnable processes on {b.get('cpu_count')} cores): "
+                "this is not a valid measurement against the target; rerun on a quiet machine.")
+    return (f"CPU forward of a batch of 8 (prompt of {b['seq_len']} tokens, no generation) on {b['threads']} threads: "
+            f"median **{b['median_s']:.3f} s** (target <= {b['target_s']} s), fastest {b['min_s']:.3f} s, over "
+            f"{b['repeats']} runs, on a shared machine with load average {load[0]:.1f} "
+            "(`python benchmarks/organism_forward.py`, benchmarks/results/organism_forward.json)." + busy)
+
+
+def render(bundle: str | os.PathLike) -> str:
+    bundle = Path(bundle)
     ev = json.loads((bundle / "eval.json").read_text())
     cfg = json.loads((bundle / "config.json").read_text())
-    s1 = json.loads((bundle / "train_record_stage1.json").read_text())
-    s2 = json.loads((bundle / "train_record_stage2.json").read_text())
-    bench_path = ROOT / "benchmarks" / "results" / "organism_forward.json"
-    bench = json.loads(bench_path.read_text()) if bench_path.is_file() else None
-    v, t = cfg["vision_config"], cfg["text_config"]
-    rows = "\n".join(
-        f"| {fam} | {r['accuracy']:.3f} | {r.get('no_image_accuracy', float('nan')):.3f} | {r['chance']:.3f} |"
-        for fam, r in ev["families"].items())
-    mb = (bundle / "model.safetensors").stat().st_size / 1e6
-    bench_line = (f"CPU forward of a batch of 8 (prompt of {bench['seq_len']} tokens, no generation) on "
-                  f"{bench['threads']} threads: median **{bench['median_s']:.3f} s**, fastest {bench['min_s']:.3f} s, over "
-                  f"{bench['repeats']} runs, measured on a shared machine with load average "
-                  f"{bench['load_average'][0]:.1f} (`python benchmarks/organism_forward.py`, "
-                  f"benchmarks/results/organism_forward.json)."
-                  if bench else "CPU forward time: run `python benchmarks/organism_forward.py`.")
-    steps1, steps2 = s1.get("steps", {}), s2.get("steps", {})
-    s3, s4 = (json.loads((bundle / f"train_record_stage{i}.json").read_text())
-              if (bundle / f"train_record_stage{i}.json").is_file() else None for i in (3, 4))
-    stage4_cmd = STAGE4.format(steps=_planned(s4)[0]) if s4 else ""
-    return f"""# vtrlab organism: a tiny LLaVA trained on synthetic VQA with ground-truth relevance
+    rec = json.loads((bundle / "train_record.json").read_text())
+    clip = _json(bundle / "clip" / "config.json") or {"text_config": {}, "projection_dim": 0}
+    v, t, c = cfg["vision_config"], cfg["text_config"], clip["text_config"]
+    tc = rec["config"]
+    size = sum(p.stat().st_size for p in bundle.rglob("*.safetensors")) / 1e6
+    from vtrlab.organism.processor import user_message
 
-The kit's default model (`vtrlab.load("organism")`). A real, trained vision-language model whose
-ground truth is known: for every question the generator (`vtrlab.data.synthetic`) knows which
-pixels and which of the 16x16 patches hold the answer (`Sample.pixel_mask`, `Sample.relevance`).
+    try:
+        from transformers import AutoProcessor
 
-## Architecture ({ev['n_parameters']:,} parameters, fp32, {mb:.1f} MB)
-
-- `LlavaForConditionalGeneration` (transformers >= 5.9), loads offline with plain transformers.
-- Vision: CLIP vision tower **with [CLS]**, 128x128 px, patch 8 -> 16x16 = **256 image tokens**,
-  {v['num_hidden_layers']} layers, d={v['hidden_size']}, {v['num_attention_heads']} heads. LLaVA takes the last layer
-  (`vision_feature_layer=-1`) and drops [CLS] (`vision_feature_select_strategy="default"`).
-- Projector: LLaVA's 2-layer GELU MLP.
-- LM: Llama, {t['num_hidden_layers']} layers, d={t['hidden_size']}, {t['num_attention_heads']} heads, vocabulary {t['vocab_size']}.
-- Tokenizer: WordPiece built with `tokenizers` over the task vocabulary (task words whole, other
-  text spelled with letters/digits and `##` pieces, so reading answers decode as one word);
-  specials `<s> <|system|> <|user|> <|assistant|> <|end|> <image> <pad>`; pads on the left.
-- Image processor: `CLIPImageProcessor`, resize to 128x128, no crop, mean = std = 0.5.
-- Chat template: `<s><|user|> QUESTION <image><|end|><|assistant|>` then ` ANSWER<|end|>`.
-  **The question comes before the image** (see the recipe for why); the template puts it there
-  whatever the order of the content items. Derive token positions from the layout, never assume.
-
-## Tasks (`vtrlab.data.synthetic.generate(n, seed, family=None)`)
-
-| family | question | answers |
-|---|---|---|
-| color | what color is the circle ? | 7 colors; the shape is unique, 1-3 distractors of other shapes |
-| shape | what shape is the red object ? | 5 shapes; the color is unique, 1-3 distractors of other colors |
-| count | how many circles are there ? | 1-5; 0-3 distractors of other shapes |
-| relation | is the circle left of the square ? (left of / right of / above / below) | yes / no; the two shapes are unique, centres >= 24 px apart on the asked axis, 0-2 distractors |
-| reading | what word is written ? | 3 random letters, 10x14 px glyphs (~2x2 patches) on clutter |
-
-Data seeds: training samples seed 1 ({s1['config']['n_train_per_family']} per family in stage 1,
-{s2['config']['n_train_per_family']} in stage 2{f", {s3['config']['n_train_per_family']} in stages 3-4" if s3 else ""}), validation seed 2, **held-out evaluation seed 0**
-(notebooks' default `seed=0` therefore sees held-out samples).
-
-## Held-out accuracy (greedy exact match, {ev['n_per_family']} samples per family, seed {ev['seed']})
-
-| family | accuracy | no-image baseline (blank picture) | chance |
-|---|---|---|---|
-{rows}
-
-Reproduce: `vtrlab organism eval data/models/organism --n {ev['n_per_family']}`
-(= `python -m vtrlab.organism.evaluate data/models/organism --n {ev['n_per_family']}`; CPU, ~20 min on
-2 busy cores). The numbers live in `eval.json` (the tests read them from there).
-
-Targets of issue 3 (computed from eval.json):
-
-{target_lines(ev)}
-
-{bench_line}
-
-## Recipe (vtrlab/organism/train.py; the record of every stage lies beside this card)
-
-Stage 1 (`train_record_stage1.json`, one H100 shared with a second variant, {s1.get('train_seconds')} s):
-
-1. *tower*: the vision tower alone learns dense per-patch targets read out by linear heads from
-   its selected layer: color, shape, letter of the object owning the patch, a shape/glyph class
-   at each object's centre patch, and positions (the patch's own row/col, its object's centre
-   x/y; regression). Two rounds of {s1['config']['tower_steps']} steps (cosine, lr 1e-3, batch 256; the
-   stage-1 run repeated the stage by accident, and since letters are the slowest target and were
-   still improving, the repeat is kept as the recipe: `--tower-rounds 2`).
-2. *frozen*: projector + LM learn to answer with the tower frozen ({steps1.get('frozen')} steps, lr 1e-3).
-3. *joint*: everything trains, the tower at lr 2e-4 and still under the dense targets (weight 1),
-   LM at 5e-4 ({steps1.get('joint')} steps). Families sampled with weights color 1, shape 1, count 1.5, relation 2, reading 1.5.
-
-Stage 2 (`train_record_stage2.json`, {s2.get('train_seconds')} s): continued from stage 1, joint stage only,
-{steps2.get('joint')} steps, LM lr 3e-4, tower lr 3e-5 without dense targets.
-
-The step counts of the answer stages were fitted by the script to the wall-time budget of the
-device runs (stage 1 planned 1328 joint steps and was stopped by its time limit after 1319); the
-commands below fix them (GPU kernels are not bitwise deterministic: expect the numbers within
-noise, not identical bits). Stage 1 without a GPU is impractical (hours on CPU).
-
-{referent_section(s3, s4)}
-The commands of all stages (stages 3-4 run on CPU, where training is deterministic for a given
-torch build and thread count):
-
-```
-{STAGE1}
-{STAGE2}
-{STAGE3 if s3 else ""}
-{stage4_cmd}
-```
-
-`vtrlab organism train --out DIR` runs the recipe from scratch in one command (train, evaluate on
-held-out data, save the bundle with eval.json); its defaults are stage 1's, with the referent
-supervision of stage 3 on from the first answer step. That single-command form with referent
-supervision has **not** been run end to end yet (no device time was left): the shipped weights come
-from the four commands above.
-
-**For interpretability users:** on relation questions the LM was *told* (stages 3-4) to mark A's and
-B's patches at layer {s3['config']['ref_role_layer'] if s3 else 2} and to hold their centres at layer {s3['config']['ref_xy_layer'] if s3 else 4}. Findings there on relation samples
-(which tokens are attended, what knocking them out does) partly reflect that supervision; the other
-families had no LM-side supervision.
-
-### What worked, what did not
-
-- End to end from scratch (probe before this recipe): only the answer prior. Dense per-patch
-  supervision of the tower first is what makes color/shape/count/reading learnable.
-- Question before the image learned faster than LLaVA's image-first order: same recipe and steps
-  (stage 1), held-out color 0.988 vs 0.894, shape 0.980 vs 0.870, count 0.966 vs 0.956, reading 0.974 vs 0.968.
-  With the question first, every image token can already attend to the question.
-- relation: positional supervision of the tower (own row/col and object centre regression: both
-  reach MSE ~1e-3, so positions *are* in the tower's features), a 2x sampling weight, and both
-  token orders did **not** lift relation above chance within ~3,300 answer steps (stage 1: 0.52
-  image-first, 0.51 question-first; stage 2: still ~0.52).
-- relation, what worked: supervising the two hops inside the LM (stage 3: which image tokens are
-  A / B, and where A and B are, at the answering token). The hops were learned within ~1,000 steps;
-  the comparison itself, never supervised, followed suddenly after ~2,300 steps (see stage 3).
-
-## Use
-
-{SNIPPET}
-
-With vtrlab: `vlm = vtrlab.load("organism")`, `batch = vlm.prepare([img], [question])`.
-
-## Token selector (`selector/`)
-
-A "When Less is Enough" selector + reconstructor trained on this model's vision features ships in
-`selector/` (`vtrlab.recon.Selector.load("data/models/organism/selector")`). Its card, results and
-exact training command are in `selector/README.md`; the shipped weights come from
-
-```
-python -m vtrlab.recon.train --model organism --out data/models/organism/selector \\
-    --n-train 1024 --n-val 128 --steps 300 --batch-size 16 --d-model 64 --n-heads 4 --ff-mult 2 \\
-    --layers 3 --p 0.5 --lr 1e-3 --seed 0 --device cpu
-```
-"""
+        template = AutoProcessor.from_pretrained(bundle).apply_chat_template(user_message("QUESTION"),
+                                                                             add_generation_prompt=True)
+    except Exception as e:  # pragma: no cover - the card must still render the rest
+        template = f"(processor not loadable: {e})"
+    grid = v["image_size"] // v["patch_size"]
+    fields = dict(
+        n_params=f"{ev['n_parameters']:,}", size_mb=f"{size:.1f}", image_size=v["image_size"], patch=v["patch_size"],
+        grid=grid, n_image=grid * grid, v_layers=v["num_hidden_layers"], v_dim=v["hidden_size"],
+        v_heads=v["num_attention_heads"], t_layers=t["num_hidden_layers"], t_dim=t["hidden_size"],
+        t_heads=t["num_attention_heads"], vocab=t["vocab_size"], c_layers=c.get("num_hidden_layers", "?"),
+        c_dim=c.get("hidden_size", "?"), c_proj=clip.get("projection_dim", "?"),
+        template=template.replace("<image>" * (grid * grid), "<image>x" + str(grid * grid)),
+        eval_n=ev["n_per_family"], eval_seed=ev["seed"],
+        eval_rows="\n".join(f"| {f} | {r['accuracy']:.3f} | {r.get('no_image_accuracy', float('nan')):.3f} | "
+                            f"{r['chance']:.3f} |" for f, r in ev["families"].items()),
+        target_lines=target_lines(ev), bench_line=bench_line(ev["n_parameters"]), stage_rows=stage_rows(rec),
+        batch=tc["batch_size"],
+        wd=tc["weight_decay"], warmup=tc["warmup"], n_train=tc["n_train_per_family"], n_val=tc["n_val_per_family"],
+        family_weights=", ".join(f"{k} {v:g}" for k, v in tc["family_weights"].items()),
+        call_lines=call_lines(rec), trajectory=trajectory(rec), not_met=not_met(ev, rec),
+        **realism_parts(_json(bundle / "realism.json")))
+    return Template(TEMPLATE.read_text()).substitute(fields)
 
 
-def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    bundle = Path(argv[0]) if argv else ROOT / "data" / "models" / "organism"
+def write_card(bundle: str | os.PathLike = ROOT / "data" / "models" / "organism") -> Path:
+    bundle = Path(bundle)
     text = render(bundle)
-    atomic_write_text(bundle / "README.md", text)
-    print(f"wrote {bundle / 'README.md'}")
+    return atomic_write_text(bundle / "README.md", text)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # = ``vtrlab organism card [BUNDLE]`` (one CLI)
+    import sys
+
+    from vtrlab.organism.cli import app
+
+    app(["card", *sys.argv[1:]])

@@ -16,42 +16,59 @@ app = typer.Typer(help="Train and evaluate the embedded model organism (tiny LLa
 @app.command()
 def train(
     out: Path = typer.Option(..., help="folder to write the trained bundle to (replaced atomically)"),
+    resume: bool = typer.Option(False, help="continue from the checkpoint in --ckpt-dir"),
+    finish: bool = typer.Option(False, help="if the budget runs out in the instruct stage, stop training there "
+                                "(recorded as cut short), evaluate and save instead of checkpointing"),
+    ckpt_dir: Path = typer.Option(None, help="checkpoint folder (default: OUT.ckpt beside OUT)"),
     device: str = typer.Option("cuda", help="torch device, e.g. cuda or cpu"),
     seed: int = typer.Option(0, help="model init and batch order"),
-    image_first: bool = typer.Option(False, help="chat template: image before the question (default: after)"),
-    init_from: str = typer.Option("", help="continue from a saved organism instead of random init"),
-    tower_steps: int = typer.Option(2000, help="steps of each dense tower round"),
-    tower_rounds: int = typer.Option(2, help="tower rounds (cosine warm restarts)"),
-    frozen_steps: int = typer.Option(3000, help="answer steps with the tower frozen"),
-    joint_steps: int = typer.Option(8000, help="answer steps with everything training"),
-    aux_weight: float = typer.Option(1.0, help="weight of the dense tower targets in the joint stage"),
-    lr_lm: float = typer.Option(1e-3, help="learning rate of projector + LM"),
-    lr_tower_joint: float = typer.Option(2e-4, help="learning rate of the tower in the joint stage"),
-    n_train_per_family: int = typer.Option(24000, help="training samples per family (data seed 1)"),
-    max_minutes: float = typer.Option(9.0, help="wall-time budget; later stages are fitted into it"),
+    max_minutes: float = typer.Option(9.0, help="wall-time budget of this call; then checkpoint and stop"),
+    n_train_per_family: int = typer.Option(20000, help="training samples per family (data seed 1)"),
+    clip_steps: int = typer.Option(3000, help="micro-CLIP stage: contrastive + dense per-patch targets"),
+    text_steps: int = typer.Option(800, help="LM on text alone"),
+    align_steps: int = typer.Option(600, help="LLaVA stage 1: projector on image -> caption"),
+    instruct_steps: int = typer.Option(7000, help="LLaVA stage 2: projector + LM on the VQA families"),
+    lr_lm: float = typer.Option(5e-4, help="learning rate of projector + LM in the instruct stage"),
+    lr_tower_instruct: float = typer.Option(0.0, help="tower learning rate in the instruct stage (0: frozen)"),
+    batch_size: int = typer.Option(256, help="samples per step"),
+    n_val_per_family: int = typer.Option(200, help="validation samples per family (data seed 2)"),
     eval_n: int = typer.Option(500, help="held-out samples per family evaluated at the end (0: none)"),
     workers: int = typer.Option(0, help="processes rendering the data (0: all cores but one)"),
     family_weights: str = typer.Option("", help="sampling weights, e.g. count=1.5,relation=2,reading=1.5"),
 ) -> None:
-    """Train the organism from scratch (or continue one), evaluate it, save the bundle."""
-    from vtrlab.organism.train import train_organism
+    """Train the organism (micro-CLIP, text LM, projector alignment, instruction tuning), evaluate, save.
 
-    opts = dict(device=device, seed=seed, image_first=image_first, init_from=init_from, tower_steps=tower_steps,
-                tower_rounds=tower_rounds, frozen_steps=frozen_steps, joint_steps=joint_steps,
-                aux_weight=aux_weight, lr_lm=lr_lm, lr_tower_joint=lr_tower_joint,
-                n_train_per_family=n_train_per_family, max_minutes=max_minutes, eval_n=eval_n)
+    Each call stops itself after --max-minutes, leaving a checkpoint; run it again with --resume."""
+    import sys
+
+    from vtrlab.organism.train import parse_family_weights, train_organism
+
+    opts = dict(device=device, seed=seed, max_minutes=max_minutes, n_train_per_family=n_train_per_family,
+                clip_steps=clip_steps, text_steps=text_steps, align_steps=align_steps,
+                instruct_steps=instruct_steps, lr_lm=lr_lm, eval_n=eval_n, batch_size=batch_size,
+                lr_tower_instruct=lr_tower_instruct,
+                n_val_per_family=n_val_per_family)
+    if resume:  # the checkpoint's recipe stands; only this call's budget and device change
+        opts = dict(device=device, max_minutes=max_minutes)
     if workers > 0:
         opts["workers"] = workers
     if family_weights:
-        from vtrlab.organism.train import parse_family_weights
-
         try:
             opts["family_weights"] = parse_family_weights(family_weights)
         except ValueError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
-    record = train_organism(out, **opts)
-    typer.echo(f"saved to {out}; validation {record['val']}")
+    try:
+        record = train_organism(out, resume=resume, ckpt_dir=ckpt_dir, finish=finish, command="vtrlab organism train " +
+                                " ".join(sys.argv[2:] if sys.argv[1:2] == ["train"] else sys.argv[1:]), **opts)
+    except FileNotFoundError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    if record.get("finished"):
+        typer.echo(f"saved to {out}; validation {record['val']}")
+    else:
+        typer.echo(f"not finished: stopped at {record['calls'][-1]['stopped_at']}; run again with --resume")
+        raise typer.Exit(3)
 
 
 @app.command("eval")
@@ -79,3 +96,33 @@ def random_cmd(out: Path = typer.Option(Path("/tmp/vtrlab-organism-random"), hel
     from vtrlab.organism.build import save_random
 
     typer.echo(str(save_random(out)))
+
+
+@app.command()
+def realism(
+    path: Path = typer.Argument(Path("data/models/organism"), help="organism bundle folder"),
+    n: int = typer.Option(120, help="held-out samples (data seed 0, families cycled)"),
+    device: str = typer.Option("cpu", help="torch device"),
+) -> None:
+    """Measure the realism table (attention shares, raster order, high-norm tokens, ...) -> realism.json."""
+    import torch
+
+    from vtrlab.organism.realism import write_realism
+
+    if not (path / "config.json").is_file():
+        typer.echo(f"error: no organism bundle at {path} (expected config.json there)", err=True)
+        raise typer.Exit(2)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    typer.echo(str(write_realism(path, n=n, device=device)))
+
+
+@app.command()
+def card(path: Path = typer.Argument(Path("data/models/organism"), help="organism bundle folder")) -> None:
+    """Render the bundle's model card (README.md) from its template and records."""
+    from vtrlab.organism.card import write_card
+
+    typer.echo(str(write_card(path)))
+
+
+if __name__ == "__main__":
+    app()

@@ -41,30 +41,6 @@ def patch_owners(sample: Sample) -> np.ndarray:
     return owner
 
 
-def referent_targets(sample: Sample, owner: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Targets for the language model's intermediate states on relation questions
-    ("is the A left of the B ?"): ``ref_role`` per patch (0 neither, 1 A, 2 B) for the image
-    tokens, and ``ref_xy`` = (A's centre x, y, B's centre x, y) in [0, 1] for the last prompt
-    token. ``ref_on`` says whether the sample has them (relation samples only).
-
-    The two hops a relation answer needs (find A and B, read their positions) are what the model
-    did not discover from the yes/no answer alone; see the model card."""
-    g = sample.grid
-    h, w = sample.object_map.shape
-    role = np.zeros(g * g, np.int64)
-    xy = np.zeros(4, np.float32)
-    if sample.family != "relation":
-        return dict(ref_role=role, ref_xy=xy, ref_on=np.array(False))
-    words = sample.question.replace("?", " ").split()
-    named = [wd for wd in words if wd in SHAPES]  # A then B, in the order the question names them
-    owner = patch_owners(sample) if owner is None else owner
-    for r, name in enumerate(named[:2], start=1):
-        obj = next(o for o in sample.objects if o.kind == "shape" and o.shape == name)
-        role[owner == obj.index] = r
-        xy[2 * (r - 1): 2 * r] = (obj.center[0] / w, obj.center[1] / h)
-    return dict(ref_role=role, ref_xy=xy, ref_on=np.array(True))
-
-
 def patch_targets(sample: Sample, owner: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per-patch targets (grid*grid, row-major) from the rendered object map.
 
@@ -105,35 +81,64 @@ N_CENTRE = N_SHAPE + 1
 
 def _render_chunk(args):
     seed, family, start, stop = args
-    pix, tg, qa = [], {}, []
+    pix, tg, qa, caps = [], {}, [], []
     for i in range(start, stop):
         s = make_sample(seed, i, family)
         pix.append(np.asarray(s.image, dtype=np.uint8).transpose(2, 0, 1))
-        owner = patch_owners(s)  # shared by both target sets
-        for key, v in {**patch_targets(s, owner), **referent_targets(s, owner)}.items():
+        for key, v in patch_targets(s).items():
             tg.setdefault(key, []).append(v)
         qa.append((s.question, s.answer))
-    return np.stack(pix), {k: np.stack(v) for k, v in tg.items()}, qa
+        caps.append(s.caption)
+    return np.stack(pix), {k: np.stack(v) for k, v in tg.items()}, qa, caps
+
+
+@dataclass
+class Seqs:
+    """Right-padded token sequences of one kind; ``labels`` -100 where no loss is taken."""
+
+    ids: torch.Tensor  # int64 (N, L)
+    mask: torch.Tensor  # bool (N, L)
+    labels: torch.Tensor  # int64 (N, L)
+
+    def to(self, device) -> Seqs:
+        return Seqs(*(t.to(device, non_blocking=True) for t in (self.ids, self.mask, self.labels)))
 
 
 @dataclass
 class EncodedSet:
-    """Everything a training step needs, as tensors (move with .to(device))."""
+    """Everything a training step needs, as tensors (move with .to(device)).
+
+    Sequences per sample (``seqs``): ``answer`` the chat prompt (system, image, question) and the
+    answer (labels: answer + end); ``caption`` the same prompt asking for a description and the
+    scene's caption (labels: caption + end; LLaVA stage 1); ``text`` caption, question and answer as
+    plain text in the chat format, no image (labels: every token; the LM's language stage);
+    ``clip`` the caption alone for the CLIP text encoder (``<s> caption <|end|>``)."""
 
     pixels: torch.Tensor  # uint8 (N, 3, H, W)
-    input_ids: torch.Tensor  # int64 (N, L), right-padded
-    attention_mask: torch.Tensor  # bool (N, L)
-    labels: torch.Tensor  # int64 (N, L), -100 outside answer + end token
     family: torch.Tensor  # int64 (N,), index into FAMILIES
     targets: dict[str, torch.Tensor]
+    seqs: dict[str, Seqs]
     questions: list[str]
     answers: list[str]
+    captions: list[str]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.seqs["answer"].ids
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return self.seqs["answer"].mask
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.seqs["answer"].labels
 
     def to(self, device) -> EncodedSet:
-        mv = lambda t: t.to(device, non_blocking=True)
-        return EncodedSet(mv(self.pixels), mv(self.input_ids), mv(self.attention_mask), mv(self.labels),
-                          mv(self.family), {k: mv(v) for k, v in self.targets.items()},
-                          self.questions, self.answers)
+        return EncodedSet(self.pixels.to(device, non_blocking=True), self.family.to(device),
+                          {k: v.to(device, non_blocking=True) for k, v in self.targets.items()},
+                          {k: v.to(device) for k, v in self.seqs.items()}, self.questions, self.answers,
+                          self.captions)
 
     def __len__(self) -> int:
         return self.pixels.shape[0]
@@ -174,26 +179,74 @@ class SequenceEncoder:
     def answer_ids(self, answer: str) -> list[int]:
         return self.tok(" " + answer, add_special_tokens=False)["input_ids"] + [self.end_id]
 
+    def _batch(self, texts: list[str]) -> list[list[int]]:
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
+
+    def text_template(self) -> str:
+        """The chat format with the caption in place of the picture, as plain text: a format string
+        with {caption}, {question}, {answer} (rendered once by the chat template)."""
+        conv = [{"role": "user", "content": [{"type": "text", "text": "@C@ . @Q@"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "@A@"}]}]
+        text = self.processor.apply_chat_template(conv)
+        return text.replace("{", "{{").replace("}", "}}").replace("@C@", "{caption}").replace(
+            "@Q@", "{question}").replace("@A@", "{answer}")
+
+    def text_ids(self, captions: list[str], qa: list[tuple[str, str]]) -> list[list[int]]:
+        fmt = self.text_template()
+        return self._batch([fmt.format(caption=c, question=q, answer=a) for c, (q, a) in zip(captions, qa)])
+
+    def caption_answer_ids(self, captions: list[str]) -> list[list[int]]:
+        return [ids + [self.end_id] for ids in self._batch([" " + c for c in captions])]
+
+    def clip_ids(self, captions: list[str]) -> list[list[int]]:
+        bos = self.tok.bos_token_id
+        return [[bos] + ids + [self.end_id] for ids in self._batch(list(captions))]
+
+
+def _pad(seqs: list[tuple], n_unlabelled: list[int] | None, pad: int) -> Seqs:
+    """Right-pad sequences given as tuples of parts (numpy arrays or lists, concatenated); labels are
+    the tokens themselves after the first ``n_unlabelled[i]`` (None: all of them)."""
+    lens = np.array([sum(len(part) for part in s) for s in seqs])
+    length = int(lens.max())
+    ids = np.full((len(seqs), length), pad, dtype=np.int64)
+    for i, s in enumerate(seqs):
+        a = 0
+        for part in s:
+            ids[i, a: a + len(part)] = part
+            a += len(part)
+    pos = np.arange(length)[None, :]
+    start = np.zeros(len(seqs), np.int64) if n_unlabelled is None else np.asarray(n_unlabelled)
+    labelled = (pos >= start[:, None]) & (pos < lens[:, None])
+    labels = np.where(labelled, ids, -100)
+    ids_t = torch.from_numpy(ids)
+    return Seqs(ids_t, ids_t != pad, torch.from_numpy(labels))
+
 
 def encode(pixels: np.ndarray, targets: dict[str, np.ndarray], qa: list[tuple[str, str]], families: list[str],
-           encoder: SequenceEncoder) -> EncodedSet:
-    seqs, labs = [], []
-    for q, a in qa:
-        p, ans = encoder.prompt_ids(q), encoder.answer_ids(a)
-        seqs.append(p + ans)
-        labs.append([-100] * len(p) + ans)
-    length = max(map(len, seqs))
+           encoder: SequenceEncoder, captions: list[str] | None = None) -> EncodedSet:
+    from vtrlab.organism.tokenizer import CAPTION_PROMPT
+
+    captions = list(captions) if captions is not None else [""] * len(qa)
     pad = encoder.tok.pad_token_id
-    ids = torch.full((len(seqs), length), pad, dtype=torch.int64)
-    labels = torch.full((len(seqs), length), -100, dtype=torch.int64)
-    for i, (s, l) in enumerate(zip(seqs, labs)):
-        ids[i, : len(s)] = torch.tensor(s)
-        labels[i, : len(l)] = torch.tensor(l)
+    answers: dict[str, list[int]] = {}
+    prompts: dict[str, np.ndarray] = {}
+    answer, n_prompt = [], []
+    for q, a in qa:
+        if a not in answers:
+            answers[a] = encoder.answer_ids(a)
+        if q not in prompts:
+            prompts[q] = np.asarray(encoder.prompt_ids(q), dtype=np.int64)
+        answer.append((prompts[q], answers[a]))
+        n_prompt.append(len(prompts[q]))
+    cap_prompt = np.asarray(encoder.prompt_ids(CAPTION_PROMPT), dtype=np.int64)
+    cap = [(cap_prompt, ids) for ids in encoder.caption_answer_ids(captions)]
+    seqs = {"answer": _pad(answer, n_prompt, pad), "caption": _pad(cap, [len(cap_prompt)] * len(cap), pad),
+            "text": _pad([(t,) for t in encoder.text_ids(captions, qa)], None, pad),
+            "clip": _pad([(t,) for t in encoder.clip_ids(captions)], None, pad)}
     return EncodedSet(
-        pixels=torch.from_numpy(pixels), input_ids=ids, attention_mask=ids != pad, labels=labels,
-        family=torch.tensor([FAMILIES.index(f) for f in families]),
-        targets={k: torch.from_numpy(v) for k, v in targets.items()},
-        questions=[q for q, _ in qa], answers=[a for _, a in qa])
+        pixels=torch.from_numpy(pixels), family=torch.tensor([FAMILIES.index(f) for f in families]),
+        targets={k: torch.from_numpy(v) for k, v in targets.items()}, seqs=seqs,
+        questions=[q for q, _ in qa], answers=[a for _, a in qa], captions=captions)
 
 
 def build_set(n_per_family: int, seed: int, processor, families=FAMILIES, workers: int = 1,
@@ -206,7 +259,8 @@ def build_set(n_per_family: int, seed: int, processor, families=FAMILIES, worker
             parts = list(tqdm(ex.map(_render_chunk, jobs), total=len(jobs), desc=f"render seed {seed}"))
     else:
         parts = [_render_chunk(j) for j in tqdm(jobs, desc=f"render seed {seed}", disable=len(jobs) < 4)]
-    pixels = np.concatenate([p for p, _, _ in parts])
-    targets = {k: np.concatenate([t[k] for _, t, _ in parts]) for k in parts[0][1]}
-    qa = [x for _, _, q in parts for x in q]
-    return encode(pixels, targets, qa, fams, SequenceEncoder(processor))
+    pixels = np.concatenate([p[0] for p in parts])
+    targets = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
+    qa = [x for p in parts for x in p[2]]
+    caps = [x for p in parts for x in p[3]]
+    return encode(pixels, targets, qa, fams, SequenceEncoder(processor), caps)

@@ -95,24 +95,19 @@ def evaluate_bundle(path: str | os.PathLike, n: int = 500, seed: int = EVAL_SEED
 
 
 def main(argv=None) -> None:
-    import argparse
+    """``python -m vtrlab.organism.evaluate ARGS`` = ``vtrlab organism eval ARGS`` (one CLI)."""
+    import sys
 
-    p = argparse.ArgumentParser(description="evaluate a saved organism per family (greedy exact match)")
-    p.add_argument("path", nargs="?", default="data/models/organism")
-    p.add_argument("--n", type=int, default=500, help="held-out samples per family")
-    p.add_argument("--seed", type=int, default=EVAL_SEED)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--out-json", default=None, help="write the result here (atomically)")
-    a = p.parse_args(argv)
-    res = evaluate_bundle(a.path, n=a.n, seed=a.seed, device=a.device, batch_size=a.batch_size, out_json=a.out_json)
-    print(format_table(res))
+    from vtrlab.organism.cli import app
+
+    app(["eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 def format_table(result: dict) -> str:
     rows = [f"{'family':<10} {'accuracy':>9} {'no-image':>9} {'chance':>8}"]
     for fam, r in result["families"].items():
-        rows.append(f"{fam:<10} {r['accuracy']:>9.3f} {r.get('no_image_accuracy', float('nan')):>9.3f} {r['chance']:>8.3f}")
+        blank = r.get("no_image_accuracy", float("nan"))
+        rows.append(f"{fam:<10} {r['accuracy']:>9.3f} {blank:>9.3f} {r['chance']:>8.3f}")
     return "\n".join(rows)
 
 

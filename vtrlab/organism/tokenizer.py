@@ -26,11 +26,16 @@ IMAGE = "<image>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, END, SYSTEM, USER, ASSISTANT, IMAGE)
 PUNCTUATION = (".", ",", "!", "?", ":", ";", "'", "-")
+# LLaVA-1.5 starts every conversation with a short system prompt, then the image, then the question
+SYSTEM_PROMPT = "a chat about a picture . answer the question in one word ."
+# LLaVA stage 1 (projector alignment) asks for a brief description of the picture
+CAPTION_PROMPT = "describe the picture ."
 
 
 def organism_vocab() -> list[str]:
     pieces = list(string.ascii_lowercase) + list(string.digits)
-    words = [w for w in vocabulary() if w not in pieces and w not in PUNCTUATION]
+    extra = set(SYSTEM_PROMPT.split()) | set(CAPTION_PROMPT.split())
+    words = sorted({w for w in [*vocabulary(), *extra] if w not in pieces and w not in PUNCTUATION})
     return list(SPECIAL_TOKENS) + words + pieces + ["##" + p for p in pieces] + list(PUNCTUATION)
 
 

@@ -1,86 +1,81 @@
-"""Training recipe of the organism (one command: train, evaluate, save).
+"""Training recipe of the organism: LLaVA's recipe in miniature, one resumable command.
 
-Stages (what a probe here and the runs recorded in the model card found necessary):
+Stages, in order (each one's steps, losses and wall time go into the record):
 
-1. ``tower``: the vision tower alone learns dense per-patch targets from the generator's ground
-   truth (color, shape, letter, object centre, and positions: the patch's own row/col and its
-   object's centre). Trained end to end from scratch the model only learns the answer prior.
-2. ``frozen``: projector + LM learn to answer with the tower frozen.
-3. ``joint``: everything trains, the tower at a lower rate and still under the dense targets
-   so that its per-patch meaning (and with it the relevance ground truth) is kept.
+1. ``clip``: a micro-CLIP. The vision tower (with [CLS]) is trained contrastively against a small
+   text encoder on the scenes' captions (symmetric InfoNCE between the tower's pooled [CLS] and the
+   encoder's <|end|> state, each through a linear projection), together with dense per-patch
+   targets from the generator's ground truth (colour, shape, letter, object centre, positions):
+   without them, a probe found colour/shape/count/reading unlearnable downstream.
+2. ``text``: the LM learns language on text alone: captions, questions and answers as plain text
+   in the chat format (next-token loss on every token; no picture).
+3. ``align``: LLaVA stage 1, projector alignment: tower and LM frozen, the projector learns
+   image -> caption ("describe the picture .").
+4. ``instruct``: LLaVA stage 2, instruction tuning: projector + LM learn to answer the VQA families
+   (tower frozen, as LLaVA-1.5), image first after a short system prompt.
 
-In the answer stages, relation questions also carry *referent supervision* of the LM
-(``ref_weight``): the image tokens learn which of them are A / B, the answering token learns where
-A and B are. Without it relation stayed at chance; with it the yes/no comparison followed.
+No loss reads the LM's internals: the only LM-side losses are next-token losses.
 
-Usage: ``python -m vtrlab.organism.train --out DIR`` (``vtrlab organism train --out DIR``).
+The run is resumable: when the wall-time budget of one call (``max_minutes``) is spent, the full
+training state goes to ``ckpt_dir`` and the command ends; the same command with ``resume`` continues
+where it stopped (stage, step, optimizer, sampler and RNG state), until the bundle is saved.
+
+Usage: ``vtrlab organism train --out DIR [--resume]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from vtrlab.data.synthetic import BACKGROUND, FAMILIES
+from vtrlab.io import atomic_path
 from vtrlab.models.base import image_token_id
-from vtrlab.organism.dataset import (
-    N_CENTRE,
-    N_COLOR,
-    N_LETTER,
-    N_SHAPE,
-    EncodedSet,
-    build_set,
-)
+from vtrlab.organism.dataset import N_CENTRE, N_COLOR, N_LETTER, N_SHAPE, EncodedSet, build_set
+
+STAGES = ("clip", "text", "align", "instruct")
 
 
 @dataclass
 class TrainConfig:
     seed: int = 0  # model init and batch order
-    init_from: str = ""  # a saved organism to continue from (empty: random init)
     train_seed: int = 1  # data seed of the training samples (evaluation uses seed 0: held out)
     val_seed: int = 2  # data seed of the validation samples watched during training
-    n_train_per_family: int = 24000
-    n_val_per_family: int = 256
-    # chat template: question first, then the image (the shipped recipe: at equal steps it learned
-    # color 0.99 vs 0.89 and shape 0.98 vs 0.87 with the image first); True gives LLaVA's order
-    image_first: bool = False
-    positional: bool = True  # dense row/col + object-centre regression targets for the tower
-    tower_steps: int = 2000
-    tower_rounds: int = 2  # the tower stage is run this many times (warm restarts)
-    frozen_steps: int = 3000
-    joint_steps: int = 8000
+    n_train_per_family: int = 20000
+    n_val_per_family: int = 200
     batch_size: int = 256
-    lr_tower: float = 1e-3
-    lr_lm: float = 1e-3
-    lr_tower_joint: float = 2e-4
+    clip_steps: int = 3000
+    lr_clip: float = 1e-3
+    dense_weight: float = 1.0  # per-patch targets beside the contrastive loss in the clip stage (0: off)
+    text_steps: int = 800
+    lr_text: float = 5e-4
+    align_steps: int = 600
+    lr_align: float = 1e-3
+    instruct_steps: int = 7000
+    lr_lm: float = 5e-4  # projector + LM in the instruct stage (8 layers: 1e-3 failed in a probe)
+    # tower in the instruct stage (0: frozen, as LLaVA-1.5); > 0 trains it (and the CLIP text side)
+    # under its CLIP and dense losses, as LLaVA-NeXT tunes its tower
+    lr_tower_instruct: float = 0.0
+    warmup: int = 400  # instruct stage; the other stages warm up over 100 steps
     weight_decay: float = 0.01
-    aux_weight: float = 1.0  # weight of the dense targets in the joint stage
-    # referent supervision of the LM on relation questions (0: off): image tokens at layer
-    # ref_role_layer learn which of them belong to A / B, the last prompt token at ref_xy_layer
-    # learns A's and B's centres. Without it relation stayed at chance; with it, it was learned
-    # (stage 3 of the model card).
-    ref_weight: float = 1.0
-    ref_role: bool = True  # False: only the positions at the last prompt token (ablation)
-    ref_role_layer: int = 2
-    ref_xy_layer: int = 4
     family_weights: dict = field(default_factory=lambda: {"color": 1.0, "shape": 1.0, "count": 1.5,
-                                                           "relation": 2.0, "reading": 1.5})
+                                                           "relation": 2.0, "reading": 1.5, "position": 1.0})
     workers: int = max(1, (os.cpu_count() or 2) - 1)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    amp: bool = True  # bf16 autocast on CUDA
-    max_minutes: float = 9.0  # wall-time budget of the whole run (data, training, evaluation)
-    reserve_seconds: float = 90.0  # kept for the final evaluation and saving
+    max_minutes: float = 9.0  # wall-time budget of this call; then checkpoint and stop
+    reserve_seconds: float = 40.0  # kept for checkpointing (or evaluating and saving) at the end
     eval_every: int = 500
     eval_n: int = 500  # held-out samples per family for the final evaluation (seed 0)
+    eval_batch_size: int = 250
     log_every: int = 100
 
 
@@ -96,7 +91,7 @@ class DenseHeads(nn.Module):
         self.own_rc = nn.Linear(dim, 2)
         self.obj_xy = nn.Linear(dim, 2)
 
-    def loss(self, feats: torch.Tensor, tg: dict[str, torch.Tensor], positional: bool, metrics: bool = True):
+    def loss(self, feats: torch.Tensor, tg: dict[str, torch.Tensor], metrics: bool = True):
         """Summed loss, and (when ``metrics``; they sync the GPU) per-target losses and accuracies."""
         feats = feats.float()
         out, acc = {}, {}
@@ -106,48 +101,12 @@ class DenseHeads(nn.Module):
             if metrics:
                 fg = tg[key] > 0
                 acc[key] = ((logits.argmax(-1) == tg[key]) & fg).sum().item() / max(1, fg.sum().item())
-        if positional:
-            out["own_rc"] = F.mse_loss(self.own_rc(feats), tg["own_rc"]) * 10
-            on = tg["on_object"]
-            err = (self.obj_xy(feats) - tg["obj_xy"]).pow(2).sum(-1)
-            out["obj_xy"] = (err * on).sum() / on.sum().clamp(min=1) * 10
+        out["own_rc"] = F.mse_loss(self.own_rc(feats), tg["own_rc"]) * 10
+        on = tg["on_object"]
+        err = (self.obj_xy(feats) - tg["obj_xy"]).pow(2).sum(-1)
+        out["obj_xy"] = (err * on).sum() / on.sum().clamp(min=1) * 10
         parts = {k: round(v.item(), 4) for k, v in out.items()} if metrics else {}
         return sum(out.values()), parts, acc
-
-
-class ReferentHeads(nn.Module):
-    """Linear read-outs of the two hops of a relation question from the LM's hidden states:
-    which image tokens are A / B (``role``), and where A and B are (``xy``, at the last prompt
-    token, the one that predicts the answer)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.role = nn.Linear(dim, 3)
-        self.xy = nn.Linear(dim, 4)
-
-    def loss(self, hidden: dict[int, torch.Tensor], is_image: torch.Tensor, last: torch.Tensor,
-             tg: dict[str, torch.Tensor], cfg: TrainConfig, metrics: bool = False):
-        on = tg["ref_on"]
-        if not bool(on.any()):  # no relation sample in the batch: a zero that keeps the graph
-            return hidden[cfg.ref_xy_layer].sum() * 0.0, {}
-        out = {}
-        h_xy = hidden[cfg.ref_xy_layer].float()
-        pred = self.xy(h_xy[torch.arange(len(last), device=last.device), last])[on]
-        out["ref_xy"] = F.mse_loss(pred, tg["ref_xy"][on]) * 10
-        if cfg.ref_role:
-            h = hidden[cfg.ref_role_layer].float()
-            n_img = tg["ref_role"].shape[1]
-            img = h[is_image].view(len(last), n_img, -1)[on]
-            logits = self.role(img)
-            # A and B own ~5% of the patches: weighted so that "all background" is no easy optimum
-            weight = torch.tensor([1.0, 10.0, 10.0], device=logits.device)
-            out["ref_role"] = F.cross_entropy(logits.flatten(0, 1), tg["ref_role"][on].flatten(), weight=weight)
-            if metrics:
-                fg = tg["ref_role"][on] > 0
-                out["ref_role_acc"] = ((logits.argmax(-1) == tg["ref_role"][on]) & fg).sum() / fg.sum().clamp(min=1)
-        total = sum(v for k, v in out.items() if not k.endswith("_acc"))
-        parts = {k: round(v.item(), 4) for k, v in out.items()} if metrics else {}
-        return total, parts
 
 
 def pixel_values(pixels_u8: torch.Tensor, processor) -> torch.Tensor:
@@ -159,36 +118,44 @@ def pixel_values(pixels_u8: torch.Tensor, processor) -> torch.Tensor:
     return (pixels_u8.float() * ip.rescale_factor - mean) / std
 
 
-def tower_features(model, pixels: torch.Tensor) -> torch.Tensor:
-    """The vision features LLaVA feeds the projector: the selected layer, [CLS] dropped."""
+def tower_forward(model, pixels: torch.Tensor):
+    """(the vision features LLaVA feeds the projector: selected layer, [CLS] dropped; the pooled
+    [CLS] state CLIP projects)."""
     cfg = model.config
     out = model.model.vision_tower(pixels, output_hidden_states=True)
     feats = out.hidden_states[cfg.vision_feature_layer]
-    return feats[:, 1:] if cfg.vision_feature_select_strategy == "default" else feats
+    feats = feats[:, 1:] if cfg.vision_feature_select_strategy == "default" else feats
+    return feats, out.pooler_output
+
+
+def tower_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    return tower_forward(model, pixels)[0]
 
 
 def answer_logits(model, feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   labels: torch.Tensor):
-    """Logits predicting each labelled token (same computation as LlavaForConditionalGeneration)."""
-    logits, target, sel, _ = answer_forward(model, feats, input_ids, attention_mask, labels)
-    return logits, target, sel
-
-
-def answer_forward(model, feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   labels: torch.Tensor, layers: tuple[int, ...] = ()):
-    """``answer_logits`` plus the LM's hidden states after each of ``layers`` (1-based)."""
-    image_embeds = model.model.multi_modal_projector(feats)
+    """Logits predicting each labelled token (same computation as LlavaForConditionalGeneration):
+    (logits, targets, selection mask over positions 0..L-2)."""
     embeds = model.get_input_embeddings()(input_ids)
-    is_image = (input_ids == image_token_id(model.config)).unsqueeze(-1)
-    embeds = embeds.masked_scatter(is_image, image_embeds.to(embeds.dtype))
-    out = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask.long(),
-                                     output_hidden_states=bool(layers))
-    hidden = out.last_hidden_state
-    # the token at t predicts labels[t + 1]
-    target = labels[:, 1:]
+    if feats is not None:
+        image_embeds = model.model.multi_modal_projector(feats)
+        is_image = (input_ids == image_token_id(model.config)).unsqueeze(-1)
+        embeds = embeds.masked_scatter(is_image, image_embeds.to(embeds.dtype))
+    out = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask.long())
+    target = labels[:, 1:]  # the token at t predicts labels[t + 1]
     sel = target != -100
-    logits = model.lm_head(hidden[:, :-1][sel])
-    return logits, target[sel], sel, {k: out.hidden_states[k] for k in layers}
+    logits = model.lm_head(out.last_hidden_state[:, :-1][sel])
+    return logits, target[sel], sel
+
+
+def clip_loss(clip, image_pooled: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE between projected [CLS] states and projected caption states."""
+    text = clip.text_model(input_ids=ids, attention_mask=mask.long()).pooler_output
+    img = F.normalize(clip.visual_projection(image_pooled).float(), dim=-1)
+    txt = F.normalize(clip.text_projection(text).float(), dim=-1)
+    logits = clip.logit_scale.exp().clamp(max=100) * img @ txt.t()
+    target = torch.arange(len(img), device=img.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2, logits
 
 
 def _lr(step: int, total: int, base: float, warmup: int = 100) -> float:
@@ -224,6 +191,7 @@ class _Sampler:
 def teacher_forced_accuracy(model, processor, data: EncodedSet, blank: bool = False, batch: int = 256) -> dict:
     """Per-family exact match with teacher forcing; equals greedy exact match (every answer
     token and the end token must be the argmax)."""
+    was = model.training
     model.eval()
     correct = torch.zeros(len(FAMILIES))
     total = torch.zeros(len(FAMILIES))
@@ -235,14 +203,15 @@ def teacher_forced_accuracy(model, processor, data: EncodedSet, blank: bool = Fa
             pix = torch.tensor(BACKGROUND, dtype=torch.uint8, device=dev).view(1, 3, 1, 1).expand_as(pix)
         with _autocast(dev):
             feats = tower_features(model, pixel_values(pix, processor))
-            logits, target, sel = answer_logits(model, feats, data.input_ids[sl], data.attention_mask[sl], data.labels[sl])
+            logits, target, sel = answer_logits(model, feats, data.input_ids[sl], data.attention_mask[sl],
+                                                data.labels[sl])
         hit = torch.ones_like(sel)
         hit[sel] = logits.argmax(-1) == target
         ok = hit.all(dim=1).float().cpu()
         fam = data.family[sl].cpu()
         correct.index_add_(0, fam, ok)
         total.index_add_(0, fam, torch.ones_like(ok))
-    model.train()
+    model.train(was)
     return {f: round((correct[i] / total[i]).item(), 4) for i, f in enumerate(FAMILIES) if total[i] > 0}
 
 
@@ -251,151 +220,252 @@ def _autocast(device):
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
 
 
-def train_organism(out: str | os.PathLike, cfg: TrainConfig | None = None, **overrides) -> dict:
-    """Train the organism from scratch, evaluate it on held-out data, save the bundle to ``out``.
+def _atomic_torch_save(obj, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
-    Returns the training record (config, per-stage logs, final evaluation)."""
-    from vtrlab.organism.build import build_random, save_organism
-    from vtrlab.organism.evaluate import eval_to_json, evaluate
 
-    cfg = cfg or TrainConfig()
-    for k, v in overrides.items():
-        if not hasattr(cfg, k):
-            raise ValueError(f"unknown training option {k!r}; accepted: {', '.join(asdict(cfg))}")
-        setattr(cfg, k, v)
+def default_ckpt_dir(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".ckpt")
+
+
+def train_organism(out: str | os.PathLike, cfg: TrainConfig | None = None, resume: bool = False,
+                   ckpt_dir: str | os.PathLike | None = None, command: str | None = None, finish: bool = False,
+                   finish_reserve_seconds: float = 150.0, **overrides) -> dict:
+    """Run (or, with ``resume``, continue) the recipe; save the bundle to ``out`` when every stage is done.
+
+    Returns the training record; ``record["finished"]`` is False when the call's wall-time budget
+    ran out first (the state is then in ``ckpt_dir``: run again with ``resume=True``). With ``finish``,
+    a budget that runs out in the instruct stage ends training there instead (recorded as cut short),
+    keeping ``finish_reserve_seconds`` to evaluate and save the bundle."""
+    from transformers import CLIPModel
+
+    from vtrlab.organism.build import build_random
+    from vtrlab.organism.config import build_clip_config
+
     t0 = time.time()
-    deadline = t0 + cfg.max_minutes * 60 - cfg.reserve_seconds  # training stops here
-    torch.manual_seed(cfg.seed)
-    if cfg.init_from:
-        # continue training a saved organism (its processor must match image_first)
-        from transformers import LlavaForConditionalGeneration
-
-        model = LlavaForConditionalGeneration.from_pretrained(cfg.init_from)
+    known = {f.name for f in TrainConfig.__dataclass_fields__.values()}
+    for k in overrides:
+        if k not in known:
+            raise ValueError(f"unknown training option {k!r}; accepted: {', '.join(sorted(known))}")
+    ckpt_dir = Path(ckpt_dir) if ckpt_dir else default_ckpt_dir(out)
+    state_path = ckpt_dir / "state.pt"
+    state = None
+    if resume:
+        if not state_path.is_file():
+            raise FileNotFoundError(f"resume: no checkpoint at {state_path}; run without resume to start")
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        cfg = TrainConfig(**{**state["record"]["config"], **overrides})
     else:
-        model, _ = build_random(cfg.seed)
-    from vtrlab.organism.processor import build_processor
-
-    processor = build_processor(image_first=cfg.image_first)
+        cfg = cfg or TrainConfig()
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+    deadline = t0 + cfg.max_minutes * 60 - (finish_reserve_seconds if finish else cfg.reserve_seconds)
+    torch.manual_seed(cfg.seed)
+    model, processor = build_random(cfg.seed)
+    clip = CLIPModel(build_clip_config())
+    heads = DenseHeads(model.config.vision_config.hidden_size)
+    record = state["record"] if state else {"config": asdict(cfg), "stages": {}, "log": [], "calls": []}
+    record["config"] = asdict(cfg)
+    if state:
+        model.load_state_dict(state["model"])
+        clip.load_state_dict(state["clip"])
+        heads.load_state_dict(state["heads"])
+        torch.set_rng_state(state["rng"])
+    call = {"command": command or " ".join(sys.argv), "device": _device_name(cfg.device), "resumed": bool(state),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t0)), "max_minutes": cfg.max_minutes,
+            "finish": finish}
+    record["calls"].append(call)
     dev = torch.device(cfg.device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     train = build_set(cfg.n_train_per_family, cfg.train_seed, processor, workers=cfg.workers).to(dev)
     val = build_set(cfg.n_val_per_family, cfg.val_seed, processor, workers=cfg.workers).to(dev)
-    record: dict = {"config": asdict(cfg), "data_seconds": round(time.time() - t0, 1), "log": []}
-    print(f"data ready in {record['data_seconds']} s: {len(train)} train, {len(val)} val", flush=True)
+    call["data_seconds"] = round(time.time() - t0, 1)
+    print(f"data ready in {call['data_seconds']} s: {len(train)} train, {len(val)} val", flush=True)
     model.to(dev).train()
-    heads = DenseHeads(model.config.vision_config.hidden_size).to(dev)
-    ref_heads = ReferentHeads(model.config.text_config.hidden_size).to(dev)
-    ref_layers = tuple(sorted({cfg.ref_xy_layer} | ({cfg.ref_role_layer} if cfg.ref_role else set())))
-    image_token = image_token_id(model.config)
-    sampler = _Sampler(train, cfg.family_weights, cfg.batch_size, cfg.seed)
+    clip.to(dev).train()
+    heads.to(dev).train()
     tower = list(model.model.vision_tower.parameters())
-    rest = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
-    if cfg.ref_weight > 0:
-        rest += list(ref_heads.parameters())
+    projector = list(model.model.multi_modal_projector.parameters())
+    lm = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
+    clip_side = [p for n, p in clip.named_parameters() if not n.startswith("vision_model.")]
+    sampler = _Sampler(train, cfg.family_weights, cfg.batch_size, cfg.seed)
+    if state:
+        sampler.g.set_state(state["sampler"])
 
-    def run_stage(name: str, steps: int, groups: list[tuple[list, float]], answer: bool, dense_w: float,
-                  share: float | None = None):
-        """One stage. With ``share`` the step count is fitted, once, after a few timed steps, so
-        that the stage takes at most that share of the wall time left (the cosine schedule then
-        still anneals fully; the steps actually run are recorded)."""
-        opt = torch.optim.AdamW([{"params": p, "lr": lr} for p, lr in groups], weight_decay=cfg.weight_decay)
+    def save_state(stage_i: int, step: int, opt) -> None:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_torch_save({"model": model.state_dict(), "clip": clip.state_dict(), "heads": heads.state_dict(),
+                            "opt": opt.state_dict() if opt is not None else None, "stage": stage_i, "step": step,
+                            "sampler": sampler.g.get_state(), "rng": torch.get_rng_state(), "record": record},
+                           state_path)
+
+    def stage_spec(name: str):
+        if name == "clip":
+            return cfg.clip_steps, [(tower + list(heads.parameters()) + clip_side, cfg.lr_clip)], 100
+        if name == "text":
+            return cfg.text_steps, [(lm, cfg.lr_text)], 100
+        if name == "align":
+            return cfg.align_steps, [(projector, cfg.lr_align)], 100
+        groups = [(projector + lm, cfg.lr_lm)]
+        if cfg.lr_tower_instruct > 0:
+            groups.append((tower + list(heads.parameters()) + clip_side, cfg.lr_tower_instruct))
+        return cfg.instruct_steps, groups, cfg.warmup
+
+    def step_loss(name: str, idx: torch.Tensor, logging: bool):
+        parts: dict = {}
+        if name == "instruct" and cfg.lr_tower_instruct > 0:  # the tower trains too, under its own losses
+            tower_loss, parts = step_loss("clip", idx, logging)
+            feats = tower_features(model, pixel_values(train.pixels[idx], processor))
+            s = train.seqs["answer"]
+            logits, target, _ = answer_logits(model, feats, s.ids[idx], s.mask[idx], s.labels[idx])
+            loss = F.cross_entropy(logits.float(), target)
+            if logging:
+                parts[name] = round(loss.item(), 4)
+            return loss + tower_loss, parts
+        if name == "clip":
+            feats, pooled = tower_forward(model, pixel_values(train.pixels[idx], processor))
+            cs = train.seqs["clip"]
+            cl, logits = clip_loss(clip, pooled, cs.ids[idx], cs.mask[idx])
+            loss = cl
+            if cfg.dense_weight > 0:
+                dl, parts, acc = heads.loss(feats, {k: v[idx] for k, v in train.targets.items()}, metrics=logging)
+                loss = loss + cfg.dense_weight * dl
+                if logging:
+                    parts["dense_acc"] = {k: round(v, 3) for k, v in acc.items()}
+            if logging:
+                tgt = torch.arange(len(idx), device=logits.device)
+                parts["clip"] = round(cl.item(), 4)
+                parts["clip_top1"] = round((logits.argmax(1) == tgt).float().mean().item(), 3)
+            return loss, parts
+        if name == "text":
+            s = train.seqs["text"]
+            logits, target, _ = answer_logits(model, None, s.ids[idx], s.mask[idx], s.labels[idx])
+        else:
+            s = train.seqs["caption" if name == "align" else "answer"]
+            with torch.no_grad():
+                feats = tower_features(model, pixel_values(train.pixels[idx], processor))
+            logits, target, _ = answer_logits(model, feats, s.ids[idx], s.mask[idx], s.labels[idx])
+        loss = F.cross_entropy(logits.float(), target)
+        if logging:
+            parts[name] = round(loss.item(), 4)
+        return loss, parts
+
+    first = state["stage"] if state else 0
+    finished = True
+    for stage_i in range(first, len(STAGES)):
+        name = STAGES[stage_i]
+        steps, groups, warmup = stage_spec(name)
         params = [q for ps, _ in groups for q in ps]
         trainable = {id(q) for q in params}
-        for p in list(model.parameters()) + list(heads.parameters()) + list(ref_heads.parameters()):
+        for p in list(model.parameters()) + list(clip.parameters()) + list(heads.parameters()):
             p.requires_grad_(id(p) in trainable)
-        bar = tqdm(total=steps, desc=name, mininterval=5)
+        opt = torch.optim.AdamW([{"params": p, "lr": lr} for p, lr in groups], weight_decay=cfg.weight_decay)
+        step = 0
+        if state and stage_i == state["stage"]:
+            step = state["step"]
+            if state["opt"] is not None:
+                opt.load_state_dict(state["opt"])
+        srec = record["stages"].setdefault(name, {"planned_steps": steps, "seconds": 0.0, "steps_done": 0})
         st = time.time()
-        step = -1
-        while step + 1 < steps:
-            step += 1
-            bar.update(1)
-            if step == 10:
-                t10 = time.time()
-            if share is not None and step == 40:
-                per_step = (time.time() - t10) / 30
-                left = (deadline - time.time()) * share
-                fitted = max(step + 1, min(steps, step + int(left / per_step)))
-                if fitted < steps:
-                    print(f"{name}: {per_step * 1000:.1f} ms/step; fitting {steps} -> {fitted} steps", flush=True)
-                    record["log"].append({"stage": name, "fitted_steps": fitted, "planned_steps": steps})
-                    steps = fitted
+        step0 = step
+        while step < steps:
             if time.time() > deadline:
-                print(f"{name}: wall-time limit reached at step {step}", flush=True)
-                record["log"].append({"stage": name, "step": step, "cut_short": True})
+                finished = False
                 break
             for g, (_, lr) in zip(opt.param_groups, groups):
-                g["lr"] = _lr(step, steps, lr)
+                g["lr"] = _lr(step, steps, lr, warmup)
             idx = sampler().to(dev)
+            logging = step % cfg.log_every == 0 or step == steps - 1
             with _autocast(dev):
-                feats = tower_features(model, pixel_values(train.pixels[idx], processor))
-                loss = torch.zeros((), device=dev)
-                parts, acc = {}, {}
-                logging = step % cfg.log_every == 0 or step == steps - 1
-                if dense_w > 0:
-                    dl, parts, acc = heads.loss(feats, {k: v[idx] for k, v in train.targets.items()}, cfg.positional,
-                                                metrics=logging)
-                    loss = loss + dense_w * dl
-                if answer:
-                    ids = train.input_ids[idx]
-                    logits, target, sel, hidden = answer_forward(
-                        model, feats, ids, train.attention_mask[idx], train.labels[idx],
-                        layers=ref_layers if cfg.ref_weight > 0 else ())
-                    al = F.cross_entropy(logits.float(), target)
-                    if logging:
-                        parts["answer"] = round(al.item(), 4)
-                    loss = loss + al
-                    if cfg.ref_weight > 0:
-                        last = sel.float().argmax(1)  # the last prompt token predicts the first answer token
-                        rl, rparts = ref_heads.loss(hidden, ids == image_token, last,
-                                                    {k: v[idx] for k, v in train.targets.items()}, cfg, logging)
-                        parts.update(rparts)
-                        loss = loss + cfg.ref_weight * rl
+                loss, parts = step_loss(name, idx, logging)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             if logging:
                 entry = {"stage": name, "step": step, "loss": round(loss.item(), 4), **parts,
-                         "dense_acc": {k: round(v, 3) for k, v in acc.items()},
-                         "s_per_step": round((time.time() - st) / (step + 1), 4)}
-                if answer and (step % cfg.eval_every == 0 or step == steps - 1):
+                         "s_per_step": round((time.time() - st) / (step - step0 + 1), 4)}
+                if name == "instruct" and (step % cfg.eval_every == 0 or step == steps - 1):
                     entry["val"] = teacher_forced_accuracy(model, processor, val)
                 record["log"].append(entry)
                 print(json.dumps(entry), flush=True)
-        bar.close()
-        return step + 1
-
-    head_params = list(heads.parameters())
-    # the tower stage runs tower_rounds times (cosine warm restarts): letters are the slowest target
-    tower_done = [run_stage("tower", cfg.tower_steps, [(tower + head_params, cfg.lr_tower)], answer=False, dense_w=1.0)
-                  for _ in range(cfg.tower_rounds)]
-    # the joint stage costs ~1.4x a frozen step (tower backward); share the time accordingly
-    frozen_share = cfg.frozen_steps / max(1e-9, cfg.frozen_steps + 1.4 * cfg.joint_steps)
-    record["steps"] = {"tower": tower_done}
-    record["steps"]["frozen"] = run_stage("frozen", cfg.frozen_steps, [(rest, cfg.lr_lm)], answer=True,
-                                          dense_w=0.0, share=frozen_share)
-    record["steps"]["joint"] = run_stage("joint", cfg.joint_steps,
-                                         [(rest, cfg.lr_lm * 0.5), (tower + head_params, cfg.lr_tower_joint)],
-                                         answer=True, dense_w=cfg.aux_weight, share=1.0)
-    record["train_seconds"] = round(time.time() - t0, 1)
+            step += 1
+        srec["seconds"] = round(srec["seconds"] + time.time() - st, 1)
+        srec["steps_done"] = step
+        if not finished and finish and name == "instruct":
+            srec["cut_short"] = True
+            print(f"wall-time budget spent: instruct stage cut short at step {step}/{steps}; finishing", flush=True)
+            finished = True
+        if not finished:
+            call["stopped_at"] = {"stage": name, "step": step}
+            call["seconds"] = round(time.time() - t0, 1)
+            save_state(stage_i, step, opt)
+            print(f"wall-time budget spent: stopped at {name} step {step}/{steps}; checkpoint {state_path}; "
+                  "run again with --resume", flush=True)
+            record["finished"] = False
+            return record
+        if name == "clip":  # LLaVA's later stages keep the CLIP tower frozen: remember how it ended
+            record["stages"]["clip"]["val_clip_top1"] = _clip_val(model, clip, processor, val)
+        save_state(stage_i + 1, 0, None)
     record["val"] = teacher_forced_accuracy(model, processor, val)
     record["val_blank"] = teacher_forced_accuracy(model, processor, val, blank=True)
     print("val", record["val"], "blank", record["val_blank"], flush=True)
+    call["train_seconds"] = round(time.time() - t0, 1)
+    _finish(out, model, clip, processor, cfg, record, call, dev, t0)
+    return record
+
+
+@torch.no_grad()
+def _clip_val(model, clip, processor, val: EncodedSet, batch: int = 256) -> float:
+    """Top-1 image -> caption retrieval inside batches of ``batch`` validation samples."""
+    model.eval()
+    clip.eval()
+    hits, n = 0, 0
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(val), generator=g).to(val.pixels.device)  # mix the families
+    for a in range(0, len(val), batch):
+        idx = order[a:a + batch]
+        with _autocast(val.pixels.device):
+            _, pooled = tower_forward(model, pixel_values(val.pixels[idx], processor))
+            _, logits = clip_loss(clip, pooled, val.seqs["clip"].ids[idx], val.seqs["clip"].mask[idx])
+        hits += int((logits.argmax(1) == torch.arange(len(idx), device=logits.device)).sum())
+        n += len(idx)
+    model.train()
+    clip.train()
+    return round(hits / max(1, n), 4)
+
+
+def _device_name(device: str) -> str:
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _finish(out, model, clip, processor, cfg: TrainConfig, record: dict, call: dict, dev, t0: float) -> None:
+    """Evaluate on held-out data and save the bundle (LLaVA + its micro-CLIP in ``clip/``)."""
+    from vtrlab.organism.build import save_organism
+    from vtrlab.organism.evaluate import eval_to_json, evaluate
+
     model.eval().float()
-    for p in model.parameters():
-        p.requires_grad_(True)
+    clip.eval().float()
     extra = {}
     if cfg.eval_n > 0:
         te = time.time()
-        result = evaluate(model, processor, n=cfg.eval_n, seed=0, device=dev, batch_size=250)
-        record["eval_seconds"] = round(time.time() - te, 1)
-        print("eval", json.dumps(result["families"]), flush=True)
+        result = evaluate(model, processor, n=cfg.eval_n, seed=0, device=dev, batch_size=cfg.eval_batch_size)
+        call["eval_seconds"] = round(time.time() - te, 1)
+        print("eval", json.dumps({f: r["accuracy"] for f, r in result["families"].items()}), flush=True)
         extra["eval.json"] = eval_to_json(result)
     model.to("cpu")
-    save_organism(model, processor, out, extra_files={**extra, "train_record.json": json.dumps(record, indent=1)})
-    return record
+    clip.to("cpu")
+    clip.vision_model.load_state_dict(model.model.vision_tower.state_dict())  # the one trained tower
+    call["seconds"] = round(time.time() - t0, 1)
+    record["finished"] = True
+    extra["train_record.json"] = json.dumps(record, indent=1) + "\n"
+    save_organism(model, processor, out, extra_files=extra, clip=clip)
 
 
 def parse_family_weights(text: str) -> dict:
@@ -407,24 +477,3 @@ def parse_family_weights(text: str) -> dict:
             raise ValueError(f"bad family weight {part!r}; expected FAMILY=WEIGHT with FAMILY in {', '.join(FAMILIES)}")
         out[name] = float(value)
     return out
-
-
-def _parse(argv=None) -> tuple[str, dict]:
-    p = argparse.ArgumentParser(description="train the vtrlab organism (tiny LLaVA) and save it")
-    p.add_argument("--out", required=True)
-    for k, v in asdict(TrainConfig()).items():
-        if isinstance(v, bool):
-            p.add_argument(f"--{k.replace('_', '-')}", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
-        elif isinstance(v, (int, float, str)):
-            p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=None)
-    p.add_argument("--family-weights", default=None, help="e.g. color=1,shape=1,count=1.5,relation=2,reading=1.5")
-    a = vars(p.parse_args(argv))
-    out = a.pop("out")
-    if a.get("family_weights"):
-        a["family_weights"] = parse_family_weights(a["family_weights"])
-    return out, {k: v for k, v in a.items() if v is not None}
-
-
-if __name__ == "__main__":
-    out, overrides = _parse()
-    train_organism(out, **overrides)
