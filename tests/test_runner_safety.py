@@ -17,7 +17,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import write_notebook
 
 from vtrlab.io import atomic_write_json
 from vtrlab.runner import paths
@@ -26,6 +25,21 @@ from vtrlab.runner.provenance import MANIFEST, publish_figures, read_manifest
 from vtrlab.runner.run import _HOST, clean_stale_temp_dirs, prepare_job, run_hash, run_job
 
 PARAMS = "n: int = 2  # points\nseed: int = 0  # seed"
+
+
+def write_notebook(path: Path, parameters: str, *cells: str) -> Path:
+    """A notebook: a markdown title, the `parameters` cell, then `cells` (code). (Not imported from
+    conftest: tests/bad_inputs has a conftest module of its own.)"""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+    nb = new_notebook()
+    nb.cells = [new_markdown_cell(f"# {path.stem}"), new_code_cell(parameters, metadata={"tags": ["parameters"]})]
+    nb.cells += [new_code_cell(src) for src in cells]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
 BODY = """\
 import matplotlib
 matplotlib.use("Agg")
