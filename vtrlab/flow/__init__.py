@@ -6,6 +6,7 @@ no patched model code, everything restored after the call; they compose with the
 
 from .knockout import knocked_out, knockout, knockout_sites
 from .logit_lens import logit_lens
+from .rollout import rollout
 from .saliency import attention_times_grad, saliency
 
-__all__ = ["attention_times_grad", "knocked_out", "knockout", "knockout_sites", "logit_lens", "saliency"]
+__all__ = ["attention_times_grad", "knocked_out", "knockout", "knockout_sites", "logit_lens", "rollout", "saliency"]
