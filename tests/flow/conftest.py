@@ -29,3 +29,8 @@ def tiny64(family: str):
 @pytest.fixture(scope="module", params=tiny_families())
 def tiny_f64(request):
     return tiny64(request.param)
+
+
+@pytest.fixture(scope="module")
+def llava_f64():
+    return tiny64("llava")

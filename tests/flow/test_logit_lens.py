@@ -91,9 +91,7 @@ def test_logit_lens_under_knockout_reads_the_knocked_out_stream(tiny_f64):
     ({"queries": "pixels"}, "queries='pixels' is not accepted"),
     ({"layers": [99]}, "99 is not an index"),
 ])
-def test_logit_lens_bad_input(kwargs, match):
-    from tests.flow.conftest import tiny64
-
-    vlm, batch = tiny64("llava")
+def test_logit_lens_bad_input(kwargs, match, llava_f64):
+    vlm, batch = llava_f64
     with pytest.raises(ValueError, match=match):
         logit_lens(vlm, batch, **kwargs)

@@ -91,10 +91,8 @@ def test_rollout_equals_float64_eager_reference(tiny_f64):
     assert set(np.unique(ds.key_kind.values)) >= {"image", "text"}
 
 
-def test_rollout_leaves_outputs_unchanged_and_composes_with_knockout():
-    from tests.flow.conftest import tiny64
-
-    vlm, batch = tiny64("llava")
+def test_rollout_leaves_outputs_unchanged_and_composes_with_knockout(llava_f64):
+    vlm, batch = llava_f64
     with torch.no_grad():
         before = vlm.model(**batch.inputs, use_cache=False).logits
     n = len(vlm.lm_layers)
@@ -116,11 +114,10 @@ def test_rollout_leaves_outputs_unchanged_and_composes_with_knockout():
     torch.testing.assert_close(after, before, atol=0, rtol=0)
 
 
-def test_rollout_bad_input_and_clash_with_capture():
+def test_rollout_bad_input(llava_f64):
     import vtrlab as vl
-    from tests.flow.conftest import tiny64
 
-    vlm, batch = tiny64("llava")
+    vlm, batch = llava_f64
     with pytest.raises(ValueError, match="queries='pixels' is not accepted"):
         rollout(vlm, batch, queries="pixels")
     with pytest.raises(ValueError, match="layers: 99 is not an index"):
