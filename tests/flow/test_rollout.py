@@ -14,7 +14,7 @@ def _reference_rollout(attentions, layouts):
     """Dense float64 rollout from per-layer (B, H, N, N) weights: head mean, + I, rows renormalised,
     multiplied from layer 0; padding query rows are identity rows."""
     out, prod = [], None
-    B, _, N, _ = attentions[0].shape
+    N = attentions[0].shape[-1]
     for att in attentions:
         a = att.double().mean(1).clone()
         for b, L in enumerate(layouts):
@@ -79,7 +79,7 @@ def _compare(ds, ref, batch, layers, atol=1e-5):
 
 def test_rollout_equals_float64_eager_reference(tiny_f64):
     vlm, batch = tiny_f64
-    att, eager_logits = _eager_attentions(vlm, batch)
+    att, _ = _eager_attentions(vlm, batch)
     ref = _reference_rollout(att, batch.layouts)
     n = len(vlm.lm_layers)
     ds = rollout(vlm, batch, queries="question", layers="all")

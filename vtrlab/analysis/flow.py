@@ -35,7 +35,7 @@ def _summarise(df: pd.DataFrame, by: list[str], values: list[str], n_boot: int, 
     for key, g in df.groupby(by, sort=True):
         key = key if isinstance(key, tuple) else (key,)
         row = dict(zip(by, key))
-        row["n"] = int(len(g))
+        row["n"] = len(g)
         for v in values:
             x = g[v].to_numpy(dtype=float)
             lo, hi = bootstrap_ci(x, n_boot, seed)

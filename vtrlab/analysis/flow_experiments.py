@@ -3,7 +3,7 @@ each image token labelled with the organism's ground truth (relevant / any objec
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd

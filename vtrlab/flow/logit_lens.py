@@ -73,7 +73,7 @@ def _targets(targets, n_samples: int, vocab: int, default: torch.Tensor | None):
         labels = np.asarray([str(n) for n in names])
     else:
         if isinstance(targets, (str, bytes, float, bool)):
-            raise ValueError(f"targets={targets!r} is not accepted; accepted: {accepted}")
+            raise ValueError(f"targets={targets!r} is not accepted; accepted: {accepted}")  # noqa: TRY004
         arr = np.asarray(targets.detach().cpu() if torch.is_tensor(targets) else targets)
         if arr.dtype == bool or arr.dtype.kind not in "iu" or arr.ndim not in (1, 2):
             raise ValueError(f"targets={targets!r} is not accepted; accepted: {accepted}")

@@ -68,9 +68,9 @@ def knockout_sweep(vlm, batch, *, edges=None, window: int = 9, stride: int = 1, 
     correct = np.zeros((len(edges), len(wins), B), dtype=bool)
     for e, (keys, queries) in enumerate(edges.values()):
         for w, (start, stop) in enumerate(wins):
-            with knocked_out(vlm, batch, keys=keys, queries=queries, layers=list(range(start, stop))):
-                with torch.no_grad():
-                    cut = log_probs_at_last(vlm, layouts, vlm.model(**inputs, use_cache=False).logits)
+            cut_layers = list(range(start, stop))
+            with knocked_out(vlm, batch, keys=keys, queries=queries, layers=cut_layers), torch.no_grad():
+                cut = log_probs_at_last(vlm, layouts, vlm.model(**inputs, use_cache=False).logits)
             prob[e, w] = cut[rows, tgt].exp().double().cpu().numpy()
             correct[e, w] = (cut.argmax(-1) == tgt).cpu().numpy()
     ds = xr.Dataset(
