@@ -35,6 +35,8 @@ _LAZY = {
     "knockout": ("vtrlab.flow", "knockout"),
     "knocked_out": ("vtrlab.flow", "knocked_out"),
     "saliency": ("vtrlab.flow", "saliency"),
+    "logit_lens": ("vtrlab.flow", "logit_lens"),
+    "rollout": ("vtrlab.flow", "rollout"),
     "recon": ("vtrlab.recon", None),
     "reduce": ("vtrlab.reduce", None),
     "plots": ("vtrlab.plots", None),

@@ -5,6 +5,12 @@ no patched model code, everything restored after the call; they compose with the
 """
 
 from .knockout import knocked_out, knockout, knockout_sites
+from .logit_lens import logit_lens
+from .rollout import rollout
 from .saliency import attention_times_grad, saliency
+from .sweeps import EDGES, knockout_sweep, windows
 
-__all__ = ["attention_times_grad", "knocked_out", "knockout", "knockout_sites", "saliency"]
+__all__ = [
+    "EDGES", "attention_times_grad", "knocked_out", "knockout", "knockout_sites", "knockout_sweep", "logit_lens",
+    "rollout", "saliency", "windows",
+]

@@ -1,0 +1,126 @@
+"""Cost of the information-flow verbs against a plain sdpa forward: saliency (the GPU number issue 11 asks
+for: time ratio and peak extra memory, target <= 3x a plain forward), logit lens, rollout, one knockout.
+
+GPU (bf16, random weights, full-size shapes; run through the device tool)::
+
+    python benchmarks/flow.py --out $OUT/flow.json
+
+CPU smoke run (tiny models, seconds)::
+
+    python benchmarks/flow.py --smoke --out /tmp/flow-tiny.json
+
+Methods (median of ``--repeats`` after ``--warmup``; timing and memory as in ``benchmarks/capture.py``):
+
+  sdpa              plain forward (use_cache=False), the reference cost
+  saliency_last     vtrlab.saliency(queries="last", layers="all")  (forward + one autograd.grad)
+  logit_lens_image  vtrlab.logit_lens(queries="image", layers="all", targets={"t": 0}, top_k=5)
+  rollout_last      vtrlab.rollout(queries="last", layers="all")  (a running (N, N) product)
+  knockout_window   vtrlab.knockout(keys="image", queries="last", layers=first quarter)  (two forwards)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from vtrlab.io import atomic_write_text
+
+_HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("_bench_capture", _HERE / "capture.py")
+_capture = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_capture)
+measure, _image, markdown, PROMPT = _capture.measure, _capture._image, _capture.markdown, _capture.PROMPT
+SHAPES, TINY = _capture.SHAPES, _capture.TINY
+
+
+def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int) -> dict:
+    import vtrlab as vl
+
+    device = vlm.device
+    batch = vlm.prepare([_image(image_size)], [PROMPT])
+    inputs = dict(batch.inputs)
+    L = batch.layouts[0]
+    n = len(vlm.lm_layers)
+    row = {"shape": name, "n_tokens": int(inputs["input_ids"].shape[1]), "n_image_tokens": int(L.n_image_tokens),
+           "n_layers": n, "dtype": str(vlm.dtype).removeprefix("torch."), "results": {}}
+    print(f"[{name}] {row['n_tokens']} tokens ({row['n_image_tokens']} image), {n} layers", flush=True)
+    vlm.model.requires_grad_(True)
+
+    def sdpa():
+        with torch.no_grad():
+            return vlm.model(**inputs, use_cache=False).logits
+
+    methods = {
+        "sdpa": sdpa,
+        "saliency_last": lambda: vl.saliency(vlm, batch, queries="last"),
+        "logit_lens_image": lambda: vl.logit_lens(vlm, batch, queries="image", targets={"t": 0}, top_k=5),
+        "rollout_last": lambda: vl.rollout(vlm, batch, queries="last"),
+        "knockout_window": lambda: vl.knockout(vlm, batch, keys="image", queries="last",
+                                               layers=list(range(max(1, n // 4)))),
+    }
+    for method, fn in methods.items():
+        try:
+            row["results"][method] = measure(fn, device, warmup, repeats)
+            print(f"  {method:18s} {row['results'][method]['median_s']:.4f} s", flush=True)
+        except torch.OutOfMemoryError as err:
+            row["results"][method] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
+            torch.cuda.empty_cache()
+    base = row["results"]["sdpa"]["median_s"]
+    for res in row["results"].values():
+        if "median_s" in res:
+            res["time_vs_sdpa"] = res["median_s"] / base
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="JSON file to write (e.g. $OUT/flow.json)")
+    ap.add_argument("--smoke", action="store_true", help="CPU smoke run on tiny random models")
+    ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {list(SHAPES)} (or the tiny ones)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    args = ap.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        ap.error(f"--repeats must be >= 1 and --warmup >= 0 (got {args.repeats}, {args.warmup})")
+    from vtrlab import testing
+
+    table = TINY if args.smoke else SHAPES
+    names = list(table) if args.shapes is None else args.shapes.split(",")
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        ap.error(f"unknown shape(s) {unknown}; choose from {list(table)}")
+    if not args.smoke and not torch.cuda.is_available():
+        ap.error("full-size shapes need a CUDA GPU; use --smoke on CPU")
+    import transformers
+
+    report = {
+        "device": torch.cuda.get_device_name() if not args.smoke else f"CPU ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "repeats": args.repeats, "warmup": args.warmup, "shapes": [],
+    }
+    for name in names:
+        builder, size = table[name]
+        torch.manual_seed(0)
+        vlm = testing.tiny(builder) if args.smoke else testing.full_size(builder, dtype="bfloat16", device="cuda")
+        report["shapes"].append(bench_shape(name, vlm, size, args.warmup, args.repeats))
+        del vlm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(report, indent=2))
+    print()
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
