@@ -73,7 +73,8 @@ def _units(part: str, out: Path, smoke: bool, repeats: int, warmup: int) -> list
     rw = ["--repeats", str(repeats), "--warmup", str(warmup)]
     if part == "organism":
         path = tmp / "organism.json"
-        return [("organism", [py, str(HERE / "organism_forward.py"), "--out", str(path), *rw], path)]
+        small = ["--batch", "2"] if smoke else []
+        return [("organism", [py, str(HERE / "organism_forward.py"), "--out", str(path), *small, *rw], path)]
     if part == "capture":
         flag = ["--tiny", "--batch", "1,2"] if smoke else ["--batch", "1,8"]
         return [(s, [py, str(HERE / "capture.py"), "--shapes", s, "--out", str(tmp / f"capture-{s}.json"), *flag, *rw],
@@ -192,9 +193,9 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny models, every part (about two minutes)")
     ap.add_argument("--only", default=None, help=f"comma-separated parts of {list(PARTS)} (default: all)")
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="wall-clock budget for everything (default 510 s; 150 s with --smoke)")
+                    help="wall-clock budget for everything (default 510 s; 110 s with --smoke)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 5; 1 with --smoke)")
-    ap.add_argument("--warmup", type=int, default=None, help="warm-up runs per case (default 2; 1 with --smoke)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up runs per case (default 2; 0 with --smoke)")
     ap.add_argument("--no-readme", action="store_true", help="do not regenerate benchmarks/README.md")
     ap.add_argument("--render", metavar="DIR", default=None,
                     help="only regenerate benchmarks/README.md from the JSONs in DIR (no measuring)")
@@ -212,9 +213,9 @@ def main(argv=None) -> int:
     unknown = [p for p in parts if p not in PARTS]
     if unknown or not parts:
         ap.error(f"--only {args.only!r}: unknown part(s) {unknown}; choose from {list(PARTS)}")
-    budget = args.budget_s if args.budget_s is not None else (150.0 if args.smoke else 510.0)
+    budget = args.budget_s if args.budget_s is not None else (110.0 if args.smoke else 510.0)
     repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 5)
-    warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 2)
+    warmup = args.warmup if args.warmup is not None else (0 if args.smoke else 2)
     if budget <= 0 or repeats < 1 or warmup < 0:
         ap.error(f"need --budget-s > 0, --repeats >= 1, --warmup >= 0 (got {budget}, {repeats}, {warmup})")
     if not args.smoke:

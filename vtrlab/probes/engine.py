@@ -148,13 +148,15 @@ def capture(
     # One CPU buffer for every layer's rows, written in place during the forward: on CUDA it is
     # pinned and each layer's copy is asynchronous, so capture adds no sync per layer and no
     # stacking afterwards (this is what keeps capture near the cost of a plain forward).
-    shape = (len(layouts), len(lm_layers)) + (() if head_mean else (len(head_sel),)) + (rows_np.shape[1], seq_len)
+    # Layer-major, so that each layer's slice is contiguous: a copy into a strided slice of host memory
+    # (sample-major at batch > 1) goes through an unpinned temporary and synchronises the device.
+    shape = (len(lm_layers), len(layouts)) + (() if head_mean else (len(head_sel),)) + (rows_np.shape[1], seq_len)
     buffer = torch.empty(shape, dtype=sdtype, pin_memory=device.type == "cuda")
     sites = _lm_sites(vlm, lm_layers, rows_t, sdtype, "cpu")
     every_head = len(head_sel) == n_heads and list(head_sel) == list(range(n_heads))
     sel = None if every_head else torch.as_tensor(head_sel, device=device)
     for site in sites.values():
-        site.out, site.head_sel, site.head_mean = buffer[:, lm_layers.index(site.layer)], sel, head_mean
+        site.out, site.head_sel, site.head_mean = buffer[lm_layers.index(site.layer)], sel, head_mean
 
     v_layers: list[int] = []
     if vision:
@@ -183,7 +185,7 @@ def capture(
             # packed encoders (one call per image / window) give (1, H, S_seg) pieces: join along keys
             vis[site.layer] = torch.cat(site.probs, dim=-1).float().cpu()
 
-    attn = buffer.numpy()  # (B, L, H, R, N), or (B, L, R, N) with head_mean
+    attn = np.moveaxis(buffer.numpy(), 0, 1)  # a view: (B, L, H, R, N), or (B, L, R, N) with head_mean
     qpos = np.where(rows_np >= 0, rows_np, np.nan)
     same_rows = bool((rows_np == rows_np[:1]).all()) and not (rows_np < 0).any()
     query_coord = rows_np[0] if same_rows else np.arange(rows_np.shape[1])
