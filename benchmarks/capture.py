@@ -129,7 +129,8 @@ def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int, with_tl: 
         "dtype": str(vlm.dtype).removeprefix("torch."),
         "results": {},
     }
-    print(f"[{name} x{batch_size}] {row['n_tokens']} tokens ({row['n_image_tokens']} image), {row['n_layers']} layers", flush=True)
+    print(f"[{name} x{batch_size}] {row['n_tokens']} tokens ({row['n_image_tokens']} image), "
+          f"{row['n_layers']} layers", flush=True)
 
     def sdpa():
         with torch.no_grad():
