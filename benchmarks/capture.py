@@ -1,9 +1,10 @@
 """Cost of capturing attention rows: vtrlab capture vs a plain sdpa forward, eager
 ``output_attentions`` and TransformerLens ``run_with_cache``.
 
-GPU (bf16, random weights, full-size shapes; run through the device tool)::
+GPU (bf16, random weights, full-size shapes, batch 1 and 8; run through the device tool)::
 
     python benchmarks/capture.py --out $OUT/capture.json
+    python benchmarks/capture.py --out $OUT/capture.json --batch 1,8 --shapes llava-1.5-7b
 
 CPU smoke run (tiny models, seconds)::
 
@@ -111,15 +112,16 @@ def _bridge(vlm):
     )
 
 
-def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int, with_tl: bool) -> dict:
+def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int, with_tl: bool, batch_size: int = 1) -> dict:
     import vtrlab.probes as cap
 
     device = vlm.device
-    batch = vlm.prepare([_image(image_size)], [PROMPT])
+    batch = vlm.prepare([_image(image_size, seed=i) for i in range(batch_size)], [PROMPT] * batch_size)
     inputs = dict(batch.inputs)
     L = batch.layouts[0]
     row = {
         "shape": name,
+        "batch": batch_size,
         "n_tokens": int(inputs["input_ids"].shape[1]),
         "n_image_tokens": int(L.n_image_tokens),
         "n_question_rows": int(len(L.question_positions)),
@@ -127,7 +129,8 @@ def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int, with_tl: 
         "dtype": str(vlm.dtype).removeprefix("torch."),
         "results": {},
     }
-    print(f"[{name}] {row['n_tokens']} tokens ({row['n_image_tokens']} image), {row['n_layers']} layers", flush=True)
+    print(f"[{name} x{batch_size}] {row['n_tokens']} tokens ({row['n_image_tokens']} image), "
+          f"{row['n_layers']} layers", flush=True)
 
     def sdpa():
         with torch.no_grad():
@@ -159,32 +162,50 @@ def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int, with_tl: 
         row["results"]["eager"] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
         torch.cuda.empty_cache()
 
-    if with_tl:
-        try:
-            bridge = _bridge(vlm)
-            tl_kwargs = {k: v for k, v in inputs.items() if k != "input_ids"}
-
-            def tl():
-                with torch.no_grad():
-                    return bridge.run_with_cache(
-                        inputs["input_ids"], names_filter=lambda n: n.endswith("hook_pattern") and n.startswith("blocks."),
-                        **tl_kwargs,
-                    )
-
-            row["results"]["transformer_lens"] = measure(tl, device, warmup, repeats)
-            print(f"  {'transformer_lens':22s} {row['results']['transformer_lens']['median_s']:.4f} s", flush=True)
-        except Exception as err:  # noqa: BLE001 - report why TL could not run, keep the other numbers
-            msg = str(err).splitlines()[0][:200] if str(err) else ""
-            row["results"]["transformer_lens"] = {"error": f"{type(err).__name__}: {msg}"}
-            print(f"  transformer_lens failed: {row['results']['transformer_lens']['error']}", flush=True)
-    else:
+    if not with_tl:
         row["results"]["transformer_lens"] = {"error": "transformer_lens not installed"}
+    _ratios(row)
+    return row
 
+
+def _ratios(row: dict) -> None:
     base = row["results"]["sdpa"]["median_s"]
     for res in row["results"].values():
         if "median_s" in res:
             res["time_vs_sdpa"] = res["median_s"] / base
-    return row
+
+
+def bench_tl(row: dict, vlm, image_size, warmup: int, repeats: int) -> None:
+    """Add TransformerLens to a measured ``row``; run after every other case of this model (the
+    bridge replaces the model's attention modules, so nothing else can run on it afterwards)."""
+    device = vlm.device
+    bs = row["batch"]
+    inputs = dict(vlm.prepare([_image(image_size, seed=i) for i in range(bs)], [PROMPT] * bs).inputs)
+    prev = vlm.model.config._attn_implementation
+    try:
+        if not hasattr(vlm, "_bench_bridge"):
+            vlm._bench_bridge = _bridge(vlm)  # booted once per model, reused at every batch size
+        bridge = vlm._bench_bridge
+        vlm.model.set_attn_implementation("eager")  # what the bridge runs (its hooks need eager)
+        tl_kwargs = {k: v for k, v in inputs.items() if k != "input_ids"}
+
+        def tl():
+            with torch.no_grad():
+                return bridge.run_with_cache(
+                    inputs["input_ids"], names_filter=lambda n: n.endswith("hook_pattern") and n.startswith("blocks."),
+                    **tl_kwargs,
+                )
+
+        row["results"]["transformer_lens"] = measure(tl, device, warmup, repeats)
+        print(f"  {'transformer_lens':22s} {row['results']['transformer_lens']['median_s']:.4f} s", flush=True)
+    except Exception as err:  # noqa: BLE001 - report why TL could not run, keep the other numbers
+        msg = str(err).splitlines()[0][:200] if str(err) else ""
+        row["results"]["transformer_lens"] = {"error": f"{type(err).__name__}: {msg}"}
+        print(f"  transformer_lens failed: {row['results']['transformer_lens']['error']}", flush=True)
+    finally:
+        vlm.model.set_attn_implementation(prev if prev != "eager" else "sdpa")  # the next case runs sdpa
+
+    _ratios(row)
 
 
 def markdown(report: dict) -> str:
@@ -192,17 +213,19 @@ def markdown(report: dict) -> str:
         f"Device: {report['device']}; torch {report['torch']}, transformers {report['transformers']}; "
         f"median of {report['repeats']} after {report['warmup']} warm-up.",
         "",
-        "| shape | tokens | method | median time (s) | × sdpa | peak extra memory (GiB) |",
-        "|---|---:|---|---:|---:|---:|",
+        "| shape | batch | tokens | method | median time (s) | × sdpa | peak extra memory (GiB) |",
+        "|---|---:|---:|---|---:|---:|---:|",
     ]
     for row in report["shapes"]:
         for method, res in row["results"].items():
             if "error" in res:
-                lines.append(f"| {row['shape']} | {row['n_tokens']} | {method} | — | — | {res['error']} |")
+                lines.append(f"| {row['shape']} | {row.get('batch', 1)} | {row['n_tokens']} | {method} | — | — | "
+                             f"{res['error']} |")
                 continue
             mem = "n/a (CPU)" if res["peak_extra_bytes"] is None else f"{res['peak_extra_bytes'] / 2**30:.3f}"
             lines.append(
-                f"| {row['shape']} | {row['n_tokens']} | {method} | {res['median_s']:.4f} | {res['time_vs_sdpa']:.2f} | {mem} |"
+                f"| {row['shape']} | {row.get('batch', 1)} | {row['n_tokens']} | {method} | {res['median_s']:.4f} | "
+                f"{res['time_vs_sdpa']:.2f} | {mem} |"
             )
     return "\n".join(lines)
 
@@ -215,9 +238,16 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-tl", action="store_true", help="skip TransformerLens even if installed")
+    ap.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         ap.error(f"--repeats must be >= 1 and --warmup >= 0 (got {args.repeats}, {args.warmup})")
+    try:
+        batch_sizes = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        ap.error(f"--batch={args.batch!r}: need comma-separated positive integers, e.g. 1,8")
+    if not batch_sizes or min(batch_sizes) < 1:
+        ap.error(f"--batch={args.batch!r}: need comma-separated positive integers, e.g. 1,8")
 
     from vtrlab import testing
 
@@ -245,18 +275,25 @@ def main(argv=None) -> int:
         "warmup": args.warmup,
         "shapes": [],
     }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
         builder, size = table[name]
         torch.manual_seed(0)
         vlm = testing.tiny(builder) if args.tiny else testing.full_size(builder, dtype="bfloat16", device="cuda")
-        report["shapes"].append(bench_shape(name, vlm, size, args.warmup, args.repeats, with_tl))
+        rows = []
+        for bs in batch_sizes:
+            rows.append(bench_shape(name, vlm, size, args.warmup, args.repeats, with_tl, bs))
+            report["shapes"].append(rows[-1])
+            atomic_write_text(out, json.dumps(report, indent=2))  # partial results survive a time-out
+        for row in rows if with_tl else []:  # last: the bridge takes over the model's modules
+            bench_tl(row, vlm, size, args.warmup, args.repeats)
+            atomic_write_text(out, json.dumps(report, indent=2))
         del vlm
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(report, indent=2))
     print()
     print(markdown(report))

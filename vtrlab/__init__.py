@@ -31,6 +31,7 @@ _LAZY = {
     "Batch": ("vtrlab.models", "Batch"),
     "ImageLayout": ("vtrlab.models", "ImageLayout"),
     "capture": ("vtrlab.probes", "capture"),
+    "capture_dataset": ("vtrlab.probes", "capture_dataset"),
     "answer": ("vtrlab.reduce", "answer"),
     "knockout": ("vtrlab.flow", "knockout"),
     "knocked_out": ("vtrlab.flow", "knocked_out"),

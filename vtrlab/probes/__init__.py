@@ -11,6 +11,7 @@ from __future__ import annotations
 from .attention import ATTN_NAME, Binding, Knockout, Site, register, sequence_map, session
 from .engine import capture, capture_batches
 from .store import load, save
+from .stream import capture_dataset
 from .switch import attention_switched
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "attention_switched",
     "capture",
     "capture_batches",
+    "capture_dataset",
     "load",
     "register",
     "save",

@@ -28,9 +28,10 @@ def _lm_sites(vlm, layers: list[int], rows: torch.Tensor, dtype, device) -> dict
 
 def _cls_index(layouts: Sequence[ImageLayout]) -> int:
     vis = layouts[0].vision
-    if vis is not None and (vis["kind"] == "cls").any():
-        return int(vis.loc[vis["kind"] == "cls", "vpos"].iloc[0])
-    return 0
+    if vis is None:
+        return 0
+    hits = np.flatnonzero(vis["kind"].to_numpy() == "cls")
+    return int(vis["vpos"].to_numpy()[hits[0]]) if hits.size else 0
 
 
 def _vision_sites(vlm, layers: list[int], mode: str, cls_index: int, dtype, device) -> dict[int, Site]:
@@ -50,8 +51,15 @@ def _hidden_norm_hooks(vlm, layers: list[int]):
 
 
 
+_VISION_LABELS = (("kind", "pad"), ("crop", -1), ("vpos", -1), ("image", -1), ("tile", -1), ("row", -1), ("col", -1))
+
+
 def _vision_table(layouts, probs_by_layer: dict[int, torch.Tensor], layers: list[int]):
-    """Gather each sample's vision tokens (layout.vision: crop, vpos) from per-layer (crops, H, S)."""
+    """Gather each sample's vision tokens (layout.vision: crop, vpos) from per-layer (crops, H, S).
+
+    The layout tables are read once into numpy (no pandas per layer) and every layer is gathered
+    with one fancy index per sample.
+    """
     tables = []
     for b, L in enumerate(layouts):
         if L.vision is None:
@@ -59,32 +67,32 @@ def _vision_table(layouts, probs_by_layer: dict[int, torch.Tensor], layers: list
                 f"sample {b}'s layout has no vision-encoder table, so vision attention cannot be labelled; "
                 "pass vision=False"
             )
-        tables.append(L.vision.reset_index(drop=True))
-    V = max(len(t) for t in tables)
-    H = next(iter(probs_by_layer.values())).shape[1]
+        tables.append({col: L.vision[col].to_numpy() for col, _ in _VISION_LABELS})
+    V = max(len(t["crop"]) for t in tables)
+    probs = torch.stack([probs_by_layer[layer] for layer in layers]).float().numpy()  # (L, crops, H, S)
+    n_seq, H, S = probs.shape[1:]
     values = np.full((len(layouts), len(layers), H, V), np.nan, dtype=np.float32)
-    n_crops = len({int(c) for t in tables for c in t["crop"]})
-    for li, layer in enumerate(layers):
-        p = probs_by_layer[layer].float().numpy()
-        packed = p.shape[0] == 1 and n_crops > 1
-        offsets = packed_crop_offsets(layouts) if packed else {}
-        for b, t in enumerate(tables):
-            crop, vpos = t["crop"].to_numpy(), t["vpos"].to_numpy()
-            if packed:
-                vpos = vpos + np.array([offsets[int(c)] for c in crop])
-                crop = np.zeros_like(crop)
-            if crop.max() >= p.shape[0] or vpos.max() >= p.shape[2]:
-                raise ValueError(
-                    f"sample {b}'s vision table names crop {t['crop'].max()} / vpos {t['vpos'].max()}, but the "
-                    f"vision encoder ran {p.shape[0]} sequence(s) of {p.shape[2]} tokens"
-                )
-            values[b, li, :, : len(t)] = p[crop, :, vpos].T
+    n_crops = len(np.unique(np.concatenate([t["crop"] for t in tables]).astype(np.int64)))
+    packed = n_seq == 1 and n_crops > 1
+    offsets = packed_crop_offsets(layouts) if packed else {}
+    for b, t in enumerate(tables):
+        crop, vpos = t["crop"].astype(np.int64), t["vpos"].astype(np.int64)
+        if not len(crop):
+            continue
+        if packed:
+            vpos = vpos + np.array([offsets[int(c)] for c in crop], dtype=np.int64)
+            crop = np.zeros_like(crop)
+        if crop.max() >= n_seq or vpos.max() >= S:
+            raise ValueError(
+                f"sample {b}'s vision table names crop {t['crop'].max()} / vpos {t['vpos'].max()}, but the "
+                f"vision encoder ran {n_seq} sequence(s) of {S} tokens"
+            )
+        values[b, :, :, : len(crop)] = probs[:, crop, :, vpos].transpose(1, 2, 0)  # (n, L, H) -> (L, H, n)
     coords = {}
-    fills = (("kind", "pad"), ("crop", -1), ("vpos", -1), ("image", -1), ("tile", -1), ("row", -1), ("col", -1))
-    for col, fill in fills:
+    for col, fill in _VISION_LABELS:
         arr = np.full((len(layouts), V), fill, dtype=object if col == "kind" else np.int64)
         for b, t in enumerate(tables):
-            arr[b, : len(t)] = t[col].to_numpy()
+            arr[b, : len(t[col])] = t[col]
         coords[f"vision_key_{col}"] = (("sample", "vision_key"), arr.astype(str) if col == "kind" else arr)
     return values, coords
 
@@ -140,13 +148,15 @@ def capture(
     # One CPU buffer for every layer's rows, written in place during the forward: on CUDA it is
     # pinned and each layer's copy is asynchronous, so capture adds no sync per layer and no
     # stacking afterwards (this is what keeps capture near the cost of a plain forward).
-    shape = (len(layouts), len(lm_layers)) + (() if head_mean else (len(head_sel),)) + (rows_np.shape[1], seq_len)
+    # Layer-major, so that each layer's slice is contiguous: a copy into a strided slice of host memory
+    # (sample-major at batch > 1) goes through an unpinned temporary and synchronises the device.
+    shape = (len(lm_layers), len(layouts)) + (() if head_mean else (len(head_sel),)) + (rows_np.shape[1], seq_len)
     buffer = torch.empty(shape, dtype=sdtype, pin_memory=device.type == "cuda")
     sites = _lm_sites(vlm, lm_layers, rows_t, sdtype, "cpu")
     every_head = len(head_sel) == n_heads and list(head_sel) == list(range(n_heads))
     sel = None if every_head else torch.as_tensor(head_sel, device=device)
     for site in sites.values():
-        site.out, site.head_sel, site.head_mean = buffer[:, lm_layers.index(site.layer)], sel, head_mean
+        site.out, site.head_sel, site.head_mean = buffer[lm_layers.index(site.layer)], sel, head_mean
 
     v_layers: list[int] = []
     if vision:
@@ -175,7 +185,7 @@ def capture(
             # packed encoders (one call per image / window) give (1, H, S_seg) pieces: join along keys
             vis[site.layer] = torch.cat(site.probs, dim=-1).float().cpu()
 
-    attn = buffer.numpy()  # (B, L, H, R, N), or (B, L, R, N) with head_mean
+    attn = np.moveaxis(buffer.numpy(), 0, 1)  # a view: (B, L, H, R, N), or (B, L, R, N) with head_mean
     qpos = np.where(rows_np >= 0, rows_np, np.nan)
     same_rows = bool((rows_np == rows_np[:1]).all()) and not (rows_np < 0).any()
     query_coord = rows_np[0] if same_rows else np.arange(rows_np.shape[1])

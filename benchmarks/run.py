@@ -1,0 +1,275 @@
+"""Every benchmark in one time-boxed command; one JSON per benchmark; the README tables regenerated.
+
+GPU (the lead, through the device tool, in ONE call of at most 9 minutes)::
+
+    python benchmarks/run.py --out $OUT                        # everything, ends within --budget-s (510 s)
+    python benchmarks/run.py --out $OUT --only capture,reduce  # a subset
+
+CPU smoke run (tiny models, all parts, about two minutes on an idle 2-core machine)::
+
+    python benchmarks/run.py --out /tmp/bench --smoke
+
+Re-render benchmarks/README.md from JSONs fetched back from the device (no measuring)::
+
+    python benchmarks/run.py --render DIR
+
+Parts, in order: ``organism`` (the embedded model's CPU forward, organism_forward.py), ``capture``
+(capture.py: vtrlab capture vs plain sdpa, eager ``output_attentions`` and TransformerLens
+``run_with_cache``, at batch 1 and 8), ``reduce`` (reduce.py: reduction latency), ``flow``
+(flow.py: saliency and other information-flow probes, when that script exists). Each part runs in a
+child process, one shape at a time, each with a time-box: a part gets the remaining budget times its
+share over the shares still to run, so time a part does not use passes on. A child that runs past its
+box is killed; what it wrote so far (the scripts write after each case) is kept and marked partial.
+
+Writes ``DIR/<part>.json`` (the shapes merged), ``DIR/run.json`` (what ran, how long, what timed out,
+written after every step) and ``DIR/README.md`` (benchmarks/README.md with its tables regenerated).
+Without ``--smoke``, benchmarks/README.md itself is regenerated too (``--no-readme`` to skip).
+Tables live between ``<!-- bench:<part> -->`` and ``<!-- /bench:<part> -->`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+README = HERE / "README.md"
+PARTS = ("organism", "capture", "reduce", "flow")
+# share of the budget; the rest of a part's box passes on to the next parts
+SHARES = {"organism": 0.06, "capture": 0.44, "reduce": 0.30, "flow": 0.20}
+GPU_SHAPES = ("llava-1.5-7b", "llava-next-7b")
+TINY_SHAPES = ("llava-1.5-tiny", "llava-next-tiny")
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _load_module(name: str):
+    path = HERE / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"vtrlab_bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _units(part: str, out: Path, smoke: bool, repeats: int, warmup: int) -> list[tuple[str, list[str], Path]]:
+    """(label, argv, json path) per child process of ``part``."""
+    py = sys.executable
+    shapes = TINY_SHAPES if smoke else GPU_SHAPES
+    tmp = out / "parts"
+    rw = ["--repeats", str(repeats), "--warmup", str(warmup)]
+    if part == "organism":
+        path = tmp / "organism.json"
+        small = ["--batch", "2"] if smoke else []
+        return [("organism", [py, str(HERE / "organism_forward.py"), "--out", str(path), *small, *rw], path)]
+    if part == "capture":
+        flag = ["--tiny", "--batch", "1,2"] if smoke else ["--batch", "1,8"]
+        return [(s, [py, str(HERE / "capture.py"), "--shapes", s, "--out", str(tmp / f"capture-{s}.json"), *flag, *rw],
+                 tmp / f"capture-{s}.json") for s in shapes]
+    if part == "reduce":
+        flag = ["--smoke", "--new-tokens", "2"] if smoke else ["--new-tokens", "16"]
+        return [(s, [py, str(HERE / "reduce.py"), "--shapes", s, "--out", str(tmp / f"reduce-{s}.json"), *flag, *rw],
+                 tmp / f"reduce-{s}.json") for s in shapes]
+    if part == "flow":
+        path = tmp / "flow.json"
+        return [("flow", [py, str(HERE / "flow.py"), "--out", str(path), *(["--smoke"] if smoke else [])], path)]
+    raise ValueError(f"unknown part {part!r}; choose from {PARTS}")
+
+
+def _run_child(argv: list[str], timeout: float, log: Path) -> tuple[str, float]:
+    """Run ``argv`` in its own process group, killed (the whole group) after ``timeout`` s."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    t0 = time.monotonic()
+    with open(log, "a") as fh:
+        fh.write(f"$ {' '.join(argv)}\n")
+        fh.flush()
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=max(1.0, timeout))
+            status = "ok" if rc == 0 else f"failed (exit {rc})"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            status = f"timed out after {timeout:.0f} s"
+    return status, time.monotonic() - t0
+
+
+def _merge(paths: list[Path]) -> dict | None:
+    """One report from per-shape reports (header of the first, shapes concatenated)."""
+    merged = None
+    for p in paths:
+        if not p.exists():
+            continue
+        rep = json.loads(p.read_text())
+        if merged is None:
+            merged = dict(rep)
+            merged["shapes"] = list(rep.get("shapes", []))
+        else:
+            merged["shapes"].extend(rep.get("shapes", []))
+    return merged
+
+
+# --------------------------------------------------------------------------------------------
+# tables
+
+
+def _organism_table(rep: dict) -> str:
+    return (f"Batch of {rep['batch']} ({rep['seq_len']} tokens), {rep['threads']} threads, median of {rep['repeats']} "
+            f"after {rep['warmup']} warm-up: **{rep['median_s']:.3f} s** (min {rep['min_s']:.3f}, max "
+            f"{rep['max_s']:.3f}; target ≤ {rep['target_s']} s); CPU {rep.get('cpu')}, load average "
+            f"{', '.join(f'{x:.1f}' for x in rep.get('load_average') or [])}.")
+
+
+def tables(out: Path) -> dict[str, str]:
+    """Markdown per part from the JSONs in ``out`` (parts without a JSON are left out)."""
+    found = {}
+    for part in PARTS:
+        path = out / f"{part}.json"
+        if not path.exists():
+            continue
+        rep = json.loads(path.read_text())
+        if part == "organism":
+            found[part] = _organism_table(rep)
+            continue
+        script = HERE / f"{part}.py"
+        mod = _load_module(part) if script.exists() else None
+        if mod is None or not hasattr(mod, "markdown"):
+            found[part] = f"(`{part}.json` written; `{part}.py` has no `markdown(report)` to render it)"
+            continue
+        text = mod.markdown(rep)
+        if rep.get("partial"):
+            text += f"\n\nPartial: {rep['partial']}"
+        found[part] = text
+    return found
+
+
+def render(readme_text: str, found: dict[str, str], source: str) -> str:
+    """Replace the text between each part's markers with its table (markers without a table: kept)."""
+    for part, table in found.items():
+        pattern = re.compile(rf"(<!-- bench:{part} -->\n).*?(<!-- /bench:{part} -->)", re.DOTALL)
+        if not pattern.search(readme_text):
+            print(f"README has no <!-- bench:{part} --> markers; {part} table not placed", file=sys.stderr)
+            continue
+        body = f"<!-- generated by benchmarks/run.py from {source}/{part}.json; do not edit by hand -->\n{table}\n"
+        readme_text = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), readme_text)
+    return readme_text
+
+
+def write_readmes(out: Path, update_repo_readme: bool, source: str | None = None) -> dict[str, str]:
+    found = tables(out)
+    text = render(README.read_text(), found, source or str(out))
+    (out / "README.md").write_text(text)
+    if update_repo_readme:
+        tmp = README.with_name(".README.md.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, README)
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", help="directory for the JSONs, run.json, logs and README.md")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny models, every part (about two minutes)")
+    ap.add_argument("--only", default=None, help=f"comma-separated parts of {list(PARTS)} (default: all)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="wall-clock budget for everything (default 510 s; 110 s with --smoke)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 5; 1 with --smoke)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up runs per case (default 2; 0 with --smoke)")
+    ap.add_argument("--no-readme", action="store_true", help="do not regenerate benchmarks/README.md")
+    ap.add_argument("--render", metavar="DIR", default=None,
+                    help="only regenerate benchmarks/README.md from the JSONs in DIR (no measuring)")
+    args = ap.parse_args(argv)
+    if args.render:
+        src = Path(args.render)
+        if not src.is_dir():
+            ap.error(f"--render {src}: no such directory")
+        found = write_readmes(src, update_repo_readme=True, source=src.name)
+        print(f"regenerated {README} from {sorted(found)}")
+        return 0
+    if not args.out:
+        ap.error("--out DIR is required (or --render DIR)")
+    parts = list(PARTS) if args.only is None else [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        ap.error(f"--only {args.only!r}: unknown part(s) {unknown}; choose from {list(PARTS)}")
+    budget = args.budget_s if args.budget_s is not None else (110.0 if args.smoke else 510.0)
+    repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 5)
+    warmup = args.warmup if args.warmup is not None else (0 if args.smoke else 2)
+    if budget <= 0 or repeats < 1 or warmup < 0:
+        ap.error(f"need --budget-s > 0, --repeats >= 1, --warmup >= 0 (got {budget}, {repeats}, {warmup})")
+    if not args.smoke:
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error("the full run needs a CUDA GPU; use --smoke on CPU")
+
+    out = Path(args.out)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    log = out / "run.log"
+    t_start = time.monotonic()
+    deadline = t_start + budget
+    summary = {"smoke": args.smoke, "budget_s": budget, "repeats": repeats, "warmup": warmup, "parts": {},
+               "python": sys.version.split()[0], "host": platform.node(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    _write_json(out / "run.json", summary)
+    order = [p for p in PARTS if p in parts]
+    if "flow" in order and not (HERE / "flow.py").exists():
+        order.remove("flow")  # its share of the budget goes to the others
+        summary["parts"]["flow"] = {"units": {}, "status": "skipped: benchmarks/flow.py does not exist yet"}
+    for i, part in enumerate(order):
+        entry = summary["parts"].setdefault(part, {"units": {}})
+        remaining = deadline - time.monotonic()
+        share = SHARES[part] / sum(SHARES[p] for p in order[i:])
+        part_deadline = time.monotonic() + remaining * share
+        units = _units(part, out, args.smoke, repeats, warmup)
+        for j, (label, cmd, path) in enumerate(units):
+            box = (part_deadline - time.monotonic()) / (len(units) - j)
+            if box < 5:
+                entry["units"][label] = {"status": "skipped: no time left in the budget"}
+                continue
+            print(f"[run] {part}/{label}: time-box {box:.0f} s", flush=True)
+            status, took = _run_child(cmd, box, log)
+            entry["units"][label] = {"status": status, "seconds": round(took, 1), "json": str(path.relative_to(out))}
+            print(f"[run] {part}/{label}: {status} in {took:.0f} s", flush=True)
+            _write_json(out / "run.json", summary)
+        merged = _merge([path for _, _, path in units])
+        bad = {k: v["status"] for k, v in entry["units"].items() if v["status"] != "ok"}
+        entry["status"] = "ok" if not bad else f"partial: {bad}"
+        if merged is not None:
+            if bad:
+                merged["partial"] = "; ".join(f"{k}: {v}" for k, v in bad.items())
+            _write_json(out / f"{part}.json", merged)
+        _write_json(out / "run.json", summary)
+    found = write_readmes(out, update_repo_readme=not (args.smoke or args.no_readme))
+    summary["seconds"] = round(time.monotonic() - t_start, 1)
+    summary["tables"] = sorted(found)
+    _write_json(out / "run.json", summary)
+    print(f"[run] done in {summary['seconds']:.0f} s (budget {budget:.0f} s); tables: {sorted(found)}; "
+          f"see {out / 'run.json'} and {out / 'README.md'}", flush=True)
+    for part, entry in summary["parts"].items():
+        print(f"  {part:9s} {entry.get('status')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
