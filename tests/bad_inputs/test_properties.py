@@ -11,12 +11,11 @@ import warnings
 import numpy as np
 import pytest
 
-hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the `test` extra: pip install -e '.[test]'")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from vtrlab.runner.errors import ParameterError  # noqa: E402
-from vtrlab.runner.params import (  # noqa: E402
+from vtrlab.runner.errors import ParameterError
+from vtrlab.runner.params import (
     ParameterSpec,
     ParamType,
     coerce,

@@ -13,7 +13,7 @@ from vtrlab.flow import knocked_out, knockout, saliency
 
 
 def _tiny64(family: str):
-    from test_capture import _build
+    from tiny_cases import _build
 
     vlm, batch = _build(family)
     vlm.model.to(torch.float64)
@@ -23,7 +23,7 @@ def _tiny64(family: str):
 
 
 def _families():
-    from test_capture import _tiny_families
+    from tiny_cases import _tiny_families
 
     return [f for f in _tiny_families() if f != "organism"]
 

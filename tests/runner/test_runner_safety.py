@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import write_notebook
+from notebook_files import write_notebook
 
 from vtrlab.io import atomic_write_json
 from vtrlab.runner import paths
@@ -229,7 +229,7 @@ def _wait_for(paths_, timeout=120.0):
 
 
 def _start(project: Path, *args: str) -> subprocess.Popen:
-    tree = str(Path(__file__).parents[1])  # this checkout's vtrlab first
+    tree = str(Path(__file__).parents[2])  # this checkout's vtrlab first
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([tree, os.environ.get("PYTHONPATH", "")])}
     env.pop(paths.ENV_ROOT, None)
     return subprocess.Popen([sys.executable, "-m", "vtrlab.cli", *args], cwd=project, env=env,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import numpy as np
 import pytest
@@ -16,12 +15,7 @@ from vtrlab.testing._pixel_route import check_lm_positions, check_vision_table, 
 from vtrlab.testing.pixels import gradient_image
 
 pytestmark = pytest.mark.xdist_group("idefics3")
-# SmolVLMProcessor refuses to build without the `num2words` package (its video prompts spell numbers).
-FAMILIES = [
-    "idefics3",
-    pytest.param("smolvlm", marks=pytest.mark.skipif(
-        importlib.util.find_spec("num2words") is None, reason="SmolVLMProcessor needs the num2words package")),
-]
+FAMILIES = ["idefics3", "smolvlm"]
 CASES = {
     # 90x30 -> 96x32: one row of three crops + global; 20x28 (small) is UPSCALED to 3x3 crops
     "nonsquare": ([gradient_image(90, 30)], ["Where is the red square?"]),

@@ -13,7 +13,7 @@ import torch
 from vtrlab.data.synthetic import FAMILIES, generate, make_sample
 from vtrlab.organism.processor import user_message
 
-BUNDLE = Path(__file__).resolve().parents[1] / "data" / "models" / "organism"
+BUNDLE = Path(__file__).resolve().parents[2] / "data" / "models" / "organism"
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,6 @@ def test_train_smoke_and_bundle_roundtrip(tmp_path):
 
 
 # --- the bundled, trained organism ---------------------------------------------------------
-needs_bundle = pytest.mark.skipif(not (BUNDLE / "eval.json").is_file(), reason="no trained organism bundled")
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +178,6 @@ def bundle():
     return model, proc
 
 
-@needs_bundle
 def test_bundle_reaches_its_card(bundle):
     """>= 90% of the card's held-out accuracy on the first 16 held-out samples of each family."""
     from vtrlab.organism.evaluate import evaluate
@@ -190,7 +188,6 @@ def test_bundle_reaches_its_card(bundle):
         assert res["families"][fam]["accuracy"] >= 0.9 * card["families"][fam]["accuracy"], (fam, res["families"][fam])
 
 
-@needs_bundle
 def test_bundle_batched_left_padding_equals_one_by_one(bundle):
     from vtrlab.organism.evaluate import answer
 

@@ -8,8 +8,6 @@ import torch
 
 from vtrlab.probes import capture
 
-pytest.importorskip("transformer_lens.model_bridge")
-
 
 def _bridge(path):
     """Boot TransformerLens' bridge from a local LLaVA directory (no hub access)."""
@@ -23,7 +21,7 @@ def _bridge(path):
 
 
 def _cases():
-    from test_capture import organism_path
+    from tiny_cases import organism_path
 
     cases = ["tiny-llava"]
     if organism_path() is not None:
@@ -33,7 +31,7 @@ def _cases():
 
 @pytest.fixture(scope="module", params=_cases())
 def setup(request, tmp_path_factory, monkeypatch_module):
-    from test_capture import _images, organism_batch, organism_path, organism_vlm
+    from tiny_cases import _images, organism_batch, organism_path, organism_vlm
 
     if request.param == "organism":
         vlm = organism_vlm()

@@ -183,7 +183,7 @@ def test_knockout_refuses_another_batch_or_length(setup):
 def test_keep_mask_path_maps_the_knockout(setup):
     """reduce.logits(keep=...) inside knocked_out == the knocked-out full sequence with the dropped
     tokens hidden as keys at unchanged positions (the keep path's own oracle, see test_answer_keep)."""
-    from test_answer_keep import _reference_logits
+    from tiny_cases import reference_logits as _reference_logits
 
     vlm, batch = setup
     rng = np.random.default_rng(5)
