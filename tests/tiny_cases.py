@@ -35,8 +35,14 @@ def tiny_llava_batch(vlm, n: int = 2, padding: str = "left", prompts=("What colo
         for k in ("input_ids", "attention_mask"):
             inputs[k] = inputs[k].clone()
             inputs[k][b] = torch.roll(batch.inputs[k][b], -off)
-        layouts.append(dataclasses.replace(L, positions=L.positions - off, valid_positions=L.valid_positions - off,
-                                           question_positions=L.question_positions - off))
+        layouts.append(
+            dataclasses.replace(
+                L,
+                positions=L.positions - off,
+                valid_positions=L.valid_positions - off,
+                question_positions=L.question_positions - off,
+            )
+        )
     batch.inputs, batch.layouts = inputs, layouts
     return batch
 
@@ -46,8 +52,11 @@ def organism_path():
     import os
     from pathlib import Path
 
-    for cand in (os.environ.get("VTRLAB_ORGANISM"), Path(__file__).parents[1] / "data/models/organism",
-                 "/tmp/vtrlab-organism-random"):
+    for cand in (
+        os.environ.get("VTRLAB_ORGANISM"),
+        Path(__file__).parents[1] / "data/models/organism",
+        "/tmp/vtrlab-organism-random",
+    ):
         if cand and (Path(cand) / "config.json").exists():
             return Path(cand)
     return None
@@ -61,7 +70,9 @@ def organism_vlm():
 
     path = organism_path()
     model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa").eval()
-    return VLM(model=model, processor=AutoProcessor.from_pretrained(path), adapter=adapter_for("llava"), name="organism")
+    return VLM(
+        model=model, processor=AutoProcessor.from_pretrained(path), adapter=adapter_for("llava"), name="organism"
+    )
 
 
 def organism_batch(vlm, n: int = 2, seed: int = 0):

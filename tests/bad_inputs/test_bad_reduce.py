@@ -10,7 +10,6 @@ from bad_cases import Case, params, run_case
 
 import vtrlab.reduce as R
 
-
 KEEP_FIRST = ("fastv", "oracle", "pooling", "random")  # methods that check keep= before anything else
 BAD_KEEP = [  # (id, keep, error, fragments)
     ("ratio_above_one", 1.5, ValueError, ("keep=1.5",)),

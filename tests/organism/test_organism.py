@@ -68,8 +68,12 @@ def test_training_fast_path_equals_hf_forward(random_organism):
     model, proc = random_organism
     data = build_set(1, seed=9, processor=proc)
     samples = [make_sample(9, 0, f) for f in FAMILIES]
-    texts = [proc.apply_chat_template(user_message(s.question) + [
-        {"role": "assistant", "content": [{"type": "text", "text": s.answer}]}]) for s in samples]
+    texts = [
+        proc.apply_chat_template(
+            user_message(s.question) + [{"role": "assistant", "content": [{"type": "text", "text": s.answer}]}]
+        )
+        for s in samples
+    ]
     proc.tokenizer.padding_side = "right"
     try:
         ref = proc(images=[s.image for s in samples], text=texts, return_tensors="pt", padding=True)
@@ -82,7 +86,7 @@ def test_training_fast_path_equals_hf_forward(random_organism):
         hf = model(**ref).logits
         feats = tower_features(model, ref["pixel_values"])
         logits, target, sel = answer_logits(model, feats, data.input_ids, data.attention_mask, data.labels)
-    assert torch.allclose(logits, hf[:, :-1][sel[:, :length - 1]], atol=1e-4)
+    assert torch.allclose(logits, hf[:, :-1][sel[:, : length - 1]], atol=1e-4)
     assert torch.equal(target, data.input_ids[:, 1:][sel])
 
 
@@ -118,7 +122,7 @@ def test_referent_targets_mark_the_two_named_shapes(index):
         own = (s.object_map == obj.index).reshape(16, 8, 16, 8).sum(axis=(1, 3)).ravel()
         assert (t["ref_role"] == role).sum() > 0
         assert (own[t["ref_role"] == role] >= MIN_PIXELS).all()
-        assert np.allclose(t["ref_xy"][2 * role - 2: 2 * role], (obj.center[0] / 128, obj.center[1] / 128))
+        assert np.allclose(t["ref_xy"][2 * role - 2 : 2 * role], (obj.center[0] / 128, obj.center[1] / 128))
     assert s.relevance.ravel()[t["ref_role"] > 0].all()
     other = referent_targets(make_sample(7, index, "color"))
     assert not other["ref_on"] and not other["ref_role"].any()
@@ -135,9 +139,15 @@ def test_referent_loss_reads_the_hf_hidden_states(random_organism):
     pix = pixel_values(data.pixels, proc)
     with torch.no_grad():
         feats = tower_features(model, pix)
-        _, _, sel, hidden = answer_forward(model, feats, data.input_ids, data.attention_mask, data.labels, layers=(2, 4))
-        hf = model(input_ids=data.input_ids, attention_mask=data.attention_mask.long(), pixel_values=pix,
-                   output_hidden_states=True).hidden_states
+        _, _, sel, hidden = answer_forward(
+            model, feats, data.input_ids, data.attention_mask, data.labels, layers=(2, 4)
+        )
+        hf = model(
+            input_ids=data.input_ids,
+            attention_mask=data.attention_mask.long(),
+            pixel_values=pix,
+            output_hidden_states=True,
+        ).hidden_states
     for k in (2, 4):
         assert torch.allclose(hidden[k], hf[k], atol=1e-5)
     last = sel.float().argmax(1)
@@ -145,7 +155,8 @@ def test_referent_loss_reads_the_hf_hidden_states(random_organism):
     assert torch.equal(last + 1, first_answer)
     cfg = TrainConfig(ref_weight=1.0)
     loss, parts = ReferentHeads(model.config.text_config.hidden_size).loss(
-        hidden, data.input_ids == model.config.image_token_id, last, data.targets, cfg, metrics=True)
+        hidden, data.input_ids == model.config.image_token_id, last, data.targets, cfg, metrics=True
+    )
     assert loss.item() > 0 and {"ref_xy", "ref_role"} <= set(parts)
 
 
@@ -155,9 +166,21 @@ def test_train_smoke_and_bundle_roundtrip(tmp_path):
     from vtrlab.organism.train import train_organism
 
     out = tmp_path / "org"
-    rec = train_organism(out, device="cpu", n_train_per_family=2, n_val_per_family=1, tower_steps=1,
-                         tower_rounds=1, frozen_steps=1, joint_steps=1, batch_size=2, eval_n=0, workers=1,
-                         log_every=1, eval_every=1000)
+    rec = train_organism(
+        out,
+        device="cpu",
+        n_train_per_family=2,
+        n_val_per_family=1,
+        tower_steps=1,
+        tower_rounds=1,
+        frozen_steps=1,
+        joint_steps=1,
+        batch_size=2,
+        eval_n=0,
+        workers=1,
+        log_every=1,
+        eval_every=1000,
+    )
     assert rec["steps"] == {"tower": [1], "frozen": 1, "joint": 1}
     LlavaForConditionalGeneration.from_pretrained(out)
     AutoProcessor.from_pretrained(out)

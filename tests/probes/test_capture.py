@@ -7,14 +7,18 @@ import pandas as pd
 import pytest
 import torch
 import xarray as xr
-from tiny_cases import _build, _images, _tiny_families, organism_batch, organism_path, organism_vlm, tiny_llava, tiny_llava_batch
+from tiny_cases import (
+    _build,
+    _tiny_families,
+    tiny_llava,
+    tiny_llava_batch,
+)
 
 import vtrlab
 from vtrlab.probes import ATTN_NAME, capture, load, save
 from vtrlab.probes.switch import _configs
 
 TOL = 1e-5
-
 
 
 @pytest.fixture(scope="module", params=_tiny_families())
@@ -101,7 +105,9 @@ def test_layers_heads_subset_and_head_mean(tiny, eager):
     assert ds["head"].values.tolist() == [0, 1]
     for b, L in enumerate(batch.layouts):
         for li, layer in enumerate(ds.layer.values):
-            np.testing.assert_allclose(ds.lm_attn.values[b, li, :, 0], lm_ref[layer][b, :2, L.last_position].numpy(), atol=TOL)
+            np.testing.assert_allclose(
+                ds.lm_attn.values[b, li, :, 0], lm_ref[layer][b, :2, L.last_position].numpy(), atol=TOL
+            )
     dm = capture(vlm, batch, queries="last", head_mean=True, vision=False)
     assert "head" not in dm.lm_attn.dims
     for b, L in enumerate(batch.layouts):
@@ -126,7 +132,7 @@ def test_vision_attention_equals_hf_eager(tiny, eager):
                 vpos, crop = vpos + np.array([start[c] for c in crop]), np.zeros_like(crop)
             want = ref[torch.as_tensor(crop), :, torch.as_tensor(vpos)].T.numpy()
             np.testing.assert_allclose(ds.vision_attn.values[b, li, :, : len(t)], want, atol=TOL)
-            assert np.isnan(ds.vision_attn.values[b, li, :, len(t):]).all()
+            assert np.isnan(ds.vision_attn.values[b, li, :, len(t) :]).all()
             checked += 1
     assert checked == len(tables) * len(vlm.vision_layers)
 
@@ -248,7 +254,9 @@ def test_padding_side_right_matches_eager():
     for b, L in enumerate(batch.layouts):
         assert ds.query_position.values[b, 0] == L.last_position
         for li in range(len(ds.layer)):
-            np.testing.assert_allclose(ds.lm_attn.values[b, li, :, 0], lm_ref[li][b, :, L.last_position].numpy(), atol=TOL)
+            np.testing.assert_allclose(
+                ds.lm_attn.values[b, li, :, 0], lm_ref[li][b, :, L.last_position].numpy(), atol=TOL
+            )
 
 
 @pytest.mark.parametrize(

@@ -67,7 +67,9 @@ def test_lm_rows_equal_hook_pattern(setup):
     vlm, batch, bridge = setup
     inputs = batch.inputs
     _, cache = bridge.run_with_cache(
-        inputs["input_ids"], pixel_values=inputs["pixel_values"], attention_mask=inputs["attention_mask"],
+        inputs["input_ids"],
+        pixel_values=inputs["pixel_values"],
+        attention_mask=inputs["attention_mask"],
         names_filter=lambda name: name.endswith("hook_pattern"),
     )
     ds = capture(vlm, batch, queries="question", vision=True)
@@ -82,4 +84,6 @@ def test_lm_rows_equal_hook_pattern(setup):
             t = L.vision.reset_index(drop=True)
             cls = int(t.loc[t["kind"] == "cls", "vpos"].iloc[0])
             crop, vpos = (torch.as_tensor(t[c].to_numpy().copy()) for c in ("crop", "vpos"))
-            np.testing.assert_allclose(ds.vision_attn.values[b, li, :, : len(t)], pattern[crop, :, cls, vpos].T.numpy(), atol=1e-5)
+            np.testing.assert_allclose(
+                ds.vision_attn.values[b, li, :, : len(t)], pattern[crop, :, cls, vpos].T.numpy(), atol=1e-5
+            )

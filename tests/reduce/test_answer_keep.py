@@ -13,16 +13,18 @@ from PIL import Image
 from tiny_cases import reference_logits as _reference_logits
 
 import vtrlab
-from vtrlab.testing import tiny, tiny_families
 from vtrlab.reduce import answer, generate_ids, logits, reduced_decoder_inputs
+from vtrlab.testing import tiny, tiny_families
 
 FAMILIES = tiny_families()
 
 
 def _images(seed):
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)),
-            Image.fromarray(rng.integers(0, 255, (56, 84, 3), dtype=np.uint8))]
+    return [
+        Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 255, (56, 84, 3), dtype=np.uint8)),
+    ]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -35,7 +37,7 @@ def setup(request):
 
 def _new_tokens(vlm, batch, n):
     out = vlm.model.generate(**dict(batch.inputs), max_new_tokens=n, do_sample=False)
-    new = out[:, batch.inputs["input_ids"].shape[1]:].tolist()
+    new = out[:, batch.inputs["input_ids"].shape[1] :].tolist()
     eos = vlm.model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     res = []

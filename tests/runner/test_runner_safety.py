@@ -46,8 +46,10 @@ def _nb(path: Path, version: int = 1) -> Path:
 # --- 3: names and paths -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stem, expected", [("01_demo", "01_demo"), ("my notebook", "my_notebook"),
-                                            (".hidden", "hidden"), ("a/b", "a_b"), ("x..y", "x..y")])
+@pytest.mark.parametrize(
+    "stem, expected",
+    [("01_demo", "01_demo"), ("my notebook", "my_notebook"), (".hidden", "hidden"), ("a/b", "a_b"), ("x..y", "x..y")],
+)
 def test_safe_name(stem, expected):
     assert paths.safe_name(stem) == expected
 
@@ -232,8 +234,14 @@ def _start(project: Path, *args: str) -> subprocess.Popen:
     tree = str(Path(__file__).parents[2])  # this checkout's vtrlab first
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([tree, os.environ.get("PYTHONPATH", "")])}
     env.pop(paths.ENV_ROOT, None)
-    return subprocess.Popen([sys.executable, "-m", "vtrlab.cli", *args], cwd=project, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "vtrlab.cli", *args],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.fixture
@@ -269,8 +277,9 @@ def test_signal_stops_run_with_its_kernel_and_temp_dir(sleepy_project, sig):
 def test_sigterm_stops_grid_with_every_job_process(sleepy_project):
     """Defect 8: SIGTERM did not stop `vtrlab grid` jobs (processes stayed and published later)."""
     jobs = [{"seconds": 0, "seed": 9}, {"seed": 0}, {"seed": 1}, {"seed": 2}]  # the first completes
-    (sleepy_project / "grid.yaml").write_text(json.dumps(
-        {"jobs": [{"notebook": "notebooks/sleepy.ipynb", "parameters": p} for p in jobs]}))
+    (sleepy_project / "grid.yaml").write_text(
+        json.dumps({"jobs": [{"notebook": "notebooks/sleepy.ipynb", "parameters": p} for p in jobs]})
+    )
     proc = _start(sleepy_project, "grid", "grid.yaml", "--workers", "2")
     try:
         kernels = _wait_for([sleepy_project / "kernel-0.pid", sleepy_project / "kernel-1.pid"])
