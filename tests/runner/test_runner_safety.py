@@ -30,7 +30,7 @@ BODY = """\
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from vtrlab.plots.save import save_figure
+from vtrlab.runner import save_figure
 from vtrlab.runner import log_metrics
 fig, ax = plt.subplots(figsize=(1, 1))
 ax.plot(range(n))
