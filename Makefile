@@ -1,6 +1,7 @@
 # vtrlab — two commands set everything up on a fresh machine:
 #   make figures   create the environment if missing, install, regenerate every figure
-#   make test      create the environment if missing, install, run the whole suite
+#   make test      create the environment if missing, install, ruff (lint + format check), run the whole suite
+#   make test-unit the fast tier only (tests/unit: pure functions, no models; about a minute)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +13,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 STAMP := $(VENV)/.vtrlab-installed
 LMMS_STAMP := $(VENV)/.vtrlab-lmms-installed
 
-.PHONY: figures test install clean-figures
+.PHONY: figures test test-unit lint install clean-figures
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,5 +37,13 @@ install: $(STAMP)
 figures: $(STAMP)
 	$(VENV)/bin/vtrlab figures $(FIGURES_ARGS)
 
-test: $(LMMS_STAMP)
+# ruff runs first and fails the target on any finding (config: [tool.ruff] in pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: $(LMMS_STAMP) lint
 	VTRLAB_REQUIRE_LMMS=1 $(PY) -m pytest -n 2 --dist loadgroup -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(PY) -m pytest tests/unit -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -185,8 +185,11 @@ def _one_line_error(result) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("args, fragments", [c[1:] for c in RUN_CASES + GRID_CASES + OTHER_CASES],
-                         ids=[c[0] for c in RUN_CASES + GRID_CASES + OTHER_CASES])
+@pytest.mark.parametrize(
+    "args, fragments",
+    [c[1:] for c in RUN_CASES + GRID_CASES + OTHER_CASES],
+    ids=[c[0] for c in RUN_CASES + GRID_CASES + OTHER_CASES],
+)
 def test_bad_command_line(project, monkeypatch, args, fragments):
     monkeypatch.chdir(project)
     monkeypatch.delenv("VTRLAB_ROOT", raising=False)
@@ -208,4 +211,11 @@ def test_negative_numbers_are_values_not_options(project, monkeypatch):
 
     sep = "\x1f"
     assert join_param_pairs(["run", "nb", "-p", "x", "-0.5", "-p", "n", "-3", "--force"]) == [
-        "run", "nb", "-p", f"x{sep}-0.5", "-p", f"n{sep}-3", "--force"]
+        "run",
+        "nb",
+        "-p",
+        f"x{sep}-0.5",
+        "-p",
+        f"n{sep}-3",
+        "--force",
+    ]

@@ -107,16 +107,23 @@ CASES = [
     Case("params_literal_float", NB("v: Literal[1.5] = 1.5"), ParameterError, ("Literal[1.5]",)),
     Case("params_defined_twice", NB("n: int = 1\nn: int = 2"), ParameterError, ("'n'", "twice")),
     Case("params_import", NB("import os"), ParameterError, ("'import os'",)),
-    Case("params_ok_optional", NB("n: int | None = None  # maybe"), None,
-         check=lambda spec: spec.parameters["n"].type.optional and spec.defaults == {"n": None}),
+    Case(
+        "params_ok_optional",
+        NB("n: int | None = None  # maybe"),
+        None,
+        check=lambda spec: spec.parameters["n"].type.optional and spec.defaults == {"n": None},
+    ),
     Case("params_ok_empty", NB(""), None, check=lambda spec: spec.defaults == {}),
     Case("notebook_not_json", RAW("{nope"), ParameterError, ("raw.ipynb", "not a readable")),
     Case("notebook_binary", RAW(b"\xff\xfe\x00"), ParameterError, ("raw.ipynb",)),
     Case("notebook_no_cells", RAW('{"metadata": {}}'), ParameterError, ("raw.ipynb",)),
     Case("notebook_cells_not_list", RAW('{"cells": 3}'), ParameterError, ("raw",)),
-    Case("notebook_markdown_parameters", RAW(json.dumps({"cells": [
-        {"cell_type": "markdown", "metadata": {"tags": ["parameters"]}, "source": "x"}]})),
-        ParameterError, ("markdown", "not code")),
+    Case(
+        "notebook_markdown_parameters",
+        RAW(json.dumps({"cells": [{"cell_type": "markdown", "metadata": {"tags": ["parameters"]}, "source": "x"}]})),
+        ParameterError,
+        ("markdown", "not code"),
+    ),
     Case("notebook_missing", lambda tmp: read_parameters(tmp / "gone.ipynb"), ParameterError, ("gone.ipynb",)),
     Case("notebook_code_missing", lambda tmp: notebook_code(tmp / "x.ipynb"), RunnerError, ("x.ipynb",)),
     # names that would leave the run / figure directory
@@ -126,13 +133,24 @@ CASES = [
     Case("table_with_extension", in_run(lambda tmp: save_table(DF, "t.csv")), ValueError, ("'t.csv'",)),
     Case("table_empty_name", in_run(lambda tmp: save_table(DF, "")), ValueError, ("''",)),
     Case("table_not_dataframe", in_run(lambda tmp: save_table({"a": 1}, "t")), TypeError, ("dict",)),
-    Case("table_ok", in_run(lambda tmp: save_table(DF, "t")), None,
-         check=lambda out: [p.name for p in out] == ["t.parquet", "t.csv"]),
+    Case(
+        "table_ok",
+        in_run(lambda tmp: save_table(DF, "t")),
+        None,
+        check=lambda out: [p.name for p in out] == ["t.parquet", "t.csv"],
+    ),
     Case("metrics_not_dict", in_run(lambda tmp: log_metrics([1, 2])), TypeError, ("list",)),
     Case("metrics_int_key", in_run(lambda tmp: log_metrics({1: 2})), TypeError, ("1",)),
-    Case("metrics_nan_kept_readable", in_run(lambda tmp: json.loads(log_metrics(
-        {"a": float("nan"), "b": [1.0, float("inf")], "c": np.float32(0.5)}).read_text())), None,
-        check=lambda m: m == {"a": "nan", "b": [1.0, "inf"], "c": 0.5}),
+    Case(
+        "metrics_nan_kept_readable",
+        in_run(
+            lambda tmp: json.loads(
+                log_metrics({"a": float("nan"), "b": [1.0, float("inf")], "c": np.float32(0.5)}).read_text()
+            )
+        ),
+        None,
+        check=lambda m: m == {"a": "nan", "b": [1.0, "inf"], "c": 0.5},
+    ),
     Case("figure_with_dir", fig("../up"), ValueError, ("'../up'",)),
     Case("figure_with_extension", fig("plot.png"), ValueError, ("'plot.png'",)),
     Case("figure_not_str", fig(3), ValueError, ("3",)),
@@ -140,17 +158,26 @@ CASES = [
     # the atomic helpers
     Case("atomic_bytes_given_str", lambda tmp: atomic_write_bytes(tmp / "a", "text"), TypeError, ("str",)),
     Case("atomic_text_given_bytes", lambda tmp: atomic_write_text(tmp / "a", b"x"), TypeError, ("bytes",)),
-    Case("atomic_json_nan", lambda tmp: atomic_write_json(tmp / "a.json", {"x": float("nan")}), ValueError,
-         ("a.json", "NaN")),
-    Case("atomic_json_object", lambda tmp: atomic_write_json(tmp / "a.json", {"x": object()}), TypeError,
-         ("object",)),
+    Case(
+        "atomic_json_nan",
+        lambda tmp: atomic_write_json(tmp / "a.json", {"x": float("nan")}),
+        ValueError,
+        ("a.json", "NaN"),
+    ),
+    Case("atomic_json_object", lambda tmp: atomic_write_json(tmp / "a.json", {"x": object()}), TypeError, ("object",)),
     Case("atomic_writer_fails", lambda tmp: _fails_half_way(tmp), RuntimeError, ("'out.bin'",), ours=False),
-    Case("atomic_writer_fails_leaves_nothing", lambda tmp: (_try(_fails_half_way, tmp), _nothing_left(tmp),
-                                                            (tmp / "out.bin").exists()), None,
-         check=lambda r: r[1] and not r[2]),
-    Case("atomic_dir_fails_keeps_old", lambda tmp: (_try(_dir_fails, tmp), sorted(os.listdir(tmp / "d")),
-                                                    _nothing_left(tmp)), None,
-         check=lambda r: r[1] == ["old.txt"] and r[2]),
+    Case(
+        "atomic_writer_fails_leaves_nothing",
+        lambda tmp: (_try(_fails_half_way, tmp), _nothing_left(tmp), (tmp / "out.bin").exists()),
+        None,
+        check=lambda r: r[1] and not r[2],
+    ),
+    Case(
+        "atomic_dir_fails_keeps_old",
+        lambda tmp: (_try(_dir_fails, tmp), sorted(os.listdir(tmp / "d")), _nothing_left(tmp)),
+        None,
+        check=lambda r: r[1] == ["old.txt"] and r[2],
+    ),
     Case("atomic_dir_replaces_whole", lambda tmp: _replace_dir_ok(tmp), None, check=lambda r: r == ["new.txt"]),
 ]
 

@@ -120,13 +120,18 @@ CASES = [
     Case("model_blank", lambda b: vl.load("   "), ModelLoadError, ("'   '",)),
     Case("model_bad_hub_id", lambda b: vl.load("a/b/c/d"), ModelLoadError, ("'a/b/c/d'",)),
     Case("model_dotdot_id", lambda b: vl.load("org/../../x"), ModelLoadError, ("'org/../../x'",)),
-    Case("model_missing_dir", lambda b: vl.load("./no-such-model"), ModelLoadError,
-         ("'./no-such-model'", "config.json")),
+    Case(
+        "model_missing_dir", lambda b: vl.load("./no-such-model"), ModelLoadError, ("'./no-such-model'", "config.json")
+    ),
     Case("model_a_file", lambda b: vl.load(str(ORGANISM / "config.json")), ModelLoadError, ("config.json",)),
     Case("model_no_config", lambda b: vl.load(b["config_missing"]), ModelLoadError, ("config_missing", "config.json")),
     # devices and dtypes: refused before any file is read
-    Case("device_cuda_without_gpu", lambda b: vl.load(b["weights_garbage"], device="cuda"), ModelLoadError,
-         ("'cuda'", "no CUDA GPU")),
+    Case(
+        "device_cuda_without_gpu",
+        lambda b: vl.load(b["weights_garbage"], device="cuda"),
+        ModelLoadError,
+        ("'cuda'", "no CUDA GPU"),
+    ),
     Case("device_cuda_index", lambda b: vl.load("organism", device="cuda:7"), ModelLoadError, ("'cuda:7'",)),
     Case("device_mps", lambda b: vl.load("organism", device="mps"), ModelLoadError, ("'mps'",)),
     Case("device_word", lambda b: vl.load("organism", device="gpu"), ValueError, ("'gpu'",)),
@@ -153,12 +158,21 @@ CASES = [
     Case("weights_empty", _load("weights_empty"), ModelLoadError, ("model.safetensors",)),
     Case("weights_file_missing", _load("weights_file_missing"), ModelLoadError, ("weights_file_missing",), ours=True),
     # weights that do not fit: named, strict by default
-    Case("weights_missing_key", _load("weights_missing_key"), WeightsMismatchError,
-         ("1 missing", "layers.0.input_layernorm.weight", "strict=False")),
-    Case("weights_extra_key", _load("weights_extra_key"), WeightsMismatchError,
-         ("1 unexpected", "extra_adapter.weight")),
-    Case("weights_other_shape", _load("weights_other_shape"), WeightsMismatchError,
-         ("another shape", "layers.0.input_layernorm.weight", "(193,)", "(192,)")),
+    Case(
+        "weights_missing_key",
+        _load("weights_missing_key"),
+        WeightsMismatchError,
+        ("1 missing", "layers.0.input_layernorm.weight", "strict=False"),
+    ),
+    Case(
+        "weights_extra_key", _load("weights_extra_key"), WeightsMismatchError, ("1 unexpected", "extra_adapter.weight")
+    ),
+    Case(
+        "weights_other_shape",
+        _load("weights_other_shape"),
+        WeightsMismatchError,
+        ("another shape", "layers.0.input_layernorm.weight", "(193,)", "(192,)"),
+    ),
 ]
 
 
@@ -167,8 +181,9 @@ def test_bad_load(case, bundles):
     run_case(case, bundles)
 
 
-@pytest.mark.parametrize("name, fragment", [("weights_missing_key", "1 missing"),
-                                            ("weights_extra_key", "1 unexpected")])
+@pytest.mark.parametrize(
+    "name, fragment", [("weights_missing_key", "1 missing"), ("weights_extra_key", "1 unexpected")]
+)
 def test_strict_false_loads_with_a_warning_naming_the_keys(bundles, name, fragment):
     with pytest.warns(RuntimeWarning, match=fragment):
         vlm = vl.load(bundles[name], device="cpu", strict=False)

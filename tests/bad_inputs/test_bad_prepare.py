@@ -120,8 +120,12 @@ CASES = [
     Case("file_empty", AF(_file("empty.png", b"")), ValueError, ("empty.png", "not a readable image")),
     Case("file_text", AF(_file("notes.png", b"hello world")), ValueError, ("notes.png",)),
     Case("file_truncated", AF(_truncated_png), ValueError, ("cut.png",)),
-    Case("file_zero_png", AF(_file("zero.tif", image=Image.new("RGB", (1, 1)), fmt="TIFF")), None,
-         check=lambda im: im.size == (1, 1)),
+    Case(
+        "file_zero_png",
+        AF(_file("zero.tif", image=Image.new("RGB", (1, 1)), fmt="TIFF")),
+        None,
+        check=lambda im: im.size == (1, 1),
+    ),
     Case("file_jpeg", AF(_file("ok.jpg", image=RGB, fmt="JPEG")), None, check=lambda im: im.size == (32, 32)),
 ]
 

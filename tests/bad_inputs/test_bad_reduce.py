@@ -1,5 +1,5 @@
 """Bad inputs to reduction methods (`vl.reduce.get` / `vl.reduce.apply`, the "reduce" helper's
-registry). Skipped, with this reason, on a tree where the registry has not landed yet."""
+registry)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,6 @@ import pytest
 from bad_cases import Case, params, run_case
 
 import vtrlab.reduce as R
-
-if not (hasattr(R, "get") and hasattr(R, "apply") and hasattr(R, "names")):
-    pytest.skip("the reduction registry (vtrlab.reduce.get/apply/names) is not on this tree yet",
-                allow_module_level=True)
 
 KEEP_FIRST = ("fastv", "oracle", "pooling", "random")  # methods that check keep= before anything else
 BAD_KEEP = [  # (id, keep, error, fragments)

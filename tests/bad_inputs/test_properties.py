@@ -10,13 +10,11 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the `test` extra: pip install -e '.[test]'")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from vtrlab.runner.errors import ParameterError  # noqa: E402
-from vtrlab.runner.params import (  # noqa: E402
+from vtrlab.runner.errors import ParameterError
+from vtrlab.runner.params import (
     ParameterSpec,
     ParamType,
     coerce,
@@ -32,7 +30,8 @@ SLOW = settings(max_examples=5, deadline=None, suppress_health_check=[HealthChec
 
 finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")), max_size=12).filter(
-    lambda s: s.strip() == s and "," not in s and not s.startswith("[") and s.lower() not in ("none", "null", "~"))
+    lambda s: s.strip() == s and "," not in s and not s.startswith("[") and s.lower() not in ("none", "null", "~")
+)
 
 
 @FAST
@@ -116,8 +115,10 @@ def test_yaml_duplicate_keys_are_always_refused(keys):
 
 @pytest.fixture(scope="module")
 def n_img(batch):
-    return [int(layout.n_image_tokens) if not callable(layout.n_image_tokens) else layout.n_image_tokens()
-            for layout in batch.layouts]
+    return [
+        int(layout.n_image_tokens) if not callable(layout.n_image_tokens) else layout.n_image_tokens()
+        for layout in batch.layouts
+    ]
 
 
 @FAST

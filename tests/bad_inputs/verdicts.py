@@ -61,10 +61,12 @@ def shim_old_tree(tree: Path) -> None:
     for verb in ("capture", "saliency"):
         fn = getattr(vl, verb)
         if "queries" not in inspect.signature(fn).parameters:
+
             def wrapped(*a, _fn=fn, **kw):
                 if "queries" in kw:
                     kw["rows"] = kw.pop("queries")
                 return _fn(*a, **kw)
+
             setattr(vl, verb, wrapped)
 
 
@@ -92,8 +94,7 @@ def classify(case, ctx) -> str:
         where = tb.tb_frame.f_code.co_filename
         ours = "vtrlab" in where and "site-packages" not in where
         message = str(exc)
-        good = (isinstance(exc, case.error) and "\n" not in message.strip()
-                and all(f in message for f in case.names))
+        good = isinstance(exc, case.error) and "\n" not in message.strip() and all(f in message for f in case.names)
         if good and (ours or not case.ours):
             return "clear"
         return "unclear" if ours or not case.ours else "crash"
@@ -111,7 +112,7 @@ def cli_verdicts(mod) -> collections.Counter:
 
     os.chdir(project)
     os.environ.pop("VTRLAB_ROOT", None)
-    for case_id, args, fragments in mod.RUN_CASES + mod.GRID_CASES + mod.OTHER_CASES:
+    for _case_id, args, fragments in mod.RUN_CASES + mod.GRID_CASES + mod.OTHER_CASES:
         import shutil
 
         shutil.rmtree(project / "runs", ignore_errors=True)
@@ -144,8 +145,15 @@ def main(tree: str) -> dict:
     layouts = batch.layouts if hasattr(batch, "layouts") else batch.layout
     n_img = int(layouts[0].table().shape[0])
     out: dict[str, dict] = {}
-    for name in ("test_bad_load", "test_bad_prepare", "test_bad_verbs", "test_bad_data", "test_bad_files",
-                 "test_bad_reduce", "test_bad_cli"):
+    for name in (
+        "test_bad_load",
+        "test_bad_prepare",
+        "test_bad_verbs",
+        "test_bad_data",
+        "test_bad_files",
+        "test_bad_reduce",
+        "test_bad_cli",
+    ):
         try:
             mod = importlib.import_module(name)
         except BaseException as exc:  # pytest.skip at module level, ImportError

@@ -35,9 +35,17 @@ def setup():
     vlm = tiny("llava_next")
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 255, (90, 140, 3), dtype=np.uint8))
-    records = [Record(id="a", image_source=img, question="what is in the box?", answers=("x", "two"),
-                      boxes=[[10, 10, 60, 50]], group="scene"),
-               Record(id="b", image_source=img, question="what is here?", answers=("y",), group="scene")]
+    records = [
+        Record(
+            id="a",
+            image_source=img,
+            question="what is in the box?",
+            answers=("x", "two"),
+            boxes=[[10, 10, 60, 50]],
+            group="scene",
+        ),
+        Record(id="b", image_source=img, question="what is here?", answers=("y",), group="scene"),
+    ]
     return vlm, records
 
 
@@ -53,8 +61,7 @@ def test_relevance_agreement_uses_pixel_boxes_and_skips_records_without_ground_t
 
 def test_context_diagnostic_leaves_out_records_without_ground_truth(setup):
     vlm, records = setup
-    diag = exp.context_diagnostic(vlm, _OracleSelector(records), records, ratio=0.5, batch_size=2,
-                                  max_new_tokens=1)
+    diag = exp.context_diagnostic(vlm, _OracleSelector(records), records, ratio=0.5, batch_size=2, max_new_tokens=1)
     assert len(diag) == 6  # one sample (a) x six plans
     rel = relevant_tokens(vlm.prepare([records[0].image], [records[0].question]).layouts[0], records[0])
     kept = diag.set_index("plan")["kept"]

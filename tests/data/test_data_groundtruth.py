@@ -125,8 +125,12 @@ def test_mask_and_normalised_boxes_agree_with_pixel_boxes(family_layout):
     mask[30:120, 40:160] = True
     a = token_relevance(layout, Record(id="a", image_source=image, question="q", boxes=[box]))
     b = token_relevance(layout, Record(id="b", image_source=image, question="q", mask=mask))
-    c = token_relevance(layout, Record(id="c", image_source=image, question="q", box_format="xywh_norm",
-                                       boxes=[[40 / w, 30 / h, 120 / w, 90 / h]]))
+    c = token_relevance(
+        layout,
+        Record(
+            id="c", image_source=image, question="q", box_format="xywh_norm", boxes=[[40 / w, 30 / h, 120 / w, 90 / h]]
+        ),
+    )
     np.testing.assert_allclose(a, b, atol=1e-12, err_msg=family)
     np.testing.assert_allclose(a, c, atol=1e-9, err_msg=family)
 

@@ -24,8 +24,16 @@ def rows(tmp_path):
     out = []
     for i in range(6):
         _png(tmp_path / "img" / f"{i}.png", (40 * i, 10, 10))
-        out.append({"id": f"s{i}", "image": f"img/{i}.png", "question": f"what is {i}?",
-                    "answers": [str(i), f"number {i}"], "boxes": [[1, 2, 10 + i, 20]], "group": "ab"[i % 2]})
+        out.append(
+            {
+                "id": f"s{i}",
+                "image": f"img/{i}.png",
+                "question": f"what is {i}?",
+                "answers": [str(i), f"number {i}"],
+                "boxes": [[1, 2, 10 + i, 20]],
+                "group": "ab"[i % 2],
+            }
+        )
     return out
 
 
@@ -82,10 +90,22 @@ def test_identity_changes_with_content(tmp_path, rows):
 
 def test_column_mapping_vqa_answers_and_normalised_boxes(tmp_path):
     _png(tmp_path / "a.png", "red", size=(100, 50))
-    row = {"picture": "a.png", "q": "colour?", "gt": [{"answer": "red"}, {"answer": "Red"}],
-           "bbox": [0.1, 0.2, 0.5, 0.6], "seg": None}
-    d = load_data(_write_jsonl(tmp_path / "m.jsonl", [row]), image_column="picture", question_column="q",
-                  answer_column="gt", boxes_column="bbox", mask_column="seg", box_format="xyxy_norm")
+    row = {
+        "picture": "a.png",
+        "q": "colour?",
+        "gt": [{"answer": "red"}, {"answer": "Red"}],
+        "bbox": [0.1, 0.2, 0.5, 0.6],
+        "seg": None,
+    }
+    d = load_data(
+        _write_jsonl(tmp_path / "m.jsonl", [row]),
+        image_column="picture",
+        question_column="q",
+        answer_column="gt",
+        boxes_column="bbox",
+        mask_column="seg",
+        box_format="xyxy_norm",
+    )
     r = d[0]
     assert r.answers == ("red", "Red") and r.question == "colour?"
     np.testing.assert_allclose(r.pixel_boxes(), [[10, 10, 50, 30]])
@@ -117,13 +137,22 @@ def test_hf_dataset_saved_to_disk(tmp_path):
         b = io.BytesIO()
         im.save(b, format="PNG")
         buf.append({"bytes": b.getvalue(), "path": None})
-    ds = datasets.Dataset.from_dict({"img": buf, "question": [f"q{i}" for i in range(5)],
-                                     "answers": [[f"a{i}"] for i in range(5)], "boxes": [[[0, 0, 5, 5]]] * 5},
-                                    features=datasets.Features({"img": datasets.Image(),
-                                                                "question": datasets.Value("string"),
-                                                                "answers": datasets.Sequence(datasets.Value("string")),
-                                                                "boxes": datasets.Sequence(datasets.Sequence(
-                                                                    datasets.Value("float32")))}))
+    ds = datasets.Dataset.from_dict(
+        {
+            "img": buf,
+            "question": [f"q{i}" for i in range(5)],
+            "answers": [[f"a{i}"] for i in range(5)],
+            "boxes": [[[0, 0, 5, 5]]] * 5,
+        },
+        features=datasets.Features(
+            {
+                "img": datasets.Image(),
+                "question": datasets.Value("string"),
+                "answers": datasets.Sequence(datasets.Value("string")),
+                "boxes": datasets.Sequence(datasets.Sequence(datasets.Value("float32"))),
+            }
+        ),
+    )
     datasets.DatasetDict({"val": ds}).save_to_disk(str(tmp_path / "hf"))
     d = load_data(tmp_path / "hf", image_column="img", n_samples=3, seed=0)
     assert len(d) == 3 and d.identity["kind"] == "hf_dataset" and d.has_ground_truth
@@ -135,29 +164,35 @@ def test_hf_dataset_saved_to_disk(tmp_path):
         load_data(tmp_path / "hf", image_column="img", split="test")
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(data="nope/missing.jsonl"), "does not exist"),
-    (dict(data="organism", n_samples=0), "n_samples=0"),
-    (dict(data="organism", n_samples=2.5), "n_samples=2.5"),
-    (dict(data="organism", seed=-1), "seed=-1"),
-    (dict(data="organism", box_format="yxyx"), "box_format='yxyx'"),
-    (dict(data="photos", family="nonsense"), "family='nonsense'"),
-    (dict(data=3), "data=3"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(data="nope/missing.jsonl"), "does not exist"),
+        (dict(data="organism", n_samples=0), "n_samples=0"),
+        (dict(data="organism", n_samples=2.5), "n_samples=2.5"),
+        (dict(data="organism", seed=-1), "seed=-1"),
+        (dict(data="organism", box_format="yxyx"), "box_format='yxyx'"),
+        (dict(data="photos", family="nonsense"), "family='nonsense'"),
+        (dict(data=3), "data=3"),
+    ],
+)
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
         load_data(**kwargs)
 
 
-@pytest.mark.parametrize("line, match", [
-    ('{"question": "q"}', "'image' key"),
-    ('{"image": "missing.png", "question": "q"}', "does not exist"),
-    ('{"image": "a.png", "question": "q", "boxes": [1, 2, 3]}', "not a box"),
-    ('{"image": "a.png", "question": "q", "boxes": [5, 5, 1, 1]}', None),
-    ('{"image": "a.png", "question": "q", "answers": [true]}', "not a string"),
-    ('{"image": "skimage:lena", "question": "q"}', "skimage:lena"),
-    ('not json', "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ('{"question": "q"}', "'image' key"),
+        ('{"image": "missing.png", "question": "q"}', "does not exist"),
+        ('{"image": "a.png", "question": "q", "boxes": [1, 2, 3]}', "not a box"),
+        ('{"image": "a.png", "question": "q", "boxes": [5, 5, 1, 1]}', None),
+        ('{"image": "a.png", "question": "q", "answers": [true]}', "not a string"),
+        ('{"image": "skimage:lena", "question": "q"}', "skimage:lena"),
+        ("not json", "not valid JSON"),
+    ],
+)
 def test_bad_manifest_lines_are_named(tmp_path, line, match):
     _png(tmp_path / "a.png", "red")
     (tmp_path / "m.jsonl").write_text(line + "\n")

@@ -38,8 +38,15 @@ FAILING = "method=no_such_method,keep=0.25"
 
 def _offline_env(home: Path) -> dict:
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(home),
-               HF_DATASETS_CACHE=str(home / "datasets"), WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HOME=str(home),
+        HF_DATASETS_CACHE=str(home / "datasets"),
+        WANDB_MODE="disabled",
+        TOKENIZERS_PARALLELISM="false",
+    )
     for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):  # nothing may be reached
         env[proxy] = "http://127.0.0.1:9"
     env["NO_PROXY"] = env["no_proxy"] = ""
@@ -53,15 +60,29 @@ def _run_lmms_eval(root: Path) -> dict:
     configs = []
     for name, (args, _) in list(RUNS.items()) + [("failing", (FAILING, {}))]:
         model_args = ",".join(a for a in ("pretrained=organism,device=cpu", args) if a)
-        configs.append({"model": "vtrlab", "model_args": model_args,
-                        "tasks": TASK, "include_path": str(task_dir), "batch_size": str(BATCH),
-                        "output_path": str(root / "out" / name), "log_samples": True})
+        configs.append(
+            {
+                "model": "vtrlab",
+                "model_args": model_args,
+                "tasks": TASK,
+                "include_path": str(task_dir),
+                "batch_size": str(BATCH),
+                "output_path": str(root / "out" / name),
+                "log_samples": True,
+            }
+        )
     config = root / "runs.yaml"
     config.write_text(yaml.safe_dump(configs))
     started = time.time()
-    proc = subprocess.run([sys.executable, "-m", "lmms_eval", "eval", "--config", str(config)],
-                          cwd=root, env=_offline_env(root / "hf"), capture_output=True, text=True, timeout=900,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmms_eval", "eval", "--config", str(config)],
+        cwd=root,
+        env=_offline_env(root / "hf"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     return {"root": root, "proc": proc, "started": started, "log": proc.stdout + proc.stderr}
 
 
@@ -90,8 +111,10 @@ def _vlm():
 def _logged_answers(out: Path) -> dict[int, str]:
     (path,) = out.rglob(f"*_samples_{TASK}.jsonl")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {int(r["doc_id"]): r["filtered_resps"][0] if isinstance(r["filtered_resps"], list) else r["filtered_resps"]
-            for r in rows}
+    return {
+        int(r["doc_id"]): r["filtered_resps"][0] if isinstance(r["filtered_resps"], list) else r["filtered_resps"]
+        for r in rows
+    }
 
 
 @pytest.mark.slow
@@ -133,16 +156,19 @@ def _refuse_load(monkeypatch):
     monkeypatch.setattr(vl, "load", boom)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"method": "no_such", "keep": 0.25}, "unknown reduction method 'no_such'; accepted: "),
-    ({"method": "fastv", "keep": 0.25, "layr": 2}, "method 'fastv' has no parameter 'layr'; accepted: layer"),
-    ({"method": "fastv", "keep": 0.25, "layer": "two"}, "parameter layer='two' has type str; expected int"),
-    ({"method": "random"}, "method='random' needs a budget keep="),
-    ({"keep": 0.25}, "keep=0.25 is a budget; give method="),
-    ({"layer": 2}, "model_args \\['layer'\\] are not vtrlab model arguments"),
-    ({"batch_size": "auto"}, "batch_size='auto'; accepted: an integer >= 1"),
-    ({"max_new_tokens": 0}, "max_new_tokens=0; accepted: an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"method": "no_such", "keep": 0.25}, "unknown reduction method 'no_such'; accepted: "),
+        ({"method": "fastv", "keep": 0.25, "layr": 2}, "method 'fastv' has no parameter 'layr'; accepted: layer"),
+        ({"method": "fastv", "keep": 0.25, "layer": "two"}, "parameter layer='two' has type str; expected int"),
+        ({"method": "random"}, "method='random' needs a budget keep="),
+        ({"keep": 0.25}, "keep=0.25 is a budget; give method="),
+        ({"layer": 2}, "model_args \\['layer'\\] are not vtrlab model arguments"),
+        ({"batch_size": "auto"}, "batch_size='auto'; accepted: an integer >= 1"),
+        ({"max_new_tokens": 0}, "max_new_tokens=0; accepted: an integer >= 1"),
+    ],
+)
 def test_bad_model_args_fail_before_the_model_loads(monkeypatch, kwargs, message):
     from vtrlab.integrations.lmms_eval import VtrlabModel
 

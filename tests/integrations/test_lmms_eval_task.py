@@ -35,8 +35,12 @@ def test_export_organism_task_holds_the_notebooks_samples(tmp_path):
     out = tmp_path / "task"
     path = export_task(out, "organism", n_samples=6, seed=3, prompt_template="{question} One word.")
     assert path == out / "vtrlab_organism.yaml"
-    assert sorted(p.name for p in out.iterdir()) == ["utils.py", "vtrlab_organism.parquet", "vtrlab_organism.yaml",
-                                                      "vtrlab_task.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "utils.py",
+        "vtrlab_organism.parquet",
+        "vtrlab_organism.yaml",
+        "vtrlab_task.json",
+    ]
     cfg = _read_yaml(path)
     assert cfg["task"] == "vtrlab_organism" and cfg["output_type"] == "generate_until"
     assert cfg["dataset_path"] == "parquet"
@@ -119,8 +123,10 @@ def test_read_results_reads_and_detects_failures(tmp_path):
         read_results(tmp_path / "missing")
     run = tmp_path / "out" / "organism"
     run.mkdir(parents=True)
-    doc = {"results": {"t": {"alias": "t", "accuracy,none": 0.75, "accuracy_stderr,none": 0.1}},
-           "n-samples": {"t": {"original": 20, "effective": 20}}}
+    doc = {
+        "results": {"t": {"alias": "t", "accuracy,none": 0.75, "accuracy_stderr,none": 0.1}},
+        "n-samples": {"t": {"original": 20, "effective": 20}},
+    }
     (run / "20260101_000000_results.json").write_text(json.dumps(doc))
     assert read_results(tmp_path / "out", "t") == {"t": {"accuracy": 0.75, "n_samples": 20}}
     with pytest.raises(EvaluationFailed, match="task 'other' has no 'accuracy'"):
@@ -139,11 +145,24 @@ def test_export_from_a_saved_hf_dataset(tmp_path):
     pics = [Image.new("RGB", (12, 8), (0, 40 * i, 0)) for i in range(4)]
     ds = datasets.Dataset.from_dict(
         {"image": pics, "question": ["How many?"] * 4, "answer": ["two", "3", "1", "0"], "family": list("aabb")},
-        features=datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
-                                    "answer": datasets.Value("string"), "family": datasets.Value("string")}))
+        features=datasets.Features(
+            {
+                "image": datasets.Image(),
+                "question": datasets.Value("string"),
+                "answer": datasets.Value("string"),
+                "family": datasets.Value("string"),
+            }
+        ),
+    )
     datasets.DatasetDict({"validation": ds}).save_to_disk(str(tmp_path / "hf"))
-    path = export_task(tmp_path / "task", tmp_path / "hf", name="hf_counts", split="validation", family="b",
-                       prompt_template="{question} Answer with a number.")
+    path = export_task(
+        tmp_path / "task",
+        tmp_path / "hf",
+        name="hf_counts",
+        split="validation",
+        family="b",
+        prompt_template="{question} Answer with a number.",
+    )
     rows = pq.read_table(path.with_suffix(".parquet")).to_pylist()
     assert [r["answers"] for r in rows] == [["1"], ["0"]] and {r["group"] for r in rows} == {"b"}
     assert rows[0]["prompt"] == "How many? Answer with a number."

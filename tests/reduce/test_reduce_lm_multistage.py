@@ -64,8 +64,13 @@ def _reference(vlm, eager, red, blocked_per_stage, attentions=False, renumber=Tr
                 handles.append(layers[li].register_forward_pre_hook(make(j), with_kwargs=True))
     try:
         with torch.no_grad():
-            return eager(inputs_embeds=red.inputs_embeds, attention_mask=red.attention_mask,
-                         position_ids=red.position_ids, use_cache=False, output_attentions=attentions)
+            return eager(
+                inputs_embeds=red.inputs_embeds,
+                attention_mask=red.attention_mask,
+                position_ids=red.position_ids,
+                use_cache=False,
+                output_attentions=attentions,
+            )
     finally:
         for h in handles:
             h.remove()
@@ -141,7 +146,7 @@ def _no_rope_row(vlm, eager, red, blocked_cols, layer):
         x = lay.input_layernorm(got["h"]).double()
     B, L, _ = x.shape
     hd = att.head_dim
-    q = (x[:, -1:] @ att.q_proj.weight.double().T + (att.q_proj.bias.double() if att.q_proj.bias is not None else 0))
+    q = x[:, -1:] @ att.q_proj.weight.double().T + (att.q_proj.bias.double() if att.q_proj.bias is not None else 0)
     k = x @ att.k_proj.weight.double().T + (att.k_proj.bias.double() if att.k_proj.bias is not None else 0)
     q = q.view(B, 1, -1, hd).transpose(1, 2)
     n_kv = att.k_proj.out_features // hd

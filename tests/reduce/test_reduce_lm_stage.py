@@ -25,8 +25,10 @@ FAMILIES = tiny_families()
 
 def _images(seed):
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)),
-            Image.fromarray(rng.integers(0, 255, (56, 84, 3), dtype=np.uint8))]
+    return [
+        Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 255, (56, 84, 3), dtype=np.uint8)),
+    ]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -47,8 +49,10 @@ class FixedDrop(LMMethod):
         return [1]
 
     def lm_score(self, probe, stage):
-        return [np.random.default_rng([self.params["seed"], i]).random(self._n[i])[t]
-                for i, t in enumerate(probe.image_tokens)]
+        return [
+            np.random.default_rng([self.params["seed"], i]).random(self._n[i])[t]
+            for i, t in enumerate(probe.image_tokens)
+        ]
 
 
 def _method(batch, seed=0):
@@ -88,8 +92,9 @@ def _masked_forward(vlm, embeds, attn, pos, extras, blocked_cols, layer):
             handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
-            return vlm.model(inputs_embeds=embeds, attention_mask=attn, position_ids=pos, use_cache=False,
-                             **extras).logits.float()
+            return vlm.model(
+                inputs_embeds=embeds, attention_mask=attn, position_ids=pos, use_cache=False, **extras
+            ).logits.float()
     finally:
         for h in handles:
             h.remove()
@@ -253,8 +258,11 @@ def test_sparsevlm_matches_eager_reference(setup):
     if pos.dim() == 2:
         pos = (batch.inputs["attention_mask"].long().cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
-        att = vlm_e.model(**dict(batch.inputs), position_ids=pos, output_attentions=True,
-                          use_cache=False).attentions[0].double()
+        att = (
+            vlm_e.model(**dict(batch.inputs), position_ids=pos, output_attentions=True, use_cache=False)
+            .attentions[0]
+            .double()
+        )
     emb = dec["inputs_embeds"].float()  # the rater rule is a comparison: float32, as the code computes it
     for i, lay in enumerate(batch.layouts):
         img = lay.image_positions

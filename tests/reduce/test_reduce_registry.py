@@ -43,6 +43,7 @@ def test_names_and_errors():
 
 def test_register_rejects_bad_stage():
     with pytest.raises(ValueError, match="stage 'nowhere'"):
+
         @register("_bad_stage_probe")
         class Bad(Method):
             stage = "nowhere"

@@ -152,7 +152,7 @@ def test_flowcut_matches_eager(llava):
             l1 = np.abs(v.mean(0)[1:]).sum(-1)
             scores.append((cls / cls.sum() + sem / sem.sum()) * l1)
         cum = 0.5 * scores[0] + 0.5 * scores[1]
-        kept = sorted(sorted(range(len(cum)), key=lambda j: (-cum[j], j))[: keep])
+        kept = sorted(sorted(range(len(cum)), key=lambda j: (-cum[j], j))[:keep])
         want = np.zeros(lay.n_image_tokens, bool)
         want[kept] = True
         np.testing.assert_array_equal(sel.keep[i], want)

@@ -146,8 +146,9 @@ def test_visionzip_matches_eager_and_conserves_tokens():
         np.testing.assert_array_equal(sel.keep[i], want)
         with torch.no_grad():
             proj = eager.adapter.projector(eager.model)(res.embeds.float())
-        torch.testing.assert_close(sel.embeds[i].float(), proj[torch.as_tensor(np.flatnonzero(src >= 0))],
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            sel.embeds[i].float(), proj[torch.as_tensor(np.flatnonzero(src >= 0))], rtol=1e-4, atol=1e-5
+        )
         assert sel.info["extra"][i][0] == "start"
         torch.testing.assert_close(sel.info["extra"][i][1].float(), proj[:1], rtol=1e-4, atol=1e-5)
         # bookkeeping: 1 [CLS] + kept patches = budget; every patch kept or merged into a kept target
@@ -188,19 +189,27 @@ def test_hired_matches_eager():
         crops = sorted(lay.vision["crop"].unique())
         a0 = out.attentions[0][crops, :, 0, 1:].double()
         a22 = out.attentions[n - 2][crops, :, 0, 1:].double()
-        m = scoring.hired_select(a0, a22, (len(crops) - 1, 1), budget_rate=int(round(0.25 * lay.n_image_tokens))
-                                 / lay.n_image_tokens, alpha=0.5)
+        m = scoring.hired_select(
+            a0,
+            a22,
+            (len(crops) - 1, 1),
+            budget_rate=int(round(0.25 * lay.n_image_tokens)) / lay.n_image_tokens,
+            alpha=0.5,
+        )
         want = np.array([bool(m[crops.index(ps[0][0]), ps[0][1] - 1]) for ps in _token_patches(lay)])
         np.testing.assert_array_equal(_kept(ds)[i], want)
 
 
-@pytest.mark.parametrize("name,family,why", [
-    ("visionzip", "qwen2_vl", "no \\[CLS\\]"),
-    ("prumerge", "llava_onevision", "no \\[CLS\\]"),
-    ("hired", "llava", "anyres"),
-    ("vispruner", "qwen2_vl", "LLaVA-family towers"),
-    ("visionzip", "llava_next", "spans 5 vision crops"),
-])
+@pytest.mark.parametrize(
+    "name,family,why",
+    [
+        ("visionzip", "qwen2_vl", "no \\[CLS\\]"),
+        ("prumerge", "llava_onevision", "no \\[CLS\\]"),
+        ("hired", "llava", "anyres"),
+        ("vispruner", "qwen2_vl", "LLaVA-family towers"),
+        ("visionzip", "llava_next", "spans 5 vision crops"),
+    ],
+)
 def test_not_applicable(name, family, why):
     vlm = tiny(family)
     batch = vlm.prepare(_images(2, 1), ["what ?"])
@@ -238,9 +247,18 @@ def test_cdpruner_with_attached_clip_text_tower():
         vl.reduce.apply(vlm, batch, "cdpruner", keep=6)
     tok = vlm.processor.tokenizer
     torch.manual_seed(0)
-    text = CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=8, projection_dim=16, eos_token_id=tok.eos_token_id or 2)).eval()
+    text = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=8,
+            projection_dim=16,
+            eos_token_id=tok.eos_token_id or 2,
+        )
+    ).eval()
     proj = torch.nn.Linear(32, 16, bias=False)
 
     def clip_tok(text, return_tensors):

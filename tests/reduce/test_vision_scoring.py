@@ -94,7 +94,7 @@ def test_visionzip_split_matches_released_budgets():
 
 def _prumerge_ref(q, k, x, plus, n_nb=32):
     C = q.shape[0]
-    logits = k @ q * C ** -0.5
+    logits = k @ q * C**-0.5
     p = np.exp(logits - logits.max())
     p = p / p.sum()
     a = p[1:]
@@ -228,8 +228,9 @@ def test_cdpruner_dpp_matches_bruteforce_greedy(k):
     L = r[:, None] * S * r[None, :]
     picked = []
     for _ in range(k):
-        gains = [np.linalg.det(L[np.ix_(picked + [j], picked + [j])]) if j not in picked else -np.inf
-                 for j in range(20)]
+        gains = [
+            np.linalg.det(L[np.ix_(picked + [j], picked + [j])]) if j not in picked else -np.inf for j in range(20)
+        ]
         picked.append(int(np.argmax(gains)))
     assert scoring.cdpruner_select(_t(feats), rel, k).tolist() == sorted(picked)
 

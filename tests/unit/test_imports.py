@@ -3,7 +3,8 @@ ones resolved, plus module paths named in lazy-import tables) goes down the tabl
 modules import each other in a circle.
 
 Bottom to top (``shared/DESIGN.md``): models → probes → flow / recon → reduce (its registry holds the
-learned selector of recon) → analysis → plots → runner → ``vtrlab`` → integrations → cli. ``metrics`` is pure and may be imported from anywhere (it imports nothing of vtrlab);
+learned selector of recon) → analysis → plots → runner → ``vtrlab`` → integrations → cli. ``metrics`` is pure
+and may be imported from anywhere (it imports nothing of vtrlab);
 ``data`` sits just above models (it may read layouts; models never read data); ``organism`` builds a
 model from data and sits with the probes' consumers; ``testing`` sits beside models: it may import
 models, probes and data, and nothing at runtime imports it.

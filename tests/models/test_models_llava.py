@@ -6,17 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from vtrlab.testing.probes import projector_io
-
 import vtrlab as vl
 from vtrlab.models import loader
 from vtrlab.models.base import KIND_IMAGE, KIND_SEPARATOR
 from vtrlab.models.registry import adapter_for, supported_model_types
+from vtrlab.models.vlm import VLM
 from vtrlab.testing import tiny
 from vtrlab.testing.families.llava import build_tiny_llava
 from vtrlab.testing.pixels import check_pixel_boxes, gradient_image
+from vtrlab.testing.probes import projector_io
 from vtrlab.testing.proof import assert_layout_proven
-from vtrlab.models.vlm import VLM
 
 pytestmark = pytest.mark.xdist_group("llava")
 
@@ -44,7 +43,11 @@ def test_modules(vlm):
     m, a = vlm.model, vlm.adapter
     assert a.family == "llava" and "llava" in supported_model_types()
     assert list(vlm.lm_layers) == list(m.model.language_model.layers)
-    tower_layers = [mod for name, mod in m.model.vision_tower.named_modules() if name.count(".") == name.count("layers.") + 1 and "encoder.layers." in name]
+    tower_layers = [
+        mod
+        for name, mod in m.model.vision_tower.named_modules()
+        if name.count(".") == name.count("layers.") + 1 and "encoder.layers." in name
+    ]
     assert list(vlm.vision_layers) == tower_layers and len(tower_layers) == m.config.vision_config.num_hidden_layers
     assert a.lm_attention(vlm.lm_layers[0]) is m.model.language_model.layers[0].self_attn
     assert a.vision_attention(vlm.vision_layers[0]) is vlm.vision_layers[0].self_attn
@@ -59,21 +62,8 @@ def test_vision_feature_layer_is_the_layer_feeding_the_projector(vlm):
     batch = vlm.prepare([gradient_image(40, 40)], ["hi"])
     k = a.vision_feature_layer(m)
     layer_out, proj = projector_io(vlm, batch)
-    torch.testing.assert_close(proj, layer_out[:, a.n_cls(m):])
+    torch.testing.assert_close(proj, layer_out[:, a.n_cls(m) :])
     assert k == len(vlm.vision_layers) + m.config.vision_feature_layer
-
-
-def test_decoder_inputs_reproduce_the_logits(vlm):
-    """Oracle: feeding decoder_inputs() through language_model + lm_head gives the model's logits."""
-    batch = vlm.prepare([gradient_image(72, 40), gradient_image(40, 56)], ["short", "a longer question here"])
-    a, m = vlm.adapter, vlm.model
-    dec = a.decoder_inputs(m, batch.inputs)
-    with torch.no_grad():
-        ref = m(**batch.inputs).logits
-        hid = a.language_model(m)(**dec).last_hidden_state
-        out = a.lm_head(m)(hid)
-    valid = batch.inputs["attention_mask"].bool()
-    torch.testing.assert_close(out[valid], ref[valid])
 
 
 # --- layout -----------------------------------------------------------------------------------
@@ -120,7 +110,14 @@ def test_full_strategy_keeps_cls_as_separator_token():
     lay = batch.layouts[0]
     assert lay.kind[0] == KIND_SEPARATOR and (lay.kind[1:] == KIND_IMAGE).all() and lay.n_image_tokens == 16
     proj = v.adapter.projector(v.model)
-    h = proj.register_forward_hook(lambda m, a, out: torch.arange(out.numel() // out.shape[-1], dtype=out.dtype)[:, None].expand(-1, out.shape[-1]).reshape(out.shape).clone())
+    h = proj.register_forward_hook(
+        lambda m, a, out: (
+            torch.arange(out.numel() // out.shape[-1], dtype=out.dtype)[:, None]
+            .expand(-1, out.shape[-1])
+            .reshape(out.shape)
+            .clone()
+        )
+    )
     try:
         emb = v.adapter.decoder_inputs(v.model, batch.inputs)["inputs_embeds"][0, :, 0]
     finally:
@@ -132,7 +129,7 @@ def test_full_strategy_keeps_cls_as_separator_token():
 def test_proof_catches_a_wrong_layout(vlm):
     """The proof is not vacuous: a transposed grid or a shifted block is detected."""
     batch = vlm.prepare([gradient_image(72, 40)], ["q"])
-    assert_layout_proven(vlm, batch) == 16
+    assert assert_layout_proven(vlm, batch) == 16
     lay = batch.layouts[0]
     lay.row, lay.col = lay.col.copy(), lay.row.copy()
     with pytest.raises(AssertionError, match="another feature"):
@@ -179,7 +176,9 @@ def test_load_organism_missing(tmp_path, monkeypatch):
 def test_load_unsupported_architecture_lists_families(tmp_path):
     from transformers import BertConfig
 
-    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path)
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(
+        tmp_path
+    )
     with pytest.raises(ValueError, match=r"unsupported architecture: model_type 'bert'.*llava \(llava\)"):
         vl.load(str(tmp_path))
 
@@ -205,8 +204,6 @@ def test_load_bad_arguments(saved, tmp_path):
 def test_organism_layout_proven_when_present():
     """The organism shipped in the repo (or $VTRLAB_ORGANISM): its own processor, template and
     tokenizer pass the same proof as the tiny LLaVA."""
-    if not (loader.organism_path() / "config.json").is_file():
-        pytest.skip(f"no organism saved at {loader.organism_path()}")
     v = vl.load("organism", device="cpu")
     images = [gradient_image(100, 60), gradient_image(50, 90)]
     batch = v.prepare(images, ["what color is the circle?", "how many squares?"])

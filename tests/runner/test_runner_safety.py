@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from notebook_files import write_notebook
 
 from vtrlab.io import atomic_write_json
 from vtrlab.runner import paths
@@ -27,24 +28,11 @@ from vtrlab.runner.run import _HOST, clean_stale_temp_dirs, prepare_job, run_has
 PARAMS = "n: int = 2  # points\nseed: int = 0  # seed"
 
 
-def write_notebook(path: Path, parameters: str, *cells: str) -> Path:
-    """A notebook: a markdown title, the `parameters` cell, then `cells` (code). (Not imported from
-    conftest: tests/bad_inputs has a conftest module of its own.)"""
-    import nbformat
-    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-    nb = new_notebook()
-    nb.cells = [new_markdown_cell(f"# {path.stem}"), new_code_cell(parameters, metadata={"tags": ["parameters"]})]
-    nb.cells += [new_code_cell(src) for src in cells]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, path)
-    return path
 BODY = """\
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from vtrlab.plots.save import save_figure
+from vtrlab.runner import save_figure
 from vtrlab.runner import log_metrics
 fig, ax = plt.subplots(figsize=(1, 1))
 ax.plot(range(n))
@@ -60,8 +48,10 @@ def _nb(path: Path, version: int = 1) -> Path:
 # --- 3: names and paths -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stem, expected", [("01_demo", "01_demo"), ("my notebook", "my_notebook"),
-                                            (".hidden", "hidden"), ("a/b", "a_b"), ("x..y", "x..y")])
+@pytest.mark.parametrize(
+    "stem, expected",
+    [("01_demo", "01_demo"), ("my notebook", "my_notebook"), (".hidden", "hidden"), ("a/b", "a_b"), ("x..y", "x..y")],
+)
 def test_safe_name(stem, expected):
     assert paths.safe_name(stem) == expected
 
@@ -243,11 +233,17 @@ def _wait_for(paths_, timeout=120.0):
 
 
 def _start(project: Path, *args: str) -> subprocess.Popen:
-    tree = str(Path(__file__).parents[1])  # this checkout's vtrlab first
+    tree = str(Path(__file__).parents[2])  # this checkout's vtrlab first
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([tree, os.environ.get("PYTHONPATH", "")])}
     env.pop(paths.ENV_ROOT, None)
-    return subprocess.Popen([sys.executable, "-m", "vtrlab.cli", *args], cwd=project, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "vtrlab.cli", *args],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.fixture
@@ -283,8 +279,9 @@ def test_signal_stops_run_with_its_kernel_and_temp_dir(sleepy_project, sig):
 def test_sigterm_stops_grid_with_every_job_process(sleepy_project):
     """Defect 8: SIGTERM did not stop `vtrlab grid` jobs (processes stayed and published later)."""
     jobs = [{"seconds": 0, "seed": 9}, {"seed": 0}, {"seed": 1}, {"seed": 2}]  # the first completes
-    (sleepy_project / "grid.yaml").write_text(json.dumps(
-        {"jobs": [{"notebook": "notebooks/sleepy.ipynb", "parameters": p} for p in jobs]}))
+    (sleepy_project / "grid.yaml").write_text(
+        json.dumps({"jobs": [{"notebook": "notebooks/sleepy.ipynb", "parameters": p} for p in jobs]})
+    )
     proc = _start(sleepy_project, "grid", "grid.yaml", "--workers", "2")
     try:
         kernels = _wait_for([sleepy_project / "kernel-0.pid", sleepy_project / "kernel-1.pid"])

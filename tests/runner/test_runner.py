@@ -16,7 +16,10 @@ from vtrlab.runner.outputs import log_metrics, save_table
 from vtrlab.runner.provenance import publish_figures
 from vtrlab.runner.run import prepare_job, run_hash, run_job
 
-PARAMS = "n: int = 3  # points\nfail: bool = False  # raise in the body\nseed: int = 0  # seed\ndevice: str = 'cpu'  # device"
+PARAMS = (
+    "n: int = 3  # points\nfail: bool = False  # raise in the body\n"
+    "seed: int = 0  # seed\ndevice: str = 'cpu'  # device"
+)
 
 # Records where it ran (temp dir, and whether the final dir existed meanwhile), then saves one
 # figure (plain matplotlib with the vtrlab save path), one table and metrics.
@@ -43,8 +46,16 @@ log_metrics({"n": n, "tmp_name": run_dir.name, "final_existed": (run_dir.parent 
 
 
 def git(root: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    return subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True, text=True, env=env).stdout.strip()
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    return subprocess.run(
+        ["git", "-C", str(root), *args], check=True, capture_output=True, text=True, env=env
+    ).stdout.strip()
 
 
 @pytest.fixture
@@ -72,8 +83,13 @@ def test_run_resume_force_and_manifest(project):
 
     # complete run dir, written in a hidden temp dir that was renamed at the end
     assert sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()) == [
-        "demo.ipynb", "figures/line.pdf", "figures/line.png", "metrics.json", "run.json",
-        "tables/squares.csv", "tables/squares.parquet",
+        "demo.ipynb",
+        "figures/line.pdf",
+        "figures/line.png",
+        "metrics.json",
+        "run.json",
+        "tables/squares.csv",
+        "tables/squares.parquet",
     ]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["n"] == 5 and metrics["final_existed"] is False

@@ -7,7 +7,7 @@ import pytest
 from vtrlab.runner.errors import ParameterError
 from vtrlab.runner.params import parse_parameter_source, read_parameters
 
-CELL = '''\
+CELL = """\
 n_samples: int = 64  # number of held-out organism samples
 lr: float = 1e-3  # learning rate
 model: str = "organism"  # model name or path
@@ -18,7 +18,7 @@ names: list[str] = []  # names
 checkpoint: str | None = None  # optional checkpoint
 limit: Optional[int] = 3  # optional limit
 device: Literal["cpu", "cuda"] = "cpu"  # device
-'''
+"""
 
 
 @pytest.fixture

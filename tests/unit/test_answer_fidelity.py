@@ -39,8 +39,10 @@ def test_kl_matches_float64_reference_and_is_zero_for_equal_logits():
     rng = np.random.default_rng(1)
     p, q = rng.normal(size=(5, 13)) * 3, rng.normal(size=(5, 13)) * 3
     got = kl_divergence(torch.tensor(p, dtype=torch.float32), torch.tensor(q, dtype=torch.float32)).numpy()
-    pp = np.exp(p - p.max(1, keepdims=True)); pp /= pp.sum(1, keepdims=True)
-    qq = np.exp(q - q.max(1, keepdims=True)); qq /= qq.sum(1, keepdims=True)
+    pp = np.exp(p - p.max(1, keepdims=True))
+    pp /= pp.sum(1, keepdims=True)
+    qq = np.exp(q - q.max(1, keepdims=True))
+    qq /= qq.sum(1, keepdims=True)
     ref = np.sum(pp * (np.log(pp) - np.log(qq)), axis=1)
     assert np.allclose(got, ref, atol=1e-5)
     assert np.all(got >= 0)

@@ -53,10 +53,15 @@ def test_accuracy_tables_by_group_and_family():
     assert list(acc.columns) == ["group", "method", "ratio", "accuracy", "n"]
     got = {(g, m, r): (a, n) for g, m, r, a, n in acc.itertuples(index=False)}
     assert got == {
-        ("reading", "full", 1.0): (1.0, 2), ("reading", "no_image", 0.0): (0.0, 2),
-        ("reading", "random", 0.3): (0.5, 2), ("reading", "random", 0.5): (0.5, 2),
-        ("reading", "selector", 0.3): (1.0, 2), ("reading", "selector", 0.5): (1.0, 2),
-        ("scene", "full", 1.0): (0.75, 4), ("scene", "random", 0.3): (0.5, 4), ("scene", "selector", 0.3): (0.25, 4),
+        ("reading", "full", 1.0): (1.0, 2),
+        ("reading", "no_image", 0.0): (0.0, 2),
+        ("reading", "random", 0.3): (0.5, 2),
+        ("reading", "random", 0.5): (0.5, 2),
+        ("reading", "selector", 0.3): (1.0, 2),
+        ("reading", "selector", 0.5): (1.0, 2),
+        ("scene", "full", 1.0): (0.75, 4),
+        ("scene", "random", 0.3): (0.5, 4),
+        ("scene", "selector", 0.3): (0.25, 4),
     }
     assert list(acc_family.columns) == ["family", "method", "ratio", "accuracy"]
     fam = {(f, m, r): a for f, m, r, a in acc_family.itertuples(index=False)}
@@ -124,13 +129,15 @@ def test_agreement_summary():
 
 
 def test_diagnostic_table():
-    diag = pd.DataFrame([
-        {"family": "color", "plan": "selector", "correct": True, "kept": 3},
-        {"family": "color", "plan": "selector", "correct": False, "kept": 4},
-        {"family": "count", "plan": "selector", "correct": False, "kept": 3},
-        {"family": "color", "plan": "relevant only", "correct": True, "kept": 1},
-        {"family": "count", "plan": "relevant only", "correct": True, "kept": 2},
-    ])
+    diag = pd.DataFrame(
+        [
+            {"family": "color", "plan": "selector", "correct": True, "kept": 3},
+            {"family": "color", "plan": "selector", "correct": False, "kept": 4},
+            {"family": "count", "plan": "selector", "correct": False, "kept": 3},
+            {"family": "color", "plan": "relevant only", "correct": True, "kept": 1},
+            {"family": "count", "plan": "relevant only", "correct": True, "kept": 2},
+        ]
+    )
     t = diagnostic_table(diag)
     assert list(t.index) == ["color", "count", "mean kept"]
     assert t.loc["color", "selector"] == 0.5 and t.loc["count", "selector"] == 0.0
@@ -139,17 +146,35 @@ def test_diagnostic_table():
 
 
 def test_layer_error_table():
-    data = np.array([[[1.0, 3.0, np.nan], [2.0, 2.0, np.nan], [0.5, 1.5, np.nan]],
-                     [[4.0, np.nan, np.nan], [np.nan, np.nan, np.nan], [1.0, 2.0, 3.0]]])
-    lerr = xr.Dataset({"vision_error": (("sample", "vision_layer", "token"), data[:, :2]),
-                       "lm_error": (("sample", "layer", "token"), data[:, 2:])},
-                      coords={"sample": [0, 1], "vision_layer": [0, 1], "layer": [0], "token": [0, 1, 2],
-                              "row": (("sample", "token"), np.zeros((2, 3), int))})
+    data = np.array(
+        [
+            [[1.0, 3.0, np.nan], [2.0, 2.0, np.nan], [0.5, 1.5, np.nan]],
+            [[4.0, np.nan, np.nan], [np.nan, np.nan, np.nan], [1.0, 2.0, 3.0]],
+        ]
+    )
+    lerr = xr.Dataset(
+        {
+            "vision_error": (("sample", "vision_layer", "token"), data[:, :2]),
+            "lm_error": (("sample", "layer", "token"), data[:, 2:]),
+        },
+        coords={
+            "sample": [0, 1],
+            "vision_layer": [0, 1],
+            "layer": [0],
+            "token": [0, 1, 2],
+            "row": (("sample", "token"), np.zeros((2, 3), int)),
+        },
+    )
     t = layer_error_table(lerr)
     assert list(t.columns) == ["sample", "stack", "index", "error"]
     got = {(s, st, i): e for s, st, i, e in t.itertuples(index=False)}
-    assert got == {(0, "lm", 0): 1.0, (0, "vision", 0): 2.0, (0, "vision", 1): 2.0,
-                   (1, "lm", 0): 2.0, (1, "vision", 0): 4.0}  # all-NaN (1, vision.1) is dropped
+    assert got == {
+        (0, "lm", 0): 1.0,
+        (0, "vision", 0): 2.0,
+        (0, "vision", 1): 2.0,
+        (1, "lm", 0): 2.0,
+        (1, "vision", 0): 4.0,
+    }  # all-NaN (1, vision.1) is dropped
     assert t["index"].dtype.kind == "i"
     with pytest.raises(ValueError, match="no vision_error or lm_error"):
         layer_error_table(xr.Dataset({"x": ("sample", [1.0])}))

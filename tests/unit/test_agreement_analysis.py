@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import xarray as xr
+from test_agreement import ref_auroc, ref_spearman, ref_topk
 
 from vtrlab.analysis import attention as att
-from vtrlab.metrics import agreement as ag
-from test_agreement import ref_auroc, ref_spearman, ref_topk
 
 GRID = 3  # 3x3 image tokens
 
@@ -56,8 +54,15 @@ def _fake_capture(seed=0, B=2, L=3, H=2, R=2, text_before=2, text_after=3):
             "vision_key_row": (("sample", "vision_key"), np.tile(vr, (B, 1))),
             "vision_key_col": (("sample", "vision_key"), np.tile(vc, (B, 1))),
         },
-        coords={"sample": np.arange(B), "layer": np.arange(L), "head": np.arange(H), "query": np.arange(R),
-                "key": np.arange(N), "vision_layer": np.arange(2), "vision_head": np.arange(H)},
+        coords={
+            "sample": np.arange(B),
+            "layer": np.arange(L),
+            "head": np.arange(H),
+            "query": np.arange(R),
+            "key": np.arange(N),
+            "vision_layer": np.arange(2),
+            "vision_head": np.arange(H),
+        },
     )
     return ds
 
@@ -84,9 +89,12 @@ def test_image_token_scores_mean_over_heads_and_real_rows():
     df = att.image_token_scores(ds)
     assert len(df) == 2 * 3 * GRID * GRID
     for r in df.sample(20, random_state=0).itertuples():
-        vals = [np.mean([ds.lm_attn.values[r.sample, r.layer, h, q, r.position] for h in range(2)]) for q in range(2)
-                if not np.isnan(ds.query_position.values[r.sample, q])
-                and r.position <= ds.query_position.values[r.sample, q]]  # rows that can see the token
+        vals = [
+            np.mean([ds.lm_attn.values[r.sample, r.layer, h, q, r.position] for h in range(2)])
+            for q in range(2)
+            if not np.isnan(ds.query_position.values[r.sample, q])
+            and r.position <= ds.query_position.values[r.sample, q]
+        ]  # rows that can see the token
         assert r.score == pytest.approx(np.mean(vals), abs=1e-12)
         assert (r.row, r.col) == (ds.key_row.values[r.sample, r.position], ds.key_col.values[r.sample, r.position])
     sums = df.groupby(["sample", "layer"]).share.sum()
@@ -186,7 +194,9 @@ def test_ground_truth_agreement_against_reference_and_perfect_scores():
         assert r.pointing == pytest.approx(float(truth[sc == sc.max()].mean()))
     # scores equal to the mask: perfect separation
     perfect = scores.copy()
-    perfect["score"] = [float(masks[s][r, c]) + 1e-3 * i for i, (s, r, c) in enumerate(zip(perfect["sample"], perfect.row, perfect.col))]
+    perfect["score"] = [
+        float(masks[s][r, c]) + 1e-3 * i for i, (s, r, c) in enumerate(zip(perfect["sample"], perfect.row, perfect.col))
+    ]
     assert (att.ground_truth_agreement(perfect, masks).auroc == 1.0).all()
     # a mask finer than the token grid is refused (never read at its top-left corner)
     with pytest.raises(ValueError, match="does not match"):

@@ -58,7 +58,7 @@ def _cases(seed, n=40):
     rng = np.random.default_rng(seed)
     cont = rng.random(n)
     tied = rng.integers(0, 5, n).astype(float)  # many ties
-    return [(cont, rng.random(n)), (tied, rng.integers(0, 4, n).astype(float)), (cont, cont ** 3), (cont, -cont)]
+    return [(cont, rng.random(n)), (tied, rng.integers(0, 4, n).astype(float)), (cont, cont**3), (cont, -cont)]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -67,7 +67,7 @@ def test_rank_correlations_match_reference(seed):
         assert ag.spearman(a, b) == pytest.approx(ref_spearman(a, b), abs=1e-12)
         assert ag.kendall(a, b) == pytest.approx(ref_kendall_b(a, b), abs=1e-12)
     a, b = _cases(seed)[0]
-    assert ag.spearman(a, a ** 2) == pytest.approx(1.0)
+    assert ag.spearman(a, a**2) == pytest.approx(1.0)
     assert ag.kendall(a, -a) == pytest.approx(-1.0)
 
 

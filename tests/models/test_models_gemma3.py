@@ -5,19 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vtrlab.testing.probes import projector_io
-
 from vtrlab.models.base import KIND_SEPARATOR
 from vtrlab.models.families._common import TEXTS_ATTR, chat_texts
 from vtrlab.testing import tiny
 from vtrlab.testing._pixel_route import check_lm_positions, check_vision_table, codes_at_positions
 from vtrlab.testing.pixels import gradient_image
+from vtrlab.testing.probes import projector_io
 
 pytestmark = pytest.mark.xdist_group("gemma3")
 CASES = {
     "nonsquare": ([gradient_image(90, 30)], ["Where is the red square?"]),
     "two_images": ([[gradient_image(64, 40), gradient_image(20, 28)]], ["Which image is brighter?"]),
-    "padded_batch": ([gradient_image(40, 70), gradient_image(70, 70)], ["Count the dots.", "Is the circle on the left?"]),
+    "padded_batch": (
+        [gradient_image(40, 70), gradient_image(70, 70)],
+        ["Count the dots.", "Is the circle on the left?"],
+    ),
 }
 
 
@@ -81,8 +83,12 @@ def test_pan_and_scan_is_refused_with_a_clear_error(vlm):
     describe, so the adapter must refuse them instead of mislabelling."""
     images, prompts = [[gradient_image(120, 30)]], ["wide"]
     inputs = vlm.processor(
-        images=images, text=chat_texts(vlm.processor, images, prompts), return_tensors="pt",
-        do_pan_and_scan=True, pan_and_scan_min_crop_size=8, pan_and_scan_max_num_crops=4,
+        images=images,
+        text=chat_texts(vlm.processor, images, prompts),
+        return_tensors="pt",
+        do_pan_and_scan=True,
+        pan_and_scan_min_crop_size=8,
+        pan_and_scan_max_num_crops=4,
         pan_and_scan_min_ratio_to_activate=1.2,
     )
     setattr(inputs, TEXTS_ATTR, {"texts": None, "prompts": prompts})
@@ -117,25 +123,3 @@ def test_decoder_inputs_embeds_and_positions_are_what_the_decoder_gets(vlm):
         got = lm(**dict(dec, attention_mask=seen["attention_mask"])).last_hidden_state
     valid = batch.inputs["attention_mask"].bool()
     torch.testing.assert_close(got[valid], ref[valid], rtol=1e-5, atol=1e-5)
-
-
-def test_decoder_inputs_reproduce_the_model(vlm):
-    """Re-running the decoder needs Gemma3's own mask (bidirectional image blocks): ``decoder_mask``."""
-    images, prompts = CASES["padded_batch"]
-    batch = vlm.prepare(images, prompts)
-    dec = vlm.adapter.decoder_inputs(vlm.model, batch.inputs)
-    assert isinstance(dec["decoder_mask"], dict), "Gemma3 passes its decoder a mapping of masks"
-    _, ref = _decoder_kwargs_seen(vlm, batch)
-    kwargs = {"inputs_embeds": dec["inputs_embeds"], "position_ids": dec["position_ids"], "attention_mask": dec["decoder_mask"]}
-    with torch.no_grad():
-        got = vlm.adapter.language_model(vlm.model)(**kwargs).last_hidden_state
-    valid = batch.inputs["attention_mask"].bool()
-    torch.testing.assert_close(got[valid], ref[valid], rtol=1e-5, atol=1e-5)
-
-
-def test_question_positions(vlm):
-    images, prompts = CASES["padded_batch"]
-    batch = vlm.prepare(images, prompts)
-    for i, lay in enumerate(batch.layouts):
-        assert vlm.processor.tokenizer.decode(batch.inputs["input_ids"][i][lay.question_positions]) == prompts[i]
-        assert lay.question_positions.min() > lay.positions.max()

@@ -2,28 +2,29 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 import torch
 
-from vtrlab.probes.switch import _configs
 from vtrlab.flow import knocked_out, knockout, saliency
+from vtrlab.probes.switch import _configs
 
 
 def _tiny64(family: str):
-    from test_capture import _build
+    from tiny_cases import _build
 
     vlm, batch = _build(family)
     vlm.model.to(torch.float64)
-    inputs = {k: (v.to(torch.float64) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in dict(batch.inputs).items()}
+    inputs = {
+        k: (v.to(torch.float64) if torch.is_tensor(v) and v.is_floating_point() else v)
+        for k, v in dict(batch.inputs).items()
+    }
     batch.inputs = inputs
     return vlm, batch
 
 
 def _families():
-    from test_capture import _tiny_families
+    from tiny_cases import _tiny_families
 
     return [f for f in _tiny_families() if f != "organism"]
 
@@ -141,7 +142,9 @@ def test_attention_saliency_equals_float64_autograd(tiny64):
             q = torch.as_tensor(L.question_positions)
             got = ds.attn_grad.values[b, li, :, : len(q)]
             np.testing.assert_allclose(got, ref[b][:, q].numpy(), atol=1e-6, rtol=1e-5)
-            np.testing.assert_allclose(ds.saliency.values[b, li, : len(q)], ref[b][:, q].sum(0).abs().numpy(), atol=1e-6, rtol=1e-5)
+            np.testing.assert_allclose(
+                ds.saliency.values[b, li, : len(q)], ref[b][:, q].sum(0).abs().numpy(), atol=1e-6, rtol=1e-5
+            )
     assert all(p.grad is None for p in vlm.model.parameters())
 
 

@@ -12,7 +12,10 @@ from typer.testing import CliRunner
 
 from vtrlab.cli import app
 
-PARAMS = "n: int = 2  # points\nnames: list[str] = ['a']  # labels\ndevice: str = 'cpu'  # device\nfail: bool = False  # raise"
+PARAMS = (
+    "n: int = 2  # points\nnames: list[str] = ['a']  # labels\n"
+    "device: str = 'cpu'  # device\nfail: bool = False  # raise"
+)
 BODY = """\
 from vtrlab.runner import log_metrics
 assert not fail, "asked to fail"
@@ -45,11 +48,16 @@ def test_unknown_parameter_via_console_script(project):
     # the script installed beside this interpreter (make test runs .venv/bin/python, PATH untouched)
     exe = Path(sys.executable).parent / "vtrlab"
     assert exe.is_file(), f"console script missing: {exe} (is the package installed in this environment?)"
-    done = subprocess.run([str(exe), "run", "notebooks/01_demo.ipynb", "-p", "not_a_param", "1"], capture_output=True, text=True)
+    done = subprocess.run(
+        [str(exe), "run", "notebooks/01_demo.ipynb", "-p", "not_a_param", "1"], capture_output=True, text=True
+    )
     assert done.returncode != 0
     assert done.stdout == "" and "Traceback" not in done.stderr
     assert done.stderr.count("\n") == 1
-    assert "not_a_param" in done.stderr and "accepted: n (int), names (list[str]), device (str), fail (bool)" in done.stderr
+    assert (
+        "not_a_param" in done.stderr
+        and "accepted: n (int), names (list[str]), device (str), fail (bool)" in done.stderr
+    )
     assert not (project / "runs").exists()  # rejected before any kernel or run directory
 
 

@@ -8,8 +8,6 @@ import torch
 
 from vtrlab.probes import capture
 
-pytest.importorskip("transformer_lens.model_bridge")
-
 
 def _bridge(path):
     """Boot TransformerLens' bridge from a local LLaVA directory (no hub access)."""
@@ -23,7 +21,7 @@ def _bridge(path):
 
 
 def _cases():
-    from test_capture import organism_path
+    from tiny_cases import organism_path
 
     cases = ["tiny-llava"]
     if organism_path() is not None:
@@ -33,7 +31,7 @@ def _cases():
 
 @pytest.fixture(scope="module", params=_cases())
 def setup(request, tmp_path_factory, monkeypatch_module):
-    from test_capture import _images, organism_batch, organism_path, organism_vlm
+    from tiny_cases import _images, organism_batch, organism_path, organism_vlm
 
     if request.param == "organism":
         vlm = organism_vlm()
@@ -69,7 +67,9 @@ def test_lm_rows_equal_hook_pattern(setup):
     vlm, batch, bridge = setup
     inputs = batch.inputs
     _, cache = bridge.run_with_cache(
-        inputs["input_ids"], pixel_values=inputs["pixel_values"], attention_mask=inputs["attention_mask"],
+        inputs["input_ids"],
+        pixel_values=inputs["pixel_values"],
+        attention_mask=inputs["attention_mask"],
         names_filter=lambda name: name.endswith("hook_pattern"),
     )
     ds = capture(vlm, batch, queries="question", vision=True)
@@ -84,4 +84,6 @@ def test_lm_rows_equal_hook_pattern(setup):
             t = L.vision.reset_index(drop=True)
             cls = int(t.loc[t["kind"] == "cls", "vpos"].iloc[0])
             crop, vpos = (torch.as_tensor(t[c].to_numpy().copy()) for c in ("crop", "vpos"))
-            np.testing.assert_allclose(ds.vision_attn.values[b, li, :, : len(t)], pattern[crop, :, cls, vpos].T.numpy(), atol=1e-5)
+            np.testing.assert_allclose(
+                ds.vision_attn.values[b, li, :, : len(t)], pattern[crop, :, cls, vpos].T.numpy(), atol=1e-5
+            )

@@ -39,9 +39,9 @@ def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     out, pos = [], 8
     while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind = data[pos + 4:pos + 8]
-        out.append((kind, data[pos + 8:pos + 8 + length]))
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        out.append((kind, data[pos + 8 : pos + 8 + length]))
         pos += 12 + length
     return out
 
@@ -118,8 +118,10 @@ def test_heatmap_grid_cells_cover_the_picture():
     values = np.array([[0.0, 1.0, 2.0], [3.0, np.nan, 5.0]])
     coll = vp.heatmap_over_image(ax, np.zeros((20, 30, 3)), values, colorbar=False)
     np.testing.assert_array_equal(coll.get_array(), [0, 1, 2, 3, 5])  # NaN cell not drawn
-    boxes = [(p.vertices[:, 0].min(), p.vertices[:, 1].min(), p.vertices[:, 0].max(), p.vertices[:, 1].max())
-             for p in coll.get_paths()]
+    boxes = [
+        (p.vertices[:, 0].min(), p.vertices[:, 1].min(), p.vertices[:, 0].max(), p.vertices[:, 1].max())
+        for p in coll.get_paths()
+    ]
     assert boxes[0] == (0, 0, 10, 10) and boxes[4] == (20, 10, 30, 20)
     assert ax.get_xlim() == (0, 30) and ax.get_ylim() == (20, 0)
     plt.close(fig)
@@ -134,10 +136,21 @@ def _layout() -> ImageLayout:
     x0 = np.array([0, 20, 0, 20, np.nan, 0, 10.0])
     y0 = np.array([0, 0, 20, 20, np.nan, 0, 0.0])
     return ImageLayout(
-        positions=np.arange(5, 12), kind=kinds, image=np.zeros(7, int), tile=tile, row=row, col=col,
-        x0=x0, y0=y0, x1=np.where(tile == 1, x0 + 10, x0 + 20), y1=np.where(tile == 1, y0 + 20, y0 + 20),
-        seq_len=16, valid_positions=np.arange(16), question_positions=np.arange(12, 16),
-        image_sizes=[(40, 40)], grid_shapes={(0, 0): (2, 2), (0, 1): (1, 2)},
+        positions=np.arange(5, 12),
+        kind=kinds,
+        image=np.zeros(7, int),
+        tile=tile,
+        row=row,
+        col=col,
+        x0=x0,
+        y0=y0,
+        x1=np.where(tile == 1, x0 + 10, x0 + 20),
+        y1=np.where(tile == 1, y0 + 20, y0 + 20),
+        seq_len=16,
+        valid_positions=np.arange(16),
+        question_positions=np.arange(12, 16),
+        image_sizes=[(40, 40)],
+        grid_shapes={(0, 0): (2, 2), (0, 1): (1, 2)},
     )
 
 
@@ -193,8 +206,16 @@ def test_layer_matrix_values_and_symmetric_limits():
 
 def test_heatmap_outline_maps_colours_to_edges():
     fig, ax = plt.subplots()
-    coll = vp.heatmap_over_image(ax, np.zeros((8, 8)), np.array([[1.0, np.nan], [np.nan, 0.0]]), outline=True,
-                                 colorbar=False, cmap="viridis", vmin=0, vmax=1)
+    coll = vp.heatmap_over_image(
+        ax,
+        np.zeros((8, 8)),
+        np.array([[1.0, np.nan], [np.nan, 0.0]]),
+        outline=True,
+        colorbar=False,
+        cmap="viridis",
+        vmin=0,
+        vmax=1,
+    )
     fig.canvas.draw()
     np.testing.assert_allclose(coll.get_facecolor()[:, 3], 0)  # no fill
     cmap = matplotlib.colormaps["viridis"]

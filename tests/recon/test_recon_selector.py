@@ -43,10 +43,14 @@ def test_loss_matches_float64_reference_including_max_term():
     assert out["ratio"].item() == pytest.approx(np.mean(ref_ratio), rel=1e-6)
     # the max term: no gradient on the mask below p, gradient 1/n per token above p
     m = torch.full((1, 4), 0.25, requires_grad=True)
-    selector_loss(torch.zeros(1, 4, 2), torch.zeros(1, 4, 2), m, torch.ones(1, 4, dtype=torch.bool), 0.5)["loss"].backward()
+    selector_loss(torch.zeros(1, 4, 2), torch.zeros(1, 4, 2), m, torch.ones(1, 4, dtype=torch.bool), 0.5)[
+        "loss"
+    ].backward()
     assert torch.all(m.grad == 0)
     m = torch.full((1, 4), 0.75, requires_grad=True)
-    selector_loss(torch.zeros(1, 4, 2), torch.zeros(1, 4, 2), m, torch.ones(1, 4, dtype=torch.bool), 0.5)["loss"].backward()
+    selector_loss(torch.zeros(1, 4, 2), torch.zeros(1, 4, 2), m, torch.ones(1, 4, dtype=torch.bool), 0.5)[
+        "loss"
+    ].backward()
     assert torch.allclose(m.grad, torch.full((1, 4), 0.25))
 
 
@@ -90,8 +94,9 @@ def test_token_scores_average_patches_of_a_token_and_padding_is_ignored():
     torch.manual_seed(0)
     sel = Selector(_cfg()).eval()
     samples = _samples(2, lengths=[16, 11])
-    merged = SampleFeatures(samples[0].features, samples[0].row, samples[0].col, samples[0].tile,
-                            np.arange(16) // 4, 4)  # 4 patches per token, like a 2x2 merge
+    merged = SampleFeatures(
+        samples[0].features, samples[0].row, samples[0].col, samples[0].tile, np.arange(16) // 4, 4
+    )  # 4 patches per token, like a 2x2 merge
     patch = sel.patch_scores([samples[0]])[0]
     tok = sel.token_scores_from([merged])[0]
     assert np.allclose(tok, patch.reshape(4, 4).mean(1), atol=1e-6)
@@ -103,8 +108,16 @@ def test_token_scores_average_patches_of_a_token_and_padding_is_ignored():
 
 def test_training_reduces_loss_keeps_near_p_and_save_load_round_trip(tmp_path):
     train = _samples(16, seed=1)
-    sel, hist = train_selector(train, _cfg(p=0.5), steps=60, batch_size=8, lr=3e-3, progress=False,
-                               eval_samples=_samples(4, seed=2), eval_every=20)
+    sel, hist = train_selector(
+        train,
+        _cfg(p=0.5),
+        steps=60,
+        batch_size=8,
+        lr=3e-3,
+        progress=False,
+        eval_samples=_samples(4, seed=2),
+        eval_every=20,
+    )
     assert {"step", "loss", "recon", "kept", "eval_recon"} <= set(hist.columns)
     assert hist["loss"].iloc[-10:].mean() < hist["loss"].iloc[:10].mean()
     path = sel.save(tmp_path / "sel", history=hist)
@@ -138,8 +151,10 @@ def test_masked_token_error_single_matches_direct_reconstruction():
             rec = sel.reconstruct(feats, keep, row, col, valid)
         ref = ((rec[0, j] - sel.normalize(feats)[0, j]) ** 2).mean().item()
         assert err[j] == pytest.approx(ref, rel=1e-5)
-    assert np.allclose(patches_to_tokens(SampleFeatures(s.features, s.row, s.col, s.tile, np.arange(16) // 2, 8), err),
-                       err.reshape(8, 2).mean(1))
+    assert np.allclose(
+        patches_to_tokens(SampleFeatures(s.features, s.row, s.col, s.tile, np.arange(16) // 2, 8), err),
+        err.reshape(8, 2).mean(1),
+    )
     with pytest.raises(ValueError, match="mode='every'"):
         masked_token_error(sel, [s], mode="every")
 

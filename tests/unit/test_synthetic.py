@@ -29,9 +29,13 @@ def samples():
 
 
 def _same(a, b) -> bool:
-    return (np.array_equal(np.asarray(a.image), np.asarray(b.image)) and a.question == b.question
-            and a.answer == b.answer and np.array_equal(a.relevance, b.relevance)
-            and np.array_equal(a.pixel_mask, b.pixel_mask))
+    return (
+        np.array_equal(np.asarray(a.image), np.asarray(b.image))
+        and a.question == b.question
+        and a.answer == b.answer
+        and np.array_equal(a.relevance, b.relevance)
+        and np.array_equal(a.pixel_mask, b.pixel_mask)
+    )
 
 
 def test_generate_is_deterministic_and_prefix_stable():
@@ -68,7 +72,7 @@ def test_relevance_is_patch_pooling_of_pixel_mask(samples):
         ref = np.zeros((g, g), bool)
         for r in range(g):
             for c in range(g):
-                ref[r, c] = s.pixel_mask[r * p:(r + 1) * p, c * p:(c + 1) * p].any()
+                ref[r, c] = s.pixel_mask[r * p : (r + 1) * p, c * p : (c + 1) * p].any()
         assert np.array_equal(ref, s.relevance)
         assert np.array_equal(relevance_from_mask(s.pixel_mask, 16), ref)
 
@@ -122,7 +126,7 @@ def test_reading_mask_is_the_ink(samples):
             g = glyph(o.letter)
             ys, xs = np.nonzero(g)
             bits = ink[y0:y1, x0:x1]
-            assert np.array_equal(bits, g[ys.min():ys.max() + 1, xs.min():xs.max() + 1])
+            assert np.array_equal(bits, g[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1])
         assert 4 <= s.relevance.sum() <= 40
 
 

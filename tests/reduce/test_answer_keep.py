@@ -10,18 +10,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_cases import reference_logits as _reference_logits
 
 import vtrlab
-from vtrlab.testing import tiny, tiny_families
 from vtrlab.reduce import answer, generate_ids, logits, reduced_decoder_inputs
+from vtrlab.testing import tiny, tiny_families
 
 FAMILIES = tiny_families()
 
 
 def _images(seed):
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)),
-            Image.fromarray(rng.integers(0, 255, (56, 84, 3), dtype=np.uint8))]
+    return [
+        Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 255, (56, 84, 3), dtype=np.uint8)),
+    ]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -32,23 +35,9 @@ def setup(request):
     return vlm, batch
 
 
-def _reference_logits(vlm, batch, attention_mask=None):
-    """The unchanged model's own forward, with ``generate``'s position ids: for 1-D positions the
-    count of real tokens (a plain forward counts left pads too, which shifts RoPE by a float-error
-    amount), for mRoPE the model's own 3-D ids. ``attention_mask`` overrides the batch's mask."""
-    pos = vlm.adapter.decoder_inputs(vlm.model, batch.inputs)["position_ids"]
-    if pos.dim() == 2:
-        pos = (batch.inputs["attention_mask"].long().cumsum(-1) - 1).clamp_min(0)
-    inputs = dict(batch.inputs)
-    if attention_mask is not None:
-        inputs["attention_mask"] = attention_mask
-    with torch.no_grad():
-        return vlm.model(**inputs, position_ids=pos).logits.float()
-
-
 def _new_tokens(vlm, batch, n):
     out = vlm.model.generate(**dict(batch.inputs), max_new_tokens=n, do_sample=False)
-    new = out[:, batch.inputs["input_ids"].shape[1]:].tolist()
+    new = out[:, batch.inputs["input_ids"].shape[1] :].tolist()
     eos = vlm.model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     res = []
@@ -130,14 +119,10 @@ def test_bad_keep_masks_are_rejected_with_clear_errors(setup):
 
 
 def test_organism_keep_all_matches_generate_and_logits():
-    """The organism itself (shipped, or $VTRLAB_ORGANISM): skipped only where no organism is saved."""
+    """The organism itself (the bundled one, or $VTRLAB_ORGANISM)."""
     from vtrlab.data.synthetic import generate
-    from vtrlab.models.loader import ModelLoadError
 
-    try:
-        vlm = vtrlab.load("organism", device="cpu")
-    except ModelLoadError as err:
-        pytest.skip(str(err))
+    vlm = vtrlab.load("organism", device="cpu")
     samples = generate(3, 0)
     batch = vlm.prepare([s.image for s in samples], [s.question for s in samples])
     ref = _reference_logits(vlm, batch)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 import pytest
 import torch
 
@@ -78,8 +77,11 @@ def test_knockout_mask_blocks_exactly_the_edges(mask_kind):
     q, k = _inputs(4, N=10)
     B, _, N, _ = q.shape
     allowed = torch.ones(N, N, dtype=torch.bool).tril()[None, None].repeat(B, 1, 1, 1)
-    base = {"none": None, "bool": allowed,
-            "additive": torch.zeros(B, 1, N, N).masked_fill(~allowed, torch.finfo(torch.float32).min)}[mask_kind]
+    base = {
+        "none": None,
+        "bool": allowed,
+        "additive": torch.zeros(B, 1, N, N).masked_fill(~allowed, torch.finfo(torch.float32).min),
+    }[mask_kind]
     ko = A.Knockout(queries=torch.zeros(B, N, dtype=torch.bool), keys=torch.zeros(B, N, dtype=torch.bool))
     ko.queries[:, [6, 9]] = True
     ko.keys[:, 2:5] = True
@@ -95,8 +97,8 @@ def test_knockout_mask_blocks_exactly_the_edges(mask_kind):
 
 def test_only_requested_rows_are_materialised(monkeypatch):
     """queries='last' computes (B, H, 1, N) per layer: never a full N×N probability matrix."""
-    from vtrlab.probes import capture
     from vtrlab import testing
+    from vtrlab.probes import capture
 
     shapes = []
     real = A.row_probabilities

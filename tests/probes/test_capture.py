@@ -7,94 +7,18 @@ import pandas as pd
 import pytest
 import torch
 import xarray as xr
+from tiny_cases import (
+    _build,
+    _tiny_families,
+    tiny_llava,
+    tiny_llava_batch,
+)
 
 import vtrlab
 from vtrlab.probes import ATTN_NAME, capture, load, save
 from vtrlab.probes.switch import _configs
 
 TOL = 1e-5
-
-
-def _tiny_families() -> list[str]:
-    """Every family with a tiny config (``vtrlab.testing``), plus the organism when one is on disk."""
-    from vtrlab import testing
-
-    return testing.tiny_families() + (["organism"] if organism_path() is not None else [])
-
-
-def tiny_llava(seed: int = 0, attn_implementation: str = "sdpa"):
-    from vtrlab import testing
-
-    return testing.tiny("llava", seed=seed, attn_implementation=attn_implementation)
-
-
-def tiny_llava_batch(vlm, n: int = 2, padding: str = "left", prompts=("What color is the circle?", "Where?")):
-    """``n`` random images with prompts of different lengths: a padded batch (``padding`` side;
-    ``prepare`` pads left, a right-padded copy moves every row's tokens to the start)."""
-    import dataclasses
-
-    batch = vlm.prepare((_images(0) * n)[:n], [prompts[i % len(prompts)] for i in range(n)])
-    if padding == "left":
-        return batch
-    inputs, layouts = dict(batch.inputs), []
-    for b, L in enumerate(batch.layouts):
-        off = int(L.valid_positions.min())
-        for k in ("input_ids", "attention_mask"):
-            inputs[k] = inputs[k].clone()
-            inputs[k][b] = torch.roll(batch.inputs[k][b], -off)
-        layouts.append(dataclasses.replace(L, positions=L.positions - off, valid_positions=L.valid_positions - off,
-                                           question_positions=L.question_positions - off))
-    batch.inputs, batch.layouts = inputs, layouts
-    return batch
-
-
-def organism_path():
-    """The organism's directory: $VTRLAB_ORGANISM, the bundled one, else the random-init one."""
-    import os
-    from pathlib import Path
-
-    for cand in (os.environ.get("VTRLAB_ORGANISM"), Path(__file__).parents[1] / "data/models/organism",
-                 "/tmp/vtrlab-organism-random"):
-        if cand and (Path(cand) / "config.json").exists():
-            return Path(cand)
-    return None
-
-
-def organism_vlm():
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from vtrlab.models.registry import adapter_for
-    from vtrlab.models.vlm import VLM
-
-    path = organism_path()
-    model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa").eval()
-    return VLM(model=model, processor=AutoProcessor.from_pretrained(path), adapter=adapter_for("llava"), name="organism")
-
-
-def organism_batch(vlm, n: int = 2, seed: int = 0):
-    from vtrlab.data.synthetic import generate
-
-    samples = generate(n, seed)
-    return vlm.prepare([s.image for s in samples], [s.question for s in samples]), samples
-
-
-def _images(seed: int):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((40, 56), (64, 48))]
-
-
-def _build(family: str):
-    if family == "organism":
-        vlm = organism_vlm()
-        return vlm, organism_batch(vlm)[0]
-    from vtrlab import testing
-
-    vlm = testing.tiny(family)
-    vlm.model.set_attn_implementation("sdpa")  # some tiny builders default to eager; capture runs under sdpa
-    # two differently sized images and prompts of different lengths: a padded batch
-    return vlm, vlm.prepare(_images(0), ["What color is the circle?", "Where?"])
 
 
 @pytest.fixture(scope="module", params=_tiny_families())
@@ -181,7 +105,9 @@ def test_layers_heads_subset_and_head_mean(tiny, eager):
     assert ds["head"].values.tolist() == [0, 1]
     for b, L in enumerate(batch.layouts):
         for li, layer in enumerate(ds.layer.values):
-            np.testing.assert_allclose(ds.lm_attn.values[b, li, :, 0], lm_ref[layer][b, :2, L.last_position].numpy(), atol=TOL)
+            np.testing.assert_allclose(
+                ds.lm_attn.values[b, li, :, 0], lm_ref[layer][b, :2, L.last_position].numpy(), atol=TOL
+            )
     dm = capture(vlm, batch, queries="last", head_mean=True, vision=False)
     assert "head" not in dm.lm_attn.dims
     for b, L in enumerate(batch.layouts):
@@ -206,7 +132,7 @@ def test_vision_attention_equals_hf_eager(tiny, eager):
                 vpos, crop = vpos + np.array([start[c] for c in crop]), np.zeros_like(crop)
             want = ref[torch.as_tensor(crop), :, torch.as_tensor(vpos)].T.numpy()
             np.testing.assert_allclose(ds.vision_attn.values[b, li, :, : len(t)], want, atol=TOL)
-            assert np.isnan(ds.vision_attn.values[b, li, :, len(t):]).all()
+            assert np.isnan(ds.vision_attn.values[b, li, :, len(t) :]).all()
             checked += 1
     assert checked == len(tables) * len(vlm.vision_layers)
 
@@ -328,7 +254,9 @@ def test_padding_side_right_matches_eager():
     for b, L in enumerate(batch.layouts):
         assert ds.query_position.values[b, 0] == L.last_position
         for li in range(len(ds.layer)):
-            np.testing.assert_allclose(ds.lm_attn.values[b, li, :, 0], lm_ref[li][b, :, L.last_position].numpy(), atol=TOL)
+            np.testing.assert_allclose(
+                ds.lm_attn.values[b, li, :, 0], lm_ref[li][b, :, L.last_position].numpy(), atol=TOL
+            )
 
 
 @pytest.mark.parametrize(
@@ -370,7 +298,6 @@ def test_public_name_is_callable():
     np.testing.assert_allclose(ds.lm_attn.sum("key").values, 1.0, atol=1e-5)
 
 
-@pytest.mark.skipif("gemma3" not in _tiny_families(), reason="no tiny gemma3 yet")
 def test_sliding_window_layers_equal_eager():
     """Gemma3's local layers: a window shorter than the sequence, so the sliding mask matters."""
     vlm, batch = _build("gemma3")

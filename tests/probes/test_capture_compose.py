@@ -44,8 +44,12 @@ def setup(request):
 def _blocked(vlm, batch, cuts):
     """id(attention module) -> (B, N, N) bool edges to remove, from (keys, queries, layers) names."""
     N = batch.inputs["input_ids"].shape[1]
-    pick = {"image": lambda L: L.image_positions, "question": lambda L: L.question_positions,
-            "last": lambda L: [L.last_position], "all": lambda L: L.valid_positions}
+    pick = {
+        "image": lambda L: L.image_positions,
+        "question": lambda L: L.question_positions,
+        "last": lambda L: [L.last_position],
+        "all": lambda L: L.valid_positions,
+    }
     out = {}
     for keys, queries, layers in cuts:
         for i in layers:
@@ -183,7 +187,7 @@ def test_knockout_refuses_another_batch_or_length(setup):
 def test_keep_mask_path_maps_the_knockout(setup):
     """reduce.logits(keep=...) inside knocked_out == the knocked-out full sequence with the dropped
     tokens hidden as keys at unchanged positions (the keep path's own oracle, see test_answer_keep)."""
-    from test_answer_keep import _reference_logits
+    from tiny_cases import reference_logits as _reference_logits
 
     vlm, batch = setup
     rng = np.random.default_rng(5)
@@ -259,14 +263,17 @@ def test_a_new_recorder_kind_plugs_in_and_sees_the_cut(setup):
         assert allowed[b, :, L.last_position, L.last_position].all()
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"keys": [1.7]}, r"keys: 1.7 is not an integer position"),
-    ({"queries": [True]}, r"queries: True is not an integer position"),
-    ({"layers": True}, r"layers=True is not accepted"),
-    ({"layers": [0.0]}, r"layers: 0.0 is not an index"),
-    ({"keys": "pixels"}, r"keys='pixels' is not accepted; use one of \('last', 'question', 'text', 'all', 'image'"),
-    ({"queries": "image_block"}, r"queries='image_block' is not accepted"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"keys": [1.7]}, r"keys: 1.7 is not an integer position"),
+        ({"queries": [True]}, r"queries: True is not an integer position"),
+        ({"layers": True}, r"layers=True is not accepted"),
+        ({"layers": [0.0]}, r"layers: 0.0 is not an index"),
+        ({"keys": "pixels"}, r"keys='pixels' is not accepted; use one of \('last', 'question', 'text', 'all', 'image'"),
+        ({"queries": "image_block"}, r"queries='image_block' is not accepted"),
+    ],
+)
 def test_knockout_selectors_are_strict(setup, kwargs, match):
     vlm, batch = setup
     with pytest.raises(ValueError, match=match):

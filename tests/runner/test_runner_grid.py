@@ -39,12 +39,17 @@ def grid_nb(make_notebook):
 
 
 def test_grid_expansion(tmp_path, grid_nb):
-    grid = write_grid(tmp_path, {
-        "notebook": "notebooks/tiny.ipynb",  # relative to the YAML's folder
-        "parameters": {"x": [1, 2], "layers": [[0], [1, 2]], "fail": False},
-        "jobs": [{"notebook": "notebooks/tiny.ipynb", "parameters": {"x": 9, "layers": [3, 4]}},
-                 {"notebook": "notebooks/tiny.ipynb", "parameters": {"x": 1}}],  # duplicate of a product job
-    })
+    grid = write_grid(
+        tmp_path,
+        {
+            "notebook": "notebooks/tiny.ipynb",  # relative to the YAML's folder
+            "parameters": {"x": [1, 2], "layers": [[0], [1, 2]], "fail": False},
+            "jobs": [
+                {"notebook": "notebooks/tiny.ipynb", "parameters": {"x": 9, "layers": [3, 4]}},
+                {"notebook": "notebooks/tiny.ipynb", "parameters": {"x": 1}},
+            ],  # duplicate of a product job
+        },
+    )
     jobs = load_grid(grid)
     got = [(j.parameters["x"], j.parameters["layers"]) for j in jobs]
     assert got == [(1, [0]), (1, [1, 2]), (2, [0]), (2, [1, 2]), (9, [3, 4])]
@@ -57,8 +62,16 @@ def test_grid_expansion(tmp_path, grid_nb):
 @pytest.mark.parametrize(
     "spec, error, fragment",
     [
-        ({"notebook": "notebooks/tiny.ipynb", "parameters": {"nope": [1]}}, ParameterError, "unknown parameter 'nope' in grid; accepted: x (int), fail (bool), layers (list[int])"),
-        ({"notebook": "notebooks/tiny.ipynb", "parameters": {"x": ["a", 2]}}, ParameterError, "bad value 'a' for parameter 'x'"),
+        (
+            {"notebook": "notebooks/tiny.ipynb", "parameters": {"nope": [1]}},
+            ParameterError,
+            "unknown parameter 'nope' in grid; accepted: x (int), fail (bool), layers (list[int])",
+        ),
+        (
+            {"notebook": "notebooks/tiny.ipynb", "parameters": {"x": ["a", 2]}},
+            ParameterError,
+            "bad value 'a' for parameter 'x'",
+        ),
         ({"notebook": "notebooks/missing.ipynb"}, GridError, "notebook 'notebooks/missing.ipynb' not found"),
         ({"notebook": "notebooks/tiny.ipynb", "sweep": {}}, GridError, "unknown keys ['sweep']"),
         ({"notebook": "notebooks/tiny.ipynb", "parameters": {"x": []}}, GridError, "empty list"),
@@ -74,8 +87,14 @@ def test_grid_errors(tmp_path, grid_nb, spec, error, fragment):
 
 @pytest.mark.xdist_group("runner")
 def test_local_grid_one_failure_others_complete_then_resume(tmp_path, grid_nb):
-    grid = write_grid(tmp_path, {"notebook": "notebooks/tiny.ipynb", "parameters": {"x": [1, 2, 3, 4]},
-                                 "jobs": [{"notebook": "notebooks/tiny.ipynb", "parameters": {"x": 3, "fail": True}}]})
+    grid = write_grid(
+        tmp_path,
+        {
+            "notebook": "notebooks/tiny.ipynb",
+            "parameters": {"x": [1, 2, 3, 4]},
+            "jobs": [{"notebook": "notebooks/tiny.ipynb", "parameters": {"x": 3, "fail": True}}],
+        },
+    )
     jobs = [j for j in load_grid(grid) if j.parameters["x"] != 4]  # 3 good + 1 failing = 4 jobs
     assert len(jobs) == 4
     seen = []
@@ -103,8 +122,14 @@ def test_local_grid_one_failure_others_complete_then_resume(tmp_path, grid_nb):
 
 
 def _two_jobs(tmp_path):
-    grid = write_grid(tmp_path, {"notebook": "notebooks/tiny.ipynb", "parameters": {"x": 5},
-                                 "jobs": [{"notebook": "notebooks/tiny.ipynb", "parameters": {"fail": True}}]})
+    grid = write_grid(
+        tmp_path,
+        {
+            "notebook": "notebooks/tiny.ipynb",
+            "parameters": {"x": 5},
+            "jobs": [{"notebook": "notebooks/tiny.ipynb", "parameters": {"fail": True}}],
+        },
+    )
     return load_grid(grid)
 
 
@@ -118,7 +143,7 @@ def _check_two(tmp_path, results):
 def _start_local_ray(ray):
     # Ray gives its raylet a fixed 30 s to register; on an overloaded 2-core box that can run
     # out. Retry once; if Ray itself cannot start here, say so instead of failing the runner.
-    for attempt in range(2):
+    for _attempt in range(2):
         try:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
             return
@@ -144,6 +169,8 @@ def test_ray_backend(tmp_path, grid_nb, monkeypatch):
 @pytest.mark.xdist_group("runner")
 def test_slurm_backend_with_submitit_local_executor(tmp_path, grid_nb):
     pytest.importorskip("submitit")
-    results = run_grid(_two_jobs(tmp_path), backend="slurm", slurm_cluster="local", workers=2, root=tmp_path, progress=False)
+    results = run_grid(
+        _two_jobs(tmp_path), backend="slurm", slurm_cluster="local", workers=2, root=tmp_path, progress=False
+    )
     _check_two(tmp_path, results)
     assert (tmp_path / "runs/.submitit").is_dir()

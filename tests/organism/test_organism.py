@@ -15,7 +15,7 @@ import torch
 from vtrlab.data.synthetic import FAMILIES, generate, make_sample
 from vtrlab.organism.processor import user_message
 
-BUNDLE = Path(__file__).resolve().parents[1] / "data" / "models" / "organism"
+BUNDLE = Path(__file__).resolve().parents[2] / "data" / "models" / "organism"
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +221,6 @@ def test_realism_on_random_organism(random_organism):
 
 
 # --- the bundled, trained organism ---------------------------------------------------------
-needs_bundle = pytest.mark.skipif(not (BUNDLE / "eval.json").is_file(), reason="no trained organism bundled")
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +233,6 @@ def bundle():
     return model, proc
 
 
-@needs_bundle
 def test_bundle_reaches_its_card(bundle):
     """On the first 16 held-out samples of each family, accuracy within 3 binomial standard errors
     of the card's (eval.json, 500 per family)."""
@@ -249,7 +247,6 @@ def test_bundle_reaches_its_card(bundle):
         assert res["families"][fam]["accuracy"] >= floor, (fam, res["families"][fam])
 
 
-@needs_bundle
 def test_bundle_batched_left_padding_equals_one_by_one(bundle):
     from vtrlab.organism.evaluate import answer
 

@@ -9,11 +9,11 @@ import torch
 
 from vtrlab.models.base import KIND_IMAGE, KIND_NEWLINE
 from vtrlab.models.registry import adapter_for
+from vtrlab.models.vlm import VLM
 from vtrlab.testing import tiny
 from vtrlab.testing.families.llava_onevision import build_tiny_onevision
 from vtrlab.testing.pixels import check_pixel_boxes, gradient_image
 from vtrlab.testing.proof import MARK, assert_layout_proven, route_identity_codes
-from vtrlab.models.vlm import VLM
 
 pytestmark = pytest.mark.xdist_group("llava_anyres")
 
