@@ -171,5 +171,5 @@ def test_controlled_agreement_table_matches_metrics():
     assert m["lm_question_agnostic_layers"] == [0]
     assert m["lm_best_object_layer/all"] == 1  # agnostic layers are never the "best question-aware" layer
     lines = actl.controls_prose(m)
-    assert any(line.startswith("all (n=3)") for line in lines)
+    assert any(line.startswith("  all (n=3)") for line in lines)
     assert f"{m['lm_best_auroc/all']:.3f}" in "".join(lines)

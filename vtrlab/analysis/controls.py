@@ -154,15 +154,17 @@ def controls_summary(ci: pd.DataFrame, agnostic: Mapping[int, bool] | None = Non
 def controls_prose(metrics: Mapping, prefix: str = "lm", what: str = "LM attention") -> list[str]:
     """Sentences, one per family, stating the numbers of :func:`controls_summary` (never typed by hand)."""
     fams = [k.split("/", 1)[1] for k in metrics if k.startswith(f"{prefix}_best_auroc/")]
-    lines = []
+    lines = [f"{what}:"] if fams else []
     ag = metrics.get(f"{prefix}_question_agnostic_layers")
-    if ag is not None:
-        lines.append(f"{what}: question-agnostic layers (cannot rank image tokens by the question): "
+    if ag is not None and fams:
+        lines.append("question-agnostic layers (cannot rank image tokens by the question): "
                      + (", ".join(map(str, ag)) if ag else "none"))
 
+    def num(key):  # metrics.json stores NaN as the string "nan"
+        return float(metrics[key])
+
     def ci(key, fam):
-        return (f"{metrics[f'{key}/{fam}']:.3f} [{metrics[f'{key}_low/{fam}']:.3f}, "
-                f"{metrics[f'{key}_high/{fam}']:.3f}]")
+        return f"{num(f'{key}/{fam}'):.3f} [{num(f'{key}_low/{fam}'):.3f}, {num(f'{key}_high/{fam}'):.3f}]"
 
     for fam in fams:
         best = metrics[f"{prefix}_best_layer/{fam}"]
@@ -170,11 +172,12 @@ def controls_prose(metrics: Mapping, prefix: str = "lm", what: str = "LM attenti
         if metrics.get(f"{prefix}_best_layer_question_agnostic/{fam}"):
             s += " (a question-agnostic layer)"
         if f"{prefix}_objectness_auroc/{fam}" in metrics:
-            verdict = "beats" if metrics[f"{prefix}_best_auroc_low/{fam}"] > metrics[
-                f"{prefix}_objectness_auroc_high/{fam}"] else "does not clearly beat"
+            low, high = num(f"{prefix}_best_auroc_low/{fam}"), num(f"{prefix}_objectness_auroc_high/{fam}")
+            verdict = ("cannot yet be compared (too few samples for a CI) with" if not np.isfinite(low + high)
+                       else "beats" if low > high else "does not clearly beat")
             s += f"; it {verdict} the objectness baseline {ci(f'{prefix}_objectness_auroc', fam)}"
         if f"{prefix}_best_object_auroc/{fam}" in metrics:
-            s += (f"; target vs distractor objects: best question-aware layer "
+            s += (f"; target vs distractor objects: best {'question-aware ' if ag is not None else ''}layer "
                   f"{metrics[f'{prefix}_best_object_layer/{fam}']}, AUROC {ci(f'{prefix}_best_object_auroc', fam)}")
-        lines.append(s + ".")
+        lines.append("  " + s + ".")
     return lines
