@@ -173,3 +173,34 @@ def test_controlled_agreement_table_matches_metrics():
     lines = actl.controls_prose(m)
     assert any(line.startswith("  all (n=3)") for line in lines)
     assert f"{m['lm_best_auroc/all']:.3f}" in "".join(lines)
+
+
+def test_accuracy_ci_metrics_and_prose_state_the_table():
+    rng = np.random.default_rng(2)
+    rows = []
+    for fam in ("color", "reading"):
+        for s in range(20):
+            rows += [{"sample": s, "family": fam, "method": "full", "ratio": 1.0, "correct": True},
+                     {"sample": s, "family": fam, "method": "no_image", "ratio": 0.0, "correct": False}]
+            for m in ("selector", "random"):
+                rows.append({"sample": s, "family": fam, "method": m, "ratio": 0.3, "correct": bool(rng.random() < 0.6)})
+    sweep = pd.DataFrame(rows)
+    ci = actl.accuracy_ci(sweep, n_boot=200)
+    sel = sweep[(sweep.family == "reading") & (sweep.method == "selector")]["correct"].mean()
+    row = ci[(ci.family == "reading") & (ci.method == "selector")].iloc[0]
+    assert row["mean"] == pytest.approx(sel) and row["low"] <= sel <= row["high"] and row["n"] == 20
+    m = actl.accuracy_metrics(ci)
+    assert m["acc/color/full/1.00"] == 1.0 and m["acc/color/no_image/0.00_n"] == 20
+    lines = actl.accuracy_prose(m, [0.3, 1.0])
+    assert len(lines) == 2 and lines[1].startswith("reading (n=20): full 1.00")
+    assert f"selector {m['acc/reading/selector/0.30']:.2f}" in lines[1]
+
+
+def test_token_controls_skips_samples_without_contrast():
+    s = [np.arange(6.0), np.arange(6.0), np.arange(6.0)]
+    rel = [np.array([0, 0, 0, 0, 1, 1], bool), None, np.ones(6, bool)]
+    obj = [np.array([0, 0, 1, 1, 1, 1], bool), None, None]
+    t = actl.token_controls(s, rel, obj, ["a", "b", "c"], signal="sel", start=10)
+    assert list(t["sample"]) == [10]
+    assert t.iloc[0]["auroc"] == 1.0 and t.iloc[0]["object_auroc"] == 1.0
+    assert t.iloc[0]["objectness_auroc"] == pytest.approx((2 + 0.5 * 2) / 4)

@@ -181,3 +181,104 @@ def controls_prose(metrics: Mapping, prefix: str = "lm", what: str = "LM attenti
                   f"{metrics[f'{prefix}_best_object_layer/{fam}']}, AUROC {ci(f'{prefix}_best_object_auroc', fam)}")
         lines.append("  " + s + ".")
     return lines
+
+
+def object_tokens(layout, record) -> np.ndarray | None:
+    """Bool per image token of ``layout`` (aligned with ``layout.image_positions``): its pixel box touches any
+    object of ``record`` (:func:`object_mask_of`); None when the record has no object map."""
+    from vtrlab.data.groundtruth import token_coverage
+
+    mask = object_mask_of(record)
+    return None if mask is None else np.nan_to_num(token_coverage(layout, mask), nan=0.0) > 0
+
+
+def token_controls(scores: Sequence[np.ndarray], relevant: Sequence[np.ndarray | None],
+                   objects: Sequence[np.ndarray | None], families: Sequence[str], signal: str = "signal",
+                   start: int = 0) -> pd.DataFrame:
+    """Per sample, for per-image-token ``scores`` (e.g. a selector's logits): auroc, object_auroc,
+    objectness_auroc (lift is left out: scores need not be non-negative). Samples without ground truth, or
+    whose tokens are all or none relevant, are skipped. Columns: sample, family, signal, auroc,
+    object_auroc, objectness_auroc."""
+    rows = []
+    for i, (s, rel, obj, fam) in enumerate(zip(scores, relevant, objects, families)):
+        if rel is None or rel.all() or not rel.any():
+            continue
+        s = np.asarray(s, dtype=np.float64)
+        row = {"sample": start + i, "family": fam, "signal": signal, "auroc": float(agreement.auroc(s, rel)),
+               "object_auroc": np.nan, "objectness_auroc": np.nan}
+        if obj is not None:
+            row["object_auroc"] = float(controls.object_auroc(s, rel, obj))
+            row["objectness_auroc"] = float(controls.objectness_auroc(obj, rel))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["sample", "family", "signal", "auroc", "object_auroc", "objectness_auroc"])
+
+
+def accuracy_ci(sweep: pd.DataFrame, by: str = "family", n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Accuracy of a keep-ratio sweep (``correct`` per sample) per ``by`` (family or group), method and
+    ratio, with a percentile-bootstrap 95% CI over samples. Columns: <by>, method, ratio, mean, low, high, n."""
+    t = controls.ci_table(sweep.assign(correct=sweep["correct"].astype(np.float64)), [by, "method", "ratio"],
+                          "correct", n_boot=n_boot, seed=seed)
+    return t.drop(columns="metric")
+
+
+def accuracy_metrics(ci: pd.DataFrame, by: str = "family") -> dict:
+    """``acc/<group>/<method>/<ratio>`` (+ ``_low``, ``_high``, ``_n``) from :func:`accuracy_ci`, JSON-ready."""
+    out = {}
+    for _, r in ci.iterrows():
+        key = f"acc/{r[by]}/{r['method']}/{float(r['ratio']):.2f}"
+        out |= {key: float(r["mean"]), f"{key}_low": float(r["low"]), f"{key}_high": float(r["high"]),
+                f"{key}_n": int(r["n"])}
+    return out
+
+
+def accuracy_prose(metrics: Mapping, ratios: Sequence[float]) -> list[str]:
+    """One line per family or group in ``metrics`` (:func:`accuracy_metrics`): full and no-image accuracy,
+    then selector and random at each ratio, each with its 95% CI. Every number comes from ``metrics``."""
+    def val(key):
+        return float(metrics[key]) if key in metrics else float("nan")
+
+    def ci(key):
+        if key not in metrics:
+            return "n/a"
+        return f"{val(key):.2f} [{val(key + '_low'):.2f}, {val(key + '_high'):.2f}]"
+
+    groups = list(dict.fromkeys(k.split("/")[1] for k in metrics if k.startswith("acc/") and k.count("/") == 3))
+    lines = []
+    for g in groups:
+        n = metrics.get(f"acc/{g}/full/1.00_n", "?")
+        parts = [f"full {ci(f'acc/{g}/full/1.00')}", f"no image {ci(f'acc/{g}/no_image/0.00')}"]
+        for r in ratios:
+            if 0 < r < 1:
+                parts.append(f"{r:.0%}: selector {ci(f'acc/{g}/selector/{r:.2f}')} vs random {ci(f'acc/{g}/random/{r:.2f}')}")
+        lines.append(f"{g} (n={n}): " + "; ".join(parts))
+    return lines
+
+
+def _ci_text(metrics: Mapping, key: str, fam: str) -> str:
+    v, lo, hi = (float(metrics[f"{key}{s}/{fam}"]) for s in ("", "_low", "_high"))
+    return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def selector_prose(metrics: Mapping) -> list[str]:
+    """Per family: the selector's AUROC against ground truth beside the objectness baseline and the
+    target-vs-distractor AUROC, with CIs (keys ``selector_<metric>[_low|_high]/<family>``)."""
+    fams = [k.split("/", 1)[1] for k in metrics if k.startswith("selector_auroc/")]
+    lines = ["Selector logits vs ground truth (AUROC, 95% CI):"] if fams else []
+    for fam in fams:
+        s = f"  {fam}: AUROC {_ci_text(metrics, 'selector_auroc', fam)}"
+        if np.isfinite(float(metrics.get(f"selector_objectness_auroc/{fam}", np.nan))):
+            s += f"; objectness baseline {_ci_text(metrics, 'selector_objectness_auroc', fam)}"
+        if np.isfinite(float(metrics.get(f"selector_object_auroc/{fam}", np.nan))):
+            s += f"; target vs distractor objects {_ci_text(metrics, 'selector_object_auroc', fam)}"
+        lines.append(s + ".")
+    return lines
+
+
+def diagnostic_prose(metrics: Mapping) -> list[str]:
+    """Per family, the context diagnostic's accuracies (keys ``diag/<family>/<plan>``), one line each."""
+    fams = list(dict.fromkeys(k.split("/")[1] for k in metrics if k.startswith("diag/")))
+    lines = ["Context diagnostic at a 10% budget (accuracy per plan):"] if fams else []
+    for fam in fams:
+        plans = {k.split("/", 2)[2]: float(v) for k, v in metrics.items() if k.startswith(f"diag/{fam}/")}
+        lines.append(f"  {fam}: " + ", ".join(f"{p} {v:.2f}" for p, v in plans.items()))
+    return lines

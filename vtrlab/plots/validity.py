@@ -108,3 +108,32 @@ def randomization_figure(table: pd.DataFrame, signals: Sequence[str] | None = No
         ax.axhline(0.5 if metric == "auroc" else 0.0, color="0.5", lw=0.6, ls="--")
     axes[0].legend(fontsize=5, frameon=False)
     return fig
+
+
+def accuracy_per_family(acc_ci: pd.DataFrame, methods: Sequence[str] = ("selector", "random"),
+                        by: str = "family"):
+    """Accuracy vs keep ratio, one panel per family (or group), selector and random with 95% CI bands,
+    full and no-image as horizontal lines. ``acc_ci``: a :func:`vtrlab.analysis.controls.accuracy_ci` table."""
+    fams = list(dict.fromkeys(acc_ci[by]))
+    ncols = min(3, len(fams))
+    nrows = int(np.ceil(len(fams) / ncols))
+    fig, axes = figure("double", height=1.6 * nrows + 0.3, nrows=nrows, ncols=ncols, squeeze=False, sharey=True)
+    for i, fam in enumerate(fams):
+        ax = axes.flat[i]
+        g = acc_ci[acc_ci[by] == fam]
+        for j, m in enumerate(methods):
+            d = g[(g["method"] == m) & (g["ratio"] > 0) & (g["ratio"] < 1)]
+            if not d.empty:
+                _band(ax, d, "ratio", m, color=f"C{j}")
+        for m, ls in (("full", "-"), ("no_image", ":")):
+            d = g[g["method"] == m]
+            if not d.empty:
+                ax.axhline(float(d["mean"].iloc[0]), color="0.4", lw=0.7, ls=ls, label=m.replace("_", " "))
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"{fam} (n={int(g['n'].max()) if len(g) else 0})", fontsize=7)
+        ax.set_xlabel("keep ratio")
+    for ax in list(axes.flat)[len(fams):]:
+        ax.set_axis_off()
+    axes.flat[0].set_ylabel("accuracy")
+    axes.flat[0].legend(fontsize=5, frameon=False)
+    return fig
