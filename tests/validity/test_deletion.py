@@ -15,7 +15,7 @@ def test_keep_mask_reference(seed):
     n = int(rng.integers(5, 40))
     s = rng.integers(0, 4, n).astype(float)  # many ties
     for f in (0.0, 0.13, 0.5, 1.0):
-        k = int(round(f * n))
+        k = round(f * n)
         dele, ins = dl.keep_mask(s, f, "deletion", seed=seed), dl.keep_mask(s, f, "insertion", seed=seed)
         assert (dele == ~ins).all() and ins.sum() == k
         if 0 < k < n:  # every inserted token scores >= every other token
@@ -63,10 +63,9 @@ def organism_and_data():
 def test_endpoints_equal_full_and_no_image_answers(organism_and_data):
     import torch
 
+    from vtrlab.analysis.reduction_sweep import _gold_ids
     from vtrlab.metrics.fidelity import answer_logprob
     from vtrlab.reduce import answer, logits
-
-    from vtrlab.analysis.reduction_sweep import _gold_ids
 
     vlm, data = organism_and_data
     batch = vlm.prepare([s.image for s in data], [s.question for s in data])

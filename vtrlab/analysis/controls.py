@@ -10,7 +10,7 @@ turn the per-family CI table into the metrics a notebook logs and the sentences 
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd

@@ -20,7 +20,8 @@ model, deletion at 1 and insertion at 0 the no-image answer.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

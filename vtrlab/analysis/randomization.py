@@ -18,7 +18,8 @@ last token per layer, and vision [CLS] attention per vision layer mapped onto th
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -18,7 +18,7 @@ Like :mod:`vtrlab.metrics.agreement`, the per-token functions reduce along the l
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

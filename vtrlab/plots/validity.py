@@ -4,7 +4,7 @@ and the model-randomization check. Plots draw the tables they are given (``vtrla
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
