@@ -75,11 +75,11 @@ def deletion_curves_figure(curves: pd.DataFrame, y: str = "accuracy", signals: S
     fig, axes = figure("double", nrows=1, ncols=2, sharey=True)
     for ax, mode in zip(axes, ("deletion", "insertion")):
         sub = curves[(curves["mode"] == mode) & (curves["metric"] == y)]
-        for s in signals:
+        for j, s in enumerate(signals):
             d = sub[sub["signal"] == s].sort_values("fraction")
             if d.empty:
                 continue
-            line = _band(ax, d, "fraction", s)
+            line = _band(ax, d, "fraction", s, color=f"C{j % 10}")  # one colour per signal in both panels
             ood = d[d["out_of_distribution"]]
             ax.plot(ood["fraction"], ood["mean"], "o", mfc="white", mec=line.get_color(), markersize=3.5)
         ax.set_xlabel("fraction of image tokens " + ("removed" if mode == "deletion" else "kept"))
@@ -98,10 +98,10 @@ def randomization_figure(table: pd.DataFrame, signals: Sequence[str] | None = No
     fig, axes = figure("double", nrows=1, ncols=2)
     for ax, metric, label in zip(axes, ("spearman", "auroc"), ("Spearman ρ with trained map", "AUROC")):
         sub = table[table["metric"] == metric]
-        for s in signals:
+        for j, s in enumerate(signals):
             d = sub[sub["signal"] == s].dropna(subset=["mean"])
             if not d.empty:
-                _band(ax, d, "step", s)
+                _band(ax, d, "step", s, color=f"C{j % 10}")
         ax.set_xticks(range(len(steps)))
         ax.set_xticklabels(steps, rotation=60, ha="right", fontsize=5)
         ax.set_ylabel(label)
