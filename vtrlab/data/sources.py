@@ -373,7 +373,8 @@ def organism_record(s) -> Record:
     return Record(id=f"organism-{s.seed}-{s.index}-{s.family}", image_source=s.image, question=s.question,
                   answers=(s.answer,), mask=np.asarray(s.pixel_mask, dtype=bool), group=s.family,
                   relevance=np.asarray(s.relevance, dtype=bool),
-                  meta={"seed": s.seed, "index": s.index, "choices": s.choices})
+                  meta={"seed": s.seed, "index": s.index, "choices": s.choices,
+                        "object_mask": np.asarray(s.object_map) > 0})  # all objects: the objectness control
 
 
 def export_organism(folder: str | os.PathLike, n_samples: int = 64, seed: int = 0,
