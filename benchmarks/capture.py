@@ -129,8 +129,10 @@ def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int, with_tl: 
         "dtype": str(vlm.dtype).removeprefix("torch."),
         "results": {},
     }
-    print(f"[{name} x{batch_size}] {row['n_tokens']} tokens ({row['n_image_tokens']} image), "
-          f"{row['n_layers']} layers", flush=True)
+    print(
+        f"[{name} x{batch_size}] {row['n_tokens']} tokens ({row['n_image_tokens']} image), {row['n_layers']} layers",
+        flush=True,
+    )
 
     def sdpa():
         with torch.no_grad():
@@ -192,7 +194,8 @@ def bench_tl(row: dict, vlm, image_size, warmup: int, repeats: int) -> None:
         def tl():
             with torch.no_grad():
                 return bridge.run_with_cache(
-                    inputs["input_ids"], names_filter=lambda n: n.endswith("hook_pattern") and n.startswith("blocks."),
+                    inputs["input_ids"],
+                    names_filter=lambda n: n.endswith("hook_pattern") and n.startswith("blocks."),
                     **tl_kwargs,
                 )
 
@@ -219,8 +222,10 @@ def markdown(report: dict) -> str:
     for row in report["shapes"]:
         for method, res in row["results"].items():
             if "error" in res:
-                lines.append(f"| {row['shape']} | {row.get('batch', 1)} | {row['n_tokens']} | {method} | — | — | "
-                             f"{res['error']} |")
+                lines.append(
+                    f"| {row['shape']} | {row.get('batch', 1)} | {row['n_tokens']} | {method} | — | — | "
+                    f"{res['error']} |"
+                )
                 continue
             mem = "n/a (CPU)" if res["peak_extra_bytes"] is None else f"{res['peak_extra_bytes'] / 2**30:.3f}"
             lines.append(
@@ -268,7 +273,9 @@ def main(argv=None) -> int:
     import transformers
 
     report = {
-        "device": torch.cuda.get_device_name() if not args.tiny else f"CPU ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name()
+        if not args.tiny
+        else f"CPU ({platform.processor() or platform.machine()})",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "repeats": args.repeats,

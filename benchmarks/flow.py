@@ -48,8 +48,14 @@ def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int) -> dict:
     inputs = dict(batch.inputs)
     L = batch.layouts[0]
     n = len(vlm.lm_layers)
-    row = {"shape": name, "n_tokens": int(inputs["input_ids"].shape[1]), "n_image_tokens": int(L.n_image_tokens),
-           "n_layers": n, "dtype": str(vlm.dtype).removeprefix("torch."), "results": {}}
+    row = {
+        "shape": name,
+        "n_tokens": int(inputs["input_ids"].shape[1]),
+        "n_image_tokens": int(L.n_image_tokens),
+        "n_layers": n,
+        "dtype": str(vlm.dtype).removeprefix("torch."),
+        "results": {},
+    }
     print(f"[{name}] {row['n_tokens']} tokens ({row['n_image_tokens']} image), {n} layers", flush=True)
     vlm.model.requires_grad_(True)
 
@@ -62,8 +68,9 @@ def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int) -> dict:
         "saliency_last": lambda: vl.saliency(vlm, batch, queries="last"),
         "logit_lens_image": lambda: vl.logit_lens(vlm, batch, queries="image", targets={"t": 0}, top_k=5),
         "rollout_last": lambda: vl.rollout(vlm, batch, queries="last"),
-        "knockout_window": lambda: vl.knockout(vlm, batch, keys="image", queries="last",
-                                               layers=list(range(max(1, n // 4)))),
+        "knockout_window": lambda: vl.knockout(
+            vlm, batch, keys="image", queries="last", layers=list(range(max(1, n // 4)))
+        ),
     }
     for method, fn in methods.items():
         try:
@@ -101,9 +108,14 @@ def main(argv=None) -> int:
     import transformers
 
     report = {
-        "device": torch.cuda.get_device_name() if not args.smoke else f"CPU ({platform.processor() or platform.machine()})",
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "repeats": args.repeats, "warmup": args.warmup, "shapes": [],
+        "device": torch.cuda.get_device_name()
+        if not args.smoke
+        else f"CPU ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "shapes": [],
     }
     for name in names:
         builder, size = table[name]

@@ -1,6 +1,6 @@
 """GPU smoke check of the full-size builders and of device_map loading (run on a GPU host):
 
-    python benchmarks/layout_check.py [name ...]   # prints one JSON line per check
+python benchmarks/layout_check.py [name ...]   # prints one JSON line per check
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ def check_device_map() -> dict:
     with torch.no_grad():
         want = ref.model(**batch.inputs).logits
         got = split.model(**batch.to("cuda").inputs).logits.cpu()
-    return {"devices": sorted({str(d) for d in split.model.hf_device_map.values()}),
-            "max_abs_diff": float((got - want).abs().max())}
+    return {
+        "devices": sorted({str(d) for d in split.model.hf_device_map.values()}),
+        "max_abs_diff": float((got - want).abs().max()),
+    }
 
 
 def check_full_size(name: str) -> dict:
@@ -48,7 +50,11 @@ def check_full_size(name: str) -> dict:
         torch.cuda.synchronize()
         fwd = time.time() - t
     proven = assert_layout_proven(vlm, batch, [1, 1])
-    boxes = check_pixel_boxes(vlm, batch, patch=vlm.model.config.vision_config.patch_size) if hasattr(vlm.adapter, "vision_crops") else None
+    boxes = (
+        check_pixel_boxes(vlm, batch, patch=vlm.model.config.vision_config.patch_size)
+        if hasattr(vlm.adapter, "vision_crops")
+        else None
+    )
     res = {
         "build_s": round(build, 1),
         "params_b": round(sum(p.numel() for p in vlm.model.parameters()) / 1e9, 3),

@@ -2,7 +2,7 @@
 2 cores), median of ``--repeats`` runs after ``--warmup`` runs; one forward = the full prompt
 (256 image tokens + question) through vision tower, projector and LM, no generation.
 
-    python benchmarks/organism_forward.py                    # 2 threads, writes benchmarks/results/organism_forward.json
+    python benchmarks/organism_forward.py  # 2 threads, writes benchmarks/results/organism_forward.json
     python benchmarks/organism_forward.py --threads 1 --out /tmp/o.json
 """
 
@@ -51,19 +51,31 @@ def main(argv=None) -> dict:
             if i >= a.warmup:
                 times.append(time.perf_counter() - t)
     result = {
-        "benchmark": "organism_forward", "batch": a.batch, "seq_len": int(batch["input_ids"].shape[1]),
-        "threads": a.threads, "median_s": round(statistics.median(times), 4), "min_s": round(min(times), 4),
-        "max_s": round(max(times), 4), "repeats": a.repeats, "warmup": a.warmup, "target_s": 0.5,
-        "n_parameters": sum(p.numel() for p in model.parameters()), "dtype": str(next(model.parameters()).dtype),
-        "attn_implementation": model.config._attn_implementation, "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "benchmark": "organism_forward",
+        "batch": a.batch,
+        "seq_len": int(batch["input_ids"].shape[1]),
+        "threads": a.threads,
+        "median_s": round(statistics.median(times), 4),
+        "min_s": round(min(times), 4),
+        "max_s": round(max(times), 4),
+        "repeats": a.repeats,
+        "warmup": a.warmup,
+        "target_s": 0.5,
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(next(model.parameters()).dtype),
+        "attn_implementation": model.config._attn_implementation,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, result, indent=1, sort_keys=False)
-    print(f"forward of a batch of {a.batch} on {a.threads} threads: median {result['median_s']:.3f} s "
-          f"(min {result['min_s']:.3f}, max {result['max_s']:.3f}); written to {out}")
+    print(
+        f"forward of a batch of {a.batch} on {a.threads} threads: median {result['median_s']:.3f} s "
+        f"(min {result['min_s']:.3f}, max {result['max_s']:.3f}); written to {out}"
+    )
     return result
 
 

@@ -74,8 +74,11 @@ def measure(fn, device, warmup: int, repeats: int) -> dict:
         if isinstance(out, dict):
             extra.append(out)
         del out
-    res = {"median_s": statistics.median(times), "times_s": times,
-           "peak_extra_bytes": int(statistics.median(peaks)) if peaks else None}
+    res = {
+        "median_s": statistics.median(times),
+        "times_s": times,
+        "peak_extra_bytes": int(statistics.median(peaks)) if peaks else None,
+    }
     if extra:
         res["inner"] = {k: statistics.median(e[k] for e in extra) for k in extra[0]}
     return res
@@ -129,19 +132,32 @@ def bench_method(vlm, batch, name, params, budget, args) -> dict:
     method = None if name == "keep_all" else R.get(name, **params)
     keep = None if method is None else budget
     res: dict = {}
-    res["ttft"] = measure(lambda: A.generate_ids(vlm, batch, keep, max_new_tokens=1, method=method),
-                          device, args.warmup, args.repeats)
+    res["ttft"] = measure(
+        lambda: A.generate_ids(vlm, batch, keep, max_new_tokens=1, method=method), device, args.warmup, args.repeats
+    )
 
     if method is None or method.stage != "lm":
         sel = None if method is None else select(vlm, batch, method, keep, dec)
-        red = reduced_decoder_inputs(vlm, batch, None if sel is None else sel.keep, dec,
-                                     embeds=None if sel is None else sel.embeds,
-                                     positions="kept" if method is None else method.positions)
+        red = reduced_decoder_inputs(
+            vlm,
+            batch,
+            None if sel is None else sel.keep,
+            dec,
+            embeds=None if sel is None else sel.embeds,
+            positions="kept" if method is None else method.positions,
+        )
 
         def prefill():
             with torch.no_grad():
-                A._forward(vlm, red.inputs_embeds, red.attention_mask, red.position_ids, use_cache=False,
-                           extras=red.per_token, last_only=True)
+                A._forward(
+                    vlm,
+                    red.inputs_embeds,
+                    red.attention_mask,
+                    red.position_ids,
+                    use_cache=False,
+                    extras=red.per_token,
+                    last_only=True,
+                )
 
         res["prefill"] = measure(prefill, device, args.warmup, args.repeats)
         if method is not None:
@@ -152,18 +168,32 @@ def bench_method(vlm, batch, name, params, budget, args) -> dict:
         red = reduced_decoder_inputs(vlm, batch, None, dec)
 
         def prefill():
-            with _Timed(method, device) as t, lm_removal(vlm, batch, method, keep, red.source_positions), \
-                    torch.no_grad():
-                A._forward(vlm, red.inputs_embeds, red.attention_mask, red.position_ids, use_cache=False,
-                           extras=red.per_token, last_only=True)
+            with (
+                _Timed(method, device) as t,
+                lm_removal(vlm, batch, method, keep, red.source_positions),
+                torch.no_grad(),
+            ):
+                A._forward(
+                    vlm,
+                    red.inputs_embeds,
+                    red.attention_mask,
+                    red.position_ids,
+                    use_cache=False,
+                    extras=red.per_token,
+                    last_only=True,
+                )
             return {"scoring_s": t.total}
 
         res["prefill"] = measure(prefill, device, args.warmup, args.repeats)
         res["scoring"] = {"median_s": res["prefill"]["inner"]["scoring_s"]}
 
     n = args.new_tokens
-    long = measure(lambda: A.generate_ids(vlm, batch, keep, max_new_tokens=n + 1, method=method),
-                   device, max(args.warmup - 1, 0), args.repeats)
+    long = measure(
+        lambda: A.generate_ids(vlm, batch, keep, max_new_tokens=n + 1, method=method),
+        device,
+        max(args.warmup - 1, 0),
+        args.repeats,
+    )
     res["decode_s_per_token"] = max(long["median_s"] - res["ttft"]["median_s"], 0.0) / n
     if method is not None:
         res["params"] = {k: v for k, v in method.params.items()}
@@ -180,8 +210,14 @@ def bench_shape(label, vlm, size, args) -> dict:
 
     batch = vlm.prepare([_image(size)], [PROMPT])
     lay = batch.layouts[0]
-    row = {"shape": label, "n_tokens": int(batch.inputs["input_ids"].shape[1]), "n_image_tokens": lay.n_image_tokens,
-           "n_layers": len(vlm.lm_layers), "dtype": str(vlm.dtype).removeprefix("torch."), "results": {}}
+    row = {
+        "shape": label,
+        "n_tokens": int(batch.inputs["input_ids"].shape[1]),
+        "n_image_tokens": lay.n_image_tokens,
+        "n_layers": len(vlm.lm_layers),
+        "dtype": str(vlm.dtype).removeprefix("torch."),
+        "results": {},
+    }
     print(f"[{label}] {row['n_tokens']} tokens ({row['n_image_tokens']} image), {row['n_layers']} layers", flush=True)
     A._eos_ids = lambda _vlm: []  # benchmark only: every run decodes exactly the asked number of tokens
     names = ["keep_all"] + [n for n in R.names() if n not in SKIP]
@@ -210,17 +246,24 @@ def bench_shape(label, vlm, size, args) -> dict:
             if "scoring" in res:
                 res["scoring_vs_forward"] = res["scoring"]["median_s"] / base_forward
             row["results"][key] = res
-            print(f"  {key:28s} ttft {res['ttft']['median_s']:.4f}s ({res['ttft_speedup']:.2f}x) "
-                  f"prefill {res['prefill']['median_s']:.4f}s ({res['prefill_speedup']:.2f}x)", flush=True)
+            print(
+                f"  {key:28s} ttft {res['ttft']['median_s']:.4f}s ({res['ttft_speedup']:.2f}x) "
+                f"prefill {res['prefill']['median_s']:.4f}s ({res['prefill_speedup']:.2f}x)",
+                flush=True,
+            )
     return row
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Device: {report['device']}; torch {report['torch']}, transformers {report['transformers']}; "
-             f"median of {report['repeats']} after {report['warmup']} warm-up; "
-             f"decode over {report['new_tokens']} tokens.",
-             "", "| shape | method | kept | TTFT (s) | TTFT × | prefill (s) | prefill × | scoring / forward | "
-             "decode (ms/token) | peak extra (GiB) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Device: {report['device']}; torch {report['torch']}, transformers {report['transformers']}; "
+        f"median of {report['repeats']} after {report['warmup']} warm-up; "
+        f"decode over {report['new_tokens']} tokens.",
+        "",
+        "| shape | method | kept | TTFT (s) | TTFT × | prefill (s) | prefill × | scoring / forward | "
+        "decode (ms/token) | peak extra (GiB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in report["shapes"]:
         n = row["n_image_tokens"]
         for key, r in row["results"].items():
@@ -232,7 +275,8 @@ def markdown(report: dict) -> str:
                 f"| {row['shape']} | {r['method']} | {int(round(r['budget'] * n))} | {r['ttft']['median_s']:.4f} | "
                 f"{r['ttft_speedup']:.2f} | {r['prefill']['median_s']:.4f} | {r['prefill_speedup']:.2f} | "
                 f"{r.get('scoring_vs_forward', float('nan')):.3f} | {1000 * r['decode_s_per_token']:.2f} | "
-                f"{'n/a' if peak is None else f'{peak / 2**30:.3f}'} |")
+                f"{'n/a' if peak is None else f'{peak / 2**30:.3f}'} |"
+            )
     return "\n".join(lines)
 
 
@@ -259,9 +303,16 @@ def main(argv=None) -> int:
         ap.error("full-size shapes need a CUDA GPU; use --smoke on CPU")
     import transformers
 
-    report = {"device": torch.cuda.get_device_name() if not args.smoke else f"CPU ({platform.machine()})",
-              "torch": torch.__version__, "transformers": transformers.__version__, "repeats": args.repeats,
-              "warmup": args.warmup, "new_tokens": args.new_tokens, "budgets_of_576": [64, 128, 192], "shapes": []}
+    report = {
+        "device": torch.cuda.get_device_name() if not args.smoke else f"CPU ({platform.machine()})",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "new_tokens": args.new_tokens,
+        "budgets_of_576": [64, 128, 192],
+        "shapes": [],
+    }
     for name in names:
         builder, size = table[name]
         torch.manual_seed(0)

@@ -77,12 +77,24 @@ def _units(part: str, out: Path, smoke: bool, repeats: int, warmup: int) -> list
         return [("organism", [py, str(HERE / "organism_forward.py"), "--out", str(path), *small, *rw], path)]
     if part == "capture":
         flag = ["--tiny", "--batch", "1,2"] if smoke else ["--batch", "1,8"]
-        return [(s, [py, str(HERE / "capture.py"), "--shapes", s, "--out", str(tmp / f"capture-{s}.json"), *flag, *rw],
-                 tmp / f"capture-{s}.json") for s in shapes]
+        return [
+            (
+                s,
+                [py, str(HERE / "capture.py"), "--shapes", s, "--out", str(tmp / f"capture-{s}.json"), *flag, *rw],
+                tmp / f"capture-{s}.json",
+            )
+            for s in shapes
+        ]
     if part == "reduce":
         flag = ["--smoke", "--new-tokens", "2"] if smoke else ["--new-tokens", "16"]
-        return [(s, [py, str(HERE / "reduce.py"), "--shapes", s, "--out", str(tmp / f"reduce-{s}.json"), *flag, *rw],
-                 tmp / f"reduce-{s}.json") for s in shapes]
+        return [
+            (
+                s,
+                [py, str(HERE / "reduce.py"), "--shapes", s, "--out", str(tmp / f"reduce-{s}.json"), *flag, *rw],
+                tmp / f"reduce-{s}.json",
+            )
+            for s in shapes
+        ]
     if part == "flow":
         path = tmp / "flow.json"
         return [("flow", [py, str(HERE / "flow.py"), "--out", str(path), *(["--smoke"] if smoke else [])], path)]
@@ -132,10 +144,12 @@ def _merge(paths: list[Path]) -> dict | None:
 
 
 def _organism_table(rep: dict) -> str:
-    return (f"Batch of {rep['batch']} ({rep['seq_len']} tokens), {rep['threads']} threads, median of {rep['repeats']} "
-            f"after {rep['warmup']} warm-up: **{rep['median_s']:.3f} s** (min {rep['min_s']:.3f}, max "
-            f"{rep['max_s']:.3f}; target ≤ {rep['target_s']} s); CPU {rep.get('cpu')}, load average "
-            f"{', '.join(f'{x:.1f}' for x in rep.get('load_average') or [])}.")
+    return (
+        f"Batch of {rep['batch']} ({rep['seq_len']} tokens), {rep['threads']} threads, median of {rep['repeats']} "
+        f"after {rep['warmup']} warm-up: **{rep['median_s']:.3f} s** (min {rep['min_s']:.3f}, max "
+        f"{rep['max_s']:.3f}; target ≤ {rep['target_s']} s); CPU {rep.get('cpu')}, load average "
+        f"{', '.join(f'{x:.1f}' for x in rep.get('load_average') or [])}."
+    )
 
 
 def tables(out: Path) -> dict[str, str]:
@@ -192,13 +206,21 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="directory for the JSONs, run.json, logs and README.md")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny models, every part (about two minutes)")
     ap.add_argument("--only", default=None, help=f"comma-separated parts of {list(PARTS)} (default: all)")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="wall-clock budget for everything (default 510 s; 110 s with --smoke)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="wall-clock budget for everything (default 510 s; 110 s with --smoke)",
+    )
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 5; 1 with --smoke)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up runs per case (default 2; 0 with --smoke)")
     ap.add_argument("--no-readme", action="store_true", help="do not regenerate benchmarks/README.md")
-    ap.add_argument("--render", metavar="DIR", default=None,
-                    help="only regenerate benchmarks/README.md from the JSONs in DIR (no measuring)")
+    ap.add_argument(
+        "--render",
+        metavar="DIR",
+        default=None,
+        help="only regenerate benchmarks/README.md from the JSONs in DIR (no measuring)",
+    )
     args = ap.parse_args(argv)
     if args.render:
         src = Path(args.render)
@@ -229,8 +251,16 @@ def main(argv=None) -> int:
     log = out / "run.log"
     t_start = time.monotonic()
     deadline = t_start + budget
-    summary = {"smoke": args.smoke, "budget_s": budget, "repeats": repeats, "warmup": warmup, "parts": {},
-               "python": sys.version.split()[0], "host": platform.node(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    summary = {
+        "smoke": args.smoke,
+        "budget_s": budget,
+        "repeats": repeats,
+        "warmup": warmup,
+        "parts": {},
+        "python": sys.version.split()[0],
+        "host": platform.node(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     _write_json(out / "run.json", summary)
     order = [p for p in PARTS if p in parts]
     if "flow" in order and not (HERE / "flow.py").exists():
@@ -264,8 +294,11 @@ def main(argv=None) -> int:
     summary["seconds"] = round(time.monotonic() - t_start, 1)
     summary["tables"] = sorted(found)
     _write_json(out / "run.json", summary)
-    print(f"[run] done in {summary['seconds']:.0f} s (budget {budget:.0f} s); tables: {sorted(found)}; "
-          f"see {out / 'run.json'} and {out / 'README.md'}", flush=True)
+    print(
+        f"[run] done in {summary['seconds']:.0f} s (budget {budget:.0f} s); tables: {sorted(found)}; "
+        f"see {out / 'run.json'} and {out / 'README.md'}",
+        flush=True,
+    )
     for part, entry in summary["parts"].items():
         print(f"  {part:9s} {entry.get('status')}")
     return 0

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 
-from vtrlab._version import __version__
+from vtrlab._version import __version__ as __version__
 
 _LAZY = {
     "load": ("vtrlab.models", "load"),

@@ -11,12 +11,15 @@ import importlib
 import importlib.util
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import typer
 import typer.core
 
+from vtrlab.runner.errors import RunnerError
+from vtrlab.runner.interrupt import describe, exit_cleanly_on_signals
 
 
 def _exception_classes(name: str) -> tuple[type, ...]:
@@ -37,8 +40,6 @@ _CLICK_ERRORS = _exception_classes("ClickException")
 _ABORTS = _exception_classes("Abort")
 _UsageError = next(c for c in _exception_classes("UsageError") if issubclass(c, _CLICK_ERRORS))
 
-from vtrlab.runner.errors import RunnerError
-from vtrlab.runner.interrupt import describe, exit_cleanly_on_signals
 
 PARAM_FLAGS = ("-p", "--param")
 _JOINED = "\x1f"  # joins NAME and VALUE of `-p NAME VALUE` into the single token typer parses
@@ -59,8 +60,9 @@ class _Group(typer.core.TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
             with exit_cleanly_on_signals(describe):
-                rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
-                                  standalone_mode=False, **extra)
+                rv = super().main(
+                    args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra
+                )
         except _CLICK_ERRORS as exc:
             typer.echo(f"error: {_one_line(exc.format_message())}", err=True)
             rv = exc.exit_code
@@ -183,7 +185,7 @@ def run(
     param: list[str] = typer.Option(
         [], "--param", "-p", metavar="NAME VALUE", help="NAME VALUE (repeatable); lists as 1,2,3 or [1,2]"
     ),
-    params_file: Optional[Path] = typer.Option(None, "--params-file", "-f", help="YAML mapping of parameters"),
+    params_file: Path | None = typer.Option(None, "--params-file", "-f", help="YAML mapping of parameters"),
     force: bool = typer.Option(False, "--force", help="re-run even if this run is complete"),
 ) -> None:
     """Run one notebook; -p values override -f values, which override the notebook defaults."""
@@ -225,7 +227,7 @@ def _read_yaml_params(path: Path) -> dict[str, Any]:
 @_user_errors
 def figures(
     only: list[str] = typer.Option([], "--only", help="notebook name or prefix (repeatable), e.g. 01"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda: sets each notebook's `device`"),
+    device: str | None = typer.Option(None, "--device", help="cpu or cuda: sets each notebook's `device`"),
     resume: bool = typer.Option(False, "--resume", help="skip notebooks whose default run is complete"),
 ) -> None:
     """Regenerate every figure: each notebook in notebooks/ with its default parameters."""
@@ -264,15 +266,14 @@ def figures(
 @_user_errors
 def grid(
     grid_file: Path = typer.Argument(..., help="GRID.yaml: notebooks + parameter lists (cartesian product) + jobs"),
-    workers: Optional[int] = typer.Option(
-        None, "--workers", "-w", help="jobs at a time (default: one per GPU, else 1)"),
-    gpus: Optional[str] = typer.Option(None, "--gpus", help="comma-separated GPU ids; each job sees one"),
+    workers: int | None = typer.Option(None, "--workers", "-w", help="jobs at a time (default: one per GPU, else 1)"),
+    gpus: str | None = typer.Option(None, "--gpus", help="comma-separated GPU ids; each job sees one"),
     backend: str = typer.Option("local", "--backend", help="local | ray | slurm"),
-    ray_address: Optional[str] = typer.Option(
-        None, "--ray-address", help="Ray address (else $RAY_ADDRESS, else local)"),
-    slurm_partition: Optional[str] = typer.Option(None, "--slurm-partition", help="Slurm partition"),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="Ray address (else $RAY_ADDRESS, else local)"),
+    slurm_partition: str | None = typer.Option(None, "--slurm-partition", help="Slurm partition"),
     slurm_cluster: str = typer.Option(
-        "slurm", "--slurm-cluster", help="submitit cluster: slurm, or local to try without Slurm"),
+        "slurm", "--slurm-cluster", help="submitit cluster: slurm, or local to try without Slurm"
+    ),
     timeout_min: int = typer.Option(240, "--timeout-min", help="Slurm time limit per job, minutes"),
     force: bool = typer.Option(False, "--force", help="re-run complete runs"),
 ) -> None:
@@ -288,8 +289,13 @@ def grid(
     jobs = load_grid(grid_file, force=force)
     typer.echo(f"{len(jobs)} jobs from {grid_file}", err=True)
     results = run_grid(
-        jobs, backend=backend, workers=workers, gpus=gpus.split(",") if gpus else None,
-        ray_address=ray_address, slurm_cluster=slurm_cluster, slurm_partition=slurm_partition,
+        jobs,
+        backend=backend,
+        workers=workers,
+        gpus=gpus.split(",") if gpus else None,
+        ray_address=ray_address,
+        slurm_cluster=slurm_cluster,
+        slurm_partition=slurm_partition,
         timeout_min=timeout_min,
     )
     _finish(results)
@@ -334,24 +340,35 @@ def data(ctx: typer.Context) -> None:
 def export_task(
     out: Path = typer.Argument(..., help="task folder to write (YAML + parquet + utils.py); replaced whole"),
     data: str = typer.Option("organism", "--data", help="organism, photos, or a path (.jsonl/.json/.parquet, HF)"),
-    name: Optional[str] = typer.Option(None, "--name", help="lmms-eval task name (default vtrlab_<data>)"),
-    n_samples: Optional[int] = typer.Option(None, "--n-samples", help="seeded random subset (organism: default 64)"),
+    name: str | None = typer.Option(None, "--name", help="lmms-eval task name (default vtrlab_<data>)"),
+    n_samples: int | None = typer.Option(None, "--n-samples", help="seeded random subset (organism: default 64)"),
     seed: int = typer.Option(0, "--seed"),
     family: str = typer.Option("all", "--family", help="'all' or one task family / group"),
     prompt_template: str = typer.Option("{question}", "--prompt-template", help="e.g. '{question} One word.'"),
     metric: str = typer.Option("exact", "--metric", help="exact or vqa (vtrlab.data.answers)"),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens"),
-    question: Optional[str] = typer.Option(None, "--question", help="question for an image folder"),
-    answer_column: Optional[str] = typer.Option(None, "--answer-column"),
-    split: Optional[str] = typer.Option(None, "--split", help="split of a saved HF DatasetDict"),
+    question: str | None = typer.Option(None, "--question", help="question for an image folder"),
+    answer_column: str | None = typer.Option(None, "--answer-column"),
+    split: str | None = typer.Option(None, "--split", help="split of a saved HF DatasetDict"),
 ) -> None:
     """Write an lmms-eval task folder from DATA (answers scored as in the notebooks); prints the YAML path."""
     from vtrlab.integrations.lmms_eval_task import export_task as export
 
     try:
-        path = export(out, data, name=name, n_samples=n_samples, seed=seed, family=family,
-                      prompt_template=prompt_template, metric=metric, max_new_tokens=max_new_tokens,
-                      question=question, answer_column=answer_column, split=split)
+        path = export(
+            out,
+            data,
+            name=name,
+            n_samples=n_samples,
+            seed=seed,
+            family=family,
+            prompt_template=prompt_template,
+            metric=metric,
+            max_new_tokens=max_new_tokens,
+            question=question,
+            answer_column=answer_column,
+            split=split,
+        )
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError) as exc:
         _fail(str(exc))
     typer.echo(str(path))

@@ -24,12 +24,20 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 __all__ = [
-    "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_path", "atomic_dir",
-    "replace_dir", "default_file_mode", "to_jsonable", "finite_or_str",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_path",
+    "atomic_dir",
+    "replace_dir",
+    "default_file_mode",
+    "to_jsonable",
+    "finite_or_str",
 ]
 
 
@@ -112,7 +120,11 @@ def to_jsonable(value: Any) -> Any:
 
 
 def atomic_write_json(
-    path: str | os.PathLike, obj: Any, *, indent: int | None = 2, sort_keys: bool = True,
+    path: str | os.PathLike,
+    obj: Any,
+    *,
+    indent: int | None = 2,
+    sort_keys: bool = True,
     default: Callable[[Any], Any] | None = to_jsonable,
 ) -> Path:
     """Write ``obj`` as JSON (trailing newline) atomically. NaN/inf are refused (not valid JSON)."""

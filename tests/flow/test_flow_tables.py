@@ -23,8 +23,19 @@ def _tokens():
             "objectness": obj.astype(float) + 0.01 * noise * ~rel,  # objects, distractors slightly above
             "uniform": np.full(16, 1 / 16),
         }.items():
-            rows.append(pd.DataFrame({"signal": signal, "sample": sample, "family": "color" if sample < 3 else "shape",
-                                      "layer": 0, "score": score, "relevant": rel, "object": obj}))
+            rows.append(
+                pd.DataFrame(
+                    {
+                        "signal": signal,
+                        "sample": sample,
+                        "family": "color" if sample < 3 else "shape",
+                        "layer": 0,
+                        "score": score,
+                        "relevant": rel,
+                        "object": obj,
+                    }
+                )
+            )
     return pd.concat(rows, ignore_index=True)
 
 
@@ -49,14 +60,16 @@ def test_scores_vs_truth_controls():
 
 
 def test_sweep_summary_and_headline_prose():
-    sweep = pd.DataFrame({
-        "edge": ["image→last"] * 6 + ["question→last"] * 6,
-        "window_start": [0, 0, 0, 1, 1, 1] * 2,
-        "sample": [0, 1, 2] * 4,
-        "family": "color",
-        "relative_change": [-0.9, -0.8, -0.7, -0.1, 0.0, 0.1, 0.0, 0.0, 0.0, -0.2, -0.2, -0.2],
-        "correct": [False, False, True, True, True, True] + [True] * 6,
-    })
+    sweep = pd.DataFrame(
+        {
+            "edge": ["image→last"] * 6 + ["question→last"] * 6,
+            "window_start": [0, 0, 0, 1, 1, 1] * 2,
+            "sample": [0, 1, 2] * 4,
+            "family": "color",
+            "relative_change": [-0.9, -0.8, -0.7, -0.1, 0.0, 0.1, 0.0, 0.0, 0.0, -0.2, -0.2, -0.2],
+            "correct": [False, False, True, True, True, True] + [True] * 6,
+        }
+    )
     s = fl.sweep_summary(sweep, by_family=False)
     row = s[(s["edge"] == "image→last") & (s["window_start"] == 0)].iloc[0]
     assert row["relative_change"] == pytest.approx(-0.8) and row["correct"] == pytest.approx(1 / 3)

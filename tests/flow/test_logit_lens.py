@@ -82,15 +82,18 @@ def test_logit_lens_under_knockout_reads_the_knocked_out_stream(tiny_f64):
     assert np.abs(ds.logprobs.values - plain.logprobs.values).max() > 1e-8
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"targets": "red"}, "targets='red' is not accepted"),
-    ({"targets": [1]}, "targets gives 1 entries for a batch of 2"),
-    ({"targets": [1, 10**9]}, "outside the vocabulary"),
-    ({"targets": {"red": 1.5}}, "is not a token id"),
-    ({"top_k": 0}, "top_k=0"),
-    ({"queries": "pixels"}, "queries='pixels' is not accepted"),
-    ({"layers": [99]}, "99 is not an index"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"targets": "red"}, "targets='red' is not accepted"),
+        ({"targets": [1]}, "targets gives 1 entries for a batch of 2"),
+        ({"targets": [1, 10**9]}, "outside the vocabulary"),
+        ({"targets": {"red": 1.5}}, "is not a token id"),
+        ({"top_k": 0}, "top_k=0"),
+        ({"queries": "pixels"}, "queries='pixels' is not accepted"),
+        ({"layers": [99]}, "99 is not an index"),
+    ],
+)
 def test_logit_lens_bad_input(kwargs, match, llava_f64):
     vlm, batch = llava_f64
     with pytest.raises(ValueError, match=match):

@@ -31,8 +31,9 @@ def test_tokenizer_covers_every_question_answer_and_caption(random_organism):
     _, proc = random_organism
     tok = proc.tokenizer
     for s in generate(60, seed=5):
-        ids = tok(f"{s.question} {s.answer} {s.caption} {SYSTEM_PROMPT} {CAPTION_PROMPT}",
-                  add_special_tokens=False)["input_ids"]
+        ids = tok(f"{s.question} {s.answer} {s.caption} {SYSTEM_PROMPT} {CAPTION_PROMPT}", add_special_tokens=False)[
+            "input_ids"
+        ]
         assert tok.unk_token_id not in ids, (s.question, s.answer, s.caption)
         assert tok.decode(tok(s.answer, add_special_tokens=False)["input_ids"]) == s.answer
     # reading answers are spelled with continuation pieces and decode without spaces
@@ -94,8 +95,10 @@ def test_training_fast_path_equals_hf_forward(random_organism):
         answer = {"role": "assistant", "content": [{"type": "text", "text": a}]}
         return proc.apply_chat_template(user_message(q) + [answer])
 
-    for kind, texts in (("answer", [chat(s.question, s.answer) for s in samples]),
-                        ("caption", [chat(CAPTION_PROMPT, s.caption) for s in samples])):
+    for kind, texts in (
+        ("answer", [chat(s.question, s.answer) for s in samples]),
+        ("caption", [chat(CAPTION_PROMPT, s.caption) for s in samples]),
+    ):
         ref = _right_padded(proc, texts, images)
         seq = data.seqs[kind]
         length = ref["input_ids"].shape[1]
@@ -105,19 +108,27 @@ def test_training_fast_path_equals_hf_forward(random_organism):
             hf = model(**ref).logits
             feats = tower_features(model, ref["pixel_values"])
             logits, target, sel = answer_logits(model, feats, seq.ids, seq.mask, seq.labels)
-        assert torch.allclose(logits, hf[:, :-1][sel[:, :length - 1]], atol=1e-4)
+        assert torch.allclose(logits, hf[:, :-1][sel[:, : length - 1]], atol=1e-4)
         assert torch.equal(target, seq.ids[:, 1:][sel])
         # labels: exactly the answer (or caption) and <|end|>
-        ans = [proc.tokenizer(" " + (s.answer if kind == "answer" else s.caption),
-                              add_special_tokens=False)["input_ids"] for s in samples]
+        ans = [
+            proc.tokenizer(" " + (s.answer if kind == "answer" else s.caption), add_special_tokens=False)["input_ids"]
+            for s in samples
+        ]
         assert [seq.labels[i][seq.labels[i] != -100].tolist() for i in range(len(samples))] == [
-            a + [proc.tokenizer.eos_token_id] for a in ans]
+            a + [proc.tokenizer.eos_token_id] for a in ans
+        ]
     # text: the chat format with the caption in place of the picture, every token labelled
-    conv = [[{"role": "user", "content": [{"type": "text", "text": f"{s.caption} . {s.question}"}]},
-             {"role": "assistant", "content": [{"type": "text", "text": s.answer}]}] for s in samples]
+    conv = [
+        [
+            {"role": "user", "content": [{"type": "text", "text": f"{s.caption} . {s.question}"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": s.answer}]},
+        ]
+        for s in samples
+    ]
     ref = _right_padded(proc, [proc.apply_chat_template(c) for c in conv])
     seq = data.seqs["text"]
-    assert torch.equal(ref["input_ids"], seq.ids[:, :ref["input_ids"].shape[1]])
+    assert torch.equal(ref["input_ids"], seq.ids[:, : ref["input_ids"].shape[1]])
     assert torch.equal(seq.labels[seq.mask], seq.ids[seq.mask]) and (seq.labels[~seq.mask] == -100).all()
 
 
@@ -143,8 +154,10 @@ def test_clip_loss_equals_hf_clip_forward(random_organism):
         ref = clip(input_ids=s.ids, attention_mask=s.mask.long(), pixel_values=pix)
     assert torch.allclose(logits, ref.logits_per_image, atol=1e-4)
     target = torch.arange(len(logits))
-    expected = (torch.nn.functional.cross_entropy(ref.logits_per_image, target)
-                + torch.nn.functional.cross_entropy(ref.logits_per_text, target)) / 2
+    expected = (
+        torch.nn.functional.cross_entropy(ref.logits_per_image, target)
+        + torch.nn.functional.cross_entropy(ref.logits_per_text, target)
+    ) / 2
     assert torch.allclose(loss, expected, atol=1e-4)
     # pooled at <|end|>: the text encoder's eos id is <|end|>, not the BOS-like legacy argmax
     assert clip.config.text_config.eos_token_id == proc.tokenizer.eos_token_id
@@ -174,8 +187,20 @@ def test_train_checkpoints_resumes_and_saves(tmp_path):
     from vtrlab.organism.train import train_organism
 
     out = tmp_path / "org"
-    small = dict(device="cpu", n_train_per_family=2, n_val_per_family=1, clip_steps=1, text_steps=1, align_steps=1,
-                 instruct_steps=2, batch_size=2, eval_n=1, workers=1, log_every=1, eval_every=1000)
+    small = dict(
+        device="cpu",
+        n_train_per_family=2,
+        n_val_per_family=1,
+        clip_steps=1,
+        text_steps=1,
+        align_steps=1,
+        instruct_steps=2,
+        batch_size=2,
+        eval_n=1,
+        workers=1,
+        log_every=1,
+        eval_every=1000,
+    )
     rec = train_organism(out, max_minutes=0.0, **small)  # budget spent before the first step
     assert rec["finished"] is False and rec["calls"][-1]["stopped_at"] == {"stage": "clip", "step": 0}
     assert (tmp_path / "org.ckpt" / "state.pt").is_file() and not out.exists()
@@ -259,7 +284,6 @@ def test_bundle_batched_left_padding_equals_one_by_one(bundle):
     assert proc.tokenizer.padding_side == "left"
 
 
-@needs_bundle
 def test_bundle_is_small_and_sharded():
     files = list(BUNDLE.rglob("*.safetensors"))
     assert sum(f.stat().st_size for f in files) <= 50e6

@@ -26,8 +26,10 @@ def vlm():
 
 def _samples(n=5):
     rng = np.random.default_rng(0)
-    return [(Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)), PROMPTS[i % len(PROMPTS)])
-            for i in range(n)]
+    return [
+        (Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)), PROMPTS[i % len(PROMPTS)])
+        for i in range(n)
+    ]
 
 
 @pytest.mark.parametrize("queries", ["last", "question"])
@@ -38,7 +40,7 @@ def test_streamed_equals_capture_per_batch(vlm, queries, tmp_path):
     assert ds.sizes["sample"] == len(samples) and ds.sample_index.values.tolist() == list(range(len(samples)))
     seq_lens = set()
     for start in range(0, len(samples), 2):
-        chunk = samples[start: start + 2]
+        chunk = samples[start : start + 2]
         batch = vlm.prepare([c[0] for c in chunk], [c[1] for c in chunk])
         seq_lens.add(int(batch.inputs["input_ids"].shape[1]))
         ref = capture(vlm, batch, queries=queries, vision=True)
@@ -52,9 +54,9 @@ def test_streamed_equals_capture_per_batch(vlm, queries, tmp_path):
             got = ds.lm_attn.values[s][..., :n_rows, : len(pos)]
             np.testing.assert_array_equal(got, want)
             assert np.isnan(ds.lm_attn.values[s][..., n_rows:, :]).all()
-            assert np.isnan(ds.lm_attn.values[s][..., len(pos):]).all()
+            assert np.isnan(ds.lm_attn.values[s][..., len(pos) :]).all()
             np.testing.assert_array_equal(ds.token_position.values[s, : len(pos)], pos)
-            assert (ds.token_position.values[s, len(pos):] == -1).all()
+            assert (ds.token_position.values[s, len(pos) :] == -1).all()
             for lab in ("image", "row", "col"):
                 np.testing.assert_array_equal(ds[f"token_{lab}"].values[s, : len(pos)], tok[lab][1][b, : len(pos)])
             np.testing.assert_array_equal(ds.query_position.values[s, :n_rows], ref.query_position.values[b, :n_rows])

@@ -217,9 +217,9 @@ def test_manifest_roundtrip_and_errors(tmp_path):
     assert [r.question for r in recs] == [s.question for s in ss]
     assert [r.answer for r in recs] == [s.answer for s in ss]
     assert np.array_equal(np.asarray(recs[3].image), np.asarray(ss[3].image))
-    masks = np.load(tmp_path / "export" / "masks.npz")
-    assert np.array_equal(masks["relevance"][4], ss[4].relevance)
-    assert recs[0].meta["family"] == ss[0].family
+    # the pixel mask travels as a 1-bit PNG beside the picture and reads back exactly
+    assert np.array_equal(recs[4].pixel_mask > 0, np.asarray(ss[4].pixel_mask, dtype=bool))
+    assert recs[0].family == ss[0].family
     assert len(read_image_folder(tmp_path / "export" / "images", question="what ?")) == 5
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q"}\n')

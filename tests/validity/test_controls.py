@@ -110,8 +110,7 @@ def test_bootstrap_ci_covers_the_true_mean_at_about_the_nominal_rate():
 
 
 def test_ci_table_groups_and_columns():
-    df = pd.DataFrame({"family": ["a"] * 5 + ["b"] * 5, "layer": [0] * 10, "x": np.arange(10.0),
-                       "y": [np.nan] * 10})
+    df = pd.DataFrame({"family": ["a"] * 5 + ["b"] * 5, "layer": [0] * 10, "x": np.arange(10.0), "y": [np.nan] * 10})
     t = ctl.ci_table(df, ["family", "layer"], ["x", "y"], n_boot=100)
     assert list(t.columns) == ["family", "layer", "metric", "mean", "low", "high", "n"]
     row = t[(t.family == "b") & (t.metric == "x")].iloc[0]
@@ -151,8 +150,19 @@ def test_controlled_agreement_table_matches_metrics():
         truth[sample], objects[sample] = rel, obj
         for layer in range(2):
             r, c = np.divmod(np.arange(rows * cols), cols)
-            frames.append(pd.DataFrame({"sample": sample, "layer": layer, "image": 0, "tile": 0, "row": r, "col": c,
-                                        "score": rng.random(rows * cols)}))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "sample": sample,
+                        "layer": layer,
+                        "image": 0,
+                        "tile": 0,
+                        "row": r,
+                        "col": c,
+                        "score": rng.random(rows * cols),
+                    }
+                )
+            )
     scores = pd.concat(frames, ignore_index=True)
     t = actl.controlled_agreement(scores, truth, objects, families=["x", "y", "x"])
     assert len(t) == 6 and set(actl.METRICS) <= set(t.columns)
@@ -180,10 +190,14 @@ def test_accuracy_ci_metrics_and_prose_state_the_table():
     rows = []
     for fam in ("color", "reading"):
         for s in range(20):
-            rows += [{"sample": s, "family": fam, "method": "full", "ratio": 1.0, "correct": True},
-                     {"sample": s, "family": fam, "method": "no_image", "ratio": 0.0, "correct": False}]
+            rows += [
+                {"sample": s, "family": fam, "method": "full", "ratio": 1.0, "correct": True},
+                {"sample": s, "family": fam, "method": "no_image", "ratio": 0.0, "correct": False},
+            ]
             for m in ("selector", "random"):
-                rows.append({"sample": s, "family": fam, "method": m, "ratio": 0.3, "correct": bool(rng.random() < 0.6)})
+                rows.append(
+                    {"sample": s, "family": fam, "method": m, "ratio": 0.3, "correct": bool(rng.random() < 0.6)}
+                )
     sweep = pd.DataFrame(rows)
     ci = actl.accuracy_ci(sweep, n_boot=200)
     sel = sweep[(sweep.family == "reading") & (sweep.method == "selector")]["correct"].mean()

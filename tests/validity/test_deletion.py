@@ -36,8 +36,18 @@ def test_curve_areas_trapezoid_reference():
     rows = []
     for sample in range(2):
         for f, c, lp in ((0.0, 1, -0.1), (0.25, 1, -0.5), (0.5, 0, -2.0), (1.0, 0, -4.0)):
-            rows.append({"sample": sample, "family": "color", "signal": "s", "mode": "deletion", "fraction": f,
-                         "correct": bool(c), "logprob": lp + sample, "out_of_distribution": False})
+            rows.append(
+                {
+                    "sample": sample,
+                    "family": "color",
+                    "signal": "s",
+                    "mode": "deletion",
+                    "fraction": f,
+                    "correct": bool(c),
+                    "logprob": lp + sample,
+                    "out_of_distribution": False,
+                }
+            )
     curves = pd.DataFrame(rows)
     a = dl.curve_areas(curves)
     # accuracy 1, 1, 0, 0 at 0, .25, .5, 1: 0.25 + 0.125 = 0.375
@@ -78,11 +88,15 @@ def test_endpoints_equal_full_and_no_image_answers(organism_and_data):
     gold = _gold_ids(vlm, [s.answer for s in data])
     targets = torch.zeros(len(data), max(map(len, gold)), dtype=torch.long)
     for i, g in enumerate(gold):
-        targets[i, :len(g)] = torch.tensor(g)
+        targets[i, : len(g)] = torch.tensor(g)
     red = logits(vlm, batch, append=gold)
     full_lp = answer_logprob(red.appended, targets, red.appended_mask).numpy()
-    for (mode, f), expected, lp in ((("deletion", 0.0), full, full_lp), (("insertion", 1.0), full, full_lp),
-                                    (("deletion", 1.0), none, None), (("insertion", 0.0), none, None)):
+    for (mode, f), expected, lp in (
+        (("deletion", 0.0), full, full_lp),
+        (("insertion", 1.0), full, full_lp),
+        (("deletion", 1.0), none, None),
+        (("insertion", 0.0), none, None),
+    ):
         for sig in signals:
             d = curves[(curves["mode"] == mode) & (curves["fraction"] == f) & (curves["signal"] == sig)]
             assert d.sort_values("sample")["prediction"].tolist() == expected, (mode, f, sig)

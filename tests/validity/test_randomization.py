@@ -42,7 +42,7 @@ def test_cascade_steps_are_cumulative_from_the_top(tiny_llava):
     steps = rz.cascade_steps(tiny_llava)
     n_lm, n_v = len(tiny_llava.lm_layers), len(tiny_llava.vision_layers)
     assert len(steps) == 1 + n_lm + n_v and steps[0][1] == "trained" and steps[0][2] == []
-    assert [len(m) for _, _, m in steps[1:1 + n_lm]] == list(range(1, n_lm + 1))
+    assert [len(m) for _, _, m in steps[1 : 1 + n_lm]] == list(range(1, n_lm + 1))
     assert steps[1][2][0] is tiny_llava.lm_layers[-1]
     with pytest.raises(ValueError, match="stacks"):
         rz.cascade_steps(tiny_llava, stacks=("text",))

@@ -18,8 +18,11 @@ def _ci_rows(keys, metrics, **cols):
 
 
 def test_controls_per_layer_panels_and_agnostic_shading():
-    ci = _ci_rows([(f, lay) for f in ("color", "all") for lay in range(3)],
-                  ["auroc", "object_auroc", "objectness_auroc"], names=["family", "layer"])
+    ci = _ci_rows(
+        [(f, lay) for f in ("color", "all") for lay in range(3)],
+        ["auroc", "object_auroc", "objectness_auroc"],
+        names=["family", "layer"],
+    )
     fig = vpv.controls_per_layer(ci, {0: True, 1: False, 2: False})
     axes = [a for a in fig.axes if a.axison]
     assert len(axes) == 2 and [a.get_title() for a in axes] == ["color (n=4)", "all (n=4)"]
@@ -28,19 +31,28 @@ def test_controls_per_layer_panels_and_agnostic_shading():
 
 
 def test_deletion_and_randomization_figures():
-    curves = _ci_rows([(s, m, f) for s in ("a", "b") for m in ("deletion", "insertion") for f in (0, 0.05, 1.0)],
-                      ["accuracy"], names=["signal", "mode", "fraction"])
+    curves = _ci_rows(
+        [(s, m, f) for s in ("a", "b") for m in ("deletion", "insertion") for f in (0, 0.05, 1.0)],
+        ["accuracy"],
+        names=["signal", "mode", "fraction"],
+    )
     curves["out_of_distribution"] = curves["fraction"] == 0.05
     fig = vpv.deletion_curves_figure(curves)
     assert [a.get_title() for a in fig.axes] == ["deletion", "insertion"]
     plt.close(fig)
-    rz = _ci_rows([(i, n, "lm_attn.0") for i, n in enumerate(["trained", "lm.1", "lm.1-0"])], ["spearman", "auroc"],
-                  names=["step", "step_name", "signal"])
+    rz = _ci_rows(
+        [(i, n, "lm_attn.0") for i, n in enumerate(["trained", "lm.1", "lm.1-0"])],
+        ["spearman", "auroc"],
+        names=["step", "step_name", "signal"],
+    )
     fig = vpv.randomization_figure(rz)
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["trained", "lm.1", "lm.1-0"]
     plt.close(fig)
-    acc = _ci_rows([(f, m, r) for f in ("color",) for m in ("selector", "random") for r in (0.3, 0.5)], ["x"],
-                   names=["family", "method", "ratio"])
+    acc = _ci_rows(
+        [(f, m, r) for f in ("color",) for m in ("selector", "random") for r in (0.3, 0.5)],
+        ["x"],
+        names=["family", "method", "ratio"],
+    )
     full = pd.DataFrame([{"family": "color", "method": "full", "ratio": 1.0, "mean": 1.0, "low": 1, "high": 1, "n": 4}])
     fig = vpv.accuracy_per_family(pd.concat([acc, full], ignore_index=True))
     assert np.isclose(fig.axes[0].lines[-1].get_ydata()[0], 1.0)

@@ -6,7 +6,7 @@ returns a ``pandas.DataFrame`` with one row per observation; no I/O, no plotting
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -92,8 +92,9 @@ def vision_token_scores(ds: xr.Dataset) -> pd.DataFrame:
     return _token_table(scores, ds, "vision_layer", "vision_key", "vision_key_", image_kind="patch", pos_name="vpos")
 
 
-def _token_table(scores: xr.DataArray, ds: xr.Dataset, layer_dim: str, key_dim: str, prefix: str,
-                 image_kind: str, pos_name: str) -> pd.DataFrame:
+def _token_table(
+    scores: xr.DataArray, ds: xr.Dataset, layer_dim: str, key_dim: str, prefix: str, image_kind: str, pos_name: str
+) -> pd.DataFrame:
     frames = []
     layers = scores[layer_dim].values
     for b in range(ds.sizes["sample"]):
@@ -108,21 +109,24 @@ def _token_table(scores: xr.DataArray, ds: xr.Dataset, layer_dim: str, key_dim: 
         else:
             labels = {"position": sel, **labels}
         total = np.nansum(vals, 1, keepdims=True)
-        frame = pd.DataFrame({
-            "sample": b,
-            layer_dim: np.repeat(layers, sel.size),
-            **{k: np.tile(v, len(layers)) for k, v in labels.items()},
-            "score": vals.ravel(),
-            "share": (vals / np.where(total > 0, total, np.nan)).ravel(),
-        })
+        frame = pd.DataFrame(
+            {
+                "sample": b,
+                layer_dim: np.repeat(layers, sel.size),
+                **{k: np.tile(v, len(layers)) for k, v in labels.items()},
+                "score": vals.ravel(),
+                "share": (vals / np.where(total > 0, total, np.nan)).ravel(),
+            }
+        )
         frames.append(frame)
     if not frames:
         raise ValueError(f"no token of kind {image_kind!r} in this capture")
     return pd.concat(frames, ignore_index=True)
 
 
-def layer_agreement(scores: pd.DataFrame, metric: str = "spearman", k: int | float = 0.1,
-                    layer: str = "layer") -> pd.DataFrame:
+def layer_agreement(
+    scores: pd.DataFrame, metric: str = "spearman", k: int | float = 0.1, layer: str = "layer"
+) -> pd.DataFrame:
     """Agreement of per-sample token rankings between every pair of layers.
 
     ``scores``: a table from :func:`image_token_scores` / :func:`vision_token_scores`. ``k`` for the
@@ -141,8 +145,17 @@ def layer_agreement(scores: pd.DataFrame, metric: str = "spearman", k: int | flo
         args = (kk,) if metric.startswith("top_k") else ()
         m = fn(values[:, None], values[None, :], *args)
         la, lb = np.meshgrid(mat.index.to_numpy(), mat.index.to_numpy(), indexing="ij")
-        rows.append(pd.DataFrame({"sample": sample, "layer_a": la.ravel(), "layer_b": lb.ravel(),
-                                  "metric": metric, "value": np.asarray(m).ravel()}))
+        rows.append(
+            pd.DataFrame(
+                {
+                    "sample": sample,
+                    "layer_a": la.ravel(),
+                    "layer_b": lb.ravel(),
+                    "metric": metric,
+                    "value": np.asarray(m).ravel(),
+                }
+            )
+        )
     return pd.concat(rows, ignore_index=True)
 
 
@@ -162,9 +175,13 @@ def position_bias(scores: pd.DataFrame, layer: str = "layer") -> pd.DataFrame:
     return g.agg(mean_share="mean", n="count").reset_index()
 
 
-def ground_truth_agreement(scores: pd.DataFrame, relevance: Sequence[np.ndarray] | Mapping[int, np.ndarray],
-                           families: Sequence[str] | Mapping[int, str] | None = None, layer: str = "layer",
-                           tile: int = 0) -> pd.DataFrame:
+def ground_truth_agreement(
+    scores: pd.DataFrame,
+    relevance: Sequence[np.ndarray] | Mapping[int, np.ndarray],
+    families: Sequence[str] | Mapping[int, str] | None = None,
+    layer: str = "layer",
+    tile: int = 0,
+) -> pd.DataFrame:
     """Per sample and layer: AUROC of token scores against the relevance mask, and the pointing game.
 
     ``relevance[sample]`` is a boolean (rows, cols) mask over the patch grid of tile ``tile`` of the
@@ -178,13 +195,15 @@ def ground_truth_agreement(scores: pd.DataFrame, relevance: Sequence[np.ndarray]
         truth = grid_values(relevance[sample], (rows, cols), group["row"].to_numpy(), group["col"].to_numpy())
         truth = truth.astype(bool)
         s = group["score"].to_numpy()
-        out.append({
-            "sample": sample,
-            "family": None if families is None else families[sample],
-            layer: lay,
-            "auroc": float(agreement.auroc(s, truth)),
-            "pointing": float(agreement.pointing_game(s, truth)),
-        })
+        out.append(
+            {
+                "sample": sample,
+                "family": None if families is None else families[sample],
+                layer: lay,
+                "auroc": float(agreement.auroc(s, truth)),
+                "pointing": float(agreement.pointing_game(s, truth)),
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -215,8 +234,15 @@ def share_by_layer_head(share: pd.DataFrame) -> pd.DataFrame:
     return share.pivot_table(index="layer", columns="head", values="share", aggfunc="mean")
 
 
-def token_values(scores: pd.DataFrame, sample: int, layer: int, positions, value: str = "share",
-                 layer_col: str = "layer", position_col: str = "position") -> np.ndarray:
+def token_values(
+    scores: pd.DataFrame,
+    sample: int,
+    layer: int,
+    positions,
+    value: str = "share",
+    layer_col: str = "layer",
+    position_col: str = "position",
+) -> np.ndarray:
     """One sample/layer's values aligned with ``positions`` (e.g. ``layout.image_positions``)."""
     sub = scores[(scores["sample"] == sample) & (scores[layer_col] == layer)].set_index(position_col)[value]
     missing = np.setdiff1d(np.asarray(positions), sub.index.to_numpy())

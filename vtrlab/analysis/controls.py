@@ -47,10 +47,14 @@ def object_grids(layouts: Sequence, records: Sequence, tile: int = 0) -> list[np
     return out
 
 
-def controlled_agreement(scores: pd.DataFrame, relevance: Mapping[int, np.ndarray] | Sequence,
-                         objects: Mapping[int, np.ndarray | None] | Sequence | None = None,
-                         families: Mapping[int, str] | Sequence[str] | None = None, layer: str = "layer",
-                         tile: int = 0) -> pd.DataFrame:
+def controlled_agreement(
+    scores: pd.DataFrame,
+    relevance: Mapping[int, np.ndarray] | Sequence,
+    objects: Mapping[int, np.ndarray | None] | Sequence | None = None,
+    families: Mapping[int, str] | Sequence[str] | None = None,
+    layer: str = "layer",
+    tile: int = 0,
+) -> pd.DataFrame:
     """Per sample and layer: AUROC and pointing game against ``relevance`` (bool grid per sample, as in
     :func:`vtrlab.analysis.attention.ground_truth_agreement`), with the controls beside them.
 
@@ -68,10 +72,16 @@ def controlled_agreement(scores: pd.DataFrame, relevance: Mapping[int, np.ndarra
         truth = grid_values(relevance[sample], (rows, cols), *rc).astype(bool)
         obj_grid = None if objects is None else objects[sample]
         s = group["score"].to_numpy(dtype=np.float64)
-        row = {"sample": sample, "family": None if families is None else families[sample], layer: lay,
-               "auroc": float(agreement.auroc(s, truth)), "pointing": float(agreement.pointing_game(s, truth)),
-               "lift": float(controls.relevant_lift(np.clip(s, 0, None), truth)),
-               "object_auroc": np.nan, "objectness_auroc": np.nan}
+        row = {
+            "sample": sample,
+            "family": None if families is None else families[sample],
+            layer: lay,
+            "auroc": float(agreement.auroc(s, truth)),
+            "pointing": float(agreement.pointing_game(s, truth)),
+            "lift": float(controls.relevant_lift(np.clip(s, 0, None), truth)),
+            "object_auroc": np.nan,
+            "objectness_auroc": np.nan,
+        }
         if obj_grid is not None:
             obj = grid_values(obj_grid, (rows, cols), *rc).astype(bool)
             row["object_auroc"] = float(controls.object_auroc(s, truth, obj))
@@ -91,8 +101,9 @@ def question_agnostic_table(ds, layouts: Sequence, start: int = 0, bidirectional
     for b, layout in enumerate(layouts):
         q = qpos[b][np.isfinite(qpos[b])].astype(np.int64)
         for lay in ds["layer"].values:
-            flag = controls.question_agnostic(int(lay), q, layout.image_positions, layout.question_positions,
-                                              bidirectional_image=bidirectional_image)
+            flag = controls.question_agnostic(
+                int(lay), q, layout.image_positions, layout.question_positions, bidirectional_image=bidirectional_image
+            )
             rows.append({"sample": start + b, "layer": int(lay), "question_agnostic": bool(flag)})
     return pd.DataFrame(rows, columns=["sample", "layer", "question_agnostic"])
 
@@ -102,8 +113,9 @@ def agnostic_layers(flags: pd.DataFrame) -> dict[int, bool]:
     return {int(k): bool(v) for k, v in flags.groupby("layer")["question_agnostic"].all().items()}
 
 
-def controls_ci(table: pd.DataFrame, layer: str = "layer", n_boot: int = 1000, seed: int = 0,
-                by_family: bool = True) -> pd.DataFrame:
+def controls_ci(
+    table: pd.DataFrame, layer: str = "layer", n_boot: int = 1000, seed: int = 0, by_family: bool = True
+) -> pd.DataFrame:
     """Mean and percentile-bootstrap 95% CI over samples of every metric of :func:`controlled_agreement`,
     per family and layer, plus family ``"all"`` (every sample pooled). Columns: family, <layer>, metric,
     mean, low, high, n."""
@@ -113,8 +125,9 @@ def controls_ci(table: pd.DataFrame, layer: str = "layer", n_boot: int = 1000, s
     return pd.concat(parts, ignore_index=True)
 
 
-def controls_summary(ci: pd.DataFrame, agnostic: Mapping[int, bool] | None = None, layer: str = "layer",
-                     prefix: str = "lm") -> dict:
+def controls_summary(
+    ci: pd.DataFrame, agnostic: Mapping[int, bool] | None = None, layer: str = "layer", prefix: str = "lm"
+) -> dict:
     """Metrics to log from :func:`controls_ci`: per family, the best layer by AUROC (and whether it is
     question-agnostic), the best question-aware layer by object AUROC, and the objectness baseline, each
     with its CI. Keys: ``<prefix>_<what>/<family>``; values are floats, ints or bools (JSON-ready)."""
@@ -126,26 +139,32 @@ def controls_summary(ci: pd.DataFrame, agnostic: Mapping[int, bool] | None = Non
         if au.empty:
             continue
         best = int(au.idxmax())
-        out |= {f"{prefix}_best_layer/{fam}": best,
-                f"{prefix}_best_auroc/{fam}": float(au[best]),
-                f"{prefix}_best_auroc_low/{fam}": float(by["auroc"].loc[best, "low"]),
-                f"{prefix}_best_auroc_high/{fam}": float(by["auroc"].loc[best, "high"]),
-                f"{prefix}_best_layer_question_agnostic/{fam}": bool(agnostic.get(best, False)),
-                f"{prefix}_n/{fam}": int(by["auroc"].loc[best, "n"])}
+        out |= {
+            f"{prefix}_best_layer/{fam}": best,
+            f"{prefix}_best_auroc/{fam}": float(au[best]),
+            f"{prefix}_best_auroc_low/{fam}": float(by["auroc"].loc[best, "low"]),
+            f"{prefix}_best_auroc_high/{fam}": float(by["auroc"].loc[best, "high"]),
+            f"{prefix}_best_layer_question_agnostic/{fam}": bool(agnostic.get(best, False)),
+            f"{prefix}_n/{fam}": int(by["auroc"].loc[best, "n"]),
+        }
         ob = by["objectness_auroc"]["mean"].dropna()
         if not ob.empty:
             first = ob.index[0]
-            out |= {f"{prefix}_objectness_auroc/{fam}": float(ob[first]),
-                    f"{prefix}_objectness_auroc_low/{fam}": float(by["objectness_auroc"].loc[first, "low"]),
-                    f"{prefix}_objectness_auroc_high/{fam}": float(by["objectness_auroc"].loc[first, "high"])}
+            out |= {
+                f"{prefix}_objectness_auroc/{fam}": float(ob[first]),
+                f"{prefix}_objectness_auroc_low/{fam}": float(by["objectness_auroc"].loc[first, "low"]),
+                f"{prefix}_objectness_auroc_high/{fam}": float(by["objectness_auroc"].loc[first, "high"]),
+            }
         oa = by["object_auroc"]["mean"].dropna()
         oa = oa[[not agnostic.get(int(k), False) for k in oa.index]]
         if not oa.empty:
             ob_best = int(oa.idxmax())
-            out |= {f"{prefix}_best_object_layer/{fam}": ob_best,
-                    f"{prefix}_best_object_auroc/{fam}": float(oa[ob_best]),
-                    f"{prefix}_best_object_auroc_low/{fam}": float(by["object_auroc"].loc[ob_best, "low"]),
-                    f"{prefix}_best_object_auroc_high/{fam}": float(by["object_auroc"].loc[ob_best, "high"])}
+            out |= {
+                f"{prefix}_best_object_layer/{fam}": ob_best,
+                f"{prefix}_best_object_auroc/{fam}": float(oa[ob_best]),
+                f"{prefix}_best_object_auroc_low/{fam}": float(by["object_auroc"].loc[ob_best, "low"]),
+                f"{prefix}_best_object_auroc_high/{fam}": float(by["object_auroc"].loc[ob_best, "high"]),
+            }
     if agnostic:
         out[f"{prefix}_question_agnostic_layers"] = [int(k) for k, v in sorted(agnostic.items()) if v]
     return out
@@ -157,8 +176,10 @@ def controls_prose(metrics: Mapping, prefix: str = "lm", what: str = "LM attenti
     lines = [f"{what}:"] if fams else []
     ag = metrics.get(f"{prefix}_question_agnostic_layers")
     if ag is not None and fams:
-        lines.append("question-agnostic layers (cannot rank image tokens by the question): "
-                     + (", ".join(map(str, ag)) if ag else "none"))
+        lines.append(
+            "question-agnostic layers (cannot rank image tokens by the question): "
+            + (", ".join(map(str, ag)) if ag else "none")
+        )
 
     def num(key):  # metrics.json stores NaN as the string "nan"
         return float(metrics[key])
@@ -173,12 +194,19 @@ def controls_prose(metrics: Mapping, prefix: str = "lm", what: str = "LM attenti
             s += " (a question-agnostic layer)"
         if f"{prefix}_objectness_auroc/{fam}" in metrics:
             low, high = num(f"{prefix}_best_auroc_low/{fam}"), num(f"{prefix}_objectness_auroc_high/{fam}")
-            verdict = ("cannot yet be compared (too few samples for a CI) with" if not np.isfinite(low + high)
-                       else "beats" if low > high else "does not clearly beat")
+            verdict = (
+                "cannot yet be compared (too few samples for a CI) with"
+                if not np.isfinite(low + high)
+                else "beats"
+                if low > high
+                else "does not clearly beat"
+            )
             s += f"; it {verdict} the objectness baseline {ci(f'{prefix}_objectness_auroc', fam)}"
         if f"{prefix}_best_object_auroc/{fam}" in metrics:
-            s += (f"; target vs distractor objects: best {'question-aware ' if ag is not None else ''}layer "
-                  f"{metrics[f'{prefix}_best_object_layer/{fam}']}, AUROC {ci(f'{prefix}_best_object_auroc', fam)}")
+            s += (
+                f"; target vs distractor objects: best {'question-aware ' if ag is not None else ''}layer "
+                f"{metrics[f'{prefix}_best_object_layer/{fam}']}, AUROC {ci(f'{prefix}_best_object_auroc', fam)}"
+            )
         lines.append("  " + s + ".")
     return lines
 
@@ -192,9 +220,14 @@ def object_tokens(layout, record) -> np.ndarray | None:
     return None if mask is None else np.nan_to_num(token_coverage(layout, mask), nan=0.0) > 0
 
 
-def token_controls(scores: Sequence[np.ndarray], relevant: Sequence[np.ndarray | None],
-                   objects: Sequence[np.ndarray | None], families: Sequence[str], signal: str = "signal",
-                   start: int = 0) -> pd.DataFrame:
+def token_controls(
+    scores: Sequence[np.ndarray],
+    relevant: Sequence[np.ndarray | None],
+    objects: Sequence[np.ndarray | None],
+    families: Sequence[str],
+    signal: str = "signal",
+    start: int = 0,
+) -> pd.DataFrame:
     """Per sample, for per-image-token ``scores`` (e.g. a selector's logits): auroc, object_auroc,
     objectness_auroc (lift is left out: scores need not be non-negative). Samples without ground truth, or
     whose tokens are all or none relevant, are skipped. Columns: sample, family, signal, auroc,
@@ -204,8 +237,14 @@ def token_controls(scores: Sequence[np.ndarray], relevant: Sequence[np.ndarray |
         if rel is None or rel.all() or not rel.any():
             continue
         s = np.asarray(s, dtype=np.float64)
-        row = {"sample": start + i, "family": fam, "signal": signal, "auroc": float(agreement.auroc(s, rel)),
-               "object_auroc": np.nan, "objectness_auroc": np.nan}
+        row = {
+            "sample": start + i,
+            "family": fam,
+            "signal": signal,
+            "auroc": float(agreement.auroc(s, rel)),
+            "object_auroc": np.nan,
+            "objectness_auroc": np.nan,
+        }
         if obj is not None:
             row["object_auroc"] = float(controls.object_auroc(s, rel, obj))
             row["objectness_auroc"] = float(controls.objectness_auroc(obj, rel))
@@ -216,8 +255,13 @@ def token_controls(scores: Sequence[np.ndarray], relevant: Sequence[np.ndarray |
 def accuracy_ci(sweep: pd.DataFrame, by: str = "family", n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Accuracy of a keep-ratio sweep (``correct`` per sample) per ``by`` (family or group), method and
     ratio, with a percentile-bootstrap 95% CI over samples. Columns: <by>, method, ratio, mean, low, high, n."""
-    t = controls.ci_table(sweep.assign(correct=sweep["correct"].astype(np.float64)), [by, "method", "ratio"],
-                          "correct", n_boot=n_boot, seed=seed)
+    t = controls.ci_table(
+        sweep.assign(correct=sweep["correct"].astype(np.float64)),
+        [by, "method", "ratio"],
+        "correct",
+        n_boot=n_boot,
+        seed=seed,
+    )
     return t.drop(columns="metric")
 
 
@@ -226,14 +270,19 @@ def accuracy_metrics(ci: pd.DataFrame, by: str = "family") -> dict:
     out = {}
     for _, r in ci.iterrows():
         key = f"acc/{r[by]}/{r['method']}/{float(r['ratio']):.2f}"
-        out |= {key: float(r["mean"]), f"{key}_low": float(r["low"]), f"{key}_high": float(r["high"]),
-                f"{key}_n": int(r["n"])}
+        out |= {
+            key: float(r["mean"]),
+            f"{key}_low": float(r["low"]),
+            f"{key}_high": float(r["high"]),
+            f"{key}_n": int(r["n"]),
+        }
     return out
 
 
 def accuracy_prose(metrics: Mapping, ratios: Sequence[float]) -> list[str]:
     """One line per family or group in ``metrics`` (:func:`accuracy_metrics`): full and no-image accuracy,
     then selector and random at each ratio, each with its 95% CI. Every number comes from ``metrics``."""
+
     def val(key):
         return float(metrics[key]) if key in metrics else float("nan")
 
@@ -249,7 +298,9 @@ def accuracy_prose(metrics: Mapping, ratios: Sequence[float]) -> list[str]:
         parts = [f"full {ci(f'acc/{g}/full/1.00')}", f"no image {ci(f'acc/{g}/no_image/0.00')}"]
         for r in ratios:
             if 0 < r < 1:
-                parts.append(f"{r:.0%}: selector {ci(f'acc/{g}/selector/{r:.2f}')} vs random {ci(f'acc/{g}/random/{r:.2f}')}")
+                parts.append(
+                    f"{r:.0%}: selector {ci(f'acc/{g}/selector/{r:.2f}')} vs random {ci(f'acc/{g}/random/{r:.2f}')}"
+                )
         lines.append(f"{g} (n={n}): " + "; ".join(parts))
     return lines
 

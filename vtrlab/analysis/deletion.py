@@ -81,10 +81,18 @@ def _correct(prediction: str, sample: Any) -> bool:
     return answer_accuracy(prediction, list(getattr(sample, "answers", None) or [sample.answer])) == 1.0
 
 
-def deletion_curves(vlm: Any, data: Sequence[Any], signals: Mapping[str, Sequence[np.ndarray | None]],
-                    fractions: Sequence[float] = FRACTIONS, modes: Sequence[str] = MODES, batch_size: int = 16,
-                    max_new_tokens: int = 6, seed: int = 0, ood_below: float = OOD_BELOW,
-                    progress: bool = False) -> pd.DataFrame:
+def deletion_curves(
+    vlm: Any,
+    data: Sequence[Any],
+    signals: Mapping[str, Sequence[np.ndarray | None]],
+    fractions: Sequence[float] = FRACTIONS,
+    modes: Sequence[str] = MODES,
+    batch_size: int = 16,
+    max_new_tokens: int = 6,
+    seed: int = 0,
+    ood_below: float = OOD_BELOW,
+    progress: bool = False,
+) -> pd.DataFrame:
     """Answers of ``vlm`` on ``data`` (records with image, question, answer(s), family or group) as image
     tokens are removed (``deletion``) or added (``insertion``) in each signal's order.
 
@@ -114,26 +122,35 @@ def deletion_curves(vlm: Any, data: Sequence[Any], signals: Mapping[str, Sequenc
             raise ValueError(f"signal {name!r} has {len(per)} entries for {len(data)} samples; need one per sample")
     rows = []
     for start in range(0, len(data), batch_size):
-        chunk = list(data[start:start + batch_size])
+        chunk = list(data[start : start + batch_size])
         batch = vlm.prepare([s.image for s in chunk], [s.question for s in chunk])
         n = [lay.n_image_tokens for lay in batch.layouts]
         dec = decoder_inputs(vlm, batch)
         gold = _gold_ids(vlm, [s.answer for s in chunk])
         targets = torch.zeros(len(chunk), max(len(g) for g in gold), dtype=torch.long)
         for i, g in enumerate(gold):
-            targets[i, :len(g)] = torch.tensor(g)
+            targets[i, : len(g)] = torch.tensor(g)
         plans: list[tuple[str, str, float, list[np.ndarray | None]]] = []
         for name, per in signals.items():
-            scores = list(per[start:start + len(chunk)])
+            scores = list(per[start : start + len(chunk)])
             for i, sc in enumerate(scores):
                 if sc is not None and np.asarray(sc).shape != (n[i],):
-                    raise ValueError(f"signal {name!r}, sample {start + i}: {np.asarray(sc).shape} scores for "
-                                     f"{n[i]} image tokens")
+                    raise ValueError(
+                        f"signal {name!r}, sample {start + i}: {np.asarray(sc).shape} scores for {n[i]} image tokens"
+                    )
             for mode in modes:
                 for f in fractions:
-                    plans.append((name, mode, f, [None if sc is None else
-                                                  keep_mask(sc, f, mode, seed=[seed, start + i])
-                                                  for i, sc in enumerate(scores)]))
+                    plans.append(
+                        (
+                            name,
+                            mode,
+                            f,
+                            [
+                                None if sc is None else keep_mask(sc, f, mode, seed=[seed, start + i])
+                                for i, sc in enumerate(scores)
+                            ],
+                        )
+                    )
         cache: dict[bytes, tuple[list[str], np.ndarray]] = {}
         for name, mode, f, masks in plans:
             full = [np.ones(k, dtype=bool) if m is None else m for m, k in zip(masks, n)]  # skipped: any mask
@@ -148,15 +165,27 @@ def deletion_curves(vlm: Any, data: Sequence[Any], signals: Mapping[str, Sequenc
                 if m is None:
                     continue
                 share = m.sum() / max(n[i], 1)
-                rows.append({"sample": start + i, "family": getattr(s, "family", None), "signal": name, "mode": mode,
-                             "fraction": f, "kept": int(m.sum()), "kept_share": float(share),
-                             "out_of_distribution": bool(0 < share < ood_below), "prediction": preds[i],
-                             "correct": _correct(preds[i], s), "logprob": float(lp[i])})
+                rows.append(
+                    {
+                        "sample": start + i,
+                        "family": getattr(s, "family", None),
+                        "signal": name,
+                        "mode": mode,
+                        "fraction": f,
+                        "kept": int(m.sum()),
+                        "kept_share": float(share),
+                        "out_of_distribution": bool(0 < share < ood_below),
+                        "prediction": preds[i],
+                        "correct": _correct(preds[i], s),
+                        "logprob": float(lp[i]),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
-def curve_table(curves: pd.DataFrame, by: Sequence[str] = ("signal", "mode", "fraction"), n_boot: int = 1000,
-                seed: int = 0) -> pd.DataFrame:
+def curve_table(
+    curves: pd.DataFrame, by: Sequence[str] = ("signal", "mode", "fraction"), n_boot: int = 1000, seed: int = 0
+) -> pd.DataFrame:
     """Mean accuracy and answer log-prob per signal, mode and fraction with bootstrap 95% CIs over samples.
     Columns: <by>, metric (accuracy, logprob), mean, low, high, n, out_of_distribution (any sample's
     condition flagged)."""
@@ -176,14 +205,17 @@ def curve_areas(curves: pd.DataFrame) -> pd.DataFrame:
         g = g.sort_values("fraction")
         x = g["fraction"].to_numpy(dtype=np.float64)
         span = x[-1] - x[0] if x.size > 1 else np.nan
-        area = {f"auc_{c}": float(np.trapezoid(g[v].to_numpy(dtype=np.float64), x) / span) if x.size > 1 else np.nan
-                for c, v in (("accuracy", "correct"), ("logprob", "logprob"))}
+        area = {
+            f"auc_{c}": float(np.trapezoid(g[v].to_numpy(dtype=np.float64), x) / span) if x.size > 1 else np.nan
+            for c, v in (("accuracy", "correct"), ("logprob", "logprob"))
+        }
         rows.append({"sample": sample, "family": g["family"].iloc[0], "signal": signal, "mode": mode, **area})
     return pd.DataFrame(rows, columns=["sample", "family", "signal", "mode", "auc_accuracy", "auc_logprob"])
 
 
-def area_table(curves: pd.DataFrame, by: Sequence[str] = ("signal", "mode"), n_boot: int = 1000,
-               seed: int = 0) -> pd.DataFrame:
+def area_table(
+    curves: pd.DataFrame, by: Sequence[str] = ("signal", "mode"), n_boot: int = 1000, seed: int = 0
+) -> pd.DataFrame:
     """Mean area under each curve (:func:`curve_areas`) with bootstrap 95% CIs: the causal ranking of
     signals (deletion: lower is better; insertion: higher is better). Columns: <by>, metric, mean, low,
     high, n."""

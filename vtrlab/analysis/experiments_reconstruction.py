@@ -7,7 +7,8 @@ of ``vtrlab.analysis.reconstruction``.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -73,9 +74,18 @@ def keep_ratio_sweep(
         for method, r, keep in plans:
             preds = answer(vlm, batch, keep=keep, max_new_tokens=max_new_tokens, decoder_inputs=dec)
             for i, (s, p) in enumerate(zip(chunk, preds)):
-                rows.append({"sample": a + i, "family": s.family, "method": method, "ratio": r, "prediction": p,
-                             "answer": s.answer, "correct": _correct(p, s),
-                             "kept": int(n[i] if keep is None else keep[i].sum())})
+                rows.append(
+                    {
+                        "sample": a + i,
+                        "family": s.family,
+                        "method": method,
+                        "ratio": r,
+                        "prediction": p,
+                        "answer": s.answer,
+                        "correct": _correct(p, s),
+                        "kept": int(n[i] if keep is None else keep[i].sum()),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -238,6 +248,5 @@ def context_diagnostic(
             for name, keep in plans.items():
                 preds = answer(vlm, b, keep=keep, max_new_tokens=max_new_tokens, decoder_inputs=dec)
                 for s, pred, m in zip(chunk, preds, keep):
-                    rows.append({"family": fam, "plan": name, "correct": _correct(pred, s),
-                                 "kept": int(m.sum())})
+                    rows.append({"family": fam, "plan": name, "correct": _correct(pred, s), "kept": int(m.sum())})
     return pd.DataFrame(rows)

@@ -67,13 +67,18 @@ def token_scores_vs_truth(tokens: pd.DataFrame) -> pd.DataFrame:
         obj = g["object"].to_numpy(dtype=bool)
         inside = obj
         total = np.nanmean(s)
-        out.append({
-            "signal": signal, "sample": sample, "family": g["family"].iloc[0], "layer": layer,
-            "auroc": float(agreement.auroc(s, rel)),
-            "auroc_objects": float(agreement.auroc(s[inside], rel[inside])) if inside.any() else np.nan,
-            "lift": float(np.nanmean(s[rel]) / total) if rel.any() and total > 0 else np.nan,
-            "objectness_auroc": float(agreement.auroc(obj.astype(float), rel)),
-        })
+        out.append(
+            {
+                "signal": signal,
+                "sample": sample,
+                "family": g["family"].iloc[0],
+                "layer": layer,
+                "auroc": float(agreement.auroc(s, rel)),
+                "auroc_objects": float(agreement.auroc(s[inside], rel[inside])) if inside.any() else np.nan,
+                "lift": float(np.nanmean(s[rel]) / total) if rel.any() and total > 0 else np.nan,
+                "objectness_auroc": float(agreement.auroc(obj.astype(float), rel)),
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -107,14 +112,18 @@ def summary_lines(metrics: dict) -> list[str]:
     lines = []
     edges = sorted({k.split("/")[1] for k in metrics if k.startswith("knockout/")})
     for e in edges:
-        lines.append(f"Cutting {e} hurts most in the window starting at layer "
-                     f"{metrics[f'knockout/{e}/worst_window_start']}: p(answer) changes by "
-                     f"{metrics[f'knockout/{e}/relative_change']:+.1%} "
-                     f"(accuracy {metrics[f'knockout/{e}/accuracy']:.2f}).")
+        lines.append(
+            f"Cutting {e} hurts most in the window starting at layer "
+            f"{metrics[f'knockout/{e}/worst_window_start']}: p(answer) changes by "
+            f"{metrics[f'knockout/{e}/relative_change']:+.1%} "
+            f"(accuracy {metrics[f'knockout/{e}/accuracy']:.2f})."
+        )
     signals = sorted({k.split("/")[1] for k in metrics if k.startswith("truth/")})
     for s in signals:
-        lines.append(f"{s}: best AUROC against the relevant patches {metrics[f'truth/{s}/auroc']:.3f} at layer "
-                     f"{metrics[f'truth/{s}/best_layer']} (among object patches "
-                     f"{metrics[f'truth/{s}/auroc_objects']:.3f}; objectness baseline "
-                     f"{metrics[f'truth/{s}/objectness_auroc']:.3f}).")
+        lines.append(
+            f"{s}: best AUROC against the relevant patches {metrics[f'truth/{s}/auroc']:.3f} at layer "
+            f"{metrics[f'truth/{s}/best_layer']} (among object patches "
+            f"{metrics[f'truth/{s}/auroc_objects']:.3f}; objectness baseline "
+            f"{metrics[f'truth/{s}/objectness_auroc']:.3f})."
+        )
     return lines

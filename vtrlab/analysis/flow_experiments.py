@@ -39,8 +39,16 @@ def patch_edges(layouts, relevant: Sequence[np.ndarray], rng: np.random.Generato
     return {"relevant→last": (rel_keys, "last"), "irrelevant→last": (irr_keys, "last")}
 
 
-def run_flow(vlm, samples: Sequence, *, window: int = 9, layers="all", batch_size: int = 4, seed: int = 0,
-             signals: Sequence[str] = SIGNALS) -> dict[str, pd.DataFrame]:
+def run_flow(
+    vlm,
+    samples: Sequence,
+    *,
+    window: int = 9,
+    layers="all",
+    batch_size: int = 4,
+    seed: int = 0,
+    signals: Sequence[str] = SIGNALS,
+) -> dict[str, pd.DataFrame]:
     """Sweep and signal frames for synthetic ``samples`` (``vtrlab.data.synthetic.Sample``).
 
     Returns ``{"sweep": (edge, window_start, window_stop, sample, family, relative_change, correct),
@@ -54,7 +62,7 @@ def run_flow(vlm, samples: Sequence, *, window: int = 9, layers="all", batch_siz
     rng = np.random.default_rng(seed)
     sweeps, tokens = [], []
     for start in range(0, len(samples), batch_size):
-        chunk = list(samples[start:start + batch_size])
+        chunk = list(samples[start : start + batch_size])
         batch = vlm.prepare([s.image for s in chunk], [s.question for s in chunk])
         layouts = list(batch.layouts)
         truth = [_truth(L, s) for L, s in zip(layouts, chunk)]
@@ -68,8 +76,9 @@ def run_flow(vlm, samples: Sequence, *, window: int = 9, layers="all", batch_siz
         sweeps.append(df.drop(columns="window"))
         per_key = {}  # signal -> (B, L, N) score per sequence position
         if "attention" in signals:
-            per_key["attention"] = capture(vlm, batch, queries="last", layers=lay, vision=False,
-                                           head_mean=True).lm_attn.values[:, :, 0]
+            per_key["attention"] = capture(
+                vlm, batch, queries="last", layers=lay, vision=False, head_mean=True
+            ).lm_attn.values[:, :, 0]
         if "rollout" in signals:
             per_key["rollout"] = rollout(vlm, batch, queries="last", layers=lay).rollout.values[:, :, 0]
         if "saliency" in signals:
@@ -88,8 +97,20 @@ def run_flow(vlm, samples: Sequence, *, window: int = 9, layers="all", batch_siz
                 scores["logit_lens"] = lens.target_prob.values[b, :, idx, 0].T  # (L, tokens)
             for name, sc in scores.items():
                 for li, layer in enumerate(lay):
-                    tokens.append(pd.DataFrame({
-                        "signal": name, "sample": start + b, "family": s.family, "layer": layer, "position": pos,
-                        "row": rows, "col": cols, "score": sc[li], "relevant": rel, "object": obj,
-                    }))
+                    tokens.append(
+                        pd.DataFrame(
+                            {
+                                "signal": name,
+                                "sample": start + b,
+                                "family": s.family,
+                                "layer": layer,
+                                "position": pos,
+                                "row": rows,
+                                "col": cols,
+                                "score": sc[li],
+                                "relevant": rel,
+                                "object": obj,
+                            }
+                        )
+                    )
     return {"sweep": pd.concat(sweeps, ignore_index=True), "tokens": pd.concat(tokens, ignore_index=True)}

@@ -100,8 +100,10 @@ def attention_signals(vlm: Any, batch: Any, layers="all", vision: bool = True) -
     out: dict[str, list[np.ndarray]] = {}
     lm = image_token_scores(ds)
     for lay, g in lm.groupby("layer", sort=True):
-        out[f"lm_attn.{int(lay)}"] = [g[g["sample"] == b].set_index("position").loc[lay_.image_positions, "score"]
-                                      .fillna(0.0).to_numpy() for b, lay_ in enumerate(batch.layouts)]
+        out[f"lm_attn.{int(lay)}"] = [
+            g[g["sample"] == b].set_index("position").loc[lay_.image_positions, "score"].fillna(0.0).to_numpy()
+            for b, lay_ in enumerate(batch.layouts)
+        ]
     if vision and "vision_attn" in ds:
         vt = vision_token_scores(ds)
         vt = vt[(vt["image"] == 0) & (vt["tile"] == 0)]
@@ -116,15 +118,21 @@ def attention_signals(vlm: Any, batch: Any, layers="all", vision: bool = True) -
                 if grid.shape[0] < lm_grid[0]:
                     raise ValueError(f"vision grid {grid.shape} is coarser than the LM grid {lm_grid}")
                 fr, fc = grid.shape[0] // lm_grid[0], grid.shape[1] // lm_grid[1]
-                pooled = grid[:fr * lm_grid[0], :fc * lm_grid[1]].reshape(lm_grid[0], fr, lm_grid[1], fc).mean((1, 3))
+                pooled = grid[: fr * lm_grid[0], : fc * lm_grid[1]].reshape(lm_grid[0], fr, lm_grid[1], fc).mean((1, 3))
                 per.append(grid_values(pooled, lm_grid, layout.row[sel], layout.col[sel]))
             out[f"cls_attn.{int(lay)}"] = per
     return out
 
 
-def randomization_check(vlm: Any, batch: Any, signal_fn: SignalFn = attention_signals,
-                        relevance: Sequence[np.ndarray | None] | None = None, stacks: Sequence[str] = ("lm", "vision"),
-                        seed: int = 0, families: Sequence[str] | None = None) -> pd.DataFrame:
+def randomization_check(
+    vlm: Any,
+    batch: Any,
+    signal_fn: SignalFn = attention_signals,
+    relevance: Sequence[np.ndarray | None] | None = None,
+    stacks: Sequence[str] = ("lm", "vision"),
+    seed: int = 0,
+    families: Sequence[str] | None = None,
+) -> pd.DataFrame:
     """Run the cascade on one batch. Per step, signal and sample: spearman (with the trained model's map)
     and auroc (against ``relevance[i]``, bool per image token; NaN without it). Columns: step (0 =
     trained), step_name, stack, signal, sample, family, spearman, auroc. The model is restored after
@@ -142,15 +150,24 @@ def randomization_check(vlm: Any, batch: Any, signal_fn: SignalFn = attention_si
                 s = np.asarray(s, dtype=np.float64)
                 rel = None if relevance is None else relevance[b]
                 ok = rel is not None and rel.any() and not rel.all()
-                rows.append({"step": i, "step_name": name, "stack": stack, "signal": sname, "sample": b,
-                             "family": None if families is None else families[b],
-                             "spearman": float(agreement.spearman(s, np.asarray(trained[sname][b], dtype=np.float64))),
-                             "auroc": float(agreement.auroc(s, rel)) if ok else np.nan})
+                rows.append(
+                    {
+                        "step": i,
+                        "step_name": name,
+                        "stack": stack,
+                        "signal": sname,
+                        "sample": b,
+                        "family": None if families is None else families[b],
+                        "spearman": float(agreement.spearman(s, np.asarray(trained[sname][b], dtype=np.float64))),
+                        "auroc": float(agreement.auroc(s, rel)) if ok else np.nan,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
 def randomization_ci(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Mean Spearman and AUROC per step and signal with bootstrap 95% CIs over samples. Columns: step,
     step_name, stack, signal, metric, mean, low, high, n."""
-    return controls.ci_table(table, ["step", "step_name", "stack", "signal"], ["spearman", "auroc"], n_boot=n_boot,
-                             seed=seed)
+    return controls.ci_table(
+        table, ["step", "step_name", "stack", "signal"], ["spearman", "auroc"], n_boot=n_boot, seed=seed
+    )

@@ -7,7 +7,7 @@ per-token and per-layer reconstruction errors are verbs of ``vtrlab.recon``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import xarray as xr

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -73,16 +73,22 @@ def recall_table(tokens: pd.DataFrame) -> pd.DataFrame:
         n_rel = int(g["relevant"].sum())
         if n_rel == 0:
             continue
-        rows.append(dict(zip(["method", "seed", "budget", "sample"], key),
-                         recall=float((g["kept"] & g["relevant"]).sum() / n_rel),
-                         chance=float(g["kept"].mean())))
+        rows.append(
+            dict(
+                zip(["method", "seed", "budget", "sample"], key),
+                recall=float((g["kept"] & g["relevant"]).sum() / n_rel),
+                chance=float(g["kept"].mean()),
+            )
+        )
     per = pd.DataFrame(rows)
     out = per.groupby(["method", "seed", "budget"], as_index=False).agg(
-        recall=("recall", "mean"), chance=("chance", "mean"), n=("recall", "size"))
+        recall=("recall", "mean"), chance=("chance", "mean"), n=("recall", "size")
+    )
     rnd = out[out["method"] == RANDOM]
     if len(rnd):  # random keep: also the mean over seeds (seed -1), as for the other methods
-        mean = rnd.groupby("budget", as_index=False).agg(recall=("recall", "mean"), chance=("chance", "mean"),
-                                                          n=("n", "sum"))
+        mean = rnd.groupby("budget", as_index=False).agg(
+            recall=("recall", "mean"), chance=("chance", "mean"), n=("n", "sum")
+        )
         out = pd.concat([out, mean.assign(method=RANDOM, seed=-1)], ignore_index=True)
     return out
 
@@ -136,8 +142,10 @@ def agreement_matrices(tokens: pd.DataFrame, budget: float) -> tuple[pd.DataFram
             spr[a, b] = np.mean(ss) if ss else np.nan
     order = _cluster_order(jac)
     lab = [labels[i] for i in order]
-    return (pd.DataFrame(jac[np.ix_(order, order)], index=lab, columns=lab),
-            pd.DataFrame(spr[np.ix_(order, order)], index=lab, columns=lab))
+    return (
+        pd.DataFrame(jac[np.ix_(order, order)], index=lab, columns=lab),
+        pd.DataFrame(spr[np.ix_(order, order)], index=lab, columns=lab),
+    )
 
 
 def oracle_agreement(tokens: pd.DataFrame, answers: pd.DataFrame, oracle: str = "oracle") -> pd.DataFrame:
@@ -152,8 +160,9 @@ def oracle_agreement(tokens: pd.DataFrame, answers: pd.DataFrame, oracle: str = 
             union = (ko | km).sum()
             js.append((ko & km).sum() / union if union else 1.0)
         acc = answers[(answers["method"] == m) & (answers["seed"] == s) & np.isclose(answers["budget"], b)]
-        rows.append(dict(method=m, seed=s, budget=b, jaccard_oracle=float(np.mean(js)),
-                         accuracy=float(acc["correct"].mean())))
+        rows.append(
+            dict(method=m, seed=s, budget=b, jaccard_oracle=float(np.mean(js)), accuracy=float(acc["correct"].mean()))
+        )
     return pd.DataFrame(rows)
 
 
@@ -202,8 +211,10 @@ def summary_lines(acc: pd.DataFrame, recall: pd.DataFrame, pred: pd.DataFrame) -
         if len(rnd):
             r = rnd.iloc[0]
             beat = g[(g["method"] != RANDOM) & (g["accuracy_lo"] > r["band_hi"])]["method"].tolist()
-            lines.append(f"  random over seeds {r['band_lo']:.2f}-{r['band_hi']:.2f}; methods whose CI lies above "
-                         f"the random band: {', '.join(beat) if beat else 'none'}; best non-oracle: {best['method']}.")
+            lines.append(
+                f"  random over seeds {r['band_lo']:.2f}-{r['band_hi']:.2f}; methods whose CI lies above "
+                f"the random band: {', '.join(beat) if beat else 'none'}; best non-oracle: {best['method']}."
+            )
     rec = recall[recall["seed"] == -1]
     for b, g in rec.groupby("budget"):
         parts = ", ".join(f"{r.method} {r.recall:.2f}" for r in g.sort_values("recall", ascending=False).itertuples())
@@ -212,6 +223,8 @@ def summary_lines(acc: pd.DataFrame, recall: pd.DataFrame, pred: pd.DataFrame) -
             metrics[f"recall_{r.method}_{b:g}"] = float(r.recall)
     for r in pred.itertuples():
         metrics[f"oracle_agreement_accuracy_spearman_{r.budget:g}"] = r.spearman
-        lines.append(f"At {r.budget:.0%}, agreement with the oracle vs accuracy across {r.n_methods} runs: "
-                     f"Spearman {r.spearman:.2f}.")
+        lines.append(
+            f"At {r.budget:.0%}, agreement with the oracle vs accuracy across {r.n_methods} runs: "
+            f"Spearman {r.spearman:.2f}."
+        )
     return lines, metrics

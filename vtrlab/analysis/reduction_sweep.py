@@ -17,7 +17,8 @@ layers are scaled by depth (:func:`depth_scaled_params`), and the parameters use
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -104,9 +105,22 @@ def reduction_sweep(
         full_lp = answer_logprob(full.appended, app_t, full.appended_mask)
         rel = [relevance_per_token(lay, s.relevance) for lay, s in zip(batch.layouts, chunk)]
         for i, s in enumerate(chunk):
-            ans_rows.append(dict(sample=start + i, family=s.family, method="full", seed=-1, budget=1.0,
-                                 prediction=full_pred[i], answer=s.answer, correct=exact_match(full_pred[i], s.answer),
-                                 logprob=float(full_lp[i]), kl=0.0, kept=batch.layouts[i].n_image_tokens, params="{}"))
+            ans_rows.append(
+                dict(
+                    sample=start + i,
+                    family=s.family,
+                    method="full",
+                    seed=-1,
+                    budget=1.0,
+                    prediction=full_pred[i],
+                    answer=s.answer,
+                    correct=exact_match(full_pred[i], s.answer),
+                    logprob=float(full_lp[i]),
+                    kl=0.0,
+                    kept=batch.layouts[i].n_image_tokens,
+                    params="{}",
+                )
+            )
         for name in methods:
             run_seeds = list(seeds) if name == RANDOM else [-1]
             for seed in run_seeds:
@@ -119,10 +133,17 @@ def reduction_sweep(
                     b = float(b)
                     m = get(name, **params)
                     rec = apply(vlm, batch, m, keep=b)
-                    pred = answer(vlm, batch, keep=b, method=m, max_new_tokens=max_new_tokens,
-                                  decoder_inputs=None if m.stage == "lm" else dec)
-                    red = logits(vlm, batch, keep=b, method=m, append=gold,
-                                 decoder_inputs=None if m.stage == "lm" else dec)
+                    pred = answer(
+                        vlm,
+                        batch,
+                        keep=b,
+                        method=m,
+                        max_new_tokens=max_new_tokens,
+                        decoder_inputs=None if m.stage == "lm" else dec,
+                    )
+                    red = logits(
+                        vlm, batch, keep=b, method=m, append=gold, decoder_inputs=None if m.stage == "lm" else dec
+                    )
                     lp = answer_logprob(red.appended, app_t, red.appended_mask)
                     kl = kl_divergence(full.last, red.last)
                     shown = json.dumps({k: v for k, v in params.items() if k != "relevance"}, default=str)
@@ -130,15 +151,41 @@ def reduction_sweep(
                         n = lay.n_image_tokens
                         kept = rec.kept.values[i, -1, :n]
                         score = rec.score.values[i, 0, :n]
-                        ans_rows.append(dict(sample=start + i, family=s.family, method=name, seed=int(seed), budget=b,
-                                             prediction=pred[i], answer=s.answer,
-                                             correct=exact_match(pred[i], s.answer), logprob=float(lp[i]),
-                                             kl=float(kl[i]), kept=int(kept.sum()), params=shown))
+                        ans_rows.append(
+                            dict(
+                                sample=start + i,
+                                family=s.family,
+                                method=name,
+                                seed=int(seed),
+                                budget=b,
+                                prediction=pred[i],
+                                answer=s.answer,
+                                correct=exact_match(pred[i], s.answer),
+                                logprob=float(lp[i]),
+                                kl=float(kl[i]),
+                                kept=int(kept.sum()),
+                                params=shown,
+                            )
+                        )
                         img = lay.kind == KIND_IMAGE
-                        tok_rows.append(pd.DataFrame(dict(
-                            sample=start + i, family=s.family, method=name, seed=int(seed), budget=b,
-                            token=np.arange(n), tile=lay.tile[img], row=lay.row[img], col=lay.col[img],
-                            kept=kept, score=score, relevant=rel[i])))
+                        tok_rows.append(
+                            pd.DataFrame(
+                                dict(
+                                    sample=start + i,
+                                    family=s.family,
+                                    method=name,
+                                    seed=int(seed),
+                                    budget=b,
+                                    token=np.arange(n),
+                                    tile=lay.tile[img],
+                                    row=lay.row[img],
+                                    col=lay.col[img],
+                                    kept=kept,
+                                    score=score,
+                                    relevant=rel[i],
+                                )
+                            )
+                        )
     answers_df = pd.DataFrame(ans_rows)
     tokens_df = pd.concat(tok_rows, ignore_index=True) if tok_rows else pd.DataFrame()
     return answers_df, tokens_df

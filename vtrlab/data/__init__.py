@@ -17,8 +17,24 @@ from .sources import Data, export_organism, load_data
 from .synthetic import FAMILIES, Sample, blank_like, generate, make_sample, relevance_from_mask
 
 __all__ = [
-    "FAMILIES", "Data", "Record", "Sample", "accuracy", "answer_accuracy", "blank_like", "export_organism",
-    "format_prompt", "generate", "load_data", "make_sample", "normalize_answer", "read_image_folder",
-    "read_manifest", "relevance_from_mask", "relevant_tokens", "token_coverage", "token_relevance",
+    "FAMILIES",
+    "Data",
+    "Record",
+    "Sample",
+    "accuracy",
+    "answer_accuracy",
+    "blank_like",
+    "export_organism",
+    "format_prompt",
+    "generate",
+    "load_data",
+    "make_sample",
+    "normalize_answer",
+    "read_image_folder",
+    "read_manifest",
+    "relevance_from_mask",
+    "relevant_tokens",
+    "token_coverage",
+    "token_relevance",
     "write_manifest",
 ]

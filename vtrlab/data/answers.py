@@ -24,6 +24,8 @@ def format_prompt(question: str, template: str = "{question}") -> str:
     except ValueError as e:
         raise ValueError(f"prompt_template={template!r} is not a valid template ({e})") from None
     if fields != ["question"]:
-        raise ValueError(f"prompt_template={template!r} must contain the field {{question}} exactly once and no "
-                         f"other field (found: {fields}); write literal braces as {{{{ and }}}}")
+        raise ValueError(
+            f"prompt_template={template!r} must contain the field {{question}} exactly once and no "
+            f"other field (found: {fields}); write literal braces as {{{{ and }}}}"
+        )
     return template.format(question=question)

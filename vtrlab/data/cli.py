@@ -7,8 +7,11 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Data for the notebooks: check a source, export the organism's samples.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="Data for the notebooks: check a source, export the organism's samples.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 
 @app.command("check")
@@ -28,9 +31,18 @@ def check(
     from vtrlab.data.sources import load_data
 
     try:
-        d = load_data(data, n_samples=n_samples, seed=seed, question=question, image_column=image_column,
-                      question_column=question_column, answer_column=answer_column, boxes_column=boxes_column,
-                      mask_column=mask_column, box_format=box_format)
+        d = load_data(
+            data,
+            n_samples=n_samples,
+            seed=seed,
+            question=question,
+            image_column=image_column,
+            question_column=question_column,
+            answer_column=answer_column,
+            boxes_column=boxes_column,
+            mask_column=mask_column,
+            box_format=box_format,
+        )
         for r in d:  # every picture opens and every box / mask fits its picture
             size = r.image_size()
             if r.has_ground_truth:
@@ -39,12 +51,14 @@ def check(
                 pixel_mask_for(r, size)
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, ImportError) as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     with_gt = sum(r.has_ground_truth for r in d)
     with_answers = sum(bool(r.answers) for r in d)
     typer.echo(json.dumps(d.identity, indent=2))
-    typer.echo(f"{len(d)} samples: {with_answers} with answers, {with_gt} with ground truth (boxes or masks); "
-               f"groups: {', '.join(sorted(set(d.groups)))}")
+    typer.echo(
+        f"{len(d)} samples: {with_answers} with answers, {with_gt} with ground truth (boxes or masks); "
+        f"groups: {', '.join(sorted(set(d.groups)))}"
+    )
 
 
 @app.command("export-organism")
@@ -61,5 +75,5 @@ def export(
         path = export_organism(out, n_samples=n_samples, seed=seed, family=family)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     typer.echo(str(path))

@@ -50,8 +50,12 @@ def _cumulative(mask: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     i0 = np.minimum(np.floor(y).astype(int), h - 1)
     j0 = np.minimum(np.floor(x).astype(int), w - 1)
     a, b = x - j0, y - i0
-    return (sat[i0, j0] * (1 - a) * (1 - b) + sat[i0, j0 + 1] * a * (1 - b)
-            + sat[i0 + 1, j0] * (1 - a) * b + sat[i0 + 1, j0 + 1] * a * b)
+    return (
+        sat[i0, j0] * (1 - a) * (1 - b)
+        + sat[i0, j0 + 1] * a * (1 - b)
+        + sat[i0 + 1, j0] * (1 - a) * b
+        + sat[i0 + 1, j0 + 1] * a * b
+    )
 
 
 def box_coverage(mask: np.ndarray, x0, y0, x1, y1) -> np.ndarray:
@@ -69,8 +73,12 @@ def box_coverage(mask: np.ndarray, x0, y0, x1, y1) -> np.ndarray:
     cy0, cy1 = np.clip(np.where(ok, y0, 0), 0, h), np.clip(np.where(ok, y1, 0), 0, h)
     area = (cx1 - cx0) * (cy1 - cy0)
     ok &= area > 0
-    integral = (_cumulative(mask, cx1, cy1) - _cumulative(mask, cx0, cy1)
-                - _cumulative(mask, cx1, cy0) + _cumulative(mask, cx0, cy0))
+    integral = (
+        _cumulative(mask, cx1, cy1)
+        - _cumulative(mask, cx0, cy1)
+        - _cumulative(mask, cx1, cy0)
+        + _cumulative(mask, cx0, cy0)
+    )
     out = np.full(x0.shape, np.nan)
     out[ok] = np.clip(integral[ok] / area[ok], 0.0, 1.0)
     return out
@@ -87,8 +95,10 @@ def pixel_mask_for(sample, image_size: tuple[int, int]) -> np.ndarray | None:
     boxes = sample.pixel_boxes(image_size) if hasattr(sample, "pixel_boxes") else None
     name = getattr(sample, "id", None) or getattr(sample, "question", "sample")
     if mask is not None and mask.shape != (image_size[1], image_size[0]):
-        raise ValueError(f"{name}: mask is {mask.shape[1]}x{mask.shape[0]} but the picture is "
-                         f"{image_size[0]}x{image_size[1]} (width x height)")
+        raise ValueError(
+            f"{name}: mask is {mask.shape[1]}x{mask.shape[0]} but the picture is "
+            f"{image_size[0]}x{image_size[1]} (width x height)"
+        )
     if boxes is not None:
         from_boxes = rasterize_boxes(boxes, image_size)
         mask = from_boxes if mask is None else np.maximum(mask, from_boxes)
@@ -109,8 +119,10 @@ def token_coverage(layout, mask: np.ndarray, image: int = 0) -> np.ndarray:
         raise ValueError(f"image={image}: this layout holds {len(sizes)} picture(s)")
     mask = np.asarray(mask, dtype=np.float64)
     if sizes and mask.shape != (sizes[image][1], sizes[image][0]):
-        raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} (width x height) but picture {image} of this "
-                         f"layout is {sizes[image][0]}x{sizes[image][1]}")
+        raise ValueError(
+            f"mask is {mask.shape[1]}x{mask.shape[0]} (width x height) but picture {image} of this "
+            f"layout is {sizes[image][0]}x{sizes[image][1]}"
+        )
     cov = box_coverage(mask, *(np.asarray(getattr(layout, c))[sel] for c in ("x0", "y0", "x1", "y1")))
     cov[np.asarray(layout.image)[sel] != image] = np.nan
     return cov
@@ -136,8 +148,7 @@ def relevant_tokens(layout, sample, threshold: float = 0.0, image: int = 0) -> n
     return None if cov is None else np.nan_to_num(cov, nan=0.0) > threshold
 
 
-def relevance_grid(layout, coverage: np.ndarray, threshold: float = 0.0, tile: int = 0,
-                   image: int = 0) -> np.ndarray:
+def relevance_grid(layout, coverage: np.ndarray, threshold: float = 0.0, tile: int = 0, image: int = 0) -> np.ndarray:
     """Boolean (rows, cols) mask on the layout's grid of (image, tile): coverage > ``threshold``.
 
     The form ``vtrlab.analysis.attention.ground_truth_agreement`` reads; for the organism with its
@@ -147,8 +158,9 @@ def relevance_grid(layout, coverage: np.ndarray, threshold: float = 0.0, tile: i
     return np.nan_to_num(grid, nan=0.0) > threshold
 
 
-def batch_relevance(layouts: Sequence, records: Sequence, threshold: float = 0.0,
-                    tile: int = 0) -> list[np.ndarray | None]:
+def batch_relevance(
+    layouts: Sequence, records: Sequence, threshold: float = 0.0, tile: int = 0
+) -> list[np.ndarray | None]:
     """``relevance_grid`` for each (layout, record) pair; None for records without ground truth."""
     if len(layouts) != len(records):
         raise ValueError(f"{len(layouts)} layouts for {len(records)} records")

@@ -57,12 +57,14 @@ def _open_rgb(source: Any) -> Image.Image:
     if isinstance(source, str) and source.startswith(SKIMAGE_PREFIX):
         from vtrlab.data.photos import skimage_photo
 
-        return skimage_photo(source[len(SKIMAGE_PREFIX):])
+        return skimage_photo(source[len(SKIMAGE_PREFIX) :])
     if isinstance(source, (str, os.PathLike)):
         with Image.open(source) as im:
             return im.convert("RGB")
-    raise TypeError(f"cannot read an image from {type(source).__name__}; accepted: a path, "
-                    "'skimage:<name>', encoded bytes, a PIL image, a numpy array or a callable returning one")
+    raise TypeError(
+        f"cannot read an image from {type(source).__name__}; accepted: a path, "
+        "'skimage:<name>', encoded bytes, a PIL image, a numpy array or a callable returning one"
+    )
 
 
 def read_mask(source: Any) -> np.ndarray:
@@ -123,12 +125,16 @@ def parse_answers(value: Any, where: str = "answers") -> tuple[str, ...]:
             if isinstance(a, dict) and "answer" in a:
                 a = a["answer"]
             if not isinstance(a, (str, int, float)) or isinstance(a, bool):
-                raise ValueError(f"{where}: answer {a!r} is not a string (accepted: a string, a list of strings, "
-                                 "or a list of {{'answer': str}} objects)")
+                raise ValueError(
+                    f"{where}: answer {a!r} is not a string (accepted: a string, a list of strings, "
+                    "or a list of {{'answer': str}} objects)"
+                )
             out.append(str(a))
         return tuple(out)
-    raise ValueError(f"{where}: {value!r} is not an answer (accepted: a string, a list of strings, "
-                     "or a list of {'answer': str} objects)")
+    raise ValueError(
+        f"{where}: {value!r} is not an answer (accepted: a string, a list of strings, "
+        "or a list of {'answer': str} objects)"
+    )
 
 
 @dataclass
@@ -194,9 +200,11 @@ class Record:
         """Boxes as pixel corners (n, 4) [x0, y0, x1, y1] in the original picture, or None."""
         if self.boxes is None:
             return None
-        return to_pixel_boxes(self.boxes, self.box_format,
-                              image_size if image_size is not None or "norm" not in self.box_format
-                              else self.image_size())
+        return to_pixel_boxes(
+            self.boxes,
+            self.box_format,
+            image_size if image_size is not None or "norm" not in self.box_format else self.image_size(),
+        )
 
     @property
     def pixel_mask(self) -> np.ndarray | None:
@@ -229,7 +237,7 @@ def _resolve(value: str, base: Path, where: str) -> Any:
     if value.startswith(SKIMAGE_PREFIX):
         from vtrlab.data.photos import check_skimage_name
 
-        check_skimage_name(value[len(SKIMAGE_PREFIX):], where)
+        check_skimage_name(value[len(SKIMAGE_PREFIX) :], where)
         return value
     p = Path(value)
     p = p if p.is_absolute() else base / p
@@ -252,18 +260,35 @@ def read_manifest(path: str | os.PathLike, *, box_format: str = "xyxy") -> list[
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict) or "image" not in row:
-            raise ValueError(f"{path}:{lineno}: each line needs an object with an 'image' key "
-                             "(accepted keys: image, question, answer/answers, boxes, mask, group/family, id; "
-                             "others are kept as meta)")
+            raise ValueError(
+                f"{path}:{lineno}: each line needs an object with an 'image' key "
+                "(accepted keys: image, question, answer/answers, boxes, mask, group/family, id; "
+                "others are kept as meta)"
+            )
         rows.append((lineno, row))
-    return [record_from_row(row, base=path.parent, where=f"{path}:{lineno}", default_id=str(lineno - 1),
-                            box_format=box_format) for lineno, row in rows]
+    return [
+        record_from_row(
+            row, base=path.parent, where=f"{path}:{lineno}", default_id=str(lineno - 1), box_format=box_format
+        )
+        for lineno, row in rows
+    ]
 
 
-def record_from_row(row: dict, *, base: Path, where: str, default_id: str, box_format: str = "xyxy",
-                    image_column: str = "image", question_column: str = "question",
-                    answer_column: str | None = None, boxes_column: str = "boxes", mask_column: str = "mask",
-                    group_column: str | None = None, id_column: str = "id") -> Record:
+def record_from_row(
+    row: dict,
+    *,
+    base: Path,
+    where: str,
+    default_id: str,
+    box_format: str = "xyxy",
+    image_column: str = "image",
+    question_column: str = "question",
+    answer_column: str | None = None,
+    boxes_column: str = "boxes",
+    mask_column: str = "mask",
+    group_column: str | None = None,
+    id_column: str = "id",
+) -> Record:
     """One row (a dict) → ``Record``; string image/mask values are paths relative to ``base``."""
     row = dict(row)
     if image_column not in row:
@@ -304,8 +329,9 @@ def record_from_row(row: dict, *, base: Path, where: str, default_id: str, box_f
     )
 
 
-def read_image_folder(folder: str | os.PathLike, question: str | None = None,
-                      extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Record]:
+def read_image_folder(
+    folder: str | os.PathLike, question: str | None = None, extensions: Sequence[str] = IMAGE_EXTENSIONS
+) -> list[Record]:
     """Every picture in ``folder`` (sorted by name, not recursive), each with the same question."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -332,9 +358,16 @@ def write_manifest(samples, folder: str | os.PathLike) -> Path:
             name = f"{i:06d}_{s.family}.png"
             s.image.save(tmp / "images" / name)
             Image.fromarray(np.asarray(s.pixel_mask, dtype=bool)).save(tmp / "masks" / name)
-            row = {"id": f"organism-{s.seed}-{s.index}-{s.family}", "image": f"images/{name}",
-                   "question": s.question, "answers": [s.answer], "group": s.family, "mask": f"masks/{name}",
-                   "seed": s.seed, "index": s.index}
+            row = {
+                "id": f"organism-{s.seed}-{s.index}-{s.family}",
+                "image": f"images/{name}",
+                "question": s.question,
+                "answers": [s.answer],
+                "group": s.family,
+                "mask": f"masks/{name}",
+                "seed": s.seed,
+                "index": s.index,
+            }
             lines.append(json.dumps(row))
         (tmp / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     return folder / "manifest.jsonl"

@@ -19,8 +19,10 @@ MANIFEST = Path(__file__).resolve().parents[2] / "data" / "photos" / "manifest.j
 
 def check_skimage_name(name: str, where: str = "image") -> None:
     if name not in PHOTOS:
-        raise ValueError(f"{where}: 'skimage:{name}' is not a shipped photograph; accepted: "
-                         + ", ".join(f"skimage:{p}" for p in PHOTOS))
+        raise ValueError(
+            f"{where}: 'skimage:{name}' is not a shipped photograph; accepted: "
+            + ", ".join(f"skimage:{p}" for p in PHOTOS)
+        )
 
 
 def skimage_photo(name: str) -> Image.Image:

@@ -106,7 +106,7 @@ class Data:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}; must be a positive integer")
         for start in range(0, len(self.records), batch_size):
-            yield start, self.records[start:start + batch_size]
+            yield start, self.records[start : start + batch_size]
 
 
 class LazyImages(Sequence):
@@ -169,12 +169,25 @@ def content_hash(records: Sequence[Record]) -> str:
     return h.hexdigest()
 
 
-def load_data(data: str | os.PathLike = "organism", *, n_samples: int | None = None, seed: int = 0,
-              family: str | Sequence[str] | None = None, question: str | None = None,
-              image_column: str = "image", question_column: str = "question", answer_column: str | None = None,
-              boxes_column: str = "boxes", mask_column: str = "mask", group_column: str | None = None,
-              id_column: str = "id", box_format: str = "xyxy", split: str | None = None,
-              root: str | os.PathLike | None = None, per_group: bool = False) -> Data:
+def load_data(
+    data: str | os.PathLike = "organism",
+    *,
+    n_samples: int | None = None,
+    seed: int = 0,
+    family: str | Sequence[str] | None = None,
+    question: str | None = None,
+    image_column: str = "image",
+    question_column: str = "question",
+    answer_column: str | None = None,
+    boxes_column: str = "boxes",
+    mask_column: str = "mask",
+    group_column: str | None = None,
+    id_column: str = "id",
+    box_format: str = "xyxy",
+    split: str | None = None,
+    root: str | os.PathLike | None = None,
+    per_group: bool = False,
+) -> Data:
     """Load ``data`` (see the module docstring) as ``Data``.
 
     ``family`` filters by group (the organism's task family, or a manifest's ``group``) before
@@ -196,9 +209,16 @@ def load_data(data: str | os.PathLike = "organism", *, n_samples: int | None = N
         raise TypeError(f"data={data!r}; accepted: {', '.join(map(repr, BUILTIN))} or a path")
     if str(data) == "organism":
         return _organism(n_samples if n_samples is not None else 64, seed, families, per_group)
-    columns = dict(image_column=image_column, question_column=question_column, answer_column=answer_column,
-                   boxes_column=boxes_column, mask_column=mask_column, group_column=group_column,
-                   id_column=id_column, box_format=box_format)
+    columns = dict(
+        image_column=image_column,
+        question_column=question_column,
+        answer_column=answer_column,
+        boxes_column=boxes_column,
+        mask_column=mask_column,
+        group_column=group_column,
+        id_column=id_column,
+        box_format=box_format,
+    )
     if str(data) == "photos":
         from vtrlab.data.photos import photos_manifest
 
@@ -208,8 +228,10 @@ def load_data(data: str | os.PathLike = "organism", *, n_samples: int | None = N
         if root is not None and not path.is_absolute():
             path = Path(root) / path
         if not path.exists():
-            raise FileNotFoundError(f"data={str(data)!r} does not exist; accepted: {', '.join(map(repr, BUILTIN))}, "
-                                    "a .jsonl/.json/.parquet file, an image folder or a saved HF dataset folder")
+            raise FileNotFoundError(
+                f"data={str(data)!r} does not exist; accepted: {', '.join(map(repr, BUILTIN))}, "
+                "a .jsonl/.json/.parquet file, an image folder or a saved HF dataset folder"
+            )
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
             kind, rows, source_hash = "hf_dataset", None, None
@@ -218,13 +240,16 @@ def load_data(data: str | os.PathLike = "organism", *, n_samples: int | None = N
             if question is None:
                 raise ValueError(f"data={str(data)!r} is an image folder: pass question= (asked of every picture)")
             records = read_image_folder(path, question)
-            source_hash = hashlib.sha256("\n".join(f"{r.id}:{os.path.getsize(r.image_source)}"
-                                                   for r in records).encode()).hexdigest()
+            source_hash = hashlib.sha256(
+                "\n".join(f"{r.id}:{os.path.getsize(r.image_source)}" for r in records).encode()
+            ).hexdigest()
     else:
         kind = FILE_KINDS.get(path.suffix.lower())
         if kind is None:
-            raise ValueError(f"data={str(data)!r}: unknown file type {path.suffix!r}; accepted: "
-                             f"{', '.join(FILE_KINDS)}, an image folder or a saved HF dataset folder")
+            raise ValueError(
+                f"data={str(data)!r}: unknown file type {path.suffix!r}; accepted: "
+                f"{', '.join(FILE_KINDS)}, an image folder or a saved HF dataset folder"
+            )
         source_hash = _sha256_file(path)
     if kind == "image_folder":
         pass
@@ -234,8 +259,10 @@ def load_data(data: str | os.PathLike = "organism", *, n_samples: int | None = N
         records, source_hash = _hf_records(path, split, families, n_samples, seed, columns)
     else:
         rows = _read_rows(path, kind)
-        records = [record_from_row(row, base=path.parent, where=f"{path}:{i + 1}", default_id=str(i), **columns)
-                   for i, row in enumerate(rows)]
+        records = [
+            record_from_row(row, base=path.parent, where=f"{path}:{i + 1}", default_id=str(i), **columns)
+            for i, row in enumerate(rows)
+        ]
     if kind != "hf_dataset":
         records = _select(records, families, n_samples, seed, str(data), per_group)
     if question is not None:
@@ -244,12 +271,21 @@ def load_data(data: str | os.PathLike = "organism", *, n_samples: int | None = N
                 r.question = question
     missing = [r.id for r in records if not r.question]
     if missing:
-        raise ValueError(f"data={str(data)!r}: records {missing[:5]} have no question "
-                         f"(column {question_column!r}); pass question= or question_column=")
-    identity = {"data": str(data), "kind": kind, "path": str(path.resolve()), "source_sha256": source_hash,
-                "content_sha256": content_hash(records), "n_samples": len(records), "seed": seed,
-                "family": family if family is None or isinstance(family, str) else ",".join(family),
-                "per_group": per_group}
+        raise ValueError(
+            f"data={str(data)!r}: records {missing[:5]} have no question "
+            f"(column {question_column!r}); pass question= or question_column="
+        )
+    identity = {
+        "data": str(data),
+        "kind": kind,
+        "path": str(path.resolve()),
+        "source_sha256": source_hash,
+        "content_sha256": content_hash(records),
+        "n_samples": len(records),
+        "seed": seed,
+        "family": family if family is None or isinstance(family, str) else ",".join(family),
+        "per_group": per_group,
+    }
     return Data(records, identity)
 
 
@@ -291,7 +327,7 @@ def _read_rows(path: Path, kind: str) -> list[dict]:
         if isinstance(obj, dict) and isinstance(obj.get("data"), list):
             obj = obj["data"]
         if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
-            raise ValueError(f"{path}: a JSON data file holds a list of row objects (or {{\"data\": [...]}})")
+            raise ValueError(f'{path}: a JSON data file holds a list of row objects (or {{"data": [...]}})')
         return obj
     import pyarrow.parquet as pq
 
@@ -302,8 +338,10 @@ def _hf_records(path: Path, split, families, n_samples, seed, columns) -> tuple[
     try:
         import datasets
     except ImportError:
-        raise ImportError(f"data={str(path)!r} is a saved Hugging Face dataset; reading it needs the `datasets` "
-                          "package: pip install 'vtrlab[hf]'") from None
+        raise ImportError(
+            f"data={str(path)!r} is a saved Hugging Face dataset; reading it needs the `datasets` "
+            "package: pip install 'vtrlab[hf]'"
+        ) from None
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         if split is None:
@@ -362,23 +400,37 @@ def _organism(n_samples: int, seed: int, families, per_group: bool = False) -> D
     else:
         samples = generate(n_samples, seed=seed, family=families)
     records = [organism_record(s) for s in samples]
-    identity = {"data": "organism", "kind": "organism", "path": None, "source_sha256": None,
-                "content_sha256": content_hash(records), "n_samples": len(records), "seed": seed,
-                "family": None if families is None else ",".join(families), "per_group": per_group}
+    identity = {
+        "data": "organism",
+        "kind": "organism",
+        "path": None,
+        "source_sha256": None,
+        "content_sha256": content_hash(records),
+        "n_samples": len(records),
+        "seed": seed,
+        "family": None if families is None else ",".join(families),
+        "per_group": per_group,
+    }
     return Data(records, identity)
 
 
 def organism_record(s) -> Record:
     """A synthetic organism sample as a ``Record`` (its pixel mask is the ground truth)."""
-    return Record(id=f"organism-{s.seed}-{s.index}-{s.family}", image_source=s.image, question=s.question,
-                  answers=(s.answer,), mask=np.asarray(s.pixel_mask, dtype=bool), group=s.family,
-                  relevance=np.asarray(s.relevance, dtype=bool),
-                  meta={"seed": s.seed, "index": s.index, "choices": s.choices,
-                        "object_mask": np.asarray(s.object_map) > 0})  # all objects: the objectness control
+    return Record(
+        id=f"organism-{s.seed}-{s.index}-{s.family}",
+        image_source=s.image,
+        question=s.question,
+        answers=(s.answer,),
+        mask=np.asarray(s.pixel_mask, dtype=bool),
+        group=s.family,
+        relevance=np.asarray(s.relevance, dtype=bool),
+        meta={"seed": s.seed, "index": s.index, "choices": s.choices, "object_mask": np.asarray(s.object_map) > 0},
+    )  # all objects: the objectness control
 
 
-def export_organism(folder: str | os.PathLike, n_samples: int = 64, seed: int = 0,
-                    family: str | Sequence[str] | None = None) -> Path:
+def export_organism(
+    folder: str | os.PathLike, n_samples: int = 64, seed: int = 0, family: str | Sequence[str] | None = None
+) -> Path:
     """Write the organism samples ``load_data("organism", n_samples=..., seed=..., family=...)`` returns
     as a manifest (PNG pictures, PNG pixel masks); returns the manifest path."""
     from vtrlab.data.manifest import write_manifest

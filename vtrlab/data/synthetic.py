@@ -73,8 +73,22 @@ POSITION_MARGIN = 12  # px between a position question's object centre and the v
 # captions: coarse regions of the picture (thirds), read from an object's centre
 COLUMNS = ("left", "center", "right")
 ROWS = ("top", "middle", "bottom")
-CAPTION_WORDS = ("a", "an", "picture", "of", "at", "and", "the", "word", "written", "on", "clutter", "empty",
-                 *COLUMNS, *ROWS)
+CAPTION_WORDS = (
+    "a",
+    "an",
+    "picture",
+    "of",
+    "at",
+    "and",
+    "the",
+    "word",
+    "written",
+    "on",
+    "clutter",
+    "empty",
+    *COLUMNS,
+    *ROWS,
+)
 
 
 def _family_index(family: str) -> int:
@@ -168,8 +182,9 @@ class _Canvas:
             self.ids[mask] = 0
 
 
-def _place(rng: np.random.Generator, n: int, size_range: tuple[int, int], image_size: int,
-           gap: int = 3, max_tries: int = 2000) -> list[tuple[float, float, int]]:
+def _place(
+    rng: np.random.Generator, n: int, size_range: tuple[int, int], image_size: int, gap: int = 3, max_tries: int = 2000
+) -> list[tuple[float, float, int]]:
     """n non-overlapping (cx, cy, size) boxes inside the image, by rejection sampling."""
     boxes: list[tuple[float, float, int]] = []
     tries = 0
@@ -180,24 +195,32 @@ def _place(rng: np.random.Generator, n: int, size_range: tuple[int, int], image_
         size = int(rng.integers(size_range[0], size_range[1] + 1))
         cx = float(rng.integers(size // 2 + 1, image_size - size // 2 - 1))
         cy = float(rng.integers(size // 2 + 1, image_size - size // 2 - 1))
-        if all(abs(cx - bx) >= (size + bs) / 2 + gap or abs(cy - by) >= (size + bs) / 2 + gap
-               for bx, by, bs in boxes):
+        if all(abs(cx - bx) >= (size + bs) / 2 + gap or abs(cy - by) >= (size + bs) / 2 + gap for bx, by, bs in boxes):
             boxes.append((cx, cy, size))
     return boxes
 
 
-def _draw_shapes(canvas: _Canvas, rng: np.random.Generator, specs: Sequence[tuple[str, str, bool]],
-                 boxes: Sequence[tuple[float, float, int]]) -> None:
+def _draw_shapes(
+    canvas: _Canvas,
+    rng: np.random.Generator,
+    specs: Sequence[tuple[str, str, bool]],
+    boxes: Sequence[tuple[float, float, int]],
+) -> None:
     """Draw (shape, color, relevant) specs into the given boxes."""
     size = canvas.rgb.shape[0]
     for (shape, color, relevant), (cx, cy, s) in zip(specs, boxes):
         mask = _shape_mask(shape, cx, cy, s, (size, size))
         ys, xs = np.nonzero(mask)
         obj = SyntheticObject(
-            index=len(canvas.objects) + 1, kind="shape", shape=shape, letter=None, color=color,
+            index=len(canvas.objects) + 1,
+            kind="shape",
+            shape=shape,
+            letter=None,
+            color=color,
             center=(float(xs.mean()), float(ys.mean())),
             bbox=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),
-            relevant=relevant)
+            relevant=relevant,
+        )
         canvas.paint(mask, COLORS[color], obj)
 
 
@@ -206,8 +229,9 @@ def _pick(rng: np.random.Generator, options: Sequence[str], k: int = 1, exclude:
     return [pool[i] for i in rng.choice(len(pool), size=k, replace=False)]
 
 
-def _distractors(rng: np.random.Generator, n: int, shapes: Sequence[str],
-                 colors: Sequence[str]) -> list[tuple[str, str, bool]]:
+def _distractors(
+    rng: np.random.Generator, n: int, shapes: Sequence[str], colors: Sequence[str]
+) -> list[tuple[str, str, bool]]:
     return [(shapes[rng.integers(len(shapes))], colors[rng.integers(len(colors))], False) for _ in range(n)]
 
 
@@ -315,12 +339,18 @@ def _reading_scene(rng: np.random.Generator, image_size: int):
     for k, letter in enumerate(letters):
         gx = x + k * (gw + spacing)
         mask = np.zeros((image_size, image_size), dtype=bool)
-        mask[y:y + gh, gx:gx + gw] = glyph(letter, GLYPH_SCALE)
+        mask[y : y + gh, gx : gx + gw] = glyph(letter, GLYPH_SCALE)
         ys, xs = np.nonzero(mask)
         obj = SyntheticObject(
-            index=len(canvas.objects) + 1, kind="glyph", shape=None, letter=letter, color=None,
+            index=len(canvas.objects) + 1,
+            kind="glyph",
+            shape=None,
+            letter=letter,
+            color=None,
             center=(float(xs.mean()), float(ys.mean())),
-            bbox=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1), relevant=True)
+            bbox=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),
+            relevant=True,
+        )
         canvas.paint(mask, ink, obj)
     return canvas, QUESTIONS["reading"], "".join(letters).lower()
 
@@ -346,10 +376,19 @@ def make_sample(seed: int, index: int, family: str, grid: int = 16, image_size: 
     relevant_ids = [o.index for o in canvas.objects if o.relevant]
     pixel_mask = np.isin(canvas.ids, relevant_ids)
     return Sample(
-        image=Image.fromarray(canvas.rgb, mode="RGB"), question=question, answer=answer, family=family,
-        relevance=relevance_from_mask(pixel_mask, grid), pixel_mask=pixel_mask, object_map=canvas.ids,
-        objects=canvas.objects, choices=ANSWERS[family], seed=int(seed), index=int(index),
-        caption=caption(canvas.objects, image_size))
+        image=Image.fromarray(canvas.rgb, mode="RGB"),
+        question=question,
+        answer=answer,
+        family=family,
+        relevance=relevance_from_mask(pixel_mask, grid),
+        pixel_mask=pixel_mask,
+        object_map=canvas.ids,
+        objects=canvas.objects,
+        choices=ANSWERS[family],
+        seed=int(seed),
+        index=int(index),
+        caption=caption(canvas.objects, image_size),
+    )
 
 
 def region(center: tuple[float, float], image_size: int = 128) -> str:
@@ -372,8 +411,9 @@ def caption(objects: Sequence[SyntheticObject], image_size: int = 128) -> str:
     return " and ".join(f"a {o.color} {o.shape} at {region(o.center, image_size)}" for o in shapes)
 
 
-def generate(n: int, seed: int, family: str | Sequence[str] | None = None, grid: int = 16,
-             image_size: int = 128) -> list[Sample]:
+def generate(
+    n: int, seed: int, family: str | Sequence[str] | None = None, grid: int = 16, image_size: int = 128
+) -> list[Sample]:
     """n samples; ``family`` None cycles through all FAMILIES (balanced), a list cycles through it."""
     n, seed = check_int(n, "n", minimum=0), check_int(seed, "seed", minimum=0)  # seed=1.5 is not seed 1
     grid, image_size = check_int(grid, "grid", minimum=1), check_int(image_size, "image_size", minimum=16)

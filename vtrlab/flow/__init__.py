@@ -11,6 +11,14 @@ from .saliency import attention_times_grad, saliency
 from .sweeps import EDGES, knockout_sweep, windows
 
 __all__ = [
-    "EDGES", "attention_times_grad", "knocked_out", "knockout", "knockout_sites", "knockout_sweep", "logit_lens",
-    "rollout", "saliency", "windows",
+    "EDGES",
+    "attention_times_grad",
+    "knocked_out",
+    "knockout",
+    "knockout_sites",
+    "knockout_sweep",
+    "logit_lens",
+    "rollout",
+    "saliency",
+    "windows",
 ]

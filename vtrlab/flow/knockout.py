@@ -19,7 +19,7 @@ A knockout is bound to the batch it was built for (its positions are that batch'
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -148,10 +148,13 @@ def knockout(vlm, batch, *, keys="image", queries="last", layers="all", target=N
         },
         coords={"sample": np.arange(len(layouts)), "layer": np.asarray(cut_layers), "key": np.arange(seq_len)},
     )
-    ds.attrs.update({
-        "model": str(vlm.name), "family": str(vlm.family),
-        "keys": keys if isinstance(keys, str) else "explicit",
-        "queries": queries if isinstance(queries, str) else "explicit",
-        "objective": "log p(target) at each sample's last real position",
-    })
+    ds.attrs.update(
+        {
+            "model": str(vlm.name),
+            "family": str(vlm.family),
+            "keys": keys if isinstance(keys, str) else "explicit",
+            "queries": queries if isinstance(queries, str) else "explicit",
+            "objective": "log p(target) at each sample's last real position",
+        }
+    )
     return ds

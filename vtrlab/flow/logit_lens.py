@@ -34,8 +34,10 @@ def _final_norm(vlm) -> torch.nn.Module:
         mod = getattr(lm, name, None)
         if isinstance(mod, torch.nn.Module):
             return mod
-    raise ValueError(f"{type(lm).__name__} has no final norm (looked for .norm, .final_layernorm, .ln_f); "
-                     "the logit lens needs the decoder's own final norm")
+    raise ValueError(
+        f"{type(lm).__name__} has no final norm (looked for .norm, .final_layernorm, .ln_f); "
+        "the logit lens needs the decoder's own final norm"
+    )
 
 
 def _softcap(vlm) -> float | None:
@@ -57,8 +59,10 @@ def lens_logits(vlm, hidden: torch.Tensor) -> torch.Tensor:
 
 def _targets(targets, n_samples: int, vocab: int, default: torch.Tensor | None):
     """(B, T) long ids and the ``target`` coordinate labels."""
-    accepted = ("None (each sample's greedy answer), one token id per sample, a list of ids per sample, "
-                "or a dict {word: token id} shared by every sample")
+    accepted = (
+        "None (each sample's greedy answer), one token id per sample, a list of ids per sample, "
+        "or a dict {word: token id} shared by every sample"
+    )
     if targets is None:
         return default[:, None].cpu(), np.array(["prediction"])
     if isinstance(targets, dict):
@@ -78,8 +82,9 @@ def _targets(targets, n_samples: int, vocab: int, default: torch.Tensor | None):
         if arr.dtype == bool or arr.dtype.kind not in "iu" or arr.ndim not in (1, 2):
             raise ValueError(f"targets={targets!r} is not accepted; accepted: {accepted}")
         if arr.shape[0] != n_samples:
-            raise ValueError(f"targets gives {arr.shape[0]} entries for a batch of {n_samples} samples; "
-                             f"accepted: {accepted}")
+            raise ValueError(
+                f"targets gives {arr.shape[0]} entries for a batch of {n_samples} samples; accepted: {accepted}"
+            )
         arr = arr.astype(np.int64).reshape(n_samples, -1)
         labels = np.asarray([f"target_{i}" for i in range(arr.shape[1])]) if arr.shape[1] > 1 else np.array(["target"])
     out = arr[(arr < 0) | (arr >= vocab)]
@@ -174,7 +179,7 @@ def logit_lens(
                 v, i = lp.topk(top_k, dim=-1)
                 g = torch.gather(lp, 2, tg[:, None, :].expand(B, e - s, T))  # (B, r, T)
                 # rank: how many tokens are strictly more likely than the target (0 = top)
-                rank = torch.stack([(lp > g[..., t:t + 1]).sum(-1) for t in range(T)], -1)
+                rank = torch.stack([(lp > g[..., t : t + 1]).sum(-1) for t in range(T)], -1)
                 top_prob[:, li, s:e] = v.exp().float().cpu().numpy()
                 top_token[:, li, s:e] = i.cpu().numpy()
                 t_logp[:, li, s:e] = g.double().cpu().numpy()
@@ -208,15 +213,24 @@ def logit_lens(
     }
     if full:
         data["logprobs"] = (("sample", "layer", "query", "vocab"), np.where(pad, np.nan, full_lp))
-    ds = xr.Dataset(data, coords={
-        "sample": np.arange(B), "layer": np.asarray(lm_layers), "k": np.arange(top_k), "target": labels,
-        "query": rows_np[0] if same else np.arange(R),
-    })
-    ds.attrs.update({
-        "model": str(vlm.name), "family": str(vlm.family),
-        "queries": queries if isinstance(queries, str) else "explicit",
-        "query_coordinate": "sequence position" if same else "row index (see query_position)",
-        "readout": "final norm + LM head of the model" + (f" + softcap {_softcap(vlm)}" if _softcap(vlm) else ""),
-        "targets": "greedy answer at the last position" if targets is None else "given",
-    })
+    ds = xr.Dataset(
+        data,
+        coords={
+            "sample": np.arange(B),
+            "layer": np.asarray(lm_layers),
+            "k": np.arange(top_k),
+            "target": labels,
+            "query": rows_np[0] if same else np.arange(R),
+        },
+    )
+    ds.attrs.update(
+        {
+            "model": str(vlm.name),
+            "family": str(vlm.family),
+            "queries": queries if isinstance(queries, str) else "explicit",
+            "query_coordinate": "sequence position" if same else "row index (see query_position)",
+            "readout": "final norm + LM head of the model" + (f" + softcap {_softcap(vlm)}" if _softcap(vlm) else ""),
+            "targets": "greedy answer at the last position" if targets is None else "given",
+        }
+    )
     return ds

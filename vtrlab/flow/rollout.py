@@ -53,19 +53,21 @@ class _Rollout:
         if site.layer != self.next_layer:
             raise RuntimeError(
                 f"rollout expected LM layer {self.next_layer}'s attention, but layer {site.layer}'s ran "
-                "(layers must run once each, in order, in one forward without cache)")
+                "(layers must run once each, in order, in one forward without cache)"
+            )
         B, _, Q, _ = query.shape
         N = key.shape[2]
         if Q != N:
-            raise ValueError(f"rollout needs a full forward (queries = keys); got {Q} queries x {N} keys "
-                             "(a cached decode step)")
+            raise ValueError(
+                f"rollout needs a full forward (queries = keys); got {Q} queries x {N} keys (a cached decode step)"
+            )
         with torch.no_grad():
             q, k = query.detach(), key.detach()
             mean = torch.empty((B, N, N), dtype=self.dtype, device=q.device)
             for s in range(0, Q, _CHUNK):
                 rows = torch.arange(s, min(Q, s + _CHUNK), device=q.device)[None].expand(B, -1)
                 p = row_probabilities(module, q, k, mask, scaling, causal, rows)  # (B, H, r, N)
-                mean[:, s:s + rows.shape[1]] = p.mean(1).to(self.dtype)
+                mean[:, s : s + rows.shape[1]] = p.mean(1).to(self.dtype)
             a_hat = residual_attention(mean)
             del mean
             self.product = a_hat if self.product is None else torch.bmm(a_hat, self.product)
@@ -109,8 +111,9 @@ def rollout(vlm, batch, *, queries="last", layers="all") -> xr.Dataset:
     finally:
         state.product = None
     if state.next_layer != n:
-        raise RuntimeError(f"rollout saw {state.next_layer} of {n} LM layers' attention run through vtrlab's "
-                           "attention function")
+        raise RuntimeError(
+            f"rollout saw {state.next_layer} of {n} LM layers' attention run through vtrlab's attention function"
+        )
     values = torch.stack([state.kept[i] for i in report], 1).numpy()  # (B, L, R, N)
     values = np.where((rows_np < 0)[:, None, :, None], np.nan, values)
     seq_len = values.shape[-1]
@@ -122,14 +125,19 @@ def rollout(vlm, batch, *, queries="last", layers="all") -> xr.Dataset:
             **key_coordinates(layouts, seq_len),
         },
         coords={
-            "sample": np.arange(len(layouts)), "layer": np.asarray(report),
-            "query": rows_np[0] if same else np.arange(rows_np.shape[1]), "key": np.arange(seq_len),
+            "sample": np.arange(len(layouts)),
+            "layer": np.asarray(report),
+            "query": rows_np[0] if same else np.arange(rows_np.shape[1]),
+            "key": np.arange(seq_len),
         },
     )
-    ds.attrs.update({
-        "model": str(vlm.name), "family": str(vlm.family),
-        "queries": queries if isinstance(queries, str) else "explicit",
-        "query_coordinate": "sequence position" if same else "row index (see query_position)",
-        "method": "rollout: head mean, +I, rows renormalised, product from LM layer 0 (Abnar & Zuidema 2020)",
-    })
+    ds.attrs.update(
+        {
+            "model": str(vlm.name),
+            "family": str(vlm.family),
+            "queries": queries if isinstance(queries, str) else "explicit",
+            "query_coordinate": "sequence position" if same else "row index (see query_position)",
+            "method": "rollout: head mean, +I, rows renormalised, product from LM layer 0 (Abnar & Zuidema 2020)",
+        }
+    )
     return ds

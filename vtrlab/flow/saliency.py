@@ -48,8 +48,10 @@ def _check_gradient_path(vlm) -> None:
             "(all frozen); call vlm.model.requires_grad_(True) first (saliency never writes .grad)"
         )
     if any(p.is_inference() for p in params[:1]):
-        raise RuntimeError("the model's parameters were created under torch.inference_mode(); reload the model "
-                           "outside inference_mode to take gradients")
+        raise RuntimeError(
+            "the model's parameters were created under torch.inference_mode(); reload the model "
+            "outside inference_mode to take gradients"
+        )
 
 
 def saliency(vlm, batch, *, queries="last", layers="all", target=None) -> xr.Dataset:
@@ -72,8 +74,7 @@ def saliency(vlm, batch, *, queries="last", layers="all", target=None) -> xr.Dat
     rows_t = torch.as_tensor(rows_np, device=vlm.device)
     mods = vlm.lm_layers
     sites = {
-        id(vlm.adapter.lm_attention(mods[i])): Site("lm", i, saliency_rows=rows_t, probe="saliency")
-        for i in lm_layers
+        id(vlm.adapter.lm_attention(mods[i])): Site("lm", i, saliency_rows=rows_t, probe="saliency") for i in lm_layers
     }
     inputs = dict(batch.inputs)
     with attention_switched(vlm.model), session(sites), torch.enable_grad():
@@ -123,8 +124,12 @@ def saliency(vlm, batch, *, queries="last", layers="all", target=None) -> xr.Dat
             "key": np.arange(seq_len),
         },
     )
-    ds.attrs.update({
-        "model": str(vlm.name), "family": str(vlm.family), "objective": "sum log p(target) at last position",
-        "queries": queries if isinstance(queries, str) else "explicit",
-    })
+    ds.attrs.update(
+        {
+            "model": str(vlm.name),
+            "family": str(vlm.family),
+            "objective": "sum log p(target) at last position",
+            "queries": queries if isinstance(queries, str) else "explicit",
+        }
+    )
     return ds

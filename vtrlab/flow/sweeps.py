@@ -83,11 +83,19 @@ def knockout_sweep(vlm, batch, *, edges=None, window: int = 9, stride: int = 1, 
             "target": (("sample",), tgt.cpu().numpy()),
         },
         coords={
-            "edge": list(edges), "window": np.arange(len(wins)), "sample": np.arange(B),
+            "edge": list(edges),
+            "window": np.arange(len(wins)),
+            "sample": np.arange(B),
             "window_start": ("window", np.asarray([s for s, _ in wins])),
             "window_stop": ("window", np.asarray([s for _, s in wins])),
         },
     )
-    ds.attrs.update({"model": str(vlm.name), "family": str(vlm.family), "window": int(wins[0][1] - wins[0][0]),
-                     "measure": "relative change of p(target) at the last position (Zhang et al. 2024)"})
+    ds.attrs.update(
+        {
+            "model": str(vlm.name),
+            "family": str(vlm.family),
+            "window": int(wins[0][1] - wins[0][0]),
+            "measure": "relative change of p(target) at the last position (Zhang et al. 2024)",
+        }
+    )
     return ds

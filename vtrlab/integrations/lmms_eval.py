@@ -70,8 +70,15 @@ class VtrlabModel(lmms):
 
     is_simple = False
 
-    def __init__(self, pretrained: str = "organism", method: str | None = None, keep: float | int | None = None,
-                 batch_size: int | str = 1, max_new_tokens: int = 16, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        pretrained: str = "organism",
+        method: str | None = None,
+        keep: float | int | None = None,
+        batch_size: int | str = 1,
+        max_new_tokens: int = 16,
+        **kwargs: Any,
+    ) -> None:
         super().__init__()
         import vtrlab as vl
 
@@ -89,9 +96,11 @@ class VtrlabModel(lmms):
         self.keep = keep
         if method is None:
             if kwargs:
-                raise ValueError(f"model_args {sorted(kwargs)} are not vtrlab model arguments and no method= was "
-                                 f"given to take them as parameters; accepted: pretrained, method, keep, batch_size, "
-                                 f"max_new_tokens, {', '.join(LOAD_ARGS)}")
+                raise ValueError(
+                    f"model_args {sorted(kwargs)} are not vtrlab model arguments and no method= was "
+                    f"given to take them as parameters; accepted: pretrained, method, keep, batch_size, "
+                    f"max_new_tokens, {', '.join(LOAD_ARGS)}"
+                )
             if keep is not None:
                 raise ValueError(f"keep={keep!r} is a budget; give method= (one of {', '.join(vl.reduce.names())})")
             self.method = None
@@ -102,8 +111,10 @@ class VtrlabModel(lmms):
             params = {k: _coerce_param(cls_defaults[k], v) if k in cls_defaults else v for k, v in kwargs.items()}
             self.method = vl.reduce.get(method, **params)  # unknown method / parameter: vtrlab's error, pre-load
             if keep is None:
-                raise ValueError(f"method={method!r} needs a budget keep= (a ratio in (0, 1] or a number of image "
-                                 "tokens), e.g. keep=0.25")
+                raise ValueError(
+                    f"method={method!r} needs a budget keep= (a ratio in (0, 1] or a number of image "
+                    "tokens), e.g. keep=0.25"
+                )
         self.vlm = vl.load(pretrained, **load_kw)
         self._answer = vl.answer
         self._preflight()
@@ -114,8 +125,10 @@ class VtrlabModel(lmms):
         groups: dict[tuple, list[int]] = {}
         for i, req in enumerate(requests):
             if len(req.args) != 6:
-                raise ValueError(f"request {i} has {len(req.args)} arguments; a chat model receives 6 "
-                                 "(context, doc_to_messages, generation_kwargs, doc_id, task, split)")
+                raise ValueError(
+                    f"request {i} has {len(req.args)} arguments; a chat model receives 6 "
+                    "(context, doc_to_messages, generation_kwargs, doc_id, task, split)"
+                )
             _, _, gen_kwargs, doc_id, task, split = req.args
             key = (task, split, json.dumps(gen_kwargs or {}, sort_keys=True, default=str))
             groups.setdefault(key, []).append(i)
@@ -123,7 +136,7 @@ class VtrlabModel(lmms):
         chunks = []
         for (task, split, _), idx in groups.items():
             idx = sorted(idx, key=lambda i: requests[i].args[3])
-            chunks += [(task, split, idx[s:s + self.batch_size]) for s in range(0, len(idx), self.batch_size)]
+            chunks += [(task, split, idx[s : s + self.batch_size]) for s in range(0, len(idx), self.batch_size)]
         for task, split, idx in tqdm(chunks, desc="vtrlab answers", unit="batch", disable=self.rank != 0):
             images, prompts = [], []
             for i in idx:
@@ -138,25 +151,31 @@ class VtrlabModel(lmms):
         return out  # type: ignore[return-value]
 
     def loglikelihood(self, requests):
-        raise NotImplementedError("the vtrlab lmms-eval model implements generate_until only (greedy answers "
-                                  "through vl.answer); this task asks for loglikelihood")
+        raise NotImplementedError(
+            "the vtrlab lmms-eval model implements generate_until only (greedy answers "
+            "through vl.answer); this task asks for loglikelihood"
+        )
 
     def generate_until_multi_round(self, requests):
-        raise NotImplementedError("the vtrlab lmms-eval model answers single-turn requests only "
-                                  "(generate_until); this task is multi-round")
+        raise NotImplementedError(
+            "the vtrlab lmms-eval model answers single-turn requests only (generate_until); this task is multi-round"
+        )
 
     # -- vtrlab ---------------------------------------------------------------------------------------
     def answer(self, images: list, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:
         """Answers for one batch, exactly as the notebooks get them."""
         batch = self.vlm.prepare(images=images, prompts=prompts)
-        return self._answer(self.vlm, batch, method=self.method, keep=self.keep,
-                            max_new_tokens=max_new_tokens or self.max_new_tokens)
+        return self._answer(
+            self.vlm, batch, method=self.method, keep=self.keep, max_new_tokens=max_new_tokens or self.max_new_tokens
+        )
 
     def _generation(self, gen_kwargs: dict) -> dict:
         temperature = gen_kwargs.get("temperature", 0) or 0
         if gen_kwargs.get("do_sample") or float(temperature) > 0 or int(gen_kwargs.get("num_beams", 1) or 1) > 1:
-            raise ValueError(f"generation_kwargs {gen_kwargs} ask for sampling or beam search; vtrlab answers "
-                             "greedily (temperature 0, do_sample false, num_beams 1)")
+            raise ValueError(
+                f"generation_kwargs {gen_kwargs} ask for sampling or beam search; vtrlab answers "
+                "greedily (temperature 0, do_sample false, num_beams 1)"
+            )
         n = gen_kwargs.get("max_new_tokens", self.max_new_tokens)
         return {"max_new_tokens": int(n)}
 
@@ -181,8 +200,10 @@ def _messages_to_sample(messages: Any, doc_id: Any) -> tuple[list, str]:
     msgs = ChatMessages(messages=messages).messages
     if len(msgs) != 1 or msgs[0].role != "user":
         roles = [m.role for m in msgs]
-        raise NotImplementedError(f"doc {doc_id}: messages with roles {roles}; the vtrlab model answers one user "
-                                  "turn (put a system prompt into the task's prompt)")
+        raise NotImplementedError(
+            f"doc {doc_id}: messages with roles {roles}; the vtrlab model answers one user "
+            "turn (put a system prompt into the task's prompt)"
+        )
     images, texts = [], []
     for c in msgs[0].content:
         if c.type == "image":

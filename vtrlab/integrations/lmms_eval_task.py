@@ -65,15 +65,17 @@ def _yaml(name: str, parquet: Path, max_new_tokens: int, meta: dict) -> str:
         "dataset_kwargs": {"data_files": {"test": str(parquet)}},
         "test_split": "test",
         "output_type": "generate_until",
-        "generation_kwargs": {"max_new_tokens": max_new_tokens, "temperature": 0, "do_sample": False,
-                              "num_beams": 1},
+        "generation_kwargs": {"max_new_tokens": max_new_tokens, "temperature": 0, "do_sample": False, "num_beams": 1},
         "metric_list": [{"metric": METRIC_NAME, "aggregation": "mean", "higher_is_better": True}],
         "metadata": meta,
     }
-    functions = "".join(f"{k}: !function utils.{k}\n"
-                        for k in ("doc_to_visual", "doc_to_text", "doc_to_target", "process_results"))
-    return (f"# lmms-eval task written by `vtrlab export-task`; re-export rather than edit.\n"
-            f"{yaml.safe_dump(plain, sort_keys=False)}{functions}")
+    functions = "".join(
+        f"{k}: !function utils.{k}\n" for k in ("doc_to_visual", "doc_to_text", "doc_to_target", "process_results")
+    )
+    return (
+        f"# lmms-eval task written by `vtrlab export-task`; re-export rather than edit.\n"
+        f"{yaml.safe_dump(plain, sort_keys=False)}{functions}"
+    )
 
 
 def _png(image) -> bytes:
@@ -86,14 +88,16 @@ def _write_parquet(records, prompts: list[str], path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([
-        ("id", pa.string()),
-        ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-        ("question", pa.string()),
-        ("prompt", pa.string()),
-        ("answers", pa.list_(pa.string())),
-        ("group", pa.string()),
-    ])
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+            ("question", pa.string()),
+            ("prompt", pa.string()),
+            ("answers", pa.list_(pa.string())),
+            ("group", pa.string()),
+        ]
+    )
     columns: dict[str, list] = {k: [] for k in schema.names}
     for r, p in zip(records, prompts):
         columns["id"].append(str(r.id))
@@ -107,10 +111,19 @@ def _write_parquet(records, prompts: list[str], path: Path) -> None:
     pq.write_table(table, path)
 
 
-def export_task(out: str | os.PathLike, data: str | os.PathLike = "organism", *, name: str | None = None,
-                n_samples: int | None = None, seed: int = 0, family: str | Sequence[str] | None = None,
-                prompt_template: str = "{question}", metric: str = "exact", max_new_tokens: int = 16,
-                **load_kw: Any) -> Path:
+def export_task(
+    out: str | os.PathLike,
+    data: str | os.PathLike = "organism",
+    *,
+    name: str | None = None,
+    n_samples: int | None = None,
+    seed: int = 0,
+    family: str | Sequence[str] | None = None,
+    prompt_template: str = "{question}",
+    metric: str = "exact",
+    max_new_tokens: int = 16,
+    **load_kw: Any,
+) -> Path:
     """Write an lmms-eval task folder ``out`` (see the module docstring); returns its YAML path.
 
     ``data``, ``n_samples``, ``seed``, ``family`` and ``load_kw`` (column names, ``question``,
@@ -131,24 +144,38 @@ def export_task(out: str | os.PathLike, data: str | os.PathLike = "organism", *,
         raise ValueError(f"max_new_tokens={max_new_tokens!r}; accepted: an integer >= 1")
     out = Path(out).expanduser().absolute()
     if out.exists() and not (out.is_dir() and (out / TASK_CONFIG).is_file()):
-        raise FileExistsError(f"{str(out)!r} exists and is not a task folder written by vtrlab export-task; "
-                              "give a new path")
+        raise FileExistsError(
+            f"{str(out)!r} exists and is not a task folder written by vtrlab export-task; give a new path"
+        )
     loaded = load_data(data, n_samples=n_samples, seed=seed, family=family, **load_kw)
     if not len(loaded):
         raise ValueError(f"data={str(data)!r} gave no samples")
     missing = [r.id for r in loaded if not r.answers]
     if missing:
-        raise ValueError(f"data={str(data)!r}: {len(missing)} samples have no answers (first: {missing[0]!r}); an "
-                         "evaluation task needs answers (answer_column= names the column holding them)")
+        raise ValueError(
+            f"data={str(data)!r}: {len(missing)} samples have no answers (first: {missing[0]!r}); an "
+            "evaluation task needs answers (answer_column= names the column holding them)"
+        )
     without_question = [r.id for r in loaded if not r.question]
     if without_question:
         raise ValueError(f"data={str(data)!r}: sample {without_question[0]!r} has no question; give question=")
     prompts = [format_prompt(r.question, prompt_template) for r in loaded]
-    config = {"task": name, "metric": metric, "prompt_template": prompt_template, "max_new_tokens": max_new_tokens,
-              "n_samples": len(loaded), "data": loaded.identity, "vtrlab_version": __version__,
-              "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    meta = {"version": 1.0, "vtrlab_version": __version__, "metric": metric,
-            "content_sha256": loaded.identity.get("content_sha256")}
+    config = {
+        "task": name,
+        "metric": metric,
+        "prompt_template": prompt_template,
+        "max_new_tokens": max_new_tokens,
+        "n_samples": len(loaded),
+        "data": loaded.identity,
+        "vtrlab_version": __version__,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    meta = {
+        "version": 1.0,
+        "vtrlab_version": __version__,
+        "metric": metric,
+        "content_sha256": loaded.identity.get("content_sha256"),
+    }
 
     with atomic_dir(out) as tmp:  # the folder appears whole, or the old one stays
         _write_parquet(loaded.records, prompts, tmp / f"{name}.parquet")
@@ -158,8 +185,12 @@ def export_task(out: str | os.PathLike, data: str | os.PathLike = "organism", *,
     return out / f"{name}.yaml"
 
 
-def read_results(output_path: str | os.PathLike, tasks: Sequence[str] | str | None = None,
-                 since: float | None = None, metric: str = METRIC_NAME) -> dict[str, dict[str, float]]:
+def read_results(
+    output_path: str | os.PathLike,
+    tasks: Sequence[str] | str | None = None,
+    since: float | None = None,
+    metric: str = METRIC_NAME,
+) -> dict[str, dict[str, float]]:
     """``{task: {metric: value, "n_samples": n}}`` from the newest ``*_results.json`` under ``output_path``.
 
     Raises :class:`EvaluationFailed` when no results file (newer than ``since``, a ``time.time()``)
@@ -170,8 +201,10 @@ def read_results(output_path: str | os.PathLike, tasks: Sequence[str] | str | No
     if since is not None:
         found = [p for p in found if p.stat().st_mtime >= since]
     if not found:
-        raise EvaluationFailed(f"lmms-eval wrote no *_results.json under {str(root)!r}: the evaluation failed "
-                               "(lmms-eval exits 0 then; its log says why, --verbosity DEBUG raises the error)")
+        raise EvaluationFailed(
+            f"lmms-eval wrote no *_results.json under {str(root)!r}: the evaluation failed "
+            "(lmms-eval exits 0 then; its log says why, --verbosity DEBUG raises the error)"
+        )
     path = found[-1]
     doc = json.loads(path.read_text())
     results = doc.get("results") or {}

@@ -79,8 +79,9 @@ def relevant_lift(scores, relevant) -> np.ndarray:
     return np.where((total > 0) & (frac > 0) & (frac < 1), out, np.nan)
 
 
-def bootstrap_ci(values, n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
-                 statistic: Callable[[np.ndarray], float] = np.mean) -> tuple[float, float, float]:
+def bootstrap_ci(
+    values, n_boot: int = 1000, ci: float = 0.95, seed: int = 0, statistic: Callable[[np.ndarray], float] = np.mean
+) -> tuple[float, float, float]:
     """(statistic, low, high): percentile bootstrap over the entries of ``values`` (one per sample).
 
     NaN entries are left out first; with fewer than 2 finite values the interval is NaN. ``statistic``
@@ -107,8 +108,9 @@ def bootstrap_ci(values, n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
     return point, float(lo), float(hi)
 
 
-def ci_table(df, by: Sequence[str] | str, value: str | Sequence[str], n_boot: int = 1000, ci: float = 0.95,
-             seed: int = 0):
+def ci_table(
+    df, by: Sequence[str] | str, value: str | Sequence[str], n_boot: int = 1000, ci: float = 0.95, seed: int = 0
+):
     """Per group of ``by``: mean of each ``value`` column with its percentile-bootstrap CI over rows (samples).
 
     Returns a DataFrame with the ``by`` columns, then ``metric``, ``mean``, ``low``, ``high``, ``n``
@@ -126,13 +128,22 @@ def ci_table(df, by: Sequence[str] | str, value: str | Sequence[str], n_boot: in
         for col in values:
             v = group[col].to_numpy(dtype=np.float64)
             mean, lo, hi = bootstrap_ci(v, n_boot=n_boot, ci=ci, seed=seed)
-            rows.append({**dict(zip(by, key)), "metric": col, "mean": mean, "low": lo, "high": hi,
-                         "n": int(np.isfinite(v).sum())})
+            rows.append(
+                {
+                    **dict(zip(by, key)),
+                    "metric": col,
+                    "mean": mean,
+                    "low": lo,
+                    "high": hi,
+                    "n": int(np.isfinite(v).sum()),
+                }
+            )
     return pd.DataFrame(rows, columns=by + ["metric", "mean", "low", "high", "n"])
 
 
-def question_agnostic(layer: int, query_positions, image_positions, question_positions,
-                      bidirectional_image: bool = False) -> bool:
+def question_agnostic(
+    layer: int, query_positions, image_positions, question_positions, bidirectional_image: bool = False
+) -> bool:
     """Whether, at LM layer ``layer`` (0-indexed), the ranking of the image keys by the attention of the
     query rows cannot depend on the question under a causal mask.
 

@@ -5,7 +5,7 @@ Small pure functions over strings, logits and token ids; no model, no I/O.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -44,7 +44,9 @@ def answer_logprob(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tens
 def kl_divergence(full_logits: torch.Tensor, reduced_logits: torch.Tensor) -> torch.Tensor:
     """KL(P_full || P_reduced) over the last axis (vocabulary), in nats, float64; shape of the leading axes."""
     if full_logits.shape != reduced_logits.shape:
-        raise ValueError(f"logit shapes differ: full {tuple(full_logits.shape)} vs reduced {tuple(reduced_logits.shape)}")
+        raise ValueError(
+            f"logit shapes differ: full {tuple(full_logits.shape)} vs reduced {tuple(reduced_logits.shape)}"
+        )
     lp = torch.log_softmax(full_logits.double(), dim=-1)
     lq = torch.log_softmax(reduced_logits.double(), dim=-1)
     return (lp.exp() * (lp - lq)).sum(-1)

@@ -6,8 +6,9 @@ modules from a `FamilyAdapter`; nothing downstream hard-codes a token offset or 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,7 +20,9 @@ from .hooks import record, require_seen
 # Kinds of token in the image block of the LM sequence.
 KIND_IMAGE = "image"  # covers a picture patch (after any merge)
 KIND_NEWLINE = "newline"  # LLaVA-NeXT / OneVision row terminator: covers no patch
-KIND_SEPARATOR = "separator"  # other image-block tokens that cover no patch (tile markers, <fake_token_around_image>, ...)
+KIND_SEPARATOR = (
+    "separator"  # other image-block tokens that cover no patch (tile markers, <fake_token_around_image>, ...)
+)
 TOKEN_KINDS = (KIND_IMAGE, KIND_NEWLINE, KIND_SEPARATOR)
 
 LAYOUT_COLUMNS = ("position", "kind", "image", "tile", "row", "col", "x0", "y0", "x1", "y1")
@@ -48,8 +51,10 @@ def grid_values(mask, grid: tuple[int, int], rows, cols) -> np.ndarray:
         m = np.kron(m, np.ones((int(fr), int(fc)), dtype=m.dtype))
     rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
     if rows.size and (rows.min() < 0 or cols.min() < 0 or rows.max() >= grid[0] or cols.max() >= grid[1]):
-        raise ValueError(f"(row, col) outside the {grid[0]}x{grid[1]} grid: rows {rows.min()}..{rows.max()}, "
-                         f"cols {cols.min()}..{cols.max()}")
+        raise ValueError(
+            f"(row, col) outside the {grid[0]}x{grid[1]} grid: rows {rows.min()}..{rows.max()}, "
+            f"cols {cols.min()}..{cols.max()}"
+        )
     return m[rows, cols]
 
 
@@ -125,9 +130,7 @@ class ImageLayout:
         try:
             return self.grid_shapes[(image, tile)]
         except KeyError:
-            raise KeyError(
-                f"no (image={image}, tile={tile}) in this layout; have {sorted(self.grid_shapes)}"
-            ) from None
+            raise KeyError(f"no (image={image}, tile={tile}) in this layout; have {sorted(self.grid_shapes)}") from None
 
     def tokens_from_grid(self, mask, image: int = 0, tile: int = 0) -> np.ndarray:
         """The value of a patch-grid ``mask`` (rows, cols) at each image token, aligned with ``image_positions``.
@@ -154,9 +157,7 @@ class ImageLayout:
         values = np.asarray(values)
         sel_img = self.kind == KIND_IMAGE
         if values.shape[0] != int(sel_img.sum()):
-            raise ValueError(
-                f"values has {values.shape[0]} entries; this layout has {int(sel_img.sum())} image tokens"
-            )
+            raise ValueError(f"values has {values.shape[0]} entries; this layout has {int(sel_img.sum())} image tokens")
         rows, cols = self.grid(image, tile)
         out = np.full((rows, cols), np.nan, dtype=float)
         m = (self.image[sel_img] == image) & (self.tile[sel_img] == tile)
@@ -176,7 +177,7 @@ class Batch:
     def __len__(self) -> int:
         return len(self.layouts)
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in dict(self.inputs).items()}
         return Batch(inputs=inputs, layouts=self.layouts, images=self.images, prompts=self.prompts)
 

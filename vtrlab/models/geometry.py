@@ -30,13 +30,13 @@ class AxisMap:
     sy: float = 1.0
     oy: float = 0.0
 
-    def scale(self, fx: float, fy: float) -> "AxisMap":
+    def scale(self, fx: float, fy: float) -> AxisMap:
         return AxisMap(self.sx * fx, self.ox * fx, self.sy * fy, self.oy * fy)
 
-    def shift(self, dx: float, dy: float) -> "AxisMap":
+    def shift(self, dx: float, dy: float) -> AxisMap:
         return AxisMap(self.sx, self.ox + dx, self.sy, self.oy + dy)
 
-    def resize(self, old_hw: tuple[int, int], new_hw: tuple[int, int]) -> "AxisMap":
+    def resize(self, old_hw: tuple[int, int], new_hw: tuple[int, int]) -> AxisMap:
         # Resizing maps pixel edges linearly: edge 0 -> 0, edge W -> W'.
         return self.scale(new_hw[1] / old_hw[1], new_hw[0] / old_hw[0])
 

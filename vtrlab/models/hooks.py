@@ -12,8 +12,9 @@ is needed) and the block swallows that one abort, so the caller writes::
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn

@@ -15,7 +15,8 @@ and reads the packed vision sequence with the same offsets:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -39,8 +40,10 @@ def key_coordinates(layouts: Sequence[ImageLayout], seq_len: int) -> dict[str, t
     fields = {name: np.full((B, seq_len), -1, dtype=np.int64) for name in ("image", "tile", "row", "col")}
     for b, L in enumerate(layouts):
         if len(L.valid_positions) and int(np.max(L.valid_positions)) >= seq_len:
-            raise ValueError(f"sample {b}'s layout has positions up to {int(np.max(L.valid_positions))}, "
-                             f"beyond a sequence of {seq_len}")
+            raise ValueError(
+                f"sample {b}'s layout has positions up to {int(np.max(L.valid_positions))}, "
+                f"beyond a sequence of {seq_len}"
+            )
         kind[b, L.valid_positions] = KEY_KIND_TEXT
         kind[b, L.positions] = L.kind
         for name, arr in fields.items():

@@ -101,10 +101,12 @@ def _pick_device(device: str | torch.device) -> torch.device:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise ModelLoadError(
-                f"device {str(device)!r} requested but no CUDA GPU is available here; use 'cpu' or 'auto'")
+                f"device {str(device)!r} requested but no CUDA GPU is available here; use 'cpu' or 'auto'"
+            )
         if dev.index is not None and dev.index >= count:
             raise ModelLoadError(
-                f"device {str(device)!r} requested but only {count} CUDA GPU(s) are visible (0..{count - 1})")
+                f"device {str(device)!r} requested but only {count} CUDA GPU(s) are visible (0..{count - 1})"
+            )
     elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ModelLoadError(f"device {str(device)!r} requested but MPS is not available here; use 'cpu' or 'auto'")
     elif dev.type not in ("cpu", "cuda", "mps"):

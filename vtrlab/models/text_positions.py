@@ -7,7 +7,8 @@ maps each prompt token to its processed position, and checks every other token o
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

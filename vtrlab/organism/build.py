@@ -22,13 +22,23 @@ def build_random(seed: int = 0, image_first: bool = True) -> tuple[LlavaForCondi
     model = LlavaForConditionalGeneration(config).eval()
     tc = config.text_config
     model.generation_config = GenerationConfig(
-        bos_token_id=tc.bos_token_id, eos_token_id=tc.eos_token_id, pad_token_id=tc.pad_token_id,
-        do_sample=False, max_new_tokens=8)
+        bos_token_id=tc.bos_token_id,
+        eos_token_id=tc.eos_token_id,
+        pad_token_id=tc.pad_token_id,
+        do_sample=False,
+        max_new_tokens=8,
+    )
     return model, build_processor(image_first)
 
 
-def save_organism(model, processor, out: str | os.PathLike, extra_files: dict[str, str] | None = None,
-                  max_shard_size: str = "15MB", clip=None) -> Path:
+def save_organism(
+    model,
+    processor,
+    out: str | os.PathLike,
+    extra_files: dict[str, str] | None = None,
+    max_shard_size: str = "15MB",
+    clip=None,
+) -> Path:
     """Write model + processor (+ extra text files, + the micro-CLIP and its tokenizer in ``clip/``)
     to ``out`` atomically (temp dir, then rename)."""
     out = Path(out)

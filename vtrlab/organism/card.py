@@ -36,12 +36,18 @@ def target_lines(ev: dict) -> str:
         wrong = round((1 - r["accuracy"]) * r["n"])
         met = "met" if r["accuracy"] >= goal else "**not met**"
         out.append(f"- {fam}: {r['accuracy']:.3f} ({wrong} of {r['n']} wrong) against >= {goal:.2f}: {met}")
-    blank = [f"{f} {r['no_image_accuracy']:.3f} (chance {r['chance']:.3f})" for f, r in ev["families"].items()
-             if "no_image_accuracy" in r]
-    at_chance = all(r["no_image_accuracy"] <= r["chance"] + BLANK_SLACK for r in ev["families"].values()
-                    if "no_image_accuracy" in r)
-    out.append(f"- blank-picture baseline at chance (<= chance + {BLANK_SLACK}): "
-               f"{'met' if at_chance else '**not met**'} ({', '.join(blank)})")
+    blank = [
+        f"{f} {r['no_image_accuracy']:.3f} (chance {r['chance']:.3f})"
+        for f, r in ev["families"].items()
+        if "no_image_accuracy" in r
+    ]
+    at_chance = all(
+        r["no_image_accuracy"] <= r["chance"] + BLANK_SLACK for r in ev["families"].values() if "no_image_accuracy" in r
+    )
+    out.append(
+        f"- blank-picture baseline at chance (<= chance + {BLANK_SLACK}): "
+        f"{'met' if at_chance else '**not met**'} ({', '.join(blank)})"
+    )
     return "\n".join(out)
 
 
@@ -53,14 +59,25 @@ def _last(log: list, stage: str) -> dict:
 def stage_rows(rec: dict) -> str:
     cfg, st, log = rec["config"], rec["stages"], rec["log"]
     what = {
-        "clip": ("tower + text encoder + projections (+ dense heads)",
-                 "images vs captions (InfoNCE) + per-patch targets",
-                 cfg["clip_steps"], cfg["lr_clip"]),
-        "text": ("LM (embeddings, layers, head)", "caption + question + answer as plain text", cfg["text_steps"],
-                 cfg["lr_text"]),
+        "clip": (
+            "tower + text encoder + projections (+ dense heads)",
+            "images vs captions (InfoNCE) + per-patch targets",
+            cfg["clip_steps"],
+            cfg["lr_clip"],
+        ),
+        "text": (
+            "LM (embeddings, layers, head)",
+            "caption + question + answer as plain text",
+            cfg["text_steps"],
+            cfg["lr_text"],
+        ),
         "align": ("projector (LLaVA stage 1)", "image -> caption", cfg["align_steps"], cfg["lr_align"]),
-        "instruct": ("projector + LM (LLaVA stage 2; tower frozen)", "image + question -> answer, 6 families",
-                     cfg["instruct_steps"], cfg["lr_lm"]),
+        "instruct": (
+            "projector + LM (LLaVA stage 2; tower frozen)",
+            "image + question -> answer, 6 families",
+            cfg["instruct_steps"],
+            cfg["lr_lm"],
+        ),
     }
     rows = []
     for name, (who, data, planned, lr) in what.items():
@@ -68,9 +85,11 @@ def stage_rows(rec: dict) -> str:
         last = _last(log, name)
         if name == "clip":
             acc = last.get("dense_acc", {})
-            end = (f"caption retrieval top-1 in-batch {last.get('clip_top1', float('nan')):.3f} (train), "
-                   f"{s.get('val_clip_top1', float('nan')):.3f} (validation, batches of 256); dense accuracy "
-                   + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+            end = (
+                f"caption retrieval top-1 in-batch {last.get('clip_top1', float('nan')):.3f} (train), "
+                f"{s.get('val_clip_top1', float('nan')):.3f} (validation, batches of 256); dense accuracy "
+                + ", ".join(f"{k} {v:.2f}" for k, v in acc.items())
+            )
         else:
             end = f"loss {last.get('loss', float('nan')):.3f}"
             if name == "instruct" and rec.get("val"):
@@ -85,10 +104,15 @@ def stage_rows(rec: dict) -> str:
 def call_lines(rec: dict) -> str:
     out = []
     for i, c in enumerate(rec["calls"], 1):
-        where = (f"stopped at {c['stopped_at']['stage']} step {c['stopped_at']['step']} (checkpoint)"
-                 if "stopped_at" in c else "finished: evaluated and saved")
-        out.append(f"{i}. `{c['command']}` on {c['device']}, started {c['started']}: {c.get('seconds', 0):.0f} s "
-                   f"(data {c.get('data_seconds', 0):.0f} s), {where}.")
+        where = (
+            f"stopped at {c['stopped_at']['stage']} step {c['stopped_at']['step']} (checkpoint)"
+            if "stopped_at" in c
+            else "finished: evaluated and saved"
+        )
+        out.append(
+            f"{i}. `{c['command']}` on {c['device']}, started {c['started']}: {c.get('seconds', 0):.0f} s "
+            f"(data {c.get('data_seconds', 0):.0f} s), {where}."
+        )
     return "\n".join(out)
 
 
@@ -110,8 +134,9 @@ def not_met(ev: dict, rec: dict) -> str:
     lines = []
     for fam, acc in missed.items():
         traj = ", ".join(f"{e['step']}: {e['val'][fam]:.2f}" for e in vals)
-        lines.append(f"- **{fam}**: held-out {acc:.3f} against >= {TARGETS[fam]:.2f}; "
-                     f"validation by instruct step: {traj}.")
+        lines.append(
+            f"- **{fam}**: held-out {acc:.3f} against >= {TARGETS[fam]:.2f}; validation by instruct step: {traj}."
+        )
     if "relation" in missed:
         blank = ev["families"]["relation"].get("no_image_accuracy", float("nan"))
         lines.append(
@@ -120,13 +145,15 @@ def not_met(ev: dict, rec: dict) -> str:
             "tower's features carry positions (dense centre and row/col targets). No LM-internal supervision was "
             "used (v1 needed it); this run's differences from the throwaway probe of issue 10, which learned "
             "relation without it, are a tower frozen during instruction tuning (LLaVA-1.5), the text-only LM stage "
-            "and the projector-alignment stage before it, and the system prompt.")
+            "and the projector-alignment stage before it, and the system prompt."
+        )
     lines.append(
         "- Next GPU session (two 10-minute calls, from scratch): `vtrlab organism train --out runs/organism-v2b "
         "--max-minutes 9.2 --instruct-steps 12000 --family-weights count=2,relation=3,reading=1.5 "
         "--lr-tower-instruct 5e-5`, then the same command with `--resume --finish` until it saves; "
         "`--lr-tower-instruct` trains the tower in the instruct stage at a low rate under its CLIP and dense "
-        "losses (as LLaVA-NeXT tunes its tower), the remaining difference from the probe that learned relation.")
+        "losses (as LLaVA-NeXT tunes its tower), the remaining difference from the probe that learned relation."
+    )
     return "\n".join(lines)
 
 
@@ -141,72 +168,103 @@ def _raster_verdict(rho: list) -> str:
 
 def realism_parts(re_: dict | None) -> dict:
     if re_ is None:
-        return {"realism_rows": "| (realism.json missing: run `vtrlab organism realism`) |",
-                "realism_compare": "", "realism_command": "vtrlab organism realism", "realism_n": 0}
+        return {
+            "realism_rows": "| (realism.json missing: run `vtrlab organism realism`) |",
+            "realism_compare": "",
+            "realism_command": "vtrlab organism realism",
+            "realism_n": 0,
+        }
     sh = re_["last_row_share"]
     rows = []
     for i in range(re_["lm_layers"]):
-        rows.append(f"| {i} | {sh['first'][i]:.3f} | {sh['system'][i]:.3f} | {sh['image'][i]:.3f} | "
-                    f"{sh['question'][i]:.3f} | {sh['tail'][i]:.3f} | {re_['last_row_spearman_raster'][i]:+.2f} | "
-                    f"{re_['question_to_image_share'][i]:.3f} |")
+        rows.append(
+            f"| {i} | {sh['first'][i]:.3f} | {sh['system'][i]:.3f} | {sh['image'][i]:.3f} | "
+            f"{sh['question'][i]:.3f} | {sh['tail'][i]:.3f} | {re_['last_row_spearman_raster'][i]:+.2f} | "
+            f"{re_['question_to_image_share'][i]:.3f} |"
+        )
     deep = slice(2, None)
     n_high = re_["high_norm_tokens_per_image"]
     cmp_ = [
-        ("attention sink: first token / system prompt, deep layers",
-         f"first token {_fmt_range(sh['first'][deep])}, rest of system prompt {_fmt_range(sh['system'][deep])} "
-         "(layers 2+): **no sink**",
-         "FastV (Chen et al., 2024): from layer 2 on, system-prompt tokens (few) receive a large share of attention "
-         "(an attention sink) while image tokens receive little"),
-        ("image tokens' share of the last row, layers 0-1 vs 2+",
-         f"{_fmt_range(sh['image'][:2])} vs {_fmt_range(sh['image'][deep])}: **stays high**",
-         "FastV: image tokens get much attention in the two shallow layers and far less than their number (~576 "
-         "tokens) would suggest from layer 2 on"),
-        ("last-row attention vs raster order (Spearman)",
-         f"{_fmt_range(re_['last_row_spearman_raster'])} by layer" + _raster_verdict(re_["last_row_spearman_raster"]),
-         "FEATHER (Endo et al., 2024): attention from the last token favours late (bottom-of-image) tokens, "
-         "attributed to RoPE's long-term decay"),
-        ("image -> question flow",
-         f"question words put {_fmt_range(re_['question_to_image_share'])} of their attention on image tokens "
-         "(possible now: the image comes first)",
-         "Zhang et al. (2024): image information flows into the question tokens in the lower layers; the question "
-         "then flows to the last position in the middle-to-higher layers"),
-        ("high-norm tokens in the tower (norm > "
-         f"{re_['high_norm_factor']:g}x median)",
-         f"{_fmt_range(n_high)} per image by layer; largest norm / median {max(re_['max_norm_over_median_max']):.2f}: "
-         "**none**",
-         "Darcet et al. (2024): large, long-trained ViTs (OpenCLIP, DINOv2, ...) have ~2% high-norm tokens on "
-         "low-information background patches that absorb most of [CLS]'s attention; small or briefly trained "
-         "models do not"),
-        ("[CLS] attention concentration (last tower layer)",
-         f"top 1% of patches hold {re_['cls_attention_top1pct']:.3f} (uniform: "
-         f"{re_['cls_attention_uniform_top1pct']:.3f}), top 10% hold {re_['cls_attention_top10pct']:.3f}; "
-         "[CLS] is trained (contrastive)",
-         "[CLS]-attention pruning methods (FasterVLM, VisionZip, ...) rely on a concentrated [CLS] attention in "
-         "CLIP ViT-L"),
-        ("image hidden states depend on the question",
-         f"largest relative change over all layers {re_['image_state_question_dependence_max']:.1e} "
-         "(float rounding): **no**",
-         "LLaVA: image before the question under causal attention, so they cannot"),
+        (
+            "attention sink: first token / system prompt, deep layers",
+            f"first token {_fmt_range(sh['first'][deep])}, rest of system prompt {_fmt_range(sh['system'][deep])} "
+            "(layers 2+): **no sink**",
+            "FastV (Chen et al., 2024): from layer 2 on, system-prompt tokens (few) receive a large share of attention "
+            "(an attention sink) while image tokens receive little",
+        ),
+        (
+            "image tokens' share of the last row, layers 0-1 vs 2+",
+            f"{_fmt_range(sh['image'][:2])} vs {_fmt_range(sh['image'][deep])}: **stays high**",
+            "FastV: image tokens get much attention in the two shallow layers and far less than their number (~576 "
+            "tokens) would suggest from layer 2 on",
+        ),
+        (
+            "last-row attention vs raster order (Spearman)",
+            f"{_fmt_range(re_['last_row_spearman_raster'])} by layer"
+            + _raster_verdict(re_["last_row_spearman_raster"]),
+            "FEATHER (Endo et al., 2024): attention from the last token favours late (bottom-of-image) tokens, "
+            "attributed to RoPE's long-term decay",
+        ),
+        (
+            "image -> question flow",
+            f"question words put {_fmt_range(re_['question_to_image_share'])} of their attention on image tokens "
+            "(possible now: the image comes first)",
+            "Zhang et al. (2024): image information flows into the question tokens in the lower layers; the question "
+            "then flows to the last position in the middle-to-higher layers",
+        ),
+        (
+            f"high-norm tokens in the tower (norm > {re_['high_norm_factor']:g}x median)",
+            f"{_fmt_range(n_high)} per image by layer; largest norm / median "
+            f"{max(re_['max_norm_over_median_max']):.2f}: "
+            "**none**",
+            "Darcet et al. (2024): large, long-trained ViTs (OpenCLIP, DINOv2, ...) have ~2% high-norm tokens on "
+            "low-information background patches that absorb most of [CLS]'s attention; small or briefly trained "
+            "models do not",
+        ),
+        (
+            "[CLS] attention concentration (last tower layer)",
+            f"top 1% of patches hold {re_['cls_attention_top1pct']:.3f} (uniform: "
+            f"{re_['cls_attention_uniform_top1pct']:.3f}), top 10% hold {re_['cls_attention_top10pct']:.3f}; "
+            "[CLS] is trained (contrastive)",
+            "[CLS]-attention pruning methods (FasterVLM, VisionZip, ...) rely on a concentrated [CLS] attention in "
+            "CLIP ViT-L",
+        ),
+        (
+            "image hidden states depend on the question",
+            f"largest relative change over all layers {re_['image_state_question_dependence_max']:.1e} "
+            "(float rounding): **no**",
+            "LLaVA: image before the question under causal attention, so they cannot",
+        ),
     ]
     compare = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in cmp_)
-    return {"realism_rows": "\n".join(rows), "realism_compare": compare, "realism_command": re_["command"],
-            "realism_n": re_["n_samples"]}
+    return {
+        "realism_rows": "\n".join(rows),
+        "realism_compare": compare,
+        "realism_command": re_["command"],
+        "realism_n": re_["n_samples"],
+    }
 
 
 def bench_line(n_parameters: int) -> str:
     b = _json(ROOT / "benchmarks" / "results" / "organism_forward.json")
     if b is None or b.get("n_parameters") != n_parameters:
-        return ("CPU forward: not measured for this model (`python benchmarks/organism_forward.py` writes "
-                "benchmarks/results/organism_forward.json).")
+        return (
+            "CPU forward: not measured for this model (`python benchmarks/organism_forward.py` writes "
+            "benchmarks/results/organism_forward.json)."
+        )
     load = b.get("load_average") or [float("nan")]
     busy = ""
     if load[0] > 1.5 * (b.get("cpu_count") or 1):
-        busy = (f" The machine was oversubscribed ({load[0]:.1f} runnable processes on {b.get('cpu_count')} cores): "
-                "this is not a valid measurement against the target; rerun on a quiet machine.")
-    return (f"CPU forward of a batch of 8 (prompt of {b['seq_len']} tokens, no generation) on {b['threads']} threads: "
-            f"median **{b['median_s']:.3f} s** (target <= {b['target_s']} s), fastest {b['min_s']:.3f} s, over "
-            f"{b['repeats']} runs, on a shared machine with load average {load[0]:.1f} "
-            "(`python benchmarks/organism_forward.py`, benchmarks/results/organism_forward.json)." + busy)
+        busy = (
+            f" The machine was oversubscribed ({load[0]:.1f} runnable processes on {b.get('cpu_count')} cores): "
+            "this is not a valid measurement against the target; rerun on a quiet machine."
+        )
+    return (
+        f"CPU forward of a batch of 8 (prompt of {b['seq_len']} tokens, no generation) on {b['threads']} threads: "
+        f"median **{b['median_s']:.3f} s** (target <= {b['target_s']} s), fastest {b['min_s']:.3f} s, over "
+        f"{b['repeats']} runs, on a shared machine with load average {load[0]:.1f} "
+        "(`python benchmarks/organism_forward.py`, benchmarks/results/organism_forward.json)." + busy
+    )
 
 
 def render(bundle: str | os.PathLike) -> str:
@@ -223,27 +281,50 @@ def render(bundle: str | os.PathLike) -> str:
     try:
         from transformers import AutoProcessor
 
-        template = AutoProcessor.from_pretrained(bundle).apply_chat_template(user_message("QUESTION"),
-                                                                             add_generation_prompt=True)
+        template = AutoProcessor.from_pretrained(bundle).apply_chat_template(
+            user_message("QUESTION"), add_generation_prompt=True
+        )
     except Exception as e:  # pragma: no cover - the card must still render the rest
         template = f"(processor not loadable: {e})"
     grid = v["image_size"] // v["patch_size"]
     fields = dict(
-        n_params=f"{ev['n_parameters']:,}", size_mb=f"{size:.1f}", image_size=v["image_size"], patch=v["patch_size"],
-        grid=grid, n_image=grid * grid, v_layers=v["num_hidden_layers"], v_dim=v["hidden_size"],
-        v_heads=v["num_attention_heads"], t_layers=t["num_hidden_layers"], t_dim=t["hidden_size"],
-        t_heads=t["num_attention_heads"], vocab=t["vocab_size"], c_layers=c.get("num_hidden_layers", "?"),
-        c_dim=c.get("hidden_size", "?"), c_proj=clip.get("projection_dim", "?"),
+        n_params=f"{ev['n_parameters']:,}",
+        size_mb=f"{size:.1f}",
+        image_size=v["image_size"],
+        patch=v["patch_size"],
+        grid=grid,
+        n_image=grid * grid,
+        v_layers=v["num_hidden_layers"],
+        v_dim=v["hidden_size"],
+        v_heads=v["num_attention_heads"],
+        t_layers=t["num_hidden_layers"],
+        t_dim=t["hidden_size"],
+        t_heads=t["num_attention_heads"],
+        vocab=t["vocab_size"],
+        c_layers=c.get("num_hidden_layers", "?"),
+        c_dim=c.get("hidden_size", "?"),
+        c_proj=clip.get("projection_dim", "?"),
         template=template.replace("<image>" * (grid * grid), "<image>x" + str(grid * grid)),
-        eval_n=ev["n_per_family"], eval_seed=ev["seed"],
-        eval_rows="\n".join(f"| {f} | {r['accuracy']:.3f} | {r.get('no_image_accuracy', float('nan')):.3f} | "
-                            f"{r['chance']:.3f} |" for f, r in ev["families"].items()),
-        target_lines=target_lines(ev), bench_line=bench_line(ev["n_parameters"]), stage_rows=stage_rows(rec),
+        eval_n=ev["n_per_family"],
+        eval_seed=ev["seed"],
+        eval_rows="\n".join(
+            f"| {f} | {r['accuracy']:.3f} | {r.get('no_image_accuracy', float('nan')):.3f} | {r['chance']:.3f} |"
+            for f, r in ev["families"].items()
+        ),
+        target_lines=target_lines(ev),
+        bench_line=bench_line(ev["n_parameters"]),
+        stage_rows=stage_rows(rec),
         batch=tc["batch_size"],
-        wd=tc["weight_decay"], warmup=tc["warmup"], n_train=tc["n_train_per_family"], n_val=tc["n_val_per_family"],
+        wd=tc["weight_decay"],
+        warmup=tc["warmup"],
+        n_train=tc["n_train_per_family"],
+        n_val=tc["n_val_per_family"],
         family_weights=", ".join(f"{k} {v:g}" for k, v in tc["family_weights"].items()),
-        call_lines=call_lines(rec), trajectory=trajectory(rec), not_met=not_met(ev, rec),
-        **realism_parts(_json(bundle / "realism.json")))
+        call_lines=call_lines(rec),
+        trajectory=trajectory(rec),
+        not_met=not_met(ev, rec),
+        **realism_parts(_json(bundle / "realism.json")),
+    )
     return Template(TEMPLATE.read_text()).substitute(fields)
 
 

@@ -9,16 +9,20 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Train and evaluate the embedded model organism (tiny LLaVA on synthetic VQA).",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Train and evaluate the embedded model organism (tiny LLaVA on synthetic VQA).", no_args_is_help=True
+)
 
 
 @app.command()
 def train(
     out: Path = typer.Option(..., help="folder to write the trained bundle to (replaced atomically)"),
     resume: bool = typer.Option(False, help="continue from the checkpoint in --ckpt-dir"),
-    finish: bool = typer.Option(False, help="if the budget runs out in the instruct stage, stop training there "
-                                "(recorded as cut short), evaluate and save instead of checkpointing"),
+    finish: bool = typer.Option(
+        False,
+        help="if the budget runs out in the instruct stage, stop training there "
+        "(recorded as cut short), evaluate and save instead of checkpointing",
+    ),
     ckpt_dir: Path = typer.Option(None, help="checkpoint folder (default: OUT.ckpt beside OUT)"),
     device: str = typer.Option("cuda", help="torch device, e.g. cuda or cpu"),
     seed: int = typer.Option(0, help="model init and batch order"),
@@ -43,11 +47,21 @@ def train(
 
     from vtrlab.organism.train import parse_family_weights, train_organism
 
-    opts = dict(device=device, seed=seed, max_minutes=max_minutes, n_train_per_family=n_train_per_family,
-                clip_steps=clip_steps, text_steps=text_steps, align_steps=align_steps,
-                instruct_steps=instruct_steps, lr_lm=lr_lm, eval_n=eval_n, batch_size=batch_size,
-                lr_tower_instruct=lr_tower_instruct,
-                n_val_per_family=n_val_per_family)
+    opts = dict(
+        device=device,
+        seed=seed,
+        max_minutes=max_minutes,
+        n_train_per_family=n_train_per_family,
+        clip_steps=clip_steps,
+        text_steps=text_steps,
+        align_steps=align_steps,
+        instruct_steps=instruct_steps,
+        lr_lm=lr_lm,
+        eval_n=eval_n,
+        batch_size=batch_size,
+        lr_tower_instruct=lr_tower_instruct,
+        n_val_per_family=n_val_per_family,
+    )
     if resume:  # the checkpoint's recipe stands; only this call's budget and device change
         opts = dict(device=device, max_minutes=max_minutes)
     if workers > 0:
@@ -57,13 +71,19 @@ def train(
             opts["family_weights"] = parse_family_weights(family_weights)
         except ValueError as e:
             typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
     try:
-        record = train_organism(out, resume=resume, ckpt_dir=ckpt_dir, finish=finish, command="vtrlab organism train " +
-                                " ".join(sys.argv[2:] if sys.argv[1:2] == ["train"] else sys.argv[1:]), **opts)
+        record = train_organism(
+            out,
+            resume=resume,
+            ckpt_dir=ckpt_dir,
+            finish=finish,
+            command="vtrlab organism train " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["train"] else sys.argv[1:]),
+            **opts,
+        )
     except FileNotFoundError as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     if record.get("finished"):
         typer.echo(f"saved to {out}; validation {record['val']}")
     else:

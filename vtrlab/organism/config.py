@@ -22,30 +22,58 @@ def _ids() -> dict[str, int]:
 
 def vision_config(vision: dict | None = None) -> CLIPVisionConfig:
     return CLIPVisionConfig(
-        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, num_channels=3, projection_dim=CLIP_PROJECTION,
-        hidden_act="quick_gelu", layer_norm_eps=1e-5, **{**VISION, **(vision or {})})
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        num_channels=3,
+        projection_dim=CLIP_PROJECTION,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        **{**VISION, **(vision or {})},
+    )
 
 
 def build_config(vision: dict | None = None, text: dict | None = None) -> LlavaConfig:
     ids = _ids()
     t = {**TEXT, **(text or {})}
     text_config = LlamaConfig(
-        vocab_size=len(organism_vocab()), max_position_embeddings=512, num_key_value_heads=t["num_attention_heads"],
-        rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False,
-        bos_token_id=ids[BOS], eos_token_id=ids[END], pad_token_id=ids[PAD], **t)
+        vocab_size=len(organism_vocab()),
+        max_position_embeddings=512,
+        num_key_value_heads=t["num_attention_heads"],
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        bos_token_id=ids[BOS],
+        eos_token_id=ids[END],
+        pad_token_id=ids[PAD],
+        **t,
+    )
     return LlavaConfig(
-        vision_config=vision_config(vision), text_config=text_config, image_token_index=ids[IMAGE],
-        image_seq_length=GRID * GRID, projector_hidden_act="gelu",
-        vision_feature_select_strategy="default", vision_feature_layer=-1,
-        tie_word_embeddings=False)
+        vision_config=vision_config(vision),
+        text_config=text_config,
+        image_token_index=ids[IMAGE],
+        image_seq_length=GRID * GRID,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
 
 
 def build_clip_config(vision: dict | None = None, text: dict | None = None) -> CLIPConfig:
     """The micro-CLIP: the organism's vision tower + a small causal text encoder pooled at <|end|>."""
     ids = _ids()
     text_config = CLIPTextConfig(
-        vocab_size=len(organism_vocab()), max_position_embeddings=CAPTION_MAX_TOKENS, hidden_act="quick_gelu",
-        projection_dim=CLIP_PROJECTION, layer_norm_eps=1e-5, bos_token_id=ids[BOS], eos_token_id=ids[END],
-        pad_token_id=ids[PAD], **{**CLIP_TEXT, **(text or {})})
-    return CLIPConfig(text_config=text_config.to_dict(), vision_config=vision_config(vision).to_dict(),
-                      projection_dim=CLIP_PROJECTION)
+        vocab_size=len(organism_vocab()),
+        max_position_embeddings=CAPTION_MAX_TOKENS,
+        hidden_act="quick_gelu",
+        projection_dim=CLIP_PROJECTION,
+        layer_norm_eps=1e-5,
+        bos_token_id=ids[BOS],
+        eos_token_id=ids[END],
+        pad_token_id=ids[PAD],
+        **{**CLIP_TEXT, **(text or {})},
+    )
+    return CLIPConfig(
+        text_config=text_config.to_dict(), vision_config=vision_config(vision).to_dict(), projection_dim=CLIP_PROJECTION
+    )

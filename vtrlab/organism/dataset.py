@@ -72,8 +72,9 @@ def patch_targets(sample: Sample, owner: np.ndarray | None = None) -> dict[str, 
         centre[cy * g + cx] = cls
     rows, cols = np.divmod(np.arange(g * g), g)
     own_rc = np.stack([rows, cols], axis=1).astype(np.float32) / (g - 1)
-    return dict(color=color, shape=shape, letter=letter, centre=centre, obj_xy=obj_xy,
-                on_object=(owner > 0), own_rc=own_rc)
+    return dict(
+        color=color, shape=shape, letter=letter, centre=centre, obj_xy=obj_xy, on_object=(owner > 0), own_rc=own_rc
+    )
 
 
 N_CENTRE = N_SHAPE + 1
@@ -135,10 +136,15 @@ class EncodedSet:
         return self.seqs["answer"].labels
 
     def to(self, device) -> EncodedSet:
-        return EncodedSet(self.pixels.to(device, non_blocking=True), self.family.to(device),
-                          {k: v.to(device, non_blocking=True) for k, v in self.targets.items()},
-                          {k: v.to(device) for k, v in self.seqs.items()}, self.questions, self.answers,
-                          self.captions)
+        return EncodedSet(
+            self.pixels.to(device, non_blocking=True),
+            self.family.to(device),
+            {k: v.to(device, non_blocking=True) for k, v in self.targets.items()},
+            {k: v.to(device) for k, v in self.seqs.items()},
+            self.questions,
+            self.answers,
+            self.captions,
+        )
 
     def __len__(self) -> int:
         return self.pixels.shape[0]
@@ -185,11 +191,18 @@ class SequenceEncoder:
     def text_template(self) -> str:
         """The chat format with the caption in place of the picture, as plain text: a format string
         with {caption}, {question}, {answer} (rendered once by the chat template)."""
-        conv = [{"role": "user", "content": [{"type": "text", "text": "@C@ . @Q@"}]},
-                {"role": "assistant", "content": [{"type": "text", "text": "@A@"}]}]
+        conv = [
+            {"role": "user", "content": [{"type": "text", "text": "@C@ . @Q@"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "@A@"}]},
+        ]
         text = self.processor.apply_chat_template(conv)
-        return text.replace("{", "{{").replace("}", "}}").replace("@C@", "{caption}").replace(
-            "@Q@", "{question}").replace("@A@", "{answer}")
+        return (
+            text.replace("{", "{{")
+            .replace("}", "}}")
+            .replace("@C@", "{caption}")
+            .replace("@Q@", "{question}")
+            .replace("@A@", "{answer}")
+        )
 
     def text_ids(self, captions: list[str], qa: list[tuple[str, str]]) -> list[list[int]]:
         fmt = self.text_template()
@@ -212,7 +225,7 @@ def _pad(seqs: list[tuple], n_unlabelled: list[int] | None, pad: int) -> Seqs:
     for i, s in enumerate(seqs):
         a = 0
         for part in s:
-            ids[i, a: a + len(part)] = part
+            ids[i, a : a + len(part)] = part
             a += len(part)
     pos = np.arange(length)[None, :]
     start = np.zeros(len(seqs), np.int64) if n_unlabelled is None else np.asarray(n_unlabelled)
@@ -222,8 +235,14 @@ def _pad(seqs: list[tuple], n_unlabelled: list[int] | None, pad: int) -> Seqs:
     return Seqs(ids_t, ids_t != pad, torch.from_numpy(labels))
 
 
-def encode(pixels: np.ndarray, targets: dict[str, np.ndarray], qa: list[tuple[str, str]], families: list[str],
-           encoder: SequenceEncoder, captions: list[str] | None = None) -> EncodedSet:
+def encode(
+    pixels: np.ndarray,
+    targets: dict[str, np.ndarray],
+    qa: list[tuple[str, str]],
+    families: list[str],
+    encoder: SequenceEncoder,
+    captions: list[str] | None = None,
+) -> EncodedSet:
     from vtrlab.organism.tokenizer import CAPTION_PROMPT
 
     captions = list(captions) if captions is not None else [""] * len(qa)
@@ -240,17 +259,32 @@ def encode(pixels: np.ndarray, targets: dict[str, np.ndarray], qa: list[tuple[st
         n_prompt.append(len(prompts[q]))
     cap_prompt = np.asarray(encoder.prompt_ids(CAPTION_PROMPT), dtype=np.int64)
     cap = [(cap_prompt, ids) for ids in encoder.caption_answer_ids(captions)]
-    seqs = {"answer": _pad(answer, n_prompt, pad), "caption": _pad(cap, [len(cap_prompt)] * len(cap), pad),
-            "text": _pad([(t,) for t in encoder.text_ids(captions, qa)], None, pad),
-            "clip": _pad([(t,) for t in encoder.clip_ids(captions)], None, pad)}
+    seqs = {
+        "answer": _pad(answer, n_prompt, pad),
+        "caption": _pad(cap, [len(cap_prompt)] * len(cap), pad),
+        "text": _pad([(t,) for t in encoder.text_ids(captions, qa)], None, pad),
+        "clip": _pad([(t,) for t in encoder.clip_ids(captions)], None, pad),
+    }
     return EncodedSet(
-        pixels=torch.from_numpy(pixels), family=torch.tensor([FAMILIES.index(f) for f in families]),
-        targets={k: torch.from_numpy(v) for k, v in targets.items()}, seqs=seqs,
-        questions=[q for q, _ in qa], answers=[a for _, a in qa], captions=captions)
+        pixels=torch.from_numpy(pixels),
+        family=torch.tensor([FAMILIES.index(f) for f in families]),
+        targets={k: torch.from_numpy(v) for k, v in targets.items()},
+        seqs=seqs,
+        questions=[q for q, _ in qa],
+        answers=[a for _, a in qa],
+        captions=captions,
+    )
 
 
-def build_set(n_per_family: int, seed: int, processor, families=FAMILIES, workers: int = 1,
-              chunk: int = 500, image_size: int = 128) -> EncodedSet:
+def build_set(
+    n_per_family: int,
+    seed: int,
+    processor,
+    families=FAMILIES,
+    workers: int = 1,
+    chunk: int = 500,
+    image_size: int = 128,
+) -> EncodedSet:
     """Render n_per_family samples of each family (indices 0..n-1 at ``seed``) and encode them."""
     jobs = [(seed, f, a, min(a + chunk, n_per_family)) for f in families for a in range(0, n_per_family, chunk)]
     fams = [f for f in families for a in range(0, n_per_family, chunk) for _ in range(a, min(a + chunk, n_per_family))]

@@ -41,7 +41,7 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     ry = np.argsort(np.argsort(y)).astype(float)
     rx -= rx.mean()
     ry -= ry.mean()
-    den = np.sqrt((rx ** 2).sum() * (ry ** 2).sum())
+    den = np.sqrt((rx**2).sum() * (ry**2).sum())
     return float((rx * ry).sum() / den) if den > 0 else float("nan")
 
 
@@ -56,8 +56,13 @@ def token_roles(input_ids: list[int], tokenizer, image_token_id: int) -> dict[st
     after = np.arange(img[-1] + 1, len(ids))
     q_end = after[ids[after] == end_id][0]
     pos = np.arange(len(ids))
-    return {"first": pos[:1], "system": pos[1:img[0]], "image": img,
-            "question": pos[img[-1] + 1:q_end], "tail": pos[q_end:]}
+    return {
+        "first": pos[:1],
+        "system": pos[1 : img[0]],
+        "image": img,
+        "question": pos[img[-1] + 1 : q_end],
+        "tail": pos[q_end:],
+    }
 
 
 def _load(path, device="cpu"):
@@ -134,8 +139,12 @@ def measure(model, processor, n: int = 120, seed: int = SEED) -> dict:
         return [round(float(v), 4) for v in np.nanmean(x, axis=0)]
 
     return {
-        "n_samples": n, "seed": seed, "families": list(FAMILIES), "high_norm_factor": HIGH_NORM,
-        "lm_layers": n_layers, "vision_layers": n_vis,
+        "n_samples": n,
+        "seed": seed,
+        "families": list(FAMILIES),
+        "high_norm_factor": HIGH_NORM,
+        "lm_layers": n_layers,
+        "vision_layers": n_vis,
         "last_row_share": {r: mean(share[r]) for r in roles},
         "last_row_spearman_raster": mean(spear),
         "question_to_image_share": mean(q2img),
@@ -146,7 +155,8 @@ def measure(model, processor, n: int = 120, seed: int = SEED) -> dict:
         "max_norm_over_median": mean(norm_ratio),
         "max_norm_over_median_max": [round(float(v), 3) for v in norm_ratio.max(0)],
         "high_norm_cls_share": [None if np.isnan(v) else round(float(v), 4) for v in np.nanmean(hn_cls, axis=0)]
-        if np.isfinite(hn_cls).any() else [None] * n_vis,
+        if np.isfinite(hn_cls).any()
+        else [None] * n_vis,
         "image_state_question_dependence_max": float(f"{dep.max():.3g}"),
     }
 

@@ -48,6 +48,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     # special tokens are matched before normalisation/pre-tokenisation and skipped on decode
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=END, unk_token=UNK, pad_token=PAD,
-        extra_special_tokens={"image_token": IMAGE}, padding_side="left", model_max_length=512,
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=END,
+        unk_token=UNK,
+        pad_token=PAD,
+        extra_special_tokens={"image_token": IMAGE},
+        padding_side="left",
+        model_max_length=512,
     )

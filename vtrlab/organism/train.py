@@ -67,8 +67,16 @@ class TrainConfig:
     lr_tower_instruct: float = 0.0
     warmup: int = 400  # instruct stage; the other stages warm up over 100 steps
     weight_decay: float = 0.01
-    family_weights: dict = field(default_factory=lambda: {"color": 1.0, "shape": 1.0, "count": 1.5,
-                                                           "relation": 2.0, "reading": 1.5, "position": 1.0})
+    family_weights: dict = field(
+        default_factory=lambda: {
+            "color": 1.0,
+            "shape": 1.0,
+            "count": 1.5,
+            "relation": 2.0,
+            "reading": 1.5,
+            "position": 1.0,
+        }
+    )
     workers: int = max(1, (os.cpu_count() or 2) - 1)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     max_minutes: float = 9.0  # wall-time budget of this call; then checkpoint and stop
@@ -132,8 +140,9 @@ def tower_features(model, pixels: torch.Tensor) -> torch.Tensor:
     return tower_forward(model, pixels)[0]
 
 
-def answer_logits(model, feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  labels: torch.Tensor):
+def answer_logits(
+    model, feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+):
     """Logits predicting each labelled token (same computation as LlavaForConditionalGeneration):
     (logits, targets, selection mask over positions 0..L-2)."""
     embeds = model.get_input_embeddings()(input_ids)
@@ -203,8 +212,9 @@ def teacher_forced_accuracy(model, processor, data: EncodedSet, blank: bool = Fa
             pix = torch.tensor(BACKGROUND, dtype=torch.uint8, device=dev).view(1, 3, 1, 1).expand_as(pix)
         with _autocast(dev):
             feats = tower_features(model, pixel_values(pix, processor))
-            logits, target, sel = answer_logits(model, feats, data.input_ids[sl], data.attention_mask[sl],
-                                                data.labels[sl])
+            logits, target, sel = answer_logits(
+                model, feats, data.input_ids[sl], data.attention_mask[sl], data.labels[sl]
+            )
         hit = torch.ones_like(sel)
         hit[sel] = logits.argmax(-1) == target
         ok = hit.all(dim=1).float().cpu()
@@ -230,9 +240,16 @@ def default_ckpt_dir(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".ckpt")
 
 
-def train_organism(out: str | os.PathLike, cfg: TrainConfig | None = None, resume: bool = False,
-                   ckpt_dir: str | os.PathLike | None = None, command: str | None = None, finish: bool = False,
-                   finish_reserve_seconds: float = 150.0, **overrides) -> dict:
+def train_organism(
+    out: str | os.PathLike,
+    cfg: TrainConfig | None = None,
+    resume: bool = False,
+    ckpt_dir: str | os.PathLike | None = None,
+    command: str | None = None,
+    finish: bool = False,
+    finish_reserve_seconds: float = 150.0,
+    **overrides,
+) -> dict:
     """Run (or, with ``resume``, continue) the recipe; save the bundle to ``out`` when every stage is done.
 
     Returns the training record; ``record["finished"]`` is False when the call's wall-time budget
@@ -273,9 +290,14 @@ def train_organism(out: str | os.PathLike, cfg: TrainConfig | None = None, resum
         clip.load_state_dict(state["clip"])
         heads.load_state_dict(state["heads"])
         torch.set_rng_state(state["rng"])
-    call = {"command": command or " ".join(sys.argv), "device": _device_name(cfg.device), "resumed": bool(state),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t0)), "max_minutes": cfg.max_minutes,
-            "finish": finish}
+    call = {
+        "command": command or " ".join(sys.argv),
+        "device": _device_name(cfg.device),
+        "resumed": bool(state),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t0)),
+        "max_minutes": cfg.max_minutes,
+        "finish": finish,
+    }
     record["calls"].append(call)
     dev = torch.device(cfg.device)
     if dev.type == "cuda":
@@ -298,10 +320,20 @@ def train_organism(out: str | os.PathLike, cfg: TrainConfig | None = None, resum
 
     def save_state(stage_i: int, step: int, opt) -> None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_torch_save({"model": model.state_dict(), "clip": clip.state_dict(), "heads": heads.state_dict(),
-                            "opt": opt.state_dict() if opt is not None else None, "stage": stage_i, "step": step,
-                            "sampler": sampler.g.get_state(), "rng": torch.get_rng_state(), "record": record},
-                           state_path)
+        _atomic_torch_save(
+            {
+                "model": model.state_dict(),
+                "clip": clip.state_dict(),
+                "heads": heads.state_dict(),
+                "opt": opt.state_dict() if opt is not None else None,
+                "stage": stage_i,
+                "step": step,
+                "sampler": sampler.g.get_state(),
+                "rng": torch.get_rng_state(),
+                "record": record,
+            },
+            state_path,
+        )
 
     def stage_spec(name: str):
         if name == "clip":
@@ -387,8 +419,13 @@ def train_organism(out: str | os.PathLike, cfg: TrainConfig | None = None, resum
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             if logging:
-                entry = {"stage": name, "step": step, "loss": round(loss.item(), 4), **parts,
-                         "s_per_step": round((time.time() - st) / (step - step0 + 1), 4)}
+                entry = {
+                    "stage": name,
+                    "step": step,
+                    "loss": round(loss.item(), 4),
+                    **parts,
+                    "s_per_step": round((time.time() - st) / (step - step0 + 1), 4),
+                }
                 if name == "instruct" and (step % cfg.eval_every == 0 or step == steps - 1):
                     entry["val"] = teacher_forced_accuracy(model, processor, val)
                 record["log"].append(entry)
@@ -404,8 +441,11 @@ def train_organism(out: str | os.PathLike, cfg: TrainConfig | None = None, resum
             call["stopped_at"] = {"stage": name, "step": step}
             call["seconds"] = round(time.time() - t0, 1)
             save_state(stage_i, step, opt)
-            print(f"wall-time budget spent: stopped at {name} step {step}/{steps}; checkpoint {state_path}; "
-                  "run again with --resume", flush=True)
+            print(
+                f"wall-time budget spent: stopped at {name} step {step}/{steps}; checkpoint {state_path}; "
+                "run again with --resume",
+                flush=True,
+            )
             record["finished"] = False
             return record
         if name == "clip":  # LLaVA's later stages keep the CLIP tower frozen: remember how it ended
@@ -428,7 +468,7 @@ def _clip_val(model, clip, processor, val: EncodedSet, batch: int = 256) -> floa
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(val), generator=g).to(val.pixels.device)  # mix the families
     for a in range(0, len(val), batch):
-        idx = order[a:a + batch]
+        idx = order[a : a + batch]
         with _autocast(val.pixels.device):
             _, pooled = tower_forward(model, pixel_values(val.pixels[idx], processor))
             _, logits = clip_loss(clip, pooled, val.seqs["clip"].ids[idx], val.seqs["clip"].mask[idx])
@@ -469,7 +509,7 @@ def _finish(out, model, clip, processor, cfg: TrainConfig, record: dict, call: d
 
 
 def parse_family_weights(text: str) -> dict:
-    """"color=1,shape=1,count=1.5,relation=2,reading=1.5" -> dict (families not named keep 1.0)."""
+    """ "color=1,shape=1,count=1.5,relation=2,reading=1.5" -> dict (families not named keep 1.0)."""
     out = {}
     for part in filter(None, (x.strip() for x in text.split(","))):
         name, _, value = part.partition("=")

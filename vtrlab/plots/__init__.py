@@ -23,9 +23,23 @@ from vtrlab.plots.style import DOUBLE_COLUMN, DPI, SINGLE_COLUMN, apply, figure
 apply()
 
 __all__ = [
-    "write_figure", "heatmap_over_image", "layer_curve", "layer_matrix", "figure", "apply",
-    "SINGLE_COLUMN", "DOUBLE_COLUMN", "DPI",
-    "training_curves", "kept_token_maps", "accuracy_vs_keep_ratio", "token_error_maps", "layer_error_curves",
+    "write_figure",
+    "heatmap_over_image",
+    "layer_curve",
+    "layer_matrix",
+    "figure",
+    "apply",
+    "SINGLE_COLUMN",
+    "DOUBLE_COLUMN",
+    "DPI",
+    "training_curves",
+    "kept_token_maps",
+    "accuracy_vs_keep_ratio",
+    "token_error_maps",
+    "layer_error_curves",
     "relevance_recall",
-    "metrics_vs_budget", "recall_vs_budget", "agreement_figure", "position_bias_maps",
+    "metrics_vs_budget",
+    "recall_vs_budget",
+    "agreement_figure",
+    "position_bias_maps",
 ]

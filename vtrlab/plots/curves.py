@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -32,8 +32,16 @@ def layer_curve(
     if missing:
         raise ValueError(f"columns {missing} not in data; have {list(data.columns)}")
     sns.lineplot(
-        data=data, x=x, y=y, hue=hue, ax=ax, errorbar=("ci", ci), n_boot=n_boot, seed=CI_SEED,
-        marker="o" if markers else None, markersize=3,
+        data=data,
+        x=x,
+        y=y,
+        hue=hue,
+        ax=ax,
+        errorbar=("ci", ci),
+        n_boot=n_boot,
+        seed=CI_SEED,
+        marker="o" if markers else None,
+        markersize=3,
     )
     if pd.api.types.is_integer_dtype(data[x]):
         ax.set_xticks(sorted(data[x].unique()))

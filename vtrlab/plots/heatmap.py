@@ -67,7 +67,9 @@ def heatmap_over_image(
             raise ValueError(
                 f"layout has no image tokens for image={image_index}, tile={tile}; have {sorted(layout.grid_shapes)}"
             )
-        boxes = np.stack([getattr(layout, k)[image_tokens][sel] for k in ("x0", "y0", "x1", "y1")], axis=-1).astype(float)
+        boxes = np.stack([getattr(layout, k)[image_tokens][sel] for k in ("x0", "y0", "x1", "y1")], axis=-1).astype(
+            float
+        )
         cell_values = vals[sel]
 
     finite = np.isfinite(cell_values)
@@ -76,11 +78,17 @@ def heatmap_over_image(
         vmax=np.nanmax(cell_values) if vmax is None and finite.any() else vmax,
     )
     x0, y0, x1, y1 = boxes[finite].T
-    polys = np.stack([np.stack([x0, y0], -1), np.stack([x1, y0], -1), np.stack([x1, y1], -1), np.stack([x0, y1], -1)], 1)
+    polys = np.stack(
+        [np.stack([x0, y0], -1), np.stack([x1, y0], -1), np.stack([x1, y1], -1), np.stack([x0, y1], -1)], 1
+    )
     if outline:  # colours map to the edges when faces are "none"
         style = {"facecolors": "none", "linewidths": 0.8, "alpha": 1.0}
     else:
-        style = {"edgecolors": "white" if grid_lines else "face", "linewidths": 0.3 if grid_lines else 0.0, "alpha": alpha}
+        style = {
+            "edgecolors": "white" if grid_lines else "face",
+            "linewidths": 0.3 if grid_lines else 0.0,
+            "alpha": alpha,
+        }
     coll = PolyCollection(polys, array=cell_values[finite], cmap=cmap, norm=norm, **style)
     ax.add_collection(coll)
     ax.set_xlim(0, width)

@@ -5,7 +5,8 @@ Tables come from ``vtrlab.analysis.reconstruction``; save with ``vtrlab.runner.s
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -19,8 +19,9 @@ def metrics_vs_budget(acc: pd.DataFrame):
     fig, axes = figure("double", height=2.3, ncols=3)
     red = acc[(acc["method"] != "full") & (acc["seed"] == -1)]
     full = acc[acc["method"] == "full"]
-    for ax, (col, label) in zip(axes, (("accuracy", "accuracy"), ("logprob", "gold answer log-prob"),
-                                        ("kl", "KL(full || reduced), nats"))):
+    for ax, (col, label) in zip(
+        axes, (("accuracy", "accuracy"), ("logprob", "gold answer log-prob"), ("kl", "KL(full || reduced), nats"))
+    ):
         for method, g in red.groupby("method", sort=True):
             g = g.sort_values("budget")
             x = g["budget"] * 100
@@ -57,8 +58,7 @@ def agreement_figure(jaccard: pd.DataFrame, spearman_m: pd.DataFrame, budget: fl
     labels = list(jaccard.index)
     layer_matrix(axes[0], jaccard.to_numpy(), labels=labels, xlabel="", ylabel="", vmin=0, vmax=1, annotate=True)
     axes[0].set_title(f"Jaccard of kept sets ({budget:.0%})")
-    layer_matrix(axes[1], spearman_m.to_numpy(), labels=labels, xlabel="", ylabel="", vmin=-1, vmax=1,
-                 annotate=True)
+    layer_matrix(axes[1], spearman_m.to_numpy(), labels=labels, xlabel="", ylabel="", vmin=-1, vmax=1, annotate=True)
     axes[1].set_title("Spearman of scores")
     for ax in axes:
         ax.set_xticks(range(len(labels)))

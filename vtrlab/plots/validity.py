@@ -29,13 +29,24 @@ def _shade_agnostic(ax, agnostic: Mapping[int, bool] | None, label: bool):
     first = True
     for k, v in sorted((agnostic or {}).items()):
         if v:
-            ax.axvspan(k - 0.5, k + 0.5, color="0.85", zorder=0, lw=0,
-                       label="question-agnostic layer" if (label and first) else None)
+            ax.axvspan(
+                k - 0.5,
+                k + 0.5,
+                color="0.85",
+                zorder=0,
+                lw=0,
+                label="question-agnostic layer" if (label and first) else None,
+            )
             first = False
 
 
-def controls_per_layer(ci: pd.DataFrame, agnostic: Mapping[int, bool] | None = None, layer: str = "layer",
-                       families: Sequence[str] | None = None, title: str = ""):
+def controls_per_layer(
+    ci: pd.DataFrame,
+    agnostic: Mapping[int, bool] | None = None,
+    layer: str = "layer",
+    families: Sequence[str] | None = None,
+    title: str = "",
+):
     """One panel per family: per-layer AUROC and target-vs-distractor AUROC with their 95% CIs, the
     objectness baseline (band), chance (0.5), and question-agnostic layers shaded. ``ci``: a
     :func:`vtrlab.analysis.controls.controls_ci` table."""
@@ -58,7 +69,7 @@ def controls_per_layer(ci: pd.DataFrame, agnostic: Mapping[int, bool] | None = N
         xs = sorted(g[layer].unique())
         if xs:
             ax.set_xticks(xs)
-    for ax in list(axes.flat)[len(families):]:
+    for ax in list(axes.flat)[len(families) :]:
         ax.set_axis_off()
     axes.flat[0].set_ylabel("AUROC")
     axes.flat[0].legend(fontsize=5, frameon=False, loc="lower left")
@@ -110,8 +121,7 @@ def randomization_figure(table: pd.DataFrame, signals: Sequence[str] | None = No
     return fig
 
 
-def accuracy_per_family(acc_ci: pd.DataFrame, methods: Sequence[str] = ("selector", "random"),
-                        by: str = "family"):
+def accuracy_per_family(acc_ci: pd.DataFrame, methods: Sequence[str] = ("selector", "random"), by: str = "family"):
     """Accuracy vs keep ratio, one panel per family (or group), selector and random with 95% CI bands,
     full and no-image as horizontal lines. ``acc_ci``: a :func:`vtrlab.analysis.controls.accuracy_ci` table."""
     fams = list(dict.fromkeys(acc_ci[by]))
@@ -132,7 +142,7 @@ def accuracy_per_family(acc_ci: pd.DataFrame, methods: Sequence[str] = ("selecto
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"{fam} (n={int(g['n'].max()) if len(g) else 0})", fontsize=7)
         ax.set_xlabel("keep ratio")
-    for ax in list(axes.flat)[len(fams):]:
+    for ax in list(axes.flat)[len(fams) :]:
         ax.set_axis_off()
     axes.flat[0].set_ylabel("accuracy")
     axes.flat[0].legend(fontsize=5, frameon=False)

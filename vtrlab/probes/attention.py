@@ -27,15 +27,16 @@ Sequences other than the batch a site was built for are declared with :class:`se
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 ATTN_NAME = "vtrlab_sdpa"
 
 # The session active in this context (None: plain sdpa). A ContextVar, so threads never share one.
-_SESSION: contextvars.ContextVar["Session | None"] = contextvars.ContextVar("vtrlab_session", default=None)
+_SESSION: contextvars.ContextVar[Session | None] = contextvars.ContextVar("vtrlab_session", default=None)
 
 # Vision "mean" mode reduces the full query range in chunks of this many rows (bounded memory).
 _MEAN_CHUNK = 256
@@ -95,9 +96,14 @@ class Knockout:
                     f"a knockout built for {bind.describe()} runs on a reduced batch of {src.shape[0]} sample(s)"
                 )
             if Q != L or N != L:
-                raise ValueError(_decode_message(bind, Q, N) if N > L else (
-                    f"a knockout built for {bind.describe()} runs on a sequence of {Q} queries x {N} keys, "
-                    f"but the reduced sequence has {L} columns"))
+                raise ValueError(
+                    _decode_message(bind, Q, N)
+                    if N > L
+                    else (
+                        f"a knockout built for {bind.describe()} runs on a sequence of {Q} queries x {N} keys, "
+                        f"but the reduced sequence has {L} columns"
+                    )
+                )
             if bool((src == APPENDED).any()):
                 raise ValueError(
                     f"a knockout built for {bind.describe()} cannot apply to tokens appended after the prompt "
@@ -160,8 +166,12 @@ class Site:
     @property
     def records(self) -> bool:
         """Whether the site keeps something from the forward (as opposed to only changing it)."""
-        return (self.rows is not None or self.vision_mode is not None or self.saliency_rows is not None
-                or self.on_call is not None)
+        return (
+            self.rows is not None
+            or self.vision_mode is not None
+            or self.saliency_rows is not None
+            or self.on_call is not None
+        )
 
 
 @dataclass
@@ -391,8 +401,15 @@ def vtrlab_sdpa_attention_forward(
         mask = knockout_mask(blocked, attention_mask, query, key, causal)
         causal = False  # the causal pattern is now inside the mask
     out, _ = sdpa_attention_forward(
-        module, query, key, value, mask, dropout=dropout, scaling=scaling,
-        is_causal=(False if knockouts else is_causal), **kwargs
+        module,
+        query,
+        key,
+        value,
+        mask,
+        dropout=dropout,
+        scaling=scaling,
+        is_causal=(False if knockouts else is_causal),
+        **kwargs,
     )
     for site in here:
         if site.records:

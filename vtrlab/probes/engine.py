@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -47,8 +47,6 @@ def _vision_sites(vlm, layers: list[int], mode: str, cls_index: int, dtype, devi
 def _hidden_norm_hooks(vlm, layers: list[int]):
     """Record the L2 norm of every position's hidden state after each chosen decoder layer."""
     return record(outputs={i: vlm.lm_layers[i] for i in layers}, transform=lambda h: h.float().norm(dim=-1).cpu())
-
-
 
 
 _VISION_LABELS = (("kind", "pad"), ("crop", -1), ("vpos", -1), ("image", -1), ("tile", -1), ("row", -1), ("col", -1))

@@ -7,7 +7,7 @@ rounded or coerced.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -50,8 +50,9 @@ def _int_list(values, what: str, accepted: str) -> list[int]:
     return out
 
 
-def positions_per_sample(layouts: Sequence[ImageLayout], spec, what: str = "queries",
-                         names: Sequence[str] = QUERY_NAMES) -> list[np.ndarray]:
+def positions_per_sample(
+    layouts: Sequence[ImageLayout], spec, what: str = "queries", names: Sequence[str] = QUERY_NAMES
+) -> list[np.ndarray]:
     """Sequence positions per sample, from a name in ``names`` or explicit positions.
 
     Explicit positions: one list of ints for every sample, or one list per sample. Negative

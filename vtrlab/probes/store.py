@@ -9,7 +9,6 @@ import xarray as xr
 
 from vtrlab.io import atomic_path
 
-
 ENGINES = ("netcdf4", "h5netcdf", "scipy")
 _NEEDS = {"netcdf4": ("netCDF4",), "h5netcdf": ("h5netcdf", "h5py"), "scipy": ("scipy",)}
 

@@ -10,7 +10,7 @@ back in ``finally``, also when the body raises. Only models whose attention runs
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from torch import nn
 

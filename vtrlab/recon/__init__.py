@@ -1,11 +1,11 @@
 """Reconstruction: the "When Less is Enough" selector and reconstruction error as an importance signal.
 
-    sel = vtrlab.recon.Selector.load("data/models/organism/selector")
-    keep = sel.select(vlm, batch, ratio=0.3)        # per sample, bool over image tokens (layout order)
-    answers = vtrlab.answer(vlm, batch, keep=keep)
-    err = vtrlab.recon.token_error(vlm, batch, selector=sel)            # Dataset: recon_error (sample, token)
-    lerr = vtrlab.recon.layer_error(vlm, batch, layers="all", vision_layers="all")
-    # Dataset: lm_error (sample, layer, token), vision_error (sample, vision_layer, token)
+sel = vtrlab.recon.Selector.load("data/models/organism/selector")
+keep = sel.select(vlm, batch, ratio=0.3)        # per sample, bool over image tokens (layout order)
+answers = vtrlab.answer(vlm, batch, keep=keep)
+err = vtrlab.recon.token_error(vlm, batch, selector=sel)            # Dataset: recon_error (sample, token)
+lerr = vtrlab.recon.layer_error(vlm, batch, layers="all", vision_layers="all")
+# Dataset: lm_error (sample, layer, token), vision_error (sample, vision_layer, token)
 """
 
 from .error import masked_token_error, token_error

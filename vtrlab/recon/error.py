@@ -5,7 +5,8 @@ rebuilt when it is masked. High error = the token carries information its neighb
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -25,7 +25,8 @@ labelled by ``models.labels.token_coordinates`` (padded with NaN where samples h
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import xarray as xr

@@ -25,14 +25,14 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -62,9 +62,13 @@ class SelectorConfig:
 
     def __post_init__(self):
         if self.feature_dim < 1 or self.d_model < 1 or self.n_heads < 1:
-            raise ValueError(f"feature_dim, d_model, n_heads must be >= 1; got {self.feature_dim}, {self.d_model}, {self.n_heads}")
+            raise ValueError(
+                f"feature_dim, d_model, n_heads must be >= 1; got {self.feature_dim}, {self.d_model}, {self.n_heads}"
+            )
         if self.d_model % self.n_heads or self.d_model % 4:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} and by 4 (2-D sin-cos)")
+            raise ValueError(
+                f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} and by 4 (2-D sin-cos)"
+            )
         if not 0.0 <= self.p <= 1.0:
             raise ValueError(f"p={self.p}; accepted: a keep ratio in [0, 1]")
         if self.tau <= 0:
@@ -94,7 +98,9 @@ class _StraightThrough(torch.autograd.Function):
         return grad
 
 
-def gumbel_keep_mask(logits: torch.Tensor, tau: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def gumbel_keep_mask(
+    logits: torch.Tensor, tau: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Binary Gumbel-Softmax: returns (hard mask with straight-through gradient, soft mask).
 
     Two-class Gumbel-Softmax over (keep, drop) with logits (l, 0) reduces to
@@ -242,7 +248,7 @@ class Selector(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Selector":
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Selector:
         path = Path(path)
         if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"{path} holds no selector; expected {CONFIG_FILE} and {WEIGHTS_FILE} in it")
@@ -254,8 +260,9 @@ class Selector(nn.Module):
         try:
             sel.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
         except Exception as exc:  # SafetensorError (corrupt), RuntimeError (keys/shapes of another config)
-            raise ValueError(f"{path / WEIGHTS_FILE} does not hold this selector's weights: "
-                             f"{str(exc).strip().splitlines()[0]}") from None
+            raise ValueError(
+                f"{path / WEIGHTS_FILE} does not hold this selector's weights: {str(exc).strip().splitlines()[0]}"
+            ) from None
         return sel.to(device).eval()
 
     @staticmethod
@@ -310,7 +317,9 @@ def train_selector(
     sel.feature_std.copy_(all_feats.std(0).clamp_min(1e-6).float())
     sel.to(device).train()
     opt = torch.optim.AdamW(sel.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
     gen = torch.Generator(device=device).manual_seed(seed)
     rng = np.random.default_rng(seed)
     rows = []
@@ -336,7 +345,9 @@ def train_selector(
 
 
 @torch.no_grad()
-def topk_reconstruction_error(sel: Selector, samples: Sequence[SampleFeatures], ratio: float, batch_size: int = 64) -> float:
+def topk_reconstruction_error(
+    sel: Selector, samples: Sequence[SampleFeatures], ratio: float, batch_size: int = 64
+) -> float:
     """Mean standardised MSE when the top round(ratio * L) patches by logit are kept."""
     total, n = 0.0, 0
     for start in range(0, len(samples), batch_size):

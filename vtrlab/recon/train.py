@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,14 +66,39 @@ def train_for(
     feats, _ = synthetic_features(vlm, n_train + n_val, data_seed, layer, progress=progress)
     train, val = feats[:n_train], feats[n_train:]
     cfg = SelectorConfig(
-        feature_dim=int(train[0].features.shape[1]), d_model=d_model, n_heads=n_heads, ff_mult=ff_mult,
-        selector_layers=selector_layers, reconstructor_layers=reconstructor_layers, p=p, tau=tau,
-        vision_layer=layer, model=getattr(vlm, "name", ""),
-        extra={"n_train": n_train, "n_val": n_val, "steps": steps, "batch_size": batch_size, "lr": lr,
-               "seed": seed, "data_seed": data_seed, "data": "vtrlab.data.synthetic.generate (all families)"},
+        feature_dim=int(train[0].features.shape[1]),
+        d_model=d_model,
+        n_heads=n_heads,
+        ff_mult=ff_mult,
+        selector_layers=selector_layers,
+        reconstructor_layers=reconstructor_layers,
+        p=p,
+        tau=tau,
+        vision_layer=layer,
+        model=getattr(vlm, "name", ""),
+        extra={
+            "n_train": n_train,
+            "n_val": n_val,
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "data_seed": data_seed,
+            "data": "vtrlab.data.synthetic.generate (all families)",
+        },
     )
-    return train_selector(train, cfg, steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                          eval_samples=val or None, eval_every=max(steps // 20, 10), progress=progress)
+    return train_selector(
+        train,
+        cfg,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        device=device,
+        eval_samples=val or None,
+        eval_every=max(steps // 20, 10),
+        progress=progress,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -101,16 +127,38 @@ def main(argv: Sequence[str] | None = None) -> None:
     vlm = load(args.model, device=args.device)
     t0 = time.time()
     sel, hist = train_for(
-        vlm, n_train=args.n_train, n_val=args.n_val, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        p=args.p, tau=args.tau, d_model=args.d_model, n_heads=args.n_heads, ff_mult=args.ff_mult, selector_layers=args.layers,
-        reconstructor_layers=args.layers, layer=args.vision_layer, seed=args.seed, device=args.device,
+        vlm,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        p=args.p,
+        tau=args.tau,
+        d_model=args.d_model,
+        n_heads=args.n_heads,
+        ff_mult=args.ff_mult,
+        selector_layers=args.layers,
+        reconstructor_layers=args.layers,
+        layer=args.vision_layer,
+        seed=args.seed,
+        device=args.device,
     )
     sel.config.extra["train_seconds"] = round(time.time() - t0, 1)
-    sel.config.extra["command"] = "python -m vtrlab.recon.train " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    sel.config.extra["command"] = "python -m vtrlab.recon.train " + " ".join(
+        argv if argv is not None else __import__("sys").argv[1:]
+    )
     sel.save(args.out, history=hist)
     last = hist.iloc[-1].to_dict()
-    print(json.dumps({"out": args.out, "seconds": sel.config.extra["train_seconds"],
-                      **{k: round(float(v), 4) for k, v in last.items() if k != "step" and np.isfinite(v)}}))
+    print(
+        json.dumps(
+            {
+                "out": args.out,
+                "seconds": sel.config.extra["train_seconds"],
+                **{k: round(float(v), 4) for k, v in last.items() if k != "step" and np.isfinite(v)},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ no position of ``batch``: a knockout refuses them with a clear error.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -100,8 +101,9 @@ def generate_ids(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}; accepted: an integer >= 1")
     keep, embeds, positions, removal, extra = _plan(vlm, batch, method, keep, params, decoder_inputs)
-    red: ReducedInputs = reduced_decoder_inputs(vlm, batch, keep, decoder_inputs, embeds=embeds, positions=positions,
-                                                extra=extra)
+    red: ReducedInputs = reduced_decoder_inputs(
+        vlm, batch, keep, decoder_inputs, embeds=embeds, positions=positions, extra=extra
+    )
     with removal(red):
         return _decode(vlm, batch, red, max_new_tokens, progress)
 
@@ -114,8 +116,9 @@ def _decode(vlm: Any, batch: Batch, red: ReducedInputs, max_new_tokens: int, pro
 
     attn = red.attention_mask
     source = _source(batch, red.source_positions)
-    logit, cache = forward_embeds(vlm, red.inputs_embeds, attn, red.position_ids, extras=red.per_token, last_only=True,
-                            source=source)
+    logit, cache = forward_embeds(
+        vlm, red.inputs_embeds, attn, red.position_ids, extras=red.per_token, last_only=True, source=source
+    )
     next_pos = red.next_position
     bsz = attn.shape[0]
     done = torch.zeros(bsz, dtype=torch.bool, device=attn.device)
@@ -133,8 +136,9 @@ def _decode(vlm: Any, batch: Batch, red: ReducedInputs, max_new_tokens: int, pro
         attn = torch.cat([attn, attn.new_ones(bsz, 1)], dim=1)
         pos = next_pos + step
         # per-token extras are prompt-only (generate drops e.g. token_type_ids after the prefill)
-        logit, cache = forward_embeds(vlm, embed(token)[:, None].to(red.inputs_embeds.dtype), attn, pos, cache,
-                                source=source)
+        logit, cache = forward_embeds(
+            vlm, embed(token)[:, None].to(red.inputs_embeds.dtype), attn, pos, cache, source=source
+        )
     return out
 
 
@@ -158,8 +162,16 @@ def answer(
     and the method is applied at its stage (before the LM, or inside it from layer K on).
     ``decoder_inputs`` (:func:`vtrlab.reduce.decoder_inputs`) may be passed to reuse one vision
     forward over many keep masks of the same batch."""
-    ids = generate_ids(vlm, batch, keep, max_new_tokens=max_new_tokens, progress=progress,
-                       decoder_inputs=decoder_inputs, method=method, **params)
+    ids = generate_ids(
+        vlm,
+        batch,
+        keep,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+        decoder_inputs=decoder_inputs,
+        method=method,
+        **params,
+    )
     tok = _tokenizer(vlm)
     return [tok.decode(t, skip_special_tokens=True).strip() for t in ids]
 

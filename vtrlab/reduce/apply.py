@@ -63,8 +63,14 @@ def _json(v: Any) -> Any:
     return v
 
 
-def record(batch: Batch, method: Method, stage_layers: list[int], kept: list[np.ndarray], scores: list[np.ndarray],
-           group: list[np.ndarray]) -> xr.Dataset:
+def record(
+    batch: Batch,
+    method: Method,
+    stage_layers: list[int],
+    kept: list[np.ndarray],
+    scores: list[np.ndarray],
+    group: list[np.ndarray],
+) -> xr.Dataset:
     """Build the Dataset: ``kept[i]``/``scores[i]`` are (n_stage_layers, n_tokens_i), ``group[i]`` (n_tokens_i,)."""
     layouts = batch.layouts
     n_max = max(lay.n_image_tokens for lay in layouts)
@@ -74,8 +80,14 @@ def record(batch: Batch, method: Method, stage_layers: list[int], kept: list[np.
     group_a = np.full((bsz, n_max), -1, dtype=np.int64)
     valid = np.zeros((bsz, n_max), dtype=bool)
     pos = np.full((bsz, n_max), -1, dtype=np.int64)
-    labels = {k: np.full((bsz, n_max), np.nan if k.startswith(("x", "y")) else -1,
-                         dtype=float if k.startswith(("x", "y")) else np.int64) for k in LABELS}
+    labels = {
+        k: np.full(
+            (bsz, n_max),
+            np.nan if k.startswith(("x", "y")) else -1,
+            dtype=float if k.startswith(("x", "y")) else np.int64,
+        )
+        for k in LABELS
+    }
     for i, lay in enumerate(layouts):
         n = lay.n_image_tokens
         img = lay.kind == "image"
@@ -124,7 +136,6 @@ def apply(vlm: Any, batch: Batch, method: str | Method, keep: float | int = 0.25
     is a name. Returns the record described in the module docstring."""
     m = resolve(method, params)
     if m.stage == "lm":
-
         return lm_record(vlm, batch, m, keep)
     sel = select(vlm, batch, m, keep)
     kept = [k[None] for k in sel.keep]
@@ -136,8 +147,15 @@ def lm_record(vlm: Any, batch: Batch, method: LMMethod, keep: Any):
     """The record of :func:`vtrlab.reduce.apply` for an in-LM method: one prefill with removal."""
     red = reduced_decoder_inputs(vlm, batch, None)
     with lm_removal(vlm, batch, method, keep, red.source_positions) as state, torch.no_grad():
-        forward_embeds(vlm, red.inputs_embeds, red.attention_mask, red.position_ids, use_cache=False,
-                 extras=red.per_token, last_only=True)
+        forward_embeds(
+            vlm,
+            red.inputs_embeds,
+            red.attention_mask,
+            red.position_ids,
+            use_cache=False,
+            extras=red.per_token,
+            last_only=True,
+        )
     n_tok = [lay.n_image_tokens for lay in batch.layouts]
     kept = [np.stack([state.kept[j][i] for j in range(len(state.layers))]) for i in range(len(n_tok))]
     scores = [np.stack([state.scores[j][i] for j in range(len(state.layers))]) for i in range(len(n_tok))]

@@ -18,7 +18,8 @@ default works on towers of any depth; non-negative values are 0-indexed layer nu
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch

@@ -12,8 +12,17 @@ from typing import Any
 from ..probes.attention import sequence_map
 
 
-def forward_embeds(vlm: Any, embeds, attention_mask, position_ids, cache=None, use_cache=True, extras=None, last_only=False,
-             source=None):
+def forward_embeds(
+    vlm: Any,
+    embeds,
+    attention_mask,
+    position_ids,
+    cache=None,
+    use_cache=True,
+    extras=None,
+    last_only=False,
+    source=None,
+):
     """One call of the model on embeddings; returns (float32 logits, cache). A mask of all ones is
     passed as None, as ``generate`` does, so the attention path (and its numerics) is the same.
     ``last_only`` computes the head for the last column only (``logits_to_keep=1``), as

@@ -23,8 +23,9 @@ fed ``inputs_embeds`` instead of pixels, builds its family-specific masks over t
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,8 +64,9 @@ def decoder_inputs(vlm: Any, batch: Batch) -> dict[str, Any]:
 def check_decoder_inputs(batch: Batch, dec: dict) -> None:
     """Raise unless ``dec`` was built by :func:`decoder_inputs` for ``batch`` (size, length, fingerprint)."""
     if not isinstance(dec, dict) or "inputs_embeds" not in dec:
-        raise ValueError(f"decoder_inputs must be the dict of vtrlab.reduce.decoder_inputs(vlm, batch), "
-                         f"got {type(dec).__name__}")
+        raise ValueError(
+            f"decoder_inputs must be the dict of vtrlab.reduce.decoder_inputs(vlm, batch), got {type(dec).__name__}"
+        )
     ids = dict(batch.inputs).get("input_ids")
     want = (len(batch), int(ids.shape[1]) if ids is not None else int(batch.layouts[0].seq_len))
     got = tuple(dec["inputs_embeds"].shape[:2])
@@ -75,11 +77,15 @@ def check_decoder_inputs(batch: Batch, dec: dict) -> None:
         )
     fp = dec.get(FINGERPRINT_KEY)
     if fp is None:
-        raise ValueError("decoder_inputs carry no batch fingerprint (raw adapter output?); build them with "
-                         "vtrlab.reduce.decoder_inputs(vlm, batch) so they can be checked against the batch")
+        raise ValueError(
+            "decoder_inputs carry no batch fingerprint (raw adapter output?); build them with "
+            "vtrlab.reduce.decoder_inputs(vlm, batch) so they can be checked against the batch"
+        )
     if fp != batch_fingerprint(batch):
-        raise ValueError(f"decoder_inputs were built for another batch (fingerprint {fp}, this batch "
-                         f"{batch_fingerprint(batch)}); build them with vtrlab.reduce.decoder_inputs(vlm, batch)")
+        raise ValueError(
+            f"decoder_inputs were built for another batch (fingerprint {fp}, this batch "
+            f"{batch_fingerprint(batch)}); build them with vtrlab.reduce.decoder_inputs(vlm, batch)"
+        )
 
 
 def validate_keep(batch: Batch, keep: KeepMasks) -> list[np.ndarray]:
@@ -207,7 +213,8 @@ def reduced_decoder_inputs(
     # per-token model inputs besides ids and mask (e.g. Gemma3's token_type_ids, from which the model
     # builds its bidirectional image-block mask) follow the kept columns
     extras = {
-        k: v for k, v in dict(batch.inputs).items()
+        k: v
+        for k, v in dict(batch.inputs).items()
         if torch.is_tensor(v) and k not in ("input_ids", "attention_mask") and tuple(v.shape) == (bsz, seq)
     }
     new_extras = {k: v.new_zeros(bsz, length) for k, v in extras.items()}
@@ -233,8 +240,10 @@ def reduced_decoder_inputs(
             src = torch.cat([idx[:at], marker, idx[at:]])
             # per-token inputs of an inserted token: those of the image block's first token (image kind)
             ref = int(batch.layouts[i].image_positions[0])
-            per_tok = {k: torch.cat([t[:at], batch.inputs[k][i, ref].repeat(e.shape[0]).to(t.device), t[at:]])
-                       for k, t in per_tok.items()}
+            per_tok = {
+                k: torch.cat([t[:at], batch.inputs[k][i, ref].repeat(e.shape[0]).to(t.device), t[at:]])
+                for k, t in per_tok.items()
+            }
         n = row.shape[0]
         start = length - n  # left padding: every sample's last real token is the last column
         new_embeds[i, start:] = row

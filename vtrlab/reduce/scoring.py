@@ -263,8 +263,9 @@ def divprune_order(feats: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(1, dtype=torch.long, device=feats.device)
     norms = feats.norm(dim=1, keepdim=True)
     if bool((norms == 0).any()):
-        raise ValueError(f"{int((norms == 0).sum())} of {V} features have zero norm; DivPrune's cosine distance "
-                         "is undefined")
+        raise ValueError(
+            f"{int((norms == 0).sum())} of {V} features have zero norm; DivPrune's cosine distance is undefined"
+        )
     normed = feats / norms
     dist = 1.0 - normed @ normed.T
     first = torch.topk(dist, 2, dim=0, largest=False).values[1]
@@ -380,8 +381,10 @@ def tome_schedule(n_tokens: int, remove: int, n_layers: int, protected: int = 1)
         out.append(r)
         T -= r
     if carry:
-        raise ValueError(f"ToMe cannot remove {remove} of {n_tokens} tokens in {n_layers} layers "
-                         f"(each layer merges at most half of its tokens)")
+        raise ValueError(
+            f"ToMe cannot remove {remove} of {n_tokens} tokens in {n_layers} layers "
+            f"(each layer merges at most half of its tokens)"
+        )
     return out
 
 
@@ -441,8 +444,10 @@ def cdpruner_select(feats: torch.Tensor, relevance: torch.Tensor, k: int) -> tor
     for i in range(k):
         j = int(torch.argmax(d2))
         if not float(d2[j]) > floor:
-            raise ValueError(f"the DPP kernel has numerical rank {i} < k={k}: greedy MAP cannot pick more tokens "
-                             "(features of too low a rank for this budget)")
+            raise ValueError(
+                f"the DPP kernel has numerical rank {i} < k={k}: greedy MAP cannot pick more tokens "
+                "(features of too low a rank for this budget)"
+            )
         picked.append(j)
         e = (kernel[j] - cis[:i, j] @ cis[:i]) / torch.sqrt(d2[j])
         cis[i] = e

@@ -26,10 +26,11 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 from vtrlab.runner.errors import GridError, ParameterError
 from vtrlab.runner.params import ParameterSpec, load_yaml, read_parameters
@@ -112,7 +113,8 @@ def _resolve_notebook(text: Any, grid_file: Path) -> Path:
         if candidate.is_file():
             return candidate
     raise GridError(
-        f"{grid_file}: notebook {text!r} not found (looked in {str(grid_file.parent)!r} and the working directory)")
+        f"{grid_file}: notebook {text!r} not found (looked in {str(grid_file.parent)!r} and the working directory)"
+    )
 
 
 def _product(sweep: dict[str, Any], spec: ParameterSpec) -> list[dict[str, Any]]:
@@ -242,8 +244,13 @@ def _run_local(jobs, workers, gpus, root, report) -> None:
 def _failed(job: Job, exc: BaseException) -> RunResult:
     """A job whose process failed outside the notebook (scheduler error, killed worker)."""
     first = (str(exc).strip().splitlines() or [""])[0]
-    return RunResult(job.name, job.hash, "failed", f"runs/{job.name}",
-                     error={"cell": None, "ename": type(exc).__name__, "evalue": first})
+    return RunResult(
+        job.name,
+        job.hash,
+        "failed",
+        f"runs/{job.name}",
+        error={"cell": None, "ename": type(exc).__name__, "evalue": first},
+    )
 
 
 def _run_ray(jobs, workers, use_gpus, root, address, report) -> None:
@@ -292,8 +299,13 @@ def _run_slurm(jobs, workers, use_gpus, root, cluster, partition, timeout_min, r
         executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     except RuntimeError as exc:  # e.g. no srun/sbatch on this machine
         raise GridError(f"backend 'slurm': {exc} (--slurm-cluster local runs the jobs here instead)") from None
-    params: dict[str, Any] = {"timeout_min": timeout_min, "tasks_per_node": 1, "nodes": 1, "cpus_per_task": 1,
-                              "slurm_array_parallelism": workers}
+    params: dict[str, Any] = {
+        "timeout_min": timeout_min,
+        "tasks_per_node": 1,
+        "nodes": 1,
+        "cpus_per_task": 1,
+        "slurm_array_parallelism": workers,
+    }
     if use_gpus:
         params["gpus_per_node"] = 1
     if partition:

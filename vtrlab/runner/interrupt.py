@@ -18,8 +18,8 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 _TEMP_DIRS: set[Path] = set()  # temp run dirs of runs in progress in this process
 _STOPPERS: list[Callable[[float], None]] = []  # what clean_up stops: kernels, grid job processes
@@ -93,5 +93,7 @@ def exit_cleanly_on_signals(message: Callable[[int], str] | None = None) -> Iter
 
 
 def describe(signum: int) -> str:
-    return (f"error: interrupted by {signal.Signals(signum).name}; child processes stopped, "
-            "temp run directories removed, completed runs kept")
+    return (
+        f"error: interrupted by {signal.Signals(signum).name}; child processes stopped, "
+        "temp run directories removed, completed runs kept"
+    )

@@ -11,9 +11,10 @@ import json
 import os
 import tempfile
 import threading
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from vtrlab.io import atomic_write_json
 from vtrlab.runner.interrupt import exit_cleanly_on_signals, on_clean_up
@@ -79,9 +80,15 @@ def run_in_process(job: Job, root: str | Path, env: Mapping[str, str] | None = N
         if result_file.exists():
             return RunResult(**json.loads(result_file.read_text()))
     return RunResult(
-        job.name, job.hash, "failed", f"runs/{job.name}",
-        error={"cell": None, "ename": f"JobProcessExit({proc.exitcode})",
-               "evalue": "the job process died before reporting"},
+        job.name,
+        job.hash,
+        "failed",
+        f"runs/{job.name}",
+        error={
+            "cell": None,
+            "ename": f"JobProcessExit({proc.exitcode})",
+            "evalue": "the job process died before reporting",
+        },
     )
 
 
@@ -91,8 +98,13 @@ def allow_new_jobs() -> None:
 
 
 def _interrupted(job: Job) -> RunResult:
-    return RunResult(job.name, job.hash, "failed", f"runs/{job.name}",
-                     error={"cell": None, "ename": "Interrupted", "evalue": "the grid was stopped before this job ran"})
+    return RunResult(
+        job.name,
+        job.hash,
+        "failed",
+        f"runs/{job.name}",
+        error={"cell": None, "ename": "Interrupted", "evalue": "the grid was stopped before this job ran"},
+    )
 
 
 def run_job_dict(job: Mapping[str, Any], root: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from jupyter_client.manager import KernelManager
 from vtrlab.runner.interrupt import on_clean_up
 
 KERNEL_NAME = "python3"  # what papermill records in the executed notebook
-_MANAGERS: "weakref.WeakSet[KernelManager]" = weakref.WeakSet()  # every manager made in this process
+_MANAGERS: weakref.WeakSet[KernelManager] = weakref.WeakSet()  # every manager made in this process
 
 
 def kill_kernels(_grace_s: float = 0.0) -> None:
@@ -80,8 +80,14 @@ class VenvKernelManager(KernelManager):
         if self._kernel_spec is None:
             self._kernel_spec = KernelSpec(
                 # log level CRITICAL: keep the kernel's start-up warnings out of the one-line reports
-                argv=[sys.executable, "-m", "ipykernel_launcher", "--IPKernelApp.log_level=CRITICAL",
-                      "-f", "{connection_file}"],
+                argv=[
+                    sys.executable,
+                    "-m",
+                    "ipykernel_launcher",
+                    "--IPKernelApp.log_level=CRITICAL",
+                    "-f",
+                    "{connection_file}",
+                ],
                 display_name=f"Python {sys.version_info.major}.{sys.version_info.minor} (vtrlab)",
                 language="python",
                 name=KERNEL_NAME,

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from vtrlab.io import atomic_path, atomic_write_json, finite_or_str, to_jsonable
 from vtrlab.runner.paths import run_dir

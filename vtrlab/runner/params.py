@@ -17,9 +17,10 @@ import io
 import json
 import math
 import tokenize
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from vtrlab.runner.errors import ParameterError
 

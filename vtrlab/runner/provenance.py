@@ -38,6 +38,7 @@ def sha256(path: Path) -> str:
 
 def git_state(where: Path) -> dict[str, Any]:
     """Commit and dirty flag of the repository holding `where` (its figures/ and runs/ ignored)."""
+
     def git(*args: str) -> str | None:
         try:
             done = subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=30)
@@ -94,7 +95,8 @@ def read_manifest(root: Path) -> dict[str, Any]:
         warnings.warn(
             f"{path} is not a valid manifest ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
             f"set aside as {aside.name} and rebuilt from the figures published from now on",
-            RuntimeWarning, stacklevel=2,
+            RuntimeWarning,
+            stacklevel=2,
         )
         return {}
 

@@ -24,9 +24,10 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Literal
 
 from vtrlab.io import atomic_write_json, replace_dir
 from vtrlab.runner import interrupt, paths
@@ -330,6 +331,18 @@ def _read_record(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _manifest_record(record: Mapping[str, Any], run_dir: Path, root: Path) -> dict[str, Any]:
-    keys = ("notebook", "notebook_path", "parameters", "hash", "git_commit", "git_dirty", "versions",
-            "seed", "device", "cuda_visible_devices", "organism_override", "duration_s")
+    keys = (
+        "notebook",
+        "notebook_path",
+        "parameters",
+        "hash",
+        "git_commit",
+        "git_dirty",
+        "versions",
+        "seed",
+        "device",
+        "cuda_visible_devices",
+        "organism_override",
+        "duration_s",
+    )
     return {**{k: record.get(k) for k in keys}, "run_dir": os.path.relpath(run_dir, root)}

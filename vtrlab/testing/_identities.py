@@ -12,7 +12,10 @@ from vtrlab.models.base import KIND_IMAGE
 def expected_rows(identities: pd.DataFrame, batch) -> list[np.ndarray]:
     """``identities``: one row per feature row in memory order, columns sample, image, tile, row, col.
     Returns, per sample, the feature row index for each of ``layout.image_positions`` (-1 if none)."""
-    index = {tuple(map(int, key)): n for n, key in enumerate(identities[["sample", "image", "tile", "row", "col"]].to_numpy())}
+    index = {
+        tuple(map(int, key)): n
+        for n, key in enumerate(identities[["sample", "image", "tile", "row", "col"]].to_numpy())
+    }
     if len(index) != len(identities):
         raise AssertionError("two feature rows claim the same (sample, image, tile, row, col)")
     out = []

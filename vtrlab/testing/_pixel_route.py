@@ -13,8 +13,8 @@ with the layout (LM table) and with the vision table (codes as the vision blocks
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -182,7 +182,8 @@ def check_lm_positions(vlm, batch, embeds: torch.Tensor, sub_grid: int, source_o
                 ex, ey = rec.x0 + (dc + 0.5) * bw, rec.y0 + (dr + 0.5) * bh
                 assert abs(cx - ex) < tx and abs(cy - ey) < ty, (
                     f"sample {i} position {rec.position} (image {rec.image} tile {rec.tile} row {rec.row} col "
-                    f"{rec.col}) sub-patch {k}: pixels centred at ({cx:.1f}, {cy:.1f}), layout box says ({ex:.1f}, {ey:.1f})"
+                    f"{rec.col}) sub-patch {k}: pixels centred at ({cx:.1f}, {cy:.1f}), "
+                    f"layout box says ({ex:.1f}, {ey:.1f})"
                 )
                 assert int(round(code[4])) in sources, (
                     f"sample {i} position {rec.position}: came from vision input {code[4]:.0f}, "

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from vtrlab.models.base import KIND_IMAGE, KIND_NEWLINE
+
 from .registry import PROOF
 
 MARK = 4096.0  # channel 1 of every code; no text embedding of a random model comes near it

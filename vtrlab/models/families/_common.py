@@ -6,8 +6,9 @@ from the model config and the processor outputs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -130,19 +131,33 @@ class LayoutRows:
     grid_shapes: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
     crop_lengths: dict[int, int] = field(default_factory=dict)  # crop -> tokens the vision encoder ran for it
 
-    def add(self, position: int, kind: str, image: int, tile: int, row: int = -1, col: int = -1,
-            box: Sequence[float] = NAN_BOX) -> None:
+    def add(
+        self,
+        position: int,
+        kind: str,
+        image: int,
+        tile: int,
+        row: int = -1,
+        col: int = -1,
+        box: Sequence[float] = NAN_BOX,
+    ) -> None:
         if kind not in TOKEN_KINDS:
             raise ValueError(f"kind {kind!r} is not one of {TOKEN_KINDS}")
         self.rows.append((int(position), kind, int(image), int(tile), int(row), int(col), *map(float, box)))
 
-    def add_vision(self, crop: int, vpos: int, image: int, tile: int, row: int, col: int,
-                   box: Sequence[float]) -> None:
-        self.vision_rows.append((int(crop), int(vpos), "patch", int(image), int(tile), int(row), int(col),
-                                 *map(float, box)))
+    def add_vision(self, crop: int, vpos: int, image: int, tile: int, row: int, col: int, box: Sequence[float]) -> None:
+        self.vision_rows.append(
+            (int(crop), int(vpos), "patch", int(image), int(tile), int(row), int(col), *map(float, box))
+        )
 
-    def build(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, question: np.ndarray,
-              image_sizes: list[tuple[int, int]]) -> ImageLayout:
+    def build(
+        self,
+        *,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        question: np.ndarray,
+        image_sizes: list[tuple[int, int]],
+    ) -> ImageLayout:
         ids = input_ids.detach().cpu().numpy()
         valid = (
             np.flatnonzero(attention_mask.detach().cpu().numpy() > 0)
@@ -175,8 +190,9 @@ def per_sample_image_sizes(images: list[list[Any]]) -> list[list[tuple[int, int]
     return [[image_wh(im) for im in ims] for ims in images]
 
 
-def walked_prompt_positions(tokenizer: Any, inputs: Any, i: int, placeholder_id: int,
-                            spans: list[tuple[int, int]]) -> np.ndarray:
+def walked_prompt_positions(
+    tokenizer: Any, inputs: Any, i: int, placeholder_id: int, spans: list[tuple[int, int]]
+) -> np.ndarray:
     """Positions of sample i's prompt tokens, by walking the templated text against the processed
     ids (``text_positions.prompt_token_positions``). ``spans`` are the [lo, hi) position ranges each
     image placeholder (token ``placeholder_id`` in the templated text) expanded into."""

@@ -7,8 +7,9 @@ table — is assembled here from the processor's own outputs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -163,7 +164,9 @@ class LlavaFamilyAdapter(FamilyAdapter):
         for i, imgs in enumerate(images):
             for im in imgs:
                 if not (hasattr(im, "size") and hasattr(im, "mode")) and not isinstance(im, (np.ndarray, torch.Tensor)):
-                    raise TypeError(f"sample {i}: got an image of type {type(im).__name__}; pass PIL images or HWC arrays")
+                    raise TypeError(
+                        f"sample {i}: got an image of type {type(im).__name__}; pass PIL images or HWC arrays"
+                    )
         texts = []
         for imgs, prompt in zip(images, prompts):
             content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": prompt}]
@@ -175,7 +178,9 @@ class LlavaFamilyAdapter(FamilyAdapter):
         try:
             kwargs: dict[str, Any] = dict(text=texts, padding=True, return_tensors="pt")
             if any(images):
-                kwargs["images"] = [im for im in images if im] if self.nested_images else [x for im in images for x in im]
+                kwargs["images"] = (
+                    [im for im in images if im] if self.nested_images else [x for im in images for x in im]
+                )
             inputs = processor(**kwargs)
         finally:
             tok.padding_side = old_side
@@ -232,14 +237,17 @@ class LlavaFamilyAdapter(FamilyAdapter):
             cat = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in cols.items()}
             question = np.zeros(0, dtype=int)
             if stash is not None:
-                question = prompt_token_positions(
-                    processor.tokenizer,
-                    stash["texts"][i],
-                    stash["prompts"][i],
-                    ids_np[i][valid],
-                    image_id,
-                    [len(blk) for blk in mine],
-                ) + valid[0]
+                question = (
+                    prompt_token_positions(
+                        processor.tokenizer,
+                        stash["texts"][i],
+                        stash["prompts"][i],
+                        ids_np[i][valid],
+                        image_id,
+                        [len(blk) for blk in mine],
+                    )
+                    + valid[0]
+                )
             out.append(
                 ImageLayout(
                     positions=cat["positions"].astype(int),
@@ -271,5 +279,3 @@ def image_wh(img: Any) -> tuple[int, int]:
         return int(img.size[0]), int(img.size[1])
     arr = np.asarray(img)
     return int(arr.shape[1]), int(arr.shape[0])
-
-

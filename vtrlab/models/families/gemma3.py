@@ -11,7 +11,8 @@ by default in the processor; batches built with it are refused rather than misla
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -59,7 +60,8 @@ class Gemma3Adapter(FamilyAdapter):
         n_patch = view_h // patch
         if side * side != n_tokens or n_patch % side or view_h != view_w:
             raise ValueError(
-                f"mm_tokens_per_image={n_tokens} on a {view_h}x{view_w} view with {patch} px patches does not pool evenly"
+                f"mm_tokens_per_image={n_tokens} on a {view_h}x{view_w} view with {patch} px patches "
+                "does not pool evenly"
             )
         n_all = sum(len(ims) for ims in images)
         if inputs["pixel_values"].shape[0] != n_all:

@@ -15,7 +15,8 @@ are the crops in raster order (so tile 0 sits LAST in the sequence).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -84,7 +85,8 @@ class Idefics3Adapter(FamilyAdapter):
             if len(spans) != sum(views_per_image) or any(hi - lo != seq_len_view for lo, hi in spans):
                 raise ValueError(
                     f"sample {i}: found <image> runs of lengths {[hi - lo for lo, hi in spans]}; expected "
-                    f"{sum(views_per_image)} runs of {seq_len_view} for crop grids {list(zip(grid_rows[i], grid_cols[i]))}"
+                    f"{sum(views_per_image)} runs of {seq_len_view} for crop grids "
+                    f"{list(zip(grid_rows[i], grid_cols[i]))}"
                 )
             if sum(views_per_image) > n_views:
                 raise ValueError(f"sample {i} has {sum(views_per_image)} views but pixel_values holds {n_views}")

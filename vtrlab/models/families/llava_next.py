@@ -92,7 +92,9 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
                 continue
             bh, bw = select_best_resolution((h, w), pinpoints)
             nh, nw = bh // side, bw // side
-            rh, rw = get_patch_output_size(np.broadcast_to(np.zeros(1, np.uint8), (3, h, w)), (bh, bw), "channels_first")
+            rh, rw = get_patch_output_size(
+                np.broadcast_to(np.zeros(1, np.uint8), (3, h, w)), (bh, bw), "channels_first"
+            )
             canvas = AxisMap().resize((h, w), (rh, rw)).shift((bw - rw) // 2, (bh - rh) // 2)
             top, left, uh, uw = _unpad((nh * g, nw * g), (h, w))
             out = self._downscale(model, (uh, uw), g)
@@ -132,7 +134,9 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
     # --- blocks ----------------------------------------------------------------------------
     def _image_blocks(self, model: nn.Module, processor: Any, inputs: Any, images: list[list[Any]]) -> list[ImageBlock]:
         if self.select_strategy(model) == "full" and self.has_cls(model):
-            raise NotImplementedError(f"{self.family} with a [CLS] vision tower needs vision_feature_select_strategy='default'")
+            raise NotImplementedError(
+                f"{self.family} with a [CLS] vision tower needs vision_feature_select_strategy='default'"
+            )
         self._check_crop_pipeline(processor, model)
         ip = processor.image_processor
         n_cls = self.n_cls(model)

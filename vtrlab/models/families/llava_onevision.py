@@ -29,7 +29,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     def _downscale(self, model: nn.Module, hw: tuple[int, int], g: int) -> tuple[int, int]:
         spec = getattr(model.config, "vision_aspect_ratio", None) or "anyres_max_9"
-        max_crops = int(spec.strip("anyres_max_"))  # the model parses it this way
+        max_crops = int(spec.strip("anyres_max_"))  # noqa: B005 -- the model parses it this way
         h, w = hw
         ratio = math.sqrt(h * w / (max_crops * g**2))
         if ratio > 1.1:

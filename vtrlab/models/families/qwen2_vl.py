@@ -10,7 +10,8 @@ into attention windows inside the vision tower (and un-permutes after the merger
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,14 +78,13 @@ class Qwen2VLAdapter(FamilyAdapter):
             rows = LayoutRows()
             spans = runs(ids_np[i] == cfg.image_token_id)
             if len(spans) != len(images[i]):
-                raise ValueError(
-                    f"sample {i}: found {len(spans)} <|image_pad|> runs for {len(images[i])} images"
-                )
+                raise ValueError(f"sample {i}: found {len(spans)} <|image_pad|> runs for {len(images[i])} images")
             for j, (lo, hi) in enumerate(spans):
                 _, gh, gw = (int(v) for v in grid_thw[g])
                 if hi - lo != tokens_per_image[g]:
                     raise ValueError(
-                        f"sample {i} image {j}: {hi - lo} image tokens but grid {gh}x{gw} / {merge}^2 = {tokens_per_image[g]}"
+                        f"sample {i} image {j}: {hi - lo} image tokens but grid {gh}x{gw} / {merge}^2 = "
+                        f"{tokens_per_image[g]}"
                     )
                 width, height = sizes[i][j]
                 scale = (height / (gh * patch), width / (gw * patch))

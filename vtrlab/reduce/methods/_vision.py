@@ -119,8 +119,10 @@ def _patch_values(ctx, layer: int, sample: int):
         vpos = vpos + np.array([offsets[int(c)] for c in crop])
         crop = np.zeros_like(crop)
     if crop.max() >= p.shape[0] or vpos.max() >= p.shape[2]:
-        raise ValueError(f"sample {sample}'s vision table names crop {t['crop'].max()} / vpos {t['vpos'].max()}, "
-                         f"but the tower ran {p.shape[0]} sequence(s) of {p.shape[2]} tokens")
+        raise ValueError(
+            f"sample {sample}'s vision table names crop {t['crop'].max()} / vpos {t['vpos'].max()}, "
+            f"but the tower ran {p.shape[0]} sequence(s) of {p.shape[2]} tokens"
+        )
     return t, p[crop, :, vpos].T.astype(np.float64)
 
 
@@ -211,8 +213,11 @@ def one_to_one(lay, family: str, method: str) -> tuple[np.ndarray, np.ndarray]:
         if j is None:
             continue
         if crop[j] >= 0:
-            raise NotApplicable(method, family, "LM tokens merge several vision patches; the method merges tower "
-                                "features of single patches")
+            raise NotApplicable(
+                method,
+                family,
+                "LM tokens merge several vision patches; the method merges tower features of single patches",
+            )
         crop[j], vpos[j] = int(r.crop), int(r.vpos)
     return crop, vpos
 
@@ -225,8 +230,12 @@ def require_cls(vlm, method: str, why: str) -> None:
 def require_llava_tower(vlm, method: str) -> None:
     """Methods that read per-crop tower features: LLaVA-family towers (one sequence per crop)."""
     if vlm.family not in ("llava", "llava_next", "llava_onevision"):
-        raise NotApplicable(method, vlm.family, "it merges or compares tower features per crop, which vtrlab reads "
-                            "from LLaVA-family towers only (one sequence per crop)")
+        raise NotApplicable(
+            method,
+            vlm.family,
+            "it merges or compares tower features per crop, which vtrlab reads "
+            "from LLaVA-family towers only (one sequence per crop)",
+        )
 
 
 def single_crop(lay, family: str, method: str) -> tuple[int, np.ndarray]:
@@ -235,8 +244,12 @@ def single_crop(lay, family: str, method: str) -> tuple[int, np.ndarray]:
     crop, vpos = one_to_one(lay, family, method)
     crops = np.unique(crop)
     if len(crops) != 1:
-        raise NotApplicable(method, family, f"a sample spans {len(crops)} vision crops; vtrlab implements this "
-                            "method on single-crop images (LLaVA-1.5 style: one image, no anyres tiles)")
+        raise NotApplicable(
+            method,
+            family,
+            f"a sample spans {len(crops)} vision crops; vtrlab implements this "
+            "method on single-crop images (LLaVA-1.5 style: one image, no anyres tiles)",
+        )
     order = np.argsort(vpos, kind="stable")
     if not np.array_equal(vpos[order], np.arange(1, len(vpos) + 1)):
         raise NotApplicable(method, family, "the crop's patches are not all image tokens after one [CLS]")

@@ -30,8 +30,12 @@ from ._vision import layer_hidden, one_to_one, require_llava_tower
 def clip_text(vlm):
     pair = getattr(vlm, "clip_text", None)
     if pair is None:
-        raise NotApplicable("cdpruner", vlm.family, "it needs a CLIP text tower aligned with the vision tower; this "
-                            "model has none (attach one as vlm.clip_text = (text_model, tokenizer, visual_projection))")
+        raise NotApplicable(
+            "cdpruner",
+            vlm.family,
+            "it needs a CLIP text tower aligned with the vision tower; this "
+            "model has none (attach one as vlm.clip_text = (text_model, tokenizer, visual_projection))",
+        )
     return pair
 
 
@@ -64,7 +68,7 @@ class CDPruner(Method):
         vlm = ctx.vlm
         _, _, vis_proj = clip_text(vlm)
         tower = vlm.adapter.vision_tower(vlm.model)
-        post = getattr(getattr(tower, "vision_model", tower), "post_layernorm")
+        post = getattr(tower, "vision_model", tower).post_layernorm
         hidden = layer_hidden(ctx, int(self.params["feature_layer"]))
         keep, scores = [], []
         for i, (lay, k) in enumerate(zip(ctx.layouts, n_keep)):

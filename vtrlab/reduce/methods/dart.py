@@ -24,8 +24,15 @@ from ..registry import register
 from ..stages.lm import LMMethod
 
 
-def dart_select(keys_l1: np.ndarray, img_cols: np.ndarray, text_cols: np.ndarray, normed: torch.Tensor,
-                n_keep: int, pivot_image: int, pivot_text: int) -> np.ndarray:
+def dart_select(
+    keys_l1: np.ndarray,
+    img_cols: np.ndarray,
+    text_cols: np.ndarray,
+    normed: torch.Tensor,
+    n_keep: int,
+    pivot_image: int,
+    pivot_text: int,
+) -> np.ndarray:
     """Bool over ``img_cols``: the DART kept set (see module doc). ``keys_l1`` and ``normed`` are per column."""
     n = len(img_cols)
     p_img = min(pivot_image, n, n_keep)
@@ -70,6 +77,15 @@ class Dart(LMMethod):
         for i, (cols, k) in enumerate(zip(probe.image_columns, n_keep)):
             if k < min(int(self.params["pivot_image"]), len(cols)):
                 raise ValueError(f"dart: budget {k} is below pivot_image={self.params['pivot_image']}")
-            out.append(dart_select(self._keys_l1[i], cols, self._text[i], self._normed[i], k,
-                                   int(self.params["pivot_image"]), int(self.params["pivot_text"])))
+            out.append(
+                dart_select(
+                    self._keys_l1[i],
+                    cols,
+                    self._text[i],
+                    self._normed[i],
+                    k,
+                    int(self.params["pivot_image"]),
+                    int(self.params["pivot_text"]),
+                )
+            )
         return out

@@ -58,8 +58,10 @@ class FlowCut(Method):
     positions = "renumbered"
     merges = False
     defaults = {"feature_layer": -2}
-    source = ("TungChintao/FlowCut: flowcut/modeling_clip_flowcut.py (CLIPEncoderLayer_forward), "
-              "flowcut/utils_flowcut.py (compute_score, adaptive_prune_ratio)")
+    source = (
+        "TungChintao/FlowCut: flowcut/modeling_clip_flowcut.py (CLIPEncoderLayer_forward), "
+        "flowcut/utils_flowcut.py (compute_score, adaptive_prune_ratio)"
+    )
 
     def check(self, vlm):
         require_llava_tower(vlm, self.name)
@@ -75,8 +77,14 @@ class FlowCut(Method):
             V = lay.n_image_tokens
             if n < 1:
                 raise ValueError("flowcut keeps at least one patch (target_num >= 1, as its code requires)")
-            st = run_tower(vlm, crops[crop : crop + 1], fl,
-                           lambda li, s, n=n: flowcut_step(s, li, fl, n + 1), want_cls=True, where="block")
+            st = run_tower(
+                vlm,
+                crops[crop : crop + 1],
+                fl,
+                lambda li, s, n=n: flowcut_step(s, li, fl, n + 1),
+                want_cls=True,
+                where="block",
+            )
             kept_patches = (st.source[0, 1:, 1:] > 0).float().argmax(1).cpu().numpy()  # raster order
             m = np.zeros(V, dtype=bool)
             m[order[kept_patches]] = True
@@ -86,5 +94,6 @@ class FlowCut(Method):
             keep.append(m)
             scores.append(s)
             embeds.append(project(vlm, st.x[0, 1:])[torch.as_tensor(np.argsort(order[kept_patches], kind="stable"))])
-        return Selection(keep=keep, scores=scores, embeds=embeds,
-                         info={"scores": "cumulative FlowCut score of kept tokens"})
+        return Selection(
+            keep=keep, scores=scores, embeds=embeds, info={"scores": "cumulative FlowCut score of kept tokens"}
+        )

@@ -39,8 +39,9 @@ class HiRED(Method):
     def check(self, vlm):
         require_cls(vlm, self.name, "it ranks by [CLS] attention")
         if vlm.family not in ("llava_next",):
-            raise NotApplicable(self.name, vlm.family, "it splits an anyres budget between LLaVA-NeXT's global view "
-                                "and its sub-images")
+            raise NotApplicable(
+                self.name, vlm.family, "it splits an anyres budget between LLaVA-NeXT's global view and its sub-images"
+            )
         if not 0.0 <= float(self.params["alpha"]) <= 1.0:
             raise ValueError(f"hired: alpha={self.params['alpha']}; accepted: a float in [0, 1]")
 

@@ -66,8 +66,9 @@ class PruMerge(Method):
             idx = rank[: int(V * ratio)]
             if self.plus:
                 if outliers == 0:
-                    raise ValueError(f"{self.name}: no [CLS]-attention outliers; the code's grid step 1/ratio "
-                                     "is undefined")
+                    raise ValueError(
+                        f"{self.name}: no [CLS]-attention outliers; the code's grid step 1/ratio is undefined"
+                    )
                 idx = torch.cat([idx, prumerge_plus_grid(idx, ratio, V)])
             return idx
         left = max(0, n - 1)
@@ -83,8 +84,16 @@ class PruMerge(Method):
     def select(self, ctx, n_keep):
         vlm = ctx.vlm
         lq, lf = int(self.params["vision_layer"]), int(self.params["feature_layer"])
-        vision_forward(ctx, tensors=dict([proj_module(vlm, lq, "q_proj", self.name),
-                                          proj_module(vlm, lq, "k_proj", self.name), hidden_module(vlm, lf)]))
+        vision_forward(
+            ctx,
+            tensors=dict(
+                [
+                    proj_module(vlm, lq, "q_proj", self.name),
+                    proj_module(vlm, lq, "k_proj", self.name),
+                    hidden_module(vlm, lf),
+                ]
+            ),
+        )
         q = layer_proj(ctx, int(self.params["vision_layer"]), "q_proj")
         k = layer_proj(ctx, int(self.params["vision_layer"]), "k_proj")
         feats_all = layer_hidden(ctx, int(self.params["feature_layer"]))
@@ -110,12 +119,16 @@ class PruMerge(Method):
             groups.append(g)
             embeds.append(proj[torch.as_tensor(patch_rows, device=proj.device)])
             extra.append(proj[torch.as_tensor(np.flatnonzero(src < 0), device=proj.device)])
-        return Selection(keep=keep, scores=scores, embeds=embeds, group=groups,
-                         info={"extra": [("end", e) for e in extra], "embeds_order": "method (LM) order"})
+        return Selection(
+            keep=keep,
+            scores=scores,
+            embeds=embeds,
+            group=groups,
+            info={"extra": [("end", e) for e in extra], "embeds_order": "method (LM) order"},
+        )
 
 
 @register("prumerge_plus")
 class PruMergePlus(PruMerge):
     plus = True
-    source = ("42Shawn/LLaVA-PruMerge: llava/model/multimodal_encoder/clip_encoder.py::"
-              "token_prune_merge_advanced_plus")
+    source = "42Shawn/LLaVA-PruMerge: llava/model/multimodal_encoder/clip_encoder.py::token_prune_merge_advanced_plus"

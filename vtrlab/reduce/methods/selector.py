@@ -37,11 +37,18 @@ class LearnedSelector(Method):
     def check(self, vlm):
         path = self._path()
         if not (path / "config.json").is_file():
-            raise NotApplicable(self.name, vlm.family, f"no trained selector at {str(path)!r}; train one with "
-                                "vtrlab.recon.train_selector and pass path=")
+            raise NotApplicable(
+                self.name,
+                vlm.family,
+                f"no trained selector at {str(path)!r}; train one with vtrlab.recon.train_selector and pass path=",
+            )
         if not self.params["path"] and vlm.name != "organism":
-            raise NotApplicable(self.name, vlm.family, f"the shipped selector was trained for the organism, not "
-                                f"{vlm.name!r}; pass path= to a selector trained for this model")
+            raise NotApplicable(
+                self.name,
+                vlm.family,
+                f"the shipped selector was trained for the organism, not "
+                f"{vlm.name!r}; pass path= to a selector trained for this model",
+            )
 
     def select(self, ctx, n_keep):
         from ...recon import Selector

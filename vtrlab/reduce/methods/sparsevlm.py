@@ -40,7 +40,7 @@ class SparseVLM(LMMethod):
         name = str(self.params["schedule"])
         if name not in SCHEDULES:
             raise ValueError(f"sparsevlm schedule={name!r}; accepted: {', '.join(SCHEDULES)}")
-        ref = SCHEDULES[name][-len(self._layers):] if len(self._layers) <= 3 else None
+        ref = SCHEDULES[name][-len(self._layers) :] if len(self._layers) <= 3 else None
         if ref is None:
             raise ValueError(f"sparsevlm has at most 3 stages; got layers {self._layers}")
         out, prev = [], n_image

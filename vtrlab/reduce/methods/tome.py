@@ -76,7 +76,7 @@ class ToMe(Method):
 
             st = run_tower(vlm, crops[crop : crop + 1], fl, between, proportional=bool(self.params["proportional"]))
             feats = st.x[0, drop:]
-            members = st.source[0, drop:, int(has_cls):] > 0  # (tokens, V) patches in vpos order
+            members = st.source[0, drop:, int(has_cls) :] > 0  # (tokens, V) patches in vpos order
             first = members.float().argmax(1).cpu().numpy()  # first patch of each token
             rep = order[first]
             srt = np.argsort(rep, kind="stable")

@@ -98,5 +98,10 @@ class VisionZip(Method):
             groups.append(g)
             embeds.append(proj[torch.as_tensor(patch_rows, device=proj.device)])
             extra.append(proj[torch.as_tensor(np.flatnonzero(src < 0), device=proj.device)])
-        return Selection(keep=keep, scores=scores, embeds=embeds, group=groups,
-                         info={"extra": [("start", e) for e in extra], "embeds_order": "method (LM) order"})
+        return Selection(
+            keep=keep,
+            scores=scores,
+            embeds=embeds,
+            group=groups,
+            info={"extra": [("start", e) for e in extra], "embeds_order": "method (LM) order"},
+        )

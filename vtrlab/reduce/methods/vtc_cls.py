@@ -30,8 +30,10 @@ class VTCCLS(Method):
         lo = vision_layer_index(vlm, int(self.params["start_layer"]))
         hi = vision_layer_index(vlm, int(self.params["end_layer"]))
         if lo > hi:
-            raise ValueError(f"vtc_cls: start_layer={self.params['start_layer']} is after end_layer="
-                             f"{self.params['end_layer']} (vision layers {lo} > {hi})")
+            raise ValueError(
+                f"vtc_cls: start_layer={self.params['start_layer']} is after end_layer="
+                f"{self.params['end_layer']} (vision layers {lo} > {hi})"
+            )
         return list(range(lo, hi + 1))
 
     def check(self, vlm):

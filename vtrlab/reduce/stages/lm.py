@@ -56,17 +56,17 @@ class LMMethod(Method):
         steps[-1] = n_final
         return steps
 
-    def query_rows(self, state: "RemovalState") -> list[np.ndarray]:
+    def query_rows(self, state: RemovalState) -> list[np.ndarray]:
         """Per sample, the current columns whose layer K-1 attention rows are recorded (needs_prev_rows).
         Default: the last prompt token."""
         cols = state.cols.cpu().numpy()
         return [np.flatnonzero(cols[i] == state.prompt_len - 1) for i in range(cols.shape[0])]
 
-    def lm_score(self, probe: "StageProbe", stage: int) -> list[np.ndarray]:
+    def lm_score(self, probe: StageProbe, stage: int) -> list[np.ndarray]:
         """Per sample, one score per image token still present (in layout order)."""
         raise NotImplementedError
 
-    def lm_keep(self, probe: "StageProbe", stage: int, scores: list[np.ndarray], n_keep: list[int]) -> list[np.ndarray]:
+    def lm_keep(self, probe: StageProbe, stage: int, scores: list[np.ndarray], n_keep: list[int]) -> list[np.ndarray]:
         """Per sample, bool over the present image tokens: the top ``n_keep`` by score (ties: lower index)."""
         from ..context import top_k_mask
 
@@ -111,7 +111,7 @@ class StageProbe:
     """What a method sees at stage layer K (prefill): the hidden states entering layer K and the
     image tokens still present, with helpers for attention rows."""
 
-    state: "RemovalState"
+    state: RemovalState
     layer: int
     hidden: torch.Tensor  # (B, L_cur, D), the input to layer K
     kwargs: dict  # the layer's keyword arguments, already sliced to the present columns
@@ -300,8 +300,9 @@ def _stage(state: RemovalState, k: int, hidden: torch.Tensor, kwargs: dict) -> t
     for i in range(bsz):
         m = np.asarray(keep[i], dtype=bool)
         if m.shape != tokens[i].shape or int(m.sum()) != n_keep[i]:
-            raise RuntimeError(f"{state.method.name}: stage {j} sample {i} keeps {int(m.sum())} of {m.shape}; "
-                               f"budget {n_keep[i]}")
+            raise RuntimeError(
+                f"{state.method.name}: stage {j} sample {i} keeps {int(m.sum())} of {m.shape}; budget {n_keep[i]}"
+            )
         kf = np.zeros(n_total[i], dtype=bool)
         kf[tokens[i][m]] = True
         sf = np.full(n_total[i], np.nan)
@@ -321,7 +322,7 @@ def _stage(state: RemovalState, k: int, hidden: torch.Tensor, kwargs: dict) -> t
     valid_np = state.valid.cpu().numpy()
     for i in range(bsz):
         dropped = drop_cols[i]
-        removed = dropped[: r]  # really removed; the rest become dummies
+        removed = dropped[:r]  # really removed; the rest become dummies
         dummies = dropped[r:]
         keep_cols = np.setdiff1d(np.arange(cur), removed, assume_unique=True)
         v = valid_np[i, keep_cols].copy()
@@ -485,8 +486,13 @@ def _decode_kwargs(state: RemovalState, k: int, kwargs: dict, hidden: torch.Tens
     # cache of the first layer of each attention type, which may be a shortened one
     if state.window is not None and start + q >= state.window:
         raise ValueError(f"in-LM removal: decoding reached the sliding window ({state.window}); not tracked")
-    real = torch.cat([_gather_seq(state.real_cols, cols, 1, 0) & valid,
-                      torch.ones(bsz, past_new.shape[1] + q, dtype=torch.bool, device=cols.device)], 1)
+    real = torch.cat(
+        [
+            _gather_seq(state.real_cols, cols, 1, 0) & valid,
+            torch.ones(bsz, past_new.shape[1] + q, dtype=torch.bool, device=cols.device),
+        ],
+        1,
+    )
     out = dict(kwargs)
     out["attention_mask"] = (new[:, :, None] >= key_cols[:, None, :])[:, None] & real[:, None, None, :]
     stage = _renum_stage(state, k)

@@ -19,8 +19,9 @@ pre-norm blocks, one sequence per crop).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

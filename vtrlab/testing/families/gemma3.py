@@ -26,8 +26,17 @@ VIEW_PX, PATCH_PX, TOKENS = 32, 4, 16
 
 def gemma3_tokenizer():
     specials = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
-    tok = byte_tokenizer(specials, GEMMA3_CHAT_TEMPLATE, bos="<bos>", eos="<eos>", pad="<pad>", add_bos=False,
-                         boi_token="<start_of_image>", eoi_token="<end_of_image>", image_token="<image_soft_token>")
+    tok = byte_tokenizer(
+        specials,
+        GEMMA3_CHAT_TEMPLATE,
+        bos="<bos>",
+        eos="<eos>",
+        pad="<pad>",
+        add_bos=False,
+        boi_token="<start_of_image>",
+        eoi_token="<end_of_image>",
+        image_token="<image_soft_token>",
+    )
     for name in ("boi_token", "eoi_token", "image_token"):
         setattr(tok, name + "_id", tok.convert_tokens_to_ids(getattr(tok, name)))
     return tok
@@ -37,12 +46,30 @@ def gemma3_tokenizer():
 def tiny_gemma3(seed: int = 0):
     tok = gemma3_tokenizer()
     config = Gemma3Config(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-                         sliding_window=512, layer_types=["sliding_attention", "full_attention"],
-                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=VIEW_PX, patch_size=PATCH_PX, vision_use_head=False),
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=1024,
+            sliding_window=512,
+            layer_types=["sliding_attention", "full_attention"],
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=VIEW_PX,
+            patch_size=PATCH_PX,
+            vision_use_head=False,
+        ),
         mm_tokens_per_image=TOKENS,
         boi_token_index=tok.boi_token_id,
         eoi_token_index=tok.eoi_token_id,
@@ -52,16 +79,26 @@ def tiny_gemma3(seed: int = 0):
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(config).eval()
     image_processor = image_processor_class("gemma3")(size={"height": VIEW_PX, "width": VIEW_PX})
-    processor = build_processor(Gemma3Processor, image_processor=image_processor, tokenizer=tok,
-                                image_seq_length=TOKENS, chat_template=GEMMA3_CHAT_TEMPLATE)
+    processor = build_processor(
+        Gemma3Processor,
+        image_processor=image_processor,
+        tokenizer=tok,
+        image_seq_length=TOKENS,
+        chat_template=GEMMA3_CHAT_TEMPLATE,
+    )
     return model, processor
 
 
 def _pooled_identities(vlm, batch) -> pd.DataFrame:
     """Projector output rows: one view per image in pixel_values order, pooled grid row-major."""
-    side = int(round(vlm.model.config.mm_tokens_per_image ** 0.5))
-    rows = [(s, j, 0, r, c) for s, ims in enumerate(batch.images) for j in range(len(ims))
-            for r in range(side) for c in range(side)]
+    side = int(round(vlm.model.config.mm_tokens_per_image**0.5))
+    rows = [
+        (s, j, 0, r, c)
+        for s, ims in enumerate(batch.images)
+        for j in range(len(ims))
+        for r in range(side)
+        for c in range(side)
+    ]
     return pd.DataFrame(rows, columns=["sample", "image", "tile", "row", "col"])
 
 

@@ -17,12 +17,13 @@ from transformers import (
     SmolVLMProcessor,
 )
 
-from .._processors import build_processor, image_processor_class, video_processor
 from .._identities import expected_rows
+from .._processors import build_processor, image_processor_class, video_processor
 from ..registry import register_proof, register_tiny
 from ..tokenizer import byte_tokenizer
 
-# The checkpoints' chat template (Idefics3-8B-Llama3 / SmolVLM-Instruct): "User:<image>text<end_of_utterance>\nAssistant:"
+# The checkpoints' chat template (Idefics3-8B-Llama3 / SmolVLM-Instruct):
+# "User:<image>text<end_of_utterance>\nAssistant:"
 IDEFICS3_CHAT_TEMPLATE = (
     "<|begin_of_text|>{% for message in messages %}{{message['role'] | capitalize}}"
     "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
@@ -56,14 +57,31 @@ def _tokenizer(smol: bool):
 
 def _tiny(seed: int, smol: bool):
     tok = _tokenizer(smol)
-    cfg_cls, model_cls = (SmolVLMConfig, SmolVLMForConditionalGeneration) if smol else (Idefics3Config, Idefics3ForConditionalGeneration)
+    cfg_cls, model_cls = (
+        (SmolVLMConfig, SmolVLMForConditionalGeneration) if smol else (Idefics3Config, Idefics3ForConditionalGeneration)
+    )
     config = cfg_cls(
-        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=CROP_PX, patch_size=PATCH_PX),
-        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=96,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, pad_token_id=tok.pad_token_id,
-                         bos_token_id=None, eos_token_id=tok.eos_token_id),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=CROP_PX,
+            patch_size=PATCH_PX,
+        ),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=None,
+            eos_token_id=tok.eos_token_id,
+        ),
         scale_factor=SHUFFLE,
         image_token_id=tok.convert_tokens_to_ids("<image>"),
     )
@@ -74,12 +92,22 @@ def _tiny(seed: int, smol: bool):
         size={"longest_edge": LONGEST_EDGE}, max_image_size={"longest_edge": CROP_PX}
     )
     if smol:
-        processor = build_processor(SmolVLMProcessor, image_processor=image_processor, tokenizer=tok,
-                                    video_processor=video_processor("smolvlm"), image_seq_len=IMAGE_SEQ_LEN,
-                                    chat_template=SMOLVLM_CHAT_TEMPLATE)
+        processor = build_processor(
+            SmolVLMProcessor,
+            image_processor=image_processor,
+            tokenizer=tok,
+            video_processor=video_processor("smolvlm"),
+            image_seq_len=IMAGE_SEQ_LEN,
+            chat_template=SMOLVLM_CHAT_TEMPLATE,
+        )
     else:
-        processor = build_processor(Idefics3Processor, image_processor=image_processor, tokenizer=tok,
-                                    image_seq_len=IMAGE_SEQ_LEN, chat_template=IDEFICS3_CHAT_TEMPLATE)
+        processor = build_processor(
+            Idefics3Processor,
+            image_processor=image_processor,
+            tokenizer=tok,
+            image_seq_len=IMAGE_SEQ_LEN,
+            chat_template=IDEFICS3_CHAT_TEMPLATE,
+        )
     return model, processor
 
 

@@ -7,6 +7,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from vtrlab.models.base import KIND_IMAGE
+
 from .._common import LLAVA_CHAT_TEMPLATE, image_processor
 from ..registry import register_full_size, register_proof, register_tiny
 from ..tokenizer import byte_tokenizer
@@ -30,19 +31,33 @@ def llava_processor(image_size: int, patch: int, *, do_pad: bool = False, strate
     )
 
 
-def build_tiny_llava(seed: int = 0, *, do_pad: bool = False, strategy: str = "default", image_size: int = 32, patch: int = 8):
+def build_tiny_llava(
+    seed: int = 0, *, do_pad: bool = False, strategy: str = "default", image_size: int = 32, patch: int = 8
+):
     """LLaVA-1.5 in miniature: CLIP 32px/8px patches (4x4 grid + [CLS]), 2-layer Llama."""
     processor = llava_processor(image_size, patch, do_pad=do_pad, strategy=strategy)
     tok = processor.tokenizer
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-            image_size=image_size, patch_size=patch, projection_dim=32,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=patch,
+            projection_dim=32,
         ),
         text_config=LlamaConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=4096,
-            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tok),
+            max_position_embeddings=4096,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
         ),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
@@ -65,13 +80,27 @@ def full_llava_15_7b(dtype: torch.dtype, device: str):
     tok = processor.tokenizer
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-            image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+            hidden_act="quick_gelu",
         ),
         text_config=LlamaConfig(
-            hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-            num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
-            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32064,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
         ),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
@@ -107,7 +136,10 @@ def llava_family_proof(vlm, batch):
             raise AssertionError("llava-family crops must all have the same number of vision tokens")
         per_crop = int(n_vis.iloc[0]) - drop
         patches = vis[(vis["kind"] == "patch") & (vis["row"] >= 0)]
-        key = {(int(r.image), int(r.tile), int(r.row), int(r.col)): (int(r.crop), int(r.vpos)) for r in patches.itertuples()}
+        key = {
+            (int(r.image), int(r.tile), int(r.row), int(r.col)): (int(r.crop), int(r.vpos))
+            for r in patches.itertuples()
+        }
         sel = lay.kind == KIND_IMAGE
         rows = []
         for j, t, r, c in zip(lay.image[sel], lay.tile[sel], lay.row[sel], lay.col[sel]):

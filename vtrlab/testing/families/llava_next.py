@@ -12,9 +12,9 @@ from transformers import (
 )
 
 from .._common import LLAVA_CHAT_TEMPLATE, image_processor
-from .llava import build_full, llava_family_proof
 from ..registry import register_full_size, register_proof, register_tiny
 from ..tokenizer import byte_tokenizer
+from .llava import build_full, llava_family_proof
 
 
 def next_processor(side: int, patch: int, pinpoints: list[list[int]]):
@@ -42,13 +42,25 @@ def build_tiny_next(seed: int = 0, side: int = 32, patch: int = 8):
     tok = processor.tokenizer
     config = LlavaNextConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=side, patch_size=patch, projection_dim=32,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=side,
+            patch_size=patch,
+            projection_dim=32,
         ),
         text_config=LlamaConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=4096,
-            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tok),
+            max_position_embeddings=4096,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
         ),
         image_grid_pinpoints=pinpoints,
         image_token_id=tok.convert_tokens_to_ids("<image>"),
@@ -73,13 +85,27 @@ def full_next_7b(dtype: torch.dtype, device: str):
     tok = processor.tokenizer
     config = LlavaNextConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-            image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+            hidden_act="quick_gelu",
         ),
         text_config=LlamaConfig(
-            hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-            num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
-            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32064,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
         ),
         image_grid_pinpoints=pinpoints,
         image_token_id=tok.convert_tokens_to_ids("<image>"),

@@ -19,15 +19,16 @@ from transformers import (
 )
 
 from .._identities import expected_rows
+from .._processors import build_processor, image_processor_class, video_processor
 from ..registry import register_full_size, register_proof, register_tiny
 from ..tokenizer import byte_tokenizer
-from .._processors import build_processor, image_processor_class, video_processor
 
 # The real Qwen2-VL chat template, less tool calls and video (it opens with the default system turn).
 QWEN_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}"
     "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
@@ -71,12 +72,29 @@ def _tiny_configs(tok, v25: bool) -> dict:
     )
     if v25:
         # window 56 px = 2x2 merge units per window, so small images hold several windows.
-        vision = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=64,
-                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                      fullatt_block_indexes=[1])
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=48,
+            num_heads=4,
+            out_hidden_size=64,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        )
     else:
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=4, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2)
+        vision = dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            mlp_ratio=2,
+            num_heads=4,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
     return dict(
         text_config=text,
         vision_config=vision,
@@ -100,8 +118,13 @@ def _tiny(seed: int, v25: bool):
     model = model_cls(config).eval()
     # 56x56 .. 112x112 processed pixels: 4..16 patches a side before the merge.
     image_processor = image_processor_class("qwen2_vl")(min_pixels=56 * 56, max_pixels=112 * 112)
-    processor = build_processor(proc_cls, image_processor=image_processor, tokenizer=tok,
-                                video_processor=video_processor("qwen2_vl"), chat_template=QWEN_CHAT_TEMPLATE)
+    processor = build_processor(
+        proc_cls,
+        image_processor=image_processor,
+        tokenizer=tok,
+        video_processor=video_processor("qwen2_vl"),
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
     return model, processor
 
 
@@ -162,9 +185,18 @@ def full_qwen2_5_vl_7b(dtype=torch.bfloat16, device="meta"):
             use_sliding_window=False,
         ),
         vision_config=dict(
-            depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-            fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu", tokens_per_second=2,
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=3584,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+            hidden_act="silu",
+            tokens_per_second=2,
         ),
         # special-token ids of the stand-in tokenizer (the checkpoint's are 151652..151656)
         image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
@@ -178,7 +210,11 @@ def full_qwen2_5_vl_7b(dtype=torch.bfloat16, device="meta"):
     # The tiny byte tokenizer stands in for the real one: token ids of real prompts are not the
     # checkpoint's, which random weights make irrelevant; the vocabulary size is the checkpoint's.
     image_processor = image_processor_class("qwen2_vl")()
-    processor = build_processor(Qwen2_5_VLProcessor, image_processor=image_processor, tokenizer=tok,
-                                video_processor=video_processor("qwen2_vl"),
-                                chat_template=QWEN_CHAT_TEMPLATE)
+    processor = build_processor(
+        Qwen2_5_VLProcessor,
+        image_processor=image_processor,
+        tokenizer=tok,
+        video_processor=video_processor("qwen2_vl"),
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
     return model, processor
