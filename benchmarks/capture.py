@@ -224,7 +224,7 @@ def markdown(report: dict) -> str:
             if "error" in res:
                 lines.append(
                     f"| {row['shape']} | {row.get('batch', 1)} | {row['n_tokens']} | {method} | — | — | "
-                    f"{res['error']} |"
+                    f"{res['error'].split('. ')[0][:90]} |"
                 )
                 continue
             mem = "n/a (CPU)" if res["peak_extra_bytes"] is None else f"{res['peak_extra_bytes'] / 2**30:.3f}"

@@ -149,7 +149,7 @@ def bench_method(vlm, batch, name, params, budget, args) -> dict:
 
         def prefill():
             with torch.no_grad():
-                A._forward(
+                F.forward_embeds(
                     vlm,
                     red.inputs_embeds,
                     red.attention_mask,
@@ -173,7 +173,7 @@ def bench_method(vlm, batch, name, params, budget, args) -> dict:
                 lm_removal(vlm, batch, method, keep, red.source_positions),
                 torch.no_grad(),
             ):
-                A._forward(
+                F.forward_embeds(
                     vlm,
                     red.inputs_embeds,
                     red.attention_mask,

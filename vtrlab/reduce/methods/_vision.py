@@ -86,7 +86,8 @@ def vision_forward(ctx, attention: list[int] = (), tensors: dict | None = None) 
     for k, v in outs.items():
         if not v:
             raise RuntimeError(f"{type(todo[k]).__name__} ({k}) did not run during the vision forward")
-        have_t[k] = torch.cat(v, 0)
+        # float32 on the host: scoring runs in float64 on the CPU whatever the tower's dtype and device
+        have_t[k] = torch.cat(v, 0).float().cpu()
 
 
 def prefetch_attention(ctx, layers: list[int]) -> None:

@@ -90,7 +90,7 @@ class FlowCut(Method):
             m[order[kept_patches]] = True
             s = np.full(V, np.nan)
             if st.extra and st.extra.get("cum") is not None:
-                s[order[kept_patches]] = st.extra["cum"][0].cpu().numpy()
+                s[order[kept_patches]] = st.extra["cum"][0].float().cpu().numpy()
             keep.append(m)
             scores.append(s)
             embeds.append(project(vlm, st.x[0, 1:])[torch.as_tensor(np.argsort(order[kept_patches], kind="stable"))])

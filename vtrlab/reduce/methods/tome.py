@@ -87,7 +87,7 @@ class ToMe(Method):
             g[order] = rep[tok_of_patch]
             proj = project(vlm, feats)
             keep.append(mask)
-            scores.append(_sizes(V, rep, st.size[0, drop:, 0].cpu().numpy()))
+            scores.append(_sizes(V, rep, st.size[0, drop:, 0].float().cpu().numpy()))
             groups.append(g)
             embeds.append(proj[torch.as_tensor(srt, device=proj.device)])
         return Selection(keep=keep, scores=scores, embeds=embeds, group=groups, info={"scores": "merged size"})
