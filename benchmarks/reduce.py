@@ -125,6 +125,7 @@ def bench_method(vlm, batch, name, params, budget, args) -> dict:
     from vtrlab.reduce.apply import select
 
     A = importlib.import_module("vtrlab.reduce.answer")
+    F = importlib.import_module("vtrlab.reduce.forward")
     from vtrlab.reduce.keep import reduced_decoder_inputs
 
     device = vlm.device
