@@ -59,7 +59,7 @@ def fig(name):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from vtrlab.plots.save import save_figure
+        from vtrlab.runner import save_figure
 
         figure, _ = plt.subplots(figsize=(1, 1))
         try:

@@ -19,6 +19,10 @@ import vtrlab as vl
 from vtrlab.models.loader import ModelLoadError, WeightsMismatchError, organism_path
 
 ORGANISM = organism_path()
+NORM = "language_model.model.layers.0.input_layernorm.weight"  # a key of the organism's checkpoint
+# the weights file that holds NORM (the bundle may be sharded, with an index naming each key's file)
+_INDEX = ORGANISM / "model.safetensors.index.json"
+WEIGHTS = json.loads(_INDEX.read_text())["weight_map"][NORM] if _INDEX.is_file() else "model.safetensors"
 
 
 def _variant(root: Path, name: str, edit) -> Path:
@@ -44,15 +48,12 @@ def _weights(change):
     def edit(folder: Path) -> None:
         from safetensors.torch import load_file, save_file
 
-        state = load_file(ORGANISM / "model.safetensors")
+        state = load_file(ORGANISM / WEIGHTS)
         change(state)
-        (folder / "model.safetensors").unlink()
-        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / WEIGHTS).unlink()
+        save_file(state, folder / WEIGHTS, metadata={"format": "pt"})
 
     return edit
-
-
-NORM = "language_model.model.layers.0.input_layernorm.weight"  # a key of the organism's checkpoint
 
 
 def _drop(state):
@@ -68,9 +69,9 @@ def _reshape(state):
 
 
 def _truncate(folder: Path) -> None:
-    data = (ORGANISM / "model.safetensors").read_bytes()
-    (folder / "model.safetensors").unlink()
-    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    data = (ORGANISM / WEIGHTS).read_bytes()
+    (folder / WEIGHTS).unlink()
+    (folder / WEIGHTS).write_bytes(data[: len(data) // 2])
 
 
 def _remove(name):
@@ -89,12 +90,12 @@ VARIANTS = {
     "processor_config_bad": _write("processor_config.json", b"{,}"),
     "generation_config_bad": _write("generation_config.json", b"[1, 2"),
     "weights_truncated": _truncate,
-    "weights_garbage": _write("model.safetensors", b"\x00" * 64),
-    "weights_empty": _write("model.safetensors", b""),
+    "weights_garbage": _write(WEIGHTS, b"\x00" * 64),
+    "weights_empty": _write(WEIGHTS, b""),
     "weights_missing_key": _weights(_drop),
     "weights_extra_key": _weights(_extra),
     "weights_other_shape": _weights(_reshape),
-    "weights_file_missing": _remove("model.safetensors"),
+    "weights_file_missing": _remove(WEIGHTS),
     "config_missing": _remove("config.json"),
 }
 
@@ -153,9 +154,9 @@ CASES = [
     Case("tokenizer_config_bad", _load("tokenizer_config_bad"), ModelLoadError, ("tokenizer_config.json",)),
     Case("processor_config_bad", _load("processor_config_bad"), ModelLoadError, ("processor_config.json",)),
     Case("generation_config_bad", _load("generation_config_bad"), ModelLoadError, ("generation_config.json",)),
-    Case("weights_truncated", _load("weights_truncated"), ModelLoadError, ("model.safetensors", "corrupt")),
-    Case("weights_garbage", _load("weights_garbage"), ModelLoadError, ("model.safetensors",)),
-    Case("weights_empty", _load("weights_empty"), ModelLoadError, ("model.safetensors",)),
+    Case("weights_truncated", _load("weights_truncated"), ModelLoadError, (WEIGHTS, "corrupt")),
+    Case("weights_garbage", _load("weights_garbage"), ModelLoadError, (WEIGHTS,)),
+    Case("weights_empty", _load("weights_empty"), ModelLoadError, (WEIGHTS,)),
     Case("weights_file_missing", _load("weights_file_missing"), ModelLoadError, ("weights_file_missing",), ours=True),
     # weights that do not fit: named, strict by default
     Case(
