@@ -29,7 +29,7 @@ def apply(method, keep=0.25, **kw):
 
 
 CASES = [
-    Case("get_unknown", lambda c: R.get("fastvv"), ValueError, ("'fastvv'", "accepted: fastv")),
+    Case("get_unknown", lambda c: R.get("fastvv"), ValueError, ("'fastvv'", "accepted:", "fastv")),
     Case("get_int_name", lambda c: R.get(3), ValueError, ("3",)),
     Case("get_none_name", lambda c: R.get(None), (TypeError, ValueError), ("None",)),
     Case("get_unknown_parameter", lambda c: R.get("fastv", layerr=2), ValueError, ("'layerr'", "accepted: layer")),
@@ -38,8 +38,8 @@ CASES = [
     Case("get_str_parameter", lambda c: R.get("fastv", layer="2"), TypeError, ("layer='2'",)),
     Case("get_ok", lambda c: R.get("fastv", layer=1), None, check=lambda m: m is not None),
     Case("names_listed", lambda c: R.names(), None, check=lambda n: set(KEEP_FIRST) <= set(n)),
-    Case("feather_default_layer_beyond_lm", apply("feather"), ValueError, ("layer=8", "6 decoder layers")),
-    Case("pyramiddrop_default_layer_beyond_lm", apply("pyramiddrop"), ValueError, ("layer=8", "6 decoder layers")),
+    Case("feather_default_layer_beyond_lm", apply("feather"), ValueError, ("layer=8", "decoder layers")),
+    Case("pyramiddrop_default_layer_beyond_lm", apply("pyramiddrop"), ValueError, ("layer=8", "decoder layers")),
     Case("oracle_without_relevance", apply("oracle", keep=4), ValueError, ("relevance",)),
     Case("pooling_zero_budget", apply("pooling", keep=0), ValueError, ("budget 0",)),
     Case("random_keep_zero_ok", apply("random", keep=0), None, check=lambda ds: ds is not None),
