@@ -332,11 +332,3 @@ def write_card(bundle: str | os.PathLike = ROOT / "data" / "models" / "organism"
     bundle = Path(bundle)
     text = render(bundle)
     return atomic_write_text(bundle / "README.md", text)
-
-
-if __name__ == "__main__":  # = ``vtrlab organism card [BUNDLE]`` (one CLI)
-    import sys
-
-    from vtrlab.organism.cli import app
-
-    app(["card", *sys.argv[1:]])

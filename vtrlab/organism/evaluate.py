@@ -122,24 +122,3 @@ def evaluate_bundle(
     if out_json is not None:
         atomic_write_text(out_json, eval_to_json(result))
     return result
-
-
-def main(argv=None) -> None:
-    """``python -m vtrlab.organism.evaluate ARGS`` = ``vtrlab organism eval ARGS`` (one CLI)."""
-    import sys
-
-    from vtrlab.organism.cli import app
-
-    app(["eval", *(sys.argv[1:] if argv is None else argv)])
-
-
-def format_table(result: dict) -> str:
-    rows = [f"{'family':<10} {'accuracy':>9} {'no-image':>9} {'chance':>8}"]
-    for fam, r in result["families"].items():
-        blank = r.get("no_image_accuracy", float("nan"))
-        rows.append(f"{fam:<10} {r['accuracy']:>9.3f} {blank:>9.3f} {r['chance']:>8.3f}")
-    return "\n".join(rows)
-
-
-if __name__ == "__main__":
-    main()

@@ -168,16 +168,3 @@ def write_realism(path: str | os.PathLike = "data/models/organism", n: int = 120
     rec = measure(model, processor, n=n)
     rec["command"] = f"vtrlab organism realism {path} --n {n}"
     return atomic_write_text(path / "realism.json", json.dumps(rec, indent=1) + "\n")
-
-
-def main(argv=None) -> None:
-    """``python -m vtrlab.organism.realism ARGS`` = ``vtrlab organism realism ARGS`` (one CLI)."""
-    import sys
-
-    from vtrlab.organism.cli import app
-
-    app(["realism", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()
