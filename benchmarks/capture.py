@@ -62,7 +62,7 @@ def measure(fn, device, warmup: int, repeats: int) -> dict:
     for _ in range(warmup):
         fn()
     _sync(device)
-    times, peaks = [], []
+    times, peaks, inner = [], [], []
     for _ in range(repeats):
         gc.collect()
         if device.type == "cuda":
@@ -76,12 +76,17 @@ def measure(fn, device, warmup: int, repeats: int) -> dict:
         times.append(time.perf_counter() - t0)
         if device.type == "cuda":
             peaks.append(torch.cuda.max_memory_allocated(device) - base)
+        if isinstance(out, dict):  # timings measured inside fn (e.g. a reduction method's scoring)
+            inner.append(out)
         del out
-    return {
+    res = {
         "median_s": statistics.median(times),
         "times_s": times,
         "peak_extra_bytes": int(statistics.median(peaks)) if peaks else None,
     }
+    if inner:
+        res["inner"] = {k: statistics.median(e[k] for e in inner) for k in inner[0]}
+    return res
 
 
 def _image(size, seed=0):

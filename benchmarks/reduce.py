@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -48,40 +48,11 @@ PROMPT = "What color is the car?"
 SKIP = {"oracle": "needs ground-truth relevance (organism only)"}
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(fn, device, warmup: int, repeats: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times, peaks, extra = [], [], []
-    for _ in range(repeats):
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-        _sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        if device.type == "cuda":
-            peaks.append(torch.cuda.max_memory_allocated(device) - base)
-        if isinstance(out, dict):
-            extra.append(out)
-        del out
-    res = {
-        "median_s": statistics.median(times),
-        "times_s": times,
-        "peak_extra_bytes": int(statistics.median(peaks)) if peaks else None,
-    }
-    if extra:
-        res["inner"] = {k: statistics.median(e[k] for e in extra) for k in extra[0]}
-    return res
+_HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("_bench_capture", _HERE / "capture.py")
+_capture = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_capture)
+_sync, measure = _capture._sync, _capture.measure  # one timing loop for every benchmark
 
 
 def _image(size, seed=0):
