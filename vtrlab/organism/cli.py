@@ -27,7 +27,10 @@ def train(
     device: str = typer.Option("cuda", help="torch device, e.g. cuda or cpu"),
     seed: int = typer.Option(0, help="model init and batch order"),
     max_minutes: float = typer.Option(9.0, help="wall-time budget of this call; then checkpoint and stop"),
-    n_train_per_family: int = typer.Option(20000, help="training samples per family (data seed 1)"),
+    n_train_per_family: int = typer.Option(20000, help="samples per family, clip/text/align stages (data seed 1)"),
+    n_instruct_per_family: int = typer.Option(
+        30000, help="fresh instruct samples per call for a family of weight 1 (scaled by weight; 0: reuse stage-1 set)"
+    ),
     clip_steps: int = typer.Option(3000, help="micro-CLIP stage: contrastive + dense per-patch targets"),
     text_steps: int = typer.Option(800, help="LM on text alone"),
     align_steps: int = typer.Option(600, help="LLaVA stage 1: projector on image -> caption"),
@@ -52,6 +55,7 @@ def train(
         seed=seed,
         max_minutes=max_minutes,
         n_train_per_family=n_train_per_family,
+        n_instruct_per_family=n_instruct_per_family,
         clip_steps=clip_steps,
         text_steps=text_steps,
         align_steps=align_steps,
