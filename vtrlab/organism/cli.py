@@ -29,7 +29,7 @@ def train(
     max_minutes: float = typer.Option(9.0, help="wall-time budget of this call; then checkpoint and stop"),
     n_train_per_family: int = typer.Option(20000, help="samples per family, clip/text/align stages (data seed 1)"),
     n_instruct_per_family: int = typer.Option(
-        30000, help="fresh instruct samples per call for a family of weight 1 (scaled by weight; 0: reuse stage-1 set)"
+        0, help="fresh instruct samples per call for a family of weight 1 (scaled by weight; 0: reuse stage-1 set)"
     ),
     clip_steps: int = typer.Option(3000, help="micro-CLIP stage: contrastive + dense per-patch targets"),
     text_steps: int = typer.Option(800, help="LM on text alone"),
