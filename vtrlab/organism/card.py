@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from string import Template
 
-from vtrlab.io import atomic_write_text
+from vtrlab.io import atomic_write_text, replace_marked_section
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = Path(__file__).with_name("card_template.md")
@@ -197,6 +197,9 @@ def _raster_verdict(rho: list) -> str:
     return ""
 
 
+_COMPARE_HEAD = "| quantity | organism v2 | published for LLaVA-1.5 / CLIP ViTs |\n|---|---|---|\n"
+
+
 def realism_parts(re_: dict | None) -> dict:
     if re_ is None:
         return {
@@ -268,6 +271,7 @@ def realism_parts(re_: dict | None) -> dict:
         ),
     ]
     compare = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in cmp_)
+    compare = _COMPARE_HEAD + compare
     return {
         "realism_rows": "\n".join(rows),
         "realism_compare": compare,
@@ -359,7 +363,37 @@ def render(bundle: str | os.PathLike) -> str:
     return Template(TEMPLATE.read_text()).substitute(fields)
 
 
-def write_card(bundle: str | os.PathLike = ROOT / "data" / "models" / "organism") -> Path:
+def readme_summary(bundle: str | os.PathLike) -> str:
+    """The project README's organism section: held-out accuracy and the realism comparison, from
+    the bundle's records (eval.json, realism.json)."""
+    bundle = Path(bundle)
+    ev = json.loads((bundle / "eval.json").read_text())
+    acc = ", ".join(f"{f} {r['accuracy']:.3f}" for f, r in ev["families"].items())
+    missed = [f for f, r in ev["families"].items() if f in TARGETS and r["accuracy"] < TARGETS[f]]
+    lines = [f"Held-out accuracy ({ev['n_per_family']} per family, greedy exact match, `eval.json`): {acc}."]
+    if missed:
+        lines.append(
+            f"Below target: {', '.join(missed)} -- findings on these families are about a model that has not "
+            "learned them (the card lists what was tried)."
+        )
+    re_ = _json(bundle / "realism.json")
+    if re_ is not None:
+        lines += [
+            "",
+            f"Realism of v2 beside published LLaVA-1.5 findings (`realism.json`, {re_['n_samples']} held-out "
+            "samples; the per-layer table is in the card):",
+            "",
+            realism_parts(re_)["realism_compare"],
+        ]
+    return "\n".join(lines)
+
+
+def write_card(
+    bundle: str | os.PathLike = ROOT / "data" / "models" / "organism", readme: str | os.PathLike | None = None
+) -> Path:
+    """Render the card into the bundle; with ``readme`` (the project README), also its organism section."""
     bundle = Path(bundle)
     text = render(bundle)
+    if readme is not None:
+        replace_marked_section(readme, "organism-summary", readme_summary(bundle))
     return atomic_write_text(bundle / "README.md", text)

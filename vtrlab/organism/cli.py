@@ -141,11 +141,20 @@ def realism(
 
 
 @app.command()
-def card(path: Path = typer.Argument(Path("data/models/organism"), help="organism bundle folder")) -> None:
+def card(
+    path: Path = typer.Argument(Path("data/models/organism"), help="organism bundle folder"),
+    readme: Path = typer.Option(
+        None, help="also regenerate this README's organism section (between <!-- organism-summary:begin/end -->)"
+    ),
+) -> None:
     """Render the bundle's model card (README.md) from its template and records."""
     from vtrlab.organism.card import write_card
 
-    typer.echo(str(write_card(path)))
+    try:
+        typer.echo(str(write_card(path, readme=readme)))
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":
