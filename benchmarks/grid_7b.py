@@ -54,10 +54,26 @@ GPU_PARAMS = {
     # outside the 4x4 grid", vtrlab.analysis.randomization.attention_signals); set it > 0 once that is fixed.
     "01_attention_per_layer": dict(n_samples=16, batch_size=4, n_examples=2, n_layers_shown=4, n_causal=0),
     "02_information_flow": dict(n_samples=4, batch_size=2, window=9),
-    "03_reconstruction_selector": dict(train=True, n_train=64, steps=40, d_model=64, layers=1, n_eval=2,
-                                       budgets=[0.3, 1.0], n_layer_samples=4, n_maps=2, batch_size=4),
-    "04_reduction_methods": dict(n_samples=1, batch_size=6, methods=["random", "oracle", "fastv", "visionzip", "dart"],
-                                 budgets=[0.25], n_random_seeds=2, agreement_budget=0.25),
+    "03_reconstruction_selector": dict(
+        train=True,
+        n_train=64,
+        steps=40,
+        d_model=64,
+        layers=1,
+        n_eval=2,
+        budgets=[0.3, 1.0],
+        n_layer_samples=4,
+        n_maps=2,
+        batch_size=4,
+    ),
+    "04_reduction_methods": dict(
+        n_samples=1,
+        batch_size=6,
+        methods=["random", "oracle", "fastv", "visionzip", "dart"],
+        budgets=[0.25],
+        n_random_seeds=2,
+        agreement_budget=0.25,
+    ),
 }
 TINY_PARAMS = {  # overrides for the CPU dry run
     "01_attention_per_layer": dict(n_samples=4, batch_size=2),
@@ -88,8 +104,12 @@ def environment(device: str) -> dict:
         "gpu": torch.cuda.get_device_name(0) if device == "cuda" and torch.cuda.is_available() else None,
     }
     try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                       timeout=10).stdout.strip() or None
+        env["commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         env["commit"] = None
     return env
@@ -106,8 +126,12 @@ class GpuMemory:
     def _poll(self) -> None:
         while not self._stop.is_set():
             try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=5).stdout
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                ).stdout
                 used = max(float(x) for x in out.split())
                 self.peak_mib = used if self.peak_mib is None else max(self.peak_mib, used)
             except (OSError, ValueError, subprocess.SubprocessError):
@@ -191,17 +215,26 @@ def markdown(report: dict) -> str:
     for r in report["runs"]:
         if r["phase"] != "grid":
             continue
-        lines.append(f"| {r['model']} | {r['notebook']} | {r['status']} | {r['seconds']} | {r['n_samples'] or '—'} | "
-                     f"{r['samples_per_s'] or '—'} |")
+        lines.append(
+            f"| {r['model']} | {r['notebook']} | {r['status']} | {r['seconds']} | {r['n_samples'] or '—'} | "
+            f"{r['samples_per_s'] or '—'} |"
+        )
     mem = [r for r in report["runs"] if r["phase"] == "memory"]
     if mem:
-        lines += ["", "Memory as `n_samples` grows (notebook 01 alone on the GPU, streamed batches of "
-                  f"{mem[0]['parameters'].get('batch_size')}):", "",
-                  "| model | n_samples | status | seconds | samples/s | peak GPU memory (GiB) |",
-                  "|---|---:|---|---:|---:|---:|"]
+        lines += [
+            "",
+            "Memory as `n_samples` grows (notebook 01 alone on the GPU, streamed batches of "
+            f"{mem[0]['parameters'].get('batch_size')}):",
+            "",
+            "| model | n_samples | status | seconds | samples/s | peak GPU memory (GiB) |",
+            "|---|---:|---|---:|---:|---:|",
+        ]
         for r in mem:
-            lines.append(f"| {r['model']} | {r['parameters'].get('n_samples')} | {r['status']} | {r['seconds']} | "
-                         f"{r['samples_per_s'] or '—'} | {r['peak_gpu_memory_gib'] if r['peak_gpu_memory_gib'] is not None else '—'} |")
+            peak = "—" if r["peak_gpu_memory_gib"] is None else r["peak_gpu_memory_gib"]
+            lines.append(
+                f"| {r['model']} | {r['parameters'].get('n_samples')} | {r['status']} | {r['seconds']} | "
+                f"{r['samples_per_s'] or '—'} | {peak} |"
+            )
     not_run = report.get("not_run") or []
     if not_run:
         lines += ["", f"Not run (budget of {report['budget_s']} s spent): {', '.join(not_run)}."]
@@ -234,8 +267,10 @@ def check_models(models) -> None:
     schemes = {m.split(":", 1)[0] for m in models}
     missing = sorted(schemes - set(model_schemes()))
     if missing:
-        sys.exit(f"model builders {missing} are not registered (entry points of group 'vtrlab.models'): install "
-                 "vtrlab in this Python (pip install -e . --no-deps --no-build-isolation works offline)")
+        sys.exit(
+            f"model builders {missing} are not registered (entry points of group 'vtrlab.models'): install "
+            "vtrlab in this Python (pip install -e . --no-deps --no-build-isolation works offline)"
+        )
 
 
 def main(argv=None) -> int:
@@ -265,8 +300,16 @@ def main(argv=None) -> int:
     out = args.out.resolve()
     project = out / "project"
     project.mkdir(parents=True, exist_ok=True)
-    report = {"environment": environment(device), "workers": workers, "budget_s": args.budget_s, "tiny": args.tiny,
-              "runs": [], "not_run": [], "grid_wall_s": None, "grid_peak_gpu_memory_gib": None}
+    report = {
+        "environment": environment(device),
+        "workers": workers,
+        "budget_s": args.budget_s,
+        "tiny": args.tiny,
+        "runs": [],
+        "not_run": [],
+        "grid_wall_s": None,
+        "grid_peak_gpu_memory_gib": None,
+    }
     result_path = out / "grid_7b.json"
     _write_json(result_path, report)
 
@@ -289,12 +332,21 @@ def main(argv=None) -> int:
         t0 = time.monotonic()
         with GpuMemory() as mem:
             try:
-                run_grid(jobs, workers=n_workers, gpus=["0"] * n_workers if device == "cuda" else None,
-                         root=project, on_result=on_result, progress=False)
+                run_grid(
+                    jobs,
+                    workers=n_workers,
+                    gpus=["0"] * n_workers if device == "cuda" else None,
+                    root=project,
+                    on_result=on_result,
+                    progress=False,
+                )
             except Deadline:
-                report["not_run"] += [f"{j.parameters.get('model')} {Path(j.notebook).stem}"
-                                      f"{' n_samples=' + str(j.parameters.get('n_samples')) if name == 'memory' else ''}"
-                                      for j in jobs if j.hash not in done]
+                report["not_run"] += [
+                    f"{j.parameters.get('model')} {Path(j.notebook).stem}"
+                    f"{' n_samples=' + str(j.parameters.get('n_samples')) if name == 'memory' else ''}"
+                    for j in jobs
+                    if j.hash not in done
+                ]
                 raise
             finally:
                 if track_memory and mem.peak_gib is not None and report["runs"]:

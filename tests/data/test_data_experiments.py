@@ -84,8 +84,17 @@ def test_reduction_sweep_reads_relevance_through_the_layout_and_accepts_any_answ
     vlm, records = setup
     batch = vlm.prepare([r.image for r in records], [r.question for r in records])
     preds = answer(vlm, batch, max_new_tokens=6)  # the unreduced model's own answers
-    recs = [Record(id=r.id, image_source=r.image_source, question=r.question, answers=("zzz-not-it", p),
-                   boxes=r.boxes, group=r.group) for r, p in zip(records, preds)]
+    recs = [
+        Record(
+            id=r.id,
+            image_source=r.image_source,
+            question=r.question,
+            answers=("zzz-not-it", p),
+            boxes=r.boxes,
+            group=r.group,
+        )
+        for r, p in zip(records, preds)
+    ]
     answers, tokens = reduction_sweep(vlm, recs, ["random"], [0.5], seeds=[0], batch_size=2, progress=False)
     full = answers[answers["method"] == "full"].sort_values("sample")
     assert full["correct"].tolist() == [True, True]  # the prediction is the second accepted answer

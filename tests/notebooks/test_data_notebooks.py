@@ -37,8 +37,9 @@ def test_notebook01_on_real_pictures_scores_only_samples_with_ground_truth(tmp_p
     Image.fromarray(rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(tmp_path / "noise.png")
     rows.append({"id": "noise", "image": str(tmp_path / "noise.png"), "question": "What is shown?"})
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run, metrics = _run(tmp_path / "root", data=str(tmp_path / "m.jsonl"),
-                        prompt_template="{question} Answer with a single word.")
+    run, metrics = _run(
+        tmp_path / "root", data=str(tmp_path / "m.jsonl"), prompt_template="{question} Answer with a single word."
+    )
     assert metrics["data"]["kind"] == "jsonl" and metrics["data"]["n_samples"] == 2
     assert metrics["data"]["prompt_template"] == "{question} Answer with a single word."
     gt = pd.read_csv(run / "tables" / "lm_attention_vs_relevance.csv")
@@ -55,8 +56,9 @@ def _outputs(run: Path, nb: str) -> str:
 
 def _run_nb(root: Path, nb: str, params: dict) -> tuple[Path, dict]:
     path = REPO / "notebooks" / f"{nb}.ipynb"
-    result = run_job(prepare_job(path, {"model": "tiny:llava", "device": "cpu", **params},
-                                 spec=read_parameters(path)), root)
+    result = run_job(
+        prepare_job(path, {"model": "tiny:llava", "device": "cpu", **params}, spec=read_parameters(path)), root
+    )
     assert result.status == "ok", result.line()
     run = Path(result.run_dir).resolve()
     return run, json.loads((run / "metrics.json").read_text())
@@ -83,8 +85,11 @@ def test_notebook02_on_pictures_with_and_without_ground_truth(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(tmp_path / "n.png")
     rows.append({"id": "noise", "image": str(tmp_path / "n.png"), "question": "What is shown?"})
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run, metrics = _run_nb(tmp_path / "root", "02_information_flow",
-                           {"data": str(tmp_path / "m.jsonl"), "n_samples": 2, "batch_size": 2, "window": 2})
+    run, metrics = _run_nb(
+        tmp_path / "root",
+        "02_information_flow",
+        {"data": str(tmp_path / "m.jsonl"), "n_samples": 2, "batch_size": 2, "window": 2},
+    )
     sweep = pd.read_csv(run / "tables" / "knockout_windows.csv")
     assert {"image→last", "relevant→last", "irrelevant→last"} <= set(sweep["edge"])
     assert metrics["data"]["n_samples"] == 2 and metrics["truth/attention/auroc"] >= 0
@@ -99,9 +104,18 @@ def test_notebook04_on_photos_without_boxes_skips_the_oracle_and_recall(tmp_path
     for r in rows:
         r.pop("boxes")
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run, metrics = _run_nb(tmp_path / "root", "04_reduction_methods",
-                           {"data": str(tmp_path / "m.jsonl"), "n_samples": 1, "methods": ["random", "oracle", "fastv"],
-                            "budgets": [0.25], "n_random_seeds": 1, "batch_size": 4})
+    run, metrics = _run_nb(
+        tmp_path / "root",
+        "04_reduction_methods",
+        {
+            "data": str(tmp_path / "m.jsonl"),
+            "n_samples": 1,
+            "methods": ["random", "oracle", "fastv"],
+            "budgets": [0.25],
+            "n_random_seeds": 1,
+            "batch_size": 4,
+        },
+    )
     out = _outputs(run, "04_reduction_methods")
     assert "skipped: method 'oracle' needs ground truth" in out and "so no kept set is scored" in out
     answers = pd.read_csv(run / "tables" / "answers.csv")

@@ -103,7 +103,7 @@ def headline(sweep_sum: pd.DataFrame, truth_sum: pd.DataFrame | None) -> dict:
         out[f"knockout/{edge}/worst_window_start"] = int(worst["window_start"])
         out[f"knockout/{edge}/relative_change"] = float(worst["relative_change"])
         out[f"knockout/{edge}/accuracy"] = float(worst["correct"])
-    for signal, g in ([] if truth_sum is None else truth_sum.groupby("signal")):
+    for signal, g in [] if truth_sum is None else truth_sum.groupby("signal"):
         best = g.loc[g["auroc"].idxmax()]
         out[f"truth/{signal}/best_layer"] = int(best["layer"])
         out[f"truth/{signal}/auroc"] = float(best["auroc"])

@@ -90,16 +90,19 @@ def run_flow(
         usable = [i for i, t in enumerate(truth) if _usable(t[0])]
         if len(usable) == len(chunk):  # one sweep with every edge (the organism: always)
             edges = dict(EDGES) | patch_edges(layouts, [t[0] for t in truth], rng)
-            sweeps.append(_sweep_frame(knockout_sweep(vlm, batch, edges=edges, window=window), start,
-                                       range(len(chunk)), chunk))
+            sweeps.append(
+                _sweep_frame(knockout_sweep(vlm, batch, edges=edges, window=window), start, range(len(chunk)), chunk)
+            )
         else:  # named edges on the batch, patch edges on the samples whose ground truth can build them
-            sweeps.append(_sweep_frame(knockout_sweep(vlm, batch, edges=dict(EDGES), window=window), start,
-                                       range(len(chunk)), chunk))
+            sweeps.append(
+                _sweep_frame(
+                    knockout_sweep(vlm, batch, edges=dict(EDGES), window=window), start, range(len(chunk)), chunk
+                )
+            )
             if usable:
                 sub = vlm.prepare([chunk[i].image for i in usable], [chunk[i].question for i in usable])
                 edges = patch_edges(list(sub.layouts), [truth[i][0] for i in usable], rng)
-                sweeps.append(_sweep_frame(knockout_sweep(vlm, sub, edges=edges, window=window), start, usable,
-                                           chunk))
+                sweeps.append(_sweep_frame(knockout_sweep(vlm, sub, edges=edges, window=window), start, usable, chunk))
         per_key = {}  # signal -> (B, L, N) score per sequence position
         if "attention" in signals:
             per_key["attention"] = capture(

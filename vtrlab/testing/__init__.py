@@ -54,7 +54,8 @@ def full_size(name: str, dtype: str | torch.dtype = "bfloat16", device: str = "c
 
 def _built(scheme: str, name: str, names: list[str]) -> None:
     if name not in names:
-        raise ValueError(f"model='{scheme}:{name}': no such model; accepted: " + ", ".join(f"{scheme}:{n}" for n in names))
+        accepted = ", ".join(f"{scheme}:{n}" for n in names)
+        raise ValueError(f"model='{scheme}:{name}': no such model; accepted: {accepted}")
 
 
 def load_tiny(name: str, *, device, dtype=None, attn_implementation: str = "sdpa") -> VLM:
@@ -105,4 +106,13 @@ def prove_layout(vlm: VLM, batch) -> int:
     return assert_layout_proven(vlm, batch)
 
 
-__all__ = ["tiny", "full_size", "load_tiny", "load_full_size", "tiny_families", "full_size_names", "proof_spec", "prove_layout"]
+__all__ = [
+    "tiny",
+    "full_size",
+    "load_tiny",
+    "load_full_size",
+    "tiny_families",
+    "full_size_names",
+    "proof_spec",
+    "prove_layout",
+]
