@@ -268,7 +268,7 @@ def check_models(models) -> None:
     missing = sorted(schemes - set(model_schemes()))
     if missing:
         sys.exit(
-            f"model builders {missing} are not registered (entry points of group 'vtrlab.models'): install "
+            f"model builders {missing} are not registered (entry points of group 'vtrlab.model_builders'): install "
             "vtrlab in this Python (pip install -e . --no-deps --no-build-isolation works offline)"
         )
 

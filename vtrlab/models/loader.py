@@ -2,7 +2,7 @@
 
 ``scheme:name`` models are built in code instead of read from a checkpoint: ``tiny:<family>`` (tiny random
 weights) and ``full_size:<name>`` (real shapes, random weights), so notebooks and grids reach them through
-their ``model`` parameter. Schemes are plugins: entry points of the group ``vtrlab.models`` (vtrlab's own
+their ``model`` parameter. Schemes are plugins: entry points of the group ``vtrlab.model_builders`` (vtrlab's own
 two are declared in ``pyproject.toml`` and provided by ``vtrlab.testing``; this module imports none of them
 by name). A builder is ``fn(name, *, device, dtype, attn_implementation) -> VLM``.
 """
@@ -26,7 +26,7 @@ ORGANISM_ENV = "VTRLAB_ORGANISM"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
 _SCHEME = re.compile(r"^([a-z][a-z0-9_]*):(.+)$")
-SCHEME_GROUP = "vtrlab.models"  # entry-point group of model builders (``scheme:name`` models)
+SCHEME_GROUP = "vtrlab.model_builders"  # entry-point group of model builders (``scheme:name`` models)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -99,7 +99,7 @@ def resolve(model: str, cache_dir: str | None = None) -> tuple[str, bool]:
 
 
 def model_schemes() -> dict[str, Any]:
-    """``scheme -> entry point`` of the installed model builders (group ``vtrlab.models``)."""
+    """``scheme -> entry point`` of the installed model builders (group ``vtrlab.model_builders``)."""
     from importlib.metadata import entry_points
 
     return {ep.name: ep for ep in entry_points(group=SCHEME_GROUP)}
@@ -115,7 +115,7 @@ def scheme_of(model: Any) -> tuple[str, str] | None:
 
 
 def _load_built(model: str, scheme: str, name: str, device, dtype, attn_implementation: str, kw: dict) -> VLM:
-    """A ``scheme:name`` model from its builder (an entry point of group ``vtrlab.models``)."""
+    """A ``scheme:name`` model from its builder (an entry point of group ``vtrlab.model_builders``)."""
     schemes = model_schemes()
     if scheme not in schemes:
         have = ", ".join(f"'{s}:<name>'" for s in sorted(schemes)) or "none installed"
