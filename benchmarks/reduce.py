@@ -331,7 +331,7 @@ def markdown(report: dict) -> str:
         lines.append("")
         lines.append(
             f"**{row['shape']}** ({row.get('n_tokens', '?')} tokens): prefill at 25% keep "
-            f"{'not measured' if q is None else f'{q:.2f}x faster'} than keeping all; scoring above "
+            f"{'not measured' if q is None else f'{q:.2f}x as fast as keeping all'}; scoring above "
             f"{100 * sm['scoring_target']:.0f}% of a forward: {', '.join(sm['scoring_over_target']) or 'none'}; "
             f"{sm['measured']} measured, {len(sm['failed'])} failed, {len(sm['skipped'])} skipped."
         )
