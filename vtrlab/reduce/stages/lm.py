@@ -41,6 +41,7 @@ class LMMethod(Method):
     :meth:`lm_score` and optionally :meth:`lm_schedule` / :meth:`lm_keep`."""
 
     stage = "lm"
+    exact_budget = True  # False: lm_keep decides how many survive (adaptive methods; schedule unused)
     needs_prev_rows = False  # score from layer K-1's attention rows recorded in the forward
     needs_prev_input = False  # score from layer K-1's input (e.g. its keys, recomputed)
 
@@ -299,7 +300,8 @@ def _stage(state: RemovalState, k: int, hidden: torch.Tensor, kwargs: dict) -> t
     drop_cols = []
     for i in range(bsz):
         m = np.asarray(keep[i], dtype=bool)
-        if m.shape != tokens[i].shape or int(m.sum()) != n_keep[i]:
+        exact = getattr(state.method, "exact_budget", True)
+        if m.shape != tokens[i].shape or (exact and int(m.sum()) != n_keep[i]):
             raise RuntimeError(
                 f"{state.method.name}: stage {j} sample {i} keeps {int(m.sum())} of {m.shape}; budget {n_keep[i]}"
             )
@@ -530,7 +532,8 @@ def lm_removal(vlm: Any, batch: Batch, method: LMMethod, keep: Any, source_posit
     schedule = []
     for lay, n in zip(batch.layouts, n_final):
         s = [int(x) for x in method.lm_schedule(lay.n_image_tokens, n)]
-        if len(s) != len(layers) or s[-1] != n or any(b > a for a, b in zip([lay.n_image_tokens] + s, s)):
+        last_ok = s[-1] == n or not getattr(method, "exact_budget", True)
+        if len(s) != len(layers) or not last_ok or any(b > a for a, b in zip([lay.n_image_tokens] + s, s)):
             raise RuntimeError(
                 f"{method.name}: schedule {s} for {lay.n_image_tokens} tokens, budget {n}, layers {layers}"
             )
