@@ -155,3 +155,93 @@ def test_calibrate_matches_reference(family, ratio):
     assert scheme == ref
     assert info["alpha"] == pytest.approx(alpha) and info["reached"] == reached
     assert len(info["trace"]) == 7  # bisection of [0, 1] to 0.01
+
+
+ORG_LAYERS = (1, 3, 5)  # stage layers K = l + 1 for FitPrune layers l = 0, 2, 4
+
+
+def _masked_eager(vlm, eager, red, blocked_per_stage):
+    """Eager forward of the full sequence where, from ORG_LAYERS[j] on, blocked_per_stage[j] (cumulative
+    per sample) are hidden as keys from every query (positions unchanged: FitPrune keeps them)."""
+    layers = vlm.adapter.lm_layers(eager)
+    real = red.attention_mask.bool()
+    handles = []
+
+    def make(j):
+        def hook(_m, args, kwargs):
+            B, L = args[0].shape[:2]
+            blocked = torch.zeros(B, L, dtype=torch.bool)
+            for i, cols in enumerate(blocked_per_stage[j]):
+                blocked[i, cols] = True
+            allowed = torch.ones(L, L, dtype=torch.bool).tril()[None, None] & (real & ~blocked)[:, None, None, :]
+            allowed = allowed | torch.eye(L, dtype=torch.bool)[None, None]
+            mask = torch.zeros(B, 1, L, L).masked_fill(~allowed, torch.finfo(torch.float32).min)
+            return args, dict(kwargs, attention_mask=mask)
+
+        return hook
+
+    n = len(blocked_per_stage)
+    for j in range(n):
+        end = ORG_LAYERS[j + 1] if j + 1 < n else len(layers)
+        for li in range(ORG_LAYERS[j], end):
+            handles.append(layers[li].register_forward_pre_hook(make(j), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            return eager(
+                inputs_embeds=red.inputs_embeds,
+                attention_mask=red.attention_mask,
+                position_ids=red.position_ids,
+                use_cache=False,
+                output_attentions=True,
+            )
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_fitprune_multistage_on_organism_matches_eager():
+    import copy
+
+    from vtrlab.data.synthetic import make_sample
+    from vtrlab.reduce import logits
+    from vtrlab.reduce.keep import reduced_decoder_inputs
+
+    vlm = vl.load("organism")
+    samples = [make_sample(0, i, fam) for i, fam in enumerate(["color", "count"])]
+    batch = vlm.prepare([s.image for s in samples], [s.question for s in samples])
+    eager = copy.deepcopy(vlm.model)
+    eager.set_attn_implementation("eager")
+    n_layers = len(vlm.lm_layers)
+    scheme = [0] * n_layers
+    scheme[0], scheme[2], scheme[4] = 3, 1, 2
+    n_img = [lay.n_image_tokens for lay in batch.layouts]
+    assert len(set(n_img)) == 1
+    keep = FP.native_keep(scheme, n_img[0])  # the recipe's own counts: 3, 1, 2 deleted
+    ds = vl.reduce.apply(vlm, batch, "fitprune", keep=keep, scheme=tuple(scheme))
+    assert list(ds.stage_layer.values) == list(ORG_LAYERS)
+    red = reduced_decoder_inputs(vlm, batch, None)
+    src = red.source_positions.numpy()
+    alive = [np.ones(n, bool) for n in n_img]
+    blocked: list[list[np.ndarray]] = []
+    for j, (k, d) in enumerate(zip(ORG_LAYERS, (3, 1, 2))):
+        att = _masked_eager(vlm, eager, red, blocked).attentions[k - 1].double().amax(1).numpy()
+        stage_blocked = []
+        for i, lay in enumerate(batch.layouts):
+            cols = np.searchsorted(src[i], lay.image_positions)
+            real = np.flatnonzero(red.attention_mask[i].numpy())
+            txt = real[real > cols.max()]
+            a = np.flatnonzero(alive[i])
+            cross = att[i][np.ix_(txt, cols[a])].sum(0)
+            self_ = att[i][np.ix_(cols[a], cols[a])].sum(0) / len(a)
+            score = cross * self_
+            np.testing.assert_allclose(ds.score.values[i, j, a], score, rtol=2e-4, atol=1e-9)
+            new_alive = np.zeros(n_img[i], bool)
+            new_alive[a[np.argsort(-score, kind="stable")[: len(a) - d]]] = True
+            np.testing.assert_array_equal(ds.kept.values[i, j, : n_img[i]], new_alive)
+            alive[i] = new_alive
+            stage_blocked.append(cols[~new_alive])
+        blocked.append(stage_blocked)
+    ref = _masked_eager(vlm, eager, red, blocked).logits.float()
+    got = logits(vlm, batch, keep=keep, method="fitprune", scheme=tuple(scheme))
+    assert torch.equal(got.last.argmax(-1), ref[:, -1].argmax(-1))
+    torch.testing.assert_close(got.last.float(), ref[:, -1], rtol=1e-4, atol=1e-4)
