@@ -268,7 +268,8 @@ def bench_shape(label, vlm, size, args, deadline: float = float("inf"), on_resul
                 raise RuntimeError("keep_all was not measured; no baseline")
             params = {} if name == "keep_all" else depth_scaled_params(vlm, name, collapse=args.smoke)
             res = _call_with_timeout(
-                lambda: bench_method(vlm, batch, name, params, b, args), min(args.method_timeout, left)
+                lambda name=name, params=params, b=b: bench_method(vlm, batch, name, params, b, args),
+                min(args.method_timeout, left),
             )
         except Exception as err:  # noqa: BLE001 - one method failing must not hide the others' numbers
             res = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
