@@ -27,7 +27,7 @@ from ..models.base import Batch
 from .context import ReductionContext, budgets
 from .forward import forward_embeds
 from .keep import reduced_decoder_inputs
-from .registry import Method, Selection, get
+from .registry import Method, Selection, get, prepare
 from .stages.lm import LMMethod, lm_removal
 
 LABELS = ("image", "tile", "row", "col", "x0", "y0", "x1", "y1")
@@ -41,7 +41,7 @@ def select(vlm: Any, batch: Batch, method: Method, keep: Any, decoder_inputs: di
     """Run a pre-LM method's selection with exact per-sample budgets (checked)."""
     if method.stage == "lm":
         raise ValueError(f"method {method.name!r} prunes inside the LM; use vtrlab.reduce.stages.lm")
-    method.check(vlm)
+    prepare(method, vlm)
     n_keep = budgets(batch, keep)
     ctx = ReductionContext(vlm, batch, decoder_inputs)
     sel = method.select(ctx, n_keep)

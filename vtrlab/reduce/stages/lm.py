@@ -525,8 +525,9 @@ def lm_removal(vlm: Any, batch: Batch, method: LMMethod, keep: Any, source_posit
     Yields the :class:`RemovalState` (kept sets per stage, scores, column maps)."""
     from ...probes.attention import Site, session
     from ...probes.switch import attention_switched
+    from ..registry import prepare
 
-    method.check(vlm)
+    prepare(method, vlm)
     layers = method.layers_checked(vlm)
     n_final = budgets(batch, keep)
     schedule = []
