@@ -159,5 +159,5 @@ def lm_record(vlm: Any, batch: Batch, method: LMMethod, keep: Any):
     n_tok = [lay.n_image_tokens for lay in batch.layouts]
     kept = [np.stack([state.kept[j][i] for j in range(len(state.layers))]) for i in range(len(n_tok))]
     scores = [np.stack([state.scores[j][i] for j in range(len(state.layers))]) for i in range(len(n_tok))]
-    group = [np.full(n, -1, dtype=np.int64) for n in n_tok]
+    group = state.group if state.group is not None else [np.full(n, -1, dtype=np.int64) for n in n_tok]
     return record(batch, method, list(state.layers), kept, scores, group)
