@@ -320,6 +320,7 @@ def _stage(state: RemovalState, k: int, hidden: torch.Tensor, kwargs: dict) -> t
     moves = recycle(probe, j, scores, keep) if recycle is not None else None
     if moves is not None:
         hidden = _recycle(state, hidden, tokens, columns, keep, moves, kept_full, drop_cols)
+    state.prev_probs.pop(k - 1, None)  # rows of many queries (FitPrune: every image and text row) are large
     state.kept.append(kept_full)
     state.scores.append(score_full)
     # new column set: every current column minus the dropped; samples that drop more keep dummies
