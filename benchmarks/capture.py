@@ -48,9 +48,66 @@ SHAPES = {
     "llava-next-7b": ("llava-next-7b", (672, 672)),
 }
 TINY = {"llava-1.5-tiny": ("llava", (40, 40)), "llava-next-tiny": ("llava_next", (64, 48))}
+# CPU shapes of realistic sequence length (host-side cost vs a forward that is not negligible):
+# "organism" is the embedded model; "llava-1.5-mid" a random LLaVA-1.5 with 576 image tokens (336 px,
+# 14 px patches, 6-layer CLIP of width 256) and an 8-layer Llama of width 1024 (float32).
+CPU = {"organism": ("organism", (128, 128)), "llava-1.5-mid": ("llava-1.5-mid", (336, 336))}
 # The test tokenizers are byte-level (one token per byte): a short prompt gives a question of
 # about the length a real tokenizer makes of a typical VQA question (~15-20 tokens).
 PROMPT = "What color is the car?"
+
+
+def mid_llava(seed: int = 0):
+    """LLaVA-1.5 layout at 576 image tokens with a small LM (hidden 1024, 8 layers): a CPU-sized model whose
+    forward is long enough that capture's host-side cost shows as it does at full size on a GPU."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from vtrlab.models.registry import adapter_for
+    from vtrlab.models.vlm import VLM
+    from vtrlab.testing.families.llava import llava_processor
+
+    processor = llava_processor(336, 14)
+    tok = processor.tokenizer
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            image_size=336,
+            patch_size=14,
+            projection_dim=256,
+            hidden_act="quick_gelu",
+        ),
+        text_config=LlamaConfig(
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=8,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            vocab_size=len(tok),
+            max_position_embeddings=4096,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    return VLM(model=model, processor=processor, adapter=adapter_for("llava"), name="llava-1.5-mid")
+
+
+def cpu_model(name: str):
+    """A CPU benchmark model by its name in :data:`CPU`."""
+    if name == "organism":
+        import vtrlab as vl
+
+        return vl.load("organism")
+    return mid_llava()
 
 
 def _sync(device):

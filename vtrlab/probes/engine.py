@@ -13,15 +13,17 @@ from vtrlab.models.base import ImageLayout
 from vtrlab.models.hooks import record
 from vtrlab.models.labels import key_coordinates, packed_crop_offsets
 
-from .attention import Site, session
+from .attention import RowPlan, Site, session
 from .spec import head_indices, layer_indices, padded_rows, queries_per_sample, store_dtype
 from .switch import attention_switched
 
 
-def _lm_sites(vlm, layers: list[int], rows: torch.Tensor, dtype, device) -> dict[int, Site]:
+def _lm_sites(vlm, layers: list[int], plan: RowPlan, dtype, device) -> dict[int, Site]:
     mods = vlm.lm_layers
     return {
-        id(vlm.adapter.lm_attention(mods[i])): Site("lm", i, rows=rows, store_dtype=dtype, store_device=device)
+        id(vlm.adapter.lm_attention(mods[i])): Site(
+            "lm", i, rows=plan.rows, plan=plan, store_dtype=dtype, store_device=device
+        )
         for i in layers
     }
 
@@ -67,7 +69,8 @@ def _vision_table(layouts, probs_by_layer: dict[int, torch.Tensor], layers: list
             )
         tables.append({col: L.vision[col].to_numpy() for col, _ in _VISION_LABELS})
     V = max(len(t["crop"]) for t in tables)
-    probs = torch.stack([probs_by_layer[layer] for layer in layers]).float().numpy()  # (L, crops, H, S)
+    # one stack on the device and one copy to the host for every vision layer (not one sync per layer)
+    probs = torch.stack([probs_by_layer[layer] for layer in layers]).float().cpu().numpy()  # (L, crops, H, S)
     n_seq, H, S = probs.shape[1:]
     values = np.full((len(layouts), len(layers), H, V), np.nan, dtype=np.float32)
     n_crops = len(np.unique(np.concatenate([t["crop"] for t in tables]).astype(np.int64)))
@@ -136,7 +139,7 @@ def capture(
     per_sample = queries_per_sample(layouts, queries)
     rows_np = padded_rows(per_sample)
     device = vlm.device
-    rows_t = torch.as_tensor(rows_np, device=device)
+    plan = RowPlan.build(rows_np, device)  # shared by every LM layer: masks gathered once per forward
     inputs = dict(batch.inputs)
     seq_len = int(inputs["input_ids"].shape[1]) if "input_ids" in inputs else layouts[0].seq_len
 
@@ -150,7 +153,7 @@ def capture(
     # (sample-major at batch > 1) goes through an unpinned temporary and synchronises the device.
     shape = (len(lm_layers), len(layouts)) + (() if head_mean else (len(head_sel),)) + (rows_np.shape[1], seq_len)
     buffer = torch.empty(shape, dtype=sdtype, pin_memory=device.type == "cuda")
-    sites = _lm_sites(vlm, lm_layers, rows_t, sdtype, "cpu")
+    sites = _lm_sites(vlm, lm_layers, plan, sdtype, "cpu")
     every_head = len(head_sel) == n_heads and list(head_sel) == list(range(n_heads))
     sel = None if every_head else torch.as_tensor(head_sel, device=device)
     for site in sites.values():
@@ -168,20 +171,18 @@ def capture(
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the asynchronous row copies into `buffer` have landed
 
-    lm = {}
     vis = {}
     for site in sites.values():
         if site.stream == "lm":
             if len(site.probs) != 1:
                 raise RuntimeError(f"LM layer {site.layer}'s attention ran {len(site.probs)} times in one forward")
-            lm[site.layer] = site.probs[0]  # a view of `buffer`
         else:
             if not site.probs:
                 raise RuntimeError(
                     f"vision layer {site.layer}'s attention never ran through {type(vlm.model).__name__}"
                 )
             # packed encoders (one call per image / window) give (1, H, S_seg) pieces: join along keys
-            vis[site.layer] = torch.cat(site.probs, dim=-1).float().cpu()
+            vis[site.layer] = torch.cat(site.probs, dim=-1) if len(site.probs) > 1 else site.probs[0]
 
     attn = np.moveaxis(buffer.numpy(), 0, 1)  # a view: (B, L, H, R, N), or (B, L, R, N) with head_mean
     qpos = np.where(rows_np >= 0, rows_np, np.nan)
