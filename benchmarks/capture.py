@@ -10,6 +10,11 @@ CPU smoke run (tiny models, seconds)::
 
     python benchmarks/capture.py --tiny --out /tmp/capture-tiny.json
 
+CPU at realistic sequence lengths (the organism, and a random LLaVA-1.5 with 576 image tokens and an
+8-layer LM of width 1024; minutes)::
+
+    python benchmarks/capture.py --cpu --threads 1 --batch 1 --no-tl --out /tmp/capture-cpu.json
+
 Methods, each timed in the same process on the same inputs, median of ``--repeats`` runs after
 ``--warmup`` runs:
 
@@ -301,6 +306,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="JSON file to write (e.g. $OUT/capture.json)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on tiny random models")
+    ap.add_argument("--cpu", action="store_true", help="CPU, realistic lengths (organism, llava-1.5-mid)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
     ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {list(SHAPES)} (or the tiny ones)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -318,12 +325,15 @@ def main(argv=None) -> int:
 
     from vtrlab import testing
 
-    table = TINY if args.tiny else SHAPES
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cpu_run = args.tiny or args.cpu
+    table = CPU if args.cpu else (TINY if args.tiny else SHAPES)
     names = list(table) if args.shapes is None else args.shapes.split(",")
     unknown = [n for n in names if n not in table]
     if unknown:
         ap.error(f"unknown shape(s) {unknown}; choose from {list(table)}")
-    if not args.tiny and not torch.cuda.is_available():
+    if not cpu_run and not torch.cuda.is_available():
         ap.error("full-size shapes need a CUDA GPU; use --tiny on CPU")
     try:
         import transformer_lens.model_bridge  # noqa: F401
@@ -336,7 +346,7 @@ def main(argv=None) -> int:
 
     report = {
         "device": torch.cuda.get_device_name()
-        if not args.tiny
+        if not cpu_run
         else f"CPU ({platform.processor() or platform.machine()})",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -349,7 +359,12 @@ def main(argv=None) -> int:
     for name in names:
         builder, size = table[name]
         torch.manual_seed(0)
-        vlm = testing.tiny(builder) if args.tiny else testing.full_size(builder, dtype="bfloat16", device="cuda")
+        if args.cpu:
+            vlm = cpu_model(builder)
+        elif args.tiny:
+            vlm = testing.tiny(builder)
+        else:
+            vlm = testing.full_size(builder, dtype="bfloat16", device="cuda")
         rows = []
         for bs in batch_sizes:
             rows.append(bench_shape(name, vlm, size, args.warmup, args.repeats, with_tl, bs))

@@ -204,9 +204,11 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         for k, med in r["median_s"].items():
             ph = r["phases_s"].get(k)
-            cells = [f"{1000 * ph[p]:.1f}" for p in PHASES] + [f"{1000 * ph['host_outside_forward']:.1f}"] if ph else [
-                ""
-            ] * (len(PHASES) + 1)
+            cells = (
+                [f"{1000 * ph[p]:.1f}" for p in PHASES] + [f"{1000 * ph['host_outside_forward']:.1f}"]
+                if ph
+                else [""] * (len(PHASES) + 1)
+            )
             lines.append(
                 f"| {r['shape']} | {r['batch']} | {r['n_tokens']} | {k} | {1000 * med:.1f} | "
                 f"{r['ratio_median'][k]:.3f} | {r['ratio_min'][k]:.3f} | " + " | ".join(cells) + " |"
