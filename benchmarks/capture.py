@@ -120,7 +120,15 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(fn, device, warmup: int, repeats: int) -> dict:
+# The CUDA caching allocator stays warm between repeats, as in a loop over a data set. With a cold one
+# (empty_cache before every call, what this script did up to session 3) every timed call also paid
+# cudaMalloc for each of its buffers, which charges most to what allocates most (saliency's backward).
+# Peak memory needs no emptying: max_memory_allocated counts allocated bytes, not reserved ones.
+COLD_ALLOCATOR = False
+
+
+def measure(fn, device, warmup: int, repeats: int, cold: bool | None = None) -> dict:
+    cold = COLD_ALLOCATOR if cold is None else cold
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -128,7 +136,8 @@ def measure(fn, device, warmup: int, repeats: int) -> dict:
     for _ in range(repeats):
         gc.collect()
         if device.type == "cuda":
-            torch.cuda.empty_cache()
+            if cold:
+                torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
         _sync(device)
@@ -281,7 +290,8 @@ def bench_tl(row: dict, vlm, image_size, warmup: int, repeats: int) -> None:
 def markdown(report: dict) -> str:
     lines = [
         f"Device: {report['device']}; torch {report['torch']}, transformers {report['transformers']}; "
-        f"median of {report['repeats']} after {report['warmup']} warm-up.",
+        f"median of {report['repeats']} after {report['warmup']} warm-up; "
+        f"CUDA allocator {report.get('allocator', 'cold')} between calls.",
         "",
         "| shape | batch | tokens | method | median time (s) | × sdpa | peak extra memory (GiB) |",
         "|---|---:|---:|---|---:|---:|---:|",
@@ -308,6 +318,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on tiny random models")
     ap.add_argument("--cpu", action="store_true", help="CPU, realistic lengths (organism, llava-1.5-mid)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
+    ap.add_argument("--cold-allocator", action="store_true", help="empty the CUDA cache before every timed call")
     ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {list(SHAPES)} (or the tiny ones)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -325,6 +336,8 @@ def main(argv=None) -> int:
 
     from vtrlab import testing
 
+    global COLD_ALLOCATOR
+    COLD_ALLOCATOR = args.cold_allocator
     if args.threads:
         torch.set_num_threads(args.threads)
     cpu_run = args.tiny or args.cpu
@@ -352,6 +365,7 @@ def main(argv=None) -> int:
         "transformers": transformers.__version__,
         "repeats": args.repeats,
         "warmup": args.warmup,
+        "allocator": "cold" if args.cold_allocator else "warm",
         "shapes": [],
     }
     out = Path(args.out)

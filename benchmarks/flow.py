@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU smoke run on tiny random models")
     ap.add_argument("--cpu", action="store_true", help="CPU, realistic lengths (organism, llava-1.5-mid)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
+    ap.add_argument("--cold-allocator", action="store_true", help="empty the CUDA cache before every timed call")
     ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {list(SHAPES)} (or the tiny ones)")
     ap.add_argument("--methods", default=None, help="comma-separated subset of the methods (sdpa always runs)")
     ap.add_argument("--repeats", type=int, default=5)
@@ -103,8 +104,10 @@ def main(argv=None) -> int:
     if args.repeats < 1 or args.warmup < 0:
         ap.error(f"--repeats must be >= 1 and --warmup >= 0 (got {args.repeats}, {args.warmup})")
     from vtrlab import testing
+
     only = args.methods.split(",") if args.methods else None
 
+    _capture.COLD_ALLOCATOR = args.cold_allocator
     if args.threads:
         torch.set_num_threads(args.threads)
     cpu_run = args.smoke or args.cpu
@@ -125,6 +128,7 @@ def main(argv=None) -> int:
         "transformers": transformers.__version__,
         "repeats": args.repeats,
         "warmup": args.warmup,
+        "allocator": "cold" if args.cold_allocator else "warm",
         "shapes": [],
     }
     for name in names:

@@ -420,6 +420,19 @@ def knockout_mask(blocked: torch.Tensor, attention_mask, query, key, causal: boo
 # the registered function
 
 
+_STOCK_SDPA = None
+
+
+def _stock_sdpa():
+    """transformers' sdpa attention function (imported once, not on every attention call)."""
+    global _STOCK_SDPA
+    if _STOCK_SDPA is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        _STOCK_SDPA = sdpa_attention_forward
+    return _STOCK_SDPA
+
+
 def vtrlab_sdpa_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -431,9 +444,8 @@ def vtrlab_sdpa_attention_forward(
     is_causal: bool | None = None,
     **kwargs,
 ):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     sess = _SESSION.get()
+    sdpa_attention_forward = _stock_sdpa()
     here = sess.sites.get(id(module)) if sess is not None else None
     if not here:
         return sdpa_attention_forward(
