@@ -88,15 +88,18 @@ def cascade_steps(vlm: Any, stacks: Sequence[str] = ("lm", "vision")) -> list[tu
     return steps
 
 
-def attention_signals(vlm: Any, batch: Any, layers="all", vision: bool = True) -> dict[str, list[np.ndarray]]:
+def attention_signals(
+    vlm: Any, batch: Any, layers="all", vision: bool = True, vision_layers="all"
+) -> dict[str, list[np.ndarray]]:
     """LM attention of the last token to each image token per layer (``lm_attn.<l>``, mean over heads), and
-    the vision [CLS] attention per vision layer (``cls_attn.<l>``) read at each LM token's grid cell."""
+    the vision [CLS] attention per vision layer (``cls_attn.<l>``) read at each LM token's grid cell.
+    Every signal kind of the kit: :mod:`vtrlab.analysis.signals`."""
     from vtrlab.models.base import grid_values
     from vtrlab.probes import capture
 
     from .attention import image_token_scores, vision_token_scores
 
-    ds = capture(vlm, batch, queries="last", layers=layers, vision=vision)
+    ds = capture(vlm, batch, queries="last", layers=layers, vision=vision, vision_layers=vision_layers)
     out: dict[str, list[np.ndarray]] = {}
     lm = image_token_scores(ds)
     for lay, g in lm.groupby("layer", sort=True):
