@@ -220,3 +220,74 @@ def area_table(
     signals (deletion: lower is better; insertion: higher is better). Columns: <by>, metric, mean, low,
     high, n."""
     return controls.ci_table(curve_areas(curves), list(by), ["auc_accuracy", "auc_logprob"], n_boot=n_boot, seed=seed)
+
+
+def area_ci(curves: pd.DataFrame, n_boot: int = 1000, seed: int = 0, by_family: bool = True) -> pd.DataFrame:
+    """:func:`area_table` per family and signal and mode, plus family ``"all"`` (every sample pooled).
+    Columns: family, signal, mode, metric, mean, low, high, n."""
+    by = ["family", "signal", "mode"]
+    areas = curve_areas(curves)
+    parts = [
+        controls.ci_table(areas.assign(family="all"), by, ["auc_accuracy", "auc_logprob"], n_boot=n_boot, seed=seed)
+    ]
+    if by_family and areas["family"].notna().any():
+        parts.insert(0, controls.ci_table(areas, by, ["auc_accuracy", "auc_logprob"], n_boot=n_boot, seed=seed))
+    return pd.concat(parts, ignore_index=True)
+
+
+def area_summary(ci: pd.DataFrame) -> dict:
+    """Metrics to log from :func:`area_ci`: ``causal_<metric>/<mode>/<family>/<signal>`` with ``_low``,
+    ``_high`` and ``_n``; JSON-ready."""
+    out: dict = {}
+    for _, r in ci.iterrows():
+        key = f"causal_{r['metric']}/{r['mode']}/{r['family']}/{r['signal']}"
+        out |= {key: float(r["mean"]), f"{key}_low": float(r["low"]), f"{key}_high": float(r["high"])}
+        out[f"{key}_n"] = int(r["n"])
+    return out
+
+
+def area_prose(metrics: Mapping, metric: str = "auc_accuracy", top: int = 3) -> list[str]:
+    """Per family, the causal ranking of signals from :func:`area_summary` values (e.g. read back from
+    metrics.json): the ``top`` best signals under deletion (lowest area: removing their top tokens breaks
+    the answer fastest) and insertion (highest area), each with its 95% CI, and where ``random`` sits;
+    a signal counts as better than random only when the CIs do not overlap."""
+    lines = []
+    prefix = f"causal_{metric}/"
+    keys = [k for k in metrics if k.startswith(prefix) and not k.endswith(("_low", "_high", "_n"))]
+    fams = list(dict.fromkeys(k.split("/")[2] for k in keys))
+    if fams:
+        lines.append(f"Causal ranking of signals (area under the {metric.removeprefix('auc_')} curve, 95% CI):")
+    for fam in fams:
+        parts = []
+        for mode, sign in (("deletion", 1.0), ("insertion", -1.0)):
+            vals = {
+                k.split("/", 3)[3]: (float(metrics[k]), float(metrics[k + "_low"]), float(metrics[k + "_high"]))
+                for k in keys
+                if k.split("/")[1] == mode and k.split("/")[2] == fam
+            }
+            if not vals:
+                continue
+            order = sorted(vals, key=lambda s: sign * vals[s][0])
+            rnd = vals.get("random")
+            shown = ", ".join(f"{sig} {_ci3(vals[sig])}{_mark(vals[sig], rnd, sign)}" for sig in order[:top])
+            txt = f"{mode} ({'lower' if sign > 0 else 'higher'} is better): {shown}"
+            if rnd is not None:
+                txt += f"; random {_ci3(rnd)} (rank {order.index('random') + 1}/{len(order)})"
+            parts.append(txt)
+        ns = [int(metrics[k + "_n"]) for k in keys if k.split("/")[2] == fam and k + "_n" in metrics]
+        n = max(ns) if ns else "?"
+        lines.append(f"  {fam} (n={n}): " + " | ".join(parts))
+    if fams:
+        lines.append("  (* = CI clear of random's)")
+    return lines
+
+
+def _ci3(v: tuple[float, float, float]) -> str:
+    return f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]"
+
+
+def _mark(v: tuple[float, float, float], rnd: tuple[float, float, float] | None, sign: float) -> str:
+    """ " *" when the CI of ``v`` lies clear of random's on the good side (sign 1: lower is better)."""
+    if rnd is None or v is rnd:
+        return ""
+    return " *" if (v[2] < rnd[1] if sign > 0 else v[1] > rnd[2]) else ""

@@ -135,11 +135,19 @@ def randomization_check(
     stacks: Sequence[str] = ("lm", "vision"),
     seed: int = 0,
     families: Sequence[str] | None = None,
+    objects: Sequence[np.ndarray | None] | None = None,
 ) -> pd.DataFrame:
-    """Run the cascade on one batch. Per step, signal and sample: spearman (with the trained model's map)
-    and auroc (against ``relevance[i]``, bool per image token; NaN without it). Columns: step (0 =
-    trained), step_name, stack, signal, sample, family, spearman, auroc. The model is restored after
-    each step (:func:`randomized`)."""
+    """Run the cascade on one batch. Per step, signal and sample: spearman (with the trained model's map),
+    auroc (against ``relevance[i]``, bool per image token; NaN without it) and object_auroc (target vs
+    distractor object tokens, ``objects[i]`` bool per image token; NaN without it). Columns: step (0 =
+    trained), step_name, stack, signal, sample, family, spearman, auroc, object_auroc. ``signal_fn``: any
+    ``(vlm, batch) -> {name: per-sample scores}``, e.g. :func:`vtrlab.analysis.signals.signal_fn` for every
+    signal of the kit; a sample whose score is None (e.g. no ground truth) is left out for that signal. The
+    model is restored after each step (:func:`randomized`)."""
+    n = len(batch.layouts)
+    for what, seq in (("relevance", relevance), ("families", families), ("objects", objects)):
+        if seq is not None and len(seq) != n:
+            raise ValueError(f"{what} has {len(seq)} entries for a batch of {n} samples")
     steps = cascade_steps(vlm, stacks)
     trained: Mapping[str, Sequence[np.ndarray]] | None = None
     rows = []
@@ -149,10 +157,15 @@ def randomization_check(
         if trained is None:
             trained = sig
         for sname, per in sig.items():
+            if sname not in trained:
+                raise ValueError(f"signal {sname!r} appeared at step {name!r} but not on the trained model")
             for b, s in enumerate(per):
+                if s is None or trained[sname][b] is None:
+                    continue
                 s = np.asarray(s, dtype=np.float64)
                 rel = None if relevance is None else relevance[b]
                 ok = rel is not None and rel.any() and not rel.all()
+                obj = None if objects is None or not ok else objects[b]
                 rows.append(
                     {
                         "step": i,
@@ -163,14 +176,87 @@ def randomization_check(
                         "family": None if families is None else families[b],
                         "spearman": float(agreement.spearman(s, np.asarray(trained[sname][b], dtype=np.float64))),
                         "auroc": float(agreement.auroc(s, rel)) if ok else np.nan,
+                        "object_auroc": float(controls.object_auroc(s, rel, obj)) if obj is not None else np.nan,
                     }
                 )
-    return pd.DataFrame(rows)
+    cols = ["step", "step_name", "stack", "signal", "sample", "family", "spearman", "auroc", "object_auroc"]
+    return pd.DataFrame(rows, columns=cols)
 
 
-def randomization_ci(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Mean Spearman and AUROC per step and signal with bootstrap 95% CIs over samples. Columns: step,
-    step_name, stack, signal, metric, mean, low, high, n."""
-    return controls.ci_table(
-        table, ["step", "step_name", "stack", "signal"], ["spearman", "auroc"], n_boot=n_boot, seed=seed
-    )
+RANDOMIZATION_METRICS = ("spearman", "auroc", "object_auroc")
+
+
+def randomization_ci(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0, by_family: bool = False) -> pd.DataFrame:
+    """Mean Spearman, AUROC and object AUROC per step and signal with bootstrap 95% CIs over samples (with
+    ``by_family``, also per family; family ``"all"`` pools every sample). Columns: [family,] step, step_name,
+    stack, signal, metric, mean, low, high, n."""
+    metrics = [m for m in RANDOMIZATION_METRICS if m in table.columns]
+    by = ["step", "step_name", "stack", "signal"]
+    if not by_family:
+        return controls.ci_table(table, by, metrics, n_boot=n_boot, seed=seed)
+    parts = [controls.ci_table(table.assign(family="all"), ["family", *by], metrics, n_boot=n_boot, seed=seed)]
+    if table["family"].notna().any():
+        parts.insert(0, controls.ci_table(table, ["family", *by], metrics, n_boot=n_boot, seed=seed))
+    return pd.concat(parts, ignore_index=True)
+
+
+def randomization_summary(ci: pd.DataFrame) -> dict:
+    """Metrics to log from :func:`randomization_ci` (pooled rows, or family ``"all"``): per signal and
+    stack, its Spearman with the trained map and its AUROC once the whole stack is re-initialised (the
+    cascade's last step of that stack), with CIs. Keys ``rand_<metric>/<stack>/<signal>`` (+ ``_low``,
+    ``_high``); JSON-ready floats."""
+    if "family" in ci.columns:
+        ci = ci[ci["family"] == "all"]
+    out: dict = {}
+    for stack, g in ci[ci["stack"] != "trained"].groupby("stack", sort=True):
+        last = g[g["step"] == g["step"].max()]
+        for _, r in last.iterrows():
+            key = f"rand_{r['metric']}/{stack}/{r['signal']}"
+            out |= {key: float(r["mean"]), f"{key}_low": float(r["low"]), f"{key}_high": float(r["high"])}
+    trained = ci[ci["stack"] == "trained"]
+    for _, r in trained[trained["metric"] != "spearman"].iterrows():
+        key = f"rand_{r['metric']}/trained/{r['signal']}"
+        out |= {key: float(r["mean"]), f"{key}_low": float(r["low"]), f"{key}_high": float(r["high"])}
+    return out
+
+
+def randomization_prose(metrics: Mapping, max_rho: float = 0.5) -> list[str]:
+    """One line per signal from :func:`randomization_summary` values (e.g. read back from metrics.json): its
+    Spearman with the trained map once the LM (and the tower) is random, and whether it passes the check —
+    the map changes (upper CI bound of Spearman below ``max_rho``) when the weights it depends on
+    (:data:`vtrlab.analysis.signals.DEPENDS`) are re-initialised. Signals that depend on no weights (ground
+    truth, random) are the references that must not change."""
+    from .signals import describe
+
+    def num(key):
+        return float(metrics[key])
+
+    sigs = list(dict.fromkeys(k.split("/", 2)[2] for k in metrics if k.startswith("rand_spearman/")))
+    lines = [
+        f"Model randomization (Spearman with the trained map after re-initialising a whole stack; passes: < {max_rho}):"
+    ]
+    for sig in sigs:
+        try:
+            depends = describe(sig)["depends"]
+        except ValueError:
+            depends = ("lm", "vision")
+        parts, verdict = [], []
+        for stack in ("lm", "vision"):
+            key = f"rand_spearman/{stack}/{sig}"
+            if key not in metrics:
+                continue
+            v, lo, hi = num(key), num(key + "_low"), num(key + "_high")
+            parts.append(f"{stack} random {v:.2f} [{lo:.2f}, {hi:.2f}]")
+            if stack in depends and np.isfinite(hi):
+                verdict.append(hi < max_rho)
+        au = f"rand_auroc/trained/{sig}"
+        if au in metrics and np.isfinite(num(au)):
+            parts.append(f"trained AUROC {num(au):.2f}")
+        if not depends:
+            tag = "reference (depends on no weights)"
+        elif not verdict:
+            tag = "not tested"
+        else:
+            tag = "passes" if all(verdict) else "FAILS (map survives re-initialisation)"
+        lines.append(f"  {sig}: " + "; ".join(parts) + f" — {tag}.")
+    return lines if sigs else []
