@@ -231,7 +231,11 @@ def randomization_prose(metrics: Mapping, max_rho: float = 0.5) -> list[str]:
     def num(key):
         return float(metrics[key])
 
-    sigs = list(dict.fromkeys(k.split("/", 2)[2] for k in metrics if k.startswith("rand_spearman/")))
+    sigs = list(
+        dict.fromkeys(
+            k.split("/", 2)[2] for k in metrics if k.startswith("rand_spearman/") and not k.endswith(("_low", "_high"))
+        )
+    )
     lines = [
         f"Model randomization (Spearman with the trained map after re-initialising a whole stack; passes: < {max_rho}):"
     ]

@@ -81,7 +81,9 @@ class Options:
     ``vision_layers``: ``"all"`` or indices; ``selector``: a :class:`vtrlab.recon.Selector` for recon_error
     (None: the one shipped beside the organism, loaded once; the ``selector`` reduction method reads its own
     ``path`` parameter); ``methods``: reduction
-    method names; ``keep``: their budget (tokens a method leaves unranked rank last); ``seed``: random's."""
+    method names; ``keep``: their budget (tokens a method leaves unranked rank last); ``seed``: random's,
+    which draws sample i of the batch from ``default_rng([seed, start + i])`` (the same scores however the
+    data is batched)."""
 
     records: Sequence[Any] | None = None
     layers: Any = "all"
@@ -90,6 +92,7 @@ class Options:
     methods: Sequence[str] = DEFAULT_METHODS
     keep: float = 0.25
     seed: int = 0
+    start: int = 0  # index of the batch's first sample in the data (random's per-sample seeds)
     recon_mode: str = "random"  # vtrlab.recon.token_error's mode: "random" (16 masks) or "single" (n masks)
     skipped: dict[str, str] = field(default_factory=dict)  # filled: signal -> why it was left out
 
@@ -247,10 +250,10 @@ def ground_truth(vlm: Any, batch: Any, opts: Options) -> Signals:
 
 
 def random(vlm: Any, batch: Any, opts: Options) -> Signals:
-    """``random``: one uniform random score per image token, seeded by ``opts.seed`` (and the sample)."""
-    from .deletion import random_signal
-
-    return {"random": random_signal([lay.n_image_tokens for lay in batch.layouts], seed=opts.seed)}
+    """``random``: one uniform random score per image token, from ``default_rng([opts.seed, opts.start + i])``
+    for sample i of the batch (as :func:`vtrlab.analysis.deletion.random_signal` draws sample ``start + i``)."""
+    rng = [np.random.default_rng([opts.seed, opts.start + i]) for i in range(len(batch.layouts))]
+    return {"random": [g.random(lay.n_image_tokens) for g, lay in zip(rng, batch.layouts)]}
 
 
 REGISTRY: dict[str, Callable[[Any, Any, Options], Signals]] = {
@@ -333,9 +336,9 @@ def compute_over(
     for start in range(0, len(data), batch_size):
         chunk = list(data[start : start + batch_size])
         batch = vlm.prepare([s.image for s in chunk], [s.question for s in chunk])
-        opts.records = chunk
+        opts.records, opts.start = chunk, start
         parts.append((len(chunk), compute(vlm, batch, kinds, opts=opts)))
-    opts.records = None
+    opts.records, opts.start = None, 0
     names = list(dict.fromkeys(k for _, p in parts for k in p))
     return {k: [x for n, p in parts for x in (p[k] if k in p else [None] * n)] for k in names}
 
