@@ -70,4 +70,4 @@ def test_randomization_check_on_tiny_model(tiny_llava):
     last = table[(table["step"] == table["step"].max()) & (table["signal"] == f"lm_attn.{top}")]
     assert (last["spearman"] < 0.999).any()
     ci = rz.randomization_ci(table, n_boot=50)
-    assert {"spearman", "auroc"} == set(ci["metric"])
+    assert {"spearman", "auroc", "object_auroc"} == set(ci["metric"])
