@@ -71,3 +71,15 @@ def test_randomization_check_on_tiny_model(tiny_llava):
     assert (last["spearman"] < 0.999).any()
     ci = rz.randomization_ci(table, n_boot=50)
     assert {"spearman", "auroc", "object_auroc"} == set(ci["metric"])
+
+
+def test_cascade_per_stack_keeps_evenly_spaced_steps_ending_with_the_whole_stack(tiny_llava):
+    full = rz.cascade_steps(tiny_llava, stacks=("lm",))
+    n = len(tiny_llava.lm_layers)
+    one = rz.cascade_steps(tiny_llava, stacks=("lm",), per_stack=1)
+    assert [s[1] for s in one] == ["trained", full[-1][1]] and len(one[-1][2]) == n
+    assert rz.cascade_steps(tiny_llava, stacks=("lm",), per_stack=n + 3) == full
+    two = rz.cascade_steps(tiny_llava, stacks=("lm",), per_stack=2)
+    assert len(two) == 3 and two[-1][2] == full[-1][2] and two[1][1] in [s[1] for s in full]
+    with pytest.raises(ValueError, match="per_stack"):
+        rz.cascade_steps(tiny_llava, per_stack=0)

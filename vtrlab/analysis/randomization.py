@@ -71,18 +71,28 @@ def randomized(vlm: Any, modules: Sequence[nn.Module], seed: int = 0) -> Iterato
                 m.load_state_dict(state, strict=True)
 
 
-def cascade_steps(vlm: Any, stacks: Sequence[str] = ("lm", "vision")) -> list[tuple[str, str, list[nn.Module]]]:
+def cascade_steps(
+    vlm: Any, stacks: Sequence[str] = ("lm", "vision"), per_stack: int | None = None
+) -> list[tuple[str, str, list[nn.Module]]]:
     """The cascade: ``(stack, step name, modules re-initialised)`` per step; "trained" first (nothing),
     then for each stack its layers from the top, cumulatively (``lm.5``, ``lm.5-4``, ...). Each stack
-    cascades on its own (the other one trained)."""
+    cascades on its own (the other one trained). ``per_stack``: keep only that many of each stack's steps,
+    evenly spaced and always ending with the whole stack re-initialised (None: every layer, Adebayo's
+    cascade)."""
     bad = [s for s in stacks if s not in ("lm", "vision")]
     if bad:
         raise ValueError(f"stacks {bad}; accepted: 'lm', 'vision'")
+    if per_stack is not None and (isinstance(per_stack, bool) or int(per_stack) < 1):
+        raise ValueError(f"per_stack={per_stack!r}; accepted: None or a positive integer")
     steps: list[tuple[str, str, list[nn.Module]]] = [("trained", "trained", [])]
     for stack in stacks:
         layers = list(vlm.lm_layers if stack == "lm" else vlm.vision_layers)
         top = len(layers) - 1
-        for k in range(top, -1, -1):
+        ks = list(range(top, -1, -1))  # first re-initialised layer of each cumulative step
+        if per_stack is not None and per_stack < len(ks):
+            picks = np.unique(np.round(np.linspace(0, len(ks) - 1, int(per_stack) + 1)[1:]).astype(int))
+            ks = [ks[i] for i in picks]
+        for k in ks:
             name = f"{stack}.{top}" if k == top else f"{stack}.{top}-{k}"
             steps.append((stack, name, layers[k:]))
     return steps
@@ -136,8 +146,10 @@ def randomization_check(
     seed: int = 0,
     families: Sequence[str] | None = None,
     objects: Sequence[np.ndarray | None] | None = None,
+    per_stack: int | None = None,
 ) -> pd.DataFrame:
-    """Run the cascade on one batch. Per step, signal and sample: spearman (with the trained model's map),
+    """Run the cascade (:func:`cascade_steps`, ``per_stack`` steps per stack) on one batch. Per step, signal
+    and sample: spearman (with the trained model's map),
     auroc (against ``relevance[i]``, bool per image token; NaN without it) and object_auroc (target vs
     distractor object tokens, ``objects[i]`` bool per image token; NaN without it). Columns: step (0 =
     trained), step_name, stack, signal, sample, family, spearman, auroc, object_auroc. ``signal_fn``: any
@@ -148,7 +160,7 @@ def randomization_check(
     for what, seq in (("relevance", relevance), ("families", families), ("objects", objects)):
         if seq is not None and len(seq) != n:
             raise ValueError(f"{what} has {len(seq)} entries for a batch of {n} samples")
-    steps = cascade_steps(vlm, stacks)
+    steps = cascade_steps(vlm, stacks, per_stack)
     trained: Mapping[str, Sequence[np.ndarray]] | None = None
     rows = []
     for i, (stack, name, modules) in enumerate(steps):
