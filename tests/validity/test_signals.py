@@ -233,3 +233,15 @@ def test_compute_over_and_deletion_of_a_signal_equal_a_hand_built_keep_mask(orga
     summary = dl.area_summary(ci)
     assert "causal_auc_accuracy/deletion/all/random" in summary
     assert dl.area_prose(summary)[0].startswith("Causal ranking")
+
+
+def test_selector_signal_is_the_selector_methods_ranking(organism_and_data):
+    import vtrlab as vl
+
+    vlm, data = organism_and_data
+    batch = vlm.prepare([s.image for s in data], [s.question for s in data])
+    got = sg.compute(vlm, batch, ["selector"])["selector"]
+    rec = vl.reduce.apply(vlm, batch, "selector", keep=0.25)
+    for b, lay in enumerate(batch.layouts):
+        want = rec["score"].values[b, 0, : lay.n_image_tokens]
+        np.testing.assert_allclose(got[b][np.isfinite(want)], want[np.isfinite(want)], rtol=1e-6)

@@ -20,6 +20,8 @@ logit_lens     probability of the answer's first token decoded at each image pos
                LM layer (:func:`vtrlab.logit_lens`; ``logit_lens.<l>``)
 recon_error    the selector-reconstructor's error when the token is masked (random masks by default)   tower
                (:func:`vtrlab.recon.token_error`; ``recon_error``)
+selector       the reconstruction selector's logits (:meth:`vtrlab.recon.Selector.token_scores`;          tower
+               ``selector``; the ranking the ``selector`` reduction method keeps by)
 reduce         each reduction method's score at its first stage (``vtrlab.reduce.apply(...)``'s       method
                ``score``; ``reduce.<method>``)
 ground_truth   covered fraction of the token's pixel box by the ground truth (``ground_truth``)     input
@@ -52,6 +54,7 @@ KINDS = (
     "rollout",
     "logit_lens",
     "recon_error",
+    "selector",
     "reduce",
     "ground_truth",
     "random",
@@ -64,11 +67,12 @@ DEPENDS = {
     "rollout": ("lm", "vision"),
     "logit_lens": ("lm", "vision"),
     "recon_error": ("vision",),
+    "selector": ("vision",),
     "reduce": ("lm", "vision"),
     "ground_truth": (),
     "random": (),
 }
-DEFAULT_METHODS = ("fastv", "feather", "sparsevlm", "pyramiddrop", "fastervlm", "vtc_cls", "visionzip", "selector")
+DEFAULT_METHODS = ("fastv", "feather", "sparsevlm", "pyramiddrop", "fastervlm", "vtc_cls", "visionzip")
 
 Signals = dict[str, list[np.ndarray]]
 
@@ -78,9 +82,9 @@ class Options:
     """What the signals of :func:`compute` need besides ``(vlm, batch)``.
 
     ``records``: one per sample of the batch (ground truth, reference answers); ``layers`` /
-    ``vision_layers``: ``"all"`` or indices; ``selector``: a :class:`vtrlab.recon.Selector` for recon_error
-    (None: the one shipped beside the organism, loaded once; the ``selector`` reduction method reads its own
-    ``path`` parameter); ``methods``: reduction
+    ``vision_layers``: ``"all"`` or indices; ``selector``: a :class:`vtrlab.recon.Selector` for recon_error and
+    selector (None: the one shipped beside the organism, loaded once; the ``selector`` reduction method reads
+    its own ``path`` parameter, so rank by the ``selector`` kind instead); ``methods``: reduction
     method names; ``keep``: their budget (tokens a method leaves unranked rank last); ``seed``: random's,
     which draws sample i of the batch from ``default_rng([seed, start + i])`` (the same scores however the
     data is batched)."""
@@ -214,6 +218,11 @@ def recon_error(vlm: Any, batch: Any, opts: Options) -> Signals:
     return {"recon_error": [finite(vals[b, : lay.n_image_tokens]) for b, lay in enumerate(batch.layouts)]}
 
 
+def selector(vlm: Any, batch: Any, opts: Options) -> Signals:
+    """``selector``: the selector's score of each image token (mean logit of the patches it covers)."""
+    return {"selector": [finite(s) for s in _selector(vlm, opts).token_scores(vlm, batch)]}
+
+
 def reduce(vlm: Any, batch: Any, opts: Options) -> Signals:
     """``reduce.<method>``: each method's score at its first stage on ``batch`` (budget ``opts.keep``; in-LM
     methods' layers scaled to the LM's depth). Methods not applicable to the family, or that rank no token
@@ -263,6 +272,7 @@ REGISTRY: dict[str, Callable[[Any, Any, Options], Signals]] = {
     "rollout": rollout,
     "logit_lens": logit_lens,
     "recon_error": recon_error,
+    "selector": selector,
     "reduce": reduce,
     "ground_truth": ground_truth,
     "random": random,
