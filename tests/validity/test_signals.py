@@ -142,6 +142,7 @@ def test_reduce_ground_truth_random_and_undefined_scores(eager):
     # undefined scores rank below every defined one
     np.testing.assert_array_equal(sg.finite([np.nan, 2.0, 0.5, np.nan]), [-0.5, 2.0, 0.5, -0.5])
     np.testing.assert_array_equal(sg.finite([np.nan, np.nan]), [0.0, 0.0])
+    np.testing.assert_array_equal(sg.finite([-np.inf, 1.0, np.inf, 3.0]), [0.0, 1.0, 4.0, 3.0])
     with pytest.raises(ValueError, match="unknown signal kind"):
         sg.compute(vlm, batch, ["attention"])
     with pytest.raises(ValueError, match="records for a batch"):

@@ -30,8 +30,8 @@ random         uniform random, seeded (``random``)                              
 
 "The answer" is each record's reference answer (first token) when ``records`` are given, else the
 model's own greedy answer. Scores a verb leaves undefined (a token no captured row sees, a method that
-ranks only its kept tokens) rank below every defined score of the sample: they become
-``min(defined) - 1`` (0 when none is defined), so every returned score is finite.
+ranks only its kept tokens) rank below every defined score of the sample (:func:`finite`), so every
+returned score is finite.
 
 :func:`compute` runs the chosen kinds on one batch; :func:`signal_fn` binds options into the
 ``(vlm, batch)`` function :func:`vtrlab.analysis.randomization.randomization_check` takes;
@@ -102,12 +102,15 @@ class Options:
 
 
 def finite(scores) -> np.ndarray:
-    """Scores as float64 with NaN (undefined) replaced by ``min(defined) - 1`` (0 when none is defined):
-    undefined tokens rank below every defined one."""
+    """Scores as float64 with NaN (undefined) and -inf replaced by ``min(finite) - 1``, +inf by
+    ``max(finite) + 1`` (0 and 1 when no score is finite): undefined tokens rank below every defined one,
+    the order of the rest is kept."""
     s = np.asarray(scores, dtype=np.float64).copy()
-    bad = ~np.isfinite(s)
-    if bad.any():
-        s[bad] = (np.min(s[~bad]) - 1.0) if (~bad).any() else 0.0
+    ok = np.isfinite(s)
+    if not ok.all():
+        high = s == np.inf
+        s[~ok & ~high] = (np.min(s[ok]) - 1.0) if ok.any() else 0.0
+        s[high] = (np.max(s[ok]) + 1.0) if ok.any() else 1.0
     return s
 
 
