@@ -30,6 +30,7 @@ from vtrlab.metrics import controls
 
 MODES = ("deletion", "insertion")
 FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+ACCURACY = ("greedy", "teacher_forced")
 OOD_BELOW = 0.1  # kept share of image tokens under which a condition is flagged out of distribution
 
 
@@ -92,6 +93,7 @@ def deletion_curves(
     seed: int = 0,
     ood_below: float = OOD_BELOW,
     progress: bool = False,
+    accuracy: str = "greedy",
 ) -> pd.DataFrame:
     """Answers of ``vlm`` on ``data`` (records with image, question, answer(s), family or group) as image
     tokens are removed (``deletion``) or added (``insertion``) in each signal's order.
@@ -112,6 +114,8 @@ def deletion_curves(
     fractions = [float(f) for f in fractions]
     if any(not 0.0 <= f <= 1.0 for f in fractions):
         raise ValueError(f"fractions {fractions}; accepted: shares of image tokens in [0, 1]")
+    if accuracy not in ACCURACY:
+        raise ValueError(f"accuracy={accuracy!r}; accepted: {ACCURACY}")
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ValueError(f"modes {bad}; accepted: {MODES}")
@@ -127,6 +131,7 @@ def deletion_curves(
         n = [lay.n_image_tokens for lay in batch.layouts]
         dec = decoder_inputs(vlm, batch)
         gold = _gold_ids(vlm, [s.answer for s in chunk])
+        tok = getattr(vlm.processor, "tokenizer", vlm.processor)
         targets = torch.zeros(len(chunk), max(len(g) for g in gold), dtype=torch.long)
         for i, g in enumerate(gold):
             targets[i, : len(g)] = torch.tensor(g)
@@ -156,11 +161,19 @@ def deletion_curves(
             full = [np.ones(k, dtype=bool) if m is None else m for m, k in zip(masks, n)]  # skipped: any mask
             key = b"|".join(m.tobytes() for m in full)
             if key not in cache:
-                preds = answer(vlm, batch, keep=full, max_new_tokens=max_new_tokens, decoder_inputs=dec)
                 red = logits(vlm, batch, keep=full, append=gold, decoder_inputs=dec)
-                lp = answer_logprob(red.appended, targets.to(red.appended.device), red.appended_mask)
-                cache[key] = (preds, lp.cpu().numpy())
-            preds, lp = cache[key]
+                tg = targets.to(red.appended.device)
+                lp = answer_logprob(red.appended, tg, red.appended_mask)
+                if accuracy == "greedy":
+                    preds = answer(vlm, batch, keep=full, max_new_tokens=max_new_tokens, decoder_inputs=dec)
+                    ok = [_correct(p, s) for p, s in zip(preds, chunk)]
+                else:
+                    top = red.appended.argmax(-1)
+                    hit = ((top == tg) | ~red.appended_mask).all(-1).cpu().numpy()
+                    preds = [tok.decode(t[m].tolist()) for t, m in zip(top.cpu(), red.appended_mask.cpu())]
+                    ok = [bool(h) for h in hit]
+                cache[key] = (preds, ok, lp.cpu().numpy())
+            preds, ok, lp = cache[key]
             for i, (s, m) in enumerate(zip(chunk, masks)):
                 if m is None:
                     continue
@@ -176,7 +189,7 @@ def deletion_curves(
                         "kept_share": float(share),
                         "out_of_distribution": bool(0 < share < ood_below),
                         "prediction": preds[i],
-                        "correct": _correct(preds[i], s),
+                        "correct": ok[i],
                         "logprob": float(lp[i]),
                     }
                 )
