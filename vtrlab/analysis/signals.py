@@ -357,9 +357,16 @@ def compute_over(
 
 
 def describe(name: str) -> Mapping[str, Any]:
-    """``{'kind', 'layer', 'depends'}`` of a signal name from :func:`compute` (layer None where it has none)."""
+    """``{'kind', 'layer', 'depends'}`` of a signal name from :func:`compute` (layer None where it has none).
+    ``depends``: the weight stacks the scores are computed with (:data:`DEPENDS`; a reduction method
+    acting before the LM depends on the tower only)."""
     kind, _, rest = name.partition(".")
     if kind not in REGISTRY:
         raise ValueError(f"signal {name!r} is not one of {list(REGISTRY)}")
     layer = int(rest) if rest.isdigit() else None
-    return {"kind": kind, "layer": layer, "depends": DEPENDS[kind]}
+    depends = DEPENDS[kind]
+    if kind == "reduce" and rest:
+        from vtrlab.reduce import get
+
+        depends = ("lm", "vision") if get(rest).stage == "lm" else ("vision",)
+    return {"kind": kind, "layer": layer, "depends": depends}
