@@ -180,9 +180,14 @@ def signal_controls_figure(
         ax.set_xlim(0, 1.02)
         ax.set_title(f"{fam} (n={int(g['n'].max()) if len(g) else 0})", fontsize=7)
         ax.set_xlabel("AUROC")
-    for ax in list(axes.flat)[len(families) :]:
+    spare = list(axes.flat)[len(families) :]
+    for ax in spare:
         ax.set_axis_off()
-    axes.flat[0].legend(fontsize=5, frameon=False, loc="lower right")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if spare:  # the legend in a free panel, clear of the data
+        spare[0].legend(handles, labels, fontsize=6, frameon=False, loc="center")
+    else:
+        fig.legend(handles, labels, fontsize=5, frameon=False, loc="lower center", ncols=3)
     return fig
 
 
