@@ -102,39 +102,11 @@ def attention_signals(
     vlm: Any, batch: Any, layers="all", vision: bool = True, vision_layers="all"
 ) -> dict[str, list[np.ndarray]]:
     """LM attention of the last token to each image token per layer (``lm_attn.<l>``, mean over heads), and
-    the vision [CLS] attention per vision layer (``cls_attn.<l>``) read at each LM token's grid cell.
-    Every signal kind of the kit: :mod:`vtrlab.analysis.signals`."""
-    from vtrlab.models.base import grid_values
-    from vtrlab.probes import capture
+    the vision [CLS] attention per vision layer (``cls_attn.<l>``) read at each LM token's grid cell
+    (:func:`vtrlab.analysis.signals.attention_signals`; every signal kind of the kit: that module)."""
+    from .signals import attention_signals as run
 
-    from .attention import image_token_scores, vision_token_scores
-
-    ds = capture(vlm, batch, queries="last", layers=layers, vision=vision, vision_layers=vision_layers)
-    out: dict[str, list[np.ndarray]] = {}
-    lm = image_token_scores(ds)
-    for lay, g in lm.groupby("layer", sort=True):
-        out[f"lm_attn.{int(lay)}"] = [
-            g[g["sample"] == b].set_index("position").loc[lay_.image_positions, "score"].fillna(0.0).to_numpy()
-            for b, lay_ in enumerate(batch.layouts)
-        ]
-    if vision and "vision_attn" in ds:
-        vt = vision_token_scores(ds)
-        vt = vt[(vt["image"] == 0) & (vt["tile"] == 0)]
-        for lay, g in vt.groupby("vision_layer", sort=True):
-            per = []
-            for b, layout in enumerate(batch.layouts):
-                gb = g[g["sample"] == b]
-                grid = np.zeros((int(gb["row"].max()) + 1, int(gb["col"].max()) + 1))
-                grid[gb["row"].to_numpy(), gb["col"].to_numpy()] = gb["score"].to_numpy()
-                sel = layout.kind == "image"
-                lm_grid = layout.grid(0, 0)
-                if grid.shape[0] < lm_grid[0]:
-                    raise ValueError(f"vision grid {grid.shape} is coarser than the LM grid {lm_grid}")
-                fr, fc = grid.shape[0] // lm_grid[0], grid.shape[1] // lm_grid[1]
-                pooled = grid[: fr * lm_grid[0], : fc * lm_grid[1]].reshape(lm_grid[0], fr, lm_grid[1], fc).mean((1, 3))
-                per.append(grid_values(pooled, lm_grid, layout.row[sel], layout.col[sel]))
-            out[f"cls_attn.{int(lay)}"] = per
-    return out
+    return run(vlm, batch, layers=layers, vision=vision, vision_layers=vision_layers)
 
 
 def randomization_check(

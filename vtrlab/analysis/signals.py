@@ -142,17 +142,52 @@ def _gradients_on(vlm: Any) -> Iterator[None]:
             p.requires_grad_(f)
 
 
+def attention_signals(
+    vlm: Any, batch: Any, layers="all", vision: bool = True, vision_layers="all"
+) -> dict[str, list[np.ndarray]]:
+    """LM attention of the last token to each image token per layer (``lm_attn.<l>``, mean over heads), and
+    the vision [CLS] attention per vision layer (``cls_attn.<l>``) read at each LM token's grid cell.
+    An image token no captured row sees gets 0."""
+    from vtrlab.models.base import grid_values
+    from vtrlab.probes import capture
+
+    from .attention import image_token_scores, vision_token_scores
+
+    ds = capture(vlm, batch, queries="last", layers=layers, vision=vision, vision_layers=vision_layers)
+    out: dict[str, list[np.ndarray]] = {}
+    lm = image_token_scores(ds)
+    for lay, g in lm.groupby("layer", sort=True):
+        out[f"lm_attn.{int(lay)}"] = [
+            g[g["sample"] == b].set_index("position").loc[lay_.image_positions, "score"].fillna(0.0).to_numpy()
+            for b, lay_ in enumerate(batch.layouts)
+        ]
+    if vision and "vision_attn" in ds:
+        vt = vision_token_scores(ds)
+        vt = vt[(vt["image"] == 0) & (vt["tile"] == 0)]
+        for lay, g in vt.groupby("vision_layer", sort=True):
+            per = []
+            for b, layout in enumerate(batch.layouts):
+                gb = g[g["sample"] == b]
+                grid = np.zeros((int(gb["row"].max()) + 1, int(gb["col"].max()) + 1))
+                grid[gb["row"].to_numpy(), gb["col"].to_numpy()] = gb["score"].to_numpy()
+                sel = layout.kind == "image"
+                lm_grid = layout.grid(0, 0)
+                if grid.shape[0] < lm_grid[0]:
+                    raise ValueError(f"vision grid {grid.shape} is coarser than the LM grid {lm_grid}")
+                fr, fc = grid.shape[0] // lm_grid[0], grid.shape[1] // lm_grid[1]
+                pooled = grid[: fr * lm_grid[0], : fc * lm_grid[1]].reshape(lm_grid[0], fr, lm_grid[1], fc).mean((1, 3))
+                per.append(grid_values(pooled, lm_grid, layout.row[sel], layout.col[sel]))
+            out[f"cls_attn.{int(lay)}"] = per
+    return out
+
+
 def lm_attn(vlm: Any, batch: Any, opts: Options) -> Signals:
     """``lm_attn.<l>``: the last token's attention to each image token at LM layer l (mean over heads)."""
-    from .randomization import attention_signals
-
     return {k: [finite(s) for s in v] for k, v in attention_signals(vlm, batch, opts.layers, vision=False).items()}
 
 
 def cls_attn(vlm: Any, batch: Any, opts: Options) -> Signals:
     """``cls_attn.<l>``: vision [CLS] attention per vision layer, pooled onto each LM token's grid cell."""
-    from .randomization import attention_signals
-
     out = attention_signals(vlm, batch, layers=[0], vision=True, vision_layers=opts.vision_layers)
     out = {k: [finite(s) for s in v] for k, v in out.items() if k.startswith("cls_attn.")}
     if not out:
