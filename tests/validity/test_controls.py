@@ -218,3 +218,21 @@ def test_token_controls_skips_samples_without_contrast():
     assert list(t["sample"]) == [10]
     assert t.iloc[0]["auroc"] == 1.0 and t.iloc[0]["object_auroc"] == 1.0
     assert t.iloc[0]["objectness_auroc"] == pytest.approx((2 + 0.5 * 2) / 4)
+
+
+def test_signal_controls_is_token_controls_per_signal():
+    rng = np.random.default_rng(4)
+    n = 30
+    rel = [np.arange(n) < 5, None, np.arange(n) % 7 == 0]
+    obj = [np.arange(n) < 12, None, np.arange(n) % 7 < 3]
+    fams = ["a", "b", "a"]
+    sigs = {"x": [rng.random(n) for _ in range(3)], "gt": [r if r is None else r.astype(float) for r in rel]}
+    t = actl.signal_controls(sigs, rel, obj, fams)
+    ref = actl.token_controls(sigs["x"], rel, obj, fams, signal="x")
+    pd.testing.assert_frame_equal(t[t.signal == "x"].reset_index(drop=True), ref)
+    assert t[t.signal == "gt"]["sample"].tolist() == [0, 2] and (t[t.signal == "gt"]["auroc"] == 1.0).all()
+    ci = actl.signal_controls_ci(t, n_boot=20)
+    summary = actl.signal_controls_summary(ci)
+    assert summary["signal_auroc/all/gt"] == 1.0
+    lines = actl.signal_controls_prose(summary)
+    assert lines[1].startswith("  gt: AUROC 1.00")

@@ -114,3 +114,26 @@ def test_bad_signals_are_refused(organism_and_data):
         dl.deletion_curves(vlm, data, {"s": [np.zeros(3)]})
     with pytest.raises(ValueError, match=r"signal 's', sample 0: \(3,\) scores"):
         dl.deletion_curves(vlm, data, {"s": [np.zeros(3)] * len(data)}, fractions=(0.5,))
+
+
+def test_teacher_forced_accuracy_is_greedy_decoding_beginning_with_the_answer(organism_and_data):
+    from vtrlab.analysis.reduction_sweep import _gold_ids
+    from vtrlab.reduce import generate_ids
+
+    vlm, data = organism_and_data
+    batch = vlm.prepare([s.image for s in data], [s.question for s in data])
+    n = [lay.n_image_tokens for lay in batch.layouts]
+    sig = {"random": dl.random_signal(n, seed=2)}
+    fr = (0.0, 0.5, 0.9)
+    tf = dl.deletion_curves(vlm, data, sig, fractions=fr, modes=("deletion",), accuracy="teacher_forced", seed=3)
+    gr = dl.deletion_curves(vlm, data, sig, fractions=fr, modes=("deletion",), seed=3)
+    pd.testing.assert_series_equal(tf["logprob"], gr["logprob"])  # same forward for the log-prob
+    gold = _gold_ids(vlm, [s.answer for s in data])
+    for f in fr:
+        keep = [dl.keep_mask(s, f, "deletion", seed=[3, i]) for i, s in enumerate(sig["random"])]
+        ids = generate_ids(vlm, batch, keep=keep, max_new_tokens=max(map(len, gold)))
+        ids = [list(map(int, x)) for x in ids]
+        want = [x[: len(g)] == g for x, g in zip(ids, gold)]
+        assert tf[tf["fraction"] == f].sort_values("sample")["correct"].tolist() == want, f
+    with pytest.raises(ValueError, match="accuracy="):
+        dl.deletion_curves(vlm, data, sig, accuracy="argmax")

@@ -70,4 +70,35 @@ def test_randomization_check_on_tiny_model(tiny_llava):
     last = table[(table["step"] == table["step"].max()) & (table["signal"] == f"lm_attn.{top}")]
     assert (last["spearman"] < 0.999).any()
     ci = rz.randomization_ci(table, n_boot=50)
-    assert {"spearman", "auroc"} == set(ci["metric"])
+    assert {"spearman", "auroc", "object_auroc"} == set(ci["metric"])
+
+
+def test_cascade_per_stack_keeps_evenly_spaced_steps_ending_with_the_whole_stack(tiny_llava):
+    full = rz.cascade_steps(tiny_llava, stacks=("lm",))
+    n = len(tiny_llava.lm_layers)
+    one = rz.cascade_steps(tiny_llava, stacks=("lm",), per_stack=1)
+    assert [s[1] for s in one] == ["trained", full[-1][1]] and len(one[-1][2]) == n
+    assert rz.cascade_steps(tiny_llava, stacks=("lm",), per_stack=n + 3) == full
+    two = rz.cascade_steps(tiny_llava, stacks=("lm",), per_stack=2)
+    assert len(two) == 3 and two[-1][2] == full[-1][2] and two[1][1] in [s[1] for s in full]
+    with pytest.raises(ValueError, match="per_stack"):
+        rz.cascade_steps(tiny_llava, per_stack=0)
+
+
+def test_randomization_prose_judges_only_the_stacks_a_signal_depends_on():
+    def m(sig, stack, v, lo, hi):
+        k = f"rand_spearman/{stack}/{sig}"
+        return {k: v, k + "_low": lo, k + "_high": hi}
+
+    metrics = (
+        m("cls_attn.3", "lm", 1.0, 1.0, 1.0)  # the tower's map cannot move when the LM is random
+        | m("cls_attn.3", "vision", 0.1, 0.0, 0.2)
+        | m("lm_attn.1", "lm", 0.9, 0.85, 0.95)
+        | m("reduce.fastervlm", "lm", 1.0, 1.0, 1.0)
+        | m("reduce.fastervlm", "vision", 0.7, 0.6, 0.8)
+        | m("random", "lm", 1.0, 1.0, 1.0)
+    )
+    lines = {line.split(":")[0].strip(): line for line in rz.randomization_prose(metrics)[1:]}
+    assert lines["cls_attn.3"].endswith("passes.")
+    assert "FAILS" in lines["lm_attn.1"] and "FAILS" in lines["reduce.fastervlm"]
+    assert "reference" in lines["random"]

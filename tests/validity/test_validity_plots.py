@@ -57,3 +57,33 @@ def test_deletion_and_randomization_figures():
     fig = vpv.accuracy_per_family(pd.concat([acc, full], ignore_index=True))
     assert np.isclose(fig.axes[0].lines[-1].get_ydata()[0], 1.0)
     plt.close(fig)
+
+
+def test_signal_controls_and_area_figures():
+    ci = _ci_rows(
+        [(f, s) for f in ("color", "all") for s in ("lm_attn.1", "random")],
+        ["auroc", "object_auroc", "objectness_auroc"],
+        names=["family", "signal"],
+    )
+    fig = vpv.signal_controls_figure(ci)
+    axes = [a for a in fig.axes if a.axison]
+    assert [a.get_title() for a in axes] == ["color (n=4)", "all (n=4)"]
+    assert [t.get_text() for t in axes[0].get_yticklabels()] == ["lm_attn.1", "random"]
+    assert any(line.get_label().startswith("objectness") for line in axes[0].lines)  # the baseline beside the AUROC
+    plt.close(fig)
+    areas = _ci_rows(
+        [(f, s, m) for f in ("color", "all") for s in ("lm_attn.1", "random") for m in ("deletion", "insertion")],
+        ["auc_accuracy"],
+        names=["family", "signal", "mode"],
+    )
+    fig = vpv.area_figure(areas)
+    assert [a.get_title() for a in fig.axes][:2] == ["deletion (lower is better)", "insertion (higher is better)"]
+    plt.close(fig)
+    rz = _ci_rows(
+        [(i, n, "lm_attn.0") for i, n in enumerate(["trained", "lm.1"])],
+        ["spearman", "auroc", "object_auroc"],
+        names=["step", "step_name", "signal"],
+    )
+    fig = vpv.randomization_figure(rz, baseline=(0.9, 0.85, 0.95))
+    assert len(fig.axes) == 3 and any(line.get_label() == "objectness baseline" for line in fig.axes[1].lines)
+    plt.close(fig)

@@ -333,3 +333,78 @@ def diagnostic_prose(metrics: Mapping) -> list[str]:
         plans = {k.split("/", 2)[2]: float(v) for k, v in metrics.items() if k.startswith(f"diag/{fam}/")}
         lines.append(f"  {fam}: " + ", ".join(f"{p} {v:.2f}" for p, v in plans.items()))
     return lines
+
+
+def signal_controls(
+    signals: Mapping[str, Sequence[np.ndarray | None]],
+    relevant: Sequence[np.ndarray | None],
+    objects: Sequence[np.ndarray | None],
+    families: Sequence[str],
+) -> pd.DataFrame:
+    """:func:`token_controls` for every signal of ``signals`` (``{name: per-sample scores}``, e.g. from
+    :func:`vtrlab.analysis.signals.compute_over`): each signal's AUROC beside the objectness baseline and the
+    target-vs-distractor AUROC. Samples where a signal is None are left out for it. Columns: sample, family,
+    signal, auroc, object_auroc, objectness_auroc."""
+    parts = []
+    for name, per in signals.items():
+        if len(per) != len(relevant):
+            raise ValueError(f"signal {name!r} has {len(per)} entries for {len(relevant)} samples")
+        keep = [i for i, s in enumerate(per) if s is not None]
+        t = token_controls(
+            [per[i] for i in keep],
+            [relevant[i] for i in keep],
+            [objects[i] for i in keep],
+            [families[i] for i in keep],
+            signal=name,
+        )
+        t["sample"] = [keep[i] for i in t["sample"]]
+        parts.append(t)
+    cols = ["sample", "family", "signal", "auroc", "object_auroc", "objectness_auroc"]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols)
+
+
+SIGNAL_METRICS = ("auroc", "object_auroc", "objectness_auroc")
+
+
+def signal_controls_ci(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Mean and bootstrap 95% CI of :func:`signal_controls` per family and signal, plus family ``"all"``.
+    Columns: family, signal, metric, mean, low, high, n."""
+    by = ["family", "signal"]
+    parts = [controls.ci_table(table.assign(family="all"), by, list(SIGNAL_METRICS), n_boot=n_boot, seed=seed)]
+    if table["family"].notna().any() and table["family"].nunique() > 1:
+        parts.insert(0, controls.ci_table(table, by, list(SIGNAL_METRICS), n_boot=n_boot, seed=seed))
+    return pd.concat(parts, ignore_index=True)
+
+
+def signal_controls_summary(ci: pd.DataFrame) -> dict:
+    """``signal_<metric>/<family>/<signal>`` (+ ``_low``, ``_high``, ``_n``) from :func:`signal_controls_ci`."""
+    out: dict = {}
+    for _, r in ci.iterrows():
+        key = f"signal_{r['metric']}/{r['family']}/{r['signal']}"
+        out |= {key: float(r["mean"]), f"{key}_low": float(r["low"]), f"{key}_high": float(r["high"])}
+        out[f"{key}_n"] = int(r["n"])
+    return out
+
+
+def signal_controls_prose(metrics: Mapping, family: str = "all") -> list[str]:
+    """For ``family``: every signal's AUROC with its CI beside the objectness baseline and the
+    target-vs-distractor AUROC, best AUROC first (from :func:`signal_controls_summary` values)."""
+    sigs = [
+        k.split("/", 2)[2]
+        for k in metrics
+        if k.startswith(f"signal_auroc/{family}/") and not k.endswith(("_low", "_high", "_n"))
+    ]
+    if not sigs:
+        return []
+
+    def ci(metric, sig):
+        key = f"signal_{metric}/{family}/{sig}"
+        v, lo, hi = (float(metrics.get(key + s, np.nan)) for s in ("", "_low", "_high"))
+        return f"{v:.2f} [{lo:.2f}, {hi:.2f}]"
+
+    sigs.sort(key=lambda s: -float(metrics[f"signal_auroc/{family}/{s}"]))
+    base = ci("objectness_auroc", sigs[0])
+    lines = [f"Every signal vs ground truth ({family}; objectness baseline {base}):"]
+    for s in sigs:
+        lines.append(f"  {s}: AUROC {ci('auroc', s)}; target vs distractor objects {ci('object_auroc', s)}")
+    return lines

@@ -30,6 +30,7 @@ from vtrlab.metrics import controls
 
 MODES = ("deletion", "insertion")
 FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+ACCURACY = ("greedy", "teacher_forced")
 OOD_BELOW = 0.1  # kept share of image tokens under which a condition is flagged out of distribution
 
 
@@ -92,6 +93,7 @@ def deletion_curves(
     seed: int = 0,
     ood_below: float = OOD_BELOW,
     progress: bool = False,
+    accuracy: str = "greedy",
 ) -> pd.DataFrame:
     """Answers of ``vlm`` on ``data`` (records with image, question, answer(s), family or group) as image
     tokens are removed (``deletion``) or added (``insertion``) in each signal's order.
@@ -112,6 +114,8 @@ def deletion_curves(
     fractions = [float(f) for f in fractions]
     if any(not 0.0 <= f <= 1.0 for f in fractions):
         raise ValueError(f"fractions {fractions}; accepted: shares of image tokens in [0, 1]")
+    if accuracy not in ACCURACY:
+        raise ValueError(f"accuracy={accuracy!r}; accepted: {ACCURACY}")
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ValueError(f"modes {bad}; accepted: {MODES}")
@@ -127,6 +131,7 @@ def deletion_curves(
         n = [lay.n_image_tokens for lay in batch.layouts]
         dec = decoder_inputs(vlm, batch)
         gold = _gold_ids(vlm, [s.answer for s in chunk])
+        tok = getattr(vlm.processor, "tokenizer", vlm.processor)
         targets = torch.zeros(len(chunk), max(len(g) for g in gold), dtype=torch.long)
         for i, g in enumerate(gold):
             targets[i, : len(g)] = torch.tensor(g)
@@ -156,11 +161,19 @@ def deletion_curves(
             full = [np.ones(k, dtype=bool) if m is None else m for m, k in zip(masks, n)]  # skipped: any mask
             key = b"|".join(m.tobytes() for m in full)
             if key not in cache:
-                preds = answer(vlm, batch, keep=full, max_new_tokens=max_new_tokens, decoder_inputs=dec)
                 red = logits(vlm, batch, keep=full, append=gold, decoder_inputs=dec)
-                lp = answer_logprob(red.appended, targets.to(red.appended.device), red.appended_mask)
-                cache[key] = (preds, lp.cpu().numpy())
-            preds, lp = cache[key]
+                tg = targets.to(red.appended.device)
+                lp = answer_logprob(red.appended, tg, red.appended_mask)
+                if accuracy == "greedy":
+                    preds = answer(vlm, batch, keep=full, max_new_tokens=max_new_tokens, decoder_inputs=dec)
+                    ok = [_correct(p, s) for p, s in zip(preds, chunk)]
+                else:
+                    top = red.appended.argmax(-1)
+                    hit = ((top == tg) | ~red.appended_mask).all(-1).cpu().numpy()
+                    preds = [tok.decode(t[m].tolist()) for t, m in zip(top.cpu(), red.appended_mask.cpu())]
+                    ok = [bool(h) for h in hit]
+                cache[key] = (preds, ok, lp.cpu().numpy())
+            preds, ok, lp = cache[key]
             for i, (s, m) in enumerate(zip(chunk, masks)):
                 if m is None:
                     continue
@@ -176,7 +189,7 @@ def deletion_curves(
                         "kept_share": float(share),
                         "out_of_distribution": bool(0 < share < ood_below),
                         "prediction": preds[i],
-                        "correct": _correct(preds[i], s),
+                        "correct": ok[i],
                         "logprob": float(lp[i]),
                     }
                 )
@@ -220,3 +233,74 @@ def area_table(
     signals (deletion: lower is better; insertion: higher is better). Columns: <by>, metric, mean, low,
     high, n."""
     return controls.ci_table(curve_areas(curves), list(by), ["auc_accuracy", "auc_logprob"], n_boot=n_boot, seed=seed)
+
+
+def area_ci(curves: pd.DataFrame, n_boot: int = 1000, seed: int = 0, by_family: bool = True) -> pd.DataFrame:
+    """:func:`area_table` per family and signal and mode, plus family ``"all"`` (every sample pooled).
+    Columns: family, signal, mode, metric, mean, low, high, n."""
+    by = ["family", "signal", "mode"]
+    areas = curve_areas(curves)
+    parts = [
+        controls.ci_table(areas.assign(family="all"), by, ["auc_accuracy", "auc_logprob"], n_boot=n_boot, seed=seed)
+    ]
+    if by_family and areas["family"].notna().any():
+        parts.insert(0, controls.ci_table(areas, by, ["auc_accuracy", "auc_logprob"], n_boot=n_boot, seed=seed))
+    return pd.concat(parts, ignore_index=True)
+
+
+def area_summary(ci: pd.DataFrame) -> dict:
+    """Metrics to log from :func:`area_ci`: ``causal_<metric>/<mode>/<family>/<signal>`` with ``_low``,
+    ``_high`` and ``_n``; JSON-ready."""
+    out: dict = {}
+    for _, r in ci.iterrows():
+        key = f"causal_{r['metric']}/{r['mode']}/{r['family']}/{r['signal']}"
+        out |= {key: float(r["mean"]), f"{key}_low": float(r["low"]), f"{key}_high": float(r["high"])}
+        out[f"{key}_n"] = int(r["n"])
+    return out
+
+
+def area_prose(metrics: Mapping, metric: str = "auc_accuracy", top: int = 3) -> list[str]:
+    """Per family, the causal ranking of signals from :func:`area_summary` values (e.g. read back from
+    metrics.json): the ``top`` best signals under deletion (lowest area: removing their top tokens breaks
+    the answer fastest) and insertion (highest area), each with its 95% CI, and where ``random`` sits;
+    a signal counts as better than random only when the CIs do not overlap."""
+    lines = []
+    prefix = f"causal_{metric}/"
+    keys = [k for k in metrics if k.startswith(prefix) and not k.endswith(("_low", "_high", "_n"))]
+    fams = list(dict.fromkeys(k.split("/")[2] for k in keys))
+    if fams:
+        lines.append(f"Causal ranking of signals (area under the {metric.removeprefix('auc_')} curve, 95% CI):")
+    for fam in fams:
+        parts = []
+        for mode, sign in (("deletion", 1.0), ("insertion", -1.0)):
+            vals = {
+                k.split("/", 3)[3]: (float(metrics[k]), float(metrics[k + "_low"]), float(metrics[k + "_high"]))
+                for k in keys
+                if k.split("/")[1] == mode and k.split("/")[2] == fam
+            }
+            if not vals:
+                continue
+            order = sorted(vals, key=lambda s: sign * vals[s][0])
+            rnd = vals.get("random")
+            shown = ", ".join(f"{sig} {_ci3(vals[sig])}{_mark(vals[sig], rnd, sign)}" for sig in order[:top])
+            txt = f"{mode} ({'lower' if sign > 0 else 'higher'} is better): {shown}"
+            if rnd is not None:
+                txt += f"; random {_ci3(rnd)} (rank {order.index('random') + 1}/{len(order)})"
+            parts.append(txt)
+        ns = [int(metrics[k + "_n"]) for k in keys if k.split("/")[2] == fam and k + "_n" in metrics]
+        n = max(ns) if ns else "?"
+        lines.append(f"  {fam} (n={n}): " + " | ".join(parts))
+    if fams:
+        lines.append("  (* = CI clear of random's)")
+    return lines
+
+
+def _ci3(v: tuple[float, float, float]) -> str:
+    return f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]"
+
+
+def _mark(v: tuple[float, float, float], rnd: tuple[float, float, float] | None, sign: float) -> str:
+    """ " *" when the CI of ``v`` lies clear of random's on the good side (sign 1: lower is better)."""
+    if rnd is None or v is rnd:
+        return ""
+    return " *" if (v[2] < rnd[1] if sign > 0 else v[1] > rnd[2]) else ""

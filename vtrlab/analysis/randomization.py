@@ -71,57 +71,42 @@ def randomized(vlm: Any, modules: Sequence[nn.Module], seed: int = 0) -> Iterato
                 m.load_state_dict(state, strict=True)
 
 
-def cascade_steps(vlm: Any, stacks: Sequence[str] = ("lm", "vision")) -> list[tuple[str, str, list[nn.Module]]]:
+def cascade_steps(
+    vlm: Any, stacks: Sequence[str] = ("lm", "vision"), per_stack: int | None = None
+) -> list[tuple[str, str, list[nn.Module]]]:
     """The cascade: ``(stack, step name, modules re-initialised)`` per step; "trained" first (nothing),
     then for each stack its layers from the top, cumulatively (``lm.5``, ``lm.5-4``, ...). Each stack
-    cascades on its own (the other one trained)."""
+    cascades on its own (the other one trained). ``per_stack``: keep only that many of each stack's steps,
+    evenly spaced and always ending with the whole stack re-initialised (None: every layer, Adebayo's
+    cascade)."""
     bad = [s for s in stacks if s not in ("lm", "vision")]
     if bad:
         raise ValueError(f"stacks {bad}; accepted: 'lm', 'vision'")
+    if per_stack is not None and (isinstance(per_stack, bool) or int(per_stack) < 1):
+        raise ValueError(f"per_stack={per_stack!r}; accepted: None or a positive integer")
     steps: list[tuple[str, str, list[nn.Module]]] = [("trained", "trained", [])]
     for stack in stacks:
         layers = list(vlm.lm_layers if stack == "lm" else vlm.vision_layers)
         top = len(layers) - 1
-        for k in range(top, -1, -1):
+        ks = list(range(top, -1, -1))  # first re-initialised layer of each cumulative step
+        if per_stack is not None and per_stack < len(ks):
+            picks = np.unique(np.round(np.linspace(0, len(ks) - 1, int(per_stack) + 1)[1:]).astype(int))
+            ks = [ks[i] for i in picks]
+        for k in ks:
             name = f"{stack}.{top}" if k == top else f"{stack}.{top}-{k}"
             steps.append((stack, name, layers[k:]))
     return steps
 
 
-def attention_signals(vlm: Any, batch: Any, layers="all", vision: bool = True) -> dict[str, list[np.ndarray]]:
+def attention_signals(
+    vlm: Any, batch: Any, layers="all", vision: bool = True, vision_layers="all"
+) -> dict[str, list[np.ndarray]]:
     """LM attention of the last token to each image token per layer (``lm_attn.<l>``, mean over heads), and
-    the vision [CLS] attention per vision layer (``cls_attn.<l>``) read at each LM token's grid cell."""
-    from vtrlab.models.base import grid_values
-    from vtrlab.probes import capture
+    the vision [CLS] attention per vision layer (``cls_attn.<l>``) read at each LM token's grid cell
+    (:func:`vtrlab.analysis.signals.attention_signals`; every signal kind of the kit: that module)."""
+    from .signals import attention_signals as run
 
-    from .attention import image_token_scores, vision_token_scores
-
-    ds = capture(vlm, batch, queries="last", layers=layers, vision=vision)
-    out: dict[str, list[np.ndarray]] = {}
-    lm = image_token_scores(ds)
-    for lay, g in lm.groupby("layer", sort=True):
-        out[f"lm_attn.{int(lay)}"] = [
-            g[g["sample"] == b].set_index("position").loc[lay_.image_positions, "score"].fillna(0.0).to_numpy()
-            for b, lay_ in enumerate(batch.layouts)
-        ]
-    if vision and "vision_attn" in ds:
-        vt = vision_token_scores(ds)
-        vt = vt[(vt["image"] == 0) & (vt["tile"] == 0)]
-        for lay, g in vt.groupby("vision_layer", sort=True):
-            per = []
-            for b, layout in enumerate(batch.layouts):
-                gb = g[g["sample"] == b]
-                grid = np.zeros((int(gb["row"].max()) + 1, int(gb["col"].max()) + 1))
-                grid[gb["row"].to_numpy(), gb["col"].to_numpy()] = gb["score"].to_numpy()
-                sel = layout.kind == "image"
-                lm_grid = layout.grid(0, 0)
-                if grid.shape[0] < lm_grid[0]:
-                    raise ValueError(f"vision grid {grid.shape} is coarser than the LM grid {lm_grid}")
-                fr, fc = grid.shape[0] // lm_grid[0], grid.shape[1] // lm_grid[1]
-                pooled = grid[: fr * lm_grid[0], : fc * lm_grid[1]].reshape(lm_grid[0], fr, lm_grid[1], fc).mean((1, 3))
-                per.append(grid_values(pooled, lm_grid, layout.row[sel], layout.col[sel]))
-            out[f"cls_attn.{int(lay)}"] = per
-    return out
+    return run(vlm, batch, layers=layers, vision=vision, vision_layers=vision_layers)
 
 
 def randomization_check(
@@ -132,12 +117,22 @@ def randomization_check(
     stacks: Sequence[str] = ("lm", "vision"),
     seed: int = 0,
     families: Sequence[str] | None = None,
+    objects: Sequence[np.ndarray | None] | None = None,
+    per_stack: int | None = None,
 ) -> pd.DataFrame:
-    """Run the cascade on one batch. Per step, signal and sample: spearman (with the trained model's map)
-    and auroc (against ``relevance[i]``, bool per image token; NaN without it). Columns: step (0 =
-    trained), step_name, stack, signal, sample, family, spearman, auroc. The model is restored after
-    each step (:func:`randomized`)."""
-    steps = cascade_steps(vlm, stacks)
+    """Run the cascade (:func:`cascade_steps`, ``per_stack`` steps per stack) on one batch. Per step, signal
+    and sample: spearman (with the trained model's map),
+    auroc (against ``relevance[i]``, bool per image token; NaN without it) and object_auroc (target vs
+    distractor object tokens, ``objects[i]`` bool per image token; NaN without it). Columns: step (0 =
+    trained), step_name, stack, signal, sample, family, spearman, auroc, object_auroc. ``signal_fn``: any
+    ``(vlm, batch) -> {name: per-sample scores}``, e.g. :func:`vtrlab.analysis.signals.signal_fn` for every
+    signal of the kit; a sample whose score is None (e.g. no ground truth) is left out for that signal. The
+    model is restored after each step (:func:`randomized`)."""
+    n = len(batch.layouts)
+    for what, seq in (("relevance", relevance), ("families", families), ("objects", objects)):
+        if seq is not None and len(seq) != n:
+            raise ValueError(f"{what} has {len(seq)} entries for a batch of {n} samples")
+    steps = cascade_steps(vlm, stacks, per_stack)
     trained: Mapping[str, Sequence[np.ndarray]] | None = None
     rows = []
     for i, (stack, name, modules) in enumerate(steps):
@@ -146,10 +141,15 @@ def randomization_check(
         if trained is None:
             trained = sig
         for sname, per in sig.items():
+            if sname not in trained:
+                raise ValueError(f"signal {sname!r} appeared at step {name!r} but not on the trained model")
             for b, s in enumerate(per):
+                if s is None or trained[sname][b] is None:
+                    continue
                 s = np.asarray(s, dtype=np.float64)
                 rel = None if relevance is None else relevance[b]
                 ok = rel is not None and rel.any() and not rel.all()
+                obj = None if objects is None or not ok else objects[b]
                 rows.append(
                     {
                         "step": i,
@@ -160,14 +160,95 @@ def randomization_check(
                         "family": None if families is None else families[b],
                         "spearman": float(agreement.spearman(s, np.asarray(trained[sname][b], dtype=np.float64))),
                         "auroc": float(agreement.auroc(s, rel)) if ok else np.nan,
+                        "object_auroc": float(controls.object_auroc(s, rel, obj)) if obj is not None else np.nan,
                     }
                 )
-    return pd.DataFrame(rows)
+    cols = ["step", "step_name", "stack", "signal", "sample", "family", "spearman", "auroc", "object_auroc"]
+    return pd.DataFrame(rows, columns=cols)
 
 
-def randomization_ci(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Mean Spearman and AUROC per step and signal with bootstrap 95% CIs over samples. Columns: step,
-    step_name, stack, signal, metric, mean, low, high, n."""
-    return controls.ci_table(
-        table, ["step", "step_name", "stack", "signal"], ["spearman", "auroc"], n_boot=n_boot, seed=seed
+RANDOMIZATION_METRICS = ("spearman", "auroc", "object_auroc")
+
+
+def randomization_ci(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0, by_family: bool = False) -> pd.DataFrame:
+    """Mean Spearman, AUROC and object AUROC per step and signal with bootstrap 95% CIs over samples (with
+    ``by_family``, also per family; family ``"all"`` pools every sample). Columns: [family,] step, step_name,
+    stack, signal, metric, mean, low, high, n."""
+    metrics = [m for m in RANDOMIZATION_METRICS if m in table.columns]
+    by = ["step", "step_name", "stack", "signal"]
+    if not by_family:
+        return controls.ci_table(table, by, metrics, n_boot=n_boot, seed=seed)
+    parts = [controls.ci_table(table.assign(family="all"), ["family", *by], metrics, n_boot=n_boot, seed=seed)]
+    if table["family"].notna().any():
+        parts.insert(0, controls.ci_table(table, ["family", *by], metrics, n_boot=n_boot, seed=seed))
+    return pd.concat(parts, ignore_index=True)
+
+
+def randomization_summary(ci: pd.DataFrame) -> dict:
+    """Metrics to log from :func:`randomization_ci` (pooled rows, or family ``"all"``): per signal and
+    stack, its Spearman with the trained map and its AUROC once the whole stack is re-initialised (the
+    cascade's last step of that stack), with CIs. Keys ``rand_<metric>/<stack>/<signal>`` (+ ``_low``,
+    ``_high``); JSON-ready floats."""
+    if "family" in ci.columns:
+        ci = ci[ci["family"] == "all"]
+    out: dict = {}
+    for stack, g in ci[ci["stack"] != "trained"].groupby("stack", sort=True):
+        last = g[g["step"] == g["step"].max()]
+        for _, r in last.iterrows():
+            key = f"rand_{r['metric']}/{stack}/{r['signal']}"
+            out |= {key: float(r["mean"]), f"{key}_low": float(r["low"]), f"{key}_high": float(r["high"])}
+    trained = ci[ci["stack"] == "trained"]
+    for _, r in trained[trained["metric"] != "spearman"].iterrows():
+        key = f"rand_{r['metric']}/trained/{r['signal']}"
+        out |= {key: float(r["mean"]), f"{key}_low": float(r["low"]), f"{key}_high": float(r["high"])}
+    return out
+
+
+def randomization_prose(metrics: Mapping, max_rho: float = 0.5) -> list[str]:
+    """One line per signal from :func:`randomization_summary` values (e.g. read back from metrics.json): its
+    Spearman with the trained map once the LM (and the tower) is random, and whether it passes the check —
+    the map changes (upper CI bound of Spearman below ``max_rho``) when the weights it depends on
+    (:data:`vtrlab.analysis.signals.DEPENDS`) are re-initialised. Signals that depend on no weights (ground
+    truth, random) are the references that must not change."""
+    from .signals import describe
+
+    def num(key):
+        return float(metrics[key])
+
+    sigs = list(
+        dict.fromkeys(
+            k.split("/", 2)[2] for k in metrics if k.startswith("rand_spearman/") and not k.endswith(("_low", "_high"))
+        )
     )
+    lines = [
+        f"Model randomization (Spearman with the trained map after re-initialising a whole stack; passes: < {max_rho}):"
+    ]
+    for sig in sigs:
+        try:
+            depends = describe(sig)["depends"]
+        except ValueError:
+            depends = ("lm", "vision")
+        parts, failed, tested = [], [], []
+        for stack in ("lm", "vision"):
+            key = f"rand_spearman/{stack}/{sig}"
+            if key not in metrics:
+                continue
+            v, lo, hi = num(key), num(key + "_low"), num(key + "_high")
+            parts.append(f"{stack} random {v:.2f} [{lo:.2f}, {hi:.2f}]")
+            if stack in depends and np.isfinite(hi):
+                tested.append(stack)
+                if hi >= max_rho:
+                    failed.append(stack)
+        au = f"rand_auroc/trained/{sig}"
+        if au in metrics and np.isfinite(num(au)):
+            parts.append(f"trained AUROC {num(au):.2f}")
+        if not depends:
+            tag = "reference (depends on no weights)"
+        elif not tested:
+            tag = "not tested"
+        elif failed:
+            tag = f"FAILS: the map survives re-initialising the {' and the '.join(failed)} stack"
+        else:
+            tag = "passes"
+        lines.append(f"  {sig}: " + "; ".join(parts) + f" — {tag}.")
+    return lines if sigs else []

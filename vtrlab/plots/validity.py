@@ -100,24 +100,127 @@ def deletion_curves_figure(curves: pd.DataFrame, y: str = "accuracy", signals: S
     return fig
 
 
-def randomization_figure(table: pd.DataFrame, signals: Sequence[str] | None = None):
+def randomization_figure(
+    table: pd.DataFrame, signals: Sequence[str] | None = None, baseline: tuple[float, float, float] | None = None
+):
     """Model-randomization check: per cascade step, each signal's Spearman correlation with its map on
-    the trained model (left) and its AUROC against ground truth (right), mean with 95% CI band.
-    ``table``: a :func:`vtrlab.analysis.randomization.randomization_ci` table."""
+    the trained model (left), its AUROC against ground truth (middle) and its AUROC between target and
+    distractor objects (right), mean with 95% CI band; ``baseline`` (mean, low, high): the objectness
+    baseline drawn beside the AUROC. ``table``: a :func:`vtrlab.analysis.randomization.randomization_ci`
+    table (pooled, or its family ``"all"`` rows are used)."""
+    if "family" in table.columns:
+        table = table[table["family"] == "all"]
     signals = list(signals or dict.fromkeys(table["signal"]))
     steps = list(dict.fromkeys(table.sort_values("step")["step_name"]))
-    fig, axes = figure("double", nrows=1, ncols=2)
-    for ax, metric, label in zip(axes, ("spearman", "auroc"), ("Spearman ρ with trained map", "AUROC")):
+    panels = [
+        ("spearman", "Spearman ρ with trained map"),
+        ("auroc", "AUROC"),
+        ("object_auroc", "AUROC target vs distractors"),
+    ]
+    panels = [p for p in panels if p[0] in set(table["metric"])]
+    fig, axes = figure("double", nrows=1, ncols=len(panels), squeeze=False)
+    for ax, (metric, label) in zip(axes[0], panels):
         sub = table[table["metric"] == metric]
         for j, s in enumerate(signals):
             d = sub[sub["signal"] == s].dropna(subset=["mean"])
             if not d.empty:
                 _band(ax, d, "step", s, color=f"C{j % 10}")
+        if metric == "auroc" and baseline is not None and np.isfinite(baseline[0]):
+            ax.axhline(baseline[0], color="C2", ls=":", lw=0.8, label="objectness baseline")
+            ax.axhspan(baseline[1], baseline[2], color="C2", alpha=0.12, lw=0)
+            ax.legend(fontsize=5, frameon=False, loc="lower left")
         ax.set_xticks(range(len(steps)))
         ax.set_xticklabels(steps, rotation=60, ha="right", fontsize=5)
         ax.set_ylabel(label)
-        ax.axhline(0.5 if metric == "auroc" else 0.0, color="0.5", lw=0.6, ls="--")
-    axes[0].legend(fontsize=5, frameon=False)
+        ax.axhline(0.5 if metric != "spearman" else 0.0, color="0.5", lw=0.6, ls="--")
+    axes[0, 0].legend(fontsize=5, frameon=False)
+    return fig
+
+
+FAMILY_ALL = "all"
+
+
+def signal_controls_figure(
+    ci: pd.DataFrame, signals: Sequence[str] | None = None, families: Sequence[str] | None = None
+):
+    """Every signal's AUROC against ground truth beside its controls, one panel per family: AUROC (all
+    tokens) and AUROC target vs distractor objects with 95% CIs per signal, the objectness baseline as a
+    dotted line with its CI band, chance as a dashed line. ``ci``: a
+    :func:`vtrlab.analysis.controls.signal_controls_ci` table."""
+    families = list(families or dict.fromkeys(ci["family"]))
+    signals = list(signals or dict.fromkeys(ci["signal"]))
+    ncols = min(3, len(families))
+    nrows = int(np.ceil(len(families) / ncols))
+    height = max(1.6, 0.11 * len(signals) + 0.6) * nrows
+    fig, axes = figure("double", height=height, nrows=nrows, ncols=ncols, squeeze=False, sharex=True)
+    y = np.arange(len(signals))
+    for i, fam in enumerate(families):
+        ax = axes.flat[i]
+        g = ci[ci["family"] == fam]
+        ob = g[g["metric"] == "objectness_auroc"].dropna(subset=["mean"])
+        if not ob.empty:
+            r = ob.iloc[0]
+            ax.axvline(
+                r["mean"],
+                color=CONTROL_STYLE["objectness_auroc"][2],
+                ls=":",
+                lw=0.8,
+                label=CONTROL_STYLE["objectness_auroc"][0],
+            )
+            ax.axvspan(r["low"], r["high"], color=CONTROL_STYLE["objectness_auroc"][2], alpha=0.12, lw=0)
+        for off, metric in ((-0.15, "auroc"), (0.15, "object_auroc")):
+            d = g[g["metric"] == metric].set_index("signal").reindex(signals)
+            label, _, color = CONTROL_STYLE[metric]
+            err = np.vstack([d["mean"] - d["low"], d["high"] - d["mean"]])
+            ax.errorbar(d["mean"], y + off, xerr=np.nan_to_num(err), fmt="o", ms=2.2, lw=0.6, color=color, label=label)
+        ax.axvline(0.5, color="0.5", lw=0.6, ls="--")
+        ax.set_yticks(y)
+        ax.set_yticklabels(signals if i % ncols == 0 else [], fontsize=5)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1.02)
+        ax.set_title(f"{fam} (n={int(g['n'].max()) if len(g) else 0})", fontsize=7)
+        ax.set_xlabel("AUROC")
+    spare = list(axes.flat)[len(families) :]
+    for ax in spare:
+        ax.set_axis_off()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if spare:  # the legend in a free panel, clear of the data
+        spare[0].legend(handles, labels, fontsize=6, frameon=False, loc="center")
+    else:
+        fig.legend(handles, labels, fontsize=5, frameon=False, loc="lower center", ncols=3)
+    return fig
+
+
+def area_figure(ci: pd.DataFrame, metric: str = "auc_accuracy", signals: Sequence[str] | None = None):
+    """The causal ranking: area under the deletion (left; lower = the signal's top tokens matter more) and
+    insertion (right; higher = better) curves per signal, with 95% CIs; one marker per family, pooled
+    (``"all"``) in black. ``ci``: a :func:`vtrlab.analysis.deletion.area_ci` table."""
+    d0 = ci[ci["metric"] == metric]
+    signals = list(signals or dict.fromkeys(d0["signal"]))
+    families = [f for f in dict.fromkeys(d0["family"]) if f != FAMILY_ALL] + [FAMILY_ALL]
+    fig, axes = figure("double", height=max(1.8, 0.12 * len(signals) + 0.7), nrows=1, ncols=2, sharey=True)
+    y = np.arange(len(signals))
+    span = 0.6
+    for ax, mode in zip(axes, ("deletion", "insertion")):
+        sub = d0[d0["mode"] == mode]
+        for j, fam in enumerate(families):
+            d = sub[sub["family"] == fam].set_index("signal").reindex(signals)
+            if d["mean"].isna().all():
+                continue
+            off = (j / max(len(families) - 1, 1) - 0.5) * span if len(families) > 1 else 0.0
+            color = "k" if fam == FAMILY_ALL else f"C{j % 10}"
+            err = np.vstack([d["mean"] - d["low"], d["high"] - d["mean"]])
+            ax.errorbar(d["mean"], y + off, xerr=np.nan_to_num(err), fmt="o", ms=2, lw=0.5, color=color, label=fam)
+        if "random" in signals:
+            r = sub[(sub["family"] == FAMILY_ALL) & (sub["signal"] == "random")]
+            if not r.empty:
+                ax.axvline(float(r["mean"].iloc[0]), color="0.5", lw=0.6, ls="--")
+        ax.set_yticks(y)
+        ax.set_yticklabels(signals, fontsize=5)
+        ax.set_title(f"{mode} ({'lower' if mode == 'deletion' else 'higher'} is better)", fontsize=7)
+        ax.set_xlabel(f"area under the {metric.removeprefix('auc_')} curve")
+    axes[0].invert_yaxis()
+    axes[1].legend(fontsize=5, frameon=False, loc="lower right")
     return fig
 
 
