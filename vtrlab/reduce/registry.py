@@ -152,14 +152,20 @@ class Method:
         return f"{type(self).__name__}({args})"
 
 
+MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def uses_mrope(vlm: Any) -> bool:
+    """Whether the family's LM takes multi-axis (mRoPE) position ids, where renumbering is undefined."""
+    return vlm.family in MROPE_FAMILIES
+
+
 def prepare(method: Method, vlm: Any) -> None:
     """Ready ``method`` for ``vlm``: its ``check`` (may raise :class:`NotApplicable`; may set a
     family-specific position policy), then the position policy: ``positions=`` when given wins;
     otherwise a pre-LM method whose code renumbers keeps the original ids on mRoPE families (Qwen2-VL,
     Qwen2.5-VL), where renumbering is undefined — as the methods' Qwen ports (ModelTC/LightCompress)
     slice ``position_ids``. The policy in force is ``method.positions`` (and the record's attrs)."""
-    from .stages.lm import uses_mrope
-
     method.__dict__.pop("positions", None)  # a policy set for another model does not carry over
     method.check(vlm)
     want = method.params.get("positions")

@@ -33,7 +33,7 @@ import torch
 
 from ...models.base import Batch
 from ..context import budgets, lm_layer_index
-from ..registry import Method
+from ..registry import MROPE_FAMILIES, Method, uses_mrope  # noqa: F401  (re-exported)
 
 
 class LMMethod(Method):
@@ -422,14 +422,6 @@ def _rotary(state: RemovalState, k: int, hidden: torch.Tensor, pos: torch.Tensor
     if "layer_type" in inspect.signature(rot.forward).parameters:
         return rot(hidden, pos, lm.config.layer_types[k])
     return rot(hidden, pos)
-
-
-MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-
-
-def uses_mrope(vlm: Any) -> bool:
-    """Whether the family's LM takes multi-axis (mRoPE) position ids, where renumbering is undefined."""
-    return vlm.family in MROPE_FAMILIES
 
 
 def _pre_hook(state: RemovalState, k: int):
