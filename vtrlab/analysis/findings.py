@@ -130,7 +130,7 @@ def make_record(claim: str, parts: Sequence[Mapping], data: Mapping | None = Non
     info = CLAIMS[claim]
     first = parts[0]
     why = "; ".join(part_text(p) for p in parts) + (f". {note}" if note else "")
-    return {
+    return _jsonable({
         "claim": claim,
         "title": info["title"],
         "source": info["source"],
@@ -143,8 +143,8 @@ def make_record(claim: str, parts: Sequence[Mapping], data: Mapping | None = Non
         "verdict": combine([p["verdict"] for p in parts]),
         "why": why,
         "parts": [dict(p) for p in parts],
-        "data": _jsonable(data or {}),
-    }
+        "data": data or {},
+    })
 
 
 def not_applicable(claim: str, why: str, measure: str = "", n: int = 0, data: Mapping | None = None) -> dict:
@@ -941,7 +941,9 @@ CLAIM_FUNCTIONS: dict[str, Callable[..., dict]] = {
 def run_all(vlm, samples, *, claims: Sequence[str] | None = None, cache: FindingsCache | None = None,
             methods: Sequence[str] = REDUCTION_METHODS, budgets: Sequence[float] = REDUCTION_BUDGETS,
             n_boot: int = N_BOOT, seed: int = 0, progress: bool = False) -> list[dict]:
-    """Every claim (or those named in ``claims``) on ``samples``, sharing one cache; records in order."""
+    """Every claim (or those named in ``claims``) on ``samples``, sharing one cache; records in order. The reduction
+    claims use ``budgets``: FEATHER's kept set at the smallest, Wen et al. at the largest, "When Less is Enough"
+    on reading at those <= 0.5 and on scenes at the one nearest 0.3."""
     names = list(CLAIM_FUNCTIONS) if claims is None else list(claims)
     bad = [c for c in names if c not in CLAIM_FUNCTIONS]
     if bad:
@@ -954,6 +956,16 @@ def run_all(vlm, samples, *, claims: Sequence[str] | None = None, cache: Finding
         kw: dict[str, Any] = {"cache": cache, "n_boot": n_boot, "seed": seed}
         if name in ("feather", "wen", "when_less", "haurum"):
             kw |= {"methods": methods, "budgets": budgets}
+        if name == "feather":
+            kw["keep"] = min(budgets)
+        if name == "wen":
+            kw["budget"] = max(b for b in budgets)
+        if name == "when_less":
+            low = [b for b in budgets if b <= 0.5]
+            if not low:
+                out.append(not_applicable(name, f"no keep ratio <= 50% among budgets {list(budgets)}"))
+                continue
+            kw |= {"reading_budgets": low, "scene_budget": min(budgets, key=lambda b: abs(b - 0.3))}
         out.append(CLAIM_FUNCTIONS[name](vlm, samples, **kw))
     return out
 
