@@ -31,8 +31,10 @@ def fake_vlm(has_cls=True, n_layers=L):
 
 
 def fake_samples(n=N, families=("color",)):
-    return [SimpleNamespace(seed=0, index=i, family=families[i % len(families)], question=f"q{i}", answer="a",
-                            image=None) for i in range(n)]
+    return [
+        SimpleNamespace(seed=0, index=i, family=families[i % len(families)], question=f"q{i}", answer="a", image=None)
+        for i in range(n)
+    ]
 
 
 def cache_with(vlm, samples, **entries):
@@ -46,16 +48,18 @@ def capture_rows(rng, share_shallow, share_deep, n=N, tokens=16, lm=None, norm_s
     rows = []
     for i in range(n):
         share = np.r_[np.full(2, share_shallow), np.full(L - 2, share_deep)] + rng.normal(0, 0.01, L)
-        rows.append({
-            "lm": rng.random((L, tokens)) if lm is None else lm(rng),
-            "image_share": share,
-            "first": np.full(L, 0.01),
-            "n_visible": 30,
-            "n_image": tokens,
-            "relevant": np.arange(tokens) < 3,
-            "cls": rng.random((3, tokens)),
-            "norm": 1 + norm_scale * rng.random((3, tokens)),
-        })
+        rows.append(
+            {
+                "lm": rng.random((L, tokens)) if lm is None else lm(rng),
+                "image_share": share,
+                "first": np.full(L, 0.01),
+                "n_visible": 30,
+                "n_image": tokens,
+                "relevant": np.arange(tokens) < 3,
+                "cls": rng.random((3, tokens)),
+                "norm": 1 + norm_scale * rng.random((3, tokens)),
+            }
+        )
     return rows
 
 
@@ -129,8 +133,12 @@ def test_gsearch_statistic_and_both_verdicts():
 
     rows = capture_rows(rng, 0.5, 0.5, lm=agreeing)
     rec = F.gsearch(vlm, samples, cache=cache_with(vlm, samples, capture=rows), n_boot=200)
-    hand = np.mean([np.mean([stats.spearmanr(r["lm"][a], r["lm"][b])[0] for a in range(1, L) for b in range(a + 1, L)])
-                    for r in rows])
+    hand = np.mean(
+        [
+            np.mean([stats.spearmanr(r["lm"][a], r["lm"][b])[0] for a in range(1, L) for b in range(a + 1, L)])
+            for r in rows
+        ]
+    )
     assert rec["value"] == pytest.approx(hand)
     assert rec["verdict"] == "replicated"
     rows = capture_rows(rng, 0.5, 0.5)  # independent random rankings per layer
@@ -181,8 +189,10 @@ def test_zhang_order_by_hand_and_both_verdicts():
     hand = 4.5 - (0.6 * 0.5 + 0.2 * 2.5) / 0.8
     assert rec["value"] == pytest.approx(hand) and rec["verdict"] == "replicated"
     rev = eff[::-1].copy()
-    assert F.zhang(vlm, samples, cache=cache_with(vlm, samples, knockout_sweep__2=(rev, mids)), n_boot=200)[
-        "verdict"] == "refuted"
+    assert (
+        F.zhang(vlm, samples, cache=cache_with(vlm, samples, knockout_sweep__2=(rev, mids)), n_boot=200)["verdict"]
+        == "refuted"
+    )
 
 
 def test_neo_parts_by_hand():
@@ -192,13 +202,23 @@ def test_neo_parts_by_hand():
     hit = np.zeros((N, L))
     hit[:, 5:] = 1
     au = np.full(N, 0.9)
-    cache = cache_with(vlm, samples, answers__full=full, answers__drop_relevant=obj,
-                       **{"answers__drop_matched_random__0": rnd, "logit_lens__5": (hit, au)})
+    cache = cache_with(
+        vlm,
+        samples,
+        answers__full=full,
+        answers__drop_relevant=obj,
+        **{"answers__drop_matched_random__0": rnd, "logit_lens__5": (hit, au)},
+    )
     rec = F.neo(vlm, samples, cache=cache, n_boot=200)
     assert [p["value"] for p in rec["parts"]] == pytest.approx([1 - 5 / N, 1.0, 0.9])
     assert rec["verdict"] == "replicated"
-    cache = cache_with(vlm, samples, answers__full=full, answers__drop_relevant=rnd,
-                       **{"answers__drop_matched_random__0": rnd, "logit_lens__5": (hit * 0, au * 0 + 0.3)})
+    cache = cache_with(
+        vlm,
+        samples,
+        answers__full=full,
+        answers__drop_relevant=rnd,
+        **{"answers__drop_matched_random__0": rnd, "logit_lens__5": (hit * 0, au * 0 + 0.3)},
+    )
     assert F.neo(vlm, samples, cache=cache, n_boot=200)["verdict"] == "refuted"
 
 
@@ -207,15 +227,30 @@ def sweep_cache(vlm, samples, acc: dict, kept: dict | None = None, budgets=(0.3,
     rows, toks = [], []
     for (m, seed, b), v in acc.items():
         for i, c in enumerate(v):
-            rows.append({"sample": i, "family": samples[i].family, "method": m, "seed": seed, "budget": b,
-                         "correct": bool(c)})
+            rows.append(
+                {"sample": i, "family": samples[i].family, "method": m, "seed": seed, "budget": b, "correct": bool(c)}
+            )
             if m != "full" and kept is not None:
                 k = kept[(m, seed, b)][i]
-                toks.append(pd.DataFrame({"sample": i, "family": samples[i].family, "method": m, "seed": seed,
-                                          "budget": b, "token": np.arange(k.size), "kept": k}))
+                toks.append(
+                    pd.DataFrame(
+                        {
+                            "sample": i,
+                            "family": samples[i].family,
+                            "method": m,
+                            "seed": seed,
+                            "budget": b,
+                            "token": np.arange(k.size),
+                            "kept": k,
+                        }
+                    )
+                )
     have = {(m, b) for (m, _, b) in acc if m != "full"}
-    entry = {"answers": [pd.DataFrame(rows)], "tokens": [pd.concat(toks, ignore_index=True) if toks else
-                                                         pd.DataFrame(columns=["method", "budget"])], "have": have}
+    entry = {
+        "answers": [pd.DataFrame(rows)],
+        "tokens": [pd.concat(toks, ignore_index=True) if toks else pd.DataFrame(columns=["method", "budget"])],
+        "have": have,
+    }
     return cache_with(vlm, samples, sweep=entry)
 
 
@@ -237,8 +272,9 @@ def test_wen_share_below_random_by_hand_and_both_verdicts():
     assert rec["parts"][1]["value"] == pytest.approx(drop_read - drop_color)
     assert rec["verdict"] == "replicated"
     acc[("a", -1, 0.5)] = acc[("b", -1, 0.5)] = acc[("c", -1, 0.5)] = ones.copy()
-    rec = F.wen(vlm, samples, cache=sweep_cache(vlm, samples, acc), methods=["random", "a", "b", "c"],
-                budgets=[0.5], n_boot=200)
+    rec = F.wen(
+        vlm, samples, cache=sweep_cache(vlm, samples, acc), methods=["random", "a", "b", "c"], budgets=[0.5], n_boot=200
+    )
     assert rec["parts"][0]["value"] == 0.0 and rec["verdict"] == "refuted"
 
 
@@ -252,14 +288,26 @@ def test_when_less_both_parts_and_verdicts():
         acc[("selector", -1, b)] = ones.copy()
         acc[("random", 0, b)] = np.where(is_read, 0.0, 1.0)
         acc[("random", 1, b)] = np.where(is_read, 0.0, 1.0)
-    rec = F.when_less(vlm, samples, cache=sweep_cache(vlm, samples, acc), methods=["random", "selector"],
-                      budgets=[0.3, 0.5], n_boot=200)
+    rec = F.when_less(
+        vlm,
+        samples,
+        cache=sweep_cache(vlm, samples, acc),
+        methods=["random", "selector"],
+        budgets=[0.3, 0.5],
+        n_boot=200,
+    )
     assert [p["value"] for p in rec["parts"]] == pytest.approx([1.0, 0.0])
     assert rec["verdict"] == "replicated"
     for s in (0, 1):
         acc[("random", s, 0.3)] = np.where(is_read, 0.0, (np.arange(N) // 2) % 2)  # scenes at 30%: half wrong
-    rec = F.when_less(vlm, samples, cache=sweep_cache(vlm, samples, acc), methods=["random", "selector"],
-                      budgets=[0.3, 0.5], n_boot=200)
+    rec = F.when_less(
+        vlm,
+        samples,
+        cache=sweep_cache(vlm, samples, acc),
+        methods=["random", "selector"],
+        budgets=[0.3, 0.5],
+        n_boot=200,
+    )
     assert rec["parts"][1]["value"] == pytest.approx(0.5) and rec["verdict"] == "refuted"
     with pytest.raises(ValueError, match="<= 0.5"):
         F.when_less(vlm, samples, reading_budgets=[0.7])
@@ -280,8 +328,14 @@ def test_haurum_spearman_by_hand():
         acc[(m, -1, 0.5)] = (rng.random(N) < 0.9 - 0.15 * k).astype(float)
     kept[("m0", -1, 0.5)] = best
     acc[("m0", -1, 0.5)] = np.ones(N)
-    rec = F.haurum(vlm, samples, cache=sweep_cache(vlm, samples, acc, kept, budgets=(0.5,)),
-                   methods=["m0", "m1", "m2", "m3", "m4"], budgets=[0.5], n_boot=200)
+    rec = F.haurum(
+        vlm,
+        samples,
+        cache=sweep_cache(vlm, samples, acc, kept, budgets=(0.5,)),
+        methods=["m0", "m1", "m2", "m3", "m4"],
+        budgets=[0.5],
+        n_boot=200,
+    )
     jac = [(6 - k) / (6 + k) for k in range(1, 5)]
     hand = stats.spearmanr(jac, [acc[(f"m{k}", -1, 0.5)].mean() for k in range(1, 5)])[0]
     assert rec["value"] == pytest.approx(hand)
@@ -339,3 +393,34 @@ def test_render_between_markers_and_load(tmp_path):
         F.load_findings(path)
     with pytest.raises(FileNotFoundError, match="no findings.json"):
         F.load_findings(tmp_path / "nowhere")
+
+
+def test_cli_renders_readme_from_the_run_behind_the_figures(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from vtrlab.cli import app
+
+    root = tmp_path / "proj"
+    run = root / "runs" / "05_findings" / "abc"
+    run.mkdir(parents=True)
+    (root / "figures" / "05_findings").mkdir(parents=True)
+    (root / "figures" / "05_findings" / "fastv.png").write_bytes(b"png")
+    (root / "figures" / "MANIFEST.json").write_text(
+        json.dumps({"figures/05_findings/fastv.png": {"run_dir": "runs/05_findings/abc"}})
+    )
+    recs = records()
+    (run / "findings.json").write_text(json.dumps({"records": recs, "provenance": {"model": "organism"}}))
+    (root / "README.md").write_text(f"# x\n{F.START}\n{F.END}\nend\n")
+    monkeypatch.setenv("VTRLAB_ROOT", str(root))
+    out = CliRunner().invoke(app, ["findings", "--check"])
+    assert out.exit_code == 1 and "differs" in out.output
+    out = CliRunner().invoke(app, ["findings"])
+    assert out.exit_code == 0, out.output
+    text = (root / "README.md").read_text()
+    assert F.markdown_table(recs) in text and "model `organism`" in text and text.endswith(f"{F.END}\nend\n")
+    assert json.loads((root / "figures" / "05_findings" / "findings.json").read_text())["records"] == recs
+    out = CliRunner().invoke(app, ["findings", "--check"])
+    assert out.exit_code == 0 and "up to date" in out.output
+    (root / "README.md").write_text("no markers\n")
+    out = CliRunner().invoke(app, ["findings"])
+    assert out.exit_code == 2 and "exactly one" in out.output

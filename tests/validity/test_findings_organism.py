@@ -49,8 +49,9 @@ def test_every_claim_returns_a_well_formed_record(organism):
             continue
         assert r["n"] >= 1 and isinstance(r["value"], float)
         for p in r["parts"]:
-            assert p["verdict"] == F.verdict_of(*(np.nan if c is None else c for c in p["ci"]), p["threshold"],
-                                                p["direction"])
+            assert p["verdict"] == F.verdict_of(
+                *(np.nan if c is None else c for c in p["ci"]), p["threshold"], p["direction"]
+            )
     by = {r["claim"]: r for r in recs}
     d = by["darcet"]  # not applicable exactly when no tower token (before the last layer) is high-norm
     assert (d["verdict"] == "not applicable here") == (max(d["data"]["max_ratio"][:-1]) <= d["data"]["factor"])

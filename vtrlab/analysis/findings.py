@@ -98,9 +98,7 @@ def _fmt(x: float) -> str:
     return "nan" if x is None or not np.isfinite(x) else f"{x:.3f}"
 
 
-def part(
-    name: str, measure: str, stat: tuple[float, float, float], n: int, threshold: float, direction: str
-) -> dict:
+def part(name: str, measure: str, stat: tuple[float, float, float], n: int, threshold: float, direction: str) -> dict:
     """One tested statement: ``stat`` = (value, low, high) from :func:`boot`; its verdict by :func:`verdict_of`."""
     value, low, high = (float(v) for v in stat)
     return {
@@ -130,21 +128,23 @@ def make_record(claim: str, parts: Sequence[Mapping], data: Mapping | None = Non
     info = CLAIMS[claim]
     first = parts[0]
     why = "; ".join(part_text(p) for p in parts) + (f". {note}" if note else "")
-    return _jsonable({
-        "claim": claim,
-        "title": info["title"],
-        "source": info["source"],
-        "measure": first["measure"],
-        "value": first["value"],
-        "ci": list(first["ci"]),
-        "n": first["n"],
-        "threshold": first["threshold"],
-        "direction": first["direction"],
-        "verdict": combine([p["verdict"] for p in parts]),
-        "why": why,
-        "parts": [dict(p) for p in parts],
-        "data": data or {},
-    })
+    return _jsonable(
+        {
+            "claim": claim,
+            "title": info["title"],
+            "source": info["source"],
+            "measure": first["measure"],
+            "value": first["value"],
+            "ci": list(first["ci"]),
+            "n": first["n"],
+            "threshold": first["threshold"],
+            "direction": first["direction"],
+            "verdict": combine([p["verdict"] for p in parts]),
+            "why": why,
+            "parts": [dict(p) for p in parts],
+            "data": data or {},
+        }
+    )
 
 
 def not_applicable(claim: str, why: str, measure: str = "", n: int = 0, data: Mapping | None = None) -> dict:
@@ -183,8 +183,9 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def boot(stat: Callable[[np.ndarray], float], n: int, n_boot: int = N_BOOT, seed: int = 0,
-         max_undefined: float = 0.05) -> tuple[float, float, float]:
+def boot(
+    stat: Callable[[np.ndarray], float], n: int, n_boot: int = N_BOOT, seed: int = 0, max_undefined: float = 0.05
+) -> tuple[float, float, float]:
     """(stat(all samples), low, high): percentile bootstrap 95% CI of ``stat(idx)`` over resampled sample
     indices ``idx`` (an int array with repeats; resamples drawn as in
     :func:`vtrlab.metrics.controls.bootstrap_ci`). Resamples where the statistic is undefined (NaN, e.g.
@@ -280,7 +281,7 @@ def tower_norms_and_capture(vlm, samples, cache: FindingsCache) -> dict:
         for _, chunk in _batches(samples, cache.batch_size):
             batch = vlm.prepare([s.image for s in chunk], [s.question for s in chunk])
 
-            def run():
+            def run(batch=batch):
                 return capture(vlm, batch, queries="last", layers="all", vision=vision, head_mean=True)
 
             if vis_mods:
@@ -330,7 +331,7 @@ CLAIMS: dict[str, dict[str, str]] = {
         "source": "Zhang et al., 2024",
     },
     "neo": {
-        "title": "Object information is localised in the object's patches and decodable by the logit lens in late layers",
+        "title": "Object information is localised in the object's patches and decodable by the logit lens late",
         "source": "Neo et al., 2024",
     },
     "kaduri": {
@@ -365,8 +366,16 @@ def scaled_layer(layer: int, n_layers: int) -> int:
     return int(min(max(round(layer * n_layers / REFERENCE_DEPTH), 0), n_layers - 1))
 
 
-def fastv(vlm, samples, *, cache: FindingsCache | None = None, shallow: int = 2, threshold: float = 0.5,
-          n_boot: int = N_BOOT, seed: int = 0) -> dict:
+def fastv(
+    vlm,
+    samples,
+    *,
+    cache: FindingsCache | None = None,
+    shallow: int = 2,
+    threshold: float = 0.5,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> dict:
     """FastV: the last prompt row's attention share on image tokens in layers >= ``shallow`` over its share in
     layers < ``shallow`` (a ratio of means over samples). FastV reports image tokens getting far less attention
     from layer 2 on than in the two shallow layers. Rule: replicated when the ratio's CI lies below
@@ -408,9 +417,17 @@ def _raster_spearman(scores: np.ndarray) -> float:
     return float(agreement.spearman(scores, np.arange(scores.shape[-1], dtype=np.float64)))
 
 
-def feather(vlm, samples, *, cache: FindingsCache | None = None, keep: float = REDUCTION_BUDGETS[0],
-            methods: Sequence[str] = REDUCTION_METHODS, budgets: Sequence[float] = REDUCTION_BUDGETS,
-            n_boot: int = N_BOOT, seed: int = 0) -> dict:
+def feather(
+    vlm,
+    samples,
+    *,
+    cache: FindingsCache | None = None,
+    keep: float = REDUCTION_BUDGETS[0],
+    methods: Sequence[str] = REDUCTION_METHODS,
+    budgets: Sequence[float] = REDUCTION_BUDGETS,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> dict:
     """FEATHER: Spearman correlation of the last prompt row's attention over the image tokens with their
     sequence (raster) order — positive: later, lower tokens get more — at FastV's selection layer (its
     default, scaled to this LM's depth), and the same correlation for FastV's kept set at ``keep``
@@ -457,8 +474,16 @@ def feather(vlm, samples, *, cache: FindingsCache | None = None, keep: float = R
     return make_record("feather", [p1, p2], data)
 
 
-def zhang(vlm, samples, *, cache: FindingsCache | None = None, window: int | None = None,
-          min_effect: float = 0.1, n_boot: int = N_BOOT, seed: int = 0) -> dict:
+def zhang(
+    vlm,
+    samples,
+    *,
+    cache: FindingsCache | None = None,
+    window: int | None = None,
+    min_effect: float = 0.1,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> dict:
     """Zhang et al.: cut image -> question and question -> last attention edges in non-overlapping windows of
     ``window`` consecutive LM layers (default: their 9 of 32, scaled to this depth) with
     :func:`vtrlab.flow.knockout_sweep`;
@@ -497,10 +522,22 @@ def zhang(vlm, samples, *, cache: FindingsCache | None = None, window: int | Non
         w = np.clip(eff[e][:, i].mean(1), 0, None)
         return float((w * mids).sum() / w.sum()) if w.sum() > 0 else float("nan")
 
-    p1 = part("image->question peak effect", "largest mean drop of p(answer) when image->question is cut",
-              boot(peak(0), n, n_boot, seed), n, min_effect, ">")
-    p2 = part("question->last peak effect", "largest mean drop of p(answer) when question->last is cut",
-              boot(peak(1), n, n_boot, seed), n, min_effect, ">")
+    p1 = part(
+        "image->question peak effect",
+        "largest mean drop of p(answer) when image->question is cut",
+        boot(peak(0), n, n_boot, seed),
+        n,
+        min_effect,
+        ">",
+    )
+    p2 = part(
+        "question->last peak effect",
+        "largest mean drop of p(answer) when question->last is cut",
+        boot(peak(1), n, n_boot, seed),
+        n,
+        min_effect,
+        ">",
+    )
     p3 = part(
         "layer order (question->last minus image->question)",
         "effect-weighted mean layer of the question->last cut minus that of the image->question cut",
@@ -560,8 +597,9 @@ def _drop_matched_random(seed: int):
     return masks
 
 
-def neo(vlm, samples, *, cache: FindingsCache | None = None, top_k: int = 5, n_boot: int = N_BOOT,
-        seed: int = 0) -> dict:
+def neo(
+    vlm, samples, *, cache: FindingsCache | None = None, top_k: int = 5, n_boot: int = N_BOOT, seed: int = 0
+) -> dict:
     """Neo et al.: (1) localisation — accuracy with as many random non-object tokens removed as the
     question's object has, minus accuracy with the object's (relevant) tokens removed, claimed > 0;
     (2) decodable late — the share of samples whose gold answer token is among the logit lens' top
@@ -584,8 +622,14 @@ def neo(vlm, samples, *, cache: FindingsCache | None = None, top_k: int = 5, n_b
         gold = _gold_first(vlm, samples)
         for start, chunk in _batches(samples, cache.batch_size):
             batch = vlm.prepare([s.image for s in chunk], [s.question for s in chunk])
-            ds = logit_lens(vlm, batch, queries="image", layers="all", targets=[int(g) for g in gold[start:start + len(chunk)]],
-                            top_k=top_k)
+            ds = logit_lens(
+                vlm,
+                batch,
+                queries="image",
+                layers="all",
+                targets=[int(g) for g in gold[start : start + len(chunk)]],
+                top_k=top_k,
+            )
             for b, (lay, s) in enumerate(zip(batch.layouts, chunk)):
                 rel = _relevant_tokens(lay, s)
                 m = int(lay.n_image_tokens)
@@ -599,19 +643,37 @@ def neo(vlm, samples, *, cache: FindingsCache | None = None, top_k: int = 5, n_b
     hit, au = cache.get(f"logit_lens/{top_k}", compute_lens)
     ok = np.isfinite(au)
     diff = rnd - obj
-    p1 = part("localisation (random minus object removed)",
-              "accuracy with matched random non-object tokens removed minus accuracy with the object's tokens removed",
-              _mean_boot(diff[ok], n_boot, seed), int(ok.sum()), 0.0, ">")
+    p1 = part(
+        "localisation (random minus object removed)",
+        "accuracy with matched random non-object tokens removed minus accuracy with the object's tokens removed",
+        _mean_boot(diff[ok], n_boot, seed),
+        int(ok.sum()),
+        0.0,
+        ">",
+    )
     late_hit = np.nanmax(hit[:, late], axis=1)
-    p2 = part(f"gold token in the lens' top-{top_k} at the object, late layers",
-              f"share of samples whose gold token is in the logit lens' top {top_k} at a relevant token, layers "
-              f"{late[0]}-{late[-1]}", _mean_boot(late_hit[ok], n_boot, seed), int(ok.sum()), 0.5, ">")
-    p3 = part("lens localised (AUROC, relevant vs other tokens)",
-              "AUROC of the gold token's lens probability (max over late layers), relevant vs other image tokens",
-              _mean_boot(au[ok], n_boot, seed), int(ok.sum()), 0.5, ">")
+    p2 = part(
+        f"gold token in the lens' top-{top_k} at the object, late layers",
+        f"share of samples whose gold token is in the logit lens' top {top_k} at a relevant token, layers "
+        f"{late[0]}-{late[-1]}",
+        _mean_boot(late_hit[ok], n_boot, seed),
+        int(ok.sum()),
+        0.5,
+        ">",
+    )
+    p3 = part(
+        "lens localised (AUROC, relevant vs other tokens)",
+        "AUROC of the gold token's lens probability (max over late layers), relevant vs other image tokens",
+        _mean_boot(au[ok], n_boot, seed),
+        int(ok.sum()),
+        0.5,
+        ">",
+    )
     data = {
-        "accuracy": {k: list(_mean_boot(v[ok], n_boot, seed)) for k, v in
-                     (("full", full), ("random removed", rnd), ("object removed", obj))},
+        "accuracy": {
+            k: list(_mean_boot(v[ok], n_boot, seed))
+            for k, v in (("full", full), ("random removed", rnd), ("object removed", obj))
+        },
         "layers": list(range(n_layers)),
         "hit_rate": [_mean_boot(hit[ok, j], n_boot, seed) for j in range(n_layers)],
         "late_layers": late,
@@ -620,8 +682,16 @@ def neo(vlm, samples, *, cache: FindingsCache | None = None, top_k: int = 5, n_b
     return make_record("neo", [p1, p2, p3], data)
 
 
-def kaduri(vlm, samples, *, cache: FindingsCache | None = None, min_gap: float = 0.2, threshold: float = 0.5,
-           n_boot: int = N_BOOT, seed: int = 0) -> dict:
+def kaduri(
+    vlm,
+    samples,
+    *,
+    cache: FindingsCache | None = None,
+    min_gap: float = 0.2,
+    threshold: float = 0.5,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> dict:
     """Kaduri et al.: with :func:`vtrlab.knockout` at every LM layer, the first answer token's accuracy (argmax
     at the last prompt position = the gold answer's first token) (a) plain, (b) with image -> last cut,
     (c) with image -> every text position cut (blind: the image can reach the answer by no path). The
@@ -638,41 +708,65 @@ def kaduri(vlm, samples, *, cache: FindingsCache | None = None, min_gap: float =
         rows = []
         for start, chunk in _batches(samples, cache.batch_size):
             batch = vlm.prepare([s.image for s in chunk], [s.question for s in chunk])
-            tgt = [int(g) for g in gold[start:start + len(chunk)]]
+            tgt = [int(g) for g in gold[start : start + len(chunk)]]
             last = knockout(vlm, batch, keys="image", queries="last", layers="all", target=tgt)
             blind = knockout(vlm, batch, keys="image", queries="text", layers="all", target=tgt)
             g = np.asarray(tgt)
-            rows.append(np.stack([
-                last.logprobs_clean.values.argmax(-1) == g,
-                last.logprobs.values.argmax(-1) == g,
-                blind.logprobs.values.argmax(-1) == g,
-            ], 1))
+            rows.append(
+                np.stack(
+                    [
+                        last.logprobs_clean.values.argmax(-1) == g,
+                        last.logprobs.values.argmax(-1) == g,
+                        blind.logprobs.values.argmax(-1) == g,
+                    ],
+                    1,
+                )
+            )
         return np.concatenate(rows).astype(np.float64)  # (n, 3): plain, image->last cut, blind
 
     acc = cache.get("kaduri", compute)
     n = len(acc)
     a, b, c = acc.mean(0)
-    data = {"accuracy": {k: list(_mean_boot(acc[:, j], n_boot, seed)) for j, k in
-                         enumerate(("plain", "image->last cut", "image->text cut (blind)"))}}
+    data = {
+        "accuracy": {
+            k: list(_mean_boot(acc[:, j], n_boot, seed))
+            for j, k in enumerate(("plain", "image->last cut", "image->text cut (blind)"))
+        }
+    }
     if a - c < min_gap:
-        return not_applicable("kaduri", f"the image barely matters to the first answer token: plain {_fmt(a)} vs "
-                              f"blind {_fmt(c)} (gap < {min_gap})", n=n, data=data)
+        return not_applicable(
+            "kaduri",
+            f"the image barely matters to the first answer token: plain {_fmt(a)} vs blind {_fmt(c)} (gap < {min_gap})",
+            n=n,
+            data=data,
+        )
 
     def retained(i):
         x = acc[i].mean(0)
         gap = x[0] - x[2]
         return (x[1] - x[2]) / gap if gap > 0 else float("nan")
 
-    p = part("share of the image's contribution left after cutting image->last",
-             "(acc with image->last cut - blind acc) / (plain acc - blind acc), first answer token, all LM layers",
-             boot(retained, n, n_boot, seed), n, threshold, ">")
+    p = part(
+        "share of the image's contribution left after cutting image->last",
+        "(acc with image->last cut - blind acc) / (plain acc - blind acc), first answer token, all LM layers",
+        boot(retained, n, n_boot, seed),
+        n,
+        threshold,
+        ">",
+    )
     return make_record("kaduri", [p], data)
 
 
 # --------------------------------------------------------------------------------------------- reduction
-def reduction_sweep_cached(vlm, samples, cache: FindingsCache, methods: Sequence[str], budgets: Sequence[float],
-                           all_methods: Sequence[str] = REDUCTION_METHODS,
-                           all_budgets: Sequence[float] = REDUCTION_BUDGETS):
+def reduction_sweep_cached(
+    vlm,
+    samples,
+    cache: FindingsCache,
+    methods: Sequence[str],
+    budgets: Sequence[float],
+    all_methods: Sequence[str] = REDUCTION_METHODS,
+    all_budgets: Sequence[float] = REDUCTION_BUDGETS,
+):
     """The shared :func:`vtrlab.analysis.reduction_sweep.reduction_sweep` (random with two seeds) over the union of
     ``all_methods`` and ``all_budgets`` with what this claim needs, run once per cache; returns its
     ``(answers, tokens)`` restricted to ``methods`` (+ full) at ``budgets``."""
@@ -684,8 +778,9 @@ def reduction_sweep_cached(vlm, samples, cache: FindingsCache, methods: Sequence
     missing_m = sorted({m for m in want_m for b in want_b if (m, b) not in done["have"]})
     if missing_m:
         seeds = (cache.seed, cache.seed + 1)
-        ans, tok = reduction_sweep(vlm, samples, missing_m, want_b, seeds=seeds, batch_size=cache.batch_size,
-                                   progress=False)
+        ans, tok = reduction_sweep(
+            vlm, samples, missing_m, want_b, seeds=seeds, batch_size=cache.batch_size, progress=False
+        )
         if done["answers"]:
             ans = ans[ans["method"] != "full"]
         done["answers"].append(ans)
@@ -695,7 +790,9 @@ def reduction_sweep_cached(vlm, samples, cache: FindingsCache, methods: Sequence
     tokens = pd.concat(done["tokens"], ignore_index=True)
     keep_m = set(methods) | {"full"}
     bud = np.asarray([float(b) for b in budgets])
-    sel_a = answers["method"].isin(keep_m) & (answers["method"].eq("full") | np.isclose(answers["budget"].to_numpy()[:, None], bud).any(1))
+    sel_a = answers["method"].isin(keep_m) & (
+        answers["method"].eq("full") | np.isclose(answers["budget"].to_numpy()[:, None], bud).any(1)
+    )
     sel_t = tokens["method"].isin(keep_m) & np.isclose(tokens["budget"].to_numpy()[:, None], bud).any(1)
     return answers[sel_a].reset_index(drop=True), tokens[sel_t].reset_index(drop=True)
 
@@ -714,9 +811,18 @@ def _known_families(answers: pd.DataFrame, samples) -> list[str]:
     return [f for f in dict.fromkeys(s.family for s in samples) if full.get(f, 0.0) >= KNOWN_TASK]
 
 
-def wen(vlm, samples, *, cache: FindingsCache | None = None, budget: float = 0.5,
-        methods: Sequence[str] = REDUCTION_METHODS, budgets: Sequence[float] = REDUCTION_BUDGETS,
-        fragile: str = "reading", n_boot: int = N_BOOT, seed: int = 0) -> dict:
+def wen(
+    vlm,
+    samples,
+    *,
+    cache: FindingsCache | None = None,
+    budget: float = 0.5,
+    methods: Sequence[str] = REDUCTION_METHODS,
+    budgets: Sequence[float] = REDUCTION_BUDGETS,
+    fragile: str = "reading",
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> dict:
     """UniPruneBench / Wen et al.: (1) the share of reduction methods (every method of the sweep but random
     and the oracle) whose accuracy at keep ratio ``budget`` is below random keep's (mean over seeds),
     claimed > 0.5 ("most"); (2) reading is the most fragile: its relative accuracy drop at ``budget``
@@ -733,9 +839,14 @@ def wen(vlm, samples, *, cache: FindingsCache | None = None, budget: float = 0.5
     A = acc[ranked].to_numpy()
     R = acc["random"].to_numpy()
     n = len(acc)
-    p1 = part(f"share of methods below random ({budget:.0%} keep)",
-              f"share of the {len(ranked)} methods whose accuracy at {budget:.0%} keep is below random keep's",
-              boot(lambda i: float((A[i].mean(0) < R[i].mean()).mean()), n, n_boot, seed), n, 0.5, ">")
+    p1 = part(
+        f"share of methods below random ({budget:.0%} keep)",
+        f"share of the {len(ranked)} methods whose accuracy at {budget:.0%} keep is below random keep's",
+        boot(lambda i: float((A[i].mean(0) < R[i].mean()).mean()), n, n_boot, seed),
+        n,
+        0.5,
+        ">",
+    )
     fams = np.asarray([s.family for s in samples])[acc.index.to_numpy()]
     known = _known_families(answers, samples)
     red_cols = [*ranked, "random"]
@@ -759,18 +870,33 @@ def wen(vlm, samples, *, cache: FindingsCache | None = None, budget: float = 0.5
         return make_record("wen", [p1], data, note)
 
     others = [f for f in known if f != fragile]
-    p2 = part(f"{fragile} drop minus the largest other drop",
-              f"relative accuracy drop of {fragile} at {budget:.0%} keep (mean over methods) minus the largest among "
-              f"{', '.join(others)}",
-              boot(lambda i: drop(i, fragile) - max(drop(i, f) for f in others), n, n_boot, seed), n, 0.0, ">")
+    p2 = part(
+        f"{fragile} drop minus the largest other drop",
+        f"relative accuracy drop of {fragile} at {budget:.0%} keep (mean over methods) minus the largest among "
+        f"{', '.join(others)}",
+        boot(lambda i: drop(i, fragile) - max(drop(i, f) for f in others), n, n_boot, seed),
+        n,
+        0.0,
+        ">",
+    )
     return make_record("wen", [p1, p2], data)
 
 
-def when_less(vlm, samples, *, cache: FindingsCache | None = None, reading: str = "reading",
-              reading_budgets: Sequence[float] = REDUCTION_BUDGETS, scene_budget: float = 0.3, margin: float = 0.05,
-              methods: Sequence[str] = REDUCTION_METHODS, budgets: Sequence[float] = REDUCTION_BUDGETS,
-              n_boot: int = N_BOOT, seed: int = 0) -> dict:
-    """"When Less is Enough": (1) on reading, the learned selector's accuracy minus random keep's (mean over
+def when_less(
+    vlm,
+    samples,
+    *,
+    cache: FindingsCache | None = None,
+    reading: str = "reading",
+    reading_budgets: Sequence[float] = REDUCTION_BUDGETS,
+    scene_budget: float = 0.3,
+    margin: float = 0.05,
+    methods: Sequence[str] = REDUCTION_METHODS,
+    budgets: Sequence[float] = REDUCTION_BUDGETS,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> dict:
+    """ "When Less is Enough": (1) on reading, the learned selector's accuracy minus random keep's (mean over
     seeds), averaged over the keep ratios ``reading_budgets`` (all <= 0.5), claimed > 0; (2) on scenes (every
     learnt family but reading), full accuracy minus random keep's at ``scene_budget``, claimed < ``margin``
     (random 30% ~ full: within 5 points). Families the model has not learnt (full accuracy < KNOWN_TASK)
@@ -787,29 +913,47 @@ def when_less(vlm, samples, *, cache: FindingsCache | None = None, reading: str 
     if rd.size:
         mats = [accuracy_matrix(answers, b).loc[rd] for b in reading_budgets]
         diff = np.mean([m["selector"].to_numpy() - m["random"].to_numpy() for m in mats], axis=0)
-        parts.append(part(f"{reading}: selector minus random (keep {', '.join(f'{b:.0%}' for b in reading_budgets)})",
-                          f"accuracy of the selector minus random keep on {reading}, mean over keep ratios",
-                          _mean_boot(diff, n_boot, seed), rd.size, 0.0, ">"))
-        data["reading"] = {m: [list(_mean_boot(x[m].to_numpy(), n_boot, seed)) for x in mats]
-                           for m in ("selector", "random")}
+        parts.append(
+            part(
+                f"{reading}: selector minus random (keep {', '.join(f'{b:.0%}' for b in reading_budgets)})",
+                f"accuracy of the selector minus random keep on {reading}, mean over keep ratios",
+                _mean_boot(diff, n_boot, seed),
+                rd.size,
+                0.0,
+                ">",
+            )
+        )
+        data["reading"] = {
+            m: [list(_mean_boot(x[m].to_numpy(), n_boot, seed)) for x in mats] for m in ("selector", "random")
+        }
     scenes = [f for f in _known_families(answers, samples) if f != reading]
     sc = np.flatnonzero(np.isin(fams_all, scenes))
     if sc.size:
         m = accuracy_matrix(answers, scene_budget).loc[sc]
         gap = m["full"].to_numpy() - m["random"].to_numpy()
-        parts.append(part(f"scenes: full minus random {scene_budget:.0%}",
-                          f"full accuracy minus random keep at {scene_budget:.0%} on {', '.join(scenes)}",
-                          _mean_boot(gap, n_boot, seed), sc.size, margin, "<"))
+        parts.append(
+            part(
+                f"scenes: full minus random {scene_budget:.0%}",
+                f"full accuracy minus random keep at {scene_budget:.0%} on {', '.join(scenes)}",
+                _mean_boot(gap, n_boot, seed),
+                sc.size,
+                margin,
+                "<",
+            )
+        )
         fam_sc = fams_all[sc]
-        data["scenes"] = {f: {k: list(_mean_boot(m[k].to_numpy()[fam_sc == f], n_boot, seed)) for k in ("full", "random")}
-                          for f in scenes}
+        data["scenes"] = {
+            f: {k: list(_mean_boot(m[k].to_numpy()[fam_sc == f], n_boot, seed)) for k in ("full", "random")}
+            for f in scenes
+        }
     if not parts:
         return not_applicable("when_less", f"no {reading} sample and no learnt scene family among the samples")
     return make_record("when_less", parts, data)
 
 
-def gsearch(vlm, samples, *, cache: FindingsCache | None = None, agree: float = 0.5, n_boot: int = N_BOOT,
-            seed: int = 0) -> dict:
+def gsearch(
+    vlm, samples, *, cache: FindingsCache | None = None, agree: float = 0.5, n_boot: int = N_BOOT, seed: int = 0
+) -> dict:
     """G-Search: per sample, Spearman between every pair of LM layers' rankings of the image tokens by the last
     prompt row's attention. (1) the mean over pairs of layers >= 1 is claimed > ``agree`` (the rankings
     agree); (2) that mean minus the mean correlation of layer 0 with layers >= 1 is claimed > 0 (the first
@@ -823,15 +967,28 @@ def gsearch(vlm, samples, *, cache: FindingsCache | None = None, agree: float = 
     iu = np.triu_indices(n_layers - 1, k=1)
     later = np.nanmean(mats[:, 1:, 1:][:, iu[0], iu[1]], axis=1)
     first = np.nanmean(mats[:, 0, 1:], axis=1)
-    p1 = part("agreement among layers >= 1", "mean Spearman between the image-token rankings of every pair of layers >= 1",
-              _mean_boot(later, n_boot, seed), len(cap), agree, ">")
-    p2 = part("later-layer agreement minus layer 0's", "mean Spearman among layers >= 1 minus mean Spearman of layer 0 "
-              "with them", _mean_boot(later - first, n_boot, seed), len(cap), 0.0, ">")
+    p1 = part(
+        "agreement among layers >= 1",
+        "mean Spearman between the image-token rankings of every pair of layers >= 1",
+        _mean_boot(later, n_boot, seed),
+        len(cap),
+        agree,
+        ">",
+    )
+    p2 = part(
+        "later-layer agreement minus layer 0's",
+        "mean Spearman among layers >= 1 minus mean Spearman of layer 0 with them",
+        _mean_boot(later - first, n_boot, seed),
+        len(cap),
+        0.0,
+        ">",
+    )
     return make_record("gsearch", [p1, p2], {"matrix": np.nanmean(mats, axis=0)})
 
 
-def darcet(vlm, samples, *, cache: FindingsCache | None = None, factor: float = 5.0, n_boot: int = N_BOOT,
-           seed: int = 0) -> dict:
+def darcet(
+    vlm, samples, *, cache: FindingsCache | None = None, factor: float = 5.0, n_boot: int = N_BOOT, seed: int = 0
+) -> dict:
     """Darcet et al.: tower tokens whose norm after a layer exceeds ``factor`` x the median norm of their
     picture's patches (high-norm tokens, as in the organism's realism record) and the share of the next
     layer's [CLS] attention they take, over their share of the patches (lift; 1 = no preference), claimed
@@ -866,13 +1023,27 @@ def darcet(vlm, samples, *, cache: FindingsCache | None = None, factor: float = 
             if h[v].any():
                 cls = r["cls"][v + 1] / r["cls"][v + 1].sum()
                 lifts.append(float(controls.relevant_lift(cls, h[v])))
-    p = part("[CLS] attention lift on high-norm tokens", "share of [CLS] attention on high-norm tokens over their share "
-             "of the patches", _mean_boot(lifts, n_boot, seed), len(lifts), 1.0, ">")
+    p = part(
+        "[CLS] attention lift on high-norm tokens",
+        "share of [CLS] attention on high-norm tokens over their share of the patches",
+        _mean_boot(lifts, n_boot, seed),
+        len(lifts),
+        1.0,
+        ">",
+    )
     return make_record("darcet", [p], data)
 
 
-def haurum(vlm, samples, *, cache: FindingsCache | None = None, methods: Sequence[str] = REDUCTION_METHODS,
-           budgets: Sequence[float] = REDUCTION_BUDGETS, n_boot: int = N_BOOT, seed: int = 0) -> dict:
+def haurum(
+    vlm,
+    samples,
+    *,
+    cache: FindingsCache | None = None,
+    methods: Sequence[str] = REDUCTION_METHODS,
+    budgets: Sequence[float] = REDUCTION_BUDGETS,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> dict:
     """Haurum et al.: at each keep ratio, the reduction methods (random seeds as separate entries, no oracle)
     are ranked by accuracy; the best one is the reference; for every other entry, the mean Jaccard index
     of its kept set with the reference's and its accuracy. The statistic is Spearman's correlation between
@@ -891,11 +1062,23 @@ def haurum(vlm, samples, *, cache: FindingsCache | None = None, methods: Sequenc
         labels = sorted({(m, s) for m, s in zip(tb["method"], tb["seed"])})
         if len(labels) < 4:
             continue
-        kept = np.stack([np.stack([g.sort_values("token")["kept"].to_numpy(bool) for _, g in
-                                   tb[(tb["method"] == m) & (tb["seed"] == s)].groupby("sample", sort=True)])
-                         for m, s in labels])  # (E, n, T)
-        corr = np.stack([ab[(ab["method"] == m) & (ab["seed"] == s)].sort_values("sample")["correct"].to_numpy(np.float64)
-                         for m, s in labels])  # (E, n)
+        kept = np.stack(
+            [
+                np.stack(
+                    [
+                        g.sort_values("token")["kept"].to_numpy(bool)
+                        for _, g in tb[(tb["method"] == m) & (tb["seed"] == s)].groupby("sample", sort=True)
+                    ]
+                )
+                for m, s in labels
+            ]
+        )  # (E, n, T)
+        corr = np.stack(
+            [
+                ab[(ab["method"] == m) & (ab["seed"] == s)].sort_values("sample")["correct"].to_numpy(np.float64)
+                for m, s in labels
+            ]
+        )  # (E, n)
         inter = (kept[:, None] & kept[None, :]).sum(-1)
         union = (kept[:, None] | kept[None, :]).sum(-1)
         jac = np.where(union > 0, inter / np.maximum(union, 1), 1.0)  # (E, E, n)
@@ -913,14 +1096,23 @@ def haurum(vlm, samples, *, cache: FindingsCache | None = None, methods: Sequenc
             x = acc[others]
             if np.ptp(j) > 0 and np.ptp(x) > 0:
                 rhos.append(float(agreement.spearman(j, x)))
-            pts[b] = {"best": "{}{}".format(*labels[best][:1], "" if labels[best][1] < 0 else f":{labels[best][1]}"),
-                      "jaccard": j, "accuracy": x,
-                      "labels": [labels[e][0] + ("" if labels[e][1] < 0 else f":{labels[e][1]}") for e in others]}
+            pts[b] = {
+                "best": "{}{}".format(*labels[best][:1], "" if labels[best][1] < 0 else f":{labels[best][1]}"),
+                "jaccard": j,
+                "accuracy": x,
+                "labels": [labels[e][0] + ("" if labels[e][1] < 0 else f":{labels[e][1]}") for e in others],
+            }
         return pts if detail else (float(np.mean(rhos)) if rhos else float("nan"))
 
-    p = part("Spearman(Jaccard to the best method, accuracy)",
-             "Spearman across methods of the kept set's Jaccard with the most accurate method's and the accuracy, "
-             "mean over keep ratios", boot(stat, n, n_boot, seed), n, 0.0, ">")
+    p = part(
+        "Spearman(Jaccard to the best method, accuracy)",
+        "Spearman across methods of the kept set's Jaccard with the most accurate method's and the accuracy, "
+        "mean over keep ratios",
+        boot(stat, n, n_boot, seed),
+        n,
+        0.0,
+        ">",
+    )
     return make_record("haurum", [p], {"points": stat(np.arange(n), detail=True)})
 
 
@@ -938,9 +1130,18 @@ CLAIM_FUNCTIONS: dict[str, Callable[..., dict]] = {
 }
 
 
-def run_all(vlm, samples, *, claims: Sequence[str] | None = None, cache: FindingsCache | None = None,
-            methods: Sequence[str] = REDUCTION_METHODS, budgets: Sequence[float] = REDUCTION_BUDGETS,
-            n_boot: int = N_BOOT, seed: int = 0, progress: bool = False) -> list[dict]:
+def run_all(
+    vlm,
+    samples,
+    *,
+    claims: Sequence[str] | None = None,
+    cache: FindingsCache | None = None,
+    methods: Sequence[str] = REDUCTION_METHODS,
+    budgets: Sequence[float] = REDUCTION_BUDGETS,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[dict]:
     """Every claim (or those named in ``claims``) on ``samples``, sharing one cache; records in order. The reduction
     claims use ``budgets``: FEATHER's kept set at the smallest, Wen et al. at the largest, "When Less is Enough"
     on reading at those <= 0.5 and on scenes at the one nearest 0.3."""
@@ -973,11 +1174,23 @@ def run_all(vlm, samples, *, claims: Sequence[str] | None = None, cache: Finding
 # --------------------------------------------------------------------------------------------- tables
 def findings_frame(records: Sequence[Mapping]) -> pd.DataFrame:
     """One row per claim: claim, source, title, measure, value, low, high, n, verdict, why."""
-    return pd.DataFrame([{
-        "claim": r["claim"], "source": r["source"], "title": r["title"], "measure": r["measure"],
-        "value": r["value"], "low": r["ci"][0], "high": r["ci"][1], "n": r["n"], "verdict": r["verdict"],
-        "why": r["why"],
-    } for r in records])
+    return pd.DataFrame(
+        [
+            {
+                "claim": r["claim"],
+                "source": r["source"],
+                "title": r["title"],
+                "measure": r["measure"],
+                "value": r["value"],
+                "low": r["ci"][0],
+                "high": r["ci"][1],
+                "n": r["n"],
+                "verdict": r["verdict"],
+                "why": r["why"],
+            }
+            for r in records
+        ]
+    )
 
 
 def _cell(text: str) -> str:
@@ -993,8 +1206,21 @@ def markdown_table(records: Sequence[Mapping]) -> str:
         else:
             lo, hi = r["ci"]
             val = f"{_fmt(r['value'])} [{_fmt(lo)}, {_fmt(hi)}]"
-        lines.append("| " + " | ".join(_cell(x) for x in (
-            f"{r['title']} ({r['source']})", r["measure"] or "-", val, r["n"], f"**{r['verdict']}**", r["why"])) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                _cell(x)
+                for x in (
+                    f"{r['title']} ({r['source']})",
+                    r["measure"] or "-",
+                    val,
+                    r["n"],
+                    f"**{r['verdict']}**",
+                    r["why"],
+                )
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -1034,10 +1260,12 @@ def load_findings(path) -> dict:
 def provenance_line(doc: Mapping) -> str:
     """One sentence naming where a findings.json came from (model, samples, seed, commit)."""
     p = doc.get("provenance", {})
-    bits = [f"model `{p.get('model', '?')}`", f"{p.get('n_samples', '?')} held-out samples ({p.get('per_family', '?')} "
-            f"per family, data seed {p.get('seed', '?')})", f"{p.get('n_boot', '?')} bootstrap resamples"]
+    bits = [
+        f"model `{p.get('model', '?')}`",
+        f"{p.get('n_samples', '?')} held-out samples ({p.get('per_family', '?')} "
+        f"per family, data seed {p.get('seed', '?')})",
+        f"{p.get('n_boot', '?')} bootstrap resamples",
+    ]
     if p.get("git_commit"):
         bits.append(f"commit {str(p['git_commit'])[:10]}")
     return "Generated by `notebooks/05_findings.ipynb` from `findings.json`: " + ", ".join(bits) + "."
-
-

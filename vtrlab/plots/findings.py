@@ -54,8 +54,16 @@ def feather_figure(record: Mapping):
     fig, ax = figure("single", height=2.0)
     _band(ax, d["layers"], d["spearman"], "attention vs raster index")
     k = [np.nan if v is None else v for v in d["fastv_kept_spearman"]]
-    ax.errorbar([d["fastv_layer"]], [k[0]], yerr=[[k[0] - k[1]], [k[2] - k[0]]], fmt="D", ms=3, c="C3",
-                label="FastV's kept set", capsize=2)
+    ax.errorbar(
+        [d["fastv_layer"]],
+        [k[0]],
+        yerr=[[k[0] - k[1]], [k[2] - k[0]]],
+        fmt="D",
+        ms=3,
+        c="C3",
+        label="FastV's kept set",
+        capsize=2,
+    )
     ax.axhline(0, c="0.5", lw=0.8, ls=":")
     ax.set(xlabel="LM layer", ylabel="Spearman (+: favours late tokens)")
     ax.legend(fontsize=5)
@@ -132,8 +140,16 @@ def when_less_figure(record: Mapping):
             s = np.asarray([[np.nan if v is None else v for v in d["scenes"][f][key]] for f in fams], dtype=float)
             err = np.abs(np.stack([s[:, 0] - s[:, 1], s[:, 2] - s[:, 0]]))
             label = key if key == "full" else f"random {d['scene_budget']:.0%}"
-            a2.bar(x + off, s[:, 0], 0.4, yerr=np.nan_to_num(err), label=label, color=f"C{k}", capsize=2,
-                   error_kw={"lw": 0.8})
+            a2.bar(
+                x + off,
+                s[:, 0],
+                0.4,
+                yerr=np.nan_to_num(err),
+                label=label,
+                color=f"C{k}",
+                capsize=2,
+                error_kw={"lw": 0.8},
+            )
         a2.set_xticks(x)
         a2.set_xticklabels(fams, rotation=30, ha="right", fontsize=5)
         a2.legend(fontsize=5)

@@ -24,7 +24,9 @@ RECORD = "findings.json"
 def findings_source(root: Path) -> Path:
     """The findings.json the README is rendered from by default (see the module docstring)."""
     prefix = f"figures/{NOTEBOOK}/"
-    runs = sorted({e.get("run_dir") for k, e in read_manifest(root).items() if k.startswith(prefix) and e.get("run_dir")})
+    runs = sorted(
+        {e.get("run_dir") for k, e in read_manifest(root).items() if k.startswith(prefix) and e.get("run_dir")}
+    )
     for run in runs:
         path = root / run / RECORD
         if path.is_file():
