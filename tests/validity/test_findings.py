@@ -410,6 +410,7 @@ def test_cli_renders_readme_from_the_run_behind_the_figures(tmp_path, monkeypatc
     )
     recs = records()
     (run / "findings.json").write_text(json.dumps({"records": recs, "provenance": {"model": "organism"}}))
+    (run / "run.json").write_text(json.dumps({"git_commit": "0123456789abcdef", "git_dirty": True, "hash": "abc"}))
     (root / "README.md").write_text(f"# x\n{F.START}\n{F.END}\nend\n")
     monkeypatch.setenv("VTRLAB_ROOT", str(root))
     out = CliRunner().invoke(app, ["findings", "--check"])
@@ -418,7 +419,9 @@ def test_cli_renders_readme_from_the_run_behind_the_figures(tmp_path, monkeypatc
     assert out.exit_code == 0, out.output
     text = (root / "README.md").read_text()
     assert F.markdown_table(recs) in text and "model `organism`" in text and text.endswith(f"{F.END}\nend\n")
-    assert json.loads((root / "figures" / "05_findings" / "findings.json").read_text())["records"] == recs
+    assert "commit 0123456789 (with uncommitted changes)" in text  # the runner's record of the run
+    copy = json.loads((root / "figures" / "05_findings" / "findings.json").read_text())
+    assert copy["records"] == recs and copy["provenance"]["git_commit"] == "0123456789abcdef"
     out = CliRunner().invoke(app, ["findings", "--check"])
     assert out.exit_code == 0 and "up to date" in out.output
     (root / "README.md").write_text("no markers\n")

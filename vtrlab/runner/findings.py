@@ -3,19 +3,20 @@
 The source is a ``findings.json`` written by ``notebooks/05_findings.ipynb``: a path given by the user, else the
 run that published ``figures/05_findings/`` (from ``figures/MANIFEST.json``), else the committed copy
 ``figures/05_findings/findings.json``. A run's record is copied there (atomically) so that the README's table
-always has its source in the repository. The table replaces whatever lies between the README's
-``<!-- findings:start -->`` and ``<!-- findings:end -->`` markers.
+always has its source in the repository; the provenance of a run (commit, dirty flag, run hash, duration) is
+taken from the runner's own ``run.json`` beside it, which records the commit the run started from. The table
+replaces whatever lies between the README's ``<!-- findings:start -->`` and ``<!-- findings:end -->`` markers.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from vtrlab.io import atomic_path, atomic_write_text
+from vtrlab.io import atomic_write_json, atomic_write_text
 from vtrlab.runner.errors import RunnerError
 from vtrlab.runner.provenance import read_manifest
+from vtrlab.runner.run import RUN_RECORD
 
 NOTEBOOK = "05_findings"
 RECORD = "findings.json"
@@ -51,6 +52,12 @@ def render_findings(root: Path, source: Path | None = None, readme: Path | None 
         doc = load_findings(src)
     except ValueError as exc:
         raise RunnerError(str(exc)) from None
+    src_file = src / RECORD if src.is_dir() else src
+    run_record = src_file.parent / RUN_RECORD
+    if run_record.is_file():  # the runner's record: the commit the run started from, its hash and duration
+        run = json.loads(run_record.read_text())
+        keys = ("git_commit", "git_dirty", "hash", "duration_s")
+        doc["provenance"] = {**doc.get("provenance", {}), **{k: run.get(k) for k in keys}}
     readme = Path(readme) if readme is not None else root / "README.md"
     if not readme.is_file():
         raise FileNotFoundError(f"README not found: {str(readme)!r}")
@@ -61,13 +68,9 @@ def render_findings(root: Path, source: Path | None = None, readme: Path | None 
         raise RunnerError(f"{readme}: {exc}") from None
     if check:
         return new != text
-    src_file = src / RECORD if src.is_dir() else src
     copy = root / "figures" / NOTEBOOK / RECORD
     if src_file.resolve() != copy.resolve():
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(copy) as tmp:
-            shutil.copyfile(src_file, tmp)
-        json.loads(copy.read_text())  # a torn copy would fail here, not in the next render
+        atomic_write_json(copy, doc)
     if new != text:
         atomic_write_text(readme, new)
     return new != text
