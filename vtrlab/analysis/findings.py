@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from vtrlab.metrics import agreement, controls
+from vtrlab.organism.realism import HIGH_NORM
 
 VERDICTS = ("replicated", "refuted", "inconclusive", "not applicable here")
 N_BOOT = 1000
@@ -987,7 +988,7 @@ def gsearch(
 
 
 def darcet(
-    vlm, samples, *, cache: FindingsCache | None = None, factor: float = 5.0, n_boot: int = N_BOOT, seed: int = 0
+    vlm, samples, *, cache: FindingsCache | None = None, factor: float = HIGH_NORM, n_boot: int = N_BOOT, seed: int = 0
 ) -> dict:
     """Darcet et al.: tower tokens whose norm after a layer exceeds ``factor`` x the median norm of their
     picture's patches (high-norm tokens, as in the organism's realism record) and the share of the next
