@@ -10,6 +10,11 @@ CPU smoke run (tiny models, seconds)::
 
     python benchmarks/capture.py --tiny --out /tmp/capture-tiny.json
 
+CPU at realistic sequence lengths (the organism, and a random LLaVA-1.5 with 576 image tokens and an
+8-layer LM of width 1024; minutes)::
+
+    python benchmarks/capture.py --cpu --threads 1 --batch 1 --no-tl --out /tmp/capture-cpu.json
+
 Methods, each timed in the same process on the same inputs, median of ``--repeats`` runs after
 ``--warmup`` runs:
 
@@ -48,9 +53,66 @@ SHAPES = {
     "llava-next-7b": ("llava-next-7b", (672, 672)),
 }
 TINY = {"llava-1.5-tiny": ("llava", (40, 40)), "llava-next-tiny": ("llava_next", (64, 48))}
+# CPU shapes of realistic sequence length (host-side cost vs a forward that is not negligible):
+# "organism" is the embedded model; "llava-1.5-mid" a random LLaVA-1.5 with 576 image tokens (336 px,
+# 14 px patches, 6-layer CLIP of width 256) and an 8-layer Llama of width 1024 (float32).
+CPU = {"organism": ("organism", (128, 128)), "llava-1.5-mid": ("llava-1.5-mid", (336, 336))}
 # The test tokenizers are byte-level (one token per byte): a short prompt gives a question of
 # about the length a real tokenizer makes of a typical VQA question (~15-20 tokens).
 PROMPT = "What color is the car?"
+
+
+def mid_llava(seed: int = 0):
+    """LLaVA-1.5 layout at 576 image tokens with a small LM (hidden 1024, 8 layers): a CPU-sized model whose
+    forward is long enough that capture's host-side cost shows as it does at full size on a GPU."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from vtrlab.models.registry import adapter_for
+    from vtrlab.models.vlm import VLM
+    from vtrlab.testing.families.llava import llava_processor
+
+    processor = llava_processor(336, 14)
+    tok = processor.tokenizer
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            image_size=336,
+            patch_size=14,
+            projection_dim=256,
+            hidden_act="quick_gelu",
+        ),
+        text_config=LlamaConfig(
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=8,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            vocab_size=len(tok),
+            max_position_embeddings=4096,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    return VLM(model=model, processor=processor, adapter=adapter_for("llava"), name="llava-1.5-mid")
+
+
+def cpu_model(name: str):
+    """A CPU benchmark model by its name in :data:`CPU`."""
+    if name == "organism":
+        import vtrlab as vl
+
+        return vl.load("organism")
+    return mid_llava()
 
 
 def _sync(device):
@@ -58,7 +120,15 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(fn, device, warmup: int, repeats: int) -> dict:
+# The CUDA caching allocator stays warm between repeats, as in a loop over a data set. With a cold one
+# (empty_cache before every call, what this script did up to session 3) every timed call also paid
+# cudaMalloc for each of its buffers, which charges most to what allocates most (saliency's backward).
+# Peak memory needs no emptying: max_memory_allocated counts allocated bytes, not reserved ones.
+COLD_ALLOCATOR = False
+
+
+def measure(fn, device, warmup: int, repeats: int, cold: bool | None = None) -> dict:
+    cold = COLD_ALLOCATOR if cold is None else cold
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -66,7 +136,8 @@ def measure(fn, device, warmup: int, repeats: int) -> dict:
     for _ in range(repeats):
         gc.collect()
         if device.type == "cuda":
-            torch.cuda.empty_cache()
+            if cold:
+                torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
         _sync(device)
@@ -219,7 +290,8 @@ def bench_tl(row: dict, vlm, image_size, warmup: int, repeats: int) -> None:
 def markdown(report: dict) -> str:
     lines = [
         f"Device: {report['device']}; torch {report['torch']}, transformers {report['transformers']}; "
-        f"median of {report['repeats']} after {report['warmup']} warm-up.",
+        f"median of {report['repeats']} after {report['warmup']} warm-up; "
+        f"CUDA allocator {report.get('allocator', 'cold')} between calls.",
         "",
         "| shape | batch | tokens | method | median time (s) | × sdpa | peak extra memory (GiB) |",
         "|---|---:|---:|---|---:|---:|---:|",
@@ -244,6 +316,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="JSON file to write (e.g. $OUT/capture.json)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on tiny random models")
+    ap.add_argument("--cpu", action="store_true", help="CPU, realistic lengths (organism, llava-1.5-mid)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
+    ap.add_argument("--cold-allocator", action="store_true", help="empty the CUDA cache before every timed call")
     ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {list(SHAPES)} (or the tiny ones)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -261,12 +336,17 @@ def main(argv=None) -> int:
 
     from vtrlab import testing
 
-    table = TINY if args.tiny else SHAPES
+    global COLD_ALLOCATOR
+    COLD_ALLOCATOR = args.cold_allocator
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cpu_run = args.tiny or args.cpu
+    table = CPU if args.cpu else (TINY if args.tiny else SHAPES)
     names = list(table) if args.shapes is None else args.shapes.split(",")
     unknown = [n for n in names if n not in table]
     if unknown:
         ap.error(f"unknown shape(s) {unknown}; choose from {list(table)}")
-    if not args.tiny and not torch.cuda.is_available():
+    if not cpu_run and not torch.cuda.is_available():
         ap.error("full-size shapes need a CUDA GPU; use --tiny on CPU")
     try:
         import transformer_lens.model_bridge  # noqa: F401
@@ -279,12 +359,13 @@ def main(argv=None) -> int:
 
     report = {
         "device": torch.cuda.get_device_name()
-        if not args.tiny
+        if not cpu_run
         else f"CPU ({platform.processor() or platform.machine()})",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "repeats": args.repeats,
         "warmup": args.warmup,
+        "allocator": "cold" if args.cold_allocator else "warm",
         "shapes": [],
     }
     out = Path(args.out)
@@ -292,7 +373,12 @@ def main(argv=None) -> int:
     for name in names:
         builder, size = table[name]
         torch.manual_seed(0)
-        vlm = testing.tiny(builder) if args.tiny else testing.full_size(builder, dtype="bfloat16", device="cuda")
+        if args.cpu:
+            vlm = cpu_model(builder)
+        elif args.tiny:
+            vlm = testing.tiny(builder)
+        else:
+            vlm = testing.full_size(builder, dtype="bfloat16", device="cuda")
         rows = []
         for bs in batch_sizes:
             rows.append(bench_shape(name, vlm, size, args.warmup, args.repeats, with_tl, bs))

@@ -5,9 +5,10 @@ GPU (bf16, random weights, full-size shapes; run through the device tool)::
 
     python benchmarks/flow.py --out $OUT/flow.json
 
-CPU smoke run (tiny models, seconds)::
+CPU smoke run (tiny models, seconds), and CPU at realistic lengths (organism, a mid-size LLaVA-1.5)::
 
     python benchmarks/flow.py --smoke --out /tmp/flow-tiny.json
+    python benchmarks/flow.py --cpu --threads 1 --out /tmp/flow-cpu.json
 
 Methods (median of ``--repeats`` after ``--warmup``; timing and memory as in ``benchmarks/capture.py``):
 
@@ -37,10 +38,10 @@ _spec = importlib.util.spec_from_file_location("_bench_capture", _HERE / "captur
 _capture = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_capture)
 measure, _image, markdown, PROMPT = _capture.measure, _capture._image, _capture.markdown, _capture.PROMPT
-SHAPES, TINY = _capture.SHAPES, _capture.TINY
+SHAPES, TINY, CPU = _capture.SHAPES, _capture.TINY, _capture.CPU
 
 
-def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int) -> dict:
+def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int, only=None) -> dict:
     import vtrlab as vl
 
     device = vlm.device
@@ -73,6 +74,8 @@ def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int) -> dict:
         ),
     }
     for method, fn in methods.items():
+        if only and method != "sdpa" and method not in only:
+            continue
         try:
             row["results"][method] = measure(fn, device, warmup, repeats)
             print(f"  {method:18s} {row['results'][method]['median_s']:.4f} s", flush=True)
@@ -90,7 +93,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="JSON file to write (e.g. $OUT/flow.json)")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke run on tiny random models")
+    ap.add_argument("--cpu", action="store_true", help="CPU, realistic lengths (organism, llava-1.5-mid)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
+    ap.add_argument("--cold-allocator", action="store_true", help="empty the CUDA cache before every timed call")
     ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {list(SHAPES)} (or the tiny ones)")
+    ap.add_argument("--methods", default=None, help="comma-separated subset of the methods (sdpa always runs)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args(argv)
@@ -98,30 +105,42 @@ def main(argv=None) -> int:
         ap.error(f"--repeats must be >= 1 and --warmup >= 0 (got {args.repeats}, {args.warmup})")
     from vtrlab import testing
 
-    table = TINY if args.smoke else SHAPES
+    only = args.methods.split(",") if args.methods else None
+
+    _capture.COLD_ALLOCATOR = args.cold_allocator
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cpu_run = args.smoke or args.cpu
+    table = CPU if args.cpu else (TINY if args.smoke else SHAPES)
     names = list(table) if args.shapes is None else args.shapes.split(",")
     unknown = [n for n in names if n not in table]
     if unknown:
         ap.error(f"unknown shape(s) {unknown}; choose from {list(table)}")
-    if not args.smoke and not torch.cuda.is_available():
+    if not cpu_run and not torch.cuda.is_available():
         ap.error("full-size shapes need a CUDA GPU; use --smoke on CPU")
     import transformers
 
     report = {
         "device": torch.cuda.get_device_name()
-        if not args.smoke
+        if not cpu_run
         else f"CPU ({platform.processor() or platform.machine()})",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "repeats": args.repeats,
         "warmup": args.warmup,
+        "allocator": "cold" if args.cold_allocator else "warm",
         "shapes": [],
     }
     for name in names:
         builder, size = table[name]
         torch.manual_seed(0)
-        vlm = testing.tiny(builder) if args.smoke else testing.full_size(builder, dtype="bfloat16", device="cuda")
-        report["shapes"].append(bench_shape(name, vlm, size, args.warmup, args.repeats))
+        if args.cpu:
+            vlm = _capture.cpu_model(builder)
+        elif args.smoke:
+            vlm = testing.tiny(builder)
+        else:
+            vlm = testing.full_size(builder, dtype="bfloat16", device="cuda")
+        report["shapes"].append(bench_shape(name, vlm, size, args.warmup, args.repeats, only))
         del vlm
         gc.collect()
         if torch.cuda.is_available():

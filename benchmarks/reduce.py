@@ -2,8 +2,9 @@
 
 GPU (bf16, random weights, full-size shapes; run through the device tool)::
 
-    python benchmarks/reduce.py --out $OUT/reduce.json
+    python benchmarks/reduce.py --out $OUT/reduce.json            # both 7B shapes, ~9 min time box
 
+CPU smoke run (tiny models, depth-scaled layers, seconds)::
 CPU smoke run (tiny models, depth-scaled layers, seconds)::
 
     python benchmarks/reduce.py --smoke --out /tmp/reduce-smoke.json
@@ -23,8 +24,13 @@ and budget (64 / 128 / 192 of 576, the same ratios at NeXT), median of ``--repea
                 decodes the same number of tokens)
   peak_extra    ``max_memory_allocated`` during the TTFT call minus memory before it (CUDA only)
 
-``keep_all`` is the unreduced model through the same path. Writes JSON to ``--out`` and a markdown
-table beside it (``.md``), and prints the table.
+``keep_all`` is the unreduced model through the same path; ``random@0.250`` (a pre-LM drop with no
+scoring) gives the prefill speed-up of removal itself at 25% keep. The JSON (``--out``) and a markdown
+table beside it (``.md``) are rewritten atomically after EVERY method, so a crash or a time-out keeps
+what was measured. ``--time-budget`` (seconds, default 510) is shared between the shapes (each gets its
+share of what is left); methods that no longer fit are recorded as ``skipped``, and one method call
+running past ``--method-timeout`` is interrupted (``error``). ``summary`` per shape: the prefill speed-up
+at 25% keep, and per method the largest scoring time as a share of a keep-all forward (target <= 10%).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import gc
 import importlib.util
 import json
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -44,6 +51,8 @@ import torch
 SHAPES = {"llava-1.5-7b": ("llava-1.5-7b", (336, 336)), "llava-next-7b": ("llava-next-7b", (672, 672))}
 TINY = {"llava-1.5-tiny": ("llava", (40, 40)), "llava-next-tiny": ("llava_next", (64, 48))}
 BUDGETS = (64 / 576, 128 / 576, 192 / 576)
+QUARTER = 0.25  # the issue's headline ratio: prefill at 25% keep vs keeping all
+SCORING_TARGET = 0.10  # no method's scoring should add more than 10% of a full forward
 PROMPT = "What color is the car?"
 SKIP = {"oracle": "needs ground-truth relevance (organism only)"}
 
@@ -172,7 +181,59 @@ def bench_method(vlm, batch, name, params, budget, args) -> dict:
     return res
 
 
-def bench_shape(label, vlm, size, args) -> dict:
+class _MethodTimeout(Exception):
+    pass
+
+
+def _call_with_timeout(fn, seconds: float):
+    """Run ``fn()``; raise :class:`_MethodTimeout` if it runs past ``seconds`` (SIGALRM, main thread)."""
+    if seconds <= 0 or not hasattr(signal, "setitimer"):
+        return fn()
+
+    def on_alarm(_sig, _frame):
+        raise _MethodTimeout(f"ran past {seconds:.0f} s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def plan(names: list[str]) -> list[tuple[str, float]]:
+    """(method, budget) in run order: keep-all, random at 25%, then every method at the three budgets."""
+    out = [("keep_all", 1.0), ("random", QUARTER)]
+    for name in names:
+        if name != "keep_all":
+            out += [(name, b) for b in BUDGETS]
+    return out
+
+
+def summarise(row: dict) -> dict:
+    """Prefill speed-up at 25% keep and, per method, the largest scoring share of a keep-all forward."""
+    res = row["results"]
+    q = res.get(f"random@{QUARTER:.3f}", {})
+    shares = {}
+    for r in res.values():
+        if "scoring_vs_forward" in r:
+            m = r["method"]
+            shares[m] = max(shares.get(m, 0.0), float(r["scoring_vs_forward"]))
+    over = sorted(m for m, v in shares.items() if v > SCORING_TARGET)
+    return {
+        "prefill_speedup_at_25pct": q.get("prefill_speedup"),
+        "ttft_speedup_at_25pct": q.get("ttft_speedup"),
+        "scoring_share_max": shares,
+        "scoring_target": SCORING_TARGET,
+        "scoring_over_target": over,
+        "measured": sum("error" not in r and "skipped" not in r for r in res.values()),
+        "failed": sorted(k for k, r in res.items() if "error" in r),
+        "skipped": sorted(k for k, r in res.items() if "skipped" in r),
+    }
+
+
+def bench_shape(label, vlm, size, args, deadline: float = float("inf"), on_result=None) -> dict:
     import importlib
 
     from vtrlab import reduce as R
@@ -192,37 +253,50 @@ def bench_shape(label, vlm, size, args) -> dict:
     }
     print(f"[{label}] {row['n_tokens']} tokens ({row['n_image_tokens']} image), {row['n_layers']} layers", flush=True)
     A._eos_ids = lambda _vlm: []  # benchmark only: every run decodes exactly the asked number of tokens
-    names = ["keep_all"] + [n for n in R.names() if n not in SKIP]
+    names = [n for n in R.names() if n not in SKIP]
     if args.methods:
-        names = ["keep_all"] + [n for n in args.methods.split(",") if n != "keep_all"]
-    base_forward = None
-    for name in names:
-        budgets = [1.0] if name == "keep_all" else BUDGETS
-        for b in budgets:
-            key = f"{name}@{b:.3f}"
-            try:
-                params = {} if name == "keep_all" else depth_scaled_params(vlm, name, collapse=args.smoke)
-                res = bench_method(vlm, batch, name, params, b, args)
-            except Exception as err:  # noqa: BLE001 - one method failing must not hide the others' numbers
-                res = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
-                print(f"  {key:28s} failed: {res['error']}", flush=True)
-                row["results"][key] = res
-                continue
-            if name == "keep_all":
-                base_forward = res["prefill"]["median_s"]
-                base_ttft = res["ttft"]["median_s"]
-            res["budget"] = b
-            res["method"] = name
-            res["ttft_speedup"] = base_ttft / res["ttft"]["median_s"]
-            res["prefill_speedup"] = base_forward / res["prefill"]["median_s"]
-            if "scoring" in res:
-                res["scoring_vs_forward"] = res["scoring"]["median_s"] / base_forward
-            row["results"][key] = res
-            print(
-                f"  {key:28s} ttft {res['ttft']['median_s']:.4f}s ({res['ttft_speedup']:.2f}x) "
-                f"prefill {res['prefill']['median_s']:.4f}s ({res['prefill_speedup']:.2f}x)",
-                flush=True,
+        names = [n for n in args.methods.split(",") if n != "keep_all"]
+    base_forward = base_ttft = None
+    for name, b in plan(names):
+        key = f"{name}@{b:.3f}"
+        left = deadline - time.monotonic()
+        if left <= 0:
+            row["results"][key] = {"skipped": "time budget spent", "method": name, "budget": b}
+            continue
+        try:
+            if name != "keep_all" and base_forward is None:
+                raise RuntimeError("keep_all was not measured; no baseline")
+            params = {} if name == "keep_all" else depth_scaled_params(vlm, name, collapse=args.smoke)
+            res = _call_with_timeout(
+                lambda name=name, params=params, b=b: bench_method(vlm, batch, name, params, b, args),
+                min(args.method_timeout, left),
             )
+        except Exception as err:  # noqa: BLE001 - one method failing must not hide the others' numbers
+            res = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
+            res.update(method=name, budget=b)
+            print(f"  {key:28s} failed: {res['error']}", flush=True)
+            row["results"][key] = res
+            if on_result is not None:
+                on_result(row)
+            continue
+        if name == "keep_all":
+            base_forward = res["prefill"]["median_s"]
+            base_ttft = res["ttft"]["median_s"]
+        res["budget"] = b
+        res["method"] = name
+        res["ttft_speedup"] = base_ttft / res["ttft"]["median_s"]
+        res["prefill_speedup"] = base_forward / res["prefill"]["median_s"]
+        if "scoring" in res:
+            res["scoring_vs_forward"] = res["scoring"]["median_s"] / base_forward
+        row["results"][key] = res
+        print(
+            f"  {key:28s} ttft {res['ttft']['median_s']:.4f}s ({res['ttft_speedup']:.2f}x) "
+            f"prefill {res['prefill']['median_s']:.4f}s ({res['prefill_speedup']:.2f}x)",
+            flush=True,
+        )
+        if on_result is not None:
+            on_result(row)
+    row["summary"] = summarise(row)
     return row
 
 
@@ -237,8 +311,11 @@ def markdown(report: dict) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["shapes"]:
-        n = row["n_image_tokens"]
+        n = row.get("n_image_tokens", 0)
         for key, r in row["results"].items():
+            if "skipped" in r:
+                lines.append(f"| {row['shape']} | {key} | — | — | — | — | — | — | — | skipped: {r['skipped']} |")
+                continue
             if "error" in r:
                 lines.append(f"| {row['shape']} | {key} | — | — | — | — | — | — | — | {r['error']} |")
                 continue
@@ -249,7 +326,26 @@ def markdown(report: dict) -> str:
                 f"{r.get('scoring_vs_forward', float('nan')):.3f} | {1000 * r['decode_s_per_token']:.2f} | "
                 f"{'n/a' if peak is None else f'{peak / 2**30:.3f}'} |"
             )
+    for row in report["shapes"]:
+        sm = row.get("summary") or summarise(row)
+        q = sm["prefill_speedup_at_25pct"]
+        lines.append("")
+        lines.append(
+            f"**{row['shape']}** ({row.get('n_tokens', '?')} tokens): prefill at 25% keep "
+            f"{'not measured' if q is None else f'{q:.2f}x as fast as keeping all'}; scoring above "
+            f"{100 * sm['scoring_target']:.0f}% of a forward: {', '.join(sm['scoring_over_target']) or 'none'}; "
+            f"{sm['measured']} measured, {len(sm['failed'])} failed, {len(sm['skipped'])} skipped."
+        )
     return "\n".join(lines)
+
+
+def write_report(report: dict, out: Path) -> None:
+    """JSON + markdown, each written atomically (temporary file, then rename)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((out, json.dumps(report, indent=2, default=str)), (out.with_suffix(".md"), markdown(report))):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
 
 
 def main(argv=None) -> int:
@@ -258,12 +354,17 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU smoke run on tiny random models")
     ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {list(SHAPES)} (or the tiny ones)")
     ap.add_argument("--methods", default=None, help="comma-separated registry names (default: all but oracle)")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--time-budget", type=float, default=510.0, help="seconds for all shapes (model loads included)")
+    ap.add_argument("--method-timeout", type=float, default=60.0, help="seconds one method at one budget may take")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.new_tokens < 1:
         ap.error("--repeats and --new-tokens must be >= 1, --warmup >= 0")
+    if args.time_budget <= 0 or args.method_timeout <= 0:
+        ap.error("--time-budget and --method-timeout must be > 0")
+    t_start = time.monotonic()
     from vtrlab import testing
 
     table = TINY if args.smoke else SHAPES
@@ -283,23 +384,36 @@ def main(argv=None) -> int:
         "warmup": args.warmup,
         "new_tokens": args.new_tokens,
         "budgets_of_576": [64, 128, 192],
+        "time_budget_s": args.time_budget,
         "shapes": [],
     }
-    for name in names:
+    out = Path(args.out)
+    end = t_start + args.time_budget
+    for i, name in enumerate(names):
         builder, size = table[name]
+        share = (end - time.monotonic()) / (len(names) - i)  # this shape's share of what is left
+        deadline = time.monotonic() + share
         torch.manual_seed(0)
-        vlm = testing.tiny(builder) if args.smoke else testing.full_size(builder, dtype="bfloat16", device="cuda")
-        report["shapes"].append(bench_shape(name, vlm, size, args))
+        report["shapes"].append({"shape": name, "results": {}})
+        try:
+            vlm = testing.tiny(builder) if args.smoke else testing.full_size(builder, dtype="bfloat16", device="cuda")
+        except Exception as err:  # noqa: BLE001 - the other shape may still be measured
+            report["shapes"][i]["error"] = f"{type(err).__name__}: {err}"
+            write_report(report, out)
+            continue
+
+        def partial(row, i=i):
+            report["shapes"][i] = row
+            write_report(report, out)
+
+        report["shapes"][i] = bench_shape(name, vlm, size, args, deadline=deadline, on_result=partial)
+        write_report(report, out)
         del vlm
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((out, json.dumps(report, indent=2, default=str)), (out.with_suffix(".md"), markdown(report))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    report["wall_s"] = time.monotonic() - t_start
+    write_report(report, out)
     print(markdown(report))
     return 0
 

@@ -74,6 +74,17 @@ class _Group(typer.core.TyperGroup):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
+def _count_option(flag: str, text: str, what: str) -> int:
+    """An option that counts something (``--workers``, ``--timeout-min``): an integer >= 1, read by us so that
+    the error names the value given (``1.5``, ``abc``) and what is accepted."""
+    text = str(text).strip()
+    if not re.fullmatch(r"[+-]?\d+", text):
+        _fail(f"{flag} {text!r} is not an integer; accepted: an integer >= 1 ({what})")
+    if int(text) < 1:
+        _fail(f"{flag} {text!r}; accepted: an integer >= 1 ({what})")
+    return int(text)
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -266,7 +277,7 @@ def figures(
 @_user_errors
 def grid(
     grid_file: Path = typer.Argument(..., help="GRID.yaml: notebooks + parameter lists (cartesian product) + jobs"),
-    workers: int | None = typer.Option(None, "--workers", "-w", help="jobs at a time (default: one per GPU, else 1)"),
+    workers: str | None = typer.Option(None, "--workers", "-w", help="jobs at a time (default: one per GPU, else 1)"),
     gpus: str | None = typer.Option(None, "--gpus", help="comma-separated GPU ids; each job sees one"),
     backend: str = typer.Option("local", "--backend", help="local | ray | slurm"),
     ray_address: str | None = typer.Option(None, "--ray-address", help="Ray address (else $RAY_ADDRESS, else local)"),
@@ -274,7 +285,7 @@ def grid(
     slurm_cluster: str = typer.Option(
         "slurm", "--slurm-cluster", help="submitit cluster: slurm, or local to try without Slurm"
     ),
-    timeout_min: int = typer.Option(240, "--timeout-min", help="Slurm time limit per job, minutes"),
+    timeout_min: str = typer.Option("240", "--timeout-min", help="Slurm time limit per job, minutes"),
     force: bool = typer.Option(False, "--force", help="re-run complete runs"),
 ) -> None:
     """Run a grid of notebook runs; completed runs are skipped, failures reported, others continue."""
@@ -282,8 +293,8 @@ def grid(
 
     if backend not in BACKENDS:
         _fail(f"--backend {backend!r} unknown; accepted: {', '.join(BACKENDS)}")
-    if workers is not None and workers < 1:
-        _fail(f"--workers must be >= 1, got {workers}")
+    workers = None if workers is None else _count_option("--workers", workers, "jobs at a time")
+    timeout_min = _count_option("--timeout-min", timeout_min, "minutes per Slurm job")
     if slurm_cluster not in ("slurm", "local", "debug"):
         _fail(f"--slurm-cluster {slurm_cluster!r} unknown; accepted: slurm, local, debug")
     jobs = load_grid(grid_file, force=force)

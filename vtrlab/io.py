@@ -194,3 +194,18 @@ def finite_or_str(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: finite_or_str(v) for k, v in value.items()}
     return value
+
+
+def replace_marked_section(path: str | os.PathLike, name: str, text: str) -> Path:
+    """Replace what lies between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in a text file
+    (README sections generated from records), atomically. Both markers must be there, once each."""
+    path = Path(path)
+    doc = path.read_text(encoding="utf-8")
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if doc.count(begin) != 1 or doc.count(end) != 1 or doc.index(begin) > doc.index(end):
+        raise ValueError(
+            f"{path}: expected one {begin!r} before one {end!r}; add the two markers where the section goes"
+        )
+    head, rest = doc.split(begin)
+    _, tail = rest.split(end)
+    return atomic_write_text(path, f"{head}{begin}\n{text.strip()}\n{end}{tail}")

@@ -100,10 +100,16 @@ GRID_CASES = [
     ("grid_no_jobs", ["grid", "g_empty.yaml"], ("no jobs",)),
     ("grid_workers_zero", ["grid", "g_ok.yaml", "--workers", "0"], ("--workers", "0")),
     ("grid_workers_negative", ["grid", "g_ok.yaml", "--workers", "-2"], ("-2",)),
-    ("grid_workers_word", ["grid", "g_ok.yaml", "--workers", "many"], ("'--workers'", "integer")),
+    ("grid_workers_word", ["grid", "g_ok.yaml", "--workers", "many"], ("--workers 'many'", "an integer >= 1")),
+    ("grid_workers_float", ["grid", "g_ok.yaml", "--workers", "1.5"], ("--workers '1.5'", "an integer >= 1")),
+    ("grid_workers_abc", ["grid", "g_ok.yaml", "--workers", "abc"], ("--workers 'abc'", "an integer >= 1")),
+    ("grid_workers_inf", ["grid", "g_ok.yaml", "--workers", "inf"], ("--workers 'inf'", "an integer >= 1")),
+    ("grid_workers_empty", ["grid", "g_ok.yaml", "--workers", ""], ("--workers ''", "an integer >= 1")),
+    ("grid_timeout_zero", ["grid", "g_ok.yaml", "--timeout-min", "0"], ("--timeout-min '0'", "an integer >= 1")),
+    ("grid_timeout_float", ["grid", "g_ok.yaml", "--timeout-min", "2.5"], ("--timeout-min '2.5'",)),
     ("grid_backend_unknown", ["grid", "g_ok.yaml", "--backend", "dask"], ("'dask'", "local, ray, slurm")),
     ("grid_slurm_cluster_unknown", ["grid", "g_ok.yaml", "--slurm-cluster", "pbs"], ("'pbs'",)),
-    ("grid_timeout_word", ["grid", "g_ok.yaml", "--timeout-min", "long"], ("'--timeout-min'", "integer")),
+    ("grid_timeout_word", ["grid", "g_ok.yaml", "--timeout-min", "long"], ("--timeout-min 'long'", "integer")),
     ("grid_no_file", ["grid"], ("Missing argument", "grid_file")),
 ]
 

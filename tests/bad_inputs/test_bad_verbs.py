@@ -37,6 +37,17 @@ def ans(keep=None, **kw):
     return call
 
 
+def kept(keep):
+    """Image tokens each sample keeps under method 'random' at budget ``keep`` (what ``vl.answer`` sends the LM)."""
+
+    def call(c):
+        rec = vl.reduce.apply(c["vlm"], c["batch"], "random", keep=keep)
+        vl.answer(c["vlm"], c["batch"], keep=keep, method="random", max_new_tokens=1)  # accepted by answer too
+        return [int(k) for k in rec.kept.values[:, -1].sum(-1)]
+
+    return call
+
+
 def masks(n_extra=0, dtype=bool, count=None, fill=True, shape=None):
     def make(c):
         n = c["n_img"] + n_extra
@@ -125,6 +136,33 @@ CASES += [
     Case("answer_keep_ok_drop_all", ans(masks(fill=False)), None, check=answers()),
     Case("answer_max_new_tokens_zero", ans(None, max_new_tokens=0), ValueError, ("max_new_tokens=0",)),
     Case("answer_max_new_tokens_negative", ans(None, max_new_tokens=-1), ValueError, ("max_new_tokens=-1",)),
+    # max_new_tokens: an int >= 1, never rounded (1.5 was range(1.5) deep inside; True was 1)
+    Case("answer_max_new_tokens_float", ans(None, max_new_tokens=1.5), TypeError, ("max_new_tokens=1.5", ">= 1")),
+    Case("answer_max_new_tokens_float_integral", ans(None, max_new_tokens=2.0), TypeError, ("max_new_tokens=2.0",)),
+    Case("answer_max_new_tokens_true", ans(None, max_new_tokens=True), TypeError, ("max_new_tokens=True",)),
+    Case("answer_max_new_tokens_none", ans(None, max_new_tokens=None), TypeError, ("max_new_tokens=None",)),
+    Case("answer_max_new_tokens_string", ans(None, max_new_tokens="2"), TypeError, ("max_new_tokens='2'",)),
+    Case("answer_max_new_tokens_ok_numpy_int", ans(None, max_new_tokens=np.int64(1)), None, check=answers()),
+    # keep with a method: an int is a number of image tokens, a float a ratio in (0, 1] (1 is one token, 1.0 all)
+    Case("answer_method_keep_int_one_is_one_token", kept(1), None, check=lambda n: n == [1, 1]),
+    Case("answer_method_keep_float_one_is_all", kept(1.0), None, check=lambda n: n == [256, 256]),
+    Case("answer_method_keep_int_zero", kept(0), None, check=lambda n: n == [0, 0]),
+    Case("answer_method_keep_ok_int", ans(3, method="random"), None, check=answers()),
+    Case("answer_method_keep_float_zero", ans(0.0, method="random"), ValueError, ("keep=0.0", "(0, 1]")),
+    Case("answer_method_keep_ratio_above_one", ans(1.5, method="random"), ValueError, ("keep=1.5", "(0, 1]")),
+    Case("answer_method_keep_negative_int", ans(-1, method="random"), ValueError, ("keep=-1", "0..256")),
+    Case("answer_method_keep_too_many", ans(257, method="random"), ValueError, ("keep=257", "0..256")),
+    Case("answer_method_keep_true", ans(True, method="random"), TypeError, ("keep=True",)),
+    Case("answer_method_keep_string", ans("0.5", method="random"), TypeError, ("keep='0.5'", "ratio")),
+    Case("answer_method_keep_none", ans(None, method="random"), ValueError, ("'random'", "keep=")),
+    Case("answer_keep_ratio_without_method", ans(0.5), ValueError, ("keep=0.5", "method=")),
+    Case("answer_keep_int_without_method", ans(3), ValueError, ("keep=3", "method=")),
+    # method names: the registry's names, listed in the error
+    Case("answer_method_unknown", ans(0.5, method="nope"), ValueError, ("'nope'", "fastv", "random")),
+    Case("answer_method_wrong_case", ans(0.5, method="FastV"), ValueError, ("'FastV'", "fastv")),
+    Case("answer_method_empty", ans(0.5, method=""), ValueError, ("''", "accepted")),
+    Case("answer_method_int", ans(0.5, method=3), ValueError, ("3", "accepted")),
+    Case("answer_params_without_method", ans(None, layer=2), ValueError, ("['layer']", "method=")),
 ]
 
 

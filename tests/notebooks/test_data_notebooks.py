@@ -37,11 +37,88 @@ def test_notebook01_on_real_pictures_scores_only_samples_with_ground_truth(tmp_p
     Image.fromarray(rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(tmp_path / "noise.png")
     rows.append({"id": "noise", "image": str(tmp_path / "noise.png"), "question": "What is shown?"})
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run, metrics = _run(tmp_path / "root", data=str(tmp_path / "m.jsonl"),
-                        prompt_template="{question} Answer with a single word.")
+    run, metrics = _run(
+        tmp_path / "root", data=str(tmp_path / "m.jsonl"), prompt_template="{question} Answer with a single word."
+    )
     assert metrics["data"]["kind"] == "jsonl" and metrics["data"]["n_samples"] == 2
     assert metrics["data"]["prompt_template"] == "{question} Answer with a single word."
     gt = pd.read_csv(run / "tables" / "lm_attention_vs_relevance.csv")
     assert set(gt["sample"]) == {0} and set(gt["layer"]) == {0, 1}
     assert gt["auroc"].between(0, 1).all()
     assert any(k.startswith("lm_best_auroc/") for k in metrics)
+
+
+def _outputs(run: Path, nb: str) -> str:
+    """Every stream output of the executed notebook in ``run``."""
+    cells = json.loads((run / f"{nb}.ipynb").read_text())["cells"]
+    return "".join("".join(o.get("text", "")) for c in cells for o in c.get("outputs", []))
+
+
+def _run_nb(root: Path, nb: str, params: dict) -> tuple[Path, dict]:
+    path = REPO / "notebooks" / f"{nb}.ipynb"
+    result = run_job(
+        prepare_job(path, {"model": "tiny:llava", "device": "cpu", **params}, spec=read_parameters(path)), root
+    )
+    assert result.status == "ok", result.line()
+    run = Path(result.run_dir).resolve()
+    return run, json.loads((run / "metrics.json").read_text())
+
+
+@pytest.mark.notebooks
+@pytest.mark.xdist_group("notebooks")
+def test_notebook00_draws_photo_boxes_on_a_tiny_llava(tmp_path):
+    """data=photos, model='tiny:<family>' (a model built in code, reached through the model parameter)."""
+    run, metrics = _run_nb(tmp_path, "00_organism_tasks", {"data": "photos", "n_per_family": 1})
+    table = pd.read_csv(run / "tables" / "samples.csv")
+    groups = sorted({json.loads(line)["group"] for line in photos_manifest().read_text().splitlines()})
+    assert sorted(table["family"]) == groups and metrics["data"]["per_group"] is True
+    assert (table["image_tokens"] == 16).all() and (table["relevant_tokens"] > 0).all()  # tiny LLaVA: 4x4 grid
+    assert (run / "figures" / "relevance_on_patch_grid.png").is_file()
+
+
+@pytest.mark.notebooks
+@pytest.mark.xdist_group("notebooks")
+def test_notebook02_on_pictures_with_and_without_ground_truth(tmp_path):
+    """A photo with boxes and a picture without ground truth: every edge is cut on both, the patch edges and the
+    scores against ground truth only on the first."""
+    rows = [json.loads(line) for line in photos_manifest().read_text().splitlines()[:1]]
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(tmp_path / "n.png")
+    rows.append({"id": "noise", "image": str(tmp_path / "n.png"), "question": "What is shown?"})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run, metrics = _run_nb(
+        tmp_path / "root",
+        "02_information_flow",
+        {"data": str(tmp_path / "m.jsonl"), "n_samples": 2, "batch_size": 2, "window": 2},
+    )
+    sweep = pd.read_csv(run / "tables" / "knockout_windows.csv")
+    assert {"image→last", "relevant→last", "irrelevant→last"} <= set(sweep["edge"])
+    assert metrics["data"]["n_samples"] == 2 and metrics["truth/attention/auroc"] >= 0
+    truth = pd.read_csv(run / "tables" / "signals_vs_relevance.csv")
+    assert set(truth["n"]) == {1}  # one sample scored
+
+
+@pytest.mark.notebooks
+@pytest.mark.xdist_group("notebooks")
+def test_notebook04_on_photos_without_boxes_skips_the_oracle_and_recall(tmp_path):
+    rows = [json.loads(line) for line in photos_manifest().read_text().splitlines()[:2]]
+    for r in rows:
+        r.pop("boxes")
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run, metrics = _run_nb(
+        tmp_path / "root",
+        "04_reduction_methods",
+        {
+            "data": str(tmp_path / "m.jsonl"),
+            "n_samples": 1,
+            "methods": ["random", "oracle", "fastv"],
+            "budgets": [0.25],
+            "n_random_seeds": 1,
+            "batch_size": 4,
+        },
+    )
+    out = _outputs(run, "04_reduction_methods")
+    assert "skipped: method 'oracle' needs ground truth" in out and "so no kept set is scored" in out
+    answers = pd.read_csv(run / "tables" / "answers.csv")
+    assert set(answers["method"]) == {"full", "random", "fastv"} and set(answers["family"]) == {"color", "object"}
+    assert set(answers["answer"]) == {rows[0]["answers"][0], rows[1]["answers"][0]}
+    assert "accuracy_full" in metrics and not (run / "tables" / "relevance_recall.csv").exists()

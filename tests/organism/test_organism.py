@@ -190,6 +190,7 @@ def test_train_checkpoints_resumes_and_saves(tmp_path):
     small = dict(
         device="cpu",
         n_train_per_family=2,
+        n_instruct_per_family=1,
         n_val_per_family=1,
         clip_steps=1,
         text_steps=1,
@@ -206,6 +207,11 @@ def test_train_checkpoints_resumes_and_saves(tmp_path):
     assert (tmp_path / "org.ckpt" / "state.pt").is_file() and not out.exists()
     rec = train_organism(out, resume=True, max_minutes=60.0)
     assert rec["finished"] is True and len(rec["calls"]) == 2 and rec["calls"][1]["resumed"]
+    # every call instructs on fresh samples of its own data seed, weight-scaled per family
+    assert rec["calls"][1]["instruct_data_seed"] == rec["config"]["instruct_seed"] + 1
+    assert rec["calls"][1]["instruct_samples"] == sum(
+        round(rec["config"]["family_weights"].get(f, 1.0)) for f in FAMILIES
+    )
     assert {k: v["steps_done"] for k, v in rec["stages"].items()} == {"clip": 1, "text": 1, "align": 1, "instruct": 2}
     model = LlavaForConditionalGeneration.from_pretrained(out)
     AutoProcessor.from_pretrained(out)

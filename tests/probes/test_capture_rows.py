@@ -114,3 +114,34 @@ def test_only_requested_rows_are_materialised(monkeypatch):
     capture(vlm, batch, queries="last", vision=False)
     assert len(shapes) == len(vlm.lm_layers)
     assert all(s[2] == 1 for s in shapes)
+
+
+def test_one_plan_shared_by_layers_with_different_masks():
+    """A RowPlan caches each mask's rows once per mask object: layers that alternate two masks (Gemma-3's
+    sliding and global layers), causal layers without a mask, and padding known on the host all stay
+    equal to the float64 reference."""
+    q, k = _inputs(5, N=19)
+    B, H, N, D = q.shape
+    full = torch.ones(N, N, dtype=torch.bool).tril()[None, None].repeat(B, 1, 1, 1)
+    sliding = full & ~torch.ones(N, N, dtype=torch.bool).tril(-4)[None, None]  # window of 4
+    rows_np = np.array([[N - 1, 7], [N - 2, -1]])
+    plan = A.RowPlan.build(rows_np, "cpu")
+    assert plan.padded
+    rows = plan.rows
+    for mask, causal in [(full, False), (sliding, False), (full, False), (None, True), (sliding, False)]:
+        got = A.row_probabilities(_Module(), q, k, mask, 0.3, causal, rows, plan=plan)
+        ref = _ref_probs(q, k, mask, 0.3, causal)
+        for b in range(B):
+            for i, r in enumerate(rows_np[b].tolist()):
+                if r < 0:
+                    assert torch.isnan(got[b, :, i]).all()
+                else:
+                    torch.testing.assert_close(got[b, :, i].double(), ref[b, :, r], atol=1e-6, rtol=1e-5)
+    assert len(plan._bias) == 3  # full, sliding, causal: one gather each
+    dense = A.RowPlan.build(np.array([[N - 1], [4]]), "cpu")
+    assert not dense.padded and dense.invalid is None
+    got = A.row_probabilities(_Module(), q, k, sliding, 0.3, False, dense.rows, plan=dense)
+    ref = _ref_probs(q, k, sliding, 0.3, False)
+    torch.testing.assert_close(
+        got[:, :, 0].double(), torch.stack([ref[0, :, N - 1], ref[1, :, 4]]), atol=1e-6, rtol=1e-5
+    )

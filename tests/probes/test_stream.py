@@ -1,4 +1,5 @@
-"""capture_dataset: streamed batches == capture per batch (at the image tokens), bounded memory, a file."""
+"""capture_batches / capture_dataset: streamed batches == capture per batch, the next forward launched before the
+last batch is built, bounded memory, a file."""
 
 from __future__ import annotations
 
@@ -84,16 +85,21 @@ def test_memory_is_bounded_nothing_kept_per_batch(vlm, monkeypatch):
     """At every forward at most one earlier batch's raw capture is still alive (being reduced)."""
     alive: list[weakref.ref] = []
     seen = []
-    real = S.capture
+    real = S.launch
 
     def spy(*args, **kwargs):
         gc.collect()
         seen.append(sum(r() is not None for r in alive))
-        ds = real(*args, **kwargs)
-        alive.append(weakref.ref(ds))
-        return ds
+        build = real(*args, **kwargs)
 
-    monkeypatch.setattr(S, "capture", spy)
+        def built():
+            ds = build()
+            alive.append(weakref.ref(ds))
+            return ds
+
+        return built
+
+    monkeypatch.setattr(S, "launch", spy)
     out = S.capture_dataset(vlm, _samples(5) * 2, batch_size=1, progress=False)
     gc.collect()
     assert len(seen) == 10 and max(seen) <= 1, seen
@@ -117,3 +123,33 @@ def test_samples_as_objects_and_bad_inputs(vlm):
         S.capture_dataset(vlm, [42], progress=False)
     with pytest.raises(ValueError, match="empty"):
         S.capture_dataset(vlm, [], progress=False)
+
+
+def test_capture_batches_equals_capture_and_launches_ahead(vlm, monkeypatch):
+    samples = _samples(5)
+    events = []
+    real = S.launch
+
+    def spy(v, batch, **kwargs):
+        n = len([e for e in events if e[0] == "launch"])
+        events.append(("launch", n))
+        build = real(v, batch, **kwargs)
+
+        def built():
+            events.append(("build", n))
+            return build()
+
+        return built
+
+    monkeypatch.setattr(S, "launch", spy)
+    got = list(S.capture_batches(vlm, iter(samples), batch_size=2, queries="question", progress=False))
+    assert [start for start, _, _ in got] == [0, 2, 4]
+    # batch i + 1's forward is launched before batch i's Dataset is built
+    assert events == [("launch", 0), ("launch", 1), ("build", 0), ("launch", 2), ("build", 1), ("build", 2)]
+    for start, batch, ds in got:
+        chunk = samples[start : start + 2]
+        want = capture(vlm, vlm.prepare([c[0] for c in chunk], [c[1] for c in chunk]), queries="question")
+        assert len(batch) == len(chunk)
+        assert ds.identical(want)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        next(S.capture_batches(vlm, samples, batch_size=0))

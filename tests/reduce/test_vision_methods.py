@@ -203,10 +203,9 @@ def test_hired_matches_eager():
 @pytest.mark.parametrize(
     "name,family,why",
     [
-        ("visionzip", "qwen2_vl", "no \\[CLS\\]"),
         ("prumerge", "llava_onevision", "no \\[CLS\\]"),
         ("hired", "llava", "anyres"),
-        ("vispruner", "qwen2_vl", "LLaVA-family towers"),
+        ("prumerge_plus", "qwen2_vl", "no \\[CLS\\]"),
         ("visionzip", "llava_next", "spans 5 vision crops"),
     ],
 )

@@ -262,7 +262,12 @@ def _gold_first(vlm, samples) -> np.ndarray:
 
 
 def _relevant_tokens(layout, sample) -> np.ndarray:
-    return np.asarray(layout.tokens_from_grid(sample.relevance), dtype=bool)
+    from vtrlab.data.groundtruth import relevant_tokens
+
+    rel = relevant_tokens(layout, sample)
+    if rel is None:
+        raise ValueError(f"sample {_sample_key(sample)[:3]} has no ground truth; the claims need relevant patches")
+    return rel
 
 
 def tower_norms_and_capture(vlm, samples, cache: FindingsCache) -> dict:
@@ -561,7 +566,7 @@ def _answers(vlm, samples, cache: FindingsCache, name: str, masks_of: Callable) 
     the image tokens; None = all), answered through the keep-mask path, cached under ``name``."""
 
     def compute():
-        from vtrlab.metrics.fidelity import exact_match
+        from vtrlab.metrics.answers import answer_accuracy
         from vtrlab.reduce import answer, decoder_inputs
 
         from .reduction_sweep import _gold_ids
@@ -572,7 +577,7 @@ def _answers(vlm, samples, cache: FindingsCache, name: str, masks_of: Callable) 
             width = max(len(g) for g in _gold_ids(vlm, [s.answer for s in chunk])) + 1
             masks = masks_of(list(batch.layouts), chunk, start)
             pred = answer(vlm, batch, keep=masks, max_new_tokens=width, decoder_inputs=decoder_inputs(vlm, batch))
-            out.extend(exact_match(p, s.answer) for p, s in zip(pred, chunk))
+            out.extend(answer_accuracy(p, [s.answer]) == 1.0 for p, s in zip(pred, chunk))
         return np.asarray(out, dtype=np.float64)
 
     return cache.get(f"answers/{name}", compute)

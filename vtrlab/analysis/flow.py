@@ -55,16 +55,20 @@ def token_scores_vs_truth(tokens: pd.DataFrame) -> pd.DataFrame:
     """Per (signal, sample, layer): AUROC of ``score`` against ``relevant``; AUROC among object tokens only
     (does the signal pick the *relevant* objects, not just objects?); lift over uniform (mean score on
     relevant tokens / mean score on all tokens; 1 = uniform); and per sample the objectness baseline
-    (AUROC of the map "every object token" against relevance)."""
+    (AUROC of the map "every object token" against relevance). Samples whose ``has_truth`` is False are
+    left out; where ``has_objects`` is False the two object controls are NaN."""
     need = ["signal", "sample", "family", "layer", "score", "relevant", "object"]
     missing = [c for c in need if c not in tokens.columns]
     if missing:
         raise ValueError(f"columns {missing} not in the token frame; have {list(tokens.columns)}")
+    if "has_truth" in tokens.columns:
+        tokens = tokens[tokens["has_truth"].astype(bool)]
     out = []
     for (signal, sample, layer), g in tokens.groupby(["signal", "sample", "layer"], sort=True):
         s = g["score"].to_numpy(dtype=float)
         rel = g["relevant"].to_numpy(dtype=bool)
         obj = g["object"].to_numpy(dtype=bool)
+        known = bool(g["has_objects"].iloc[0]) if "has_objects" in g.columns else True
         inside = obj
         total = np.nanmean(s)
         out.append(
@@ -74,9 +78,9 @@ def token_scores_vs_truth(tokens: pd.DataFrame) -> pd.DataFrame:
                 "family": g["family"].iloc[0],
                 "layer": layer,
                 "auroc": float(agreement.auroc(s, rel)),
-                "auroc_objects": float(agreement.auroc(s[inside], rel[inside])) if inside.any() else np.nan,
+                "auroc_objects": float(agreement.auroc(s[inside], rel[inside])) if known and inside.any() else np.nan,
                 "lift": float(np.nanmean(s[rel]) / total) if rel.any() and total > 0 else np.nan,
-                "objectness_auroc": float(agreement.auroc(obj.astype(float), rel)),
+                "objectness_auroc": float(agreement.auroc(obj.astype(float), rel)) if known else np.nan,
             }
         )
     return pd.DataFrame(out)
@@ -89,16 +93,17 @@ def truth_summary(per_sample: pd.DataFrame, n_boot: int = 1000, seed: int = 0, b
     return _summarise(per_sample, by, ["auroc", "auroc_objects", "lift", "objectness_auroc"], n_boot, seed)
 
 
-def headline(sweep_sum: pd.DataFrame, truth_sum: pd.DataFrame) -> dict:
+def headline(sweep_sum: pd.DataFrame, truth_sum: pd.DataFrame | None) -> dict:
     """Headline numbers (pooled over families): per edge, the window whose cut lowers p(answer) most and
-    that change; per signal, the layer with the highest AUROC and that AUROC."""
+    that change; per signal, the layer with the highest AUROC and that AUROC (none when ``truth_sum`` is None:
+    data without ground truth)."""
     out: dict = {}
     for edge, g in sweep_sum.groupby("edge"):
         worst = g.loc[g["relative_change"].idxmin()]
         out[f"knockout/{edge}/worst_window_start"] = int(worst["window_start"])
         out[f"knockout/{edge}/relative_change"] = float(worst["relative_change"])
         out[f"knockout/{edge}/accuracy"] = float(worst["correct"])
-    for signal, g in truth_sum.groupby("signal"):
+    for signal, g in [] if truth_sum is None else truth_sum.groupby("signal"):
         best = g.loc[g["auroc"].idxmax()]
         out[f"truth/{signal}/best_layer"] = int(best["layer"])
         out[f"truth/{signal}/auroc"] = float(best["auroc"])

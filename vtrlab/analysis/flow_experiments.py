@@ -1,5 +1,8 @@
 """Runs the model for notebook 02: knockout-window sweeps and per-layer signals over the image tokens,
-each image token labelled with the organism's ground truth (relevant / any object). Tables: analysis.flow."""
+each image token labelled with the sample's ground truth (relevant / any object) through the model's own
+layout (``vtrlab.data.groundtruth``: the token's pixel box touches the boxes or mask). Samples without ground
+truth get the sweeps of the named edges and their signals (``has_truth`` False); the patch edges and the
+scores against ground truth need it. Tables: analysis.flow."""
 
 from __future__ import annotations
 
@@ -8,7 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from vtrlab.data.synthetic import relevance_from_mask
+from vtrlab.analysis.controls import object_tokens
+from vtrlab.data.groundtruth import relevant_tokens
 from vtrlab.flow import EDGES, knockout_sweep, logit_lens, rollout, saliency
 from vtrlab.probes import capture
 from vtrlab.probes.spec import layer_indices
@@ -16,12 +20,26 @@ from vtrlab.probes.spec import layer_indices
 SIGNALS = ("attention", "rollout", "saliency", "logit_lens")
 
 
-def _truth(layout, sample) -> tuple[np.ndarray, np.ndarray]:
-    """Per image token (aligned with ``layout.image_positions``): relevant, and part of any object."""
-    grid = sample.relevance.shape[0]
-    rel = layout.tokens_from_grid(sample.relevance).astype(bool)
-    obj = layout.tokens_from_grid(relevance_from_mask(sample.object_map > 0, grid)).astype(bool)
-    return rel, obj
+def _truth(layout, sample) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Per image token (aligned with ``layout.image_positions``): relevant, and part of any object (None where
+    the sample has no ground truth / no object map)."""
+    return relevant_tokens(layout, sample), object_tokens(layout, sample)
+
+
+def _usable(rel: np.ndarray | None) -> bool:
+    """Ground truth that can build the patch edges: some relevant and some irrelevant image tokens."""
+    return rel is not None and bool(rel.any()) and not bool(rel.all())
+
+
+def _sweep_frame(sw, start: int, index: Sequence[int], chunk: Sequence) -> pd.DataFrame:
+    """``knockout_sweep`` result as rows; ``index[i]`` is batch row i's place in ``chunk``."""
+    df = sw[["relative_change", "correct"]].to_dataframe().reset_index()
+    df["window_start"] = sw.window_start.values[df["window"].to_numpy()]
+    df["window_stop"] = sw.window_stop.values[df["window"].to_numpy()]
+    local = np.asarray(index)[df["sample"].to_numpy()]
+    df["sample"] = start + local
+    df["family"] = [chunk[i].family for i in local]
+    return df.drop(columns="window")
 
 
 def patch_edges(layouts, relevant: Sequence[np.ndarray], rng: np.random.Generator) -> dict:
@@ -49,11 +67,14 @@ def run_flow(
     seed: int = 0,
     signals: Sequence[str] = SIGNALS,
 ) -> dict[str, pd.DataFrame]:
-    """Sweep and signal frames for synthetic ``samples`` (``vtrlab.data.synthetic.Sample``).
+    """Sweep and signal frames for ``samples`` (``vtrlab.data`` records or synthetic samples).
 
     Returns ``{"sweep": (edge, window_start, window_stop, sample, family, relative_change, correct),
-    "tokens": (signal, sample, family, layer, position, row, col, score, relevant, object)}``. The answer is
-    the model's own greedy token at the last position (the organism's accuracy is near 1).
+    "tokens": (signal, sample, family, layer, position, row, col, score, relevant, object, has_truth,
+    has_objects)}``. The answer is the model's own greedy token at the last position (the organism's accuracy
+    is near 1). The patch edges (relevant / as many irrelevant patches -> last) run on the samples whose
+    ground truth has both relevant and irrelevant image tokens; ``relevant`` / ``object`` are False where
+    ``has_truth`` / ``has_objects`` is False.
     """
     bad = [s for s in signals if s not in SIGNALS]
     if bad:
@@ -66,14 +87,22 @@ def run_flow(
         batch = vlm.prepare([s.image for s in chunk], [s.question for s in chunk])
         layouts = list(batch.layouts)
         truth = [_truth(L, s) for L, s in zip(layouts, chunk)]
-        edges = dict(EDGES) | patch_edges(layouts, [t[0] for t in truth], rng)
-        sw = knockout_sweep(vlm, batch, edges=edges, window=window)
-        df = sw[["relative_change", "correct"]].to_dataframe().reset_index()
-        df["sample"] += start
-        df["window_start"] = sw.window_start.values[df["window"].to_numpy()]
-        df["window_stop"] = sw.window_stop.values[df["window"].to_numpy()]
-        df["family"] = [chunk[i - start].family for i in df["sample"]]
-        sweeps.append(df.drop(columns="window"))
+        usable = [i for i, t in enumerate(truth) if _usable(t[0])]
+        if len(usable) == len(chunk):  # one sweep with every edge (the organism: always)
+            edges = dict(EDGES) | patch_edges(layouts, [t[0] for t in truth], rng)
+            sweeps.append(
+                _sweep_frame(knockout_sweep(vlm, batch, edges=edges, window=window), start, range(len(chunk)), chunk)
+            )
+        else:  # named edges on the batch, patch edges on the samples whose ground truth can build them
+            sweeps.append(
+                _sweep_frame(
+                    knockout_sweep(vlm, batch, edges=dict(EDGES), window=window), start, range(len(chunk)), chunk
+                )
+            )
+            if usable:
+                sub = vlm.prepare([chunk[i].image for i in usable], [chunk[i].question for i in usable])
+                edges = patch_edges(list(sub.layouts), [truth[i][0] for i in usable], rng)
+                sweeps.append(_sweep_frame(knockout_sweep(vlm, sub, edges=edges, window=window), start, usable, chunk))
         per_key = {}  # signal -> (B, L, N) score per sequence position
         if "attention" in signals:
             per_key["attention"] = capture(
@@ -89,6 +118,9 @@ def run_flow(
             sel = L.kind == "image"
             rows, cols = L.row[sel], L.col[sel]
             rel, obj = truth[b]
+            has_truth, has_objects = rel is not None, obj is not None
+            rel = np.zeros(len(pos), bool) if rel is None else rel
+            obj = np.zeros(len(pos), bool) if obj is None else obj
             scores = {name: v[b][:, pos] for name, v in per_key.items()}
             if lens is not None:
                 qp = lens.query_position.values[b]
@@ -110,6 +142,8 @@ def run_flow(
                                 "score": sc[li],
                                 "relevant": rel,
                                 "object": obj,
+                                "has_truth": has_truth,
+                                "has_objects": has_objects,
                             }
                         )
                     )

@@ -80,7 +80,7 @@ def recall_table(tokens: pd.DataFrame) -> pd.DataFrame:
                 chance=float(g["kept"].mean()),
             )
         )
-    per = pd.DataFrame(rows)
+    per = pd.DataFrame(rows, columns=["method", "seed", "budget", "sample", "recall", "chance"])  # none: no truth
     out = per.groupby(["method", "seed", "budget"], as_index=False).agg(
         recall=("recall", "mean"), chance=("chance", "mean"), n=("recall", "size")
     )

@@ -8,7 +8,13 @@
   distribution after the prompt; ``method == "full"`` rows are the unreduced model.
 * ``tokens`` — one row per (sample, method, seed, budget, image token): whether it survives the
   method's last stage, the score the method ranked by at its first stage, the token's grid
-  position (tile, row, col) and ground-truth relevance.
+  position (tile, row, col) and ground-truth relevance (``relevant``: the token's pixel box touches the
+  sample's boxes or mask, through the model's own layout; False for a sample without ground truth, whose
+  ``has_truth`` is False).
+
+Samples are ``vtrlab.data`` records (or synthetic samples): ``answers`` lists every accepted answer (a
+prediction is correct when it matches any of them after the VQA normalisation); the first is the gold
+answer whose log-probability is measured.
 
 Methods that prune inside the LM ship defaults for a 32-layer LLaVA; on a shallower LM their
 layers are scaled by depth (:func:`depth_scaled_params`), and the parameters used are in the table.
@@ -61,6 +67,15 @@ def _gold_ids(vlm: Any, answers: Sequence[str]) -> list[list[int]]:
     return [tok(" " + a if not a.startswith(" ") else a, add_special_tokens=False)["input_ids"] or [0] for a in answers]
 
 
+def _accepted(sample: Any) -> tuple[str, ...]:
+    """Every accepted answer of a sample: a record's ``answers``, else a synthetic sample's ``answer``."""
+    answers = getattr(sample, "answers", None)
+    if answers:
+        return tuple(answers)
+    one = getattr(sample, "answer", None)
+    return () if one is None else (one,)
+
+
 def reduction_sweep(
     vlm: Any,
     samples: Sequence[Any],
@@ -71,23 +86,29 @@ def reduction_sweep(
     max_new_tokens: int = 6,
     progress: bool = True,
 ):
-    """Run ``methods`` at keep ratios ``budgets`` on ``samples`` (objects with image, question,
-    answer, family, relevance). ``random`` runs once per seed; other methods are deterministic.
+    """Run ``methods`` at keep ratios ``budgets`` on ``samples`` (``vtrlab.data`` records or synthetic samples:
+    image, question, answers (or answer), family, ground truth as boxes / masks). ``random`` runs once per
+    seed; other methods are deterministic; ``oracle`` needs ground truth on every sample.
     Returns ``(answers, tokens)`` DataFrames (see module docstring)."""
     import pandas as pd
     import torch
     from tqdm.auto import tqdm
 
-    from ..metrics.fidelity import answer_logprob, exact_match, kl_divergence
+    from ..data.groundtruth import relevant_tokens
+    from ..metrics.answers import answer_accuracy
+    from ..metrics.fidelity import answer_logprob, kl_divergence
     from ..models.base import KIND_IMAGE
     from ..reduce import answer, apply, decoder_inputs, get, logits
-    from ..reduce.methods.oracle import relevance_per_token
 
     for name in methods:
         get(name)  # unknown names fail before any forward
     for b in budgets:
         if not 0 < float(b) <= 1:
             raise ValueError(f"budget {b!r}; accepted: keep ratios in (0, 1]")
+    accepted = [_accepted(s) for s in samples]
+    no_answer = [i for i, a in enumerate(accepted) if not a]
+    if no_answer:
+        raise ValueError(f"samples {no_answer[:5]} have no answer; the reduction sweep scores answers (give answers)")
     params_of = {name: depth_scaled_params(vlm, name) for name in methods}
     ans_rows: list[dict] = []
     tok_rows: list[dict] = []
@@ -95,7 +116,8 @@ def reduction_sweep(
     for start in tqdm(starts, desc="reduction sweep", unit="batch", disable=not progress):
         chunk = list(samples[start : start + batch_size])
         batch = vlm.prepare([s.image for s in chunk], [s.question for s in chunk])
-        gold = _gold_ids(vlm, [s.answer for s in chunk])
+        acc = accepted[start : start + batch_size]
+        gold = _gold_ids(vlm, [a[0] for a in acc])
         dec = decoder_inputs(vlm, batch)
         full_pred = answer(vlm, batch, max_new_tokens=max_new_tokens, decoder_inputs=dec)
         full = logits(vlm, batch, append=gold, decoder_inputs=dec)
@@ -103,7 +125,11 @@ def reduction_sweep(
         for i, g in enumerate(gold):
             app_t[i, : len(g)] = torch.tensor(g)
         full_lp = answer_logprob(full.appended, app_t, full.appended_mask)
-        rel = [relevance_per_token(lay, s.relevance) for lay, s in zip(batch.layouts, chunk)]
+        truth = [relevant_tokens(lay, s) for lay, s in zip(batch.layouts, chunk)]  # None: no ground truth
+        if "oracle" in methods and any(t is None for t in truth):
+            missing = [start + i for i, t in enumerate(truth) if t is None]
+            raise ValueError(f"method 'oracle' needs ground truth (boxes or masks); samples {missing[:5]} have none")
+        rel = [np.zeros(lay.n_image_tokens, bool) if t is None else t for t, lay in zip(truth, batch.layouts)]
         for i, s in enumerate(chunk):
             ans_rows.append(
                 dict(
@@ -113,8 +139,8 @@ def reduction_sweep(
                     seed=-1,
                     budget=1.0,
                     prediction=full_pred[i],
-                    answer=s.answer,
-                    correct=exact_match(full_pred[i], s.answer),
+                    answer=acc[i][0],
+                    correct=answer_accuracy(full_pred[i], acc[i]) == 1.0,
                     logprob=float(full_lp[i]),
                     kl=0.0,
                     kept=batch.layouts[i].n_image_tokens,
@@ -159,8 +185,8 @@ def reduction_sweep(
                                 seed=int(seed),
                                 budget=b,
                                 prediction=pred[i],
-                                answer=s.answer,
-                                correct=exact_match(pred[i], s.answer),
+                                answer=acc[i][0],
+                                correct=answer_accuracy(pred[i], acc[i]) == 1.0,
                                 logprob=float(lp[i]),
                                 kl=float(kl[i]),
                                 kept=int(kept.sum()),
@@ -183,6 +209,7 @@ def reduction_sweep(
                                     kept=kept,
                                     score=score,
                                     relevant=rel[i],
+                                    has_truth=truth[i] is not None,
                                 )
                             )
                         )

@@ -6,16 +6,26 @@ probabilities ``A[rows]`` (B, H, R, N), V (already held by autograd) and the out
 ``autograd.grad`` call gives dO for every chosen layer, and ``A ⊙ (dO·Vᵀ)`` is formed per layer.
 Parameters' ``.grad`` are never touched. Inside :func:`vtrlab.knocked_out` the saliency is that of
 the knocked-out model (probes compose).
+
+Cost: the graph is recorded only from the first chosen LM layer on. Everything before it (the vision
+tower, the projector, the embeddings, earlier LM layers) runs without autograd, and the hidden state
+entering that layer becomes the graph's leaf. Parameters are taken as constants for the call (their
+``requires_grad`` is switched off and restored in ``finally``). So autograd keeps only what input
+gradients need, never the activations a weight gradient would, and the backward pass computes no
+weight gradient. The result does not depend on which parameters are frozen: ∂L/∂A is a gradient with
+respect to activations.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import torch
 import xarray as xr
 
 from vtrlab.models.labels import key_coordinates
-from vtrlab.probes.attention import Site, session
+from vtrlab.probes.attention import RowPlan, Site, session
 from vtrlab.probes.spec import layer_indices, padded_rows, queries_per_sample
 from vtrlab.probes.switch import attention_switched
 
@@ -41,17 +51,46 @@ def _check_gradient_path(vlm) -> None:
             "saliency needs gradients, but torch.inference_mode() is active; call vtrlab.saliency outside "
             "the inference_mode block (torch.no_grad is fine: saliency enables grad itself)"
         )
-    params = list(vlm.model.parameters())
-    if not any(p.requires_grad for p in params):
-        raise ValueError(
-            "saliency needs a gradient path through the LM, but no parameter of the model requires grad "
-            "(all frozen); call vlm.model.requires_grad_(True) first (saliency never writes .grad)"
-        )
-    if any(p.is_inference() for p in params[:1]):
+    if any(p.is_inference() for p in list(vlm.model.parameters())[:1]):
         raise RuntimeError(
             "the model's parameters were created under torch.inference_mode(); reload the model "
             "outside inference_mode to take gradients"
         )
+
+
+@contextlib.contextmanager
+def _graph_from(model, layer_module):
+    """Record autograd only from ``layer_module`` on: the forward runs under no_grad until that layer's
+    input, which becomes a leaf that requires grad; parameters are constants (their ``requires_grad``
+    restored in ``finally``). Yields a dict that holds the leaf once the layer ran."""
+    seen: dict = {}
+
+    def pre_hook(_module, args, kwargs):
+        h = args[0] if args else kwargs.get("hidden_states")
+        if not torch.is_tensor(h) or not h.is_floating_point():
+            raise RuntimeError(
+                f"{type(_module).__name__} was called without a floating hidden_states tensor; saliency cannot "
+                "start its gradient path there"
+            )
+        leaf = h.detach().requires_grad_(True)
+        torch.set_grad_enabled(True)  # from here to the end of the forward (the outer block restores it)
+        seen["leaf"] = leaf
+        if args:
+            return (leaf, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": leaf}
+
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    handle = layer_module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with torch.no_grad():
+            yield seen
+    finally:
+        handle.remove()
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
 
 
 def saliency(vlm, batch, *, queries="last", layers="all", target=None) -> xr.Dataset:
@@ -71,14 +110,22 @@ def saliency(vlm, batch, *, queries="last", layers="all", target=None) -> xr.Dat
     if target is not None and vocab is not None:
         validate_target(target, len(layouts), vocab, "cpu")  # before any forward
     _check_gradient_path(vlm)
-    rows_t = torch.as_tensor(rows_np, device=vlm.device)
+    plan = RowPlan.build(rows_np, vlm.device)  # shared by every layer (masks gathered once)
+    rows_t = plan.rows
     mods = vlm.lm_layers
     sites = {
-        id(vlm.adapter.lm_attention(mods[i])): Site("lm", i, saliency_rows=rows_t, probe="saliency") for i in lm_layers
+        id(vlm.adapter.lm_attention(mods[i])): Site("lm", i, saliency_rows=rows_t, plan=plan, probe="saliency")
+        for i in lm_layers
     }
     inputs = dict(batch.inputs)
-    with attention_switched(vlm.model), session(sites), torch.enable_grad():
+    first = mods[lm_layers[0]]
+    with attention_switched(vlm.model), session(sites), _graph_from(vlm.model, first) as seen:
         logits = vlm.model(**inputs, use_cache=False).logits
+        if "leaf" not in seen:
+            raise RuntimeError(
+                f"LM layer {lm_layers[0]} never ran during {type(vlm.model).__name__}'s forward, so saliency has "
+                "no gradient path"
+            )
         logp = log_probs_at_last(vlm, layouts, logits)
         if target is None:
             tgt = logp.argmax(-1).detach()
@@ -92,19 +139,19 @@ def saliency(vlm, batch, *, queries="last", layers="all", target=None) -> xr.Dat
         outs = [by_layer[i].saliency["output"] for i in lm_layers]
         no_path = [i for i, o in zip(lm_layers, outs) if not o.requires_grad]
         if not loss.requires_grad or no_path:
-            raise ValueError(
-                f"saliency needs a gradient path to the attention of LM layer(s) {no_path or lm_layers}, but every "
-                "parameter before them is frozen (requires_grad=False); call vlm.model.requires_grad_(True) first "
-                "(saliency never writes .grad)"
+            raise RuntimeError(
+                f"no gradient path from the answer to the attention of LM layer(s) {no_path or lm_layers}: the "
+                "model's forward detached the hidden state between the layers"
             )
         grads = torch.autograd.grad(loss, outs, allow_unused=True)
-    per_layer = []
-    for i, g in zip(lm_layers, grads):
-        sal = by_layer[i].saliency
-        if g is None:
-            g = torch.zeros_like(sal["output"])
-        per_layer.append(attention_times_grad(sal["probs"], g.detach(), sal["value"], rows_t).cpu())
-    ag = torch.stack(per_layer, dim=1)  # (B, L, H, R, N)
+        per_layer = []
+        for i, g in zip(lm_layers, grads):
+            sal = by_layer[i].saliency
+            if g is None:
+                g = torch.zeros_like(sal["output"])
+            per_layer.append(attention_times_grad(sal["probs"], g.detach(), sal["value"], rows_t))
+        del outs, grads, logits, logp, loss
+    ag = torch.stack(per_layer, dim=1).cpu()  # one copy to the host for every layer
     ag = ag.masked_fill(torch.as_tensor(rows_np < 0)[:, None, None, :, None], float("nan"))
     seq_len = ag.shape[-1]
     same = bool((rows_np == rows_np[:1]).all()) and not (rows_np < 0).any()

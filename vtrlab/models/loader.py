@@ -1,4 +1,11 @@
-"""`load(model)`: the organism, a local directory or a hub id -> `VLM` (HF model + processor + adapter)."""
+"""`load(model)`: the organism, a local directory, a hub id or a built model (``scheme:name``) -> `VLM`.
+
+``scheme:name`` models are built in code instead of read from a checkpoint: ``tiny:<family>`` (tiny random
+weights) and ``full_size:<name>`` (real shapes, random weights), so notebooks and grids reach them through
+their ``model`` parameter. Schemes are plugins: entry points of the group ``vtrlab.model_builders`` (vtrlab's own
+two are declared in ``pyproject.toml`` and provided by ``vtrlab.testing``; this module imports none of them
+by name). A builder is ``fn(name, *, device, dtype, attn_implementation) -> VLM``.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +25,8 @@ ORGANISM = "organism"
 ORGANISM_ENV = "VTRLAB_ORGANISM"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
+_SCHEME = re.compile(r"^([a-z][a-z0-9_]*):(.+)$")
+SCHEME_GROUP = "vtrlab.model_builders"  # entry-point group of model builders (``scheme:name`` models)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -87,6 +96,46 @@ def resolve(model: str, cache_dir: str | None = None) -> tuple[str, bool]:
         f"cannot load {model!r}: the Hugging Face hub cannot be reached and the model is not in the local "
         "cache; pass a local path to a saved model directory instead"
     )
+
+
+def model_schemes() -> dict[str, Any]:
+    """``scheme -> entry point`` of the installed model builders (group ``vtrlab.model_builders``)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=SCHEME_GROUP)}
+
+
+def scheme_of(model: Any) -> tuple[str, str] | None:
+    """``(scheme, name)`` when ``model`` is a built model such as ``"tiny:llava"`` (and no local path of that
+    name exists), else None."""
+    if not isinstance(model, str) or os.path.exists(os.path.expanduser(model)):
+        return None
+    m = _SCHEME.match(model)
+    return None if m is None else (m.group(1), m.group(2))
+
+
+def _load_built(model: str, scheme: str, name: str, device, dtype, attn_implementation: str, kw: dict) -> VLM:
+    """A ``scheme:name`` model from its builder (an entry point of group ``vtrlab.model_builders``)."""
+    schemes = model_schemes()
+    if scheme not in schemes:
+        have = ", ".join(f"'{s}:<name>'" for s in sorted(schemes)) or "none installed"
+        raise ModelLoadError(
+            f"model={model!r}: no model builder {scheme!r} (entry-point group {SCHEME_GROUP!r}); accepted: "
+            f"{have}, 'organism', a local model directory or a hub id (vtrlab's own 'tiny:' and 'full_size:' "
+            "are registered when the package is installed: pip install -e .)"
+        )
+    extra = sorted(k for k, v in kw.items() if k != "device_map" or v is not None)
+    if extra:
+        raise ValueError(
+            f"model={model!r} is built in code: it takes device=, dtype= and attn_implementation=, not {extra}"
+        )
+    dev = _pick_device(device)
+    if isinstance(dtype, str) and dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} not understood; use 'auto' or one of {sorted(DTYPES)}")
+    torch_dtype = _pick_dtype(dtype, dev, None) if dtype != "auto" else None  # None: the builder's choice
+    vlm = schemes[scheme].load()(name, device=dev, dtype=torch_dtype, attn_implementation=attn_implementation)
+    vlm.name = model
+    return vlm
 
 
 def _pick_device(device: str | torch.device) -> torch.device:
@@ -197,7 +246,9 @@ def load(
     """Load a VLM with its processor and family adapter.
 
     ``model``: ``"organism"`` (``$VTRLAB_ORGANISM`` or ``<repo>/data/models/organism``), a local
-    directory, or a hub id. ``device="auto"`` picks CUDA when present. ``dtype="auto"`` keeps the
+    directory, a hub id, or a model built in code: ``"tiny:<family>"`` (``vtrlab.testing.tiny``) or
+    ``"full_size:<name>"`` (``vtrlab.testing.full_size``, e.g. ``"full_size:llava-1.5-7b"``; bfloat16 on a GPU
+    unless ``dtype`` says otherwise). ``device="auto"`` picks CUDA when present. ``dtype="auto"`` keeps the
     checkpoint's dtype on GPU and uses float32 on CPU. ``device_map`` (e.g. ``"auto"``) spreads a
     model over several GPUs through accelerate; ``device`` is then ignored. Other keywords go to
     ``from_pretrained`` of the model (e.g. ``revision``).
@@ -209,6 +260,9 @@ def load(
     """
     if not isinstance(strict, bool):
         raise TypeError(f"strict must be True or False, got {strict!r}")
+    built = scheme_of(model)
+    if built is not None:
+        return _load_built(model, *built, device, dtype, attn_implementation, dict(kw, device_map=device_map))
     dev = _pick_device(device) if device_map is None else None
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from string import Template
 
-from vtrlab.io import atomic_write_text
+from vtrlab.io import atomic_write_text, replace_marked_section
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = Path(__file__).with_name("card_template.md")
@@ -126,10 +126,41 @@ def trajectory(rec: dict) -> str:
     return head + "\n" + "\n".join(rows)
 
 
-def not_met(ev: dict, rec: dict) -> str:
+def tried_lines(tried: list[dict]) -> list[str]:
+    """One line per recorded attempt (records/tried/*.json): what changed, and the validation it reached."""
+    out = []
+    for a in tried:
+        vals = a.get("val") or []
+        if not vals:
+            continue
+        fams = list(vals[-1]["val"])
+        last = vals[-1]
+        spread = {
+            f: (min(v["val"][f] for v in vals[1:] or vals), max(v["val"][f] for v in vals[1:] or vals)) for f in fams
+        }
+        rel = spread.get("relation")
+        out.append(
+            f"- Tried ({a.get('date', '?')}, {a.get('device', '?')}): {a['what']}; why: {a['why']}. "
+            f"Validation at instruct step {last['step']} (of {a['instruct_steps_done']} run): "
+            + ", ".join(f"{f} {last['val'][f]:.2f}" for f in fams)
+            + (
+                f" (relation within {rel[0]:.2f}-{rel[1]:.2f} from step {vals[1]['step']} on)"
+                if rel and len(vals) > 1
+                else ""
+            )
+            + f"; {a.get('stopped', '')}. Command: `{a['command']}`; log `records/tried/{a['log']}`."
+        )
+    return out
+
+
+def load_tried(bundle: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((bundle / "records" / "tried").glob("*.json"))]
+
+
+def not_met(ev: dict, rec: dict, tried: list[dict] = ()) -> str:
     missed = {f: r["accuracy"] for f, r in ev["families"].items() if f in TARGETS and r["accuracy"] < TARGETS[f]}
     if not missed:
-        return "Every target of issue 10 is met."
+        return "\n".join(["Every target of issue 10 is met.", *tried_lines(tried)])
     vals = [e for e in rec["log"] if e.get("stage") == "instruct" and "val" in e]
     lines = []
     for fam, acc in missed.items():
@@ -147,12 +178,12 @@ def not_met(ev: dict, rec: dict) -> str:
             "relation without it, are a tower frozen during instruction tuning (LLaVA-1.5), the text-only LM stage "
             "and the projector-alignment stage before it, and the system prompt."
         )
+    lines += tried_lines(tried)
     lines.append(
-        "- Next GPU session (two 10-minute calls, from scratch): `vtrlab organism train --out runs/organism-v2b "
-        "--max-minutes 9.2 --instruct-steps 12000 --family-weights count=2,relation=3,reading=1.5 "
-        "--lr-tower-instruct 5e-5`, then the same command with `--resume --finish` until it saves; "
-        "`--lr-tower-instruct` trains the tower in the instruct stage at a low rate under its CLIP and dense "
-        "losses (as LLaVA-NeXT tunes its tower), the remaining difference from the probe that learned relation."
+        '- Not tried yet: a vertical one-hop stepping stone ("is the <colour> <shape> above or below ?"; the '
+        "one-hop family covers only left/right, relation asks both axes) and shape-only one-hop questions "
+        "(relation names shapes without colours); the tower trained in the instruct stage "
+        "(`--lr-tower-instruct 5e-5`, as LLaVA-NeXT tunes its tower)."
     )
     return "\n".join(lines)
 
@@ -164,6 +195,9 @@ def _raster_verdict(rho: list) -> str:
     if min(rho) > -0.2 and max(rho) >= 0.2:
         return ": favours late (bottom) tokens, as in LLaVA-1.5"
     return ""
+
+
+_COMPARE_HEAD = "| quantity | organism v2 | published for LLaVA-1.5 / CLIP ViTs |\n|---|---|---|\n"
 
 
 def realism_parts(re_: dict | None) -> dict:
@@ -237,6 +271,7 @@ def realism_parts(re_: dict | None) -> dict:
         ),
     ]
     compare = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in cmp_)
+    compare = _COMPARE_HEAD + compare
     return {
         "realism_rows": "\n".join(rows),
         "realism_compare": compare,
@@ -322,13 +357,43 @@ def render(bundle: str | os.PathLike) -> str:
         family_weights=", ".join(f"{k} {v:g}" for k, v in tc["family_weights"].items()),
         call_lines=call_lines(rec),
         trajectory=trajectory(rec),
-        not_met=not_met(ev, rec),
+        not_met=not_met(ev, rec, load_tried(Path(bundle))),
         **realism_parts(_json(bundle / "realism.json")),
     )
     return Template(TEMPLATE.read_text()).substitute(fields)
 
 
-def write_card(bundle: str | os.PathLike = ROOT / "data" / "models" / "organism") -> Path:
+def readme_summary(bundle: str | os.PathLike) -> str:
+    """The project README's organism section: held-out accuracy and the realism comparison, from
+    the bundle's records (eval.json, realism.json)."""
+    bundle = Path(bundle)
+    ev = json.loads((bundle / "eval.json").read_text())
+    acc = ", ".join(f"{f} {r['accuracy']:.3f}" for f, r in ev["families"].items())
+    missed = [f for f, r in ev["families"].items() if f in TARGETS and r["accuracy"] < TARGETS[f]]
+    lines = [f"Held-out accuracy ({ev['n_per_family']} per family, greedy exact match, `eval.json`): {acc}."]
+    if missed:
+        lines.append(
+            f"Below target: {', '.join(missed)} -- findings on these families are about a model that has not "
+            "learned them (the card lists what was tried)."
+        )
+    re_ = _json(bundle / "realism.json")
+    if re_ is not None:
+        lines += [
+            "",
+            f"Realism of v2 beside published LLaVA-1.5 findings (`realism.json`, {re_['n_samples']} held-out "
+            "samples; the per-layer table is in the card):",
+            "",
+            realism_parts(re_)["realism_compare"],
+        ]
+    return "\n".join(lines)
+
+
+def write_card(
+    bundle: str | os.PathLike = ROOT / "data" / "models" / "organism", readme: str | os.PathLike | None = None
+) -> Path:
+    """Render the card into the bundle; with ``readme`` (the project README), also its organism section."""
     bundle = Path(bundle)
     text = render(bundle)
+    if readme is not None:
+        replace_marked_section(readme, "organism-summary", readme_summary(bundle))
     return atomic_write_text(bundle / "README.md", text)

@@ -27,7 +27,10 @@ def train(
     device: str = typer.Option("cuda", help="torch device, e.g. cuda or cpu"),
     seed: int = typer.Option(0, help="model init and batch order"),
     max_minutes: float = typer.Option(9.0, help="wall-time budget of this call; then checkpoint and stop"),
-    n_train_per_family: int = typer.Option(20000, help="training samples per family (data seed 1)"),
+    n_train_per_family: int = typer.Option(20000, help="samples per family, clip/text/align stages (data seed 1)"),
+    n_instruct_per_family: int = typer.Option(
+        0, help="fresh instruct samples per call for a family of weight 1 (scaled by weight; 0: reuse stage-1 set)"
+    ),
     clip_steps: int = typer.Option(3000, help="micro-CLIP stage: contrastive + dense per-patch targets"),
     text_steps: int = typer.Option(800, help="LM on text alone"),
     align_steps: int = typer.Option(600, help="LLaVA stage 1: projector on image -> caption"),
@@ -52,6 +55,7 @@ def train(
         seed=seed,
         max_minutes=max_minutes,
         n_train_per_family=n_train_per_family,
+        n_instruct_per_family=n_instruct_per_family,
         clip_steps=clip_steps,
         text_steps=text_steps,
         align_steps=align_steps,
@@ -137,11 +141,20 @@ def realism(
 
 
 @app.command()
-def card(path: Path = typer.Argument(Path("data/models/organism"), help="organism bundle folder")) -> None:
+def card(
+    path: Path = typer.Argument(Path("data/models/organism"), help="organism bundle folder"),
+    readme: Path = typer.Option(
+        None, help="also regenerate this README's organism section (between <!-- organism-summary:begin/end -->)"
+    ),
+) -> None:
     """Render the bundle's model card (README.md) from its template and records."""
     from vtrlab.organism.card import write_card
 
-    typer.echo(str(write_card(path)))
+    try:
+        typer.echo(str(write_card(path, readme=readme)))
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":

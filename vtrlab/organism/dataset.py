@@ -276,21 +276,38 @@ def encode(
     )
 
 
+class BuildStopped(RuntimeError):
+    """A background build_set was told to stop."""
+
+
 def build_set(
-    n_per_family: int,
+    n_per_family: int | dict[str, int],
     seed: int,
     processor,
     families=FAMILIES,
     workers: int = 1,
     chunk: int = 500,
     image_size: int = 128,
+    stop=None,
 ) -> EncodedSet:
-    """Render n_per_family samples of each family (indices 0..n-1 at ``seed``) and encode them."""
-    jobs = [(seed, f, a, min(a + chunk, n_per_family)) for f in families for a in range(0, n_per_family, chunk)]
-    fams = [f for f in families for a in range(0, n_per_family, chunk) for _ in range(a, min(a + chunk, n_per_family))]
+    """Render n samples of each family (indices 0..n-1 at ``seed``) and encode them; ``n_per_family``
+    is one count for every family or a count per family (families missing from the dict: none).
+    ``stop``: a threading.Event; once set, a parallel build raises BuildStopped (used when the set is
+    built in the background and the call ends before it is needed)."""
+    counts = n_per_family if isinstance(n_per_family, dict) else dict.fromkeys(families, n_per_family)
+    families = [f for f in families if counts.get(f, 0) > 0]
+    jobs = [(seed, f, a, min(a + chunk, counts[f])) for f in families for a in range(0, counts[f], chunk)]
+    fams = [f for f in families for a in range(0, counts[f], chunk) for _ in range(a, min(a + chunk, counts[f]))]
     if workers > 1:
         with ProcessPoolExecutor(workers) as ex:
-            parts = list(tqdm(ex.map(_render_chunk, jobs), total=len(jobs), desc=f"render seed {seed}"))
+            futures = [ex.submit(_render_chunk, j) for j in jobs]
+            parts = []
+            for fu in tqdm(futures, desc=f"render seed {seed}"):
+                if stop is not None and stop.is_set():  # abandoned: drop the queued chunks, end soon
+                    for f in futures:
+                        f.cancel()
+                    raise BuildStopped(f"building the set of seed {seed} was stopped")
+                parts.append(fu.result())
     else:
         parts = [_render_chunk(j) for j in tqdm(jobs, desc=f"render seed {seed}", disable=len(jobs) < 4)]
     pixels = np.concatenate([p[0] for p in parts])

@@ -40,7 +40,7 @@ from torch import nn
 from vtrlab.data.synthetic import BACKGROUND, FAMILIES
 from vtrlab.io import atomic_path
 from vtrlab.models.base import image_token_id
-from vtrlab.organism.dataset import N_CENTRE, N_COLOR, N_LETTER, N_SHAPE, EncodedSet, build_set
+from vtrlab.organism.dataset import N_CENTRE, N_COLOR, N_LETTER, N_SHAPE, BuildStopped, EncodedSet, build_set
 
 STAGES = ("clip", "text", "align", "instruct")
 
@@ -50,7 +50,14 @@ class TrainConfig:
     seed: int = 0  # model init and batch order
     train_seed: int = 1  # data seed of the training samples (evaluation uses seed 0: held out)
     val_seed: int = 2  # data seed of the validation samples watched during training
-    n_train_per_family: int = 20000
+    n_train_per_family: int = 20000  # the clip, text and align stages (data seed train_seed)
+    # instruct stage: fresh samples in every call (data seed instruct_seed + call index), this many
+    # for a family of weight 1, scaled by the family's sampling weight, so every family is seen about
+    # equally often per sample. A fixed set of 20k per family was memorised (v2, first run: relation's
+    # training loss fell below chance while held-out relation stayed at 0.50) -- but fresh data did not
+    # teach relation either (records/tried/). 0 (default, the shipped bundle): reuse the stage-1 set.
+    n_instruct_per_family: int = 0
+    instruct_seed: int = 100
     n_val_per_family: int = 200
     batch_size: int = 256
     clip_steps: int = 3000
@@ -235,6 +242,43 @@ def _atomic_torch_save(obj, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+def instruct_counts(cfg: TrainConfig) -> dict[str, int]:
+    """Samples per family of one call's fresh instruct set (weight-scaled; see TrainConfig)."""
+    return {f: int(round(cfg.n_instruct_per_family * cfg.family_weights.get(f, 1.0))) for f in FAMILIES}
+
+
+class _Background:
+    """Build a training set in a thread (rendering runs in worker processes) while the GPU trains."""
+
+    def __init__(self, fn):
+        import threading
+
+        self.stop = threading.Event()
+        self.result, self.error = None, None
+        self.started = time.time()
+        self.thread = threading.Thread(target=self._run, args=(lambda: fn(self.stop),), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn):
+        try:
+            self.result = fn()
+        except BuildStopped:
+            pass
+        except BaseException as e:  # re-raised in the training thread by get()
+            self.error = e
+
+    def cancel(self) -> None:
+        """Not needed in this call: stop rendering (chunks already running finish)."""
+        self.stop.set()
+        self.thread.join()
+
+    def get(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
 def default_ckpt_dir(out: str | os.PathLike) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".ckpt")
@@ -303,10 +347,24 @@ def train_organism(
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    train = build_set(cfg.n_train_per_family, cfg.train_seed, processor, workers=cfg.workers).to(dev)
+    first = state["stage"] if state else 0
+    fresh = cfg.n_instruct_per_family > 0
+    instruct_stage = STAGES.index("instruct")
+    needs_stage1 = first < instruct_stage or not fresh
+    train = None
+    if needs_stage1:
+        train = build_set(cfg.n_train_per_family, cfg.train_seed, processor, workers=cfg.workers).to(dev)
     val = build_set(cfg.n_val_per_family, cfg.val_seed, processor, workers=cfg.workers).to(dev)
+    instruct_data = None
+    if fresh:  # this call's fresh instruct samples; built beside the earlier stages when there are any
+        call["instruct_data_seed"] = cfg.instruct_seed + len(record["calls"]) - 1
+        counts = instruct_counts(cfg)
+        call["instruct_samples"] = sum(counts.values())
+        instruct_data = _Background(
+            lambda stop: build_set(counts, call["instruct_data_seed"], processor, workers=cfg.workers, stop=stop)
+        )
     call["data_seconds"] = round(time.time() - t0, 1)
-    print(f"data ready in {call['data_seconds']} s: {len(train)} train, {len(val)} val", flush=True)
+    print(f"data ready in {call['data_seconds']} s: {len(train) if train else 0} train, {len(val)} val", flush=True)
     model.to(dev).train()
     clip.to(dev).train()
     heads.to(dev).train()
@@ -314,9 +372,19 @@ def train_organism(
     projector = list(model.model.multi_modal_projector.parameters())
     lm = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
     clip_side = [p for n, p in clip.named_parameters() if not n.startswith("vision_model.")]
-    sampler = _Sampler(train, cfg.family_weights, cfg.batch_size, cfg.seed)
+    sampler = _Sampler(train if train is not None else val, cfg.family_weights, cfg.batch_size, cfg.seed)
     if state:
         sampler.g.set_state(state["sampler"])
+
+    def use_instruct_data() -> None:
+        """Switch the data (and the sampler) to this call's fresh instruct set."""
+        nonlocal train, sampler
+        tw = time.time()
+        train = instruct_data.get().to(dev)
+        call["instruct_data_wait_seconds"] = round(time.time() - tw, 1)
+        call["instruct_data_build_seconds"] = round(time.time() - instruct_data.started, 1)
+        print(f"fresh instruct data: {len(train)} samples (waited {call['instruct_data_wait_seconds']} s)", flush=True)
+        sampler = _Sampler(train, cfg.family_weights, cfg.batch_size, cfg.seed + 1000 + len(record["calls"]))
 
     def save_state(stage_i: int, step: int, opt) -> None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -386,10 +454,11 @@ def train_organism(
             parts[name] = round(loss.item(), 4)
         return loss, parts
 
-    first = state["stage"] if state else 0
     finished = True
     for stage_i in range(first, len(STAGES)):
         name = STAGES[stage_i]
+        if name == "instruct" and fresh:
+            use_instruct_data()
         steps, groups, warmup = stage_spec(name)
         params = [q for ps, _ in groups for q in ps]
         trainable = {id(q) for q in params}
@@ -438,6 +507,8 @@ def train_organism(
             print(f"wall-time budget spent: instruct stage cut short at step {step}/{steps}; finishing", flush=True)
             finished = True
         if not finished:
+            if instruct_data is not None and name != "instruct":
+                instruct_data.cancel()  # the next call builds its own fresh set
             call["stopped_at"] = {"stage": name, "step": step}
             call["seconds"] = round(time.time() - t0, 1)
             save_state(stage_i, step, opt)

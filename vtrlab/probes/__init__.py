@@ -9,9 +9,9 @@ and a site bound to a batch maps or refuses any other sequence.
 from __future__ import annotations
 
 from .attention import ATTN_NAME, Binding, Knockout, Site, register, sequence_map, session
-from .engine import capture, capture_batches
+from .engine import capture
 from .store import load, save
-from .stream import capture_dataset
+from .stream import capture_batches, capture_dataset
 from .switch import attention_switched
 
 __all__ = [

@@ -158,6 +158,9 @@ class Site:
     head_mean: bool = False
     probe: str = "probe"  # the verb that made the site (for error messages)
     on_call: Callable[..., None] | None = None  # a recorder kind of its own (see the module docstring)
+    # per-forward constants of ``rows`` / ``saliency_rows`` (one RowPlan shared by the sites of one probe);
+    # None: built on first use
+    plan: RowPlan | None = None
     # filled during the forward
     probs: list[torch.Tensor] = field(default_factory=list)  # lm: (B, H, R, N); vision: (B, H, N) per call
     segments: list[tuple[int, int]] = field(default_factory=list)  # vision: (offset, length) per call
@@ -269,12 +272,62 @@ def _gather_mask_rows(attention_mask: torch.Tensor, rows: torch.Tensor) -> torch
     return torch.gather(m, 2, idx)
 
 
-def _apply_mask(scores: torch.Tensor, mask_rows: torch.Tensor | None) -> torch.Tensor:
-    if mask_rows is None:
-        return scores
-    if mask_rows.dtype == torch.bool:
-        return scores.masked_fill(~mask_rows, float("-inf"))
-    return scores + mask_rows.to(scores.dtype)
+class RowPlan:
+    """Per-forward constants of the row computation for one ``rows`` tensor, built once and shared by
+    every layer that records those rows (capture: every LM layer).
+
+    Host-side cost is what makes capture slower than a plain forward when the forward is short (every
+    torch call is a kernel launch on a GPU), so per layer only the work that depends on the layer is
+    done: the gather of the query rows, one matmul, one in-place scale, one in-place add of the mask
+    rows as an additive bias (gathered once per mask, not per layer) and the softmax. ``padded`` is
+    known on the host (no device sync to find out)."""
+
+    def __init__(self, rows: torch.Tensor, padded: bool):
+        self.rows = rows
+        self.idx = rows.clamp(min=0)
+        self.padded = padded
+        self.invalid = (rows < 0)[:, None, :, None] if padded else None
+        self._qidx: dict[tuple, torch.Tensor] = {}
+        # id(mask) -> (mask, bias): the mask is held so that its id cannot be reused within the forward
+        self._bias: dict[Any, tuple[Any, torch.Tensor | None]] = {}
+
+    @classmethod
+    def build(cls, rows_np, device) -> RowPlan:
+        """From host rows (B, R) int64 with -1 padding."""
+        import numpy as np
+
+        rows_np = np.asarray(rows_np)
+        return cls(torch.as_tensor(rows_np, device=device), bool((rows_np < 0).any()))
+
+    def query_index(self, B: int, H: int, D: int) -> torch.Tensor:
+        key = (B, H, D)
+        if key not in self._qidx:
+            self._qidx[key] = self.idx[:, None, :, None].expand(B, H, self.idx.shape[1], D)
+        return self._qidx[key]
+
+    def bias(self, attention_mask: torch.Tensor | None, causal: bool, N: int) -> torch.Tensor | None:
+        """(B, 1|H, R, N) float32 additive bias of the rows (0 allowed, -inf blocked), or None."""
+        if attention_mask is None:
+            if not causal:
+                return None
+            key: Any = ("causal", N)
+        else:
+            key = id(attention_mask)
+        hit = self._bias.get(key)
+        if hit is not None and (attention_mask is None or hit[0] is attention_mask):
+            return hit[1]
+        if attention_mask is None:
+            keep = torch.arange(N, device=self.idx.device)[None, None, :] <= self.idx[:, :, None]
+            bias = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device).masked_fill_(~keep, float("-inf"))
+            bias = bias[:, None]
+        else:
+            m = _gather_mask_rows(attention_mask, self.idx)
+            if m.dtype == torch.bool:
+                bias = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, float("-inf"))
+            else:
+                bias = m.to(torch.float32)
+        self._bias[key] = (attention_mask, bias)
+        return bias
 
 
 def row_probabilities(
@@ -286,34 +339,36 @@ def row_probabilities(
     causal: bool,
     rows: torch.Tensor,
     softcap: float | None = None,
+    plan: RowPlan | None = None,
 ) -> torch.Tensor:
     """Attention probabilities of query ``rows`` to every key: (B, H, R, N), float32.
 
     ``rows`` (B, R) holds sequence positions (index into the query axis); -1 marks padding and
     yields NaN. Handles GQA without repeating K (queries are grouped per KV head instead).
+    ``plan``: a :class:`RowPlan` of these rows, shared by the layers of one forward (fewer ops).
     """
     B, H, Q, D = query.shape
     Hkv, N = key.shape[1], key.shape[2]
     groups = H // Hkv
     R = rows.shape[1]
-    valid = rows >= 0
-    idx = rows.clamp(min=0)
-    q_rows = torch.gather(query, 2, idx[:, None, :, None].expand(B, H, R, D))
+    if plan is None:
+        plan = RowPlan(rows, padded=True)  # unknown on the host: mask padded rows (no sync to find out)
+    q_rows = torch.gather(query, 2, plan.query_index(B, H, D))
     if query.shape[0] != key.shape[0]:  # learned queries broadcast over the batch
         key = key.expand(B, *key.shape[1:])
     scale = scaling if scaling is not None else D**-0.5
     # (B, Hkv, groups*R, D) @ (B, Hkv, D, N): head h uses KV head h // groups, as repeat_kv does
-    scores = torch.matmul(q_rows.reshape(B, Hkv, groups * R, D), key.transpose(-1, -2)).float() * scale
-    scores = scores.view(B, H, R, N)
+    scores = torch.matmul(q_rows.reshape(B, Hkv, groups * R, D), key.transpose(-1, -2))
+    scores = (scores.float() if scores.dtype != torch.float32 else scores).mul_(scale).view(B, H, R, N)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    if attention_mask is not None:
-        scores = _apply_mask(scores, _gather_mask_rows(attention_mask, idx))
-    elif causal:
-        keep = torch.arange(N, device=rows.device)[None, None, :] <= idx[:, :, None]  # q_offset 0: no cache
-        scores = scores.masked_fill(~keep[:, None], float("-inf"))
+    bias = plan.bias(attention_mask, causal, N)
+    if bias is not None:
+        scores.add_(bias)
     probs = torch.softmax(scores, dim=-1)
-    return probs.masked_fill(~valid[:, None, :, None], float("nan"))
+    if plan.invalid is not None:
+        probs.masked_fill_(plan.invalid, float("nan"))
+    return probs
 
 
 def _mean_over_queries(module, query, key, attention_mask, scaling, causal, softcap) -> torch.Tensor:
@@ -322,7 +377,8 @@ def _mean_over_queries(module, query, key, attention_mask, scaling, causal, soft
     total = None
     for start in range(0, Q, _MEAN_CHUNK):
         rows = torch.arange(start, min(Q, start + _MEAN_CHUNK), device=query.device)[None].expand(B, -1)
-        p = row_probabilities(module, query, key, attention_mask, scaling, causal, rows, softcap).sum(2)
+        plan = RowPlan(rows, padded=False)
+        p = row_probabilities(module, query, key, attention_mask, scaling, causal, rows, softcap, plan=plan).sum(2)
         total = p if total is None else total + p
     return total / Q
 
@@ -364,6 +420,19 @@ def knockout_mask(blocked: torch.Tensor, attention_mask, query, key, causal: boo
 # the registered function
 
 
+_STOCK_SDPA = None
+
+
+def _stock_sdpa():
+    """transformers' sdpa attention function (imported once, not on every attention call)."""
+    global _STOCK_SDPA
+    if _STOCK_SDPA is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        _STOCK_SDPA = sdpa_attention_forward
+    return _STOCK_SDPA
+
+
 def vtrlab_sdpa_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -375,9 +444,8 @@ def vtrlab_sdpa_attention_forward(
     is_causal: bool | None = None,
     **kwargs,
 ):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     sess = _SESSION.get()
+    sdpa_attention_forward = _stock_sdpa()
     here = sess.sites.get(id(module)) if sess is not None else None
     if not here:
         return sdpa_attention_forward(
@@ -417,25 +485,36 @@ def vtrlab_sdpa_attention_forward(
     return out, None
 
 
+def _plan_for(site: Site, rows: torch.Tensor) -> RowPlan:
+    """The site's plan for ``rows`` (the probe's shared one, or one built here on first use)."""
+    if site.plan is None or site.plan.rows is not rows:
+        site.plan = RowPlan(rows, padded=True)  # padding unknown on the host: masked (no sync to find out)
+    return site.plan
+
+
 def _record(site: Site, module, query, key, value, mask, scaling, causal, out) -> None:
     """Keep what ``site`` asks for from this call (probabilities under ``mask``, the final one)."""
     with torch.no_grad():
         if site.stream == "lm" and site.rows is not None:
-            p = row_probabilities(module, query.detach(), key.detach(), mask, scaling, causal, site.rows)
+            plan = _plan_for(site, site.rows)
+            p = row_probabilities(module, query.detach(), key.detach(), mask, scaling, causal, site.rows, plan=plan)
             if site.head_sel is not None:
                 p = p.index_select(1, site.head_sel.to(p.device))
             if site.head_mean:
                 p = p.mean(1)
             if site.out is not None:
-                site.out.copy_(p.to(site.store_dtype), non_blocking=True)
+                site.out.copy_(p, non_blocking=True)  # converts to the buffer's dtype
                 site.probs.append(site.out)
             else:
                 site.probs.append(p.to(site.store_device, site.store_dtype))
         elif site.stream == "vision" and site.vision_mode is not None:
             q, k = query.detach(), key.detach()
             if site.vision_mode == "cls":
-                rows = torch.full((q.shape[0], 1), site.cls_index, device=q.device, dtype=torch.long)
-                p = row_probabilities(module, q, k, mask, scaling, causal, rows)[:, :, 0]
+                B = q.shape[0]
+                if site.plan is None or site.plan.rows.shape[0] != B:
+                    rows = torch.full((B, 1), site.cls_index, device=q.device, dtype=torch.long)
+                    site.plan = RowPlan(rows, padded=False)
+                p = row_probabilities(module, q, k, mask, scaling, causal, site.plan.rows, plan=site.plan)[:, :, 0]
             else:
                 p = _mean_over_queries(module, q, k, mask, scaling, causal, None)
             offset = sum(n for _, n in site.segments)
@@ -444,8 +523,11 @@ def _record(site: Site, module, query, key, value, mask, scaling, causal, out) -
     if site.saliency_rows is not None:
         # A for the rows, V and the output tensor: dL/dA[r, k] = dO[r] · V[k] is formed after the
         # backward pass (vtrlab.flow.saliency), so only (B, H, R, N) is ever materialised.
+        plan = _plan_for(site, site.saliency_rows)
         with torch.no_grad():
-            a = row_probabilities(module, query.detach(), key.detach(), mask, scaling, causal, site.saliency_rows)
+            a = row_probabilities(
+                module, query.detach(), key.detach(), mask, scaling, causal, site.saliency_rows, plan=plan
+            )
         site.saliency = {"probs": a, "value": value.detach(), "output": out, "rows": site.saliency_rows}
     if site.on_call is not None:
         site.on_call(site, module, query, key, value, mask, scaling, causal, out)

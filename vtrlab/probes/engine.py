@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -13,15 +14,17 @@ from vtrlab.models.base import ImageLayout
 from vtrlab.models.hooks import record
 from vtrlab.models.labels import key_coordinates, packed_crop_offsets
 
-from .attention import Site, session
+from .attention import RowPlan, Site, session
 from .spec import head_indices, layer_indices, padded_rows, queries_per_sample, store_dtype
 from .switch import attention_switched
 
 
-def _lm_sites(vlm, layers: list[int], rows: torch.Tensor, dtype, device) -> dict[int, Site]:
+def _lm_sites(vlm, layers: list[int], plan: RowPlan, dtype, device) -> dict[int, Site]:
     mods = vlm.lm_layers
     return {
-        id(vlm.adapter.lm_attention(mods[i])): Site("lm", i, rows=rows, store_dtype=dtype, store_device=device)
+        id(vlm.adapter.lm_attention(mods[i])): Site(
+            "lm", i, rows=plan.rows, plan=plan, store_dtype=dtype, store_device=device
+        )
         for i in layers
     }
 
@@ -46,7 +49,8 @@ def _vision_sites(vlm, layers: list[int], mode: str, cls_index: int, dtype, devi
 
 def _hidden_norm_hooks(vlm, layers: list[int]):
     """Record the L2 norm of every position's hidden state after each chosen decoder layer."""
-    return record(outputs={i: vlm.lm_layers[i] for i in layers}, transform=lambda h: h.float().norm(dim=-1).cpu())
+    # kept on the device and copied once when the Dataset is built (no sync per layer)
+    return record(outputs={i: vlm.lm_layers[i] for i in layers}, transform=lambda h: h.float().norm(dim=-1))
 
 
 _VISION_LABELS = (("kind", "pad"), ("crop", -1), ("vpos", -1), ("image", -1), ("tile", -1), ("row", -1), ("col", -1))
@@ -67,7 +71,8 @@ def _vision_table(layouts, probs_by_layer: dict[int, torch.Tensor], layers: list
             )
         tables.append({col: L.vision[col].to_numpy() for col, _ in _VISION_LABELS})
     V = max(len(t["crop"]) for t in tables)
-    probs = torch.stack([probs_by_layer[layer] for layer in layers]).float().numpy()  # (L, crops, H, S)
+    # one stack on the device and one copy to the host for every vision layer (not one sync per layer)
+    probs = torch.stack([probs_by_layer[layer] for layer in layers]).float().cpu().numpy()  # (L, crops, H, S)
     n_seq, H, S = probs.shape[1:]
     values = np.full((len(layouts), len(layers), H, V), np.nan, dtype=np.float32)
     n_crops = len(np.unique(np.concatenate([t["crop"] for t in tables]).astype(np.int64)))
@@ -130,13 +135,47 @@ def capture(
     (sample, vision_layer, vision_head, vision_key) with ``vision_key_*`` labels, and
     ``hidden_norm`` (sample, layer, key). The model's outputs are those of a plain sdpa forward.
     """
+    return launch(
+        vlm,
+        batch,
+        queries=queries,
+        layers=layers,
+        heads=heads,
+        vision=vision,
+        hidden=hidden,
+        dtype=dtype,
+        head_mean=head_mean,
+        vision_layers=vision_layers,
+    )()
+
+
+def launch(
+    vlm,
+    batch,
+    *,
+    queries="last",
+    layers="all",
+    heads=None,
+    vision: bool = True,
+    hidden: bool = False,
+    dtype="float32",
+    head_mean: bool = False,
+    vision_layers="all",
+) -> Callable[[], xr.Dataset]:
+    """Run :func:`capture`'s forward and return the function that builds its Dataset (same arguments).
+
+    On CUDA the forward's kernels and the asynchronous row copies may still run when this returns:
+    the builder waits on an event recorded after them (not on the whole device), so a streaming caller
+    can launch the next batch's forward before building this batch's Dataset (device work of batch
+    *i + 1* overlaps host work of batch *i*). On CPU everything has run when this returns.
+    """
     sdtype = store_dtype(dtype)
     layouts = list(batch.layouts)
     lm_layers = layer_indices(layers, len(vlm.lm_layers))
     per_sample = queries_per_sample(layouts, queries)
     rows_np = padded_rows(per_sample)
     device = vlm.device
-    rows_t = torch.as_tensor(rows_np, device=device)
+    plan = RowPlan.build(rows_np, device)  # shared by every LM layer: masks gathered once per forward
     inputs = dict(batch.inputs)
     seq_len = int(inputs["input_ids"].shape[1]) if "input_ids" in inputs else layouts[0].seq_len
 
@@ -150,7 +189,7 @@ def capture(
     # (sample-major at batch > 1) goes through an unpinned temporary and synchronises the device.
     shape = (len(lm_layers), len(layouts)) + (() if head_mean else (len(head_sel),)) + (rows_np.shape[1], seq_len)
     buffer = torch.empty(shape, dtype=sdtype, pin_memory=device.type == "cuda")
-    sites = _lm_sites(vlm, lm_layers, rows_t, sdtype, "cpu")
+    sites = _lm_sites(vlm, lm_layers, plan, sdtype, "cpu")
     every_head = len(head_sel) == n_heads and list(head_sel) == list(range(n_heads))
     sel = None if every_head else torch.as_tensor(head_sel, device=device)
     for site in sites.values():
@@ -165,23 +204,65 @@ def capture(
     hooks = _hidden_norm_hooks(vlm, lm_layers) if hidden else contextlib.nullcontext({})
     with attention_switched(vlm.model), session(sites), hooks as norms, torch.no_grad():
         vlm.model(**inputs, use_cache=False)
+    done = None
     if device.type == "cuda":
-        torch.cuda.synchronize(device)  # the asynchronous row copies into `buffer` have landed
+        done = torch.cuda.Event()
+        done.record()  # after the forward's kernels and the asynchronous row copies into `buffer`
+    return functools.partial(
+        _build,
+        vlm,
+        sites,
+        buffer,
+        done,
+        layouts,
+        rows_np,
+        lm_layers,
+        head_sel,
+        v_layers,
+        norms,
+        seq_len,
+        sdtype,
+        queries=queries,
+        vision=vision,
+        hidden=hidden,
+        head_mean=head_mean,
+    )
 
-    lm = {}
+
+def _build(
+    vlm,
+    sites,
+    buffer,
+    done,
+    layouts,
+    rows_np,
+    lm_layers,
+    head_sel,
+    v_layers,
+    norms,
+    seq_len,
+    sdtype,
+    *,
+    queries,
+    vision,
+    hidden,
+    head_mean,
+) -> xr.Dataset:
+    """The Dataset of one launched capture (waits for its copies on CUDA)."""
+    if done is not None:
+        done.synchronize()  # the asynchronous row copies into `buffer` have landed
     vis = {}
     for site in sites.values():
         if site.stream == "lm":
             if len(site.probs) != 1:
                 raise RuntimeError(f"LM layer {site.layer}'s attention ran {len(site.probs)} times in one forward")
-            lm[site.layer] = site.probs[0]  # a view of `buffer`
         else:
             if not site.probs:
                 raise RuntimeError(
                     f"vision layer {site.layer}'s attention never ran through {type(vlm.model).__name__}"
                 )
             # packed encoders (one call per image / window) give (1, H, S_seg) pieces: join along keys
-            vis[site.layer] = torch.cat(site.probs, dim=-1).float().cpu()
+            vis[site.layer] = torch.cat(site.probs, dim=-1) if len(site.probs) > 1 else site.probs[0]
 
     attn = np.moveaxis(buffer.numpy(), 0, 1)  # a view: (B, L, H, R, N), or (B, L, R, N) with head_mean
     qpos = np.where(rows_np >= 0, rows_np, np.nan)
@@ -211,7 +292,7 @@ def capture(
         if not head_mean:
             coords["vision_head"] = np.arange(values.shape[2])
     if hidden:
-        data["hidden_norm"] = (("sample", "layer", "key"), torch.stack([norms[i] for i in lm_layers], 1).numpy())
+        data["hidden_norm"] = (("sample", "layer", "key"), torch.stack([norms[i] for i in lm_layers], 1).cpu().numpy())
     ds = xr.Dataset(data, coords=coords)
     ds.attrs.update(
         {
@@ -236,23 +317,3 @@ def _num_heads(attn_module) -> int:
         if cfg is not None and hasattr(cfg, name):
             return int(getattr(cfg, name))
     raise AttributeError(f"cannot tell how many heads {type(attn_module).__name__} has")
-
-
-def capture_batches(
-    vlm, images: Sequence, prompts: Sequence[str], batch_size: int = 8, progress: bool = True, **kwargs
-):
-    """Capture many samples in batches: yields ``(first_sample_index, batch, dataset)`` per batch.
-
-    ``kwargs`` go to :func:`capture`. Batches differ in sequence length, so their datasets are
-    not concatenated here; build tables per batch (``vtrlab.analysis.attention``) and join those.
-    """
-    from tqdm.auto import tqdm
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r}: need a positive integer")
-    if len(images) != len(prompts):
-        raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; need one per prompt")
-    starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc="capture", unit="batch", disable=not progress):
-        batch = vlm.prepare(list(images[start : start + batch_size]), list(prompts[start : start + batch_size]))
-        yield start, batch, capture(vlm, batch, **kwargs)

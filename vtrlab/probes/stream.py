@@ -1,20 +1,24 @@
-"""`capture_dataset`: capture over many samples in batches, streamed into one Dataset (and a file).
+"""Capture over many samples in batches: one streaming engine, two ways to consume it.
 
-The common case — many samples, one analysis — without holding every batch's raw tensors: each
-batch is captured (one sdpa forward), reduced at once to what is kept (by default the image tokens'
-columns, on the per-image-token axis ``token`` with the layout's labels), and dropped. Batches of
-different sequence lengths line up because the kept axes are padded at the end (NaN / -1 / "pad").
+* :func:`capture_batches` yields ``(first_sample_index, batch, dataset)`` per batch, for analyses that
+  need each batch's layouts and full Dataset (notebook 01 builds its tables per batch);
+* :func:`capture_dataset` (built on it) keeps only what is asked of each batch (by default the image
+  tokens' columns, on the per-image-token axis ``token`` with the layout's labels) and returns one
+  Dataset (and a netCDF file) without holding every batch's raw tensors. Batches of different
+  sequence lengths line up because the kept axes are padded at the end (NaN / -1 / "pad").
 
-Host and device work overlap: a single background thread prepares batch *i + 1* (image processing,
-tokenisation) and reduces batch *i* (gathering, labels) while the main thread runs the forward of
-the next batch. The probe session is a ContextVar, so the worker never sees (or disturbs) it.
+Host and device work overlap: a background thread prepares batch *i + 1* (image processing,
+tokenisation) while batch *i* runs; the forward of batch *i + 1* is launched before batch *i*'s
+Dataset is built and handed out (on CUDA its kernels run while the host builds and analyses batch
+*i*: :func:`vtrlab.probes.engine.launch`); :func:`capture_dataset` also reduces batch *i* in the
+background. The probe session is a ContextVar, so the worker never sees (or disturbs) it.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,7 @@ import xarray as xr
 
 from vtrlab.models.labels import token_coordinates
 
-from .engine import capture
+from .engine import launch
 
 KEYS = ("image", "all")
 _FILL = {"f": np.nan, "i": -1, "u": 0, "U": "pad", "O": "pad", "b": False}
@@ -109,6 +113,73 @@ def _join(parts: list[dict], coords_from: xr.Dataset, keys: str) -> xr.Dataset:
     return ds
 
 
+def _batches(vlm, samples: Iterable, batch_size: int, pool: ThreadPoolExecutor):
+    """Prepared batches, batch *i + 1* prepared in ``pool`` while the caller works on batch *i*."""
+    it = iter(samples)
+    counter = itertools.count()
+
+    def next_chunk():
+        chunk = [_sample_parts(s, next(counter)) for s in itertools.islice(it, batch_size)]
+        if not chunk:
+            return None
+        return vlm.prepare([c[0] for c in chunk], [c[1] for c in chunk])
+
+    pending = pool.submit(next_chunk)
+    while True:
+        batch = pending.result()
+        if batch is None:
+            return
+        pending = pool.submit(next_chunk)
+        yield batch
+
+
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: need a positive integer")
+
+
+def capture_batches(
+    vlm, samples: Iterable, *, batch_size: int = 8, progress: bool = True, **capture_kwargs
+) -> Iterator[tuple[int, Any, xr.Dataset]]:
+    """Capture every sample in batches: yields ``(first_sample_index, batch, dataset)`` per batch.
+
+    Args:
+        vlm: a :class:`vtrlab.models.VLM`.
+        samples: an iterable of ``(image or list of images, prompt)`` pairs (e.g.
+            ``zip(images, prompts)``), or of objects with ``image`` and ``prompt`` (or ``question``),
+            e.g. ``vtrlab.data`` samples. Read lazily.
+        batch_size: samples per forward.
+        progress: show a tqdm bar (one step per batch).
+        **capture_kwargs: go to :func:`vtrlab.capture`.
+
+    Each ``dataset`` equals ``vtrlab.capture(vlm, batch, **capture_kwargs)``. Batches differ in sequence
+    length, so their datasets are not joined here: build tables per batch, or use
+    :func:`capture_dataset` for one Dataset. While the caller works on batch *i*, batch *i + 1* is
+    prepared and its forward launched.
+    """
+    from tqdm.auto import tqdm
+
+    _check_batch_size(batch_size)
+    total = -(-len(samples) // batch_size) if hasattr(samples, "__len__") else None
+    bar = tqdm(total=total, desc="capture", unit="batch", disable=not progress)
+    start = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vtrlab-stream") as pool:
+        try:
+            held = None  # (start, batch, build) of the batch whose forward was launched last
+            for batch in _batches(vlm, samples, batch_size, pool):
+                build = launch(vlm, batch, **capture_kwargs)  # the next forward runs before the last is built
+                if held is not None:
+                    yield held[0], held[1], held[2]()
+                    bar.update(1)
+                held = (start, batch, build)
+                start += len(batch.layouts)
+            if held is not None:
+                yield held[0], held[1], held[2]()
+                bar.update(1)
+        finally:
+            bar.close()
+
+
 def capture_dataset(
     vlm,
     samples: Iterable,
@@ -140,54 +211,28 @@ def capture_dataset(
     ``vision_attn`` / ``hidden_norm`` when asked. Sample ``s`` of the result equals sample ``s``
     of ``capture`` run on its own batch, restricted to the kept keys (padding: NaN / -1 / ``"pad"``).
     """
-    from tqdm.auto import tqdm
-
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r}: need a positive integer")
+    _check_batch_size(batch_size)
     if keys not in KEYS:
         raise ValueError(f"keys={keys!r} is not accepted; use one of {KEYS}")
     if "hidden" in capture_kwargs and capture_kwargs["hidden"] and keys == "image":
         raise ValueError("hidden=True keeps a norm per sequence position; use keys='all' with it")
     capture_kwargs.setdefault("vision", False)
 
-    it = iter(samples)
-    counter = itertools.count()
-
-    def next_chunk():
-        chunk = [_sample_parts(s, next(counter)) for s in itertools.islice(it, batch_size)]
-        if not chunk:
-            return None
-        return vlm.prepare([c[0] for c in chunk], [c[1] for c in chunk])
-
-    total = None
-    if hasattr(samples, "__len__"):
-        total = -(-len(samples) // batch_size)
     parts: list[dict] = []
     head: xr.Dataset | None = None
-    start = 0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vtrlab-stream") as pool:
-        pending_batch = pool.submit(next_chunk)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vtrlab-reduce") as pool:
         reductions = []
-        bar = tqdm(total=total, desc="capture", unit="batch", disable=not progress)
-        try:
-            while True:
-                batch = pending_batch.result()
-                if batch is None:
-                    break
-                pending_batch = pool.submit(next_chunk)  # host: prepare the next batch during this forward
-                ds = capture(vlm, batch, **capture_kwargs)
-                if head is None:
-                    head = ds.isel(sample=slice(0, 0))[[]]  # coords and attrs only
-                # host: reduce this batch in the background while the next forward runs
-                reductions.append(pool.submit(_reduce, ds, list(batch.layouts), keys, start))
-                start += len(batch.layouts)
-                del ds, batch
-                while reductions and reductions[0].done():
-                    parts.append(reductions.pop(0).result())
-                bar.update(1)
-            parts.extend(r.result() for r in reductions)
-        finally:
-            bar.close()
+        for start, batch, ds in capture_batches(
+            vlm, samples, batch_size=batch_size, progress=progress, **capture_kwargs
+        ):
+            if head is None:
+                head = ds.isel(sample=slice(0, 0))[[]]  # coords and attrs only
+            # host: reduce this batch in the background while the next forward runs
+            reductions.append(pool.submit(_reduce, ds, list(batch.layouts), keys, start))
+            del ds, batch
+            while reductions and reductions[0].done():
+                parts.append(reductions.pop(0).result())
+        parts.extend(r.result() for r in reductions)
     if not parts:
         raise ValueError("samples is empty: nothing to capture")
     result = _join(parts, head, keys)

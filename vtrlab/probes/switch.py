@@ -32,7 +32,12 @@ def _configs(model: nn.Module) -> list:
             visit(getattr(cfg, key, None))
 
     for module in model.modules():
-        visit(getattr(module, "config", None))
+        # plain attribute lookup first: nn.Module.__getattr__ (taken for a missing attribute) is slow,
+        # and this walk runs on every probe call over every module of the model
+        cfg = module.__dict__.get("config")
+        if cfg is None and hasattr(type(module), "config"):  # a class-level property or attribute
+            cfg = getattr(module, "config", None)
+        visit(cfg)
     return list(seen.values())
 
 

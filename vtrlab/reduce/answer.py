@@ -21,6 +21,7 @@ no position of ``batch``: a knockout refuses them with a clear error.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,15 @@ def _pad_id(vlm: Any, eos: list[int]) -> int:
     if pad is None:
         pad = eos[0] if eos else 0
     return int(pad[0] if isinstance(pad, (list, tuple)) else pad)
+
+
+def check_max_new_tokens(value: Any) -> int:
+    """``max_new_tokens`` as an int >= 1; floats (also 2.0), bools, strings and None are refused, never rounded."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"max_new_tokens={value!r} ({type(value).__name__}); accepted: an integer >= 1")
+    if value < 1:
+        raise ValueError(f"max_new_tokens={value!r}; accepted: an integer >= 1")
+    return int(value)
 
 
 def _source(batch: Batch, positions: torch.Tensor) -> tuple:
@@ -98,8 +108,7 @@ def generate_ids(
 ) -> list[list[int]]:
     """Greedy new token ids per sample (up to and excluding the first EOS); ``method``/``keep`` as
     in :func:`answer`."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}; accepted: an integer >= 1")
+    check_max_new_tokens(max_new_tokens)
     keep, embeds, positions, removal, extra = _plan(vlm, batch, method, keep, params, decoder_inputs)
     red: ReducedInputs = reduced_decoder_inputs(
         vlm, batch, keep, decoder_inputs, embeds=embeds, positions=positions, extra=extra

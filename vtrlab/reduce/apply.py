@@ -27,7 +27,7 @@ from ..models.base import Batch
 from .context import ReductionContext, budgets
 from .forward import forward_embeds
 from .keep import reduced_decoder_inputs
-from .registry import Method, Selection, get
+from .registry import Method, Selection, get, prepare
 from .stages.lm import LMMethod, lm_removal
 
 LABELS = ("image", "tile", "row", "col", "x0", "y0", "x1", "y1")
@@ -41,7 +41,7 @@ def select(vlm: Any, batch: Batch, method: Method, keep: Any, decoder_inputs: di
     """Run a pre-LM method's selection with exact per-sample budgets (checked)."""
     if method.stage == "lm":
         raise ValueError(f"method {method.name!r} prunes inside the LM; use vtrlab.reduce.stages.lm")
-    method.check(vlm)
+    prepare(method, vlm)
     n_keep = budgets(batch, keep)
     ctx = ReductionContext(vlm, batch, decoder_inputs)
     sel = method.select(ctx, n_keep)
@@ -159,5 +159,5 @@ def lm_record(vlm: Any, batch: Batch, method: LMMethod, keep: Any):
     n_tok = [lay.n_image_tokens for lay in batch.layouts]
     kept = [np.stack([state.kept[j][i] for j in range(len(state.layers))]) for i in range(len(n_tok))]
     scores = [np.stack([state.scores[j][i] for j in range(len(state.layers))]) for i in range(len(n_tok))]
-    group = [np.full(n, -1, dtype=np.int64) for n in n_tok]
+    group = state.group if state.group is not None else [np.full(n, -1, dtype=np.int64) for n in n_tok]
     return record(batch, method, list(state.layers), kept, scores, group)

@@ -12,7 +12,9 @@ A method is a subclass of :class:`Method` decorated with :func:`register`, in it
 position ids the kept tokens get (``positions``), whether it merges (``merges``), its parameters
 with the official code's defaults (``defaults``) and its ``source`` (official repository and file;
 where code and paper differ). Parameters are validated on construction: an unknown name or a
-value of the wrong type is an error naming it and the accepted parameters.
+value of the wrong type is an error naming it and the accepted parameters. Every method also
+accepts ``positions="kept" | "renumbered"`` to override its code's position policy (e.g. to
+isolate the effect of renumbering); see :func:`prepare`.
 
 Stages and what a method implements:
 
@@ -101,13 +103,22 @@ class Method:
 
     def __init__(self, **params: Any):
         accepted = sorted(self.defaults)
+        positions = params.pop("positions", None)
+        if positions is not None and positions not in POSITIONS:
+            raise ValueError(
+                f"method {self.name!r}: positions={positions!r}; accepted: {', '.join(POSITIONS)} "
+                "(or leave it out: the method's own policy)"
+            )
         for k, v in params.items():
             if k not in self.defaults:
                 raise ValueError(
                     f"method {self.name!r} has no parameter {k!r}; accepted: {', '.join(accepted) or '(none)'}"
+                    f" (and positions={'|'.join(POSITIONS)})"
                 )
             self._check_type(k, v)
         self.params: dict[str, Any] = {**self.defaults, **params}
+        if positions is not None:
+            self.params["positions"] = positions
 
     def _check_type(self, key: str, value: Any) -> None:
         default = self.defaults[key]
@@ -139,6 +150,23 @@ class Method:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{type(self).__name__}({args})"
+
+
+def prepare(method: Method, vlm: Any) -> None:
+    """Ready ``method`` for ``vlm``: its ``check`` (may raise :class:`NotApplicable`; may set a
+    family-specific position policy), then the position policy: ``positions=`` when given wins;
+    otherwise a pre-LM method whose code renumbers keeps the original ids on mRoPE families (Qwen2-VL,
+    Qwen2.5-VL), where renumbering is undefined — as the methods' Qwen ports (ModelTC/LightCompress)
+    slice ``position_ids``. The policy in force is ``method.positions`` (and the record's attrs)."""
+    from .stages.lm import uses_mrope
+
+    method.__dict__.pop("positions", None)  # a policy set for another model does not carry over
+    method.check(vlm)
+    want = method.params.get("positions")
+    if want is not None:
+        method.positions = want
+    elif method.positions == "renumbered" and method.stage != "lm" and uses_mrope(vlm):
+        method.positions = "kept"
 
 
 def register(name: str):

@@ -20,6 +20,7 @@ into `figures/<notebook>/<hash>/` so parallel jobs of one notebook never overwri
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import queue
@@ -253,6 +254,40 @@ def _failed(job: Job, exc: BaseException) -> RunResult:
     )
 
 
+def remove_temp_dirs(jobs: Sequence[Job], root: str | Path) -> list[Path]:
+    """Remove the temp run directories (``runs/<notebook>/.tmp-<hash>-*``) of ``jobs``: what a cancelled Ray task
+    or Slurm job leaves on the shared file system. Returns what was removed."""
+    import shutil
+
+    removed = []
+    for job in jobs:
+        base = Path(root) / "runs" / job.name
+        for tmp in sorted(base.glob(f".tmp-{job.hash}-*")) if base.is_dir() else []:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+@contextlib.contextmanager
+def cancel_on_interrupt(cancel: Callable[[], None]):
+    """While inside, SIGINT/SIGTERM (the CLI's handler runs ``interrupt.clean_up``) or an exception such as
+    KeyboardInterrupt call ``cancel()``: submitted jobs are cancelled (``ray.cancel`` / ``scancel``) and their temp
+    run directories removed. ``cancel`` must be idempotent."""
+    from vtrlab.runner import interrupt
+
+    def stop(_grace_s: float = 0.0) -> None:
+        cancel()
+
+    interrupt.on_clean_up(stop)
+    try:
+        yield
+    except BaseException:
+        cancel()
+        raise
+    finally:
+        interrupt.off_clean_up(stop)
+
+
 def _run_ray(jobs, workers, use_gpus, root, address, report) -> None:
     try:
         import ray
@@ -271,17 +306,27 @@ def _run_ray(jobs, workers, use_gpus, root, address, report) -> None:
         task = ray.remote(num_cpus=1, num_gpus=1 if use_gpus else 0, max_calls=1, max_retries=0)(run_job_dict)
         pending: dict[Any, int] = {}
         todo = list(enumerate(jobs))
-        while todo or pending:
-            while todo and len(pending) < workers:  # --workers caps tasks in flight
-                i, job = todo.pop(0)
-                pending[task.remote(asdict(job), str(root))] = i
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                i = pending.pop(ref)
-                try:
-                    report(i, RunResult(**ray.get(ref)))
-                except Exception as exc:  # task crashed outside the notebook
-                    report(i, _failed(jobs[i], exc))
+
+        def cancel() -> None:  # force: the worker (and the kernel it started) stops now
+            for ref, i in list(pending.items()):
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
+                pending.pop(ref, None)
+                remove_temp_dirs([jobs[i]], root)
+            todo.clear()
+
+        with cancel_on_interrupt(cancel):
+            while todo or pending:
+                while todo and len(pending) < workers:  # --workers caps tasks in flight
+                    i, job = todo.pop(0)
+                    pending[task.remote(asdict(job), str(root))] = i
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    i = pending.pop(ref)
+                    try:
+                        report(i, RunResult(**ray.get(ref)))
+                    except Exception as exc:  # task crashed outside the notebook
+                        report(i, _failed(jobs[i], exc))
     finally:
         if started_here:
             ray.shutdown()
@@ -316,13 +361,22 @@ def _run_slurm(jobs, workers, use_gpus, root, cluster, partition, timeout_min, r
     except Exception as exc:  # sbatch rejected the array (partition, limits, ...)
         raise GridError(f"backend 'slurm': submission failed: {str(exc).strip().splitlines()[0]}") from None
     pending = dict(enumerate(submitted))
-    while pending:
+
+    def cancel() -> None:  # scancel every job not finished yet
         for i, sjob in list(pending.items()):
-            if sjob.done():
-                pending.pop(i)
-                try:
-                    report(i, RunResult(**sjob.result()))
-                except Exception as exc:  # the job process failed outside the notebook
-                    report(i, _failed(jobs[i], exc))
-        if pending:
-            time.sleep(0.5)
+            with contextlib.suppress(Exception):
+                sjob.cancel(check=False)
+            pending.pop(i, None)
+            remove_temp_dirs([jobs[i]], root)
+
+    with cancel_on_interrupt(cancel):
+        while pending:
+            for i, sjob in list(pending.items()):
+                if sjob.done():
+                    pending.pop(i)
+                    try:
+                        report(i, RunResult(**sjob.result()))
+                    except Exception as exc:  # the job process failed outside the notebook
+                        report(i, _failed(jobs[i], exc))
+            if pending:
+                time.sleep(0.5)

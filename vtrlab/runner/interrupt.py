@@ -45,6 +45,13 @@ def on_clean_up(stop: Callable[[float], None]) -> Callable[[float], None]:
     return stop
 
 
+def off_clean_up(stop: Callable[[float], None]) -> None:
+    """Unregister ``stop`` (a grid back-end whose jobs have all finished)."""
+    with _LOCK:
+        if stop in _STOPPERS:
+            _STOPPERS.remove(stop)
+
+
 def clean_up(grace_s: float = 20.0) -> None:
     """Kill kernels, stop job processes, remove temp run dirs of this process (idempotent)."""
     with _LOCK:

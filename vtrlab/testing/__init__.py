@@ -52,6 +52,31 @@ def full_size(name: str, dtype: str | torch.dtype = "bfloat16", device: str = "c
     return VLM(model=model, processor=processor, adapter=adapter_for(model.config.model_type), name=name)
 
 
+def _built(scheme: str, name: str, names: list[str]) -> None:
+    if name not in names:
+        accepted = ", ".join(f"{scheme}:{n}" for n in names)
+        raise ValueError(f"model='{scheme}:{name}': no such model; accepted: {accepted}")
+
+
+def load_tiny(name: str, *, device, dtype=None, attn_implementation: str = "sdpa") -> VLM:
+    """``vtrlab.load("tiny:<family>")``: :func:`tiny` on ``device`` (float32 unless ``dtype`` is given)."""
+    _built("tiny", name, tiny_families())
+    vlm = tiny(name, attn_implementation=attn_implementation)
+    vlm.model.to(device=device, dtype=dtype or torch.float32)
+    return vlm
+
+
+def load_full_size(name: str, *, device, dtype=None, attn_implementation: str = "sdpa") -> VLM:
+    """``vtrlab.load("full_size:<name>")``: :func:`full_size` on ``device`` (bfloat16 on a GPU, float32 on the
+    CPU unless ``dtype`` is given)."""
+    _built("full_size", name, full_size_names())
+    if dtype is None:
+        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    vlm = full_size(name, dtype=dtype, device=str(device))
+    vlm.model.set_attn_implementation(attn_implementation)
+    return vlm
+
+
 def proof_spec(family: str):
     """The family's layout-proof spec (see ``vtrlab.testing.registry``)."""
     return PROOF[family]
@@ -81,4 +106,13 @@ def prove_layout(vlm: VLM, batch) -> int:
     return assert_layout_proven(vlm, batch)
 
 
-__all__ = ["tiny", "full_size", "tiny_families", "full_size_names", "proof_spec", "prove_layout"]
+__all__ = [
+    "tiny",
+    "full_size",
+    "load_tiny",
+    "load_full_size",
+    "tiny_families",
+    "full_size_names",
+    "proof_spec",
+    "prove_layout",
+]

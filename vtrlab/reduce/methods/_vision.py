@@ -101,9 +101,9 @@ def _layer_probs(ctx, layer: int) -> torch.Tensor:
     return ctx.cached("vision_probs_by_layer", dict)[idx]
 
 
-def _patch_values(ctx, layer: int, sample: int):
-    """(vision table of the sample, values (H, rows)) at ``layer``: each vision-table row's attention."""
-    p = _layer_probs(ctx, layer).numpy()  # (calls_B, H, S)
+def _table_rows(ctx, sample: int, n_calls: int, seq: int):
+    """(vision table of the sample, crop, vpos): where each table row sits in a tower output of
+    ``n_calls`` sequences of ``seq`` tokens (packed towers: one sequence holding every crop)."""
     tables = [lay.vision for lay in ctx.layouts]
     if any(t is None for t in tables):
         raise ValueError("a layout has no vision-encoder table; vision attention cannot be mapped to its tokens")
@@ -116,15 +116,59 @@ def _patch_values(ctx, layer: int, sample: int):
         offsets[c], at = at, at + counts[c]
     t = tables[sample].reset_index(drop=True)
     crop, vpos = t["crop"].to_numpy().astype(int), t["vpos"].to_numpy().astype(int)
-    if p.shape[0] == 1 and len(offsets) > 1:  # packed tower: one sequence holding every crop
+    if n_calls == 1 and len(offsets) > 1:  # packed tower: one sequence holding every crop
         vpos = vpos + np.array([offsets[int(c)] for c in crop])
         crop = np.zeros_like(crop)
-    if crop.max() >= p.shape[0] or vpos.max() >= p.shape[2]:
+    if crop.max() >= n_calls or vpos.max() >= seq:
         raise ValueError(
             f"sample {sample}'s vision table names crop {t['crop'].max()} / vpos {t['vpos'].max()}, "
-            f"but the tower ran {p.shape[0]} sequence(s) of {p.shape[2]} tokens"
+            f"but the tower ran {n_calls} sequence(s) of {seq} tokens"
         )
+    return t, crop, vpos
+
+
+def _patch_values(ctx, layer: int, sample: int):
+    """(vision table of the sample, values (H, rows)) at ``layer``: each vision-table row's attention."""
+    p = _layer_probs(ctx, layer).numpy()  # (calls_B, H, S)
+    t, crop, vpos = _table_rows(ctx, sample, p.shape[0], p.shape[2])
     return t, p[crop, :, vpos].T.astype(np.float64)
+
+
+def token_vectors(ctx, x: torch.Tensor, sample: int) -> torch.Tensor:
+    """Per layout image token of ``sample`` (layout order), the mean of a tower output ``x`` ((calls, S, C),
+    or (S, C) for packed towers) over the patches the token covers — pooled as the merger pools. float64."""
+    if x.dim() == 2:
+        x = x[None]
+    lay = ctx.layouts[sample]
+    t, crop, vpos = _table_rows(ctx, sample, x.shape[0], x.shape[1])
+    index = _token_index(lay)
+    sums = torch.zeros(lay.n_image_tokens, x.shape[-1], dtype=torch.float64)
+    counts = torch.zeros(lay.n_image_tokens, dtype=torch.float64)
+    ok = (t["kind"].to_numpy() == "patch") & (t["row"].to_numpy() >= 0)
+    for k in np.flatnonzero(ok):
+        j = index.get((int(t["image"][k]), int(t["tile"][k]), int(t["row"][k]), int(t["col"][k])))
+        if j is not None:
+            sums[j] += x[crop[k], vpos[k]].double().cpu()
+            counts[j] += 1
+    if (counts == 0).any():
+        raise RuntimeError(f"sample {sample}: {int((counts == 0).sum())} image tokens cover no vision patch")
+    return sums / counts[:, None]
+
+
+def layer_keys(ctx, layer: int, method: str = "?") -> torch.Tensor:
+    """Raw keys of vision layer ``layer``'s attention, heads concatenated, per tower call: ``k_proj``'s
+    output, or the key third of a fused ``qkv`` projection (Qwen's ViT); before any rotary embedding."""
+    vlm = ctx.vlm
+    idx = vision_layer_index(vlm, layer)
+    attn = vlm.adapter.vision_attention(vlm.vision_layers[idx])
+    if getattr(attn, "k_proj", None) is not None:
+        return layer_proj(ctx, layer, "k_proj")
+    qkv = getattr(attn, "qkv", None)
+    if qkv is None:
+        raise NotApplicable(method, vlm.family, "the vision attention has neither k_proj nor a fused qkv projection")
+    out = tower_tensor(ctx, qkv, f"qkv{idx}")
+    c = out.shape[-1] // 3
+    return out[..., c : 2 * c]
 
 
 def _token_index(lay) -> dict[tuple[int, int, int, int], int]:

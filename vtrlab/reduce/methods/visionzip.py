@@ -20,6 +20,17 @@ tokens: the [CLS], ``dominant − 1`` patches and ``contextual`` merged tokens; 
 ``budget`` counts the ``n − 1`` layout tokens kept (``cls_token=False`` spends the [CLS] slot on one
 more dominant patch). One crop per sample (LLaVA-1.5 towers); the code's anyres variant (no
 unpadding, per-crop [CLS] and contextual tokens appended after the grid) is not implemented.
+
+Towers without a [CLS] (SigLIP in LLaVA-OneVision / Idefics3 / SmolVLM / Gemma3, Qwen's ViT): the
+substitute follows ModelTC/LightCompress ``token_reduction/visionzip.py``'s Qwen2.5-VL port — the
+dominant tokens are the top ``n − C`` by the **mean attention each patch receives** at
+``no_cls_layer`` (default ``-1``, the last block, as the port reads it; head mean), averaged over
+the patches an LM token covers (pooled as the merger pools); the metric for the contextual
+assignment is that layer's head-mean keys pooled the same way (the port's keys are after the
+vision RoPE; here before it, ``k_proj`` / the key third of ``qkv``); contextual tokens are merged
+in the LM input-embedding space (projector outputs: target + mean(assigned), as the port does)
+and sit in their target's slot; no [CLS] token is sent, all of a sample's image tokens are ranked
+together, and the kept tokens keep their position ids (the port slices ``position_ids``).
 """
 
 from __future__ import annotations
@@ -34,12 +45,14 @@ from ._vision import (
     heads_mean,
     hidden_module,
     layer_hidden,
+    layer_keys,
     layer_proj,
     n_vision_heads,
     proj_module,
     project,
-    require_cls,
     single_crop,
+    token_attention,
+    token_vectors,
     vision_forward,
 )
 
@@ -50,11 +63,15 @@ class VisionZip(Method):
     positions = "renumbered"
     merges = True
     exact_budget = False
-    defaults = {"vision_layer": -2, "dominant": 0, "contextual": 0, "cls_token": True}
-    source = "dvlab-research/VisionZip: visionzip/clip_encoder.py, visionzip/utils.py, visionzip/main.py"
+    defaults = {"vision_layer": -2, "dominant": 0, "contextual": 0, "cls_token": True, "no_cls_layer": -1}
+    source = (
+        "dvlab-research/VisionZip: visionzip/clip_encoder.py, visionzip/utils.py, visionzip/main.py; no [CLS]: "
+        "ModelTC/LightCompress llmc/compression/token_reduction/visionzip.py (Qwen2.5-VL port)"
+    )
 
     def check(self, vlm):
-        require_cls(vlm, self.name, "its dominant tokens include the [CLS] token and its ranking reads [CLS] attention")
+        self.no_cls = not vlm.has_cls
+        self.positions = "kept" if self.no_cls else "renumbered"
         if (int(self.params["dominant"]) > 0) != (int(self.params["contextual"]) > 0):
             raise ValueError("visionzip: give both dominant and contextual (> 0), or neither (split from the budget)")
 
@@ -64,6 +81,8 @@ class VisionZip(Method):
         return visionzip_split(n)
 
     def select(self, ctx, n_keep):
+        if getattr(self, "no_cls", False):
+            return self.select_no_cls(ctx, n_keep)
         layer = int(self.params["vision_layer"])
         vlm = ctx.vlm
         needs = dict([hidden_module(vlm, layer), proj_module(vlm, layer, "k_proj", self.name)])
@@ -104,4 +123,38 @@ class VisionZip(Method):
             embeds=embeds,
             group=groups,
             info={"extra": [("start", e) for e in extra], "embeds_order": "method (LM) order"},
+        )
+
+    def select_no_cls(self, ctx, n_keep):
+        """The substitute on towers without a [CLS] (module doc): LM-embedding space, kept positions."""
+        vlm = ctx.vlm
+        layer = int(self.params["no_cls_layer"])
+        vision_forward(ctx, attention=[layer])
+        attn = token_attention(ctx, layer, "mean")
+        keys = layer_keys(ctx, layer, self.name)
+        heads = n_vision_heads(vlm, layer)
+        keep, scores, embeds, groups = [], [], [], []
+        for i, (lay, n) in enumerate(zip(ctx.layouts, n_keep)):
+            dominant, contextual = self.split(n)
+            if dominant + contextual != n and int(self.params["dominant"]) == 0:
+                raise RuntimeError(f"visionzip: split {dominant}+{contextual} != budget {n}")
+            kk = heads_mean(token_vectors(ctx, keys, i), heads)
+            emb = ctx.image_embeds(i).double().cpu()
+            a = torch.as_tensor(attn[i], dtype=torch.float64)[None]
+            res = visionzip_merge(a, emb, kk, dominant, contextual, has_cls=False)
+            V = lay.n_image_tokens
+            src = res.sources.numpy()
+            m = np.zeros(V, dtype=bool)
+            m[src] = True
+            order = np.argsort(src, kind="stable")  # kept positions: each token in its own (target's) slot
+            keep.append(m)
+            scores.append(np.asarray(attn[i], dtype=float))
+            groups.append(res.group.numpy())
+            embeds.append(res.embeds[torch.as_tensor(order)])
+        return Selection(
+            keep=keep,
+            scores=scores,
+            embeds=embeds,
+            group=groups,
+            info={"signal": "mean attention received (no [CLS])", "merged_in": "LM input embeddings"},
         )

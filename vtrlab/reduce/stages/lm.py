@@ -41,6 +41,7 @@ class LMMethod(Method):
     :meth:`lm_score` and optionally :meth:`lm_schedule` / :meth:`lm_keep`."""
 
     stage = "lm"
+    exact_budget = True  # False: lm_keep decides how many survive (adaptive methods; schedule unused)
     needs_prev_rows = False  # score from layer K-1's attention rows recorded in the forward
     needs_prev_input = False  # score from layer K-1's input (e.g. its keys, recomputed)
 
@@ -258,12 +259,16 @@ class RemovalState:
     last_q: int = 1
     window: int | None = None
     real_cols: torch.Tensor | None = None  # (B, run_len) real (non-pad) columns of the prefill
+    group: list[np.ndarray] | None = None  # per sample: layout slot each token was merged into (-1: none)
+    col_remap: np.ndarray | None = None  # (B, run_len): run column whose token a column holds (recycling)
 
     def source_positions(self, source: torch.Tensor) -> torch.Tensor:
         """Map the prompt's ``source_positions`` (B, L) to the columns left after the last stage (-1 for dummies)."""
         cols, valid = self.cols, self.valid
         if cols is None:
             return source
+        if self.col_remap is not None:
+            cols = torch.as_tensor(self.col_remap, device=cols.device).gather(1, cols)
         src = torch.where(cols < source.shape[1], source.gather(1, cols.clamp(max=source.shape[1] - 1)), -1)
         return src.masked_fill(~valid, -1)
 
@@ -299,7 +304,8 @@ def _stage(state: RemovalState, k: int, hidden: torch.Tensor, kwargs: dict) -> t
     drop_cols = []
     for i in range(bsz):
         m = np.asarray(keep[i], dtype=bool)
-        if m.shape != tokens[i].shape or int(m.sum()) != n_keep[i]:
+        exact = getattr(state.method, "exact_budget", True)
+        if m.shape != tokens[i].shape or (exact and int(m.sum()) != n_keep[i]):
             raise RuntimeError(
                 f"{state.method.name}: stage {j} sample {i} keeps {int(m.sum())} of {m.shape}; budget {n_keep[i]}"
             )
@@ -310,6 +316,11 @@ def _stage(state: RemovalState, k: int, hidden: torch.Tensor, kwargs: dict) -> t
         kept_full.append(kf)
         score_full.append(sf)
         drop_cols.append(columns[i][~m])
+    recycle = getattr(state.method, "lm_recycle", None)
+    moves = recycle(probe, j, scores, keep) if recycle is not None else None
+    if moves is not None:
+        hidden = _recycle(state, hidden, tokens, columns, keep, moves, kept_full, drop_cols)
+    state.prev_probs.pop(k - 1, None)  # rows of many queries (FitPrune: every image and text row) are large
     state.kept.append(kept_full)
     state.scores.append(score_full)
     # new column set: every current column minus the dropped; samples that drop more keep dummies
@@ -333,6 +344,52 @@ def _stage(state: RemovalState, k: int, hidden: torch.Tensor, kwargs: dict) -> t
     state.valid = new_valid
     state.done.append(k)
     return _gather_seq(hidden, rel, 1, 0)
+
+
+def _recycle(state, hidden, tokens, columns, keep, moves, kept_full, drop_cols) -> torch.Tensor:
+    """Merged tokens inside the LM (SparseVLM v1.5's recycling): ``moves[i]`` is None or (centres, merged,
+    members): indices into the present image tokens (dropped ones, cluster order), their merged hidden
+    states, and per centre the indices of the tokens merged into it.
+    As the code appends them after the kept image tokens (positions renumbered), the sample's present
+    image columns — one contiguous block — are refilled in that order: kept tokens (layout order), then
+    the merged tokens, each standing in its centre's layout slot; the remaining columns are removed."""
+    if state.positions != "renumbered":
+        raise ValueError(f"{state.method.name}: recycling appends merged tokens and needs renumbered positions")
+    hidden = hidden.clone()
+    src = hidden.detach().clone()
+    for i, mv in enumerate(moves):
+        if mv is None:
+            continue
+        centres, merged, members = mv
+        cols = columns[i]
+        if cols.size and not np.array_equal(cols, np.arange(cols[0], cols[0] + len(cols))):
+            raise ValueError(
+                f"{state.method.name}: recycling needs the image tokens in one contiguous block (LLaVA-1.5 layout); "
+                f"sample {i} has other tokens between them"
+            )
+        m = np.asarray(keep[i], dtype=bool)
+        if m[centres].any():
+            raise RuntimeError(f"{state.method.name}: a recycling centre of sample {i} is a kept token")
+        kept_cols = cols[m]
+        a = len(kept_cols) + len(centres)
+        slots = cols[:a]
+        dev = hidden.device
+        hidden[i, torch.as_tensor(slots[: len(kept_cols)], device=dev)] = src[i, torch.as_tensor(kept_cols, device=dev)]
+        hidden[i, torch.as_tensor(slots[len(kept_cols) :], device=dev)] = merged.to(dev, hidden.dtype)
+        run_cols = state.cols[i].cpu().numpy()
+        new_tokens = np.concatenate([tokens[i][m], tokens[i][centres]])
+        state.col_image[i, run_cols[slots]] = new_tokens  # which layout slot each refilled column stands for
+        if state.col_remap is None:
+            state.col_remap = np.tile(np.arange(state.run_len), (len(moves), 1))
+        held = np.concatenate([kept_cols, cols[centres]])  # current columns whose tokens the slots now hold
+        state.col_remap[i, run_cols[slots]] = state.col_remap[i, run_cols[held]]
+        kept_full[i][tokens[i][centres]] = True
+        drop_cols[i] = cols[a:]
+        if state.group is None:
+            state.group = [np.full(n, -1, dtype=np.int64) for n in (lay.n_image_tokens for lay in state.batch.layouts)]
+        for c_tok, mem in zip(tokens[i][centres], members):
+            state.group[i][tokens[i][np.asarray(mem, dtype=np.int64)]] = c_tok
+    return hidden
 
 
 def _mask_for(state: RemovalState, base: Any, cols: torch.Tensor, valid: torch.Tensor, q_cols: torch.Tensor | None):
@@ -523,14 +580,16 @@ def lm_removal(vlm: Any, batch: Batch, method: LMMethod, keep: Any, source_posit
     Yields the :class:`RemovalState` (kept sets per stage, scores, column maps)."""
     from ...probes.attention import Site, session
     from ...probes.switch import attention_switched
+    from ..registry import prepare
 
-    method.check(vlm)
+    prepare(method, vlm)
     layers = method.layers_checked(vlm)
     n_final = budgets(batch, keep)
     schedule = []
     for lay, n in zip(batch.layouts, n_final):
         s = [int(x) for x in method.lm_schedule(lay.n_image_tokens, n)]
-        if len(s) != len(layers) or s[-1] != n or any(b > a for a, b in zip([lay.n_image_tokens] + s, s)):
+        last_ok = s[-1] == n or not getattr(method, "exact_budget", True)
+        if len(s) != len(layers) or not last_ok or any(b > a for a, b in zip([lay.n_image_tokens] + s, s)):
             raise RuntimeError(
                 f"{method.name}: schedule {s} for {lay.n_image_tokens} tokens, budget {n}, layers {layers}"
             )
