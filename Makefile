@@ -1,5 +1,5 @@
 # vtrlab — two commands set everything up on a fresh machine:
-#   make figures   create the environment if missing, install, regenerate every figure
+#   make figures   create the environment if missing, install, regenerate every figure and the README's findings table
 #   make test      create the environment if missing, install, ruff (lint + format check), run the whole suite
 #   make test-unit the fast tier only (tests/unit: pure functions, no models; about a minute)
 SHELL := /bin/bash
@@ -34,8 +34,10 @@ $(LMMS_STAMP): $(STAMP)
 
 install: $(STAMP)
 
+# notebook 05 writes findings.json; `vtrlab findings` renders its table into README.md (between markers)
 figures: $(STAMP)
 	$(VENV)/bin/vtrlab figures $(FIGURES_ARGS)
+	$(VENV)/bin/vtrlab findings
 
 # ruff runs first and fails the target on any finding (config: [tool.ruff] in pyproject.toml).
 lint: $(STAMP)

@@ -1,4 +1,4 @@
-"""The `vtrlab` command: list, run, figures, grid (and `organism` when that sub-app is installed).
+"""The `vtrlab` command: list, run, figures, findings, grid (and `organism` when that sub-app is installed).
 
 Logic lives in `vtrlab.runner`; this module parses arguments, prints one line per run, and turns
 user errors into one line on stderr with a non-zero exit code (no traceback).
@@ -310,6 +310,25 @@ def grid(
         timeout_min=timeout_min,
     )
     _finish(results)
+
+
+@typer_app.command("findings")
+@_user_errors
+def findings(
+    source: Path | None = typer.Argument(
+        None, help="findings.json or a run directory of notebook 05 (default: the run behind figures/05_findings/)"
+    ),
+    readme: Path | None = typer.Option(None, "--readme", help="README to render into (default: the project's)"),
+    check: bool = typer.Option(False, "--check", help="write nothing; exit 1 if the README's table is stale"),
+) -> None:
+    """Render notebook 05's findings table (claims, values, CIs, verdicts) into the README between its markers."""
+    from vtrlab.runner.findings import render_findings
+    from vtrlab.runner.paths import project_root
+
+    changed = render_findings(project_root(), source, readme, check=check)
+    if check and changed:
+        _fail("the README's findings table differs from findings.json; run `vtrlab findings`", code=1)
+    typer.echo("README findings table " + ("up to date" if not changed else "rendered"))
 
 
 ORGANISM_CLI = "vtrlab.organism.cli"
