@@ -126,15 +126,16 @@ def layer_error_curves(per_sample):
 
 def relevance_recall(agree, groups: Sequence[str] = GROUPS):
     """Recall of relevant tokens in the kept set vs share kept, selector and random, one panel per
-    group, titled with the selector's mean AUROC. ``agree``: ``relevance_agreement``'s table."""
+    group, random keep as the control beside the selector. The selector's AUROC is not titled here: it
+    stands beside its controls (objectness, among-objects, randomized model) in notebook 03's signal-controls
+    figure. ``agree``: ``relevance_agreement``'s table."""
     fig, axes = figure("double", height=2.1, ncols=2, sharey=True)
     for ax, group in zip(axes, groups):
         d = agree[(agree["group"] == group) & (agree["metric"] == "recall")]
         for method, style in (("selector", "o-"), ("random", "s--")):
             m = d[d["method"] == method].groupby("ratio")["value"].mean()
             ax.plot(m.index * 100, m.values, style, ms=3, label=method)
-        au = agree[(agree["group"] == group) & (agree["metric"] == "auroc")]["value"].mean()
-        ax.set(xlabel="image tokens kept (%)", title=f"{group}: selector AUROC {au:.2f}")
+        ax.set(xlabel="image tokens kept (%)", title=f"{group}: relevant tokens kept")
     axes[0].set_ylabel("relevant tokens kept (recall)")
     axes[1].legend(fontsize=6)
     return fig
