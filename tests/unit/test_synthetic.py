@@ -142,32 +142,37 @@ def test_answers_follow_from_the_scene(samples):
         assert s.answer == str(n) and s.answer in COUNTS
         assert all(o.relevant == (o.shape == shape) for o in s.objects)
     for s in samples["relation"]:
-        words = s.question.rstrip(" ?").split()
+        words = s.question.rstrip(" ?").split()  # is the A left or right of the B | is the A above or below the B
         a, b = words[2], words[-1]
         oa = next(o for o in s.objects if o.shape == a)
         ob = next(o for o in s.objects if o.shape == b)
-        if "left" in words:
-            truth = oa.center[0] < ob.center[0]
-        elif "right" in words:
-            truth = oa.center[0] > ob.center[0]
-        elif "above" in words:
-            truth = oa.center[1] < ob.center[1]
+        assert sum(o.shape == a for o in s.objects) == 1 and sum(o.shape == b for o in s.objects) == 1
+        if words[3] == "left":
+            assert s.choices == ("left", "right") and s.answer == ("left" if oa.center[0] < ob.center[0] else "right")
         else:
-            truth = oa.center[1] > ob.center[1]
-        assert s.answer == ("yes" if truth else "no")
+            assert words[3] == "above" and s.choices == ("above", "below")
+            assert s.answer == ("above" if oa.center[1] < ob.center[1] else "below")
         assert {o.shape for o in s.objects if o.relevant} == {a, b}
 
 
 def test_position_answer_follows_from_the_scene(samples):
-    from vtrlab.data.synthetic import POSITION_MARGIN
+    from vtrlab.data.synthetic import COLOR_NAMES, POSITION_MARGIN
 
     for s in samples["position"]:
-        words = s.question.split()  # is the COLOR SHAPE left or right ?
-        color, shape = words[2], words[3]
-        same = [o for o in s.objects if (o.color, o.shape) == (color, shape)]
+        words = s.question.rstrip(" ?").split()  # is the [COLOR] SHAPE left or right | top or bottom
+        named = words[2:-3]
+        if named[0] in COLOR_NAMES:
+            color, shape = named
+            same = [o for o in s.objects if (o.color, o.shape) == (color, shape)]
+        else:
+            (shape,) = named
+            same = [o for o in s.objects if o.shape == shape]
         assert len(same) == 1 and same[0].relevant and sum(o.relevant for o in s.objects) == 1
-        assert abs(same[0].center[0] - 64) >= POSITION_MARGIN - 1  # centre of the drawn pixels
-        assert s.answer == ("left" if same[0].center[0] < 64 else "right")
+        k = 0 if words[-3:] == ["left", "or", "right"] else 1
+        assert words[-3:] in (["left", "or", "right"], ["top", "or", "bottom"])
+        assert abs(same[0].center[k] - 64) >= POSITION_MARGIN  # centre of the drawn pixels
+        options = ("left", "right") if k == 0 else ("top", "bottom")
+        assert s.choices == options and s.answer == options[0 if same[0].center[k] < 64 else 1]
         assert s.relevance.any()
 
 
@@ -187,12 +192,16 @@ def test_captions_describe_every_object(samples):
 
 
 def test_answer_balance():
-    ss = generate(400, seed=11, family="relation")
-    yes = sum(s.answer == "yes" for s in ss) / len(ss)
-    assert 0.4 < yes < 0.6
-    ss = generate(400, seed=11, family="position")
-    left = sum(s.answer == "left" for s in ss) / len(ss)
-    assert 0.4 < left < 0.6
+    for family, axes in (
+        ("relation", (("left", "right"), ("above", "below"))),
+        ("position", (("left", "right"), ("top", "bottom"))),
+    ):
+        ss = generate(600, seed=11, family=family)
+        for options in axes:
+            asked = [s for s in ss if s.choices == options]
+            assert 0.4 < len(asked) / len(ss) < 0.6, (family, options)
+            first = sum(s.answer == options[0] for s in asked) / len(asked)
+            assert 0.4 < first < 0.6, (family, options, first)
     ss = generate(200, seed=11, family="shape")
     assert {s.answer for s in ss} == set(SHAPES)
 

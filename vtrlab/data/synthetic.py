@@ -9,10 +9,18 @@ Families (answer set in brackets):
 - ``color``    "what color is the circle ?"            [7 colors]     target shape is unique
 - ``shape``    "what shape is the red object ?"         [5 shapes]     target color is unique
 - ``count``    "how many circles are there ?"           [1 .. 5]       other shapes distract
-- ``relation`` "is the circle left of the square ?"     [yes, no]      the two shapes are unique
+- ``relation`` "is the circle left or right of the square ?" [left, right] or
+               "is the circle above or below the square ?"     [above, below]  the two shapes are unique;
+               GQA's "choose" form: the answer names the relation, a two-hop comparison
 - ``reading``  "what word is written ?"                 [3 letters]    small glyphs on clutter
-- ``position`` "is the red circle left or right ?"     [left, right]  one hop: the colour+shape pair is
-  unique, its centre >= POSITION_MARGIN px from the vertical midline
+- ``position`` "is the red circle left or right ?"     [left, right] or "... top or bottom ?" [top, bottom]
+  one hop: the object (named by colour+shape, or by shape alone when its shape is unique) is placed
+  >= POSITION_MARGIN px from the midline the question asks about
+
+Relation and position questions offer two answers each (``Sample.choices``; chance 1/2).
+Organism v2's first runs asked relation as yes/no ("is the circle left of the square ?", four
+relations): it stayed at chance without LM-internal supervision (an XOR of the relation word and the
+order of the two objects); the organism card records those attempts.
 
 Every sample also carries a ``caption`` (``Sample.caption``): a plain-text description of the whole
 scene (every object's colour, shape and coarse region, or the written word) generated with it, the
@@ -47,25 +55,35 @@ COLOR_NAMES = tuple(COLORS)
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 PLURALS = {s: ("crosses" if s == "cross" else s + "s") for s in SHAPES}
 COUNTS = ("1", "2", "3", "4", "5")
-RELATIONS = ("left", "right", "above", "below")
-RELATION_PHRASES = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
+AXES = ("horizontal", "vertical")  # what a relation or position question asks about
 WORD_LENGTH = 3
 QUESTIONS = {
     "color": "what color is the {shape} ?",
     "shape": "what shape is the {color} object ?",
     "count": "how many {plural} are there ?",
-    "relation": "is the {a} {phrase} the {b} ?",
+    "relation": "is the {a} left or right of the {b} ?",
     "reading": "what word is written ?",
     "position": "is the {color} {shape} left or right ?",
+}
+# per axis: (question template, answer for the smaller coordinate, answer for the larger one)
+RELATION_QUESTIONS = {
+    "horizontal": ("is the {a} left or right of the {b} ?", "left", "right"),
+    "vertical": ("is the {a} above or below the {b} ?", "above", "below"),
+}
+POSITION_QUESTIONS = {
+    "horizontal": ("is the {name} left or right ?", "left", "right"),
+    "vertical": ("is the {name} top or bottom ?", "top", "bottom"),
 }
 ANSWERS = {
     "color": COLOR_NAMES,
     "shape": SHAPES,
     "count": COUNTS,
-    "relation": ("yes", "no"),
+    "relation": ("left", "right", "above", "below"),
     "reading": None,  # any WORD_LENGTH-letter string over LETTERS (lower case)
-    "position": ("left", "right"),
+    "position": ("left", "right", "top", "bottom"),
 }
+# answers a single question offers, where fewer than the family's set (chance = 1 / this)
+OPTIONS_PER_QUESTION = {"relation": 2, "position": 2}
 BACKGROUND = (236, 236, 236)
 GLYPH_SCALE = 2  # 5x7 font -> 10x14 px glyphs, about 2x2 patches of 8 px
 MIN_SEPARATION = 24  # px between object centres along the axis a relation question asks about
@@ -121,7 +139,7 @@ class Sample:
     pixel_mask: np.ndarray  # bool (H, W): pixels of relevant objects as rendered
     object_map: np.ndarray  # int16 (H, W): 0 background, else SyntheticObject.index
     objects: list[SyntheticObject] = field(default_factory=list)
-    choices: tuple[str, ...] | None = None  # the family's answer set (None: open, reading)
+    choices: tuple[str, ...] | None = None  # the answers this question offers (None: open, reading)
     seed: int = 0
     index: int = 0
     caption: str = ""  # plain-text description of the whole scene (see ``caption``)
@@ -268,49 +286,53 @@ def _scene(rng: np.random.Generator, specs, image_size: int, size_range=(14, 22)
 
 def _relation_scene(rng: np.random.Generator, image_size: int):
     a, b = _pick(rng, SHAPES, 2)
-    relation = RELATIONS[int(rng.integers(len(RELATIONS)))]
-    truth = bool(rng.integers(2))
-    axis = 0 if relation in ("left", "right") else 1  # 0: x, 1: y
-    # "a left of b" is true when a's x is smaller; a "no" sample has the opposite order on the
-    # same axis, separated just as clearly, so the answer is never ambiguous.
-    a_smaller = (relation in ("left", "above")) == truth
+    axis = AXES[int(rng.integers(2))]
+    template, smaller, larger = RELATION_QUESTIONS[axis]
+    a_smaller = bool(rng.integers(2))  # the answer, balanced per axis
+    k = 0 if axis == "horizontal" else 1
     others = [s for s in SHAPES if s not in (a, b)]
     specs = [(a, _pick(rng, COLOR_NAMES)[0], True), (b, _pick(rng, COLOR_NAMES)[0], True)]
     specs += _distractors(rng, int(rng.integers(0, 3)), others, COLOR_NAMES)
     for _ in range(200):
         boxes = _place(rng, len(specs), (14, 22), image_size)
-        delta = boxes[1][axis] - boxes[0][axis]  # b - a
+        delta = boxes[1][k] - boxes[0][k]  # b - a along the asked axis
         if abs(delta) >= MIN_SEPARATION and (delta > 0) == a_smaller:
             break
     else:  # pragma: no cover - rejection sampling practically always succeeds
         raise RuntimeError("could not place a relation scene")
     canvas = _Canvas(image_size, BACKGROUND)
     _draw_shapes(canvas, rng, specs, boxes)
-    question = QUESTIONS["relation"].format(a=a, phrase=RELATION_PHRASES[relation], b=b)
-    return canvas, question, "yes" if truth else "no"
+    return canvas, template.format(a=a, b=b), smaller if a_smaller else larger, (smaller, larger)
 
 
 def _position_scene(rng: np.random.Generator, image_size: int):
     shape, color = _pick(rng, SHAPES)[0], _pick(rng, COLOR_NAMES)[0]
+    axis = AXES[int(rng.integers(2))]
+    by_shape = bool(rng.integers(2))  # named by its shape alone (as relation questions name objects)
     n = int(rng.integers(1, 4))
-    # distractors never repeat the asked colour+shape pair (it must be unique)
+    # the named object is unique: distractors never repeat its colour+shape pair, nor its shape when
+    # it is named by shape alone
     others = []
     while len(others) < n:
-        d = _distractors(rng, 1, SHAPES, COLOR_NAMES)[0]
+        d = _distractors(rng, 1, [s for s in SHAPES if s != shape] if by_shape else SHAPES, COLOR_NAMES)[0]
         if (d[0], d[1]) != (shape, color):
             others.append(d)
     specs = [(shape, color, True)] + others
-    mid = image_size / 2
-    for _ in range(200):
+    k, mid = (0 if axis == "horizontal" else 1), image_size / 2
+    for _ in range(200):  # the margin holds for the drawn pixels' centre (a triangle's sits low in its box)
         boxes = _place(rng, len(specs), (14, 22), image_size)
-        if abs(boxes[0][0] - mid) >= POSITION_MARGIN:
+        if abs(boxes[0][k] - mid) < POSITION_MARGIN:
+            continue
+        canvas = _Canvas(image_size, BACKGROUND)
+        _draw_shapes(canvas, rng, specs, boxes)
+        target = canvas.objects[0]
+        if abs(target.center[k] - mid) >= POSITION_MARGIN:
             break
     else:  # pragma: no cover - rejection sampling practically always succeeds
         raise RuntimeError("could not place a position scene")
-    canvas = _Canvas(image_size, BACKGROUND)
-    _draw_shapes(canvas, rng, specs, boxes)
-    target = canvas.objects[0]
-    return canvas, QUESTIONS["position"].format(color=color, shape=shape), "left" if target.center[0] < mid else "right"
+    template, smaller, larger = POSITION_QUESTIONS[axis]
+    question = template.format(name=shape if by_shape else f"{color} {shape}")
+    return canvas, question, smaller if target.center[k] < mid else larger, (smaller, larger)
 
 
 def _reading_scene(rng: np.random.Generator, image_size: int):
@@ -364,13 +386,14 @@ def make_sample(seed: int, index: int, family: str, grid: int = 16, image_size: 
     if image_size % grid:
         raise ValueError(f"image_size={image_size} must be a multiple of grid={grid}")
     rng = np.random.default_rng([int(seed), int(index), fam])
+    choices = ANSWERS[family]
     if family in _TASKS:
         specs, question, answer = _TASKS[family](rng, image_size)
         canvas = _scene(rng, specs, image_size)
     elif family == "relation":
-        canvas, question, answer = _relation_scene(rng, image_size)
+        canvas, question, answer, choices = _relation_scene(rng, image_size)
     elif family == "position":
-        canvas, question, answer = _position_scene(rng, image_size)
+        canvas, question, answer, choices = _position_scene(rng, image_size)
     else:
         canvas, question, answer = _reading_scene(rng, image_size)
     relevant_ids = [o.index for o in canvas.objects if o.relevant]
@@ -384,7 +407,7 @@ def make_sample(seed: int, index: int, family: str, grid: int = 16, image_size: 
         pixel_mask=pixel_mask,
         object_map=canvas.ids,
         objects=canvas.objects,
-        choices=ANSWERS[family],
+        choices=choices,
         seed=int(seed),
         index=int(index),
         caption=caption(canvas.objects, image_size),
@@ -444,9 +467,8 @@ def vocabulary() -> list[str]:
     words.update(PLURALS.values())
     words.update(COLOR_NAMES)
     words.update(COUNTS)
-    for phrase in RELATION_PHRASES.values():
-        words.update(phrase.split())
-    words.update(("yes", "no"))
-    words.update(ANSWERS["position"])
+    for template, *answers in (*RELATION_QUESTIONS.values(), *POSITION_QUESTIONS.values()):
+        words.update(w for w in template.split() if "{" not in w)
+        words.update(answers)
     words.update(w for w in CAPTION_WORDS if len(w) > 1)
     return sorted(words)

@@ -25,21 +25,21 @@ def train(
     ),
     ckpt_dir: Path = typer.Option(None, help="checkpoint folder (default: OUT.ckpt beside OUT)"),
     device: str = typer.Option("cuda", help="torch device, e.g. cuda or cpu"),
-    seed: int = typer.Option(0, help="model init and batch order"),
-    max_minutes: float = typer.Option(9.0, help="wall-time budget of this call; then checkpoint and stop"),
-    n_train_per_family: int = typer.Option(20000, help="samples per family, clip/text/align stages (data seed 1)"),
+    seed: int = typer.Option(None, help="model init and batch order"),
+    max_minutes: float = typer.Option(None, help="wall-time budget of this call; then checkpoint and stop"),
+    n_train_per_family: int = typer.Option(None, help="samples per family, clip/text/align stages (data seed 1)"),
     n_instruct_per_family: int = typer.Option(
-        0, help="fresh instruct samples per call for a family of weight 1 (scaled by weight; 0: reuse stage-1 set)"
+        None, help="fresh instruct samples per call for a family of weight 1 (scaled by weight; 0: reuse stage-1 set)"
     ),
-    clip_steps: int = typer.Option(3000, help="micro-CLIP stage: contrastive + dense per-patch targets"),
-    text_steps: int = typer.Option(800, help="LM on text alone"),
-    align_steps: int = typer.Option(600, help="LLaVA stage 1: projector on image -> caption"),
-    instruct_steps: int = typer.Option(7000, help="LLaVA stage 2: projector + LM on the VQA families"),
-    lr_lm: float = typer.Option(5e-4, help="learning rate of projector + LM in the instruct stage"),
-    lr_tower_instruct: float = typer.Option(0.0, help="tower learning rate in the instruct stage (0: frozen)"),
-    batch_size: int = typer.Option(256, help="samples per step"),
-    n_val_per_family: int = typer.Option(200, help="validation samples per family (data seed 2)"),
-    eval_n: int = typer.Option(500, help="held-out samples per family evaluated at the end (0: none)"),
+    clip_steps: int = typer.Option(None, help="micro-CLIP stage: contrastive + dense per-patch targets"),
+    text_steps: int = typer.Option(None, help="LM on text alone"),
+    align_steps: int = typer.Option(None, help="LLaVA stage 1: projector on image -> caption"),
+    instruct_steps: int = typer.Option(None, help="LLaVA stage 2: projector + LM on the VQA families"),
+    lr_lm: float = typer.Option(None, help="learning rate of projector + LM in the instruct stage"),
+    lr_tower_instruct: float = typer.Option(None, help="tower learning rate in the instruct stage (0: frozen)"),
+    batch_size: int = typer.Option(None, help="samples per step"),
+    n_val_per_family: int = typer.Option(None, help="validation samples per family (data seed 2)"),
+    eval_n: int = typer.Option(None, help="held-out samples per family evaluated at the end (0: none)"),
     workers: int = typer.Option(0, help="processes rendering the data (0: all cores but one)"),
     family_weights: str = typer.Option("", help="sampling weights, e.g. count=1.5,relation=2,reading=1.5"),
 ) -> None:
@@ -50,6 +50,7 @@ def train(
 
     from vtrlab.organism.train import parse_family_weights, train_organism
 
+    # recipe options left out take TrainConfig's defaults (one place for the shipped recipe)
     opts = dict(
         device=device,
         seed=seed,
@@ -68,6 +69,7 @@ def train(
     )
     if resume:  # the checkpoint's recipe stands; only this call's budget and device change
         opts = dict(device=device, max_minutes=max_minutes)
+    opts = {k: v for k, v in opts.items() if v is not None}
     if workers > 0:
         opts["workers"] = workers
     if family_weights:

@@ -48,10 +48,12 @@ def answer(
 
 
 def chance(family: str) -> float:
-    from vtrlab.data.synthetic import ANSWERS
+    from vtrlab.data.synthetic import ANSWERS, OPTIONS_PER_QUESTION
 
     choices = ANSWERS[family]
-    return 1.0 / len(choices) if choices else 1.0 / len(LETTERS) ** WORD_LENGTH
+    if not choices:
+        return 1.0 / len(LETTERS) ** WORD_LENGTH
+    return 1.0 / OPTIONS_PER_QUESTION.get(family, len(choices))
 
 
 def evaluate(
