@@ -295,7 +295,8 @@ def markdown(report: dict) -> str:
         f"Device: {env.get('gpu') or env.get('device')}; torch {env.get('torch')}, transformers "
         f"{env.get('transformers')}; commit {str(env.get('commit'))[:12]}; data=photos; random weights (the figures "
         f"mean nothing; what is shown is that every notebook completes at this size). {report['workers']} notebook "
-        f"runs at a time on one {'GPU' if env.get('gpu') else 'host'}; seconds include the kernel start and building the model; samples/s = samples "
+        f"runs at a time on one {'GPU' if env.get('gpu') else 'host'}; seconds include the kernel start and "
+        "building the model; samples/s = samples "
         f"analysed / seconds. Peak GPU memory is each run's own kernel's `torch.cuda.max_memory_allocated` (weights "
         f"included). Grid wall time {report['grid_wall_s']} s (budget {report['budget_s']} s), peak memory used on "
         f"the GPU by all runs together (nvidia-smi) {report.get('grid_peak_gpu_memory_gib')} GiB.",
