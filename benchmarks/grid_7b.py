@@ -299,9 +299,10 @@ def markdown(report: dict) -> str:
         "building the model; samples/s = samples "
         f"analysed / seconds. Peak GPU memory is each run's own kernel's `torch.cuda.max_memory_allocated` (weights "
         f"included). Grid wall time {report['grid_wall_s']} s (budget {report['budget_s']} s), peak memory used on "
-        f"the GPU by all runs together (nvidia-smi) {report.get('grid_peak_gpu_memory_gib')} GiB.",
+        f"the GPU by all runs together (nvidia-smi) {report.get('grid_peak_gpu_memory_gib')} GiB. Slowest cells: "
+        "index in the executed notebook (papermill adds one cell after the parameters), seconds.",
         "",
-        "| model | notebook | status | seconds | samples | samples/s | peak GPU memory (GiB) | slowest cells (executed #: s) |",
+        "| model | notebook | status | seconds | samples | samples/s | peak GPU memory (GiB) | slowest cells (#: s) |",
         "|---|---|---|---:|---:|---:|---:|---|",
     ]
     for r in report["runs"]:
