@@ -2,26 +2,32 @@
 
 Runs every notebook of ``NOTEBOOKS`` with ``data=photos`` on the full-size random-weight LLaVA-1.5-7B and
 LLaVA-NeXT-7B shapes (``model="full_size:<name>"``, bf16, cuda: ``vtrlab.testing.full_size`` reached through
-the notebooks' ``model`` parameter) as one ``vtrlab`` grid (local back-end, ``--workers`` jobs at a time on the
-GPU), then notebook 01 alone at two ``n_samples`` (the memory check: batches are streamed, so the GPU's peak
-memory should not grow with ``n_samples``). Random weights make the figures meaningless; what is measured is
-that every notebook completes at 7B size, how long it takes and how many samples per second it gets through.
+the notebooks' ``model`` parameter) as one ``vtrlab`` grid (local back-end, ``--workers`` runs at a time on the
+one GPU, longest expected first), together with the memory check: notebook 01 on LLaVA-NeXT-7B at N and 4N
+samples (batches are streamed, so its peak GPU memory should not grow with ``n_samples``). Every run's peak GPU
+memory is its own kernel's ``torch.cuda.max_memory_allocated`` (recorded by the runner in ``run.json``), so
+runs sharing the GPU do not blur each other's numbers. Random weights make the figures meaningless; what is
+measured is that every notebook completes at 7B size, how long it takes and how many samples per second it
+gets through.
 
-GPU, the lead through the device tool, in ONE call (ends within ``--budget-s``, default 510 s)::
+GPU, through the device tool, in ONE call (the grid ends within ``--budget-s``, default 420 s; what finished
+by then is written, the rest is listed as not run)::
 
-    python benchmarks/grid_7b.py --out $OUT/grid_7b
+    python benchmarks/grid_7b.py --out $OUT --project /tmp/grid_7b
 
 CPU dry run with tiny models (``tiny:llava``, ``tiny:llava_next``; same code path, smaller parameters)::
 
     python benchmarks/grid_7b.py --tiny --out /tmp/grid_tiny
 
-Render the table into benchmarks/README.md (between ``<!-- grid7b -->`` markers) from a fetched result::
+Render the table into benchmarks/README.md (between ``<!-- grid7b -->`` markers) from fetched results (several
+files, e.g. one device call per model with ``--models``, are merged)::
 
-    python benchmarks/grid_7b.py --render DIR/grid_7b.json
+    python benchmarks/grid_7b.py --render DIR/grid_7b.json [DIR2/grid_7b.json]
 
-Writes ``OUT/grid_7b.json`` (environment, one row per run: status, seconds, samples, samples/s, error;
-the memory check; rewritten after every run), ``OUT/grid_7b.md`` (the table) and ``OUT/project/`` (the runs
-with their provenance records ``run.json``, executed notebooks, tables and figures). Every run's duration
+Writes ``OUT/grid_7b.json`` (environment; one row per run: status, seconds, samples, samples/s, peak GPU and
+host memory, its slowest cells, error; the memory check's verdict; rewritten after every run), ``OUT/grid_7b.md``
+(the table) and ``OUT/runs.tar.gz`` (every run's run.json and metrics.json, the executed notebook of each failed
+run); the runs themselves (executed notebooks, tables, figures) stay in ``--project``. Every run's duration
 includes starting its kernel and building the random-weight model (no checkpoint is read).
 """
 
@@ -48,21 +54,21 @@ TINY_MODELS = ("tiny:llava", "tiny:llava_next")
 MARK, END = "<!-- grid7b -->", "<!-- /grid7b -->"
 
 # Parameters per notebook at 7B size (only those the notebook has are passed, so the grid keeps working when a
-# notebook gains or loses one). Sizes keep the whole call within the device tool's 9 minutes.
+# notebook gains or loses one); every other parameter keeps its default (n_causal included: the causal sections
+# run). Sizes keep the whole grid within one device call (--budget-s).
 GPU_PARAMS = {
-    # n_causal=0: the causal section's vision [CLS] signal fails on multi-tile layouts (LLaVA-NeXT: "(row, col)
-    # outside the 4x4 grid", vtrlab.analysis.randomization.attention_signals); set it > 0 once that is fixed.
-    "01_attention_per_layer": dict(n_samples=16, batch_size=4, n_examples=2, n_layers_shown=4, n_causal=0),
-    "02_information_flow": dict(n_samples=4, batch_size=2, window=9),
+    # batch 2: the causal section's saliency keeps ~12 GiB of activations per LLaVA-NeXT sample for its backward
+    "01_attention_per_layer": dict(n_samples=8, batch_size=2, n_examples=2, n_layers_shown=4),
+    "02_information_flow": dict(n_samples=2, batch_size=2, window=9),
     "03_reconstruction_selector": dict(
         train=True,
         n_train=64,
         steps=40,
         d_model=64,
         layers=1,
-        n_eval=2,
+        n_eval=1,
         budgets=[0.3, 1.0],
-        n_layer_samples=4,
+        n_layer_samples=2,
         n_maps=2,
         batch_size=4,
     ),
@@ -81,8 +87,27 @@ TINY_PARAMS = {  # overrides for the CPU dry run
     "03_reconstruction_selector": dict(n_train=8, steps=2, d_model=16, n_eval=1, n_layer_samples=2, n_maps=1),
     "04_reduction_methods": dict(methods=["random", "oracle", "fastv"], n_random_seeds=1),
 }
-MEMORY_SAMPLES = (4, 23)  # notebook 01's n_samples in the memory check (23: the whole photo set)
-TINY_MEMORY_SAMPLES = (2, 6)
+# The memory check: notebook 01 on the larger model at n_samples N and 4N (streamed batches of MEMORY_BATCH, so its
+# peak GPU memory should not grow), without the causal section (n_causal=0: it runs on n_causal samples whatever
+# n_samples is, and its peak would hide the streamed part's). Its two runs join the grid like any other job; each
+# run's peak is its own kernel's torch.cuda.max_memory_allocated (run.json "resources"), so concurrency is harmless.
+MEMORY_NOTEBOOK = "01_attention_per_layer"
+MEMORY_SAMPLES, TINY_MEMORY_SAMPLES = (2, 8), (2, 8)
+MEMORY_BATCH, TINY_MEMORY_BATCH = 2, 2
+# Expected seconds per run at 2 runs at a time on one H200 (from the 2026-11-30 run, 4 at a time: 1.5 nb01 47 s,
+# nb02 67 s, nb04 42 s; NeXT nb01 68 s, nb02 121 s, nb03 > 105 s before its OOM; plus the causal sections). Only
+# the order uses them: longest first, so the grid's wall time is close to (sum / workers).
+EXPECTED_S = {
+    ("llava-next-7b", "03_reconstruction_selector"): 170,
+    ("llava-next-7b", "01_attention_per_layer"): 130,
+    ("llava-next-7b", "02_information_flow"): 80,
+    ("llava-1.5-7b", "03_reconstruction_selector"): 110,
+    ("llava-1.5-7b", "01_attention_per_layer"): 80,
+    ("llava-1.5-7b", "02_information_flow"): 50,
+    ("llava-next-7b", "04_reduction_methods"): 50,
+    ("llava-1.5-7b", "04_reduction_methods"): 40,
+    ("llava-next-7b", "memory"): 45,
+}
 
 
 def _write_json(path: Path, obj) -> None:
@@ -157,32 +182,71 @@ class Deadline(BaseException):
     """The budget ran out: the grid stops every job process (as on Ctrl-C) and the table is written."""
 
 
-def jobs_for(models, notebooks, params, device: str, extra: dict | None = None):
+def _short(model: str) -> str:
+    return model.split(":", 1)[-1]
+
+
+def plan(models, notebooks, params, device: str, memory: bool, tiny: bool) -> list[tuple[str, object]]:
+    """``(phase, job)`` for every run: each notebook on each model ("grid"), and the memory check's two runs
+    ("memory"), longest expected first."""
     from vtrlab.runner.params import read_parameters
     from vtrlab.runner.run import prepare_job
 
-    out = []
-    for model in models:
-        for nb in notebooks:
-            path = ROOT / "notebooks" / f"{nb}.ipynb"
-            spec = read_parameters(path)
-            values = {"model": model, "data": "photos", "device": device, "seed": 0, **params[nb], **(extra or {})}
-            values = {k: v for k, v in values.items() if k in spec}
-            out.append(prepare_job(path, values, figures="run", force=True, spec=spec))
-    return out
+    specs: dict[str, object] = {}
+
+    def job(model: str, nb: str, extra: dict | None = None):
+        path = ROOT / "notebooks" / f"{nb}.ipynb"
+        spec = specs.setdefault(nb, read_parameters(path))
+        values = {"model": model, "data": "photos", "device": device, "seed": 0, **params[nb], **(extra or {})}
+        values = {k: v for k, v in values.items() if k in spec}
+        return prepare_job(path, values, figures="run", force=True, spec=spec)
+
+    out = [("grid", job(m, nb), EXPECTED_S.get((_short(m), nb), 60)) for m in models for nb in notebooks]
+    if memory:
+        sizes = TINY_MEMORY_SAMPLES if tiny else MEMORY_SAMPLES
+        batch = TINY_MEMORY_BATCH if tiny else MEMORY_BATCH
+        model = models[-1]
+        for n in sizes:
+            extra = {"n_samples": n, "batch_size": batch, "n_causal": 0}
+            out.append(("memory", job(model, MEMORY_NOTEBOOK, extra), EXPECTED_S.get((_short(model), "memory"), 60)))
+    out.sort(key=lambda x: -x[2])  # stable: ties keep the model / notebook order
+    return [(phase, j) for phase, j, _ in out]
 
 
-def _samples(run_dir: Path) -> int | None:
+def _read(path: Path):
     try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        return int(metrics["data"]["n_samples"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
 
 
-def row_of(job, result, project: Path, phase: str, peak_gib=None) -> dict:
-    run_dir = project / result.run_dir if not Path(result.run_dir).is_absolute() else Path(result.run_dir)
-    n = _samples(run_dir) if result.status == "ok" else None
+def _run_dir(result, project: Path) -> Path:
+    path = Path(result.run_dir)
+    path = path if path.is_absolute() else (Path.cwd() / path)
+    return path.parent if path.suffix == ".ipynb" else path  # a failed run names its executed notebook
+
+
+def slowest_cells(notebook: Path, k: int = 3) -> list[list]:
+    """The ``k`` slowest cells of an executed notebook: ``[index, seconds]`` (papermill's cell durations)."""
+    nb = _read(notebook) or {}
+    cells = [
+        (i, (c.get("metadata", {}).get("papermill", {}) or {}).get("duration"))
+        for i, c in enumerate(nb.get("cells", []))
+        if c.get("cell_type") == "code"
+    ]
+    cells = [(i, round(float(d), 1)) for i, d in cells if d is not None]
+    return [list(c) for c in sorted(cells, key=lambda c: -c[1])[:k]]
+
+
+def row_of(phase: str, job, result, project: Path) -> dict:
+    run_dir = _run_dir(result, project)
+    record = _read(run_dir / "run.json") or {}
+    metrics = _read(run_dir / "metrics.json") or {}
+    resources = record.get("resources") or {}
+    try:
+        n = int(metrics["data"]["n_samples"]) if result.status == "ok" else None
+    except (KeyError, TypeError, ValueError):
+        n = None
     seconds = round(float(result.duration_s), 1)
     return {
         "phase": phase,
@@ -192,11 +256,36 @@ def row_of(job, result, project: Path, phase: str, peak_gib=None) -> dict:
         "seconds": seconds,
         "n_samples": n,
         "samples_per_s": round(n / seconds, 3) if n and seconds > 0 else None,
-        "peak_gpu_memory_gib": peak_gib,
-        "run_dir": str(result.run_dir),
+        "peak_gpu_allocated_gib": resources.get("gpu_peak_allocated_gib"),
+        "peak_gpu_reserved_gib": resources.get("gpu_peak_reserved_gib"),
+        "peak_cpu_rss_gib": resources.get("cpu_peak_rss_gib"),
+        "slowest_cells": slowest_cells(run_dir / f"{result.notebook}.ipynb"),
+        "run_dir": str(run_dir),
         "error": None if result.ok else result.line(),
         "parameters": job.parameters,
     }
+
+
+def memory_check(runs: list[dict]) -> dict | None:
+    """The memory check's verdict from its two runs: peak GPU memory at N and 4N samples and their ratio."""
+    mem = sorted((r for r in runs if r["phase"] == "memory"), key=lambda r: r["parameters"].get("n_samples", 0))
+    if len(mem) < 2 or any(r["status"] != "ok" for r in mem):
+        return None
+    peaks = [r["peak_gpu_allocated_gib"] or r["peak_cpu_rss_gib"] for r in mem]
+    which = "gpu_allocated" if mem[0]["peak_gpu_allocated_gib"] else "cpu_rss"
+    return {
+        "model": mem[0]["model"],
+        "notebook": mem[0]["notebook"],
+        "n_samples": [r["parameters"].get("n_samples") for r in mem],
+        "batch_size": mem[0]["parameters"].get("batch_size"),
+        "measure": which,
+        "peak_gib": peaks,
+        "ratio": round(peaks[-1] / peaks[0], 3) if peaks[0] else None,
+    }
+
+
+def _cell(v) -> str:
+    return "—" if v is None else str(v)
 
 
 def markdown(report: dict) -> str:
@@ -206,47 +295,74 @@ def markdown(report: dict) -> str:
         f"Device: {env.get('gpu') or env.get('device')}; torch {env.get('torch')}, transformers "
         f"{env.get('transformers')}; commit {str(env.get('commit'))[:12]}; data=photos; random weights (the figures "
         f"mean nothing; what is shown is that every notebook completes at this size). {report['workers']} notebook "
-        f"runs at a time on one GPU; seconds include the kernel start and building the model. Grid wall time "
-        f"{report['grid_wall_s']} s, peak GPU memory during the grid {report.get('grid_peak_gpu_memory_gib')} GiB.",
+        f"runs at a time on one {'GPU' if env.get('gpu') else 'host'}; seconds include the kernel start and "
+        "building the model; samples/s = samples "
+        f"analysed / seconds. Peak GPU memory is each run's own kernel's `torch.cuda.max_memory_allocated` (weights "
+        f"included). Grid wall time {report['grid_wall_s']} s (budget {report['budget_s']} s), peak memory used on "
+        f"the GPU by all runs together (nvidia-smi) {report.get('grid_peak_gpu_memory_gib')} GiB. Slowest cells: "
+        "index in the executed notebook (papermill adds one cell after the parameters), seconds.",
         "",
-        "| model | notebook | status | seconds | samples | samples/s |",
-        "|---|---|---|---:|---:|---:|",
+        "| model | notebook | status | seconds | samples | samples/s | peak GPU memory (GiB) | slowest cells (#: s) |",
+        "|---|---|---|---:|---:|---:|---:|---|",
     ]
     for r in report["runs"]:
         if r["phase"] != "grid":
             continue
+        slow = ", ".join(f"{i}: {d}" for i, d in r.get("slowest_cells") or []) or "—"
         lines.append(
-            f"| {r['model']} | {r['notebook']} | {r['status']} | {r['seconds']} | {r['n_samples'] or '—'} | "
-            f"{r['samples_per_s'] or '—'} |"
+            f"| {r['model']} | {r['notebook']} | {r['status']} | {r['seconds']} | {_cell(r['n_samples'])} | "
+            f"{_cell(r['samples_per_s'])} | {_cell(r.get('peak_gpu_allocated_gib'))} | {slow} |"
         )
-    mem = [r for r in report["runs"] if r["phase"] == "memory"]
+    mem = sorted((r for r in report["runs"] if r["phase"] == "memory"), key=lambda r: r["parameters"]["n_samples"])
     if mem:
         lines += [
             "",
-            "Memory as `n_samples` grows (notebook 01 alone on the GPU, streamed batches of "
-            f"{mem[0]['parameters'].get('batch_size')}):",
+            f"Memory as `n_samples` grows ({mem[0]['notebook']} on {mem[0]['model']}, batches of "
+            f"{mem[0]['parameters'].get('batch_size')} streamed, `n_causal=0`):",
             "",
-            "| model | n_samples | status | seconds | samples/s | peak GPU memory (GiB) |",
-            "|---|---:|---|---:|---:|---:|",
+            "| n_samples | status | seconds | samples/s | peak GPU memory (GiB) | peak host memory (GiB) |",
+            "|---:|---|---:|---:|---:|---:|",
         ]
         for r in mem:
-            peak = "—" if r["peak_gpu_memory_gib"] is None else r["peak_gpu_memory_gib"]
             lines.append(
-                f"| {r['model']} | {r['parameters'].get('n_samples')} | {r['status']} | {r['seconds']} | "
-                f"{r['samples_per_s'] or '—'} | {peak} |"
+                f"| {r['parameters'].get('n_samples')} | {r['status']} | {r['seconds']} | "
+                f"{_cell(r['samples_per_s'])} | {_cell(r.get('peak_gpu_allocated_gib'))} | "
+                f"{_cell(r.get('peak_cpu_rss_gib'))} |"
             )
+        check = memory_check(report["runs"])
+        if check and check["ratio"] is not None:
+            n0, n1 = check["n_samples"][0], check["n_samples"][-1]
+            lines += ["", f"Peak memory at {n1} samples / at {n0}: {check['ratio']}× ({check['measure']})."]
     not_run = report.get("not_run") or []
     if not_run:
         lines += ["", f"Not run (budget of {report['budget_s']} s spent): {', '.join(not_run)}."]
-    failed = [r for r in report["runs"] if r["status"] == "failed"]
-    for r in failed:
-        lines.append(f"\nFailed: {r['error']}")
+    for r in report["runs"]:
+        if r["status"] == "failed":
+            lines.append(f"\nFailed: {r['error']}")
     return "\n".join(lines) + "\n"
 
 
-def render(result: Path, readme: Path = README) -> None:
-    report = json.loads(result.read_text())
-    report["source"] = result.name
+def merge(reports: list[dict]) -> dict:
+    """Several grid_7b.json (e.g. one device call per model) as one report: runs joined, later ones win."""
+    out = dict(reports[0])
+    runs: dict[tuple, dict] = {}
+    for rep in reports:
+        for r in rep["runs"]:
+            runs[(r["phase"], r["model"], r["notebook"], r["parameters"].get("n_samples"))] = r
+    out["runs"] = list(runs.values())
+    done = {f"{r['model']} {r['notebook']}" for r in out["runs"]}
+    out["not_run"] = sorted({n for rep in reports for n in rep.get("not_run") or []} - done)
+    if len(reports) > 1:
+        out["grid_wall_s"] = " + ".join(str(rep.get("grid_wall_s")) for rep in reports)
+        peaks = [rep.get("grid_peak_gpu_memory_gib") for rep in reports if rep.get("grid_peak_gpu_memory_gib")]
+        out["grid_peak_gpu_memory_gib"] = max(peaks) if peaks else None
+        out["memory_check"] = memory_check(out["runs"])
+    return out
+
+
+def render(results: list[Path], readme: Path = README) -> None:
+    report = merge([json.loads(p.read_text()) for p in results])
+    report["source"] = ", ".join(p.name for p in results)
     table = markdown(report)
     text = readme.read_text()
     block = f"{MARK}\n{table}{END}"
@@ -258,7 +374,7 @@ def render(result: Path, readme: Path = README) -> None:
     tmp = readme.with_name(f".{readme.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, readme)
-    print(f"rendered {result} into {readme}")
+    print(f"rendered {', '.join(map(str, results))} into {readme}")
 
 
 def check_models(models) -> None:
@@ -273,100 +389,125 @@ def check_models(models) -> None:
         )
 
 
+def export_runs(report: dict, project: Path, dest: Path) -> Path:
+    """``dest/runs.tar.gz``: every run's run.json and metrics.json, and the executed notebook of each failed run
+    (no figures: small enough to come back from the device)."""
+    import tarfile
+
+    path = dest / "runs.tar.gz"
+    tmp = dest / ".runs.tar.gz.tmp"
+    with tarfile.open(tmp, "w:gz") as tar:
+        for r in report["runs"]:
+            run_dir = Path(r["run_dir"])
+            names = ["run.json", "metrics.json"] + ([f"{r['notebook']}.ipynb"] if r["status"] == "failed" else [])
+            for name in names:
+                if (run_dir / name).is_file():
+                    tar.add(
+                        run_dir / name,
+                        arcname=f"{r['phase']}/{_short(r['model'])}/{r['notebook']}/"
+                        f"{r['parameters'].get('n_samples')}/{name}",
+                    )
+    os.replace(tmp, path)
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, help="folder for grid_7b.json, grid_7b.md and project/ (the runs)")
+    ap.add_argument("--out", type=Path, help="folder for grid_7b.json, grid_7b.md and runs.tar.gz")
+    ap.add_argument("--project", type=Path, help="folder for the runs (runs/, figures/; default: OUT/project)")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run with tiny models (tiny:llava, tiny:llava_next)")
-    ap.add_argument("--workers", type=int, default=None, help="notebook runs at a time (default: 4 on GPU, 2 tiny)")
-    ap.add_argument("--budget-s", type=float, default=510.0, help="stop every job and write the table after this")
-    ap.add_argument("--no-memory", action="store_true", help="skip the memory check (notebook 01 at two n_samples)")
-    ap.add_argument("--render", type=Path, help="render this grid_7b.json into benchmarks/README.md and exit")
+    ap.add_argument("--models", help="comma-separated subset of the models, e.g. llava-next-7b (default: both)")
+    ap.add_argument("--workers", type=int, default=2, help="notebook runs at a time on the one GPU (default 2)")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="stop every job and write the table after this")
+    ap.add_argument("--no-memory", action="store_true", help="skip the memory check (notebook 01 at N and 4N)")
+    ap.add_argument("--render", type=Path, nargs="+", help="render grid_7b.json file(s) into benchmarks/README.md")
     args = ap.parse_args(argv)
     if args.render:
         render(args.render)
         return 0
     if args.out is None:
         ap.error("--out is required (or --render)")
+    if args.workers < 1:
+        ap.error(f"--workers={args.workers}; accepted: an integer >= 1")
     start = time.monotonic()
     device = "cpu" if args.tiny else "cuda"
     models = TINY_MODELS if args.tiny else GPU_MODELS
+    if args.models:
+        wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+        bad = [m for m in wanted if m not in {_short(x) for x in models}]
+        if bad:
+            ap.error(f"--models {bad}; accepted: {', '.join(_short(x) for x in models)}")
+        models = tuple(m for m in models if _short(m) in wanted)
     params = {nb: {**GPU_PARAMS[nb], **(TINY_PARAMS[nb] if args.tiny else {})} for nb in NOTEBOOKS}
-    workers = args.workers or (2 if args.tiny else 4)
-    if workers < 1:
-        ap.error(f"--workers={workers}; accepted: an integer >= 1")
+    workers = args.workers
+    # BLAS / OpenMP threads per kernel: the host's cores shared by the runs at a time, not each run taking all
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     check_models(models)
     from vtrlab.runner.grid import run_grid
 
     out = args.out.resolve()
-    project = out / "project"
+    out.mkdir(parents=True, exist_ok=True)
+    project = (args.project or out / "project").resolve()
     project.mkdir(parents=True, exist_ok=True)
     report = {
         "environment": environment(device),
         "workers": workers,
+        "omp_num_threads": os.environ["OMP_NUM_THREADS"],
         "budget_s": args.budget_s,
         "tiny": args.tiny,
         "runs": [],
         "not_run": [],
         "grid_wall_s": None,
         "grid_peak_gpu_memory_gib": None,
+        "memory_check": None,
     }
     result_path = out / "grid_7b.json"
     _write_json(result_path, report)
+    planned = plan(models, NOTEBOOKS, params, device, not args.no_memory, args.tiny)
+    jobs = [j for _, j in planned]
+    phase_of = {j.hash: ph for ph, j in planned}
+    done: set[str] = set()
+
+    def on_result(result):
+        job = next(j for j in jobs if j.hash == result.hash)
+        done.add(result.hash)
+        report["runs"].append(row_of(phase_of[job.hash], job, result, project))
+        print(result.line(), flush=True)
+        _write_json(result_path, report)
 
     def on_alarm(signum, frame):
         raise Deadline()
 
     signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, max(args.budget_s - (time.monotonic() - start), 1.0))
-
-    def phase(jobs, name, n_workers, track_memory):
-        done = {}
-
-        def on_result(result):
-            job = next(j for j in jobs if j.hash == result.hash)
-            done[result.hash] = True
-            report["runs"].append(row_of(job, result, project, name))
-            print(result.line(), flush=True)
-            _write_json(result_path, report)
-
-        t0 = time.monotonic()
-        with GpuMemory() as mem:
-            try:
-                run_grid(
-                    jobs,
-                    workers=n_workers,
-                    gpus=["0"] * n_workers if device == "cuda" else None,
-                    root=project,
-                    on_result=on_result,
-                    progress=False,
-                )
-            except Deadline:
-                report["not_run"] += [
-                    f"{j.parameters.get('model')} {Path(j.notebook).stem}"
-                    f"{' n_samples=' + str(j.parameters.get('n_samples')) if name == 'memory' else ''}"
-                    for j in jobs
-                    if j.hash not in done
-                ]
-                raise
-            finally:
-                if track_memory and mem.peak_gib is not None and report["runs"]:
-                    report["runs"][-1]["peak_gpu_memory_gib"] = mem.peak_gib
-        return round(time.monotonic() - t0, 1), mem.peak_gib
-
+    t0 = time.monotonic()
+    mem = GpuMemory()
     try:
-        grid = jobs_for(models, NOTEBOOKS, params, device)
-        report["grid_wall_s"], report["grid_peak_gpu_memory_gib"] = phase(grid, "grid", workers, False)
-        _write_json(result_path, report)
-        if not args.no_memory:  # one run at a time, alone on the GPU: the peak belongs to that run
-            model = models[-1]
-            for n in TINY_MEMORY_SAMPLES if args.tiny else MEMORY_SAMPLES:
-                phase(jobs_for([model], [NOTEBOOKS[0]], params, device, extra={"n_samples": n}), "memory", 1, True)
+        with mem:
+            run_grid(
+                jobs,
+                workers=workers,
+                gpus=["0"] * workers if device == "cuda" else None,
+                root=project,
+                on_result=on_result,
+                progress=False,
+            )
     except Deadline:
+        report["not_run"] = [
+            f"{j.parameters.get('model')} {Path(j.notebook).stem}"
+            + (f" n_samples={j.parameters.get('n_samples')}" if phase_of[j.hash] == "memory" else "")
+            for j in jobs
+            if j.hash not in done
+        ]
         print(f"budget of {args.budget_s} s spent: stopped; not run: {report['not_run']}", flush=True)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+        report["grid_wall_s"] = round(time.monotonic() - t0, 1)
+        report["grid_peak_gpu_memory_gib"] = mem.peak_gib
+        report["memory_check"] = memory_check(report["runs"])
         _write_json(result_path, report)
         (out / "grid_7b.md").write_text(markdown(report))
+        export_runs(report, project, out)
     print(markdown(report))
     failed = [r for r in report["runs"] if r["status"] == "failed"]
     return 1 if failed or report["not_run"] else 0

@@ -214,6 +214,7 @@ def test_exported_organism_manifest_equals_organism_data(tmp_path):
         assert (a.question, a.answers, a.group) == (b.question, b.answers, b.group)
         assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
         assert np.array_equal(a.pixel_mask, b.pixel_mask)
+        assert np.array_equal(a.meta["object_mask"], b.object_mask)  # the objectness controls' map travels too
     assert exp.has_ground_truth and org.has_ground_truth
     assert exp.identity["content_sha256"] == org.identity["content_sha256"]  # same pixels, masks and text
 

@@ -122,3 +122,26 @@ def test_notebook04_on_photos_without_boxes_skips_the_oracle_and_recall(tmp_path
     assert set(answers["method"]) == {"full", "random", "fastv"} and set(answers["family"]) == {"color", "object"}
     assert set(answers["answer"]) == {rows[0]["answers"][0], rows[1]["answers"][0]}
     assert "accuracy_full" in metrics and not (run / "tables" / "relevance_recall.csv").exists()
+
+
+@pytest.mark.notebooks
+@pytest.mark.xdist_group("notebooks")
+def test_notebook01_on_an_exported_organism_manifest_gives_the_numbers_of_data_organism(tmp_path):
+    """``vtrlab data export-organism`` writes the samples data="organism" draws (PNG pictures, masks as ground
+    truth): notebook 01 on that manifest logs the same metrics and writes the same tables."""
+    from vtrlab.data.sources import export_organism
+
+    params = {"n_samples": 3, "seed": 2, "n_causal": 0}
+    manifest = export_organism(tmp_path / "export", n_samples=3, seed=2)
+    run_a, m_a = _run(tmp_path / "a", data="organism", **params)
+    run_b, m_b = _run(tmp_path / "b", data=str(manifest), **params)
+    assert m_a["data"]["kind"] == "organism" and m_b["data"]["kind"] == "jsonl"
+    assert m_a["data"]["content_sha256"] == m_b["data"]["content_sha256"]  # same pixels, masks and text
+    numbers = {k: v for k, v in m_a.items() if k != "data"}
+    assert numbers and any(k.startswith("lm_best_auroc/") for k in numbers)
+    assert numbers == {k: v for k, v in m_b.items() if k != "data"}
+    tables = sorted(p.name for p in (run_a / "tables").glob("*.csv"))
+    assert "lm_attention_vs_relevance.csv" in tables and "vision_attention_vs_relevance.csv" in tables
+    assert tables == sorted(p.name for p in (run_b / "tables").glob("*.csv"))
+    for name in tables:
+        pd.testing.assert_frame_equal(pd.read_csv(run_a / "tables" / name), pd.read_csv(run_b / "tables" / name))

@@ -184,3 +184,22 @@ def test_topk_reconstruction_error_matches_direct_computation():
         total += ((rec - sel.normalize(feats)) ** 2).mean(-1).double().sum().item()
         n += len(s.features)
     assert got == pytest.approx(total / n, rel=1e-5)
+
+
+def test_masked_token_error_chunks_bounded_by_attention_bytes_give_the_same_errors():
+    """Memory is bounded by ``budget`` (the chunk of masks shrinks as patches grow), the errors do not change."""
+    from vtrlab.recon.error import mask_chunk
+
+    sel = Selector(_cfg()).eval()  # 2 heads
+    assert mask_chunk(sel, 2880) == (1 << 30) // (2 * 2880 * 2880 * 4) == 16
+    assert mask_chunk(sel, 16) == 256 and mask_chunk(sel, 10**6) == 1
+    s = _samples(1)[0]
+    whole = masked_token_error(sel, [s], mode="single")[0]
+    per_mask = 2 * 16 * 16 * 4
+    for budget in (per_mask, 3 * per_mask, 1):  # 1, 3 and (at least) 1 mask per chunk
+        np.testing.assert_allclose(masked_token_error(sel, [s], mode="single", budget=budget)[0], whole, rtol=1e-6)
+    np.testing.assert_allclose(
+        masked_token_error(sel, [s], mode="random", n_draws=5, budget=2 * per_mask)[0],
+        masked_token_error(sel, [s], mode="random", n_draws=5)[0],
+        rtol=1e-6,
+    )

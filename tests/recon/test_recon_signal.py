@@ -15,7 +15,7 @@ from vtrlab.recon import (
     token_features,
     vision_features,
 )
-from vtrlab.recon.ridge import ridge_fit, ridge_token_error
+from vtrlab.recon.ridge import ridge_fit, ridge_predict, ridge_token_error
 from vtrlab.testing import tiny, tiny_families
 
 
@@ -45,6 +45,17 @@ def test_ridge_fit_matches_float64_least_squares_and_shrinks():
     assert np.allclose(ridge_fit(x, y, 0.0), np.linalg.lstsq(x, y, rcond=None)[0], atol=1e-10)
     lam = 0.3 * np.trace(x.T @ x) / 5
     assert np.allclose(ridge_fit(x, y, 0.3), np.linalg.solve(x.T @ x + lam * np.eye(5), x.T @ y), atol=1e-10)
+
+
+@pytest.mark.parametrize("n, d", [(30, 70), (70, 30), (25, 25)])
+def test_ridge_predict_equals_the_float64_primal_solution_with_fewer_rows_than_columns(n, d):
+    """The (n, n) dual form used when n < d predicts what the (d, d) primal system predicts."""
+    rng = np.random.default_rng(n * d)
+    x, y, x_new = rng.normal(size=(n, d)), rng.normal(size=(n, 4)), rng.normal(size=(9, d))
+    for alpha in (1e-3, 0.1, 2.0):
+        lam = alpha * np.trace(x.T @ x) / d
+        want = x_new @ np.linalg.solve(x.T @ x + lam * np.eye(d), x.T @ y)
+        np.testing.assert_allclose(ridge_predict(x, y, x_new, alpha), want, rtol=1e-8, atol=1e-10)
 
 
 def test_ridge_error_is_zero_for_redundant_tokens_and_one_for_independent_tokens():

@@ -99,6 +99,9 @@ def test_run_resume_force_and_manifest(project):
     table = pd.read_parquet(run_dir / "tables/squares.parquet")
     pd.testing.assert_frame_equal(table, pd.read_csv(run_dir / "tables/squares.csv"))
     assert table["y"].tolist() == [0, 1, 4, 9, 16]
+    # the kernel's peak memory, written at its exit (no CUDA used: GPU entries are null)
+    res = json.loads((run_dir / "run.json").read_text())["resources"]
+    assert 0.01 < res["cpu_peak_rss_gib"] < 64 and res["gpu_peak_allocated_gib"] is None and res["gpu"] == {}
 
     # figures published with provenance; sha256 matches the bytes on disk
     manifest = json.loads((root / "figures/MANIFEST.json").read_text())
@@ -140,7 +143,8 @@ def test_failure_is_reported_and_kept(project):
     digest = run_hash(nb, {"n": 3, "fail": True, "seed": 0, "device": "cpu"})
     failed_dir = root / "runs" / "demo" / f"{digest}.failed"
     assert (failed_dir / "demo.ipynb").is_file()
-    assert json.loads((failed_dir / "run.json").read_text())["status"] == "failed"
+    record = json.loads((failed_dir / "run.json").read_text())
+    assert record["status"] == "failed" and record["resources"]["cpu_peak_rss_gib"] > 0  # also after a failing cell
     assert not (root / "runs" / "demo" / digest).exists()  # complete or absent
     assert not (root / "figures" / "demo").exists()
     executed = json.loads((failed_dir / "demo.ipynb").read_text())
@@ -188,3 +192,28 @@ def test_notebook_helpers_outside_the_runner(tmp_path, monkeypatch):
         save_table([1, 2], "x")
     with pytest.raises(TypeError, match="dict"):
         log_metrics([("a", 1)])
+
+
+def test_resources_read_gpu_peaks_only_when_cuda_was_used(monkeypatch, tmp_path):
+    """GPU peaks per device from torch's allocator (stub torch: no GPU here); CUDA is never initialised by it."""
+    import sys
+    import types
+
+    from vtrlab.runner import resources
+
+    gib = 1 << 30
+    cuda = types.SimpleNamespace(
+        is_initialized=lambda: True,
+        device_count=lambda: 2,
+        max_memory_allocated=lambda i: (3 + i) * gib,
+        max_memory_reserved=lambda i: (4 + i) * gib,
+    )
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    got = resources.peak()
+    assert got["gpu"] == {"0": {"allocated_gib": 3.0, "reserved_gib": 4.0}, "1": {"allocated_gib": 4.0, "reserved_gib": 5.0}}
+    assert got["gpu_peak_allocated_gib"] == 4.0 and got["gpu_peak_reserved_gib"] == 5.0
+    cuda.is_initialized = lambda: False
+    assert resources.peak()["gpu_peak_allocated_gib"] is None
+    monkeypatch.setenv(paths.ENV_RUN_DIR, str(tmp_path))
+    resources.write()
+    assert json.loads((tmp_path / resources.FILE).read_text())["gpu"] == {}

@@ -10,8 +10,8 @@ kind           what (names produced)                                            
 lm_attn        last token's LM attention per layer, mean over heads, causal-visible rows only       LM, tower
                (:func:`vtrlab.capture` → :func:`~vtrlab.analysis.attention.image_token_scores`;
                ``lm_attn.<l>``)
-cls_attn       vision [CLS] attention per vision layer (mean over queries without [CLS]), pooled    tower
-               onto the LM's grid (``cls_attn.<l>``)
+cls_attn       vision [CLS] attention per vision layer (mean over queries without [CLS]), each      tower
+               crop's own, pooled onto the LM image tokens of its view (``cls_attn.<l>``)
 saliency       ``|Σ_heads A ⊙ ∂ log p(answer)/∂A|`` of the last row per LM layer (:func:`vtrlab.saliency`; LM, tower
                ``saliency.<l>``)
 rollout        attention rollout of the last row after each LM layer (:func:`vtrlab.rollout`;          LM, tower
@@ -146,9 +146,9 @@ def attention_signals(
     vlm: Any, batch: Any, layers="all", vision: bool = True, vision_layers="all"
 ) -> dict[str, list[np.ndarray]]:
     """LM attention of the last token to each image token per layer (``lm_attn.<l>``, mean over heads), and
-    the vision [CLS] attention per vision layer (``cls_attn.<l>``) read at each LM token's grid cell.
-    An image token no captured row sees gets 0."""
-    from vtrlab.models.base import grid_values
+    the vision [CLS] attention per vision layer (``cls_attn.<l>``): each crop's own [CLS] row, pooled onto the
+    LM image tokens its patches feed (:func:`patch_scores_on_tokens`; every view of multi-tile layouts).
+    An image token no captured LM row sees gets 0 in ``lm_attn``."""
     from vtrlab.probes import capture
 
     from .attention import image_token_scores, vision_token_scores
@@ -163,22 +163,40 @@ def attention_signals(
         ]
     if vision and "vision_attn" in ds:
         vt = vision_token_scores(ds)
-        vt = vt[(vt["image"] == 0) & (vt["tile"] == 0)]
+        vt = vt[vt["row"] >= 0]  # patches the LM sees (unpadding drops some of a crop's rows / columns)
         for lay, g in vt.groupby("vision_layer", sort=True):
-            per = []
-            for b, layout in enumerate(batch.layouts):
-                gb = g[g["sample"] == b]
-                grid = np.zeros((int(gb["row"].max()) + 1, int(gb["col"].max()) + 1))
-                grid[gb["row"].to_numpy(), gb["col"].to_numpy()] = gb["score"].to_numpy()
-                sel = layout.kind == "image"
-                lm_grid = layout.grid(0, 0)
-                if grid.shape[0] < lm_grid[0]:
-                    raise ValueError(f"vision grid {grid.shape} is coarser than the LM grid {lm_grid}")
-                fr, fc = grid.shape[0] // lm_grid[0], grid.shape[1] // lm_grid[1]
-                pooled = grid[: fr * lm_grid[0], : fc * lm_grid[1]].reshape(lm_grid[0], fr, lm_grid[1], fc).mean((1, 3))
-                per.append(grid_values(pooled, lm_grid, layout.row[sel], layout.col[sel]))
-            out[f"cls_attn.{int(lay)}"] = per
+            out[f"cls_attn.{int(lay)}"] = [
+                patch_scores_on_tokens(g[g["sample"] == b], layout, sample=b) for b, layout in enumerate(batch.layouts)
+            ]
     return out
+
+
+def patch_scores_on_tokens(patches: Any, layout: Any, sample: int = 0) -> np.ndarray:
+    """Per LM image token (aligned with ``layout.image_positions``), the mean score of the vision patches it
+    covers: a patch belongs to the token of the same (image, tile) whose pixel box holds the patch's centre
+    (:func:`vtrlab.recon.features` maps patches to tokens the same way), so the map is right whether the vision
+    table's row / col are the encoder's own grid (Gemma3, Qwen2-VL, Idefics3) or the LM's. Every crop keeps its
+    own [CLS] signal and lands on the tokens of its view (LLaVA-NeXT: the base view on tile 0, each
+    high-resolution crop on its part of tile 1; merged grids pool several patches into one token).
+    ``patches``: rows (crop, vpos, score) of :func:`~vtrlab.analysis.attention.vision_token_scores` of one sample
+    and one vision layer. An image token that covers no patch is refused (its signal would be made up)."""
+    from vtrlab.recon.features import _token_index
+
+    vis = layout.vision_table()
+    vis = vis[(vis["kind"] == "patch") & (vis["row"] >= 0)]  # row -1: a patch the LM never sees (unpadding)
+    rows = vis.merge(patches[["crop", "vpos", "score"]], on=["crop", "vpos"], how="inner", validate="one_to_one")
+    token = _token_index(layout, rows)
+    ok = token >= 0
+    n = layout.n_image_tokens
+    counts = np.bincount(token[ok], minlength=n)
+    if (counts == 0).any():
+        sel = layout.kind == "image"
+        missing = sorted({(int(i), int(t)) for i, t, c in zip(layout.image[sel], layout.tile[sel], counts) if c == 0})
+        raise ValueError(
+            f"sample {sample}: {int((counts == 0).sum())} of {n} image tokens (views (image, tile) {missing}) "
+            "cover no vision patch of the capture; capture every crop of the sample"
+        )
+    return np.bincount(token[ok], weights=rows["score"].to_numpy(np.float64)[ok], minlength=n) / counts
 
 
 def lm_attn(vlm: Any, batch: Any, opts: Options) -> Signals:

@@ -15,7 +15,8 @@ A manifest is one JSON object per line::
 ``skimage:<name>`` (a photograph shipped with scikit-image). ``answer`` (one string) or
 ``answers`` (a list of strings, or VQA-style ``[{"answer": ...}, ...]``), ``boxes`` (pixel
 ``[x0, y0, x1, y1]`` or a list of them; see ``BOX_FORMATS``), ``mask`` (a picture file, nonzero =
-relevant, same size as the image) and ``group``/``family`` are optional; other keys go to ``meta``.
+relevant, same size as the image), ``object_mask`` (a picture file of every object's pixels: the objectness
+controls' map) and ``group``/``family`` are optional; other keys go to ``meta``.
 ``write_manifest`` exports synthetic samples in that form (PNG pictures and PNG pixel masks).
 """
 
@@ -157,6 +158,7 @@ class Record:
     group: str | None = None
     relevance: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
+    objects: Any = None  # pixel mask of every object (a source as ``mask``): the objectness controls' map
 
     def __post_init__(self):
         if self.box_format not in BOX_FORMATS:
@@ -205,6 +207,11 @@ class Record:
             self.box_format,
             image_size if image_size is not None or "norm" not in self.box_format else self.image_size(),
         )
+
+    @property
+    def object_mask(self) -> np.ndarray | None:
+        """Bool (H, W): pixels of any object (manifest key ``object_mask``, read on access), or None."""
+        return None if self.objects is None else read_mask(self.objects) > 0
 
     @property
     def pixel_mask(self) -> np.ndarray | None:
@@ -314,6 +321,11 @@ def record_from_row(
         mask = mask.get("bytes") or mask.get("path")
     if isinstance(mask, str):
         mask = _resolve(mask, base, where)
+    objects = row.pop("object_mask", None)  # every object's pixels (the objectness controls), as mask
+    if isinstance(objects, dict):
+        objects = objects.get("bytes") or objects.get("path")
+    if isinstance(objects, str):
+        objects = _resolve(objects, base, where)
     group = row.pop(group_column, None)
     rid = row.pop(id_column, None)
     return Record(
@@ -326,6 +338,7 @@ def record_from_row(
         mask=mask,
         group=None if group is None else str(group),
         meta=row,
+        objects=objects,
     )
 
 
@@ -347,17 +360,20 @@ def write_manifest(samples, folder: str | os.PathLike) -> Path:
     """Export synthetic samples as PNG pictures, PNG pixel masks and manifest.jsonl; the folder appears whole.
 
     Each line holds image, question, answers, group (the task family), id, mask (the sample's
-    ``pixel_mask`` as a 1-bit PNG) and the generator's seed and index.
+    ``pixel_mask`` as a 1-bit PNG), object_mask (every object's pixels, 1-bit PNG: the objectness controls)
+    and the generator's seed and index.
     """
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
         (tmp / "images").mkdir()
         (tmp / "masks").mkdir()
+        (tmp / "objects").mkdir()
         lines = []
         for i, s in enumerate(samples):
             name = f"{i:06d}_{s.family}.png"
             s.image.save(tmp / "images" / name)
             Image.fromarray(np.asarray(s.pixel_mask, dtype=bool)).save(tmp / "masks" / name)
+            Image.fromarray(np.asarray(s.object_map) > 0).save(tmp / "objects" / name)
             row = {
                 "id": f"organism-{s.seed}-{s.index}-{s.family}",
                 "image": f"images/{name}",
@@ -365,6 +381,7 @@ def write_manifest(samples, folder: str | os.PathLike) -> Path:
                 "answers": [s.answer],
                 "group": s.family,
                 "mask": f"masks/{name}",
+                "object_mask": f"objects/{name}",
                 "seed": s.seed,
                 "index": s.index,
             }

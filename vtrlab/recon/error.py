@@ -17,6 +17,15 @@ from .features import SampleFeatures, resolve_vision_layer, vision_features
 from .selector import Selector, collate
 
 MODES = ("single", "random")
+ATTENTION_BYTES = 1 << 30  # the reconstructor's attention weights of one chunk of masks stay within this (1 GiB)
+
+
+def mask_chunk(sel: Selector, n: int, chunk: int = 256, budget: int = ATTENTION_BYTES) -> int:
+    """How many masks of ``n`` patches go through the reconstructor at once: at most ``chunk``, and few enough
+    that the chunk's attention weights (masks x heads x n x n, float32) fit in ``budget`` bytes. ``mode="single"``
+    at LLaVA-NeXT size (2,880 patches) would otherwise ask for 256 x 4 x 2880² floats = 31.6 GiB at once."""
+    per_mask = max(int(sel.config.n_heads) * int(n) * int(n) * 4, 1)
+    return int(max(1, min(int(chunk), budget // per_mask)))
 
 
 @torch.no_grad()
@@ -28,8 +37,12 @@ def masked_token_error(
     n_draws: int = 16,
     seed: int = 0,
     chunk: int = 256,
+    budget: int = ATTENTION_BYTES,
 ) -> list[np.ndarray]:
     """Per sample, per patch: standardised squared error (mean over channels) of the patch when masked.
+
+    Masks go through the reconstructor in chunks of at most ``chunk``, fewer when their attention weights would
+    pass ``budget`` bytes (:func:`mask_chunk`): memory stays bounded however many patches a sample has.
 
     ``single``: mask one patch at a time, every other patch kept (one reconstruction per patch).
     ``random``: ``n_draws`` uniform random masks keeping ``keep_ratio`` of the patches; each
@@ -53,8 +66,9 @@ def masked_token_error(
         feats, row, col, valid = collate([s], sel.device)
         target = sel.normalize(feats)
         errs = np.zeros((len(keeps), n))
-        for a in range(0, len(keeps), chunk):
-            kk = torch.as_tensor(keeps[a : a + chunk], device=sel.device)
+        step = mask_chunk(sel, n, chunk, budget)
+        for a in range(0, len(keeps), step):
+            kk = torch.as_tensor(keeps[a : a + step], device=sel.device)
             m = kk.shape[0]
             rec = sel.reconstruct(
                 feats.expand(m, -1, -1), kk.float(), row.expand(m, -1), col.expand(m, -1), valid.expand(m, -1)

@@ -66,6 +66,17 @@ def ridge_fit(x: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
     return np.linalg.solve(xtx + lam * np.eye(xtx.shape[0]), x.T @ y)
 
 
+def ridge_predict(x: np.ndarray, y: np.ndarray, x_new: np.ndarray, alpha: float) -> np.ndarray:
+    """``x_new @ ridge_fit(x, y, alpha)`` without forming the (d, d) system when there are fewer rows than
+    columns: then ``W = x^T (x x^T + lam I)^-1 y`` (the same W, an (n, n) solve), so a fit on a few hundred
+    tokens of a 4096-wide LM layer costs an n x n solve instead of an 8194 x 8194 one. float64."""
+    n, d = x.shape
+    lam = alpha * float(np.einsum("ij,ij->", x, x)) / max(d, 1)  # alpha * trace(x^T x) / d, as ridge_fit
+    if n >= d or lam <= 0:
+        return x_new @ ridge_fit(x, y, alpha)
+    return (x_new @ x.T) @ np.linalg.solve(x @ x.T + lam * np.eye(n), y)
+
+
 def ridge_token_error(
     feats: Sequence[np.ndarray],
     layouts: Sequence[Any],
@@ -101,9 +112,16 @@ def ridge_token_error(
         tgt = [f[~m] for f, m in zip(z, keeps)]
         for held in (0, 1):
             fit = [i for i in range(len(z)) if fold[i] != held]
-            w = ridge_fit(np.concatenate([ctx[i] for i in fit]), np.concatenate([tgt[i] for i in fit]), alpha)
-            for i in np.flatnonzero(fold == held):
-                err = ((ctx[i] @ w - tgt[i]) ** 2).mean(1)
+            held_out = np.flatnonzero(fold == held)
+            pred = ridge_predict(
+                np.concatenate([ctx[i] for i in fit]),
+                np.concatenate([tgt[i] for i in fit]),
+                np.concatenate([ctx[i] for i in held_out]),
+                alpha,
+            )
+            ends = np.cumsum([len(ctx[i]) for i in held_out])[:-1]
+            for i, p in zip(held_out, np.split(pred, ends)):
+                err = ((p - tgt[i]) ** 2).mean(1)
                 sums[i][~keeps[i]] += err
                 counts[i][~keeps[i]] += 1
     with np.errstate(invalid="ignore"):

@@ -18,6 +18,7 @@ from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.manager import KernelManager
 
 from vtrlab.runner.interrupt import on_clean_up
+from vtrlab.runner.resources import EXEC_LINE
 
 KERNEL_NAME = "python3"  # what papermill records in the executed notebook
 _MANAGERS: weakref.WeakSet[KernelManager] = weakref.WeakSet()  # every manager made in this process
@@ -85,6 +86,7 @@ class VenvKernelManager(KernelManager):
                     "-m",
                     "ipykernel_launcher",
                     "--IPKernelApp.log_level=CRITICAL",
+                    f"--IPKernelApp.exec_lines={EXEC_LINE}",  # peak memory into run.json (runner.resources)
                     "-f",
                     "{connection_file}",
                 ],

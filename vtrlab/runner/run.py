@@ -259,6 +259,7 @@ def run_job(job: Job, root: str | Path | None = None) -> RunResult:
             except Exception as exc:  # kernel died, timeout, unreadable notebook, ...
                 error = {"cell": None, "ename": type(exc).__name__, "evalue": _first_line(str(exc))}
         record["duration_s"] = round(time.perf_counter() - start, 3)
+        record["resources"] = _pop_resources(tmp)  # the kernel's peak memory (runner.resources), None if killed
         record["status"] = "failed" if error else "ok"
         record["error"] = error
         atomic_write_json(tmp / RUN_RECORD, record)
@@ -321,6 +322,19 @@ def clean_stale_temp_dirs(base: Path, now: float | None = None) -> list[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
     return removed
+
+
+def _pop_resources(run_dir: Path) -> dict[str, Any] | None:
+    """The kernel's ``resources.json`` (written at its exit), removed from the run directory."""
+    from vtrlab.runner.resources import FILE
+
+    path = run_dir / FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def _read_record(run_dir: Path) -> dict[str, Any] | None:
