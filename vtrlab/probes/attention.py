@@ -15,8 +15,10 @@ Probes compose through one session: entering a probe (:class:`session`) *adds* i
 already active (a ContextVar, so threads never share one); several sites may sit on one module.
 Per call, the attention function (1) unites the edges every site's mask edit blocks
 (``Site.knockout``: any object with ``blocked(query, key) -> (B, Q, N) bool``, which maps its
-positions to the running sequence or raises), (2) runs stock sdpa under that mask, (3) lets every
-recording site keep what it asks for, computed under the same final mask. New site kinds plug in
+positions to the running sequence or raises), (2) runs stock sdpa under that mask — as the plain call
+(flash path kept) with only the cut query rows recomputed under their mask and spliced in
+(:class:`RowSplice`), or, for many cut rows, one call under the full mask —, (3) lets every recording
+site keep what it asks for, computed under the same final mask. New site kinds plug in
 there: a mask edit (e.g. an in-LM reduction that hides tokens) implements ``blocked``; a recorder
 (e.g. rollout) sets ``Site.on_call``, called with ``(site, module, query, key, value, mask, scaling,
 causal, out)``. Probes that act on layer outputs rather than attention (logit lens) use a forward
@@ -584,12 +586,13 @@ def vtrlab_sdpa_attention_forward(
     causal = _is_causal(module, query, attention_mask, is_causal)
     mask = attention_mask
     knockouts = [s.knockout for s in here if s.knockout is not None]
-    records = any(s.records for s in here)
-    if knockouts and not records:
+    out = None
+    if knockouts:
         for ko in knockouts:
             ko.edges(query, key)  # refuses another batch, sequence or a decode step, with its message
         splice = _row_splice(sess, knockouts, attention_mask, causal, query, key)
         if splice is not None:
+            # the output: plain sdpa (flash path kept), the cut rows recomputed and spliced in
             out, _ = sdpa_attention_forward(
                 module,
                 query,
@@ -601,24 +604,27 @@ def vtrlab_sdpa_attention_forward(
                 is_causal=is_causal,
                 **kwargs,
             )
-            return splice.apply(sdpa_attention_forward, module, query, key, value, out, dropout, scaling, kwargs), None
-    if knockouts:
+            out = splice.apply(sdpa_attention_forward, module, query, key, value, out, dropout, scaling, kwargs)
+            if not any(s.records for s in here):
+                return out, None
         blocked = knockouts[0].blocked(query, key)
         for ko in knockouts[1:]:
             blocked = blocked | ko.blocked(query, key)  # nested knockouts: the union of their edges
+        # the full cut mask: what sdpa runs under without a splice, and what recorders see with one
         mask = knockout_mask(blocked, attention_mask, query, key, causal)
         causal = False  # the causal pattern is now inside the mask
-    out, _ = sdpa_attention_forward(
-        module,
-        query,
-        key,
-        value,
-        mask,
-        dropout=dropout,
-        scaling=scaling,
-        is_causal=(False if knockouts else is_causal),
-        **kwargs,
-    )
+    if out is None:
+        out, _ = sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=(False if knockouts else is_causal),
+            **kwargs,
+        )
     for site in here:
         if site.records:
             _record(site, module, query, key, value, mask, scaling, causal, out)
