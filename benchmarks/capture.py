@@ -240,7 +240,9 @@ def _bridge(vlm):
     )
 
 
-def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int, with_tl: bool, batch_size: int = 1) -> dict:
+def bench_shape(
+    name: str, vlm, image_size, warmup: int, repeats: int, with_tl: bool, batch_size: int = 1, tl_error: str = ""
+) -> dict:
     import vtrlab.probes as cap
 
     device = vlm.device
@@ -293,7 +295,7 @@ def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int, with_tl: 
         torch.cuda.empty_cache()
 
     if not with_tl:
-        row["results"]["transformer_lens"] = {"error": "transformer_lens not installed"}
+        row["results"]["transformer_lens"] = {"error": tl_error or "transformer_lens not installed"}
     _ratios(row)
     return row
 
@@ -400,12 +402,15 @@ def main(argv=None) -> int:
         ap.error(f"unknown shape(s) {unknown}; choose from {list(table)}")
     if not cpu_run and not torch.cuda.is_available():
         ap.error("full-size shapes need a CUDA GPU; use --tiny on CPU")
+    tl_error = "transformer_lens skipped (--no-tl)"
     try:
         import transformer_lens.model_bridge  # noqa: F401
 
         with_tl = not args.no_tl
-    except ImportError:
+    except ImportError as err:  # say what is missing (a dependency of the carried wheel, or the wheel itself)
         with_tl = False
+        tl_error = f"transformer_lens not importable: {type(err).__name__}: {err}"[:200]
+        print(tl_error, flush=True)
 
     import transformers
 
@@ -433,7 +438,7 @@ def main(argv=None) -> int:
             vlm = testing.full_size(builder, dtype="bfloat16", device="cuda")
         rows = []
         for bs in batch_sizes:
-            rows.append(bench_shape(name, vlm, size, args.warmup, args.repeats, with_tl, bs))
+            rows.append(bench_shape(name, vlm, size, args.warmup, args.repeats, with_tl, bs, tl_error))
             report["shapes"].append(rows[-1])
             atomic_write_text(out, json.dumps(report, indent=2))  # partial results survive a time-out
         for row in rows if with_tl else []:  # last: the bridge takes over the model's modules

@@ -510,8 +510,9 @@ class RowSplice:
         B, H, _, D = query.shape
         R = self.rows.shape[1]
         q_rows = torch.gather(query, 2, self.rows[:, None, :, None].expand(B, H, R, D))
-        rows_out, _ = sdpa(module, q_rows, key, value, self.mask, dropout=dropout, scaling=scaling, is_causal=False,
-                           **kwargs)  # (B, R, H, Dv)
+        rows_out, _ = sdpa(
+            module, q_rows, key, value, self.mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs
+        )  # (B, R, H, Dv)
         index = self.rows[:, :, None, None].expand(B, R, out.shape[2], out.shape[3])
         if torch.is_grad_enabled() and (out.requires_grad or rows_out.requires_grad):
             return out.scatter(1, index, rows_out)  # autograd: out may be saved by sdpa's backward

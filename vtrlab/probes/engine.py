@@ -103,7 +103,13 @@ def _vision_table(
     picked = picked.view(B, V, *picked.shape[1:]).permute(0, 2, 3, 1)  # (B, L, H, V)
     if head_mean:
         picked = picked.mean(2)
-    values = picked.to(torch.float16 if dtype == np.float16 else torch.float32).contiguous().cpu().numpy()
+    picked = picked.to(torch.float16 if dtype == np.float16 else torch.float32)
+    if picked.device.type == "cuda":  # one copy, into page-locked memory (reused by PyTorch's host cache)
+        host = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
+        host.copy_(picked)
+    else:
+        host = picked.contiguous()
+    values = host.numpy()
     np.moveaxis(values, -1, 1)[~valid] = np.nan  # (B, V, ...) view: past each sample's own tokens
     coords = {}
     for col, fill in _VISION_LABELS:
