@@ -56,7 +56,13 @@ TINY = {"llava-1.5-tiny": ("llava", (40, 40)), "llava-next-tiny": ("llava_next",
 # CPU shapes of realistic sequence length (host-side cost vs a forward that is not negligible):
 # "organism" is the embedded model; "llava-1.5-mid" a random LLaVA-1.5 with 576 image tokens (336 px,
 # 14 px patches, 6-layer CLIP of width 256) and an 8-layer Llama of width 1024 (float32).
-CPU = {"organism": ("organism", (128, 128)), "llava-1.5-mid": ("llava-1.5-mid", (336, 336))}
+# "llava-next-mid": LLaVA-NeXT's anyres layout at 672x672 (5 crops of 577 vision tokens, 2,880 image tokens,
+# 24 CLIP layers of 16 heads as at 7B, width 256) with a 4-layer Llama of width 512 (float32).
+CPU = {
+    "organism": ("organism", (128, 128)),
+    "llava-1.5-mid": ("llava-1.5-mid", (336, 336)),
+    "llava-next-mid": ("llava-next-mid", (672, 672)),
+}
 # The test tokenizers are byte-level (one token per byte): a short prompt gives a question of
 # about the length a real tokenizer makes of a typical VQA question (~15-20 tokens).
 PROMPT = "What color is the car?"
@@ -106,13 +112,59 @@ def mid_llava(seed: int = 0):
     return VLM(model=model, processor=processor, adapter=adapter_for("llava"), name="llava-1.5-mid")
 
 
+def mid_next(seed: int = 0):
+    """LLaVA-NeXT's anyres layout at full token counts (5 crops x 577 vision tokens at 672x672, 24 vision
+    layers of 16 heads) with narrow widths and a 4-layer LM: vision-side capture cost at NeXT's shape on CPU."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    from vtrlab.models.registry import adapter_for
+    from vtrlab.models.vlm import VLM
+    from vtrlab.testing.families.llava_next import next_processor
+
+    pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    processor = next_processor(336, 14, pinpoints)
+    tok = processor.tokenizer
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=256,
+            hidden_act="quick_gelu",
+        ),
+        text_config=LlamaConfig(
+            hidden_size=512,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            vocab_size=len(tok),
+            max_position_embeddings=4096,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        image_grid_pinpoints=pinpoints,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    return VLM(model=model, processor=processor, adapter=adapter_for("llava_next"), name="llava-next-mid")
+
+
 def cpu_model(name: str):
     """A CPU benchmark model by its name in :data:`CPU`."""
     if name == "organism":
         import vtrlab as vl
 
         return vl.load("organism")
-    return mid_llava()
+    return mid_next() if name == "llava-next-mid" else mid_llava()
 
 
 def _sync(device):
@@ -188,7 +240,9 @@ def _bridge(vlm):
     )
 
 
-def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int, with_tl: bool, batch_size: int = 1) -> dict:
+def bench_shape(
+    name: str, vlm, image_size, warmup: int, repeats: int, with_tl: bool, batch_size: int = 1, tl_error: str = ""
+) -> dict:
     import vtrlab.probes as cap
 
     device = vlm.device
@@ -241,7 +295,7 @@ def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int, with_tl: 
         torch.cuda.empty_cache()
 
     if not with_tl:
-        row["results"]["transformer_lens"] = {"error": "transformer_lens not installed"}
+        row["results"]["transformer_lens"] = {"error": tl_error or "transformer_lens not installed"}
     _ratios(row)
     return row
 
@@ -348,12 +402,15 @@ def main(argv=None) -> int:
         ap.error(f"unknown shape(s) {unknown}; choose from {list(table)}")
     if not cpu_run and not torch.cuda.is_available():
         ap.error("full-size shapes need a CUDA GPU; use --tiny on CPU")
+    tl_error = "transformer_lens skipped (--no-tl)"
     try:
         import transformer_lens.model_bridge  # noqa: F401
 
         with_tl = not args.no_tl
-    except ImportError:
+    except ImportError as err:  # say what is missing (a dependency of the carried wheel, or the wheel itself)
         with_tl = False
+        tl_error = f"transformer_lens not importable: {type(err).__name__}: {err}"[:200]
+        print(tl_error, flush=True)
 
     import transformers
 
@@ -381,7 +438,7 @@ def main(argv=None) -> int:
             vlm = testing.full_size(builder, dtype="bfloat16", device="cuda")
         rows = []
         for bs in batch_sizes:
-            rows.append(bench_shape(name, vlm, size, args.warmup, args.repeats, with_tl, bs))
+            rows.append(bench_shape(name, vlm, size, args.warmup, args.repeats, with_tl, bs, tl_error))
             report["shapes"].append(rows[-1])
             atomic_write_text(out, json.dumps(report, indent=2))  # partial results survive a time-out
         for row in rows if with_tl else []:  # last: the bridge takes over the model's modules

@@ -16,7 +16,11 @@ Methods (median of ``--repeats`` after ``--warmup``; timing and memory as in ``b
   saliency_last     vtrlab.saliency(queries="last", layers="all")  (forward + one autograd.grad)
   logit_lens_image  vtrlab.logit_lens(queries="image", layers="all", targets={"t": 0}, top_k=5)
   rollout_last      vtrlab.rollout(queries="last", layers="all")  (a running (N, N) product)
-  knockout_window   vtrlab.knockout(keys="image", queries="last", layers=first quarter)  (two forwards)
+  knockout_window   vtrlab.knockout(keys="image", queries="last", layers=first quarter)  (two forwards:
+                    plain, then cut; so ~2x by construction)
+  knocked_forward   one forward inside vtrlab.knocked_out(keys="image", queries="last", layers=first quarter):
+                    the cost of a cut forward, target <= 1.05x
+  knocked_forward_question  the same with queries="question" (~20 rows recomputed per cut layer)
 """
 
 from __future__ import annotations
@@ -64,6 +68,13 @@ def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int, only=None
         with torch.no_grad():
             return vlm.model(**inputs, use_cache=False).logits
 
+    window = list(range(max(1, n // 4)))
+
+    def knocked(layers, queries):
+        """One forward with image -> ``queries`` cut at ``layers`` (what vl.knockout runs after its plain one)."""
+        with vl.knocked_out(vlm, batch, keys="image", queries=queries, layers=layers), torch.no_grad():
+            return vlm.model(**inputs, use_cache=False).logits
+
     methods = {
         "sdpa": sdpa,
         "saliency_last": lambda: vl.saliency(vlm, batch, queries="last"),
@@ -72,6 +83,8 @@ def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int, only=None
         "knockout_window": lambda: vl.knockout(
             vlm, batch, keys="image", queries="last", layers=list(range(max(1, n // 4)))
         ),
+        "knocked_forward": lambda: knocked(window, "last"),
+        "knocked_forward_question": lambda: knocked(window, "question"),
     }
     for method, fn in methods.items():
         if only and method != "sdpa" and method not in only:

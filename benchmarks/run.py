@@ -4,6 +4,7 @@ GPU (the lead, through the device tool, in ONE call of at most 9 minutes)::
 
     python benchmarks/run.py --out $OUT                        # everything, ends within --budget-s (510 s)
     python benchmarks/run.py --out $OUT --only capture,reduce  # a subset
+    python benchmarks/run.py --out $OUT --only capture,flow --budget-s 290 --wheels .whl/bench,.whl/store
 
 CPU smoke run (tiny models, all parts, about two minutes on an idle 2-core machine)::
 
@@ -101,10 +102,60 @@ def _units(part: str, out: Path, smoke: bool, repeats: int, warmup: int) -> list
     raise ValueError(f"unknown part {part!r}; choose from {PARTS}")
 
 
+# Wheels the TransformerLens peer needs on the GPU image (python 3.12, torch 2.11, transformers 5.17), carried
+# as files: transformer_lens and what it imports at import time that the image lacks. Checked on CPU with every
+# other package blocked that the image lacks (see benchmarks/README.md): beartype, fancy_einsum, typeguard
+# (.whl/bench) and datasets, dill, multiprocess (.whl/store); wandb and transformers_stream_generator are
+# imported lazily and not needed.
+PEER_WHEELS = ("transformer_lens", "beartype", "fancy_einsum", "typeguard", "datasets", "dill", "multiprocess")
+EXTRA_PATH: list[str] = []  # directories put on the children's PYTHONPATH (after the repo), e.g. --wheels'
+
+
+def install_wheels(dirs: list[Path], log: Path) -> dict:
+    """``pip install --no-index --no-deps`` the peer wheels found in ``dirs`` into a fresh directory outside
+    ``--out`` (so nothing of it is fetched back), put on the children's PYTHONPATH. Returns what happened."""
+    import tempfile
+
+    from packaging.tags import sys_tags
+    from packaging.utils import parse_wheel_filename
+
+    supported = set(sys_tags())
+    wheels, missing, other_python = [], [], []
+    for name in PEER_WHEELS:
+        found = sorted(w for d in dirs for w in d.glob(f"{name}-*.whl"))
+        fits = [w for w in found if parse_wheel_filename(w.name)[3] & supported]
+        if fits:
+            wheels.append(fits[-1])  # one version of each (two would stop the whole install)
+        elif found:  # e.g. multiprocess's py312 wheel on a 3.11 CPU host: the installed one is used
+            other_python.append(found[-1].name)
+        else:
+            missing.append(name)
+    info = {"dirs": [str(d) for d in dirs], "wheels": [w.name for w in wheels], "missing": missing}
+    if other_python:
+        info["not_for_this_python"] = other_python
+    if not wheels:
+        info["status"] = "no wheels found"
+        return info
+    target = Path(tempfile.mkdtemp(prefix="vtrlab-bench-site-"))
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+           "--no-cache-dir", "--target", str(target), *map(str, wheels)]  # fmt: skip
+    with open(log, "a") as fh:
+        fh.write(f"$ {' '.join(cmd)}\n")
+        fh.flush()
+        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    info["status"] = "ok" if rc == 0 else f"pip failed (exit {rc}); see run.log"
+    if rc == 0:
+        EXTRA_PATH.append(str(target))
+        info["site"] = str(target)
+    return info
+
+
 def _run_child(argv: list[str], timeout: float, log: Path) -> tuple[str, float]:
     """Run ``argv`` in its own process group, killed (the whole group) after ``timeout`` s."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), *EXTRA_PATH] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
     t0 = time.monotonic()
     with open(log, "a") as fh:
         fh.write(f"$ {' '.join(argv)}\n")
@@ -216,6 +267,12 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="warm-up runs per case (default 2; 0 with --smoke)")
     ap.add_argument("--no-readme", action="store_true", help="do not regenerate benchmarks/README.md")
     ap.add_argument(
+        "--wheels",
+        default=None,
+        help="comma-separated directories of carried wheels (e.g. .whl/bench,.whl/store): the TransformerLens "
+        "peer's are installed (--no-index --no-deps) into a temporary directory the children import from",
+    )
+    ap.add_argument(
         "--render",
         metavar="DIR",
         default=None,
@@ -261,6 +318,11 @@ def main(argv=None) -> int:
         "host": platform.node(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if args.wheels:
+        dirs = [Path(d.strip()) for d in args.wheels.split(",") if d.strip()]
+        absent = [str(d) for d in dirs if not d.is_dir()]
+        summary["wheels"] = {"status": f"no such directory: {absent}"} if absent else install_wheels(dirs, log)
+        print(f"[run] wheels: {summary['wheels'].get('status')} {summary['wheels'].get('wheels', '')}", flush=True)
     _write_json(out / "run.json", summary)
     order = [p for p in PARTS if p in parts]
     if "flow" in order and not (HERE / "flow.py").exists():

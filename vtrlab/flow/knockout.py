@@ -1,7 +1,10 @@
 """Attention knockout: block edges from chosen key positions to chosen query positions, in chosen LM layers.
 
-The edges are removed inside vtrlab's attention function (the mask handed to sdpa), so the model's
-own code runs unchanged everywhere else. Typical use: cut image tokens -> last token in layers
+The edges are removed inside vtrlab's attention function, so the model's own code runs unchanged
+everywhere else. A cut layer runs the plain sdpa call (flash path kept) and recomputes only the cut
+query rows under their explicit mask, spliced into the output (:class:`vtrlab.probes.attention.RowSplice`;
+equal to masking every row, up to float rounding); with a recorder on the same layer (a capture inside
+the block) or many cut rows, one sdpa under the full cut mask. Typical use: cut image tokens -> last token in layers
 K..L and see whether the answer survives (Geva et al.-style information-flow analysis).
 
 A knockout is bound to the batch it was built for (its positions are that batch's):
@@ -53,10 +56,12 @@ def knockout_sites(vlm, batch, *, keys="image", queries="last", layers="all") ->
     layouts = list(batch.layouts)
     seq_len = _seq_len(batch)
     ids = dict(batch.inputs).get("input_ids")
+    q_host = _as_mask(queries_per_sample(layouts, queries), seq_len, "cpu")
     ko = Knockout(
-        queries=_as_mask(queries_per_sample(layouts, queries), seq_len, vlm.device),
+        queries=q_host.to(vlm.device),
         keys=_as_mask(keys_per_sample(layouts, keys), seq_len, vlm.device),
         binding=Binding(len(layouts), seq_len, None if ids is None else ids.detach().clone()),
+        queries_host=q_host.numpy(),  # the rows a knocked layer recomputes, known without a device sync
     )
     mods = vlm.lm_layers
     return {

@@ -15,8 +15,10 @@ Probes compose through one session: entering a probe (:class:`session`) *adds* i
 already active (a ContextVar, so threads never share one); several sites may sit on one module.
 Per call, the attention function (1) unites the edges every site's mask edit blocks
 (``Site.knockout``: any object with ``blocked(query, key) -> (B, Q, N) bool``, which maps its
-positions to the running sequence or raises), (2) runs stock sdpa under that mask, (3) lets every
-recording site keep what it asks for, computed under the same final mask. New site kinds plug in
+positions to the running sequence or raises), (2) runs stock sdpa under that mask — as the plain call
+(flash path kept) with only the cut query rows recomputed under their mask and spliced in
+(:class:`RowSplice`), or, for many cut rows, one call under the full mask —, (3) lets every recording
+site keep what it asks for, computed under the same final mask. New site kinds plug in
 there: a mask edit (e.g. an in-LM reduction that hides tokens) implements ``blocked``; a recorder
 (e.g. rollout) sets ``Site.on_call``, called with ``(site, module, query, key, value, mask, scaling,
 causal, out)``. Probes that act on layer outputs rather than attention (logit lens) use a forward
@@ -82,8 +84,19 @@ class Knockout:
     keys: torch.Tensor  # (B, N) bool
     binding: Binding | None = None
 
-    def blocked(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        """(B, Q, N) bool: the edges to cut in the sequence now running (mapped or refused)."""
+    # (B, N) bool on the host, when the caller knows it (knockout_sites does): the rows the fast path
+    # recomputes, with no device sync to find them; filled from ``queries`` on first use otherwise
+    queries_host: Any = None
+
+    def host_queries(self):
+        """``queries`` as a (B, N) bool numpy array (read once from the device when not given)."""
+        if self.queries_host is None:
+            self.queries_host = self.queries.detach().cpu().numpy().astype(bool)
+        return self.queries_host
+
+    def edges(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """((B, Q) bool, (B, N) bool): the query rows and keys of the edges to cut in the sequence now
+        running (mapped through a :class:`sequence_map`, or refused); the cut edges are their outer product."""
         B, Q, N = query.shape[0], query.shape[2], key.shape[2]
         bind = self.binding or Binding(self.queries.shape[0], self.queries.shape[1])
         seq = _SEQUENCE.get()
@@ -112,9 +125,7 @@ class Knockout:
                 )
             valid = src >= 0
             idx = src.clamp(min=0)
-            q = self.queries.gather(1, idx) & valid
-            k = self.keys.gather(1, idx) & valid
-            return q[:, :, None] & k[:, None, :]
+            return self.queries.gather(1, idx) & valid, self.keys.gather(1, idx) & valid
         if B != bind.batch_size or Q != bind.seq_len or N != bind.seq_len:
             if Q == 1 and N != 1:
                 raise ValueError(_decode_message(bind, Q, N))
@@ -123,7 +134,12 @@ class Knockout:
                 "build it for the batch you run (positions are the batch's), or reduce tokens with "
                 "vtrlab.reduce (keep masks), which maps the positions"
             )
-        return self.queries[:, :, None] & self.keys[:, None, :]
+        return self.queries, self.keys
+
+    def blocked(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """(B, Q, N) bool: the edges to cut in the sequence now running (mapped or refused)."""
+        q, k = self.edges(query, key)
+        return q[:, :, None] & k[:, None, :]
 
 
 def _decode_message(bind: Binding, Q: int, N: int) -> str:
@@ -180,6 +196,8 @@ class Site:
 @dataclass
 class Session:
     sites: dict[int, list[Site]]  # id(attention module) -> the sites on it, outermost first
+    # per-forward constants shared by the layers of a forward (knockout row splices), a few entries at most
+    cache: dict = field(default_factory=dict)
 
 
 def current_session() -> Session | None:
@@ -416,6 +434,113 @@ def knockout_mask(blocked: torch.Tensor, attention_mask, query, key, causal: boo
     return new
 
 
+# Knocked-out rows are recomputed (and spliced into the plain output) only while they are at most this
+# share of the query rows; beyond it one masked sdpa over every row is cheaper.
+_SPLICE_MAX_SHARE = 0.5
+_SPLICE_CACHE_SIZE = 8
+
+
+class RowSplice:
+    """Knockout as plain sdpa + the knocked rows recomputed under an explicit mask.
+
+    Cutting edges into query rows ``Q`` changes, at the cut layer, only rows ``Q`` of the attention output.
+    So the output is the stock sdpa output of the unchanged call (causal flash path kept) with rows ``Q``
+    replaced by sdpa of those rows alone under their cut mask: the same values as one sdpa under the full
+    cut mask, up to float rounding (tests/flow: equal to a float64 eager reference). Built once per
+    forward and mask (shared by every cut layer): the rows (known on the host, so no device sync), the
+    rows' cut mask, and the check that no row is left without a key (one sync per forward, not per layer).
+    """
+
+    def __init__(self, rows: torch.Tensor, mask: torch.Tensor):
+        self.rows = rows  # (B, R) long, sequence positions (a sample with fewer rows repeats one of its own)
+        self.mask = mask  # (B, 1|H, R, N): the rows' cut mask, bool or additive like the model's mask
+
+    @classmethod
+    def build(cls, knockouts, attention_mask, causal: bool, B: int, Q: int, N: int, device) -> RowSplice | None:
+        """None when the rows are too many for a splice to pay off (the caller masks every row instead)."""
+        import numpy as np
+
+        host = None
+        for ko in knockouts:
+            h = np.asarray(ko.host_queries(), dtype=bool)
+            host = h if host is None else host | h
+        if host.shape != (B, Q):
+            return None
+        counts = host.sum(1)
+        R = int(counts.max())
+        if R == 0 or R > _SPLICE_MAX_SHARE * Q:
+            return None
+        rows_np = np.zeros((B, R), dtype=np.int64)
+        for b in range(B):
+            r = np.flatnonzero(host[b])
+            rows_np[b, : len(r)] = r
+            rows_np[b, len(r) :] = r[0] if len(r) else 0  # a duplicate writes the same values twice
+        rows = torch.as_tensor(rows_np, device=device)
+        blocked = None
+        for ko in knockouts:
+            b_ = ko.queries.gather(1, rows)[:, :, None] & ko.keys[:, None, :]  # (B, R, N)
+            blocked = b_ if blocked is None else blocked | b_
+        blocked = blocked[:, None]  # (B, 1, R, N)
+        if attention_mask is None:
+            if causal:
+                before = (torch.arange(N, device=device)[None, None, :] <= rows[:, :, None])[:, None]
+            else:
+                before = torch.ones(B, 1, R, N, dtype=torch.bool, device=device)
+            mask = after = before & ~blocked
+        else:
+            m = _gather_mask_rows(attention_mask, rows)
+            if m.dtype == torch.bool:
+                before, mask = m, m & ~blocked
+                after = mask
+            else:
+                floor = torch.finfo(m.dtype).min
+                mask = m.masked_fill(blocked, floor)
+                before, after = m > floor / 2, mask > floor / 2
+        emptied = before.any(-1) & ~after.any(-1)  # (B, 1|H, R)
+        if bool(emptied.any()):
+            b, _, r = torch.nonzero(emptied)[0].tolist()
+            raise ValueError(
+                f"knockout leaves query row {int(rows_np[b, r])} (sample {b}) with no key to attend to; "
+                "keep at least one key visible to every blocked query row"
+            )
+        return cls(rows, mask)
+
+    def apply(self, sdpa, module, query, key, value, out, dropout, scaling, kwargs) -> torch.Tensor:
+        """``out`` (B, Q, H, D), the plain output, with the rows replaced by their cut attention."""
+        B, H, _, D = query.shape
+        R = self.rows.shape[1]
+        q_rows = torch.gather(query, 2, self.rows[:, None, :, None].expand(B, H, R, D))
+        rows_out, _ = sdpa(
+            module, q_rows, key, value, self.mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs
+        )  # (B, R, H, Dv)
+        index = self.rows[:, :, None, None].expand(B, R, out.shape[2], out.shape[3])
+        if torch.is_grad_enabled() and (out.requires_grad or rows_out.requires_grad):
+            return out.scatter(1, index, rows_out)  # autograd: out may be saved by sdpa's backward
+        return out.scatter_(1, index, rows_out)
+
+
+def _row_splice(sess: Session, knockouts, attention_mask, causal: bool, query, key) -> RowSplice | None:
+    """The session's :class:`RowSplice` for these knockouts and this mask (built on the first cut layer of
+    a forward), or None where the splice does not apply (reduced sequences, mask shapes of another kind,
+    too many rows)."""
+    if not all(type(ko) is Knockout for ko in knockouts) or _SEQUENCE.get() is not None:
+        return None
+    B, Q, N = query.shape[0], query.shape[2], key.shape[2]
+    if Q != N or (attention_mask is not None and tuple(attention_mask.shape[-2:]) != (Q, N)):
+        return None
+    mask_key = ("causal" if causal else "full", N) if attention_mask is None else id(attention_mask)
+    cache_key = (tuple(id(ko) for ko in knockouts), mask_key, B, Q, N, query.device)
+    hit = sess.cache.get(cache_key)
+    # the entry holds the mask and the knockouts, so their ids cannot be reused while it lives
+    if hit is not None and hit[0] is attention_mask:
+        return hit[2]
+    splice = RowSplice.build(knockouts, attention_mask, causal, B, Q, N, query.device)
+    if len(sess.cache) >= _SPLICE_CACHE_SIZE:
+        sess.cache.pop(next(iter(sess.cache)))
+    sess.cache[cache_key] = (attention_mask, tuple(knockouts), splice)
+    return splice
+
+
 # --------------------------------------------------------------------------------------------
 # the registered function
 
@@ -462,27 +587,81 @@ def vtrlab_sdpa_attention_forward(
     causal = _is_causal(module, query, attention_mask, is_causal)
     mask = attention_mask
     knockouts = [s.knockout for s in here if s.knockout is not None]
+    out = None
     if knockouts:
+        for ko in knockouts:
+            ko.edges(query, key)  # refuses another batch, sequence or a decode step, with its message
+        splice = _row_splice(sess, knockouts, attention_mask, causal, query, key)
+        if splice is not None:
+            # the output: plain sdpa (flash path kept), the cut rows recomputed and spliced in
+            out, _ = sdpa_attention_forward(
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=dropout,
+                scaling=scaling,
+                is_causal=is_causal,
+                **kwargs,
+            )
+            out = splice.apply(sdpa_attention_forward, module, query, key, value, out, dropout, scaling, kwargs)
+            if not any(s.records for s in here):
+                return out, None
         blocked = knockouts[0].blocked(query, key)
         for ko in knockouts[1:]:
             blocked = blocked | ko.blocked(query, key)  # nested knockouts: the union of their edges
+        # the full cut mask: what sdpa runs under without a splice, and what recorders see with one
         mask = knockout_mask(blocked, attention_mask, query, key, causal)
         causal = False  # the causal pattern is now inside the mask
-    out, _ = sdpa_attention_forward(
-        module,
-        query,
-        key,
-        value,
-        mask,
-        dropout=dropout,
-        scaling=scaling,
-        is_causal=(False if knockouts else is_causal),
-        **kwargs,
-    )
+    if out is None:
+        out, _ = sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=(False if knockouts else is_causal),
+            **kwargs,
+        )
     for site in here:
         if site.records:
             _record(site, module, query, key, value, mask, scaling, causal, out)
     return out, None
+
+
+_COPY_STREAMS: dict[int, Any] = {}
+
+
+def copy_stream(device) -> Any:
+    """The side CUDA stream that capture's device-to-host row copies run on (one per device)."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _COPY_STREAMS.get(index)
+    if stream is None:
+        stream = _COPY_STREAMS[index] = torch.cuda.Stream(device=index)
+    return stream
+
+
+def copy_to_host(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)``; from CUDA into pinned ``dst``, asynchronously on :func:`copy_stream`.
+
+    On the compute stream, each layer's copy (at LLaVA-NeXT's 2,969 keys, 22 question rows x 32 heads:
+    8 MiB a layer, 0.27 GiB a forward) ran between that layer's kernels and the next layer's, so the
+    forward waited for every copy; on a side stream the copy engine works while the next layers run.
+    ``src`` is kept from reuse until its copy has run (``record_stream``); the caller waits for the
+    stream (an event recorded on it) before reading ``dst``.
+    """
+    if src.device.type != "cuda":
+        dst.copy_(src)
+        return
+    stream = copy_stream(src.device)
+    stream.wait_stream(torch.cuda.current_stream(src.device))  # src is complete before it is copied
+    with torch.cuda.stream(stream):
+        dst.copy_(src, non_blocking=True)
+    src.record_stream(stream)
 
 
 def _plan_for(site: Site, rows: torch.Tensor) -> RowPlan:
@@ -503,7 +682,7 @@ def _record(site: Site, module, query, key, value, mask, scaling, causal, out) -
             if site.head_mean:
                 p = p.mean(1)
             if site.out is not None:
-                site.out.copy_(p, non_blocking=True)  # converts to the buffer's dtype
+                copy_to_host(site.out, p)  # converts to the buffer's dtype
                 site.probs.append(site.out)
             else:
                 site.probs.append(p.to(site.store_device, site.store_dtype))

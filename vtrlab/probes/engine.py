@@ -14,7 +14,7 @@ from vtrlab.models.base import ImageLayout
 from vtrlab.models.hooks import record
 from vtrlab.models.labels import key_coordinates, packed_crop_offsets
 
-from .attention import RowPlan, Site, session
+from .attention import RowPlan, Site, copy_stream, session
 from .spec import head_indices, layer_indices, padded_rows, queries_per_sample, store_dtype
 from .switch import attention_switched
 
@@ -56,11 +56,17 @@ def _hidden_norm_hooks(vlm, layers: list[int]):
 _VISION_LABELS = (("kind", "pad"), ("crop", -1), ("vpos", -1), ("image", -1), ("tile", -1), ("row", -1), ("col", -1))
 
 
-def _vision_table(layouts, probs_by_layer: dict[int, torch.Tensor], layers: list[int]):
+def _vision_table(
+    layouts, probs_by_layer: dict[int, torch.Tensor], layers: list[int], head_mean: bool = False, dtype=np.float32
+):
     """Gather each sample's vision tokens (layout.vision: crop, vpos) from per-layer (crops, H, S).
 
-    The layout tables are read once into numpy (no pandas per layer) and every layer is gathered
-    with one fancy index per sample.
+    The gather runs on the device: the layers are stacked, every sample's (crop, vpos) pairs picked
+    with one index (and the heads averaged there with ``head_mean``), and only the (B, L, H, V) result
+    is copied to the host, once. Gathering on the host instead (numpy fancy indexing of every layer's
+    (crops, H, S) block) cost ~16 ms a call at LLaVA-NeXT's 5 crops x 577 tokens x 24 layers x 16 heads
+    and ~200 ms at batch 8 (benchmarks/README.md, profile), which is what capture with vision cost over
+    capture without it. Returns (values (B, L, H|-, V) ``dtype`` with NaN past each sample's tokens, coords).
     """
     tables = []
     for b, L in enumerate(layouts):
@@ -70,14 +76,14 @@ def _vision_table(layouts, probs_by_layer: dict[int, torch.Tensor], layers: list
                 "pass vision=False"
             )
         tables.append({col: L.vision[col].to_numpy() for col, _ in _VISION_LABELS})
-    V = max(len(t["crop"]) for t in tables)
-    # one stack on the device and one copy to the host for every vision layer (not one sync per layer)
-    probs = torch.stack([probs_by_layer[layer] for layer in layers]).float().cpu().numpy()  # (L, crops, H, S)
-    n_seq, H, S = probs.shape[1:]
-    values = np.full((len(layouts), len(layers), H, V), np.nan, dtype=np.float32)
+    B, V = len(layouts), max(len(t["crop"]) for t in tables)
+    probs = torch.stack([probs_by_layer[layer] for layer in layers])  # (L, crops, H, S), on the device
+    n_seq, S = probs.shape[1], probs.shape[3]
     n_crops = len(np.unique(np.concatenate([t["crop"] for t in tables]).astype(np.int64)))
     packed = n_seq == 1 and n_crops > 1
     offsets = packed_crop_offsets(layouts) if packed else {}
+    index = np.zeros((2, B, V), dtype=np.int64)  # (crop, vpos) of each (sample, vision token)
+    valid = np.zeros((B, V), dtype=bool)
     for b, t in enumerate(tables):
         crop, vpos = t["crop"].astype(np.int64), t["vpos"].astype(np.int64)
         if not len(crop):
@@ -90,10 +96,24 @@ def _vision_table(layouts, probs_by_layer: dict[int, torch.Tensor], layers: list
                 f"sample {b}'s vision table names crop {t['crop'].max()} / vpos {t['vpos'].max()}, but the "
                 f"vision encoder ran {n_seq} sequence(s) of {S} tokens"
             )
-        values[b, :, :, : len(crop)] = probs[:, crop, :, vpos].transpose(1, 2, 0)  # (n, L, H) -> (L, H, n)
+        index[0, b, : len(crop)], index[1, b, : len(crop)] = crop, vpos
+        valid[b, : len(crop)] = True
+    idx = torch.as_tensor(index.reshape(2, B * V), device=probs.device)
+    picked = probs[:, idx[0], :, idx[1]]  # (B*V, L, H): the indexed axis comes first
+    picked = picked.view(B, V, *picked.shape[1:]).permute(0, 2, 3, 1)  # (B, L, H, V)
+    if head_mean:
+        picked = picked.mean(2)
+    picked = picked.to(torch.float16 if dtype == np.float16 else torch.float32)
+    if picked.device.type == "cuda":  # one copy, into page-locked memory (reused by PyTorch's host cache)
+        host = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
+        host.copy_(picked)
+    else:
+        host = picked.contiguous()
+    values = host.numpy()
+    np.moveaxis(values, -1, 1)[~valid] = np.nan  # (B, V, ...) view: past each sample's own tokens
     coords = {}
     for col, fill in _VISION_LABELS:
-        arr = np.full((len(layouts), V), fill, dtype=object if col == "kind" else np.int64)
+        arr = np.full((B, V), fill, dtype=object if col == "kind" else np.int64)
         for b, t in enumerate(tables):
             arr[b, : len(t[col])] = t[col]
         coords[f"vision_key_{col}"] = (("sample", "vision_key"), arr.astype(str) if col == "kind" else arr)
@@ -206,8 +226,12 @@ def launch(
         vlm.model(**inputs, use_cache=False)
     done = None
     if device.type == "cuda":
+        # the row copies run on a side stream (they overlap the next layers' kernels); the event waits for
+        # both that stream and the forward's
+        stream = copy_stream(device)
+        stream.wait_stream(torch.cuda.current_stream(stream.device))
         done = torch.cuda.Event()
-        done.record()  # after the forward's kernels and the asynchronous row copies into `buffer`
+        done.record(stream)
     return functools.partial(
         _build,
         vlm,
@@ -283,10 +307,10 @@ def _build(
     if not head_mean:
         coords["head"] = np.asarray(head_sel)
     if vision:
-        values, vcoords = _vision_table(layouts, vis, v_layers)
-        values = values.mean(2) if head_mean else values
+        vdtype = np.float16 if sdtype == torch.float16 else np.float32
+        values, vcoords = _vision_table(layouts, vis, v_layers, head_mean=head_mean, dtype=vdtype)
         vdims = ("sample", "vision_layer") + (() if head_mean else ("vision_head",)) + ("vision_key",)
-        data["vision_attn"] = (vdims, values.astype(np.float16 if sdtype == torch.float16 else np.float32))
+        data["vision_attn"] = (vdims, values)
         data.update(vcoords)
         coords["vision_layer"] = np.asarray(v_layers)
         if not head_mean:
