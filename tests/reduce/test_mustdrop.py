@@ -289,7 +289,7 @@ def test_lm_stage_matches_eager_reference_tiny(llava):
 def test_exact_budgets_and_answers(organism):
     vlm, batch, _ = organism
     n_img = [lay.n_image_tokens for lay in batch.layouts]
-    for keep in (0.05, 0.25, 0.75, 1.0, 20):
+    for keep in (0.05, 0.75, 20):
         ds = vl.reduce.apply(vlm, batch, "mustdrop", keep=keep, layers=ORG_LAYERS)
         want = [keep if isinstance(keep, int) else int(round(keep * n)) for n in n_img]
         assert ds.budget.values.tolist() == want
@@ -311,8 +311,9 @@ def test_adaptive_is_the_code_thresholds(organism):
     vlm, batch, _ = organism
     ds = vl.reduce.apply(vlm, batch, "mustdrop", keep=0.1, layers=ORG_LAYERS, adaptive=True, global_thr=0.0)
     np.testing.assert_array_equal(ds.kept.values[:, -1], ds.kept.values[:, 0])
-    strict = vl.reduce.apply(vlm, batch, "mustdrop", keep=0.1, layers=ORG_LAYERS, adaptive=True, global_thr=1.0,
-                             individual_thr=1.0)  # every token is a candidate: only the key set survives
+    strict = vl.reduce.apply(
+        vlm, batch, "mustdrop", keep=0.1, layers=ORG_LAYERS, adaptive=True, global_thr=1.0, individual_thr=1.0
+    )  # every token is a candidate: only the key set survives
     pre = pre_lm(vlm, batch, vl.reduce.get("mustdrop", layers=ORG_LAYERS, adaptive=True), 0.1)
     for i in range(len(batch)):
         np.testing.assert_array_equal(strict.kept.values[i, -1], pre.info["protected"][i])

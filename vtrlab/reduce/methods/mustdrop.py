@@ -55,13 +55,16 @@ windows first), held in the kept layout slots in that order (``info["content"]``
 token they hold), positions renumbered — the same sequence as the code. Each image is its own batch
 of one (the code takes the merge count as the minimum over a batch; its evaluation uses batches of
 one). Grids that the window does not divide (the code asserts they do) merge the windows of the
-top-left ``⌊H/w⌋·w x ⌊W/w⌋·w`` part; the other patches stay unmerged. The paper describes the
-decoding stage as pruning the KV cache by the same dual-attention rule; the code prunes it to the
-prefill's final set; vtrlab's decoding keeps each layer's prefill cache (what the layer saw at prefill)
-and the renumbered positions of its last stage — so a generated token's first step matches the
-code, later steps see more keys in layers 2 .. 14 than the code's (left out: it needs per-layer cache
-surgery in the shared decode path). LLaVA-1.5-style towers: one CLIP crop with a [CLS] per image
-(the code's anyres path flattens the crops without the model's unpadding and newline tokens).
+top-left ``⌊H/w⌋·w x ⌊W/w⌋·w`` part; the other patches stay unmerged. The decoding stage is left out:
+after the prefill the code cuts the KV cache of layers 2 .. 14 to the final kept set and gives each
+generated token, per layer, the length of that layer's cache as its position (the full length in layers
+0-1, the final renumbered length from layer 2 on); vtrlab decodes over each layer's prefill cache (the
+tokens that layer saw) with the renumbered positions of that layer's stage. The first generated token
+(the prefill's logits) is the code's; later ones see more keys in layers 2 .. 14 and other positions in
+layers 2 .. 14 (the code's cut needs per-layer cache surgery in the shared decode path). The paper
+names an "output-aware cache policy" for the decode stage; what the code does is this cut.
+LLaVA-1.5-style towers: one CLIP crop with a [CLS] per image (the code's anyres path flattens the
+crops without the model's unpadding and newline tokens); other families raise NotApplicable.
 """
 
 from __future__ import annotations
