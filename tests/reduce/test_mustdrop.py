@@ -77,6 +77,8 @@ def _ref_tower(vlm, eager, pixel, n_keep, threshold=0.8, window=3, key_rate=0.08
     vm = getattr(tower, "vision_model", tower)
     layers = vm.encoder.layers
     n_layers = len(layers)
+    cfg = int(eager.config.vision_feature_layer)  # indexes hidden_states: 0 = embeddings, k = output of layer k-1
+    feat_layer = n_layers + cfg if cfg < 0 else cfg - 1
     with torch.no_grad():
         h = vm.embeddings(pixel.to(next(vm.parameters()).dtype))
         if getattr(vm, "pre_layrnorm", None) is not None:
@@ -114,7 +116,7 @@ def _ref_tower(vlm, eager, pixel, n_keep, threshold=0.8, window=3, key_rate=0.08
                 rows = [h[0, 0]] + [h[0, 1:][mem].mean(0) for mem in windows]
                 rows += [h[0, 1 + p] for p in range(V) if p not in merged]
                 h = torch.stack(rows)[None]
-            if li == n_layers - 2:
+            if li == feat_layer:
                 feats = h[0, 1:]
         n_key = math.ceil(key_rate * len(order))
         if cap:
@@ -303,6 +305,14 @@ def test_exact_budgets_and_answers(organism):
     first = logits(vlm, batch, keep=0.25, method="mustdrop", layers=ORG_LAYERS).last.argmax(-1)
     ids = vl.reduce.generate_ids(vlm, batch, 0.25, max_new_tokens=1, method="mustdrop", layers=ORG_LAYERS)
     assert [t[0] for t in ids] == first.tolist() and len(out) == len(batch)
+
+
+def test_keep_all_is_the_model(organism):
+    """keep=1.0: no window may merge and nothing is dropped, so the LM sees the model's own features (from the
+    model's projector layer: the organism feeds it the last vision layer, LLaVA-1.5 the second-to-last)."""
+    vlm, batch, _ = organism
+    got = logits(vlm, batch, keep=1.0, method="mustdrop", layers=ORG_LAYERS).last
+    torch.testing.assert_close(got, logits(vlm, batch, keep=None).last, rtol=1e-4, atol=1e-4)
 
 
 def test_adaptive_is_the_code_thresholds(organism):

@@ -15,7 +15,9 @@ SparseVLMs code base: ``llava/model/multimodal_encoder/clip_encoder.py`` (``CLIP
    tokens (all sizes 1: the plain mean). The tower then runs on ``[CLS], merged tokens (windows by
    descending similarity), unmerged tokens (raster)`` — no proportional attention, sizes dropped.
 2. **Vision stage, key set**: at layer 23 (the last layer of CLIP-L's 24, ``key_layer=-1`` here; the
-   features the LM receives come from ``hidden_states[-2]``, ``feature_layer=-2``, as in LLaVA) the
+   features the LM receives come from the model's own projector layer, ``mm_vision_select_layer`` —
+   ``hidden_states[-2]`` in LLaVA-1.5 — ``feature_layer=None`` here: the model's
+   ``vision_feature_layer``; an int overrides it) the
    head-mean [CLS] -> patch attention picks the top ``ceil(key_rate · N)`` tokens (``key_rate`` 0.08;
    N the tokens after the merge, 576 -> 47 without merges): the "key set", never dropped later.
 3. **Prefill stage, inside the LM** after layers 2, 6, 10, 14 (so ``layers=(3, 7, 11, 15)`` here: K is
@@ -151,7 +153,7 @@ class MustDrop(LMMethod):
         "merge_layer": 0,
         "key_layer": -1,
         "key_rate": 0.08,
-        "feature_layer": -2,
+        "feature_layer": None,
     }
     source = (
         "liuting20/MustDrop: llava/model/multimodal_encoder/clip_encoder.py + local_merge.py (tower), "
@@ -171,8 +173,16 @@ class MustDrop(LMMethod):
             raise ValueError(f"mustdrop: thresholds ({g}, {i}) must be >= 0")
         return g, i
 
+    def feature_layer(self, vlm) -> int:
+        """0-indexed vision layer whose output feeds the projector (the model's own unless overridden)."""
+        if self.params["feature_layer"] is None:
+            return int(vlm.adapter.vision_feature_layer(vlm.model))
+        return vision_layer_index(vlm, int(self.params["feature_layer"]))
+
     def check(self, vlm):
         require_llava_tower(vlm, self.name)
+        if isinstance(getattr(vlm.model.config, "vision_feature_layer", None), (list, tuple)):
+            raise NotApplicable(self.name, vlm.family, "the projector reads several vision layers concatenated")
         require_cls(vlm, self.name, "its key set is the [CLS] attention's top tokens")
         if int(vlm.adapter.features_drop_cls(vlm.model)) != 1:
             raise NotApplicable(self.name, vlm.family, "the projector receives the [CLS] feature too (cls_patch)")
@@ -183,7 +193,7 @@ class MustDrop(LMMethod):
             raise ValueError(f"mustdrop: key_rate={self.params['key_rate']}; accepted: a float in [0, 1]")
         merge = vision_layer_index(vlm, int(self.params["merge_layer"]))
         key = vision_layer_index(vlm, int(self.params["key_layer"]))
-        feat = vision_layer_index(vlm, int(self.params["feature_layer"]))
+        feat = self.feature_layer(vlm)
         if not merge < key or feat < merge:
             raise ValueError(
                 f"mustdrop: merge_layer={merge} must come before key_layer={key} and not after feature_layer={feat}"
@@ -195,7 +205,7 @@ class MustDrop(LMMethod):
         vlm = ctx.vlm
         merge_l = vision_layer_index(vlm, int(self.params["merge_layer"]))
         key_l = vision_layer_index(vlm, int(self.params["key_layer"]))
-        feat_l = vision_layer_index(vlm, int(self.params["feature_layer"]))
+        feat_l = self.feature_layer(vlm)
         ws = int(self.params["window"])
         adaptive = bool(self.params["adaptive"])
         crops = vlm.adapter.vision_crops(vlm.model, ctx.batch.inputs)
