@@ -144,14 +144,22 @@ def bench_method(vlm, batch, name, params, budget, args) -> dict:
         if method is not None:
             res["scoring"] = measure(lambda: select(vlm, batch, method, keep, dec), device, args.warmup, args.repeats)
     else:
-        from vtrlab.reduce.stages.lm import lm_removal
+        from vtrlab.reduce.stages.lm import lm_removal, pre_lm
 
-        red = reduced_decoder_inputs(vlm, batch, None, dec)
+        pre = pre_lm(vlm, batch, method, keep, dec)  # MustDrop's tower stage (None for the other in-LM methods)
+        red = reduced_decoder_inputs(
+            vlm,
+            batch,
+            None if pre is None else pre.keep,
+            dec,
+            embeds=None if pre is None else pre.embeds,
+            positions="kept" if pre is None else method.positions,
+        )
 
         def prefill():
             with (
                 _Timed(method, device) as t,
-                lm_removal(vlm, batch, method, keep, red.source_positions),
+                lm_removal(vlm, batch, method, keep, red.source_positions, pre=pre),
                 torch.no_grad(),
             ):
                 F.forward_embeds(

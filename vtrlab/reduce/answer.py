@@ -87,9 +87,16 @@ def _plan(vlm: Any, batch: Batch, method: Any, keep: Any, params: dict, decoder_
     if keep is None:
         raise ValueError(f"method={m.name!r} needs a budget keep= (ratio in (0, 1] or a number of image tokens)")
     if m.stage == "lm":
-        from .stages.lm import lm_removal
+        from .stages.lm import lm_removal, pre_lm
 
-        return None, None, "kept", lambda red: lm_removal(vlm, batch, m, keep, red.source_positions), None
+        pre = pre_lm(vlm, batch, m, keep, decoder_inputs)  # None unless the method also acts before the LM
+
+        def removal(red):
+            return lm_removal(vlm, batch, m, keep, red.source_positions, pre=pre)
+
+        if pre is None:
+            return None, None, "kept", removal, None
+        return pre.keep, pre.embeds, m.positions, removal, pre.info.get("extra")
     sel = select(vlm, batch, m, keep, decoder_inputs)
     return sel.keep, sel.embeds, m.positions, lambda red: contextlib.nullcontext(), sel.info.get("extra")
 

@@ -28,7 +28,7 @@ from .context import ReductionContext, budgets
 from .forward import forward_embeds
 from .keep import reduced_decoder_inputs
 from .registry import Method, Selection, get, prepare
-from .stages.lm import LMMethod, lm_removal
+from .stages.lm import LMMethod, lm_removal, pre_lm
 
 LABELS = ("image", "tile", "row", "col", "x0", "y0", "x1", "y1")
 
@@ -144,9 +144,16 @@ def apply(vlm: Any, batch: Batch, method: str | Method, keep: float | int = 0.25
 
 
 def lm_record(vlm: Any, batch: Batch, method: LMMethod, keep: Any):
-    """The record of :func:`vtrlab.reduce.apply` for an in-LM method: one prefill with removal."""
-    red = reduced_decoder_inputs(vlm, batch, None)
-    with lm_removal(vlm, batch, method, keep, red.source_positions) as state, torch.no_grad():
+    """The record of :func:`vtrlab.reduce.apply` for an in-LM method: one prefill with removal (and a
+    ``stage_layer = -1`` row first where the method also acts before the LM)."""
+    pre = pre_lm(vlm, batch, method, keep)
+    if pre is None:
+        red = reduced_decoder_inputs(vlm, batch, None)
+    else:
+        red = reduced_decoder_inputs(
+            vlm, batch, pre.keep, embeds=pre.embeds, positions=method.positions, extra=pre.info.get("extra")
+        )
+    with lm_removal(vlm, batch, method, keep, red.source_positions, pre=pre) as state, torch.no_grad():
         forward_embeds(
             vlm,
             red.inputs_embeds,
@@ -160,4 +167,8 @@ def lm_record(vlm: Any, batch: Batch, method: LMMethod, keep: Any):
     kept = [np.stack([state.kept[j][i] for j in range(len(state.layers))]) for i in range(len(n_tok))]
     scores = [np.stack([state.scores[j][i] for j in range(len(state.layers))]) for i in range(len(n_tok))]
     group = state.group if state.group is not None else [np.full(n, -1, dtype=np.int64) for n in n_tok]
-    return record(batch, method, list(state.layers), kept, scores, group)
+    if pre is None:
+        return record(batch, method, list(state.layers), kept, scores, group)
+    kept = [np.concatenate([np.asarray(pre.keep[i])[None], k]) for i, k in enumerate(kept)]
+    scores = [np.concatenate([np.asarray(pre.scores[i], dtype=float)[None], s]) for i, s in enumerate(scores)]
+    return record(batch, method, [-1, *state.layers], kept, scores, list(pre.group))

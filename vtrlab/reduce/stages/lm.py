@@ -25,6 +25,7 @@ that layer, output discarded). Methods see only the image tokens still present.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,13 @@ class LMMethod(Method):
     exact_budget = True  # False: lm_keep decides how many survive (adaptive methods; schedule unused)
     needs_prev_rows = False  # score from layer K-1's attention rows recorded in the forward
     needs_prev_input = False  # score from layer K-1's input (e.g. its keys, recomputed)
+    has_pre_lm = False  # True: the method also acts before the LM (``pre_select``; MustDrop's tower merge)
+
+    def pre_select(self, ctx: Any, n_keep: Sequence[int]) -> Any:
+        """The pre-LM stage of a method with ``has_pre_lm``: a :class:`vtrlab.reduce.Selection` of the
+        image tokens entering the LM (``embeds`` may hold them in the method's LM order, with
+        ``info["content"][i]`` the layout token whose content each kept slot holds; see :func:`pre_lm`)."""
+        raise NotImplementedError(f"method {self.name!r} has no pre-LM stage")
 
     def lm_layers(self, vlm: Any) -> list[int]:
         raise NotImplementedError
@@ -261,6 +269,7 @@ class RemovalState:
     real_cols: torch.Tensor | None = None  # (B, run_len) real (non-pad) columns of the prefill
     group: list[np.ndarray] | None = None  # per sample: layout slot each token was merged into (-1: none)
     col_remap: np.ndarray | None = None  # (B, run_len): run column whose token a column holds (recycling)
+    pre: Any = None  # the method's pre-LM Selection (has_pre_lm), None otherwise
 
     def source_positions(self, source: torch.Tensor) -> torch.Tensor:
         """Map the prompt's ``source_positions`` (B, L) to the columns left after the last stage (-1 for dummies)."""
@@ -565,34 +574,66 @@ def _arm_prev_site(state: RemovalState, k: int) -> None:
     state.pending_rows[k] = out
 
 
+def pre_lm(vlm: Any, batch: Batch, method: Method, keep: Any, decoder_inputs: dict | None = None) -> Any:
+    """The pre-LM :class:`vtrlab.reduce.Selection` of an in-LM method that also acts before the LM
+    (``has_pre_lm``, e.g. MustDrop's tower merge), checked; None for every other method. Its ``keep`` /
+    ``embeds`` / the method's ``positions`` build the LM inputs (``reduced_decoder_inputs``), and it is
+    passed to :func:`lm_removal` as ``pre=``."""
+    if not getattr(method, "has_pre_lm", False):
+        return None
+    from ..context import ReductionContext
+    from ..registry import prepare
+
+    prepare(method, vlm)
+    n_keep = budgets(batch, keep)
+    sel = method.pre_select(ReductionContext(vlm, batch, decoder_inputs), n_keep)
+    if len(sel.keep) != len(batch):
+        raise RuntimeError(f"method {method.name!r} returned {len(sel.keep)} masks for {len(batch)} samples")
+    content = sel.info.get("content")
+    for i, (m, lay) in enumerate(zip(sel.keep, batch.layouts)):
+        if m.shape != (lay.n_image_tokens,):
+            raise RuntimeError(f"method {method.name!r}: sample {i} mask {m.shape} != ({lay.n_image_tokens},)")
+        if content is not None and sorted(content[i][m].tolist()) != np.flatnonzero(m).tolist():
+            raise RuntimeError(f"method {method.name!r}: sample {i}'s content map is no permutation of its kept slots")
+    return sel
+
+
 @contextlib.contextmanager
-def lm_removal(vlm: Any, batch: Batch, method: LMMethod, keep: Any, source_positions: torch.Tensor):
+def lm_removal(vlm: Any, batch: Batch, method: LMMethod, keep: Any, source_positions: torch.Tensor, pre: Any = None):
     """Within the block, forwards of ``vlm.model`` on the prompt whose columns hold ``source_positions``
     (B, L) (then cached decode steps) remove image tokens inside the LM as ``method`` does.
+    ``pre``: the method's pre-LM Selection (:func:`pre_lm`; required when it has one): the LM inputs
+    hold only its kept tokens, and kept slot j holds the content of layout token ``info["content"][i][j]``.
     Yields the :class:`RemovalState` (kept sets per stage, scores, column maps)."""
     from ...probes.attention import Site, session
     from ...probes.switch import attention_switched
     from ..registry import prepare
 
+    if getattr(method, "has_pre_lm", False) and pre is None:
+        raise ValueError(
+            f"method {method.name!r} also acts before the LM: pass its pre-LM selection (stages.lm.pre_lm) as pre=, "
+            "or use vtrlab.reduce.apply / answer / logits"
+        )
     prepare(method, vlm)
     layers = method.layers_checked(vlm)
     n_final = budgets(batch, keep)
     schedule = []
-    for lay, n in zip(batch.layouts, n_final):
-        s = [int(x) for x in method.lm_schedule(lay.n_image_tokens, n)]
+    for i, (lay, n) in enumerate(zip(batch.layouts, n_final)):
+        n_in = lay.n_image_tokens if pre is None else int(np.asarray(pre.keep[i]).sum())
+        s = [int(x) for x in method.lm_schedule(n_in, n)]
         last_ok = s[-1] == n or not getattr(method, "exact_budget", True)
-        if len(s) != len(layers) or not last_ok or any(b > a for a, b in zip([lay.n_image_tokens] + s, s)):
-            raise RuntimeError(
-                f"{method.name}: schedule {s} for {lay.n_image_tokens} tokens, budget {n}, layers {layers}"
-            )
+        if len(s) != len(layers) or not last_ok or any(b > a for a, b in zip([n_in] + s, s)):
+            raise RuntimeError(f"{method.name}: schedule {s} for {n_in} tokens, budget {n}, layers {layers}")
         schedule.append(s)
     src = source_positions.cpu().numpy()
     col_image = np.full(src.shape, -1, dtype=np.int64)
+    content = None if pre is None else pre.info.get("content")
     for i, lay in enumerate(batch.layouts):
         where = {int(p): j for j, p in enumerate(lay.image_positions)}
         for c, p in enumerate(src[i]):
-            col_image[i, c] = where.get(int(p), -1)
-    state = RemovalState(vlm, batch, method, layers, schedule, src.shape[1], col_image, method.positions)
+            j = where.get(int(p), -1)
+            col_image[i, c] = j if content is None or j < 0 else int(content[i][j])
+    state = RemovalState(vlm, batch, method, layers, schedule, src.shape[1], col_image, method.positions, pre=pre)
     mods = vlm.lm_layers
     handles = []
     sites: dict[int, Site] = {}
