@@ -346,6 +346,11 @@ class CropTokens:
         return len(self.tokens)
 
 
+def per_crop(ctx) -> bool:
+    """Whether a batch needs the per-crop (anyres) path: some sample spans several vision crops."""
+    return any(lay.vision is not None and lay.vision["crop"].nunique() > 1 for lay in ctx.layouts)
+
+
 def crop_tokens(lay, family: str, method: str) -> list[CropTokens]:
     """The sample's crops (tower order) with the layout tokens of each (see :class:`CropTokens`)."""
     crop, vpos = one_to_one(lay, family, method)

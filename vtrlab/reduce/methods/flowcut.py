@@ -35,7 +35,16 @@ from ..context import vision_layer_index
 from ..registry import Method, Selection, register
 from ..scoring import flowcut_prune_count, flowcut_score, top_k
 from ..stages.tower import TowerState, run_tower
-from ._vision import crop_tokens, place_outputs, project, require_cls, require_llava_tower, single_crop, split_budget
+from ._vision import (
+    crop_tokens,
+    per_crop,
+    place_outputs,
+    project,
+    require_cls,
+    require_llava_tower,
+    single_crop,
+    split_budget,
+)
 
 
 def flowcut_step(
@@ -91,7 +100,7 @@ class FlowCut(Method):
         vlm = ctx.vlm
         fl = vision_layer_index(vlm, int(self.params["feature_layer"]))
         crops = vlm.adapter.vision_crops(vlm.model, ctx.batch.inputs)
-        if any(len(set(lay.vision["crop"])) > 1 for lay in ctx.layouts):
+        if per_crop(ctx):
             return self.select_anyres(ctx, n_keep, fl, crops)
         keep, scores, embeds = [], [], []
         for i, (lay, n) in enumerate(zip(ctx.layouts, n_keep)):

@@ -46,9 +46,10 @@ from ._vision import (
     hidden_module,
     layer_hidden,
     layer_proj,
+    per_crop,
+    place_outputs,
     proj_module,
     project,
-    place_outputs,
     require_cls,
     single_crop,
     split_budget,
@@ -111,7 +112,7 @@ class PruMerge(Method):
         q = layer_proj(ctx, int(self.params["vision_layer"]), "q_proj")
         k = layer_proj(ctx, int(self.params["vision_layer"]), "k_proj")
         feats_all = layer_hidden(ctx, int(self.params["feature_layer"]))
-        if any(len(set(lay.vision["crop"])) > 1 for lay in ctx.layouts):
+        if per_crop(ctx):
             return self.select_anyres(ctx, n_keep, q, k, feats_all)
         keep, scores, embeds, groups, extra = [], [], [], [], []
         for i, (lay, n) in enumerate(zip(ctx.layouts, n_keep)):

@@ -38,7 +38,15 @@ from ..context import vision_layer_index
 from ..registry import Method, Selection, register
 from ..scoring import tome_match, tome_merge, tome_schedule
 from ..stages.tower import TowerState, run_tower
-from ._vision import crop_tokens, place_outputs, project, require_llava_tower, single_crop, split_budget
+from ._vision import (
+    crop_tokens,
+    per_crop,
+    place_outputs,
+    project,
+    require_llava_tower,
+    single_crop,
+    split_budget,
+)
 
 
 @register("tome")
@@ -79,7 +87,7 @@ class ToMe(Method):
         crops = vlm.adapter.vision_crops(vlm.model, ctx.batch.inputs)
         has_cls = bool(vlm.has_cls)
         drop = int(vlm.adapter.features_drop_cls(vlm.model))
-        if not has_cls or any(len(set(lay.vision["crop"])) > 1 for lay in ctx.layouts):
+        if not has_cls or per_crop(ctx):
             return self.select_anyres(ctx, n_keep, fl, crops, has_cls, drop)
         keep, scores, embeds, groups = [], [], [], []
         for i, (lay, n) in enumerate(zip(ctx.layouts, n_keep)):

@@ -58,13 +58,14 @@ from ..registry import Method, Selection, register
 from ..scoring import visionzip_merge, visionzip_split
 from ._vision import (
     crop_attention,
+    crop_tokens,
     heads_mean,
     hidden_module,
     layer_hidden,
     layer_keys,
     layer_proj,
     n_vision_heads,
-    crop_tokens,
+    per_crop,
     place_outputs,
     proj_module,
     project,
@@ -110,7 +111,7 @@ class VisionZip(Method):
         keys = layer_proj(ctx, layer, "k_proj")
         heads = n_vision_heads(vlm, layer)
         use_cls = bool(self.params["cls_token"])
-        if any(len(set(lay.vision["crop"])) > 1 for lay in ctx.layouts):
+        if per_crop(ctx):
             return self.select_anyres(ctx, n_keep, hidden, keys, heads, use_cls)
         keep, scores, embeds, groups, extra = [], [], [], [], []
         for i, (lay, n) in enumerate(zip(ctx.layouts, n_keep)):
