@@ -206,7 +206,7 @@ def test_hired_matches_eager():
         ("prumerge", "llava_onevision", "no \\[CLS\\]"),
         ("hired", "llava", "anyres"),
         ("prumerge_plus", "qwen2_vl", "no \\[CLS\\]"),
-        ("visionzip", "llava_next", "spans 5 vision crops"),
+        ("flowcut", "llava_onevision", "no \\[CLS\\]"),
     ],
 )
 def test_not_applicable(name, family, why):

@@ -166,9 +166,11 @@ def reduced_decoder_inputs(
     ``positions``: ``"kept"`` (kept tokens keep their position ids; gaps remain) or
     ``"renumbered"`` (1-D positions recounted over the kept tokens, as methods that rebuild
     ``position_ids`` after pruning do; not defined for multi-axis mRoPE ids, which raise).
-    ``extra[i]`` (None, or ``(where, (e, D) tensor)``): tokens a method sends that are no layout token
-    (VisionZip's [CLS] token, PruMerge's extra token), inserted before the sample's first kept image
-    token (``where="start"``) or after its last (``"end"``); only with ``positions="renumbered"``
+    ``extra[i]`` (None, ``(where, (e, D) tensor)`` or a list of such pairs): tokens a method sends that
+    are no layout token (VisionZip's [CLS] token, PruMerge's extra token), inserted before the sample's
+    first kept image token (``where="start"``), after its last (``"end"``), or before / after the
+    sample's image token ``j`` (layout order, kept or not: ``("before", j)`` / ``("after", j)``; one
+    per anyres crop); pairs at the same place go in list order. Only with ``positions="renumbered"``
     (they have no position of their own). Their ``source_positions`` are
     :data:`vtrlab.probes.attention.APPENDED` (no position of the batch).
     """
@@ -207,7 +209,7 @@ def reduced_decoder_inputs(
         if dropped.size and not valid[dropped].all():
             raise ValueError(f"sample {i}: layout image positions fall on padding; layout and inputs disagree")
         columns.append(np.setdiff1d(cols, dropped, assume_unique=True))
-    n_extra = [0 if e is None else int(e[1].shape[0]) for e in extra]
+    n_extra = [sum(int(t.shape[0]) for _, t in e) for e in extra]
     length = max(len(c) + n for c, n in zip(columns, n_extra))
 
     # per-token model inputs besides ids and mask (e.g. Gemma3's token_type_ids, from which the model
@@ -232,12 +234,12 @@ def reduced_decoder_inputs(
             row[img_cols] = embeds[i].to(row.device, row.dtype)
         src = idx
         per_tok = {k: v[i, idx.to(v.device)] for k, v in extras.items()}
-        if extra[i] is not None:
-            where, e = extra[i]
-            at = _insert_at(batch.layouts[i], masks[i], cols, where)
+        ats = [_insert_at(batch.layouts[i], masks[i], cols, where) for where, _ in extra[i]]
+        for j in sorted(range(len(ats)), key=lambda j: (ats[j], j), reverse=True):  # back to front
+            at, e = ats[j], extra[i][j][1]
             row = torch.cat([row[:at], e.to(row.device, row.dtype), row[at:]])
             marker = torch.full((e.shape[0],), APPENDED, dtype=torch.long, device=device)
-            src = torch.cat([idx[:at], marker, idx[at:]])
+            src = torch.cat([src[:at], marker, src[at:]])
             # per-token inputs of an inserted token: those of the image block's first token (image kind)
             ref = int(batch.layouts[i].image_positions[0])
             per_tok = {
@@ -260,27 +262,40 @@ def reduced_decoder_inputs(
 
 def _check_extra(batch: Batch, extra, positions: str) -> list:
     if extra is None:
-        return [None] * len(batch)
+        return [[] for _ in range(len(batch))]
     extra = list(extra)
     if len(extra) != len(batch):
         raise ValueError(f"extra has {len(extra)} entries for a batch of {len(batch)}; need one per sample")
     out = []
     for i, e in enumerate(extra):
-        if e is None or e[1].shape[0] == 0:
-            out.append(None)
-            continue
-        where, t = e
-        if where not in ("start", "end"):
-            raise ValueError(f"extra[{i}] is placed at {where!r}; accepted: 'start', 'end'")
-        if positions != "renumbered":
+        pairs = [] if e is None else [e] if isinstance(e, tuple) else list(e)
+        pairs = [(where, t) for where, t in pairs if t.shape[0] > 0]
+        n_img = batch.layouts[i].n_image_tokens
+        for where, _ in pairs:
+            ok = where in ("start", "end") or (
+                isinstance(where, tuple)
+                and len(where) == 2
+                and where[0] in ("before", "after")
+                and isinstance(where[1], (int, np.integer))
+                and 0 <= where[1] < n_img
+            )
+            if not ok:
+                raise ValueError(
+                    f"extra[{i}] is placed at {where!r}; accepted: 'start', 'end', ('before' | 'after', j) "
+                    f"with j an image-token index 0..{n_img - 1}"
+                )
+        if pairs and positions != "renumbered":
             raise ValueError("extra tokens (no layout token) need positions='renumbered': they have no position id")
-        out.append((where, t))
+        out.append(pairs)
     return out
 
 
 def _insert_at(layout, mask: np.ndarray, cols: np.ndarray, where: str) -> int:
     """Column (index into ``cols``) where extra tokens go: before the first kept image token / after
-    the last; with none kept, where the image block starts / ends."""
+    the last; with none kept, where the image block starts / ends; before / after image token j."""
+    if isinstance(where, tuple):
+        p = int(layout.image_positions[where[1]])
+        return int(np.searchsorted(cols, p, side="left" if where[0] == "before" else "right"))
     kept = layout.image_positions[mask]
     if where == "start":
         anchor = int(kept[0]) if kept.size else int(layout.positions.min())

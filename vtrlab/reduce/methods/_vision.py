@@ -320,3 +320,124 @@ def project(vlm, feats: torch.Tensor) -> torch.Tensor:
     p = next(proj.parameters())
     with torch.no_grad():
         return proj(feats.to(p.device, p.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# anyres: one tower sequence per crop (LLaVA-NeXT / LLaVA-OneVision base view + tiles)
+
+
+class CropTokens:
+    """One vision crop of a sample on a 1:1 tower (LLaVA families), as the layout sees it.
+
+    ``crop``: the tower call (index into tower outputs / ``vision_crops``). ``tokens``: layout
+    image-token indices of the crop's patches that reach the LM, in vpos (raster) order; ``vpos``:
+    their positions in the crop's tower sequence. ``columns``: their indices among **all** the
+    crop's patches in vpos order (the columns of :func:`crop_attention`); patches the model unpads
+    away (LLaVA-NeXT's padding rows/columns of the tile grid) have no layout token and no column
+    here. ``contiguous``: the crop's tokens form one run of the LM sequence (LLaVA-1.5's single crop,
+    the anyres base view), so a method's own LM order can be reproduced in its slots; the tiles of
+    the anyres grid share rows (and the model's newline tokens) with each other and are not.
+    """
+
+    def __init__(self, crop: int, tokens: np.ndarray, vpos: np.ndarray, columns: np.ndarray, contiguous: bool):
+        self.crop, self.tokens, self.vpos, self.columns, self.contiguous = crop, tokens, vpos, columns, contiguous
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def per_crop(ctx) -> bool:
+    """Whether a batch needs the per-crop (anyres) path: some sample spans several vision crops."""
+    return any(lay.vision is not None and lay.vision["crop"].nunique() > 1 for lay in ctx.layouts)
+
+
+def crop_tokens(lay, family: str, method: str) -> list[CropTokens]:
+    """The sample's crops (tower order) with the layout tokens of each (see :class:`CropTokens`)."""
+    crop, vpos = one_to_one(lay, family, method)
+    vis = lay.vision
+    img_pos = lay.image_positions
+    out = []
+    for c in np.unique(crop):
+        idx = np.flatnonzero(crop == c)
+        idx = idx[np.argsort(vpos[idx], kind="stable")]
+        all_v = np.sort(vis.loc[(vis["crop"] == c) & (vis["kind"] == "patch"), "vpos"].to_numpy().astype(int))
+        cols = np.searchsorted(all_v, vpos[idx])
+        if not np.array_equal(all_v[cols], vpos[idx]):
+            raise RuntimeError(f"crop {c}: layout patches missing from the vision table")
+        pos = np.sort(img_pos[idx])
+        # contiguous: one run of the sequence, no other token (newline, other crop) inside it
+        contiguous = bool(pos[-1] - pos[0] == len(pos) - 1)
+        out.append(CropTokens(int(c), idx, vpos[idx], cols, contiguous))
+    return out
+
+
+def split_budget(n: int, sizes: list[int]) -> list[int]:
+    """``n`` split over parts of ``sizes`` in proportion to their sizes (largest remainder; ties: the
+    earlier part), each part at most its size; sums to ``n`` exactly."""
+    sizes = [int(s) for s in sizes]
+    total = sum(sizes)
+    if not 0 <= n <= total:
+        raise ValueError(f"budget {n} outside 0..{total} (the crops hold {total} image tokens)")
+    if total == 0:
+        return [0] * len(sizes)
+    quota = [n * s / total for s in sizes]
+    out = [int(np.floor(q)) for q in quota]
+    order = sorted(range(len(sizes)), key=lambda j: (-(quota[j] - out[j]), j))
+    for j in order[: n - sum(out)]:
+        out[j] += 1
+    return out
+
+
+def place_outputs(lay, crops: list[CropTokens], outputs: list[tuple[np.ndarray, torch.Tensor]]):
+    """Put each crop's output tokens (``outputs[c] = (sources, embeds)`` in the method's LM order;
+    ``sources`` a layout image-token index, or -1 for a token that is no layout token — a [CLS],
+    PruMerge's extra token) into the keep path's terms: (keep mask, embeds of the kept tokens in
+    layout order, extras ``[(anchor, tensor), ...]``).
+
+    A contiguous crop's kept slots receive its tokens in the method's order, with its leading
+    non-layout tokens inserted before the crop's run and its trailing ones after it, so the LM sees
+    the method's sequence (renumbered positions). Tokens of a crop of the anyres grid sit in their
+    own slots (raster order of the grid, the model's newline tokens kept); its non-layout tokens are
+    inserted after the grid (after the last token of its image and tile), in crop order."""
+    img = lay.kind == KIND_IMAGE
+    n_tok = lay.n_image_tokens
+    pos = lay.image_positions
+    keep = np.zeros(n_tok, dtype=bool)
+    slot_emb: dict[int, torch.Tensor] = {}
+    extras = []
+    for ct, (src, emb) in zip(crops, outputs):
+        src = np.asarray(src)
+        is_tok = src >= 0
+        toks = src[is_tok]
+        if len(np.unique(toks)) != len(toks) or not np.isin(toks, ct.tokens).all():
+            raise RuntimeError(f"crop {ct.crop}: output tokens are not distinct tokens of the crop")
+        keep[toks] = True
+        rows = np.flatnonzero(is_tok)
+        by_pos = ct.tokens[np.argsort(pos[ct.tokens], kind="stable")]
+        if ct.contiguous:
+            slots = np.sort(toks)  # layout order == sequence order within the run
+            for s, r in zip(slots, rows):
+                slot_emb[int(s)] = emb[r]
+            non = np.flatnonzero(~is_tok)
+            lead, trail = (non[non < rows[0]], non[non > rows[-1]]) if rows.size else (non, non[:0])
+            if lead.size + trail.size != non.size:
+                raise RuntimeError(f"crop {ct.crop}: non-layout tokens inside the method's sequence")
+            if lead.size:
+                extras.append((("before", int(by_pos[0])), emb[lead]))
+            if trail.size:
+                extras.append((("after", int(by_pos[-1])), emb[trail]))
+        else:
+            for s, r in zip(toks, rows):
+                slot_emb[int(s)] = emb[r]
+            non = np.flatnonzero(~is_tok)
+            if non.size:
+                j = ct.tokens[0]
+                block = np.flatnonzero((lay.image[img] == lay.image[img][j]) & (lay.tile[img] == lay.tile[img][j]))
+                extras.append((("after", int(block[np.argmax(pos[block])])), emb[non]))
+    kept = np.flatnonzero(keep)
+    if kept.size:
+        embeds = torch.stack([slot_emb[int(s)] for s in kept])
+    else:
+        ref = next((e for _, e in outputs if e is not None and e.numel()), None)
+        embeds = None if ref is None else ref.new_zeros(0, ref.shape[-1])
+    return keep, embeds, extras

@@ -10,8 +10,20 @@ alone). At layers whose distance to the feature layer ``rpl = select_layer − l
 even, drop ``round((N − target) / √rpl · (1 − entropy_ratio²))`` tokens (all the excess when
 rpl = 0), keeping the top by cumulative score in raster order; so the feature layer's output
 (``hidden_states[-2]``) has exactly the budget. Budgets 64 / 128 / 192. Positions renumbered
-(LLaVA concatenates the kept features). Where vtrlab differs: LLaVA-1.5-style single crops only
-(the code's anyres variant halves the budget and prunes again in the LM).
+(LLaVA concatenates the kept features).
+
+Anyres (LLaVA-NeXT base view + tiles, ``flowcut/main.py`` with ``image_aspect_ratio == 'anyres'``,
+``llava_arch.py::prepare_inputs_labels_for_multimodal_flowcut``): the code prunes every crop in
+the tower to ``target_num / 2`` (+1 for the [CLS]), lays the tiles' kept tokens out in raster order
+of the grid, drops those in the unpadded-away region (``unpad_mask``), adds no newline tokens, and
+prunes again **inside the LM at layer 1** to ``target_num`` (``modeling_llama_flowcut.py``: last
+instruction token's query/value → image keys/values). vtrlab implements the tower stage per crop and
+not the second, in-LM stage: the budget ``n`` is split over the crops in proportion to their image
+tokens (largest remainder) and each crop runs the single-crop rule with a tower budget of its share
+``n_c`` plus its patches the model unpads away (which the LM never sees); at the last step the
+crop keeps its top ``n_c`` patches that reach the LM (the code keeps the top ones and then unpads),
+so exactly ``n`` image tokens reach the LM. A crop with ``n_c = 0`` sends nothing. The tiles' kept
+tokens sit in their own slots (raster order of the grid) and the model's newline tokens stay.
 """
 
 from __future__ import annotations
@@ -23,11 +35,24 @@ from ..context import vision_layer_index
 from ..registry import Method, Selection, register
 from ..scoring import flowcut_prune_count, flowcut_score, top_k
 from ..stages.tower import TowerState, run_tower
-from ._vision import project, require_cls, require_llava_tower, single_crop
+from ._vision import (
+    crop_tokens,
+    per_crop,
+    place_outputs,
+    project,
+    require_cls,
+    require_llava_tower,
+    single_crop,
+    split_budget,
+)
 
 
-def flowcut_step(st: TowerState, layer: int, select_layer: int, target: int) -> TowerState:
-    """One FlowCut update after block ``layer`` (batch of one crop sequence with [CLS] first)."""
+def flowcut_step(
+    st: TowerState, layer: int, select_layer: int, target: int, lm: torch.Tensor | None = None, final: int = 0
+) -> TowerState:
+    """One FlowCut update after block ``layer`` (batch of one crop sequence with [CLS] first).
+    ``lm`` (anyres): bool over the crop's original tower tokens, the patches that reach the LM; the
+    last step then keeps the top ``final`` of those (the others are unpadded away)."""
     T = st.x.shape[1]
     if T <= target:
         return st
@@ -45,7 +70,11 @@ def flowcut_step(st: TowerState, layer: int, select_layer: int, target: int) -> 
         n_keep = max(T - prune, target)
         if st.x.shape[0] != 1:
             raise ValueError("flowcut_step runs one crop at a time")
-        keep = top_k(cum[0], n_keep - 1)
+        if lm is not None and rpl == 0:
+            reach = lm.to(st.source.device)[st.source[0, 1:].argmax(-1)]
+            keep = top_k(cum[0].masked_fill(~reach, -torch.inf), final)
+        else:
+            keep = top_k(cum[0], n_keep - 1)
         rows = torch.cat([torch.zeros(1, dtype=torch.long, device=keep.device), keep + 1])
         extra["cum"] = cum[:, keep]
         return TowerState(x=st.x[:, rows], size=st.size[:, rows], source=st.source[:, rows], extra=extra)
@@ -71,6 +100,8 @@ class FlowCut(Method):
         vlm = ctx.vlm
         fl = vision_layer_index(vlm, int(self.params["feature_layer"]))
         crops = vlm.adapter.vision_crops(vlm.model, ctx.batch.inputs)
+        if per_crop(ctx):
+            return self.select_anyres(ctx, n_keep, fl, crops)
         keep, scores, embeds = [], [], []
         for i, (lay, n) in enumerate(zip(ctx.layouts, n_keep)):
             crop, order = single_crop(lay, vlm.family, self.name)
@@ -97,3 +128,49 @@ class FlowCut(Method):
         return Selection(
             keep=keep, scores=scores, embeds=embeds, info={"scores": "cumulative FlowCut score of kept tokens"}
         )
+
+    def select_anyres(self, ctx, n_keep, fl, pixels):
+        """Per crop (module doc, "Anyres"); also right for single-crop samples of the batch."""
+        vlm = ctx.vlm
+        keep, scores, embeds = [], [], []
+        for lay, n in zip(ctx.layouts, n_keep):
+            crops = crop_tokens(lay, vlm.family, self.name)
+            V = lay.n_image_tokens
+            sc = np.full(V, np.nan)
+            outputs = []
+            for ct, b in zip(crops, split_budget(n, [len(ct) for ct in crops])):
+                if b == 0:
+                    outputs.append((np.zeros(0, dtype=np.int64), None))
+                    continue
+                pixel = pixels[ct.crop : ct.crop + 1]
+                n_patches = _tower_patches(vlm)
+                lm = torch.zeros(n_patches + 1, dtype=torch.bool)
+                lm[torch.as_tensor(ct.vpos)] = True
+                target = b + 1 + (n_patches - len(ct))  # [CLS] + share + patches unpadded away
+                st = run_tower(
+                    vlm,
+                    pixel,
+                    fl,
+                    lambda li, s, t=target, lm=lm, b=b: flowcut_step(s, li, fl, t, lm=lm, final=b),
+                    want_cls=True,
+                    where="block",
+                )
+                vp = (st.source[0, 1:] > 0).float().argmax(1).cpu().numpy()  # kept patches' vpos
+                if not lm[torch.as_tensor(vp)].all() or len(vp) != b:
+                    raise RuntimeError(f"flowcut: crop {ct.crop} kept {len(vp)} patches, not {b} reaching the LM")
+                tok = ct.tokens[np.searchsorted(ct.vpos, vp)]
+                order = np.argsort(tok, kind="stable")
+                if st.extra and st.extra.get("cum") is not None:
+                    sc[tok] = st.extra["cum"][0].float().cpu().numpy()
+                outputs.append((tok[order], project(vlm, st.x[0, 1:])[torch.as_tensor(order)]))
+            m, e, _ = place_outputs(lay, crops, outputs)
+            keep.append(m)
+            scores.append(sc)
+            embeds.append(e)
+        return Selection(keep=keep, scores=scores, embeds=embeds, info={"budget_split": "per crop"})
+
+
+def _tower_patches(vlm) -> int:
+    """Patches of one crop's tower sequence (no [CLS])."""
+    tower = vlm.adapter.vision_tower(vlm.model)
+    return int(getattr(tower, "vision_model", tower).embeddings.num_patches)

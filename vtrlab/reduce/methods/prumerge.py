@@ -19,8 +19,19 @@ token is no layout token: it is inserted after the last kept image token
 (``Selection.info["extra"]``, the keep path's ``extra=``). The kept slots receive the merged tokens in
 the method's LM order (attention rank), so with renumbered positions the LM sees the code's
 sequence. ``group``: kept tokens point to themselves; the neighbourhoods a kept token absorbs
-overlap between kept tokens, so they are not a partition and are not recorded. One crop per
-sample (LLaVA-1.5; the code hard-codes 576 patches).
+overlap between kept tokens, so they are not a partition and are not recorded.
+
+Anyres (LLaVA-NeXT base view + tiles): the official code has no anyres path (it hard-codes 576
+patches of one crop); vtrlab applies it per crop, each crop its own CLIP sequence: the [CLS]
+attention softmax runs over the crop's whole sequence (as its tower computes it), and the outlier
+test, the pick, the neighbours and the extra token are over the crop's patches that reach the LM
+(patches the model unpads away are no candidates). ``adaptive=True``: each crop keeps its own
+outliers plus one extra token; ``adaptive=False``: the budget ``n`` is split over the crops in
+proportion to their image tokens (largest remainder) and each crop's share ``n_c`` is ``n_c − 1``
+tokens + its extra token (none when ``n_c = 0``), so the LM receives exactly ``n``. The base view
+sends its tokens in the method's order with its extra token after them; the tiles' tokens sit in
+their own slots (raster order of the grid, the model's newline tokens kept) and their extra tokens
+follow the grid's last image token, in tile order.
 """
 
 from __future__ import annotations
@@ -31,13 +42,17 @@ import torch
 from ..registry import Method, Selection, register
 from ..scoring import iqr_outlier_count, prumerge_cls_attention, prumerge_merge, prumerge_plus_grid, rank_desc
 from ._vision import (
+    crop_tokens,
     hidden_module,
     layer_hidden,
     layer_proj,
+    per_crop,
+    place_outputs,
     proj_module,
     project,
     require_cls,
     single_crop,
+    split_budget,
     vision_forward,
 )
 
@@ -97,6 +112,8 @@ class PruMerge(Method):
         q = layer_proj(ctx, int(self.params["vision_layer"]), "q_proj")
         k = layer_proj(ctx, int(self.params["vision_layer"]), "k_proj")
         feats_all = layer_hidden(ctx, int(self.params["feature_layer"]))
+        if per_crop(ctx):
+            return self.select_anyres(ctx, n_keep, q, k, feats_all)
         keep, scores, embeds, groups, extra = [], [], [], [], []
         for i, (lay, n) in enumerate(zip(ctx.layouts, n_keep)):
             crop, order = single_crop(lay, vlm.family, self.name)
@@ -125,6 +142,48 @@ class PruMerge(Method):
             embeds=embeds,
             group=groups,
             info={"extra": [("end", e) for e in extra], "embeds_order": "method (LM) order"},
+        )
+
+    def select_anyres(self, ctx, n_keep, q, k, feats_all):
+        """Per crop (module doc, "Anyres"); also right for single-crop samples of the batch."""
+        vlm = ctx.vlm
+        adaptive = bool(self.params["adaptive"])
+        keep, scores, embeds, groups, extra = [], [], [], [], []
+        for i, (lay, n) in enumerate(zip(ctx.layouts, n_keep)):
+            crops = crop_tokens(lay, vlm.family, self.name)
+            V = lay.n_image_tokens
+            s, g = np.zeros(V), np.full(V, -1, dtype=np.int64)
+            shares = [None] * len(crops) if adaptive else split_budget(n, [len(ct) for ct in crops])
+            outputs = []
+            for ct, n_c in zip(crops, shares):
+                qc, kc = q[ct.crop].double(), k[ct.crop].double()
+                cols = torch.as_tensor(ct.columns)
+                attn = prumerge_cls_attention(qc[0], kc)[cols]
+                s[ct.tokens] = attn.numpy()
+                if n_c == 0:
+                    outputs.append((np.zeros(0, dtype=np.int64), None))
+                    continue
+                picked = self.picked(attn, n_c)
+                rows = torch.as_tensor(ct.vpos)
+                res = prumerge_merge(
+                    attn, kc[rows], feats_all[ct.crop][rows].double(), picked, int(self.params["n_neighbors"])
+                )
+                src = res.sources.numpy()
+                tok = np.where(src >= 0, ct.tokens[np.clip(src, 0, None)], -1)
+                g[tok[tok >= 0]] = tok[tok >= 0]
+                outputs.append((tok, project(vlm, res.embeds)))
+            m, e, x = place_outputs(lay, crops, outputs)
+            keep.append(m)
+            scores.append(s)
+            groups.append(g)
+            embeds.append(e)
+            extra.append(x)
+        return Selection(
+            keep=keep,
+            scores=scores,
+            embeds=embeds,
+            group=groups,
+            info={"extra": extra, "embeds_order": "method (LM) order per crop", "budget_split": "per crop"},
         )
 
 

@@ -12,8 +12,21 @@ merged features go through the projector. ToMe defines no LM order: the merged t
 LM in the order of their first patch (raster), positions renumbered (features concatenated).
 
 Record: each merged token sits in the layout slot of its first patch; ``group`` maps every patch
-to that slot (a partition: every patch is in exactly one token). LLaVA-family towers, one crop
-per sample.
+to that slot (a partition: every patch is in exactly one token). LLaVA-family towers.
+``feature_layer=None`` (default): the layer whose output the model's projector receives
+(LLaVA-1.5 / NeXT: ``-2``; LLaVA-OneVision: ``-1``).
+
+Anyres (LLaVA-NeXT / LLaVA-OneVision base view + tiles): ToMe has no anyres code (it is a ViT
+method); vtrlab applies it per crop, each crop's tower sequence merged on its own (the [CLS] of a
+CLIP crop protected, SigLIP crops have none), the budget ``n`` split over the crops in proportion
+to their image tokens (largest remainder). The tower merges every patch it runs on, including those
+the model then unpads away (LLaVA-NeXT's padding rows/columns of the tile grid); a merged token
+reaches the LM iff it holds at least one patch that does (tokens of padding only are unpadded away),
+and sits in the slot of its first such patch. With ``r=0`` the schedule's total removal per crop is
+the one that leaves exactly the crop's share of LM-reaching tokens (searched from "padding stays
+unmerged" upwards; an error names the crop if no schedule does); the merged features keep the
+padding patches they absorbed. Tiles' tokens sit in their own slots (raster order of the grid, the
+model's newline tokens kept).
 """
 
 from __future__ import annotations
@@ -25,7 +38,15 @@ from ..context import vision_layer_index
 from ..registry import Method, Selection, register
 from ..scoring import tome_match, tome_merge, tome_schedule
 from ..stages.tower import TowerState, run_tower
-from ._vision import project, require_llava_tower, single_crop
+from ._vision import (
+    crop_tokens,
+    per_crop,
+    place_outputs,
+    project,
+    require_llava_tower,
+    single_crop,
+    split_budget,
+)
 
 
 @register("tome")
@@ -33,7 +54,7 @@ class ToMe(Method):
     stage = "tower"
     positions = "renumbered"
     merges = True
-    defaults = {"r": 0, "proportional": True, "feature_layer": -2}
+    defaults = {"r": 0, "proportional": True, "feature_layer": None}
     source = "facebookresearch/ToMe: tome/merge.py (bipartite_soft_matching, merge_wavg), tome/patch/timm.py"
 
     def check(self, vlm):
@@ -52,12 +73,22 @@ class ToMe(Method):
             T -= out[-1]
         return out
 
+    def feature_layer(self, vlm) -> int:
+        fl = self.params["feature_layer"]
+        if fl is None:
+            return int(vlm.adapter.vision_feature_layer(vlm.model))
+        if isinstance(fl, bool) or not isinstance(fl, (int, np.integer)):
+            raise TypeError(f"tome: feature_layer={fl!r}; accepted: None (the model's) or an int vision layer")
+        return vision_layer_index(vlm, int(fl))
+
     def select(self, ctx, n_keep):
         vlm = ctx.vlm
-        fl = vision_layer_index(vlm, int(self.params["feature_layer"]))
+        fl = self.feature_layer(vlm)
         crops = vlm.adapter.vision_crops(vlm.model, ctx.batch.inputs)
         has_cls = bool(vlm.has_cls)
         drop = int(vlm.adapter.features_drop_cls(vlm.model))
+        if not has_cls or per_crop(ctx):
+            return self.select_anyres(ctx, n_keep, fl, crops, has_cls, drop)
         keep, scores, embeds, groups = [], [], [], []
         for i, (lay, n) in enumerate(zip(ctx.layouts, n_keep)):
             crop, order = single_crop(lay, vlm.family, self.name) if has_cls else (None, None)
@@ -91,6 +122,93 @@ class ToMe(Method):
             groups.append(g)
             embeds.append(proj[torch.as_tensor(srt, device=proj.device)])
         return Selection(keep=keep, scores=scores, embeds=embeds, group=groups, info={"scores": "merged size"})
+
+    def _run_crop(self, vlm, pixel, fl, has_cls, drop, sched):
+        def between(layer, st):
+            r = sched[layer]
+            if r == 0:
+                return st
+            m = tome_match(st.metric, r, protect_first=has_cls)
+            size = tome_merge(st.size, m)
+            x = tome_merge(st.x * st.size, m) / size
+            return TowerState(x=x, size=size, source=tome_merge(st.source, m, mode="amax"))
+
+        st = run_tower(vlm, pixel, fl, between, proportional=bool(self.params["proportional"]))
+        return st.x[0, drop:], st.size[0, drop:, 0], st.source[0, drop:] > 0
+
+    def select_anyres(self, ctx, n_keep, fl, pixels, has_cls, drop):
+        """Per crop (module doc, "Anyres"); also right for single-crop samples of the batch."""
+        vlm = ctx.vlm
+        keep, scores, embeds, groups = [], [], [], []
+        for i, (lay, n) in enumerate(zip(ctx.layouts, n_keep)):
+            crops = crop_tokens(lay, vlm.family, self.name)
+            V = lay.n_image_tokens
+            sc, g = np.full(V, np.nan), np.full(V, -1, dtype=np.int64)
+            outputs = []
+            for ct, b in zip(crops, split_budget(n, [len(ct) for ct in crops])):
+                if b == 0 and int(self.params["r"]) == 0:
+                    outputs.append((np.zeros(0, dtype=np.int64), None))
+                    continue
+                pixel = pixels[ct.crop : ct.crop + 1]
+                feats, size, members = self._crop_merge(vlm, pixel, fl, has_cls, drop, ct, b)
+                lm = members[:, torch.as_tensor(ct.vpos)]  # (tokens, LM patches of the crop, vpos order)
+                reach = lm.any(1)
+                first = lm.float().argmax(1)[reach].cpu().numpy()  # first LM patch of each reaching token
+                order = np.argsort(first, kind="stable")
+                slots = ct.tokens[first[order]]
+                tok_of = lm[reach].float().argmax(0).cpu().numpy()  # LM patch -> reaching token
+                g[ct.tokens] = ct.tokens[first[tok_of]]
+                sc[slots] = size[reach].float().cpu().numpy()[order]
+                rows = torch.as_tensor(np.flatnonzero(reach.cpu().numpy())[order], device=feats.device)
+                outputs.append((slots, project(vlm, feats[rows])))
+            m, e, _ = place_outputs(lay, crops, outputs)
+            keep.append(m)
+            scores.append(sc)
+            groups.append(g)
+            embeds.append(e)
+        return Selection(
+            keep=keep,
+            scores=scores,
+            embeds=embeds,
+            group=groups,
+            info={"scores": "merged size (tower tokens, padding included)", "budget_split": "per crop"},
+        )
+
+    def _crop_merge(self, vlm, pixel, fl, has_cls, drop, ct, b):
+        """ToMe on one crop, leaving ``b`` tokens that hold an LM patch (``r=0``) or with constant r."""
+        lm_idx = torch.as_tensor(ct.vpos)
+        N0 = _tower_tokens(vlm)
+
+        def reached(R):
+            sched = self.schedule(N0, N0 - R, fl + 1, int(has_cls))
+            out = self._run_crop(vlm, pixel, fl, has_cls, drop, sched)
+            return out, int(out[2][:, lm_idx].any(1).sum())
+
+        if int(self.params["r"]) > 0:
+            return reached(0)[0]
+        pad = N0 - int(has_cls) - len(ct)
+        lo = R = max(0, N0 - int(has_cls) - b - pad)
+        while True:
+            out, K = reached(R)
+            if K == b:
+                return out
+            if K > b:
+                lo, R = R, R + (K - b)
+                continue
+            for R2 in range(lo + 1, R):
+                out, K = reached(R2)
+                if K == b:
+                    return out
+            raise RuntimeError(
+                f"tome: no merge schedule leaves exactly {b} tokens holding image patches of crop {ct.crop} "
+                f"(between {lo} and {R} merges); give another budget"
+            )
+
+
+def _tower_tokens(vlm) -> int:
+    """Tokens of one crop's tower sequence (patches + [CLS] where there is one)."""
+    emb = getattr(vlm.adapter.vision_tower(vlm.model), "vision_model", vlm.adapter.vision_tower(vlm.model)).embeddings
+    return int(emb.num_positions)
 
 
 def _sizes(V: int, rep: np.ndarray, size: np.ndarray) -> np.ndarray:

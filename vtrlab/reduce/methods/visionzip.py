@@ -18,8 +18,24 @@ method's LM order, so with renumbered positions the LM sees exactly the code's s
 token (``Selection.info["extra"]``, the keep path's ``extra=``), so the LM receives exactly ``n``
 tokens: the [CLS], ``dominant − 1`` patches and ``contextual`` merged tokens; the record's
 ``budget`` counts the ``n − 1`` layout tokens kept (``cls_token=False`` spends the [CLS] slot on one
-more dominant patch). One crop per sample (LLaVA-1.5 towers); the code's anyres variant (no
-unpadding, per-crop [CLS] and contextual tokens appended after the grid) is not implemented.
+more dominant patch).
+
+Anyres (LLaVA-NeXT: a base view and tiles, each its own CLIP sequence with its own [CLS]) follows
+the code's LLaVA-NeXT path (``visionzip/llava_arch.py::prepare_inputs_labels_for_multimodal_visionzip``,
+``restore_image_features_sorted``): the single-crop selection and merge run **per crop**, each crop
+sending its own [CLS], dominant and contextual tokens. The code gives every crop the same
+(dominant, contextual); vtrlab splits the budget ``n`` over the crops in proportion to each crop's
+image tokens (largest remainder; equal when no patch is unpadded away, as in the code, where every
+crop has 576) and each crop's share ``n_c`` into ``dominant + contextual`` as above (the crop's
+[CLS] counts in its dominant part), so the LM receives exactly ``n`` tokens. The base view keeps the
+code's order ([CLS], dominant, contextual; its [CLS] inserted before its run of tokens). The code
+then lays the tiles' dominant tokens out in raster order of the whole grid (as vtrlab does: each in
+its own slot), appends the tiles' [CLS] tokens, then their contextual tokens. Where vtrlab differs:
+(a) the code neither unpads the grid nor adds newline tokens; vtrlab keeps the model's layout —
+patches unpadded away by the model are no candidates (neither dominant nor merged: they never reach
+the LM) and the newline tokens stay, as in every keep path; (b) so that the newlines stay at row
+ends, each tile's contextual token sits in its target's slot (raster order) instead of after the
+[CLS] tokens; the tiles' [CLS] tokens follow the grid's last image token, in tile order.
 
 Towers without a [CLS] (SigLIP in LLaVA-OneVision / Idefics3 / SmolVLM / Gemma3, Qwen's ViT): the
 substitute follows ModelTC/LightCompress ``token_reduction/visionzip.py``'s Qwen2.5-VL port — the
@@ -42,15 +58,19 @@ from ..registry import Method, Selection, register
 from ..scoring import visionzip_merge, visionzip_split
 from ._vision import (
     crop_attention,
+    crop_tokens,
     heads_mean,
     hidden_module,
     layer_hidden,
     layer_keys,
     layer_proj,
     n_vision_heads,
+    per_crop,
+    place_outputs,
     proj_module,
     project,
     single_crop,
+    split_budget,
     token_attention,
     token_vectors,
     vision_forward,
@@ -91,6 +111,8 @@ class VisionZip(Method):
         keys = layer_proj(ctx, layer, "k_proj")
         heads = n_vision_heads(vlm, layer)
         use_cls = bool(self.params["cls_token"])
+        if per_crop(ctx):
+            return self.select_anyres(ctx, n_keep, hidden, keys, heads, use_cls)
         keep, scores, embeds, groups, extra = [], [], [], [], []
         for i, (lay, n) in enumerate(zip(ctx.layouts, n_keep)):
             crop, order = single_crop(lay, vlm.family, self.name)
@@ -123,6 +145,48 @@ class VisionZip(Method):
             embeds=embeds,
             group=groups,
             info={"extra": [("start", e) for e in extra], "embeds_order": "method (LM) order"},
+        )
+
+    def select_anyres(self, ctx, n_keep, hidden, keys, heads, use_cls):
+        """Per crop (module doc, "Anyres"); also right for single-crop samples of the batch."""
+        vlm, layer = ctx.vlm, int(self.params["vision_layer"])
+        if int(self.params["dominant"]) > 0:
+            raise ValueError(
+                "visionzip: dominant/contextual are per-sample counts of one crop; on anyres samples give the "
+                "budget (keep=) and vtrlab splits it over the crops"
+            )
+        keep, scores, embeds, groups, extra = [], [], [], [], []
+        for i, (lay, n) in enumerate(zip(ctx.layouts, n_keep)):
+            crops = crop_tokens(lay, vlm.family, self.name)
+            V = lay.n_image_tokens
+            s, g = np.zeros(V), np.full(V, -1, dtype=np.int64)
+            outputs = []
+            for ct, n_c in zip(crops, split_budget(n, [len(ct) for ct in crops])):
+                attn = crop_attention(ctx, layer, i, ct.crop)[:, ct.columns]
+                s[ct.tokens] = attn.sum(0).numpy()
+                if n_c == 0:
+                    outputs.append((np.zeros(0, dtype=np.int64), None))
+                    continue
+                rows = torch.as_tensor(np.concatenate([[0], ct.vpos]) if use_cls else ct.vpos)
+                h = hidden[ct.crop].double()[rows]
+                kk = heads_mean(keys[ct.crop].double(), heads)[rows]
+                res = visionzip_merge(attn, h, kk, *visionzip_split(n_c), has_cls=use_cls)
+                src = res.sources.numpy()
+                gv = res.group.numpy()
+                g[ct.tokens] = np.where(gv >= 0, ct.tokens[np.clip(gv, 0, None)], -1)
+                outputs.append((np.where(src >= 0, ct.tokens[np.clip(src, 0, None)], -1), project(vlm, res.embeds)))
+            m, e, x = place_outputs(lay, crops, outputs)
+            keep.append(m)
+            scores.append(s)
+            groups.append(g)
+            embeds.append(e)
+            extra.append(x)
+        return Selection(
+            keep=keep,
+            scores=scores,
+            embeds=embeds,
+            group=groups,
+            info={"extra": extra, "embeds_order": "method (LM) order per crop", "budget_split": "per crop"},
         )
 
     def select_no_cls(self, ctx, n_keep):
