@@ -87,11 +87,12 @@ def _units(part: str, out: Path, smoke: bool, repeats: int, warmup: int) -> list
             for s in shapes
         ]
     if part == "reduce":
-        flag = ["--smoke", "--new-tokens", "2"] if smoke else ["--new-tokens", "16"]
+        # reduce.py's own defaults (median of 7 after 2, 4 decode tokens) unless smoke
+        flag = ["--smoke", "--new-tokens", "2", *rw] if smoke else []
         return [
             (
                 s,
-                [py, str(HERE / "reduce.py"), "--shapes", s, "--out", str(tmp / f"reduce-{s}.json"), *flag, *rw],
+                [py, str(HERE / "reduce.py"), "--shapes", s, "--out", str(tmp / f"reduce-{s}.json"), *flag],
                 tmp / f"reduce-{s}.json",
             )
             for s in shapes

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,18 +71,44 @@ def _source(batch: Batch, positions: torch.Tensor) -> tuple:
     return positions, dict(batch.inputs).get("input_ids")
 
 
-def _plan(vlm: Any, batch: Batch, method: Any, keep: Any, params: dict, decoder_inputs: dict | None):
-    """(keep masks, embeds, positions, removal, extra) for ``method`` at budget ``keep``; ``removal(red)``
-    is the context in which the reduced inputs ``red`` run (in-LM removal for LM-stage methods); ``extra``
-    the tokens a pre-LM method sends that are no layout token (``Selection.info["extra"]``)."""
-    from .apply import resolve, select
+@dataclass
+class _Plan:
+    keep: Any  # keep masks (or None: all)
+    embeds: Any
+    positions: str
+    removal: Any  # removal(red): the context the reduced inputs run in (in-LM removal for LM-stage methods)
+    extra: Any  # tokens a pre-LM method sends that are no layout token (``Selection.info["extra"]``)
+    decoder_inputs: dict | None  # the batch's decoder inputs when already computed (checked / built here)
 
+    def reduced(self, vlm: Any, batch: Batch) -> ReducedInputs:
+        return reduced_decoder_inputs(
+            vlm,
+            batch,
+            self.keep,
+            self.decoder_inputs,
+            embeds=self.embeds,
+            positions=self.positions,
+            extra=self.extra,
+            _built_here=True,
+        )
+
+
+def _plan(vlm: Any, batch: Batch, method: Any, keep: Any, params: dict, decoder_inputs: dict | None) -> _Plan:
+    """What :func:`generate_ids` / :func:`logits` run for ``method`` at budget ``keep``. Given
+    ``decoder_inputs`` are checked against the batch once, here; a pre-LM method whose scoring ran the
+    tower hands its decoder inputs on, so the tower runs once per call."""
+    from .apply import resolve, select_in_context
+    from .keep import check_decoder_inputs
+
+    if decoder_inputs is not None:
+        check_decoder_inputs(batch, decoder_inputs)
+    none = lambda red: contextlib.nullcontext()  # noqa: E731
     if method is None:
         if params:
             raise ValueError(f"parameters {sorted(params)} given without method=; they are a method's parameters")
         if isinstance(keep, (float, int)) and not isinstance(keep, bool):
             raise ValueError(f"keep={keep!r} is a budget; give method= (e.g. 'random') or per-sample bool masks")
-        return keep, None, "kept", lambda red: contextlib.nullcontext(), None
+        return _Plan(keep, None, "kept", none, None, decoder_inputs)
     m = resolve(method, params)
     if keep is None:
         raise ValueError(f"method={m.name!r} needs a budget keep= (ratio in (0, 1] or a number of image tokens)")
@@ -95,10 +121,11 @@ def _plan(vlm: Any, batch: Batch, method: Any, keep: Any, params: dict, decoder_
             return lm_removal(vlm, batch, m, keep, red.source_positions, pre=pre)
 
         if pre is None:
-            return None, None, "kept", removal, None
-        return pre.keep, pre.embeds, m.positions, removal, pre.info.get("extra")
-    sel = select(vlm, batch, m, keep, decoder_inputs)
-    return sel.keep, sel.embeds, m.positions, lambda red: contextlib.nullcontext(), sel.info.get("extra")
+            return _Plan(None, None, "kept", removal, None, decoder_inputs)
+        return _Plan(pre.keep, pre.embeds, m.positions, removal, pre.info.get("extra"), decoder_inputs)
+    sel, ctx = select_in_context(vlm, batch, m, keep, decoder_inputs)
+    dec = ctx.decoder_inputs() if ctx.has_decoder_inputs() else None
+    return _Plan(sel.keep, sel.embeds, m.positions, none, sel.info.get("extra"), dec)
 
 
 @torch.no_grad()
@@ -111,20 +138,22 @@ def generate_ids(
     decoder_inputs: dict | None = None,
     *,
     method: Any = None,
+    on_token: Callable[[int], None] | None = None,
     **params: Any,
 ) -> list[list[int]]:
     """Greedy new token ids per sample (up to and excluding the first EOS); ``method``/``keep`` as
-    in :func:`answer`."""
+    in :func:`answer`. ``on_token(step)`` is called once each step's tokens are on the host (step 0:
+    the first token, i.e. time to first token; benchmarks time prefill and decode with it)."""
     check_max_new_tokens(max_new_tokens)
-    keep, embeds, positions, removal, extra = _plan(vlm, batch, method, keep, params, decoder_inputs)
-    red: ReducedInputs = reduced_decoder_inputs(
-        vlm, batch, keep, decoder_inputs, embeds=embeds, positions=positions, extra=extra
-    )
-    with removal(red):
-        return _decode(vlm, batch, red, max_new_tokens, progress)
+    plan = _plan(vlm, batch, method, keep, params, decoder_inputs)
+    red = plan.reduced(vlm, batch)
+    with plan.removal(red):
+        return _decode(vlm, batch, red, max_new_tokens, progress, on_token)
 
 
-def _decode(vlm: Any, batch: Batch, red: ReducedInputs, max_new_tokens: int, progress: bool) -> list[list[int]]:
+def _decode(
+    vlm: Any, batch: Batch, red: ReducedInputs, max_new_tokens: int, progress: bool, on_token=None
+) -> list[list[int]]:
     embed = vlm.model.get_input_embeddings()
     eos = _eos_ids(vlm)
     pad = _pad_id(vlm, eos)
@@ -142,9 +171,12 @@ def _decode(vlm: Any, batch: Batch, red: ReducedInputs, max_new_tokens: int, pro
     for step in tqdm(range(max_new_tokens), desc="decode", disable=not progress, leave=False):
         token = logit[:, -1].argmax(-1)
         token = torch.where(done, torch.full_like(token, pad), token)
+        host_tok, host_done = token.tolist(), done.tolist()  # one copy per step, not one per sample
         for i in range(bsz):
-            if not done[i] and not (eos and int(token[i]) in eos):
-                out[i].append(int(token[i]))
+            if not host_done[i] and not (eos and host_tok[i] in eos):
+                out[i].append(host_tok[i])
+        if on_token is not None:
+            on_token(step)
         if eos:
             done = done | torch.isin(token, eos_t)
         if bool(done.all()) or step == max_new_tokens - 1:
@@ -227,9 +259,9 @@ def logits(
     ``method``/``keep`` as in :func:`answer`. For a method that prunes inside the LM, ``logits``
     and ``source_positions`` cover the columns left after its last stage.
     """
-    keep, embeds, positions, removal, extra = _plan(vlm, batch, method, keep, params, decoder_inputs)
-    red = reduced_decoder_inputs(vlm, batch, keep, decoder_inputs, embeds=embeds, positions=positions, extra=extra)
-    with removal(red) as state:
+    plan = _plan(vlm, batch, method, keep, params, decoder_inputs)
+    red = plan.reduced(vlm, batch)
+    with plan.removal(red) as state:
         return _logits(vlm, batch, red, append, state)
 
 

@@ -39,6 +39,15 @@ def resolve(method: str | Method, params: dict | None = None) -> Method:
 
 def select(vlm: Any, batch: Batch, method: Method, keep: Any, decoder_inputs: dict | None = None) -> Selection:
     """Run a pre-LM method's selection with exact per-sample budgets (checked)."""
+    return select_in_context(vlm, batch, method, keep, decoder_inputs)[0]
+
+
+def select_in_context(
+    vlm: Any, batch: Batch, method: Method, keep: Any, decoder_inputs: dict | None = None
+) -> tuple[Selection, ReductionContext]:
+    """:func:`select` and the :class:`ReductionContext` it ran in: its cached ``decoder_inputs`` (when the
+    method's signals needed the tower) are the LM inputs of this batch, so the caller need not run the
+    tower again (:func:`vtrlab.reduce.answer.generate_ids`)."""
     if method.stage == "lm":
         raise ValueError(f"method {method.name!r} prunes inside the LM; use vtrlab.reduce.stages.lm")
     prepare(method, vlm)
@@ -52,7 +61,7 @@ def select(vlm: Any, batch: Batch, method: Method, keep: Any, decoder_inputs: di
             raise RuntimeError(f"method {method.name!r}: sample {i} mask {m.shape} != ({lay.n_image_tokens},)")
         if getattr(method, "exact_budget", True) and int(m.sum()) != k:
             raise RuntimeError(f"method {method.name!r} kept {int(m.sum())} tokens of sample {i}; budget is {k}")
-    return sel
+    return sel, ctx
 
 
 def _json(v: Any) -> Any:

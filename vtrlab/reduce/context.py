@@ -4,6 +4,9 @@ A method asks for what it needs; nothing is computed twice for one batch, and no
 that no method asked for. Signals:
 
 * :meth:`decoder_inputs` — the LM decoder's inputs as the model builds them (image features merged).
+  A method's own vision forward (:func:`vtrlab.reduce.methods._vision.vision_forward`) runs through
+  the same function and stores its result here, so the tower runs **once** per batch: the inputs the
+  LM then receives (:func:`vtrlab.reduce.answer.generate_ids`) are those of the scoring forward.
 * :meth:`image_embeds` — per sample, the projector outputs at the image tokens (layout order).
 * :meth:`vision_hidden` — per vision layer, the tower's hidden states after that layer (forward hook),
   as the tower produced them (one tensor per tower call: crops / images in processor order).
@@ -66,9 +69,16 @@ class ReductionContext:
         return self._cache[key]
 
     def decoder_inputs(self) -> dict:
-        from .keep import decoder_inputs
+        """The adapter's decoder inputs of this batch (computed once; given ones are used as they are)."""
+        return self.cached("decoder_inputs", lambda: self.vlm.adapter.decoder_inputs(self.vlm.model, self.batch.inputs))
 
-        return self.cached("decoder_inputs", lambda: decoder_inputs(self.vlm, self.batch))
+    def has_decoder_inputs(self) -> bool:
+        return "decoder_inputs" in self._cache
+
+    def offer_decoder_inputs(self, dec: dict) -> None:
+        """Keep ``dec`` (the adapter's ``decoder_inputs`` of this batch, computed by a method's own vision
+        forward) unless decoder inputs are already cached: later signals and the LM reuse them."""
+        self._cache.setdefault("decoder_inputs", dec)
 
     def image_embeds(self, i: int) -> torch.Tensor:
         """(n_image_tokens, D) projector outputs of sample ``i`` at its image tokens (layout order)."""

@@ -152,6 +152,8 @@ def reduced_decoder_inputs(
     embeds: Sequence[torch.Tensor | None] | None = None,
     positions: str = "kept",
     extra: Sequence[tuple[str, torch.Tensor] | None] | None = None,
+    *,
+    _built_here: bool = False,
 ) -> ReducedInputs:
     """The inputs the LM decoder receives, minus the image tokens whose keep mask is False.
 
@@ -173,6 +175,9 @@ def reduced_decoder_inputs(
     per anyres crop); pairs at the same place go in list order. Only with ``positions="renumbered"``
     (they have no position of their own). Their ``source_positions`` are
     :data:`vtrlab.probes.attention.APPENDED` (no position of the batch).
+    ``_built_here`` (internal): ``decoder_inputs`` are the adapter's output for ``batch`` computed by
+    vtrlab in this call chain (a method's scoring forward) or already checked by the caller; the
+    fingerprint check (a host copy and hash of the pixels) is skipped.
     """
     if positions not in ("kept", "renumbered"):
         raise ValueError(f"positions={positions!r}; accepted: 'kept', 'renumbered'")
@@ -185,7 +190,7 @@ def reduced_decoder_inputs(
         for i, (e, m) in enumerate(zip(embeds, masks)):
             if e is not None and tuple(e.shape[:1]) != (int(m.sum()),):
                 raise ValueError(f"embeds[{i}] has {tuple(e.shape)} rows; sample {i} keeps {int(m.sum())} tokens")
-    if decoder_inputs is not None:
+    if decoder_inputs is not None and not _built_here:
         check_decoder_inputs(batch, decoder_inputs)
     dec = decoder_inputs if decoder_inputs is not None else vlm.adapter.decoder_inputs(vlm.model, batch.inputs)
     dec_embeds: torch.Tensor = dec["inputs_embeds"]

@@ -269,13 +269,17 @@ def divprune_order(feats: torch.Tensor, k: int) -> torch.Tensor:
     normed = feats / norms
     dist = 1.0 - normed @ normed.T
     first = torch.topk(dist, 2, dim=0, largest=False).values[1]
-    picked = [int(torch.argmax(first))]
-    best = dist[picked[0]].clone()
-    for _ in range(1, k):
-        nxt = int(torch.argmax(best))
-        picked.append(nxt)
-        best = torch.minimum(best, dist[nxt])
-    return torch.as_tensor(picked, dtype=torch.long, device=feats.device)
+    # on the device, no host sync per pick: the picked index stays a 1-element tensor (argmax returns
+    # the first maximal index, as before); one copy at the end when the caller reads the indices
+    picked = torch.empty(k, dtype=torch.long, device=feats.device)
+    nxt = torch.argmax(first).reshape(1)
+    picked[0:1] = nxt
+    best = dist.index_select(0, nxt)[0].clone()
+    for i in range(1, k):
+        nxt = torch.argmax(best).reshape(1)
+        picked[i : i + 1] = nxt
+        torch.minimum(best, dist.index_select(0, nxt)[0], out=best)
+    return picked
 
 
 def divprune_select(feats: torch.Tensor, k: int) -> torch.Tensor:

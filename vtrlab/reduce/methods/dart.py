@@ -33,26 +33,34 @@ def dart_select(
     pivot_image: int,
     pivot_text: int,
 ) -> np.ndarray:
-    """Bool over ``img_cols``: the DART kept set (see module doc). ``keys_l1`` and ``normed`` are per column."""
+    """Bool over ``img_cols``: the DART kept set (see module doc). ``keys_l1`` and ``normed`` are per column.
+
+    On ``normed``'s device with one host copy at the end: the cosines of every pivot to every image
+    token are one broadcast ``cosine_similarity`` (float64, as before); each pivot then takes its
+    least-similar tokens among those not chosen yet (chosen ones masked to +inf; a stable sort keeps
+    index order on ties, as the per-pivot sort over the remaining tokens did)."""
     n = len(img_cols)
     p_img = min(pivot_image, n, n_keep)
     img_order = img_cols[np.argsort(-keys_l1[img_cols], kind="stable")][:p_img]
     txt_order = text_cols[np.argsort(-keys_l1[text_cols], kind="stable")][:pivot_text]
-    pivots = list(img_order) + list(txt_order)
-    chosen = set(int(c) for c in img_order)
-    remaining = [int(c) for c in img_cols if int(c) not in chosen]
+    pivots = np.concatenate([img_order, txt_order]).astype(np.int64)
+    chosen_np = np.isin(img_cols, img_order)
     extra = n_keep - p_img
     share = [extra // len(pivots) + (1 if j < extra % len(pivots) else 0) for j in range(len(pivots))]
-    for piv, take in zip(pivots, share):
-        if take == 0 or not remaining:
+    dev = normed.device
+    cand = normed[torch.as_tensor(img_cols, dtype=torch.long, device=dev)].double()
+    piv = normed[torch.as_tensor(pivots, dtype=torch.long, device=dev)].double()
+    sim = torch.nn.functional.cosine_similarity(piv[:, None, :], cand[None, :, :], dim=-1)  # (P, n)
+    chosen = torch.as_tensor(chosen_np, device=dev)
+    left = n - int(chosen_np.sum())
+    for j, take in enumerate(share):
+        take = min(take, left)
+        if take <= 0:
             continue
-        cand = normed[remaining].double()
-        sim = torch.nn.functional.cosine_similarity(normed[piv].double()[None], cand, dim=-1)
-        order = torch.argsort(sim, stable=True)[:take].tolist()  # least similar first
-        picked = [remaining[j] for j in order]
-        chosen.update(picked)
-        remaining = [c for c in remaining if c not in set(picked)]
-    return np.isin(img_cols, np.array(sorted(chosen), dtype=np.int64))
+        s = sim[j].masked_fill(chosen, float("inf"))
+        chosen[torch.argsort(s, stable=True)[:take]] = True  # least similar first
+        left -= take
+    return chosen.cpu().numpy()
 
 
 @register("dart")
