@@ -106,7 +106,7 @@ def timed(fn, device, warmup: int, repeats: int) -> dict:
             times.append(time.perf_counter() - t0)
             if cuda:
                 peaks.append(torch.cuda.max_memory_allocated(device) - base)
-            if isinstance(out, dict):
+            if isinstance(out, dict) and all(isinstance(v, float) for v in out.values()):  # inner timings
                 inner.append({k: (v - t0 if k.startswith("at_") else v) for k, v in out.items()})
             del out
     finally:
