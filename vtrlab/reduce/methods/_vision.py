@@ -291,6 +291,19 @@ def one_to_one(lay, family: str, method: str) -> tuple[np.ndarray, np.ndarray]:
     return crop, vpos
 
 
+def feature_layer_or(vlm, value, method: str, param: str) -> int:
+    """A vision-layer parameter whose default (None) is the layer the model's projector reads: the
+    official code hard-codes LLaVA-1.5's (-2); on a model that projects another layer (the organism
+    projects the last) reading -2 would hand the projector features it was never trained on."""
+    if value is None:
+        return int(vlm.adapter.vision_feature_layer(vlm.model))
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(
+            f"{method}: {param}={value!r}; accepted: None (the model's feature layer) or an int vision layer"
+        )
+    return int(value)
+
+
 def require_cls(vlm, method: str, why: str) -> None:
     if not vlm.has_cls:
         raise NotApplicable(method, vlm.family, f"the vision tower has no [CLS] token, and {why}")

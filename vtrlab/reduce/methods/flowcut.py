@@ -37,6 +37,7 @@ from ..scoring import flowcut_prune_count, flowcut_score, top_k
 from ..stages.tower import TowerState, run_tower
 from ._vision import (
     crop_tokens,
+    feature_layer_or,
     per_crop,
     place_outputs,
     project,
@@ -86,7 +87,7 @@ class FlowCut(Method):
     stage = "tower"
     positions = "renumbered"
     merges = False
-    defaults = {"feature_layer": -2}
+    defaults = {"feature_layer": None}
     source = (
         "TungChintao/FlowCut: flowcut/modeling_clip_flowcut.py (CLIPEncoderLayer_forward), "
         "flowcut/utils_flowcut.py (compute_score, adaptive_prune_ratio)"
@@ -98,7 +99,7 @@ class FlowCut(Method):
 
     def select(self, ctx, n_keep):
         vlm = ctx.vlm
-        fl = vision_layer_index(vlm, int(self.params["feature_layer"]))
+        fl = vision_layer_index(vlm, feature_layer_or(vlm, self.params["feature_layer"], self.name, "feature_layer"))
         crops = vlm.adapter.vision_crops(vlm.model, ctx.batch.inputs)
         if per_crop(ctx):
             return self.select_anyres(ctx, n_keep, fl, crops)

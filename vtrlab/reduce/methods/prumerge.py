@@ -43,6 +43,7 @@ from ..registry import Method, Selection, register
 from ..scoring import iqr_outlier_count, prumerge_cls_attention, prumerge_merge, prumerge_plus_grid, rank_desc
 from ._vision import (
     crop_tokens,
+    feature_layer_or,
     hidden_module,
     layer_hidden,
     layer_proj,
@@ -64,7 +65,7 @@ class PruMerge(Method):
     merges = True
     exact_budget = False
     plus = False
-    defaults = {"vision_layer": -1, "feature_layer": -2, "adaptive": True, "n_neighbors": 32}
+    defaults = {"vision_layer": -1, "feature_layer": None, "adaptive": True, "n_neighbors": 32}
     source = "42Shawn/LLaVA-PruMerge: llava/model/multimodal_encoder/clip_encoder.py::token_prune_merge_advanced"
 
     def check(self, vlm):
@@ -98,7 +99,8 @@ class PruMerge(Method):
 
     def select(self, ctx, n_keep):
         vlm = ctx.vlm
-        lq, lf = int(self.params["vision_layer"]), int(self.params["feature_layer"])
+        lq = int(self.params["vision_layer"])
+        lf = feature_layer_or(vlm, self.params["feature_layer"], self.name, "feature_layer")
         vision_forward(
             ctx,
             tensors=dict(
@@ -111,7 +113,7 @@ class PruMerge(Method):
         )
         q = layer_proj(ctx, int(self.params["vision_layer"]), "q_proj")
         k = layer_proj(ctx, int(self.params["vision_layer"]), "k_proj")
-        feats_all = layer_hidden(ctx, int(self.params["feature_layer"]))
+        feats_all = layer_hidden(ctx, lf)
         if per_crop(ctx):
             return self.select_anyres(ctx, n_keep, q, k, feats_all)
         keep, scores, embeds, groups, extra = [], [], [], [], []

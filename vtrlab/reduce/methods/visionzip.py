@@ -59,6 +59,7 @@ from ..scoring import visionzip_merge, visionzip_split
 from ._vision import (
     crop_attention,
     crop_tokens,
+    feature_layer_or,
     heads_mean,
     hidden_module,
     layer_hidden,
@@ -83,7 +84,7 @@ class VisionZip(Method):
     positions = "renumbered"
     merges = True
     exact_budget = False
-    defaults = {"vision_layer": -2, "dominant": 0, "contextual": 0, "cls_token": True, "no_cls_layer": -1}
+    defaults = {"vision_layer": None, "dominant": 0, "contextual": 0, "cls_token": True, "no_cls_layer": -1}
     source = (
         "dvlab-research/VisionZip: visionzip/clip_encoder.py, visionzip/utils.py, visionzip/main.py; no [CLS]: "
         "ModelTC/LightCompress llmc/compression/token_reduction/visionzip.py (Qwen2.5-VL port)"
@@ -103,8 +104,8 @@ class VisionZip(Method):
     def select(self, ctx, n_keep):
         if getattr(self, "no_cls", False):
             return self.select_no_cls(ctx, n_keep)
-        layer = int(self.params["vision_layer"])
         vlm = ctx.vlm
+        layer = feature_layer_or(vlm, self.params["vision_layer"], self.name, "vision_layer")
         needs = dict([hidden_module(vlm, layer), proj_module(vlm, layer, "k_proj", self.name)])
         vision_forward(ctx, attention=[layer], tensors=needs)
         hidden = layer_hidden(ctx, layer)
@@ -149,7 +150,8 @@ class VisionZip(Method):
 
     def select_anyres(self, ctx, n_keep, hidden, keys, heads, use_cls):
         """Per crop (module doc, "Anyres"); also right for single-crop samples of the batch."""
-        vlm, layer = ctx.vlm, int(self.params["vision_layer"])
+        vlm = ctx.vlm
+        layer = feature_layer_or(vlm, self.params["vision_layer"], self.name, "vision_layer")
         if int(self.params["dominant"]) > 0:
             raise ValueError(
                 "visionzip: dominant/contextual are per-sample counts of one crop; on anyres samples give the "
