@@ -62,11 +62,11 @@ PROMPT = "What color is the car?"
 SKIP = {"oracle": "needs ground-truth relevance (organism only)"}
 
 
-ORDER = (
-    "keep_all", "random", "pooling", "fastv", "fastervlm", "visionzip", "divprune", "dart", "sparsevlm",
-    "pyramiddrop", "prumerge", "prumerge_plus", "vtc_cls", "hired", "vispruner", "feather", "fitprune",
-    "flowcut", "tome", "mustdrop",
-)  # priority: what a time-out leaves unmeasured comes last; any other registered method next; cdpruner last
+# priority: what a time-out leaves unmeasured comes last; any other registered method next; cdpruner last
+ORDER = tuple(
+    "keep_all random pooling fastv fastervlm visionzip divprune dart sparsevlm pyramiddrop prumerge prumerge_plus "
+    "vtc_cls hired vispruner feather fitprune flowcut tome mustdrop".split()
+)
 LAST = ("cdpruner",)
 
 

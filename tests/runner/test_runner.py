@@ -210,7 +210,10 @@ def test_resources_read_gpu_peaks_only_when_cuda_was_used(monkeypatch, tmp_path)
     )
     monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
     got = resources.peak()
-    assert got["gpu"] == {"0": {"allocated_gib": 3.0, "reserved_gib": 4.0}, "1": {"allocated_gib": 4.0, "reserved_gib": 5.0}}
+    assert got["gpu"] == {
+        "0": {"allocated_gib": 3.0, "reserved_gib": 4.0},
+        "1": {"allocated_gib": 4.0, "reserved_gib": 5.0},
+    }
     assert got["gpu_peak_allocated_gib"] == 4.0 and got["gpu_peak_reserved_gib"] == 5.0
     cuda.is_initialized = lambda: False
     assert resources.peak()["gpu_peak_allocated_gib"] is None

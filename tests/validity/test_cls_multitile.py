@@ -74,7 +74,9 @@ def test_cls_signal_of_every_crop_equals_hf_eager_on_its_view(next_and_photos):
         for j, key in enumerate(zip(lay.image[img], lay.tile[img], lay.row[img], lay.col[img])):
             m = patches[(patches[["image", "tile", "row", "col"]].to_numpy() == np.array(key)).all(1)]
             assert len(m), f"token {key} covers no patch"
-            want[j] = ref[m["crop"].to_numpy(np.int64, copy=True), m["vpos"].to_numpy(np.int64, copy=True)].mean().item()
+            want[j] = (
+                ref[m["crop"].to_numpy(np.int64, copy=True), m["vpos"].to_numpy(np.int64, copy=True)].mean().item()
+            )
         assert got[b].shape == (lay.n_image_tokens,)
         np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=1e-7)
         # every crop's own [CLS] distribution: tile-1 tokens are not read from the base view's [CLS]
