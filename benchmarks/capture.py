@@ -71,16 +71,17 @@ PROMPT = "What color is the car?"
 def mid_llava(seed: int = 0):
     """LLaVA-1.5 layout at 576 image tokens with a small LM (hidden 1024, 8 layers): a CPU-sized model whose
     forward is long enough that capture's host-side cost shows as it does at full size on a GPU."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     from vtrlab.models.registry import adapter_for
     from vtrlab.models.vlm import VLM
-    from vtrlab.testing.families.llava import llava_processor
+    from vtrlab.testing.families.llava import clip_llama_config, llava_processor
 
     processor = llava_processor(336, 14)
-    tok = processor.tokenizer
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
+    config = clip_llama_config(
+        LlavaConfig,
+        processor.tokenizer,
+        vision=dict(
             hidden_size=256,
             intermediate_size=1024,
             num_hidden_layers=6,
@@ -88,23 +89,14 @@ def mid_llava(seed: int = 0):
             image_size=336,
             patch_size=14,
             projection_dim=256,
-            hidden_act="quick_gelu",
         ),
-        text_config=LlamaConfig(
+        text=dict(
             hidden_size=1024,
             intermediate_size=2816,
             num_hidden_layers=8,
             num_attention_heads=16,
             num_key_value_heads=16,
-            vocab_size=len(tok),
-            max_position_embeddings=4096,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
         ),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
@@ -115,17 +107,19 @@ def mid_llava(seed: int = 0):
 def mid_next(seed: int = 0):
     """LLaVA-NeXT's anyres layout at full token counts (5 crops x 577 vision tokens at 672x672, 24 vision
     layers of 16 heads) with narrow widths and a 4-layer LM: vision-side capture cost at NeXT's shape on CPU."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
     from vtrlab.models.registry import adapter_for
     from vtrlab.models.vlm import VLM
+    from vtrlab.testing.families.llava import clip_llama_config
     from vtrlab.testing.families.llava_next import next_processor
 
     pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
     processor = next_processor(336, 14, pinpoints)
-    tok = processor.tokenizer
-    config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(
+    config = clip_llama_config(
+        LlavaNextConfig,
+        processor.tokenizer,
+        vision=dict(
             hidden_size=256,
             intermediate_size=512,
             num_hidden_layers=24,
@@ -133,24 +127,11 @@ def mid_next(seed: int = 0):
             image_size=336,
             patch_size=14,
             projection_dim=256,
-            hidden_act="quick_gelu",
         ),
-        text_config=LlamaConfig(
-            hidden_size=512,
-            intermediate_size=1024,
-            num_hidden_layers=4,
-            num_attention_heads=8,
-            num_key_value_heads=8,
-            vocab_size=len(tok),
-            max_position_embeddings=4096,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
+        text=dict(
+            hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8
         ),
         image_grid_pinpoints=pinpoints,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)

@@ -31,6 +31,25 @@ def llava_processor(image_size: int, patch: int, *, do_pad: bool = False, strate
     )
 
 
+def clip_llama_config(config_cls, tok, *, vision: dict, text: dict, **extra):
+    """A LLaVA-family config of the released shape: a CLIP tower (quick_gelu) whose layer -2 feeds the
+    projector ("default" strategy: [CLS] dropped) and a Llama LM with ``tok``'s special tokens.
+    ``vision`` / ``text`` hold the sizes (``text`` may set ``vocab_size``; default: the tokenizer's)."""
+    return config_cls(
+        vision_config=CLIPVisionConfig(hidden_act="quick_gelu", **vision),
+        text_config=LlamaConfig(
+            **{"vocab_size": len(tok), "max_position_embeddings": 4096, **text},
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        **extra,
+    )
+
+
 def build_tiny_llava(
     seed: int = 0, *, do_pad: bool = False, strategy: str = "default", image_size: int = 32, patch: int = 8
 ):
@@ -73,39 +92,32 @@ def tiny_llava(seed: int):
     return build_tiny_llava(seed)
 
 
+# the released LLaVA-1.5 / NeXT 7B shapes: CLIP ViT-L/14-336 and Vicuna-7B (Llama-2)
+CLIP_L_336 = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    projection_dim=768,
+)
+VICUNA_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32064,
+    rms_norm_eps=1e-5,
+)
+
+
 @register_full_size("llava-1.5-7b")
 def full_llava_15_7b(dtype: torch.dtype, device: str):
     """llava-hf/llava-1.5-7b-hf shapes: CLIP ViT-L/14-336 + Vicuna-7B (Llama-2), random weights."""
     processor = llava_processor(336, 14)
-    tok = processor.tokenizer
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            image_size=336,
-            patch_size=14,
-            projection_dim=768,
-            hidden_act="quick_gelu",
-        ),
-        text_config=LlamaConfig(
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            vocab_size=32064,
-            max_position_embeddings=4096,
-            rms_norm_eps=1e-5,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-        ),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
+    config = clip_llama_config(LlavaConfig, processor.tokenizer, vision=CLIP_L_336, text=VICUNA_7B)
     return build_full(LlavaForConditionalGeneration, config, dtype, device), processor
 
 

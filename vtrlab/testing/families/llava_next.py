@@ -14,7 +14,7 @@ from transformers import (
 from .._common import LLAVA_CHAT_TEMPLATE, image_processor
 from ..registry import register_full_size, register_proof, register_tiny
 from ..tokenizer import byte_tokenizer
-from .llava import build_full, llava_family_proof
+from .llava import CLIP_L_336, VICUNA_7B, build_full, clip_llama_config, llava_family_proof
 
 
 def next_processor(side: int, patch: int, pinpoints: list[list[int]]):
@@ -82,35 +82,8 @@ def full_next_7b(dtype: torch.dtype, device: str):
     """llava-hf/llava-v1.6-vicuna-7b-hf shapes: CLIP ViT-L/14-336 + Vicuna-7B, anyres up to 672x672."""
     pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
     processor = next_processor(336, 14, pinpoints)
-    tok = processor.tokenizer
-    config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            image_size=336,
-            patch_size=14,
-            projection_dim=768,
-            hidden_act="quick_gelu",
-        ),
-        text_config=LlamaConfig(
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            vocab_size=32064,
-            max_position_embeddings=4096,
-            rms_norm_eps=1e-5,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-        ),
-        image_grid_pinpoints=pinpoints,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+    config = clip_llama_config(
+        LlavaNextConfig, processor.tokenizer, vision=CLIP_L_336, text=VICUNA_7B, image_grid_pinpoints=pinpoints
     )
     return build_full(LlavaNextForConditionalGeneration, config, dtype, device), processor
 
