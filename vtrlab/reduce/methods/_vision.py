@@ -20,7 +20,7 @@ import torch
 
 from ...models.base import KIND_IMAGE
 from ..context import vision_layer_index
-from ..registry import NotApplicable
+from ..registry import NotApplicable, Selection
 
 HEAD_AGG = ("mean", "sum")
 
@@ -478,3 +478,32 @@ def place_outputs(lay, crops: list[CropTokens], outputs: list[tuple[np.ndarray, 
         ref = next((e for _, e in outputs if e is not None and e.numel()), None)
         embeds = None if ref is None else ref.new_zeros(0, ref.shape[-1])
     return keep, embeds, extras
+
+
+class PerCropResults:
+    """Collects a per-crop (anyres) method's samples: each sample's crop outputs go through
+    :func:`place_outputs` once (:meth:`add`), and :meth:`selection` builds the one Selection."""
+
+    def __init__(self):
+        self.keep, self.scores, self.embeds, self.groups, self.extra = [], [], [], [], []
+
+    def add(self, lay, crops, outputs, scores: np.ndarray, group: np.ndarray | None = None) -> None:
+        m, e, x = place_outputs(lay, crops, outputs)
+        self.keep.append(m)
+        self.scores.append(scores)
+        self.embeds.append(e)
+        self.extra.append(x)
+        if group is not None:
+            self.groups.append(group)
+
+    def selection(self, *, extra: bool = False, **info) -> Selection:
+        """``extra``: the crops' non-layout tokens ([CLS], merged extras) go to the LM too."""
+        if extra:
+            info = {"extra": self.extra, "embeds_order": "method (LM) order per crop", **info}
+        return Selection(
+            keep=self.keep,
+            scores=self.scores,
+            embeds=self.embeds,
+            group=self.groups or None,
+            info={**info, "budget_split": "per crop"},
+        )

@@ -36,10 +36,10 @@ from ..registry import Method, Selection, register
 from ..scoring import flowcut_prune_count, flowcut_score, top_k
 from ..stages.tower import TowerState, run_tower
 from ._vision import (
+    PerCropResults,
     crop_tokens,
     feature_layer_or,
     per_crop,
-    place_outputs,
     project,
     require_cls,
     require_llava_tower,
@@ -133,7 +133,7 @@ class FlowCut(Method):
     def select_anyres(self, ctx, n_keep, fl, pixels):
         """Per crop (module doc, "Anyres"); also right for single-crop samples of the batch."""
         vlm = ctx.vlm
-        keep, scores, embeds = [], [], []
+        out = PerCropResults()
         for lay, n in zip(ctx.layouts, n_keep):
             crops = crop_tokens(lay, vlm.family, self.name)
             V = lay.n_image_tokens
@@ -164,11 +164,8 @@ class FlowCut(Method):
                 if st.extra and st.extra.get("cum") is not None:
                     sc[tok] = st.extra["cum"][0].float().cpu().numpy()
                 outputs.append((tok[order], project(vlm, st.x[0, 1:])[torch.as_tensor(order)]))
-            m, e, _ = place_outputs(lay, crops, outputs)
-            keep.append(m)
-            scores.append(sc)
-            embeds.append(e)
-        return Selection(keep=keep, scores=scores, embeds=embeds, info={"budget_split": "per crop"})
+            out.add(lay, crops, outputs, sc)
+        return out.selection()
 
 
 def _tower_patches(vlm) -> int:

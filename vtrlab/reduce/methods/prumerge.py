@@ -42,13 +42,13 @@ import torch
 from ..registry import Method, Selection, register
 from ..scoring import iqr_outlier_count, prumerge_cls_attention, prumerge_merge, prumerge_plus_grid, rank_desc
 from ._vision import (
+    PerCropResults,
     crop_tokens,
     feature_layer_or,
     hidden_module,
     layer_hidden,
     layer_proj,
     per_crop,
-    place_outputs,
     proj_module,
     project,
     require_cls,
@@ -150,7 +150,7 @@ class PruMerge(Method):
         """Per crop (module doc, "Anyres"); also right for single-crop samples of the batch."""
         vlm = ctx.vlm
         adaptive = bool(self.params["adaptive"])
-        keep, scores, embeds, groups, extra = [], [], [], [], []
+        out = PerCropResults()
         for i, (lay, n) in enumerate(zip(ctx.layouts, n_keep)):
             crops = crop_tokens(lay, vlm.family, self.name)
             V = lay.n_image_tokens
@@ -174,19 +174,8 @@ class PruMerge(Method):
                 tok = np.where(src >= 0, ct.tokens[np.clip(src, 0, None)], -1)
                 g[tok[tok >= 0]] = tok[tok >= 0]
                 outputs.append((tok, project(vlm, res.embeds)))
-            m, e, x = place_outputs(lay, crops, outputs)
-            keep.append(m)
-            scores.append(s)
-            groups.append(g)
-            embeds.append(e)
-            extra.append(x)
-        return Selection(
-            keep=keep,
-            scores=scores,
-            embeds=embeds,
-            group=groups,
-            info={"extra": extra, "embeds_order": "method (LM) order per crop", "budget_split": "per crop"},
-        )
+            out.add(lay, crops, outputs, s, g)
+        return out.selection(extra=True)
 
 
 @register("prumerge_plus")

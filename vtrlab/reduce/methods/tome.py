@@ -39,9 +39,9 @@ from ..registry import Method, Selection, register
 from ..scoring import tome_match, tome_merge, tome_schedule
 from ..stages.tower import TowerState, run_tower
 from ._vision import (
+    PerCropResults,
     crop_tokens,
     per_crop,
-    place_outputs,
     project,
     require_llava_tower,
     single_crop,
@@ -139,7 +139,7 @@ class ToMe(Method):
     def select_anyres(self, ctx, n_keep, fl, pixels, has_cls, drop):
         """Per crop (module doc, "Anyres"); also right for single-crop samples of the batch."""
         vlm = ctx.vlm
-        keep, scores, embeds, groups = [], [], [], []
+        out = PerCropResults()
         for i, (lay, n) in enumerate(zip(ctx.layouts, n_keep)):
             crops = crop_tokens(lay, vlm.family, self.name)
             V = lay.n_image_tokens
@@ -161,18 +161,8 @@ class ToMe(Method):
                 sc[slots] = size[reach].float().cpu().numpy()[order]
                 rows = torch.as_tensor(np.flatnonzero(reach.cpu().numpy())[order], device=feats.device)
                 outputs.append((slots, project(vlm, feats[rows])))
-            m, e, _ = place_outputs(lay, crops, outputs)
-            keep.append(m)
-            scores.append(sc)
-            groups.append(g)
-            embeds.append(e)
-        return Selection(
-            keep=keep,
-            scores=scores,
-            embeds=embeds,
-            group=groups,
-            info={"scores": "merged size (tower tokens, padding included)", "budget_split": "per crop"},
-        )
+            out.add(lay, crops, outputs, sc, g)
+        return out.selection(scores="merged size (tower tokens, padding included)")
 
     def _crop_merge(self, vlm, pixel, fl, has_cls, drop, ct, b):
         """ToMe on one crop, leaving ``b`` tokens that hold an LM patch (``r=0``) or with constant r."""

@@ -57,6 +57,7 @@ import torch
 from ..registry import Method, Selection, register
 from ..scoring import visionzip_merge, visionzip_split
 from ._vision import (
+    PerCropResults,
     crop_attention,
     crop_tokens,
     feature_layer_or,
@@ -67,7 +68,6 @@ from ._vision import (
     layer_proj,
     n_vision_heads,
     per_crop,
-    place_outputs,
     proj_module,
     project,
     single_crop,
@@ -157,7 +157,7 @@ class VisionZip(Method):
                 "visionzip: dominant/contextual are per-sample counts of one crop; on anyres samples give the "
                 "budget (keep=) and vtrlab splits it over the crops"
             )
-        keep, scores, embeds, groups, extra = [], [], [], [], []
+        out = PerCropResults()
         for i, (lay, n) in enumerate(zip(ctx.layouts, n_keep)):
             crops = crop_tokens(lay, vlm.family, self.name)
             V = lay.n_image_tokens
@@ -177,19 +177,8 @@ class VisionZip(Method):
                 gv = res.group.numpy()
                 g[ct.tokens] = np.where(gv >= 0, ct.tokens[np.clip(gv, 0, None)], -1)
                 outputs.append((np.where(src >= 0, ct.tokens[np.clip(src, 0, None)], -1), project(vlm, res.embeds)))
-            m, e, x = place_outputs(lay, crops, outputs)
-            keep.append(m)
-            scores.append(s)
-            groups.append(g)
-            embeds.append(e)
-            extra.append(x)
-        return Selection(
-            keep=keep,
-            scores=scores,
-            embeds=embeds,
-            group=groups,
-            info={"extra": extra, "embeds_order": "method (LM) order per crop", "budget_split": "per crop"},
-        )
+            out.add(lay, crops, outputs, s, g)
+        return out.selection(extra=True)
 
     def select_no_cls(self, ctx, n_keep):
         """The substitute on towers without a [CLS] (module doc): LM-embedding space, kept positions."""
