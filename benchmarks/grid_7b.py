@@ -94,14 +94,14 @@ TINY_PARAMS = {  # overrides for the CPU dry run
 MEMORY_NOTEBOOK = "01_attention_per_layer"
 MEMORY_SAMPLES, TINY_MEMORY_SAMPLES = (2, 8), (2, 8)
 MEMORY_BATCH, TINY_MEMORY_BATCH = 2, 2
-# Expected seconds per run at 2 runs at a time on one H200 (from the 2026-11-30 run, 4 at a time: 1.5 nb01 47 s,
-# nb02 67 s, nb04 42 s; NeXT nb01 68 s, nb02 121 s, nb03 > 105 s before its OOM; plus the causal sections). Only
-# the order uses them: longest first, so the grid's wall time is close to (sum / workers).
+# Expected seconds per run at 2 runs at a time on one H200 (2026-11-30, 4 at a time: 1.5 nb01 47 s, nb02 67 s,
+# nb04 42 s; NeXT nb02 121 s; 2026-12-01, 2 at a time: NeXT nb01 140 s, nb03 355 s, 1.5 nb03 200 s). Only the order
+# uses them: longest first, so the grid's wall time is close to (sum / workers).
 EXPECTED_S = {
-    ("llava-next-7b", "03_reconstruction_selector"): 170,
-    ("llava-next-7b", "01_attention_per_layer"): 130,
-    ("llava-next-7b", "02_information_flow"): 80,
-    ("llava-1.5-7b", "03_reconstruction_selector"): 110,
+    ("llava-next-7b", "03_reconstruction_selector"): 355,
+    ("llava-next-7b", "01_attention_per_layer"): 140,
+    ("llava-next-7b", "02_information_flow"): 120,
+    ("llava-1.5-7b", "03_reconstruction_selector"): 200,
     ("llava-1.5-7b", "01_attention_per_layer"): 80,
     ("llava-1.5-7b", "02_information_flow"): 50,
     ("llava-next-7b", "04_reduction_methods"): 50,
@@ -116,7 +116,9 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def environment(device: str) -> dict:
+def environment(device: str, commit: str | None = None) -> dict:
+    """Versions, host and device; ``commit`` (``--commit``) names the source's commit when this runs from a copy
+    of the tree whose ``.git`` is absent or stale (a GPU machine's staging copy)."""
     import torch
     import transformers
 
@@ -128,6 +130,9 @@ def environment(device: str) -> dict:
         "device": device,
         "gpu": torch.cuda.get_device_name(0) if device == "cuda" and torch.cuda.is_available() else None,
     }
+    if commit:
+        env["commit"], env["commit_from"] = commit, "--commit"
+        return env
     try:
         env["commit"] = (
             subprocess.run(
@@ -186,9 +191,33 @@ def _short(model: str) -> str:
     return model.split(":", 1)[-1]
 
 
-def plan(models, notebooks, params, device: str, memory: bool, tiny: bool) -> list[tuple[str, object]]:
-    """``(phase, job)`` for every run: each notebook on each model ("grid"), and the memory check's two runs
-    ("memory"), longest expected first."""
+def _label(phase: str, model: str, notebook: str, n_samples) -> str:
+    """A run's name in "not run" lists (the memory check's runs carry their n_samples)."""
+    return f"{model} {notebook}" + (f" n_samples={n_samples}" if phase == "memory" else "")
+
+
+def parse_skip(text: str, models) -> set[tuple[str, str]]:
+    """``--skip`` as ``{(model, notebook)}``: ``MODEL:NOTEBOOK`` items, the model by its short name, the notebook by
+    its name or number; a ValueError names an item that matches nothing and what is accepted."""
+    out = set()
+    for item in (x.strip() for x in (text or "").split(",")):
+        if not item:
+            continue
+        model, _, nb = item.partition(":")
+        full = [m for m in models if _short(m) == model.strip()]
+        nbs = [n for n in NOTEBOOKS if nb.strip() and (n == nb.strip() or n.split("_", 1)[0] == nb.strip())]
+        if not full or len(nbs) != 1:
+            raise ValueError(
+                f"--skip {item!r}; accepted: MODEL:NOTEBOOK with MODEL one of "
+                f"{', '.join(_short(m) for m in models)} and NOTEBOOK one of {', '.join(NOTEBOOKS)} (or its number)"
+            )
+        out.add((full[0], nbs[0]))
+    return out
+
+
+def plan(models, notebooks, params, device: str, memory: bool, tiny: bool, skip=()) -> list[tuple[str, object]]:
+    """``(phase, job)`` for every run: each notebook on each model ("grid") but those in ``skip``, and the memory
+    check's two runs ("memory"), longest expected first."""
     from vtrlab.runner.params import read_parameters
     from vtrlab.runner.run import prepare_job
 
@@ -201,7 +230,12 @@ def plan(models, notebooks, params, device: str, memory: bool, tiny: bool) -> li
         values = {k: v for k, v in values.items() if k in spec}
         return prepare_job(path, values, figures="run", force=True, spec=spec)
 
-    out = [("grid", job(m, nb), EXPECTED_S.get((_short(m), nb), 60)) for m in models for nb in notebooks]
+    out = [
+        ("grid", job(m, nb), EXPECTED_S.get((_short(m), nb), 60))
+        for m in models
+        for nb in notebooks
+        if (m, nb) not in set(skip)
+    ]
     if memory:
         sizes = TINY_MEMORY_SAMPLES if tiny else MEMORY_SAMPLES
         batch = TINY_MEMORY_BATCH if tiny else MEMORY_BATCH
@@ -288,22 +322,41 @@ def _cell(v) -> str:
     return "—" if v is None else str(v)
 
 
+def _wall(report: dict) -> str:
+    """The grid's wall time: one call's, or each merged call's ("not recorded" where a file lacks it)."""
+    walls = report.get("grid_wall_s")
+    walls = walls if isinstance(walls, list) else [walls]
+    text = [f"{w} s" if w is not None else "not recorded" for w in walls]
+    return text[0] if len(text) == 1 else f"{' + '.join(text)} ({len(text)} device calls)"
+
+
+def _budget(report: dict) -> str:
+    b = report.get("budget_s")
+    return " + ".join(f"{x} s" for x in b) if isinstance(b, list) else f"{b} s"
+
+
 def markdown(report: dict) -> str:
     env = report["environment"]
+    merged = len(report.get("calls") or []) > 1
+    commits = ", ".join(str(c["commit"])[:12] for c in report["calls"]) if merged else str(env.get("commit"))[:12]
+    workers = report["workers"]
+    per = f"{workers} notebook runs at a time on one {'GPU' if env.get('gpu') else 'host'}"
+    if merged:
+        per = "per device call: " + "; ".join(f"{c['workers']} runs at a time" for c in report["calls"])
     lines = [
         f"<!-- generated by benchmarks/grid_7b.py from {report.get('source', 'grid_7b.json')}; do not edit by hand -->",
         f"Device: {env.get('gpu') or env.get('device')}; torch {env.get('torch')}, transformers "
-        f"{env.get('transformers')}; commit {str(env.get('commit'))[:12]}; data=photos; random weights (the figures "
-        f"mean nothing; what is shown is that every notebook completes at this size). {report['workers']} notebook "
-        f"runs at a time on one {'GPU' if env.get('gpu') else 'host'}; seconds include the kernel start and "
-        "building the model; samples/s = samples "
+        f"{env.get('transformers')}; commit{'s' if merged else ''} {commits}; data=photos; random weights (the "
+        f"figures mean nothing; what is shown is that every notebook completes at this size). {per}; seconds "
+        "include the kernel start and building the model; samples/s = samples "
         f"analysed / seconds. Peak GPU memory is each run's own kernel's `torch.cuda.max_memory_allocated` (weights "
-        f"included). Grid wall time {report['grid_wall_s']} s (budget {report['budget_s']} s), peak memory used on "
+        f"included). Grid wall time {_wall(report)} (budget {_budget(report)}), peak memory used on "
         f"the GPU by all runs together (nvidia-smi) {report.get('grid_peak_gpu_memory_gib')} GiB. Slowest cells: "
         "index in the executed notebook (papermill adds one cell after the parameters), seconds.",
         "",
-        "| model | notebook | status | seconds | samples | samples/s | peak GPU memory (GiB) | slowest cells (#: s) |",
-        "|---|---|---|---:|---:|---:|---:|---|",
+        "| model | notebook | status | seconds | samples | samples/s | peak GPU memory (GiB) | slowest cells (#: s) |"
+        + (" commit |" if merged else ""),
+        "|---|---|---|---:|---:|---:|---:|---|" + ("---|" if merged else ""),
     ]
     for r in report["runs"]:
         if r["phase"] != "grid":
@@ -312,6 +365,7 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {r['model']} | {r['notebook']} | {r['status']} | {r['seconds']} | {_cell(r['n_samples'])} | "
             f"{_cell(r['samples_per_s'])} | {_cell(r.get('peak_gpu_allocated_gib'))} | {slow} |"
+            + (f" {str(r.get('commit'))[:12]} |" if merged else "")
         )
     mem = sorted((r for r in report["runs"] if r["phase"] == "memory"), key=lambda r: r["parameters"]["n_samples"])
     if mem:
@@ -335,7 +389,7 @@ def markdown(report: dict) -> str:
             lines += ["", f"Peak memory at {n1} samples / at {n0}: {check['ratio']}× ({check['measure']})."]
     not_run = report.get("not_run") or []
     if not_run:
-        lines += ["", f"Not run (budget of {report['budget_s']} s spent): {', '.join(not_run)}."]
+        lines += ["", f"Not run (budget of {_budget(report)} spent): {', '.join(not_run)}."]
     for r in report["runs"]:
         if r["status"] == "failed":
             lines.append(f"\nFailed: {r['error']}")
@@ -348,12 +402,15 @@ def merge(reports: list[dict]) -> dict:
     runs: dict[tuple, dict] = {}
     for rep in reports:
         for r in rep["runs"]:
+            r = {**r, "commit": rep["environment"].get("commit")}  # which call (code) this row comes from
             runs[(r["phase"], r["model"], r["notebook"], r["parameters"].get("n_samples"))] = r
     out["runs"] = list(runs.values())
-    done = {f"{r['model']} {r['notebook']}" for r in out["runs"]}
+    done = {_label(r["phase"], r["model"], r["notebook"], r["parameters"].get("n_samples")) for r in out["runs"]}
     out["not_run"] = sorted({n for rep in reports for n in rep.get("not_run") or []} - done)
     if len(reports) > 1:
-        out["grid_wall_s"] = " + ".join(str(rep.get("grid_wall_s")) for rep in reports)
+        out["calls"] = [{"commit": rep["environment"].get("commit"), "workers": rep.get("workers")} for rep in reports]
+        out["grid_wall_s"] = [rep.get("grid_wall_s") for rep in reports]
+        out["budget_s"] = [rep.get("budget_s") for rep in reports]
         peaks = [rep.get("grid_peak_gpu_memory_gib") for rep in reports if rep.get("grid_peak_gpu_memory_gib")]
         out["grid_peak_gpu_memory_gib"] = max(peaks) if peaks else None
         out["memory_check"] = memory_check(out["runs"])
@@ -421,6 +478,17 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop every job and write the table after this")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory check (notebook 01 at N and 4N)")
     ap.add_argument("--render", type=Path, nargs="+", help="render grid_7b.json file(s) into benchmarks/README.md")
+    ap.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated MODEL:NOTEBOOK runs to leave out (e.g. llava-next-7b:03 — a notebook by its name or its "
+        "number), for a call that completes an earlier call's grid; render both files together",
+    )
+    ap.add_argument(
+        "--commit",
+        help="the source's git commit, when this runs from a copy of the tree whose .git is absent or stale (a GPU "
+        "machine's staging copy); recorded in grid_7b.json and, through $VTRLAB_SOURCE_COMMIT, in every run.json",
+    )
     args = ap.parse_args(argv)
     if args.render:
         render(args.render)
@@ -439,6 +507,12 @@ def main(argv=None) -> int:
             ap.error(f"--models {bad}; accepted: {', '.join(_short(x) for x in models)}")
         models = tuple(m for m in models if _short(m) in wanted)
     params = {nb: {**GPU_PARAMS[nb], **(TINY_PARAMS[nb] if args.tiny else {})} for nb in NOTEBOOKS}
+    try:
+        skip = parse_skip(args.skip, models)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.commit:
+        os.environ["VTRLAB_SOURCE_COMMIT"] = args.commit
     workers = args.workers
     # BLAS / OpenMP threads per kernel: the host's cores shared by the runs at a time, not each run taking all
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
@@ -450,7 +524,8 @@ def main(argv=None) -> int:
     project = (args.project or out / "project").resolve()
     project.mkdir(parents=True, exist_ok=True)
     report = {
-        "environment": environment(device),
+        "environment": environment(device, args.commit),
+        "skipped": sorted(f"{m} {nb}" for m, nb in skip),
         "workers": workers,
         "omp_num_threads": os.environ["OMP_NUM_THREADS"],
         "budget_s": args.budget_s,
@@ -463,7 +538,7 @@ def main(argv=None) -> int:
     }
     result_path = out / "grid_7b.json"
     _write_json(result_path, report)
-    planned = plan(models, NOTEBOOKS, params, device, not args.no_memory, args.tiny)
+    planned = plan(models, NOTEBOOKS, params, device, not args.no_memory, args.tiny, skip)
     jobs = [j for _, j in planned]
     phase_of = {j.hash: ph for ph, j in planned}
     done: set[str] = set()
@@ -494,8 +569,7 @@ def main(argv=None) -> int:
             )
     except Deadline:
         report["not_run"] = [
-            f"{j.parameters.get('model')} {Path(j.notebook).stem}"
-            + (f" n_samples={j.parameters.get('n_samples')}" if phase_of[j.hash] == "memory" else "")
+            _label(phase_of[j.hash], j.parameters.get("model"), Path(j.notebook).stem, j.parameters.get("n_samples"))
             for j in jobs
             if j.hash not in done
         ]

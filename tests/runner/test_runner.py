@@ -220,3 +220,16 @@ def test_resources_read_gpu_peaks_only_when_cuda_was_used(monkeypatch, tmp_path)
     monkeypatch.setenv(paths.ENV_RUN_DIR, str(tmp_path))
     resources.write()
     assert json.loads((tmp_path / resources.FILE).read_text())["gpu"] == {}
+
+
+def test_source_commit_from_the_launcher_wins_over_a_stale_copy(tmp_path, monkeypatch):
+    """A staging copy (GPU machine, cluster) records the commit its launcher names, not its own stale .git."""
+    from vtrlab.runner.provenance import git_state
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    monkeypatch.delenv("VTRLAB_SOURCE_COMMIT", raising=False)
+    assert git_state(tmp_path)["git_commit"] is None  # a repository without a commit: HEAD does not resolve
+    monkeypatch.setenv("VTRLAB_SOURCE_COMMIT", "0123abcd" * 5)
+    assert git_state(tmp_path) == {"git_commit": "0123abcd" * 5, "git_dirty": None}
+    monkeypatch.setenv("VTRLAB_SOURCE_DIRTY", "1")
+    assert git_state(tmp_path)["git_dirty"] is True

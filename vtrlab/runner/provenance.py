@@ -36,8 +36,20 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+SOURCE_COMMIT_ENV = "VTRLAB_SOURCE_COMMIT"
+
+
 def git_state(where: Path) -> dict[str, Any]:
-    """Commit and dirty flag of the repository holding `where` (its figures/ and runs/ ignored)."""
+    """Commit and dirty flag of the repository holding `where` (its figures/ and runs/ ignored).
+
+    A copy of the tree that runs away from its repository (a GPU machine's or a cluster's staging copy, whose
+    ``.git`` may be absent or stale) gets the source's commit from ``$VTRLAB_SOURCE_COMMIT``, set by the launcher;
+    the dirty flag is then unknown (None) unless ``$VTRLAB_SOURCE_DIRTY`` is "0" or "1".
+    """
+    source = os.environ.get(SOURCE_COMMIT_ENV, "").strip()
+    if source:
+        dirty = os.environ.get("VTRLAB_SOURCE_DIRTY", "").strip()
+        return {"git_commit": source, "git_dirty": {"0": False, "1": True}.get(dirty)}
 
     def git(*args: str) -> str | None:
         try:
