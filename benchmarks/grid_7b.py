@@ -419,7 +419,7 @@ def merge(reports: list[dict]) -> dict:
 
 def render(results: list[Path], readme: Path = README) -> None:
     report = merge([json.loads(p.read_text()) for p in results])
-    report["source"] = ", ".join(p.name for p in results)
+    report["source"] = ", ".join(f"{p.parent.name}/{p.name}" for p in results)
     table = markdown(report)
     text = readme.read_text()
     block = f"{MARK}\n{table}{END}"
