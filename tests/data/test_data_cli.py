@@ -24,3 +24,12 @@ def test_bad_data_is_one_line_exit_2(tmp_path):
     assert res.exit_code == 2 and "missing.jsonl" in res.output
     res = CliRunner().invoke(app, ["data", "export-organism", str(tmp_path / "o"), "--family", "bogus"])
     assert res.exit_code == 2 and "bogus" in res.output
+
+
+def test_export_per_group_gives_the_notebooks_per_family_draw(tmp_path):
+    res = CliRunner().invoke(
+        app, ["data", "export-organism", str(tmp_path / "pg"), "--n-samples", "2", "--seed", "1", "--per-group"]
+    )
+    assert res.exit_code == 0, res.output
+    exported = load_data(tmp_path / "pg" / "manifest.jsonl", n_samples=2, seed=1, per_group=True)
+    assert [r.id for r in exported] == [r.id for r in load_data("organism", n_samples=2, seed=1, per_group=True)]

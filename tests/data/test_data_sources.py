@@ -257,3 +257,20 @@ def test_per_group_draws_n_samples_of_each_group(tmp_path, rows):
     want = generate(2, 5, family="count") + generate(2, 5, family="reading")
     assert [r.question for r in org] == [s.question for s in want]
     assert [r.id for r in org.spread(3)] == [org[0].id, org[2].id, org[1].id]
+
+
+def test_exported_per_group_manifest_equals_per_group_organism_data(tmp_path):
+    """Notebooks 00, 03 and 04 draw n_samples of each family (per_group): a --per-group export, loaded the same way,
+    gives those samples in the same order (same ids, pixels, masks, object masks, identity hash)."""
+    org = load_data("organism", n_samples=3, seed=7, per_group=True, family=["count", "reading", "color"])
+    path = export_organism(tmp_path / "org", n_samples=3, seed=7, family=["count", "reading", "color"], per_group=True)
+    exp = load_data(path, n_samples=3, seed=7, per_group=True)
+    assert [r.id for r in exp] == [r.id for r in org] and [r.group for r in org] == ["count"] * 3 + ["reading"] * 3 + [
+        "color"
+    ] * 3
+    for a, b in zip(org, exp):
+        assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+        assert np.array_equal(a.pixel_mask, b.pixel_mask) and np.array_equal(a.meta["object_mask"], b.object_mask)
+    assert exp.identity["content_sha256"] == org.identity["content_sha256"]
+    with pytest.raises(TypeError, match=r"per_group='yes'; accepted: True or False"):
+        export_organism(tmp_path / "bad", n_samples=1, per_group="yes")

@@ -67,12 +67,18 @@ def export(
     n_samples: int = typer.Option(64, "--n-samples"),
     seed: int = typer.Option(0, "--seed"),
     family: str = typer.Option("all", "--family", help="'all' or one organism task family"),
+    per_group: bool = typer.Option(
+        False,
+        "--per-group",
+        help="n_samples of each family, as notebooks 00, 03 and 04 draw them (load the manifest with the same "
+        "n_samples and seed: every family's samples are kept in order)",
+    ),
 ) -> None:
     """Write the samples data='organism' gives (same n_samples, seed, family) as a manifest with pixel masks."""
     from vtrlab.data.sources import export_organism
 
     try:
-        path = export_organism(out, n_samples=n_samples, seed=seed, family=family)
+        path = export_organism(out, n_samples=n_samples, seed=seed, family=family, per_group=per_group)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

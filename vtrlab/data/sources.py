@@ -429,17 +429,31 @@ def organism_record(s) -> Record:
 
 
 def export_organism(
-    folder: str | os.PathLike, n_samples: int = 64, seed: int = 0, family: str | Sequence[str] | None = None
+    folder: str | os.PathLike,
+    n_samples: int = 64,
+    seed: int = 0,
+    family: str | Sequence[str] | None = None,
+    per_group: bool = False,
 ) -> Path:
-    """Write the organism samples ``load_data("organism", n_samples=..., seed=..., family=...)`` returns
-    as a manifest (PNG pictures, PNG pixel masks); returns the manifest path."""
+    """Write the organism samples ``load_data("organism", n_samples=..., seed=..., family=..., per_group=...)``
+    returns as a manifest (PNG pictures, PNG pixel masks, object masks); returns the manifest path.
+
+    With ``per_group`` (how notebooks 00, 03 and 04 draw samples) the manifest holds ``n_samples`` of each family;
+    loading it with the same ``n_samples`` and ``per_group=True`` keeps every family's samples in order, so the
+    notebooks see the samples ``data="organism"`` gives them."""
     from vtrlab.data.manifest import write_manifest
-    from vtrlab.data.synthetic import generate
+    from vtrlab.data.synthetic import FAMILIES, generate
 
     _check_int("n_samples", n_samples, 1)
     _check_int("seed", seed, 0)
+    if not isinstance(per_group, bool):
+        raise TypeError(f"per_group={per_group!r}; accepted: True or False")
     families = None if family in (None, "all") else ([family] if isinstance(family, str) else list(family))
-    return write_manifest(generate(n_samples, seed=seed, family=families), folder)
+    if per_group:
+        samples = [s for f in (families or FAMILIES) for s in generate(n_samples, seed=seed, family=f)]
+    else:
+        samples = generate(n_samples, seed=seed, family=families)
+    return write_manifest(samples, folder)
 
 
 __all__ = [
