@@ -37,8 +37,8 @@ def test_core_slices_are_disjoint_and_equal(run):
 def test_parallel_children_get_their_own_gpu_and_cores(run, tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     code = (
-        "import json, os, sys; json.dump({'gpu': os.environ['CUDA_VISIBLE_DEVICES'], 'omp': os.environ['OMP_NUM_THREADS'],"
-        " 'cores': sorted(os.sched_getaffinity(0))}, open(sys.argv[1], 'w'))"
+        "import json, os, sys; e = os.environ; json.dump({'gpu': e['CUDA_VISIBLE_DEVICES'], "
+        "'omp': e['OMP_NUM_THREADS'], 'cores': sorted(os.sched_getaffinity(0))}, open(sys.argv[1], 'w'))"
     )
     jobs = [(f"s{j}", [sys.executable, "-c", code, str(tmp_path / f"s{j}.json")]) for j in range(2)]
     jobs.append(("slow", [sys.executable, "-c", "import time; time.sleep(30)"]))
