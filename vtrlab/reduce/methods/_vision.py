@@ -102,6 +102,13 @@ def replay_signals(ctx, requests: dict) -> None:
     vision_forward(ctx, attention=sorted(requests["attention"]), tensors=dict(requests["tensors"]))
 
 
+def scoring_device(ctx) -> torch.device:
+    """Where a method's float64 tensor work runs: the model's device. Tower signals are cached on the host
+    (float32); methods whose scoring is heavy (VisionZip's merge, VisPruner's dedup loop) copy their inputs
+    there and one result back — on a CPU model nothing moves, so results are those of the host code."""
+    return torch.device(ctx.vlm.device)
+
+
 def prefetch_attention(ctx, layers: list[int]) -> None:
     """Record the vision attention of several layers in one forward (VTC-CLS, HiRED)."""
     vision_forward(ctx, attention=layers)
