@@ -104,13 +104,13 @@ def _image(size, seed=0):
 
 def timed(fn, device, warmup: int, repeats: int) -> dict:
     """Median wall time of ``fn()`` over ``repeats`` after ``warmup`` calls; the device synchronised before
-    and after each call, the garbage collector off inside the loop (collected once before it); peak extra
-    memory per call (CUDA). ``fn`` may return a dict of inner timings (medians reported under ``inner``)."""
+    and after each call, the garbage collector off inside the loop (collected once per cell, before it:
+    :func:`bench_method`); peak extra memory per call (CUDA). ``fn`` may return a dict of inner timings
+    (medians reported under ``inner``)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     for _ in range(warmup):
         fn()
-    gc.collect()
     times, peaks, inner = [], [], []
     was = gc.isenabled()
     gc.disable()
@@ -139,32 +139,32 @@ def timed(fn, device, warmup: int, repeats: int) -> dict:
     return res
 
 
+def _event_time(fn, device) -> float:
+    """Seconds of one ``fn()`` between two CUDA events recorded around it (the queue drained before the first,
+    the second waited for: the host work inside ``fn`` and the kernels it launched both count);
+    ``time.perf_counter`` around the call on the CPU."""
+    _sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def timed_events(fn, device, warmup: int, repeats: int) -> dict:
-    """Median time of ``fn()`` between two CUDA events recorded around it (the queue drained before the
-    first; the second waited for), so the host work inside ``fn`` and the kernels it launched both count;
-    ``time.perf_counter`` around a synchronised call on the CPU. GC off inside the loop."""
+    """Median :func:`_event_time` of ``fn()`` over ``repeats`` after ``warmup`` calls, GC off in the loop."""
     device = torch.device(device)
-    cuda = device.type == "cuda"
     for _ in range(warmup):
         fn()
-    gc.collect()
-    times = []
     was = gc.isenabled()
     gc.disable()
     try:
-        for _ in range(repeats):
-            _sync(device)
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1000.0)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
+        times = [_event_time(fn, device) for _ in range(repeats)]
     finally:
         if was:
             gc.enable()
@@ -173,14 +173,21 @@ def timed_events(fn, device, warmup: int, repeats: int) -> dict:
 
 def paired_difference(fn_a, fn_b, device, warmup: int, repeats: int) -> dict:
     """``fn_b`` minus ``fn_a``, timed alternately (a, b, a, b, ...; CUDA events) so that drift of the host
-    or the GPU clock hits both alike: the median of the per-pair differences, and each median."""
-    a_t, b_t = [], []
+    or the GPU clock hits both alike: the median of the per-pair differences, and each median. GC off."""
+    device = torch.device(device)
     for _ in range(warmup):
         fn_a()
         fn_b()
-    for _ in range(repeats):
-        a_t.append(timed_events(fn_a, device, 0, 1)["median_s"])
-        b_t.append(timed_events(fn_b, device, 0, 1)["median_s"])
+    a_t, b_t = [], []
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            a_t.append(_event_time(fn_a, device))
+            b_t.append(_event_time(fn_b, device))
+    finally:
+        if was:
+            gc.enable()
     return {
         "median_s": statistics.median(b - a for a, b in zip(a_t, b_t)),
         "a_median_s": statistics.median(a_t),
@@ -291,6 +298,7 @@ def bench_method(vlm, batch, dec, name, params, budget, args, first: bool, cache
     device = vlm.device
     method = None if name == "keep_all" else R.get(name, **params)
     keep = None if method is None else budget
+    gc.collect()  # once per cell (each timed loop runs with the collector off)
     res: dict = _ttft_decode(vlm, batch, method, keep, args, warmup=args.warmup if first else min(1, args.warmup))
     if method is None:
         red = reduced_decoder_inputs(vlm, batch, None, dec, _built_here=True)
@@ -657,6 +665,8 @@ def main(argv=None) -> int:
     if args.time_budget <= 0 or args.method_timeout <= 0:
         ap.error("--time-budget and --method-timeout must be > 0")
     t_start = time.monotonic()
+    if args.smoke:
+        torch.set_num_threads(1)  # tiny models on a shared CPU: more threads only wait on each other
     from vtrlab import testing
 
     table = TINY if args.smoke else SHAPES
