@@ -115,3 +115,36 @@ def test_flowcut_on_too_shallow_a_tower_is_not_applicable():
     with pytest.raises(NotApplicable, match=r"'flowcut' is not applicable to family 'llava_next'.*too few tower"):
         prepare(get("flowcut"), vlm)
     prepare(get("flowcut", feature_layer=-1), vlm)  # layer 1: one block to prune in
+
+
+def _prumerge_loop(cls_attn, keys, feats, picked, n_neighbors):
+    """The per-kept-token loop ``prumerge_merge`` used to run (reference)."""
+    from vtrlab.reduce.scoring import mask_of, rank_desc
+
+    compl = torch.nonzero(~mask_of(picked, cls_attn.shape[0])).flatten()
+    kn = torch.nn.functional.normalize(keys, p=2, dim=-1)
+    out = torch.empty(picked.numel(), feats.shape[1], dtype=feats.dtype)
+    for i in range(picked.numel()):
+        others = torch.cat([picked[:i], picked[i + 1 :], compl])
+        nb = others[rank_desc(kn[others] @ kn[picked[i]])[: min(n_neighbors, others.numel())]]
+        out[i] = feats[picked[i]] + (feats[nb] * cls_attn[nb, None]).sum(0)
+    return out
+
+
+@pytest.mark.parametrize("n_neighbors", [3, 32, 100])
+def test_prumerge_merge_all_at_once_is_the_loop(n_neighbors):
+    from vtrlab.reduce.scoring import prumerge_merge
+
+    g = torch.Generator().manual_seed(n_neighbors)
+    V, C, D = 40, 8, 12
+    keys = torch.randn(V, C, generator=g, dtype=torch.float64)
+    keys[7] = keys[3]  # exact ties in the similarities: the earlier candidate wins in both
+    keys[20] = keys[3]
+    a = torch.rand(V, generator=g, dtype=torch.float64)
+    x = torch.randn(V, D, generator=g, dtype=torch.float64)
+    picked = torch.tensor([5, 3, 31, 7, 0, 22])
+    res = prumerge_merge(a, keys, x, picked, n_neighbors)
+    torch.testing.assert_close(res.embeds[:-1], _prumerge_loop(a, keys, x, picked, n_neighbors), rtol=1e-12, atol=1e-12)
+    assert res.sources.tolist() == [*picked.tolist(), -1]
+    one = prumerge_merge(a, keys, x, picked[:1], n_neighbors)
+    torch.testing.assert_close(one.embeds[:-1], _prumerge_loop(a, keys, x, picked[:1], n_neighbors))
