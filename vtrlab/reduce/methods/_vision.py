@@ -195,7 +195,7 @@ def _row_tokens(ctx, sample: int, t) -> tuple[np.ndarray, np.ndarray]:
     """(rows, tokens): the vision-table rows of ``sample`` that are patches of an image token, and that
     token's layout index — matched on (image, tile, row, col) with arrays, not a per-row lookup (a
     Python loop over pandas cells cost ~0.1 ms per patch: 0.3 s at LLaVA-NeXT's 2,880). Where two
-    tokens share a key the later one wins (:func:`_match_keys`). Cached per sample."""
+    tokens share a key the later one wins, as in :func:`_token_index`. Cached per sample."""
 
     def compute():
         lay = ctx.layouts[sample]
@@ -207,6 +207,15 @@ def _row_tokens(ctx, sample: int, t) -> tuple[np.ndarray, np.ndarray]:
         return ok[j >= 0], j[j >= 0]
 
     return ctx.cached(("row_tokens", sample), compute)
+
+
+def _token_index(lay) -> dict[tuple[int, int, int, int], int]:
+    """The definition :func:`_match_keys` reproduces with arrays: token index by (image, tile, row, col),
+    the later token winning where two share a key (a per-row lookup in it was the old, slow path; kept as
+    the tests' reference)."""
+    img = lay.kind == KIND_IMAGE
+    keys = zip(lay.image[img], lay.tile[img], lay.row[img], lay.col[img])
+    return {tuple(int(v) for v in k): j for j, k in enumerate(keys)}
 
 
 def token_attention(ctx, layer: int, heads: str = "mean") -> list[np.ndarray]:
