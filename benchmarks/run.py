@@ -5,6 +5,7 @@ GPU (the lead, through the device tool, in ONE call of at most 9 minutes)::
     python benchmarks/run.py --out $OUT                        # everything, ends within --budget-s (510 s)
     python benchmarks/run.py --out $OUT --only capture,reduce  # a subset
     python benchmarks/run.py --out $OUT --only capture,flow --budget-s 290 --wheels .whl/bench,.whl/store
+    python benchmarks/run.py --out $OUT --only reduce --gpus 2 --budget-s 400   # reduce's 2 shapes at once
 
 CPU smoke run (tiny models, all parts, about two minutes on an idle 2-core machine)::
 
@@ -21,6 +22,11 @@ Parts, in order: ``organism`` (the embedded model's CPU forward, organism_forwar
 child process, one shape at a time, each with a time-box: a part gets the remaining budget times its
 share over the shares still to run, so time a part does not use passes on. A child that runs past its
 box is killed; what it wrote so far (the scripts write after each case) is kept and marked partial.
+
+``--gpus N`` (reduce only): its shapes run at once, shape j on GPU j (``CUDA_VISIBLE_DEVICES``) and on its own
+slice of the cores (``sched_setaffinity``, ``OMP_NUM_THREADS`` = the slice), each with the part's whole box;
+their logs go to ``DIR/run-<shape>.log`` (and into run.log at the end). A reduce child is told its box minus
+15 s (``--time-budget``) so it ends its last cell and writes its table before the box would kill it.
 
 Writes ``DIR/<part>.json`` (the shapes merged), ``DIR/run.json`` (what ran, how long, what timed out,
 written after every step) and ``DIR/README.md`` (benchmarks/README.md with its tables regenerated).
