@@ -5,6 +5,7 @@ GPU (the lead, through the device tool, in ONE call of at most 9 minutes)::
     python benchmarks/run.py --out $OUT                        # everything, ends within --budget-s (510 s)
     python benchmarks/run.py --out $OUT --only capture,reduce  # a subset
     python benchmarks/run.py --out $OUT --only capture,flow --budget-s 290 --wheels .whl/bench,.whl/store
+    python benchmarks/run.py --out $OUT --only reduce --gpus 2 --budget-s 400   # reduce's 2 shapes at once
 
 CPU smoke run (tiny models, all parts, about two minutes on an idle 2-core machine)::
 
@@ -21,6 +22,11 @@ Parts, in order: ``organism`` (the embedded model's CPU forward, organism_forwar
 child process, one shape at a time, each with a time-box: a part gets the remaining budget times its
 share over the shares still to run, so time a part does not use passes on. A child that runs past its
 box is killed; what it wrote so far (the scripts write after each case) is kept and marked partial.
+
+``--gpus N`` (reduce only): its shapes run at once, shape j on GPU j (``CUDA_VISIBLE_DEVICES``) and on its own
+slice of the cores (``sched_setaffinity``, ``OMP_NUM_THREADS`` = the slice), each with the part's whole box;
+their logs go to ``DIR/run-<shape>.log`` (and into run.log at the end). A reduce child is told its box minus
+15 s (``--time-budget``) so it ends its last cell and writes its table before the box would kill it.
 
 Writes ``DIR/<part>.json`` (the shapes merged), ``DIR/run.json`` (what ran, how long, what timed out,
 written after every step) and ``DIR/README.md`` (benchmarks/README.md with its tables regenerated).
@@ -176,6 +182,85 @@ def _run_child(argv: list[str], timeout: float, log: Path) -> tuple[str, float]:
     return status, time.monotonic() - t0
 
 
+PARALLEL_PARTS = ("reduce",)  # parts whose units (one shape each) may run at once, one GPU each (--gpus)
+
+
+def core_slices(n: int, cores: list[int] | None = None) -> list[list[int]]:
+    """The CPU cores this process may use split into ``n`` disjoint, equal, contiguous slices (the remainder
+    left unused), so that children pinned to them do not share cores."""
+    if cores is None:
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
+    if n < 1 or len(cores) < n:
+        raise ValueError(f"cannot split {len(cores)} cores into {n} slices")
+    k = len(cores) // n
+    return [cores[j * k : (j + 1) * k] for j in range(n)]
+
+
+def _gpu_ids(n: int) -> list[str]:
+    """The first ``n`` GPUs as CUDA_VISIBLE_DEVICES entries (respecting a CUDA_VISIBLE_DEVICES already set)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else [str(j) for j in range(n)]
+    if len(ids) < n:
+        raise ValueError(f"--gpus {n}: CUDA_VISIBLE_DEVICES={visible!r} names only {len(ids)} device(s)")
+    return ids[:n]
+
+
+def _run_children_parallel(jobs: list[tuple[str, list[str]]], timeout: float, out: Path, gpus: int) -> dict:
+    """Run ``jobs`` ((label, argv), at most ``gpus``) at once: job j sees only GPU j (CUDA_VISIBLE_DEVICES) and
+    runs on its own slice of the cores (``sched_setaffinity``; OMP/MKL threads = the slice's size), each in
+    its own process group with its own log (``out/run-<label>.log``, appended to run.log at the end); a job
+    past ``timeout`` is killed (its whole group). Returns {label: (status, seconds)}."""
+    if len(jobs) > gpus:
+        raise ValueError(f"{len(jobs)} jobs for {gpus} GPUs")
+    slices = core_slices(len(jobs))
+    ids = _gpu_ids(len(jobs))
+    procs, logs, t0 = {}, {}, time.monotonic()
+    for (label, argv), cores, gpu in zip(jobs, slices, ids):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(ROOT), *EXTRA_PATH] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        )
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(len(cores))
+        logs[label] = out / f"run-{label}.log"
+        fh = open(logs[label], "w")
+        fh.write(f"$ CUDA_VISIBLE_DEVICES={gpu} taskset -c {','.join(map(str, cores))} {' '.join(argv)}\n")
+        fh.flush()
+        procs[label] = (
+            subprocess.Popen(
+                argv,
+                cwd=ROOT,
+                env=env,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=(lambda c=cores: os.sched_setaffinity(0, c)) if hasattr(os, "sched_setaffinity") else None,
+            ),
+            fh,
+        )
+    result = {}
+    for label, (proc, fh) in procs.items():
+        left = timeout - (time.monotonic() - t0)
+        try:
+            rc = proc.wait(timeout=max(1.0, left))
+            status = "ok" if rc == 0 else f"failed (exit {rc})"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            status = f"timed out after {timeout:.0f} s"
+        fh.close()
+        result[label] = (status, time.monotonic() - t0)
+    with open(out / "run.log", "a") as fh:
+        for label, path in logs.items():
+            fh.write(f"----- {label} (parallel) -----\n{path.read_text()}")
+    return result
+
+
 def _merge(paths: list[Path]) -> dict | None:
     """One report from per-shape reports (header of the first, shapes concatenated)."""
     merged = None
@@ -189,6 +274,14 @@ def _merge(paths: list[Path]) -> dict | None:
         else:
             merged["shapes"].extend(rep.get("shapes", []))
     return merged
+
+
+def _child_budget(part: str, box: float) -> list[str]:
+    """The time budget a child is told (so it ends its last cell and writes its table before the box kills it);
+    reduce.py plans its cells against it."""
+    if part == "reduce":
+        return ["--time-budget", f"{max(box - 15.0, 5.0):.0f}"]
+    return []
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,6 +359,13 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 5; 1 with --smoke)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up runs per case (default 2; 0 with --smoke)")
+    ap.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="GPUs to spread the reduce part over: its shapes run at once, each on its own GPU and its own slice "
+        "of the cores (default 1: one after the other)",
+    )
     ap.add_argument("--no-readme", action="store_true", help="do not regenerate benchmarks/README.md")
     ap.add_argument(
         "--wheels",
@@ -296,6 +396,8 @@ def main(argv=None) -> int:
     budget = args.budget_s if args.budget_s is not None else (110.0 if args.smoke else 510.0)
     repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 5)
     warmup = args.warmup if args.warmup is not None else (0 if args.smoke else 2)
+    if args.gpus < 1:
+        ap.error(f"--gpus {args.gpus}; accepted: an integer >= 1")
     if budget <= 0 or repeats < 1 or warmup < 0:
         ap.error(f"need --budget-s > 0, --repeats >= 1, --warmup >= 0 (got {budget}, {repeats}, {warmup})")
     if not args.smoke:
@@ -335,13 +437,28 @@ def main(argv=None) -> int:
         share = SHARES[part] / sum(SHARES[p] for p in order[i:])
         part_deadline = time.monotonic() + remaining * share
         units = _units(part, out, args.smoke, repeats, warmup)
-        for j, (label, cmd, path) in enumerate(units):
-            box = (part_deadline - time.monotonic()) / (len(units) - j)
+        if args.gpus > 1 and part in PARALLEL_PARTS and not args.smoke:
+            box = part_deadline - time.monotonic()
+            jobs = [(label, [*cmd, *_child_budget(part, box)]) for label, cmd, _ in units]
+            print(f"[run] {part}: {len(jobs)} units at once on {args.gpus} GPUs, time-box {box:.0f} s", flush=True)
+            for j in range(0, len(jobs), args.gpus):
+                done = _run_children_parallel(jobs[j : j + args.gpus], part_deadline - time.monotonic(), out, args.gpus)
+                for label, (status, took) in done.items():
+                    path = next(p for lb, _, p in units if lb == label)
+                    rel = str(path.relative_to(out))
+                    entry["units"][label] = {"status": status, "seconds": round(took, 1), "json": rel, "parallel": True}
+                    print(f"[run] {part}/{label}: {status} in {took:.0f} s", flush=True)
+                _write_json(out / "run.json", summary)
+            units_left = []
+        else:
+            units_left = units
+        for j, (label, cmd, path) in enumerate(units_left):
+            box = (part_deadline - time.monotonic()) / (len(units_left) - j)
             if box < 5:
                 entry["units"][label] = {"status": "skipped: no time left in the budget"}
                 continue
             print(f"[run] {part}/{label}: time-box {box:.0f} s", flush=True)
-            status, took = _run_child(cmd, box, log)
+            status, took = _run_child([*cmd, *_child_budget(part, box)], box, log)
             entry["units"][label] = {"status": status, "seconds": round(took, 1), "json": str(path.relative_to(out))}
             print(f"[run] {part}/{label}: {status} in {took:.0f} s", flush=True)
             _write_json(out / "run.json", summary)

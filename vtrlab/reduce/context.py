@@ -48,15 +48,37 @@ def lm_layer_index(vlm: Any, layer: int, what: str = "layer") -> int:
     return idx
 
 
+# cache keys holding raw outputs of the vision forward (the rest of the cache is derived from them)
+TOWER_SIGNALS = ("decoder_inputs", "vision_probs_by_layer", "tower_tensors", "vision_requests")
+
+
 class ReductionContext:
     """Lazily computed, cached signals of one batch for reduction methods."""
 
-    def __init__(self, vlm: Any, batch: Batch, decoder_inputs: dict | None = None):
+    def __init__(self, vlm: Any, batch: Batch, decoder_inputs: dict | None = None, signals: dict | None = None):
         self.vlm = vlm
         self.batch = batch
         self._cache: dict[Any, Any] = {}
+        if signals is not None:
+            unknown = sorted(str(k) for k in signals if k not in TOWER_SIGNALS)
+            if unknown:
+                raise ValueError(f"signals= holds {unknown}; accepted keys: {', '.join(TOWER_SIGNALS)}")
+            self._cache.update(
+                {k: dict(v) if isinstance(v, dict) and k != "decoder_inputs" else v for k, v in signals.items()}
+            )
         if decoder_inputs is not None:
             self._cache["decoder_inputs"] = decoder_inputs
+
+    def tower_signals(self) -> dict:
+        """The raw outputs of this batch's vision forward cached so far (decoder inputs, recorded vision
+        attention, hooked tower tensors; see :data:`TOWER_SIGNALS`) — nothing a method derived from them.
+        ``ReductionContext(vlm, batch, signals=ctx.tower_signals())`` starts a context that has the tower's
+        outputs but must redo every method-side step: how benchmarks time a method's scoring alone."""
+        return {
+            k: dict(v) if isinstance(v, dict) and k != "decoder_inputs" else v
+            for k, v in self._cache.items()
+            if k in TOWER_SIGNALS
+        }
 
     @property
     def layouts(self):

@@ -199,13 +199,19 @@ def prumerge_merge(
     kept = mask_of(picked, V)
     compl = torch.nonzero(~kept).flatten()
     kn = F.normalize(keys, p=2, dim=-1)
-    out = torch.empty(picked.numel(), feats.shape[1], dtype=feats.dtype, device=feats.device)
-    for i in range(picked.numel()):
-        others = torch.cat([picked[:i], picked[i + 1 :], compl])
-        sim = kn[others] @ kn[picked[i]]
-        n_nb = min(n_neighbors, others.numel())
-        nb = others[rank_desc(sim)[:n_nb]]
-        out[i] = feats[picked[i]] + (feats[nb] * cls_attn[nb, None]).sum(0)
+    # all kept tokens at once (no loop over them): row i ranks ``cand`` = kept (LM order), then dropped
+    # (ascending) with its own column masked to -inf, so a stable descending sort orders the others exactly
+    # as ranking ``cand`` without position i would (ties: the earlier one), and never picks i itself
+    P = picked.numel()
+    cand = torch.cat([picked, compl])
+    n_nb = min(n_neighbors, cand.numel() - 1)
+    out = feats[picked].clone()
+    if P and n_nb > 0:
+        sim = kn[picked] @ kn[cand].T  # (P, P + C)
+        diag = torch.arange(P, device=sim.device)
+        sim[diag, diag] = -torch.inf
+        nb = cand[torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :n_nb]]  # (P, n_nb)
+        out = out + (feats[nb] * cls_attn[nb][..., None]).sum(1)
     extra = (feats[compl] * cls_attn[compl, None]).sum(0, keepdim=True)
     group = torch.full((V,), -1, dtype=torch.long, device=cls_attn.device)
     group[picked] = picked

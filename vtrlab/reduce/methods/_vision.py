@@ -49,6 +49,9 @@ def vision_forward(ctx, attention: list[int] = (), tensors: dict | None = None) 
     have_t = ctx.cached("tower_tensors", dict)
     idx = sorted({vision_layer_index(vlm, layer) for layer in attention} - set(have_p))
     todo = {k: m for k, m in (tensors or {}).items() if k not in have_t}
+    asked = ctx.cached("vision_requests", lambda: {"attention": set(), "tensors": {}})
+    asked["attention"].update(vision_layer_index(vlm, layer) for layer in attention)
+    asked["tensors"].update(tensors or {})
     if not idx and not todo:
         return
     mode = "cls" if vlm.has_cls else "mean"
@@ -89,6 +92,21 @@ def vision_forward(ctx, attention: list[int] = (), tensors: dict | None = None) 
             raise RuntimeError(f"{type(todo[k]).__name__} ({k}) did not run during the vision forward")
         # float32 on the host: scoring runs in float64 on the CPU whatever the tower's dtype and device
         have_t[k] = torch.cat(v, 0).float().cpu()
+
+
+def replay_signals(ctx, requests: dict) -> None:
+    """Record in ``ctx`` (a fresh context of the same batch) what a method's :func:`vision_forward` calls
+    asked for (``requests``: the ``"vision_requests"`` signal of the context they ran in), in ONE
+    forward: the instrumented tower of that method without its scoring (benchmarks time it against a
+    plain forward)."""
+    vision_forward(ctx, attention=sorted(requests["attention"]), tensors=dict(requests["tensors"]))
+
+
+def scoring_device(ctx) -> torch.device:
+    """Where a method's float64 tensor work runs: the model's device. Tower signals are cached on the host
+    (float32); methods whose scoring is heavy (VisionZip's merge, VisPruner's dedup loop) copy their inputs
+    there and one result back — on a CPU model nothing moves, so results are those of the host code."""
+    return torch.device(ctx.vlm.device)
 
 
 def prefetch_attention(ctx, layers: list[int]) -> None:
@@ -185,22 +203,16 @@ def _row_tokens(ctx, sample: int, t) -> tuple[np.ndarray, np.ndarray]:
         tok_keys = np.stack([np.asarray(getattr(lay, c))[img] for c in ("image", "tile", "row", "col")], 1)
         tab = np.stack([t[c].to_numpy().astype(np.int64) for c in ("image", "tile", "row", "col")], 1)
         ok = np.flatnonzero((t["kind"].to_numpy() == "patch") & (tab[:, 2] >= 0))
-        both = np.concatenate([tok_keys.astype(np.int64), tab[ok]])
-        if both.size == 0:
-            return ok, np.zeros(0, dtype=np.int64)
-        lo = both.min(0)
-        dims = tuple(int(d) for d in both.max(0) - lo + 1)
-        tk = np.ravel_multi_index(tuple((tok_keys - lo).T), dims)
-        rk = np.ravel_multi_index(tuple((tab[ok] - lo).T), dims)
-        order = np.argsort(tk, kind="stable")
-        at = np.searchsorted(tk[order], rk, side="right") - 1  # the last token with that key
-        hit = (at >= 0) & (tk[order][np.clip(at, 0, None)] == rk)
-        return ok[hit], order[at[hit]].astype(np.int64)
+        j = _match_keys(tok_keys.astype(np.int64), tab[ok])
+        return ok[j >= 0], j[j >= 0]
 
     return ctx.cached(("row_tokens", sample), compute)
 
 
 def _token_index(lay) -> dict[tuple[int, int, int, int], int]:
+    """The definition :func:`_match_keys` reproduces with arrays: token index by (image, tile, row, col),
+    the later token winning where two share a key (a per-row lookup in it was the old, slow path; kept as
+    the tests' reference)."""
     img = lay.kind == KIND_IMAGE
     keys = zip(lay.image[img], lay.tile[img], lay.row[img], lay.col[img])
     return {tuple(int(v) for v in k): j for j, k in enumerate(keys)}
@@ -269,26 +281,52 @@ def layer_proj(ctx, layer: int, name: str) -> torch.Tensor:
 
 
 def one_to_one(lay, family: str, method: str) -> tuple[np.ndarray, np.ndarray]:
-    """(crop, vpos) of each layout image token where tokens and vision patches are 1:1."""
+    """(crop, vpos) of each layout image token where tokens and vision patches are 1:1.
+
+    Patches are matched to tokens on (image, tile, row, col) with arrays (a per-row pandas loop cost
+    ~45 ms a crop at 576 patches); where two tokens share a key the later one wins (as a dict built in
+    layout order would)."""
+    out = _one_to_one(lay)
+    if isinstance(out, str):
+        raise NotApplicable(method, family, out)
+    return out
+
+
+def _one_to_one(lay):
     vis = lay.vision
     if vis is None:
-        raise NotApplicable(method, family, "the layout has no vision-encoder table")
-    patches = vis[(vis["kind"] == "patch") & (vis["row"] >= 0)]
-    index = _token_index(lay)
+        return "the layout has no vision-encoder table"
+    img = lay.kind == KIND_IMAGE
+    tok_keys = np.stack([np.asarray(getattr(lay, c))[img] for c in ("image", "tile", "row", "col")], 1)
+    tok_keys = tok_keys.astype(np.int64)
+    sel = (vis["kind"].to_numpy() == "patch") & (vis["row"].to_numpy() >= 0)
+    tab = np.stack([vis[c].to_numpy()[sel].astype(np.int64) for c in ("image", "tile", "row", "col")], 1)
+    pcrop = vis["crop"].to_numpy()[sel].astype(np.int64)
+    pvpos = vis["vpos"].to_numpy()[sel].astype(np.int64)
+    j = _match_keys(tok_keys, tab)
+    hit = j >= 0
     crop = np.full(lay.n_image_tokens, -1)
     vpos = np.full(lay.n_image_tokens, -1)
-    for r in patches.itertuples():
-        j = index.get((int(r.image), int(r.tile), int(r.row), int(r.col)))
-        if j is None:
-            continue
-        if crop[j] >= 0:
-            raise NotApplicable(
-                method,
-                family,
-                "LM tokens merge several vision patches; the method merges tower features of single patches",
-            )
-        crop[j], vpos[j] = int(r.crop), int(r.vpos)
+    if len(np.unique(j[hit])) != int(hit.sum()):
+        return "LM tokens merge several vision patches; the method merges tower features of single patches"
+    crop[j[hit]], vpos[j[hit]] = pcrop[hit], pvpos[hit]
     return crop, vpos
+
+
+def _match_keys(tok_keys: np.ndarray, tab: np.ndarray) -> np.ndarray:
+    """For each row of ``tab`` (n, 4) the index of the LAST row of ``tok_keys`` (m, 4) with the same key,
+    -1 where none has it."""
+    if tab.shape[0] == 0 or tok_keys.shape[0] == 0:
+        return np.full(tab.shape[0], -1, dtype=np.int64)
+    both = np.concatenate([tok_keys, tab])
+    lo = both.min(0)
+    dims = tuple(int(d) for d in both.max(0) - lo + 1)
+    tk = np.ravel_multi_index(tuple((tok_keys - lo).T), dims)
+    rk = np.ravel_multi_index(tuple((tab - lo).T), dims)
+    order = np.argsort(tk, kind="stable")
+    at = np.searchsorted(tk[order], rk, side="right") - 1  # the last token with that key
+    hit = (at >= 0) & (tk[order][np.clip(at, 0, None)] == rk)
+    return np.where(hit, order[np.clip(at, 0, None)], -1).astype(np.int64)
 
 
 def feature_layer_or(vlm, value, method: str, param: str) -> int:

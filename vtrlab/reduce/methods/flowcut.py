@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..context import vision_layer_index
-from ..registry import Method, Selection, register
+from ..registry import Method, NotApplicable, Selection, register
 from ..scoring import flowcut_prune_count, flowcut_score, top_k
 from ..stages.tower import TowerState, run_tower
 from ._vision import (
@@ -96,6 +96,17 @@ class FlowCut(Method):
     def check(self, vlm):
         require_llava_tower(vlm, self.name)
         require_cls(vlm, self.name, "its score and its entropy read the [CLS] attention and value")
+        fl = vision_layer_index(vlm, feature_layer_or(vlm, self.params["feature_layer"], self.name, "feature_layer"))
+        if fl < 1:
+            n = len(vlm.vision_layers)
+            raise NotApplicable(
+                self.name,
+                vlm.family,
+                f"model {getattr(vlm, 'name', '?')!r}: its feature layer is vision layer {fl} of {n}, and FlowCut "
+                "prunes after the blocks BEFORE it (the last step one block before, where rpl = 0), so no block is "
+                "left to prune in — too few tower layers for its layer choice (needs a feature layer >= 1; "
+                "pass feature_layer= on a deeper tower)",
+            )
 
     def select(self, ctx, n_keep):
         vlm = ctx.vlm

@@ -53,7 +53,8 @@ class Pooling(Method):
                     k += 1
             win = pooling_groups(lay, k)
             n = lay.n_image_tokens
-            rep = np.array([np.flatnonzero(win == w).min() for w in range(win.max() + 1)])
+            rep = np.full(int(win.max()) + 1, n, dtype=np.int64)  # each window's first token (layout order)
+            np.minimum.at(rep, win, np.arange(n))
             mask = np.zeros(n, dtype=bool)
             mask[rep] = True
             group = rep[win]

@@ -52,6 +52,7 @@ from ._vision import (
     proj_module,
     project,
     require_cls,
+    scoring_device,
     single_crop,
     split_budget,
     vision_forward,
@@ -111,9 +112,10 @@ class PruMerge(Method):
                 ]
             ),
         )
-        q = layer_proj(ctx, int(self.params["vision_layer"]), "q_proj")
-        k = layer_proj(ctx, int(self.params["vision_layer"]), "k_proj")
-        feats_all = layer_hidden(ctx, lf)
+        dev = scoring_device(ctx)  # the merge (float64) runs where the model runs; one copy back per crop
+        q = layer_proj(ctx, int(self.params["vision_layer"]), "q_proj").to(dev)
+        k = layer_proj(ctx, int(self.params["vision_layer"]), "k_proj").to(dev)
+        feats_all = layer_hidden(ctx, lf).to(dev)
         if per_crop(ctx):
             return self.select_anyres(ctx, n_keep, q, k, feats_all)
         keep, scores, embeds, groups, extra = [], [], [], [], []
@@ -124,14 +126,14 @@ class PruMerge(Method):
             picked = self.picked(attn, n)
             res = prumerge_merge(attn, kc[1:], feats_all[crop][1:].double(), picked, int(self.params["n_neighbors"]))
             V = lay.n_image_tokens
-            src = res.sources.numpy()
+            src = res.sources.cpu().numpy()
             patch_rows = np.flatnonzero(src >= 0)
             m = np.zeros(V, dtype=bool)
             m[order[src[patch_rows]]] = True
             g = np.full(V, -1, dtype=np.int64)
             g[order[src[patch_rows]]] = order[src[patch_rows]]
             s = np.zeros(V)
-            s[order] = attn.numpy()
+            s[order] = attn.cpu().numpy()
             proj = project(vlm, res.embeds)
             keep.append(m)
             scores.append(s)
@@ -159,18 +161,18 @@ class PruMerge(Method):
             outputs = []
             for ct, n_c in zip(crops, shares):
                 qc, kc = q[ct.crop].double(), k[ct.crop].double()
-                cols = torch.as_tensor(ct.columns)
+                cols = torch.as_tensor(ct.columns, device=qc.device)
                 attn = prumerge_cls_attention(qc[0], kc)[cols]
-                s[ct.tokens] = attn.numpy()
+                s[ct.tokens] = attn.cpu().numpy()
                 if n_c == 0:
                     outputs.append((np.zeros(0, dtype=np.int64), None))
                     continue
                 picked = self.picked(attn, n_c)
-                rows = torch.as_tensor(ct.vpos)
+                rows = torch.as_tensor(ct.vpos, device=kc.device)
                 res = prumerge_merge(
                     attn, kc[rows], feats_all[ct.crop][rows].double(), picked, int(self.params["n_neighbors"])
                 )
-                src = res.sources.numpy()
+                src = res.sources.cpu().numpy()
                 tok = np.where(src >= 0, ct.tokens[np.clip(src, 0, None)], -1)
                 g[tok[tok >= 0]] = tok[tok >= 0]
                 outputs.append((tok, project(vlm, res.embeds)))

@@ -70,6 +70,7 @@ from ._vision import (
     per_crop,
     proj_module,
     project,
+    scoring_device,
     single_crop,
     split_budget,
     token_attention,
@@ -112,28 +113,28 @@ class VisionZip(Method):
         keys = layer_proj(ctx, layer, "k_proj")
         heads = n_vision_heads(vlm, layer)
         use_cls = bool(self.params["cls_token"])
+        dev = scoring_device(ctx)  # the merge runs where the model runs (float64), one copy back per crop
         if per_crop(ctx):
             return self.select_anyres(ctx, n_keep, hidden, keys, heads, use_cls)
         keep, scores, embeds, groups, extra = [], [], [], [], []
         for i, (lay, n) in enumerate(zip(ctx.layouts, n_keep)):
             crop, order = single_crop(lay, vlm.family, self.name)
             dominant, contextual = self.split(n)
-            attn = crop_attention(ctx, layer, i, crop)
-            h = hidden[crop].double()
-            kk = heads_mean(keys[crop].double(), heads)
+            attn = crop_attention(ctx, layer, i, crop).to(dev)
+            h = hidden[crop].to(dev).double()
+            kk = heads_mean(keys[crop].to(dev).double(), heads)
             if not use_cls:
                 h, kk = h[1:], kk[1:]
             res = visionzip_merge(attn, h, kk, dominant, contextual, has_cls=use_cls)
             V = lay.n_image_tokens
-            src = res.sources.numpy()
+            src, gv, sc = (t.cpu().numpy() for t in (res.sources, res.group, res.scores))
             patch_rows = np.flatnonzero(src >= 0)
             m = np.zeros(V, dtype=bool)
             m[order[src[patch_rows]]] = True
             g = np.full(V, -1, dtype=np.int64)
-            gv = res.group.numpy()
             g[order] = np.where(gv >= 0, order[np.clip(gv, 0, None)], -1)
             s = np.zeros(V)
-            s[order] = res.scores.numpy()
+            s[order] = sc
             proj = project(vlm, res.embeds)
             keep.append(m)
             scores.append(s)
@@ -151,6 +152,7 @@ class VisionZip(Method):
     def select_anyres(self, ctx, n_keep, hidden, keys, heads, use_cls):
         """Per crop (module doc, "Anyres"); also right for single-crop samples of the batch."""
         vlm = ctx.vlm
+        dev = scoring_device(ctx)
         layer = feature_layer_or(vlm, self.params["vision_layer"], self.name, "vision_layer")
         if int(self.params["dominant"]) > 0:
             raise ValueError(
@@ -169,12 +171,11 @@ class VisionZip(Method):
                 if n_c == 0:
                     outputs.append((np.zeros(0, dtype=np.int64), None))
                     continue
-                rows = torch.as_tensor(np.concatenate([[0], ct.vpos]) if use_cls else ct.vpos)
-                h = hidden[ct.crop].double()[rows]
-                kk = heads_mean(keys[ct.crop].double(), heads)[rows]
-                res = visionzip_merge(attn, h, kk, *visionzip_split(n_c), has_cls=use_cls)
-                src = res.sources.numpy()
-                gv = res.group.numpy()
+                rows = torch.as_tensor(np.concatenate([[0], ct.vpos]) if use_cls else ct.vpos, device=dev)
+                h = hidden[ct.crop].to(dev).double()[rows]
+                kk = heads_mean(keys[ct.crop].to(dev).double(), heads)[rows]
+                res = visionzip_merge(attn.to(dev), h, kk, *visionzip_split(n_c), has_cls=use_cls)
+                src, gv = res.sources.cpu().numpy(), res.group.cpu().numpy()
                 g[ct.tokens] = np.where(gv >= 0, ct.tokens[np.clip(gv, 0, None)], -1)
                 outputs.append((np.where(src >= 0, ct.tokens[np.clip(src, 0, None)], -1), project(vlm, res.embeds)))
             out.add(lay, crops, outputs, s, g)

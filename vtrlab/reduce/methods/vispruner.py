@@ -28,7 +28,7 @@ import torch
 
 from ..registry import Method, Selection, register
 from ..scoring import vispruner_select
-from ._vision import hidden_module, layer_hidden, one_to_one, token_attention, vision_forward
+from ._vision import hidden_module, layer_hidden, one_to_one, scoring_device, token_attention, vision_forward
 
 LLAVA_TOWERS = ("llava", "llava_next", "llava_onevision")
 
@@ -57,15 +57,17 @@ class VisPruner(Method):
 
     def select(self, ctx, n_keep):
         layer = self.layer(ctx.vlm)
+        dev = scoring_device(ctx)  # the dedup loop's cosines (float64) run where the model runs
         if getattr(self, "on_embeds", False):
             vision_forward(ctx, attention=[layer])
             scores = token_attention(ctx, layer, "mean")
             keep = []
             for i, (lay, k) in enumerate(zip(ctx.layouts, n_keep)):
-                feats = ctx.image_embeds(i).double().cpu()
-                idx = vispruner_select(torch.as_tensor(scores[i]), feats, k, float(self.params["important_ratio"]))
+                feats = ctx.image_embeds(i).to(dev).double()
+                a = torch.as_tensor(scores[i], device=dev)
+                idx = vispruner_select(a, feats, k, float(self.params["important_ratio"]))
                 m = np.zeros(lay.n_image_tokens, dtype=bool)
-                m[idx.numpy()] = True
+                m[idx.cpu().numpy()] = True
                 keep.append(m)
             return Selection(
                 keep=keep,
@@ -78,9 +80,10 @@ class VisPruner(Method):
         keep = []
         for i, (lay, k) in enumerate(zip(ctx.layouts, n_keep)):
             crop, vpos = one_to_one(lay, ctx.vlm.family, self.name)
-            feats = hidden[torch.as_tensor(crop), torch.as_tensor(vpos)].double()
-            idx = vispruner_select(torch.as_tensor(scores[i]), feats, k, float(self.params["important_ratio"]))
+            feats = hidden.to(dev)[torch.as_tensor(crop, device=dev), torch.as_tensor(vpos, device=dev)].double()
+            a = torch.as_tensor(scores[i], device=dev)
+            idx = vispruner_select(a, feats, k, float(self.params["important_ratio"]))
             m = np.zeros(lay.n_image_tokens, dtype=bool)
-            m[idx.numpy()] = True
+            m[idx.cpu().numpy()] = True
             keep.append(m)
         return Selection(keep=keep, scores=[np.asarray(s) for s in scores])
