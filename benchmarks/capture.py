@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -389,9 +390,11 @@ def bench_shape(
         row["results"]["eager"] = {"error": skip}
     for method, res in row["results"].items():
         if "median_s" in res:
-            spread = f"  x{res['ratio_median']:.3f} IQR {res['ratio_iqr'][0]:.3f}-{res['ratio_iqr'][1]:.3f}" if (
-                "ratio_median" in res
-            ) else ""
+            spread = (
+                f"  x{res['ratio_median']:.3f} IQR {res['ratio_iqr'][0]:.3f}-{res['ratio_iqr'][1]:.3f}"
+                if ("ratio_median" in res)
+                else ""
+            )
             print(f"  {method:22s} {res['median_s']:.4f} s{spread}", flush=True)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -509,6 +512,23 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _profile(vlm, name: str, size, path: Path) -> None:
+    """profile_gpu.py's summary for this shape, on the model already built (errors are written, not raised)."""
+    spec = importlib.util.spec_from_file_location(
+        "_bench_profile_gpu", Path(__file__).resolve().parent / "profile_gpu.py"
+    )
+    pg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pg)
+    batch_size, which, calls, warmup = pg.PLAN.get(name, (1, ("capture_last", "capture_question"), 3, 2))
+    print(f"[{name} x{batch_size}] profile: {', '.join(which)}", flush=True)
+    try:
+        entry = pg.profile_shape(vlm, name, size, batch_size, which, calls=calls, warmup=warmup)
+    except Exception as err:  # noqa: BLE001 - the timings above are kept
+        entry = {"shape": name, "batch": batch_size, "error": f"{type(err).__name__}: {str(err)[:300]}", "cases": {}}
+    pg.append(path, entry, pg.meta(vlm.device))
+    print(f"  profile written to {path} ({entry.get('seconds', '?')} s)", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="JSON file to write (e.g. $OUT/capture.json)")
@@ -518,9 +538,15 @@ def main(argv=None) -> int:
     ap.add_argument("--cold-allocator", action="store_true", help="empty the CUDA cache before every timed call")
     ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {list(SHAPES)} (or the tiny ones)")
     ap.add_argument("--repeats", type=int, default=15, help="timed rounds (every case once per round)")
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-tl", action="store_true", help="skip TransformerLens even if installed")
     ap.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    ap.add_argument(
+        "--profile",
+        default=None,
+        metavar="JSON",
+        help="also profile the shape with torch.profiler (profile_gpu.py's plan) and add its summary to JSON",
+    )
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         ap.error(f"--repeats must be >= 1 and --warmup >= 0 (got {args.repeats}, {args.warmup})")
@@ -586,6 +612,8 @@ def main(argv=None) -> int:
             rows.append(bench_shape(name, vlm, size, args.warmup, args.repeats, with_tl, bs, tl_error))
             report["shapes"].append(rows[-1])
             atomic_write_text(out, json.dumps(report, indent=2))  # partial results survive a time-out
+        if args.profile:  # before TransformerLens, which takes over the model's attention modules
+            _profile(vlm, name, size, Path(args.profile))
         for row in rows if with_tl else []:  # last: the bridge takes over the model's modules
             bench_tl(row, vlm, size, args.warmup, args.repeats)
             atomic_write_text(out, json.dumps(report, indent=2))

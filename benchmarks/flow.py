@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {list(SHAPES)} (or the tiny ones)")
     ap.add_argument("--methods", default=None, help="comma-separated subset of the methods (sdpa always runs)")
     ap.add_argument("--repeats", type=int, default=15, help="timed rounds (every method once per round)")
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         ap.error(f"--repeats must be >= 1 and --warmup >= 0 (got {args.repeats}, {args.warmup})")
