@@ -252,8 +252,9 @@ def launch(
     sites = _lm_sites(vlm, lm_layers, plan, sdtype, "cpu")
     every_head = len(head_sel) == n_heads and list(head_sel) == list(range(n_heads))
     sel = None if every_head else to_device(np.asarray(head_sel, dtype=np.int64), device)
+    slices = dict(zip(lm_layers, target.unbind(0)))  # one op for every layer's slice
     for site in sites.values():
-        site.out, site.head_sel, site.head_mean = target[lm_layers.index(site.layer)], sel, head_mean
+        site.out, site.head_sel, site.head_mean = slices[site.layer], sel, head_mean
 
     v_layers: list[int] = []
     if vision:
