@@ -238,8 +238,8 @@ def profile_shape(vlm, name: str, image_size, batch_size: int, which, calls: int
 PLAN = {
     "llava-1.5-7b": (1, ("capture_last", "capture_question", "capture_last_vision"), 3, 2),
     "llava-next-7b": (8, ("capture_last", "capture_last_vision"), 2, 1),
-    "llava-1.5-tiny": (1, ("capture_last", "capture_question", "capture_last_vision"), 2, 1),
-    "llava-next-tiny": (2, ("capture_last", "capture_last_vision"), 2, 1),
+    "llava-1.5-tiny": (1, ("capture_last", "capture_question", "capture_last_vision"), 1, 0),
+    "llava-next-tiny": (2, ("capture_last", "capture_last_vision"), 1, 0),
 }
 
 
