@@ -291,7 +291,7 @@ def main(argv=None) -> int:
         "--rounds",
         type=int,
         default=None,
-        help="interleaved timing rounds of capture and flow (default 15; 2 with --smoke)",
+        help="interleaved timing rounds of capture and flow (default 15; 1 with --smoke)",
     )
     ap.add_argument(
         "--wheels",
@@ -321,7 +321,7 @@ def main(argv=None) -> int:
         ap.error(f"--only {args.only!r}: unknown part(s) {unknown}; choose from {list(PARTS)}")
     budget = args.budget_s if args.budget_s is not None else (110.0 if args.smoke else 510.0)
     repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 5)
-    rounds = args.rounds if args.rounds is not None else (2 if args.smoke else 15)
+    rounds = args.rounds if args.rounds is not None else (1 if args.smoke else 15)
     warmup = args.warmup if args.warmup is not None else (0 if args.smoke else 2)
     if budget <= 0 or repeats < 1 or warmup < 0 or rounds < 1:
         ap.error(
