@@ -15,8 +15,11 @@ CPU at realistic sequence lengths (the organism, and a random LLaVA-1.5 with 576
 
     python benchmarks/capture.py --cpu --threads 1 --batch 1 --no-tl --out /tmp/capture-cpu.json
 
-Methods, each timed in the same process on the same inputs, median of ``--repeats`` runs after
-``--warmup`` runs:
+Methods, each timed in the same process on the same inputs, in ``--repeats`` interleaved rounds after
+``--warmup`` calls of each (:func:`measure_interleaved`: every case once per round, in a shuffled order;
+the ratio to sdpa is the median of the per-round ratios, reported with its IQR and a bootstrap 95%
+interval, so drift of the host's load cancels; the host's load average and CPU count are in the JSON).
+TransformerLens runs last, on its own (its ratio is one of medians):
 
   sdpa            plain forward (use_cache=False), the reference cost
   capture_last    vtrlab.capture(queries="last", layers="all", vision=False)
@@ -34,7 +37,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
+import os
 import platform
 import statistics
 import sys
@@ -160,26 +165,33 @@ def _sync(device):
 COLD_ALLOCATOR = False
 
 
+def host_info() -> dict:
+    """The host's load when a benchmark ran: load average (1, 5, 15 min) and CPU counts."""
+    info = {"cpu_count": os.cpu_count()}
+    try:
+        info["cpus_usable"] = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        pass
+    try:
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        info["load_average"] = None
+    return info
+
+
 def measure(fn, device, warmup: int, repeats: int, cold: bool | None = None) -> dict:
+    """Time ``fn`` alone: median of ``repeats`` calls after ``warmup`` (see :func:`measure_interleaved`
+    for ratios to a baseline, which should be used wherever there is one)."""
     cold = COLD_ALLOCATOR if cold is None else cold
     for _ in range(warmup):
         fn()
     _sync(device)
     times, peaks, inner = [], [], []
     for _ in range(repeats):
-        gc.collect()
-        if device.type == "cuda":
-            if cold:
-                torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-        _sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        if device.type == "cuda":
-            peaks.append(torch.cuda.max_memory_allocated(device) - base)
+        t, peak, out = _timed_call(fn, device, cold)
+        times.append(t)
+        if peak is not None:
+            peaks.append(peak)
         if isinstance(out, dict):  # timings measured inside fn (e.g. a reduction method's scoring)
             inner.append(out)
         del out
@@ -191,6 +203,109 @@ def measure(fn, device, warmup: int, repeats: int, cold: bool | None = None) -> 
     if inner:
         res["inner"] = {k: statistics.median(e[k] for e in inner) for k in inner[0]}
     return res
+
+
+def _timed_call(fn, device, cold: bool):
+    """(seconds, peak extra bytes or None, fn's return value) of one synchronised call."""
+    gc.collect()
+    base = None
+    if device.type == "cuda":
+        if cold:
+            torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    t = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) - base if base is not None else None
+    return t, peak, out
+
+
+def ratio_stats(ratios, seed: int = 0, n_boot: int = 2000) -> dict:
+    """Median of per-round ratios, its interquartile range and a bootstrap 95% interval of the median."""
+    r = np.asarray(ratios, dtype=float)
+    q25, med, q75 = np.percentile(r, [25, 50, 75])
+    rng = np.random.default_rng(seed)
+    boot = np.median(r[rng.integers(0, len(r), size=(n_boot, len(r)))], axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"ratio_median": float(med), "ratio_iqr": [float(q25), float(q75)], "ratio_ci95": [float(lo), float(hi)]}
+
+
+def measure_interleaved(
+    cases: dict, device, warmup: int, rounds: int, baseline: str = "sdpa", cold: bool | None = None, seed: int = 0
+) -> dict[str, dict]:
+    """Time every case of ``cases`` (name -> fn) in interleaved rounds; ratios to ``baseline`` per round.
+
+    Each round calls every case once, in an order shuffled per round (seeded), so that drift of the
+    host's load (other processes, clocks) hits the baseline and the probes alike; each case's ratio in a
+    round is its time over the baseline's time in the same round, and the reported ratio is the median
+    of those per-round ratios (with its IQR and a bootstrap 95% interval), beside the plain medians.
+    ``warmup`` calls of each case come first. A case that raises ``torch.OutOfMemoryError`` (in warm-up
+    or a round) gets ``{"error": ...}`` and leaves the rounds; the baseline must not fail.
+    Per case: ``median_s``, ``times_s``, ``peak_extra_bytes`` (as :func:`measure`), and for every case
+    but the baseline ``ratios``, ``ratio_median``, ``ratio_iqr``, ``ratio_ci95`` and ``time_vs_sdpa``
+    (= ``ratio_median``).
+    """
+    if baseline not in cases:
+        raise ValueError(f"baseline {baseline!r} is not among the cases {list(cases)}")
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"need rounds >= 1 and warmup >= 0 (got {rounds}, {warmup})")
+    cold = COLD_ALLOCATOR if cold is None else cold
+    errors: dict[str, str] = {}
+
+    def oom(name, err):
+        if name == baseline:
+            raise err
+        errors[name] = f"out of memory: {str(err).splitlines()[0]}"
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    for name, fn in cases.items():
+        try:
+            for _ in range(warmup):
+                fn()
+        except torch.OutOfMemoryError as err:
+            oom(name, err)
+    _sync(device)
+    times = {k: [] for k in cases}
+    peaks = {k: [] for k in cases}
+    rng = np.random.default_rng(seed)
+    names = list(cases)
+    for _ in range(rounds):
+        for i in rng.permutation(len(names)):
+            name = names[i]
+            if name in errors:
+                continue
+            try:
+                t, peak, out = _timed_call(cases[name], device, cold)
+            except torch.OutOfMemoryError as err:
+                oom(name, err)
+                continue
+            del out
+            times[name].append(t)
+            if peak is not None:
+                peaks[name].append(peak)
+    results = {}
+    base = times[baseline]
+    for name in names:
+        if name in errors:
+            results[name] = {"error": errors[name]}
+            continue
+        res = {
+            "median_s": statistics.median(times[name]),
+            "times_s": times[name],
+            "peak_extra_bytes": int(statistics.median(peaks[name])) if peaks[name] else None,
+        }
+        if name != baseline:
+            ratios = [t / b for t, b in zip(times[name], base)]
+            res["ratios"] = ratios
+            res.update(ratio_stats(ratios, seed=seed))
+            res["time_vs_sdpa"] = res["ratio_median"]
+        results[name] = res
+    results[baseline]["time_vs_sdpa"] = 1.0
+    return results
 
 
 def _image(size, seed=0):
@@ -238,6 +353,7 @@ def bench_shape(
         "n_question_rows": int(len(L.question_positions)),
         "n_layers": len(vlm.lm_layers),
         "dtype": str(vlm.dtype).removeprefix("torch."),
+        "host": host_info(),
         "results": {},
     }
     print(
@@ -249,16 +365,6 @@ def bench_shape(
         with torch.no_grad():
             return vlm.model(**inputs, use_cache=False).logits
 
-    methods = {
-        "sdpa": sdpa,
-        "capture_last": lambda: cap.capture(vlm, batch, queries="last", vision=False),
-        "capture_question": lambda: cap.capture(vlm, batch, queries="question", vision=False),
-        "capture_last_vision": lambda: cap.capture(vlm, batch, queries="last", vision=True),
-    }
-    for method, fn in methods.items():
-        row["results"][method] = measure(fn, device, warmup, repeats)
-        print(f"  {method:22s} {row['results'][method]['median_s']:.4f} s", flush=True)
-
     def eager():
         vlm.model.set_attn_implementation("eager")
         try:
@@ -268,24 +374,64 @@ def bench_shape(
         finally:
             vlm.model.set_attn_implementation("sdpa")
 
-    try:
-        row["results"]["eager"] = measure(eager, device, warmup, repeats)
-        print(f"  {'eager':22s} {row['results']['eager']['median_s']:.4f} s", flush=True)
-    except torch.OutOfMemoryError as err:  # the point of the comparison on long inputs
-        row["results"]["eager"] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
+    methods = {
+        "sdpa": sdpa,
+        "capture_last": lambda: cap.capture(vlm, batch, queries="last", vision=False),
+        "capture_question": lambda: cap.capture(vlm, batch, queries="question", vision=False),
+        "capture_last_vision": lambda: cap.capture(vlm, batch, queries="last", vision=True),
+        "eager": eager,
+    }
+    skip = _eager_skip(vlm, row)
+    if skip:
+        del methods["eager"]
+    # interleaved rounds: every ratio is a median of per-round ratios (host-load drift cancels)
+    row["results"] = measure_interleaved(methods, device, warmup, repeats)
+    if skip:
+        row["results"]["eager"] = {"error": skip}
+    for method, res in row["results"].items():
+        if "median_s" in res:
+            spread = (
+                f"  x{res['ratio_median']:.3f} IQR {res['ratio_iqr'][0]:.3f}-{res['ratio_iqr'][1]:.3f}"
+                if ("ratio_median" in res)
+                else ""
+            )
+            print(f"  {method:22s} {res['median_s']:.4f} s{spread}", flush=True)
+    if device.type == "cuda":
         torch.cuda.empty_cache()
 
+    row["host_after"] = host_info()
     if not with_tl:
         row["results"]["transformer_lens"] = {"error": tl_error or "transformer_lens not installed"}
     _ratios(row)
     return row
 
 
+def _eager_skip(vlm, row: dict) -> str:
+    """Why eager ``output_attentions`` is not attempted (its N x N maps cannot fit), or ''."""
+    if vlm.device.type != "cuda":
+        return ""
+    n, b = row["n_tokens"], row["batch"]
+    heads = _num_heads_lm(vlm)
+    need = b * row["n_layers"] * heads * n * n * torch.finfo(vlm.dtype).bits // 8
+    free = torch.cuda.mem_get_info(vlm.device)[0]
+    if need > 0.9 * free:
+        return f"skipped: its attention maps alone need {need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free"
+    return ""
+
+
+def _num_heads_lm(vlm) -> int:
+    from vtrlab.probes.engine import _num_heads
+
+    return _num_heads(vlm.adapter.lm_attention(vlm.lm_layers[0]))
+
+
 def _ratios(row: dict) -> None:
+    """``time_vs_sdpa`` of cases measured on their own (TransformerLens): a ratio of medians."""
     base = row["results"]["sdpa"]["median_s"]
     for res in row["results"].values():
-        if "median_s" in res:
+        if "median_s" in res and "time_vs_sdpa" not in res:
             res["time_vs_sdpa"] = res["median_s"] / base
+            res["ratio_of_medians"] = True
 
 
 def bench_tl(row: dict, vlm, image_size, warmup: int, repeats: int) -> None:
@@ -322,29 +468,65 @@ def bench_tl(row: dict, vlm, image_size, warmup: int, repeats: int) -> None:
     _ratios(row)
 
 
+def _load_text(host) -> str:
+    if not host:
+        return ""
+    load = host.get("load_average")
+    cpus = host.get("cpus_usable", host.get("cpu_count"))
+    return f" Host: {cpus} CPUs, load average {', '.join(f'{x:.1f}' for x in load) if load else 'n/a'}."
+
+
 def markdown(report: dict) -> str:
+    if report.get("timing") == "interleaved":
+        how = (
+            f"{report['repeats']} interleaved rounds after {report['warmup']} warm-up (every case once per round, "
+            "order shuffled); × sdpa = median of the per-round ratios, with their interquartile range; "
+            "† = ratio of medians (measured after the others, not interleaved)"
+        )
+        hosts = [r.get("host") for r in report["shapes"] if r.get("host")]
+        host = _load_text(hosts[0] if hosts else report.get("host"))
+    else:
+        how, host = f"median of {report['repeats']} after {report['warmup']} warm-up", ""
     lines = [
         f"Device: {report['device']}; torch {report['torch']}, transformers {report['transformers']}; "
-        f"median of {report['repeats']} after {report['warmup']} warm-up; "
-        f"CUDA allocator {report.get('allocator', 'cold')} between calls.",
+        f"{how}; CUDA allocator {report.get('allocator', 'cold')} between calls.{host}",
         "",
-        "| shape | batch | tokens | method | median time (s) | × sdpa | peak extra memory (GiB) |",
-        "|---|---:|---:|---|---:|---:|---:|",
+        "| shape | batch | tokens | method | median time (s) | × sdpa | ratio IQR | peak extra memory (GiB) |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     for row in report["shapes"]:
         for method, res in row["results"].items():
             if "error" in res:
                 lines.append(
-                    f"| {row['shape']} | {row.get('batch', 1)} | {row['n_tokens']} | {method} | — | — | "
+                    f"| {row['shape']} | {row.get('batch', 1)} | {row['n_tokens']} | {method} | — | — | — | "
                     f"{res['error'].split('. ')[0][:90]} |"
                 )
                 continue
             mem = "n/a (CPU)" if res["peak_extra_bytes"] is None else f"{res['peak_extra_bytes'] / 2**30:.3f}"
+            iqr = f"{res['ratio_iqr'][0]:.2f}–{res['ratio_iqr'][1]:.2f}" if "ratio_iqr" in res else "—"
+            mark = "†" if res.get("ratio_of_medians") and report.get("timing") == "interleaved" else ""
             lines.append(
                 f"| {row['shape']} | {row.get('batch', 1)} | {row['n_tokens']} | {method} | {res['median_s']:.4f} | "
-                f"{res['time_vs_sdpa']:.2f} | {mem} |"
+                f"{res['time_vs_sdpa']:.2f}{mark} | {iqr} | {mem} |"
             )
     return "\n".join(lines)
+
+
+def _profile(vlm, name: str, size, path: Path) -> None:
+    """profile_gpu.py's summary for this shape, on the model already built (errors are written, not raised)."""
+    spec = importlib.util.spec_from_file_location(
+        "_bench_profile_gpu", Path(__file__).resolve().parent / "profile_gpu.py"
+    )
+    pg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pg)
+    batch_size, which, calls, warmup = pg.PLAN.get(name, (1, ("capture_last", "capture_question"), 3, 2))
+    print(f"[{name} x{batch_size}] profile: {', '.join(which)}", flush=True)
+    try:
+        entry = pg.profile_shape(vlm, name, size, batch_size, which, calls=calls, warmup=warmup)
+    except Exception as err:  # noqa: BLE001 - the timings above are kept
+        entry = {"shape": name, "batch": batch_size, "error": f"{type(err).__name__}: {str(err)[:300]}", "cases": {}}
+    pg.append(path, entry, pg.meta(vlm.device))
+    print(f"  profile written to {path} ({entry.get('seconds', '?')} s)", flush=True)
 
 
 def main(argv=None) -> int:
@@ -355,10 +537,16 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
     ap.add_argument("--cold-allocator", action="store_true", help="empty the CUDA cache before every timed call")
     ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {list(SHAPES)} (or the tiny ones)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=15, help="timed rounds (every case once per round)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-tl", action="store_true", help="skip TransformerLens even if installed")
     ap.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    ap.add_argument(
+        "--profile",
+        default=None,
+        metavar="JSON",
+        help="also profile the shape with torch.profiler (profile_gpu.py's plan) and add its summary to JSON",
+    )
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         ap.error(f"--repeats must be >= 1 and --warmup >= 0 (got {args.repeats}, {args.warmup})")
@@ -404,6 +592,8 @@ def main(argv=None) -> int:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "allocator": "cold" if args.cold_allocator else "warm",
+        "timing": "interleaved",
+        "host": host_info(),
         "shapes": [],
     }
     out = Path(args.out)
@@ -422,6 +612,8 @@ def main(argv=None) -> int:
             rows.append(bench_shape(name, vlm, size, args.warmup, args.repeats, with_tl, bs, tl_error))
             report["shapes"].append(rows[-1])
             atomic_write_text(out, json.dumps(report, indent=2))  # partial results survive a time-out
+        if args.profile:  # before TransformerLens, which takes over the model's attention modules
+            _profile(vlm, name, size, Path(args.profile))
         for row in rows if with_tl else []:  # last: the bridge takes over the model's modules
             bench_tl(row, vlm, size, args.warmup, args.repeats)
             atomic_write_text(out, json.dumps(report, indent=2))

@@ -10,7 +10,8 @@ CPU smoke run (tiny models, seconds), and CPU at realistic lengths (organism, a 
     python benchmarks/flow.py --smoke --out /tmp/flow-tiny.json
     python benchmarks/flow.py --cpu --threads 1 --out /tmp/flow-cpu.json
 
-Methods (median of ``--repeats`` after ``--warmup``; timing and memory as in ``benchmarks/capture.py``):
+Methods (``--repeats`` interleaved rounds after ``--warmup``; ratios are medians of per-round ratios; timing
+and memory as in ``benchmarks/capture.py``):
 
   sdpa              plain forward (use_cache=False), the reference cost
   saliency_last     vtrlab.saliency(queries="last", layers="all")  (forward + one autograd.grad)
@@ -42,6 +43,7 @@ _spec = importlib.util.spec_from_file_location("_bench_capture", _HERE / "captur
 _capture = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_capture)
 measure, _image, markdown, PROMPT = _capture.measure, _capture._image, _capture.markdown, _capture.PROMPT
+measure_interleaved, host_info = _capture.measure_interleaved, _capture.host_info
 SHAPES, TINY, CPU = _capture.SHAPES, _capture.TINY, _capture.CPU
 
 
@@ -59,6 +61,7 @@ def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int, only=None
         "n_image_tokens": int(L.n_image_tokens),
         "n_layers": n,
         "dtype": str(vlm.dtype).removeprefix("torch."),
+        "host": host_info(),
         "results": {},
     }
     print(f"[{name}] {row['n_tokens']} tokens ({row['n_image_tokens']} image), {n} layers", flush=True)
@@ -86,19 +89,14 @@ def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int, only=None
         "knocked_forward": lambda: knocked(window, "last"),
         "knocked_forward_question": lambda: knocked(window, "question"),
     }
-    for method, fn in methods.items():
-        if only and method != "sdpa" and method not in only:
-            continue
-        try:
-            row["results"][method] = measure(fn, device, warmup, repeats)
-            print(f"  {method:18s} {row['results'][method]['median_s']:.4f} s", flush=True)
-        except torch.OutOfMemoryError as err:
-            row["results"][method] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
-            torch.cuda.empty_cache()
-    base = row["results"]["sdpa"]["median_s"]
-    for res in row["results"].values():
+    if only:
+        methods = {k: fn for k, fn in methods.items() if k == "sdpa" or k in only}
+    # interleaved rounds: each ratio is the median of per-round ratios to sdpa (see capture.measure_interleaved)
+    row["results"] = measure_interleaved(methods, device, warmup, repeats)
+    for method, res in row["results"].items():
         if "median_s" in res:
-            res["time_vs_sdpa"] = res["median_s"] / base
+            print(f"  {method:24s} {res['median_s']:.4f} s  x{res['time_vs_sdpa']:.3f}", flush=True)
+    row["host_after"] = host_info()
     return row
 
 
@@ -111,7 +109,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cold-allocator", action="store_true", help="empty the CUDA cache before every timed call")
     ap.add_argument("--shapes", default=None, help=f"comma-separated subset of {list(SHAPES)} (or the tiny ones)")
     ap.add_argument("--methods", default=None, help="comma-separated subset of the methods (sdpa always runs)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=15, help="timed rounds (every method once per round)")
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
@@ -142,8 +140,12 @@ def main(argv=None) -> int:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "allocator": "cold" if args.cold_allocator else "warm",
+        "timing": "interleaved",
+        "host": host_info(),
         "shapes": [],
     }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
         builder, size = table[name]
         torch.manual_seed(0)
@@ -154,12 +156,11 @@ def main(argv=None) -> int:
         else:
             vlm = testing.full_size(builder, dtype="bfloat16", device="cuda")
         report["shapes"].append(bench_shape(name, vlm, size, args.warmup, args.repeats, only))
+        atomic_write_text(out, json.dumps(report, indent=2))  # partial results survive a time-out
         del vlm
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(report, indent=2))
     print()
     print(markdown(report))

@@ -15,7 +15,7 @@ are counted in their own row and in the enclosing one):
   rows         ``row_probabilities`` for LM rows and vision [CLS] (compute of the probe itself)
   record       ``_record`` minus ``rows``: copies into the buffer, vision probs kept per call
   labels       ``key_coordinates`` (labels of every position)
-  vision       ``_vision_table`` (gathering the vision tokens from every vision layer)
+  vision       ``_vision_gather`` + ``_vision_labels`` (the vision tokens of every vision layer, their labels)
   dataset      ``xarray.Dataset(...)`` construction
 
 Prints one table per shape (ms per call) and writes JSON with ``--out``.
@@ -100,8 +100,8 @@ def instrument(vlm) -> Timers:
     t.wrap(attention, "row_probabilities", "rows")
     t.wrap(attention, "_record", "record")
     t.wrap(engine, "key_coordinates", "labels")
-    if hasattr(engine, "_vision_table"):
-        t.wrap(engine, "_vision_table", "vision")
+    for name in ("_vision_gather", "_vision_labels") if hasattr(engine, "_vision_gather") else ("_vision_table",):
+        t.wrap(engine, name, "vision")  # session 5: gathered at launch, labelled at build
     t.wrap(engine.xr, "Dataset", "dataset")
     del xr
     # the model's forward as called from capture

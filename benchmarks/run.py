@@ -4,8 +4,13 @@ GPU (the lead, through the device tool, in ONE call of at most 9 minutes)::
 
     python benchmarks/run.py --out $OUT                        # everything, ends within --budget-s (510 s)
     python benchmarks/run.py --out $OUT --only capture,reduce  # a subset
-    python benchmarks/run.py --out $OUT --only capture,flow --budget-s 290 --wheels .whl/bench,.whl/store
+    python benchmarks/run.py --out $OUT --only capture,flow --budget-s 280 --wheels .whl/bench,.whl/store
     python benchmarks/run.py --out $OUT --only reduce --gpus 2 --budget-s 400   # reduce's 2 shapes at once
+
+capture and flow time ``--rounds`` (15) interleaved rounds after ``--warmup`` (2) calls of each case
+(``capture.measure_interleaved``); capture's units also write a torch.profiler summary per shape
+(``profile_gpu.py``: LLaVA-1.5-7B batch 1, LLaVA-NeXT-7B batch 8) to ``DIR/profile_gpu.json``, rendered
+between ``<!-- bench:profile_gpu -->`` markers (``--no-profile`` skips it).
 
 CPU smoke run (tiny models, all parts, about two minutes on an idle 2-core machine)::
 
@@ -72,7 +77,12 @@ def _load_module(name: str):
     return mod
 
 
-def _units(part: str, out: Path, smoke: bool, repeats: int, warmup: int) -> list[tuple[str, list[str], Path]]:
+PROFILE = "profile_gpu"  # capture's units add their torch.profiler summary (profile_gpu.py) to parts/profile_gpu.json
+
+
+def _units(
+    part: str, out: Path, smoke: bool, repeats: int, warmup: int, profile: bool = True
+) -> list[tuple[str, list[str], Path]]:
     """(label, argv, json path) per child process of ``part``."""
     py = sys.executable
     shapes = TINY_SHAPES if smoke else GPU_SHAPES
@@ -84,6 +94,8 @@ def _units(part: str, out: Path, smoke: bool, repeats: int, warmup: int) -> list
         return [("organism", [py, str(HERE / "organism_forward.py"), "--out", str(path), *small, *rw], path)]
     if part == "capture":
         flag = ["--tiny", "--batch", "1,2"] if smoke else ["--batch", "1,8"]
+        if profile:
+            flag += ["--profile", str(tmp / f"{PROFILE}.json")]
         return [
             (
                 s,
@@ -105,7 +117,7 @@ def _units(part: str, out: Path, smoke: bool, repeats: int, warmup: int) -> list
         ]
     if part == "flow":
         path = tmp / "flow.json"
-        return [("flow", [py, str(HERE / "flow.py"), "--out", str(path), *(["--smoke"] if smoke else [])], path)]
+        return [("flow", [py, str(HERE / "flow.py"), "--out", str(path), *(["--smoke"] if smoke else []), *rw], path)]
     raise ValueError(f"unknown part {part!r}; choose from {PARTS}")
 
 
@@ -317,6 +329,9 @@ def tables(out: Path) -> dict[str, str]:
         if rep.get("partial"):
             text += f"\n\nPartial: {rep['partial']}"
         found[part] = text
+    path = out / f"{PROFILE}.json"
+    if path.exists():
+        found[PROFILE] = _load_module(PROFILE).markdown(json.loads(path.read_text()))
     return found
 
 
@@ -368,6 +383,17 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--no-readme", action="store_true", help="do not regenerate benchmarks/README.md")
     ap.add_argument(
+        "--no-profile",
+        action="store_true",
+        help="skip the torch.profiler summary capture adds per shape (profile_gpu.py; ~20 s of GPU time)",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="interleaved timing rounds of capture and flow (default 15; 1 with --smoke)",
+    )
+    ap.add_argument(
         "--wheels",
         default=None,
         help="comma-separated directories of carried wheels (e.g. .whl/bench,.whl/store): the TransformerLens "
@@ -395,11 +421,15 @@ def main(argv=None) -> int:
         ap.error(f"--only {args.only!r}: unknown part(s) {unknown}; choose from {list(PARTS)}")
     budget = args.budget_s if args.budget_s is not None else (110.0 if args.smoke else 510.0)
     repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 5)
+    rounds = args.rounds if args.rounds is not None else (1 if args.smoke else 15)
     warmup = args.warmup if args.warmup is not None else (0 if args.smoke else 2)
     if args.gpus < 1:
         ap.error(f"--gpus {args.gpus}; accepted: an integer >= 1")
-    if budget <= 0 or repeats < 1 or warmup < 0:
-        ap.error(f"need --budget-s > 0, --repeats >= 1, --warmup >= 0 (got {budget}, {repeats}, {warmup})")
+    if budget <= 0 or repeats < 1 or warmup < 0 or rounds < 1:
+        ap.error(
+            f"need --budget-s > 0, --repeats >= 1, --rounds >= 1, --warmup >= 0 "
+            f"(got {budget}, {repeats}, {rounds}, {warmup})"
+        )
     if not args.smoke:
         import torch
 
@@ -436,7 +466,9 @@ def main(argv=None) -> int:
         remaining = deadline - time.monotonic()
         share = SHARES[part] / sum(SHARES[p] for p in order[i:])
         part_deadline = time.monotonic() + remaining * share
-        units = _units(part, out, args.smoke, repeats, warmup)
+        # capture and flow time interleaved rounds (>= 15 on the GPU); the organism its own repeats
+        reps, warm = (rounds, warmup) if part in ("capture", "flow") else (repeats, warmup)
+        units = _units(part, out, args.smoke, reps, warm, profile=not args.no_profile)
         if args.gpus > 1 and part in PARALLEL_PARTS and not args.smoke:
             box = part_deadline - time.monotonic()
             jobs = [(label, [*cmd, *_child_budget(part, box)]) for label, cmd, _ in units]
@@ -469,6 +501,8 @@ def main(argv=None) -> int:
             if bad:
                 merged["partial"] = "; ".join(f"{k}: {v}" for k, v in bad.items())
             _write_json(out / f"{part}.json", merged)
+        if part == "capture" and (out / "parts" / f"{PROFILE}.json").exists():
+            _write_json(out / f"{PROFILE}.json", json.loads((out / "parts" / f"{PROFILE}.json").read_text()))
         _write_json(out / "run.json", summary)
     found = write_readmes(out, update_repo_readme=not (args.smoke or args.no_readme))
     summary["seconds"] = round(time.monotonic() - t_start, 1)

@@ -290,6 +290,19 @@ def _gather_mask_rows(attention_mask: torch.Tensor, rows: torch.Tensor) -> torch
     return torch.gather(m, 2, idx)
 
 
+def to_device(array, device) -> torch.Tensor:
+    """A host numpy array as a tensor on ``device``. On CUDA through pinned memory with a non-blocking copy:
+    ``torch.as_tensor(array, device="cuda")`` copies from pageable memory and then synchronises the stream,
+    i.e. waits for every kernel queued before it (e.g. the previous batch's forward when streaming)."""
+    import numpy as np
+
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class RowPlan:
     """Per-forward constants of the row computation for one ``rows`` tensor, built once and shared by
     every layer that records those rows (capture: every LM layer).
@@ -300,11 +313,14 @@ class RowPlan:
     rows as an additive bias (gathered once per mask, not per layer) and the softmax. ``padded`` is
     known on the host (no device sync to find out)."""
 
-    def __init__(self, rows: torch.Tensor, padded: bool):
+    def __init__(self, rows: torch.Tensor, padded: bool, rows_host=None):
         self.rows = rows
         self.idx = rows.clamp(min=0)
         self.padded = padded
         self.invalid = (rows < 0)[:, None, :, None] if padded else None
+        # (B, R) int64 numpy copy of ``rows`` when known on the host (build): lets bias() see, without a
+        # device sync, that a causal row sees every key (the last row of unpadded samples: no bias to add)
+        self.rows_host = rows_host
         self._qidx: dict[tuple, torch.Tensor] = {}
         # id(mask) -> (mask, bias): the mask is held so that its id cannot be reused within the forward
         self._bias: dict[Any, tuple[Any, torch.Tensor | None]] = {}
@@ -314,8 +330,8 @@ class RowPlan:
         """From host rows (B, R) int64 with -1 padding."""
         import numpy as np
 
-        rows_np = np.asarray(rows_np)
-        return cls(torch.as_tensor(rows_np, device=device), bool((rows_np < 0).any()))
+        rows_np = np.asarray(rows_np, dtype=np.int64)
+        return cls(to_device(rows_np, device), bool((rows_np < 0).any()), rows_host=rows_np)
 
     def query_index(self, B: int, H: int, D: int) -> torch.Tensor:
         key = (B, H, D)
@@ -328,6 +344,8 @@ class RowPlan:
         if attention_mask is None:
             if not causal:
                 return None
+            if self.rows_host is not None and bool((self.rows_host >= N - 1).all()):
+                return None  # every row is the last position: the causal mask hides nothing from it
             key: Any = ("causal", N)
         else:
             key = id(attention_mask)
@@ -358,12 +376,14 @@ def row_probabilities(
     rows: torch.Tensor,
     softcap: float | None = None,
     plan: RowPlan | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention probabilities of query ``rows`` to every key: (B, H, R, N), float32.
 
     ``rows`` (B, R) holds sequence positions (index into the query axis); -1 marks padding and
     yields NaN. Handles GQA without repeating K (queries are grouped per KV head instead).
     ``plan``: a :class:`RowPlan` of these rows, shared by the layers of one forward (fewer ops).
+    ``out``: a float32 (B, H, R, N) tensor on the same device to write the probabilities into (returned).
     """
     B, H, Q, D = query.shape
     Hkv, N = key.shape[1], key.shape[2]
@@ -375,15 +395,17 @@ def row_probabilities(
     if query.shape[0] != key.shape[0]:  # learned queries broadcast over the batch
         key = key.expand(B, *key.shape[1:])
     scale = scaling if scaling is not None else D**-0.5
-    # (B, Hkv, groups*R, D) @ (B, Hkv, D, N): head h uses KV head h // groups, as repeat_kv does
-    scores = torch.matmul(q_rows.reshape(B, Hkv, groups * R, D), key.transpose(-1, -2))
+    # (B*Hkv, groups*R, D) @ (B*Hkv, D, N): head h uses KV head h // groups, as repeat_kv does. One bmm on
+    # 3-D views (torch.matmul on 4-D tensors dispatches ~6 more view/expand ops per call to get there)
+    k3 = key.reshape(B * Hkv, N, D).transpose(1, 2)  # a view unless K's (B, Hkv) strides cannot merge
+    scores = torch.bmm(q_rows.reshape(B * Hkv, groups * R, D), k3)
     scores = (scores.float() if scores.dtype != torch.float32 else scores).mul_(scale).view(B, H, R, N)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     bias = plan.bias(attention_mask, causal, N)
     if bias is not None:
         scores.add_(bias)
-    probs = torch.softmax(scores, dim=-1)
+    probs = torch.softmax(scores, dim=-1) if out is None else torch.softmax(scores, dim=-1, out=out)
     if plan.invalid is not None:
         probs.masked_fill_(plan.invalid, float("nan"))
     return probs
@@ -654,7 +676,7 @@ def copy_to_host(dst: torch.Tensor, src: torch.Tensor) -> None:
     ``src`` is kept from reuse until its copy has run (``record_stream``); the caller waits for the
     stream (an event recorded on it) before reading ``dst``.
     """
-    if src.device.type != "cuda":
+    if src.device.type != "cuda" or dst.device == src.device:
         dst.copy_(src)
         return
     stream = copy_stream(src.device)
@@ -671,23 +693,40 @@ def _plan_for(site: Site, rows: torch.Tensor) -> RowPlan:
     return site.plan
 
 
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    return t.detach() if t.requires_grad else t  # (a detach is one more dispatched op per call)
+
+
 def _record(site: Site, module, query, key, value, mask, scaling, causal, out) -> None:
     """Keep what ``site`` asks for from this call (probabilities under ``mask``, the final one)."""
     with torch.no_grad():
         if site.stream == "lm" and site.rows is not None:
             plan = _plan_for(site, site.rows)
-            p = row_probabilities(module, query.detach(), key.detach(), mask, scaling, causal, site.rows, plan=plan)
+            q, k = _detached(query), _detached(key)
+            # the rows go straight into the site's buffer slice when it is a float32 one on the same device
+            # (capture's CPU buffer, or its device staging buffer on CUDA): no temporary, no copy
+            direct = (
+                site.out is not None
+                and site.head_sel is None
+                and not site.head_mean
+                and site.out.dtype == torch.float32
+                and site.out.device == query.device
+            )
+            p = row_probabilities(
+                module, q, k, mask, scaling, causal, site.rows, plan=plan, out=site.out if direct else None
+            )
             if site.head_sel is not None:
                 p = p.index_select(1, site.head_sel.to(p.device))
             if site.head_mean:
                 p = p.mean(1)
             if site.out is not None:
-                copy_to_host(site.out, p)  # converts to the buffer's dtype
+                if not direct:
+                    copy_to_host(site.out, p)  # converts to the buffer's dtype
                 site.probs.append(site.out)
             else:
                 site.probs.append(p.to(site.store_device, site.store_dtype))
         elif site.stream == "vision" and site.vision_mode is not None:
-            q, k = query.detach(), key.detach()
+            q, k = _detached(query), _detached(key)
             if site.vision_mode == "cls":
                 B = q.shape[0]
                 if site.plan is None or site.plan.rows.shape[0] != B:
@@ -705,7 +744,7 @@ def _record(site: Site, module, query, key, value, mask, scaling, causal, out) -
         plan = _plan_for(site, site.saliency_rows)
         with torch.no_grad():
             a = row_probabilities(
-                module, query.detach(), key.detach(), mask, scaling, causal, site.saliency_rows, plan=plan
+                module, _detached(query), _detached(key), mask, scaling, causal, site.saliency_rows, plan=plan
             )
         site.saliency = {"probs": a, "value": value.detach(), "output": out, "rows": site.saliency_rows}
     if site.on_call is not None:

@@ -14,9 +14,12 @@ from vtrlab.models.base import ImageLayout
 from vtrlab.models.hooks import record
 from vtrlab.models.labels import key_coordinates, packed_crop_offsets
 
-from .attention import RowPlan, Site, copy_stream, session
+from .attention import RowPlan, Site, copy_stream, copy_to_host, session, to_device
 from .spec import head_indices, layer_indices, padded_rows, queries_per_sample, store_dtype
 from .switch import attention_switched
+
+# capture's device staging buffer (see launch) up to this size; larger captures copy layer by layer
+_STAGE_MAX_BYTES = 256 * 2**20
 
 
 def _lm_sites(vlm, layers: list[int], plan: RowPlan, dtype, device) -> dict[int, Site]:
@@ -67,7 +70,17 @@ def _vision_table(
     (crops, H, S) block) cost ~16 ms a call at LLaVA-NeXT's 5 crops x 577 tokens x 24 layers x 16 heads
     and ~200 ms at batch 8 (benchmarks/README.md, profile), which is what capture with vision cost over
     capture without it. Returns (values (B, L, H|-, V) ``dtype`` with NaN past each sample's tokens, coords).
+    :func:`capture` runs the two halves apart (:func:`_vision_gather` right after the forward, its copy
+    asynchronous; :func:`_vision_labels` when the Dataset is built).
     """
+    pending = _vision_gather(layouts, probs_by_layer, layers, head_mean, dtype)
+    if pending[0].is_pinned() and torch.cuda.is_available():
+        copy_stream(torch.device("cuda", torch.cuda.current_device())).synchronize()
+    return _vision_labels(*pending)
+
+
+def _vision_gather(layouts, probs_by_layer, layers, head_mean, dtype):
+    """The device half of :func:`_vision_table`: (host tensor being filled, valid (B, V), label tables)."""
     tables = []
     for b, L in enumerate(layouts):
         if L.vision is None:
@@ -98,17 +111,23 @@ def _vision_table(
             )
         index[0, b, : len(crop)], index[1, b, : len(crop)] = crop, vpos
         valid[b, : len(crop)] = True
-    idx = torch.as_tensor(index.reshape(2, B * V), device=probs.device)
+    idx = to_device(index.reshape(2, B * V), probs.device)  # non-blocking: no stream sync
     picked = probs[:, idx[0], :, idx[1]]  # (B*V, L, H): the indexed axis comes first
     picked = picked.view(B, V, *picked.shape[1:]).permute(0, 2, 3, 1)  # (B, L, H, V)
     if head_mean:
         picked = picked.mean(2)
     picked = picked.to(torch.float16 if dtype == np.float16 else torch.float32)
-    if picked.device.type == "cuda":  # one copy, into page-locked memory (reused by PyTorch's host cache)
+    if picked.device.type == "cuda":  # one asynchronous copy into page-locked memory (PyTorch's host cache)
         host = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
-        host.copy_(picked)
+        copy_to_host(host, picked)
     else:
         host = picked.contiguous()
+    return host, valid, tables
+
+
+def _vision_labels(host, valid, tables):
+    """The host half of :func:`_vision_table` (once ``host`` holds its values): NaN padding and labels."""
+    B, V = valid.shape
     values = host.numpy()
     np.moveaxis(values, -1, 1)[~valid] = np.nan  # (B, V, ...) view: past each sample's own tokens
     coords = {}
@@ -118,6 +137,19 @@ def _vision_table(
             arr[b, : len(t[col])] = t[col]
         coords[f"vision_key_{col}"] = (("sample", "vision_key"), arr.astype(str) if col == "kind" else arr)
     return values, coords
+
+
+def _vision_probs(vlm, sites) -> dict[int, torch.Tensor]:
+    """Each vision layer's recorded (crops, H, S) probabilities (packed encoders' pieces joined)."""
+    vis = {}
+    for site in sites.values():
+        if site.stream != "vision":
+            continue
+        if not site.probs:
+            raise RuntimeError(f"vision layer {site.layer}'s attention never ran through {type(vlm.model).__name__}")
+        # packed encoders (one call per image / window) give (1, H, S_seg) pieces: join along keys
+        vis[site.layer] = torch.cat(site.probs, dim=-1) if len(site.probs) > 1 else site.probs[0]
+    return vis
 
 
 def capture(
@@ -208,12 +240,21 @@ def launch(
     # Layer-major, so that each layer's slice is contiguous: a copy into a strided slice of host memory
     # (sample-major at batch > 1) goes through an unpinned temporary and synchronises the device.
     shape = (len(lm_layers), len(layouts)) + (() if head_mean else (len(head_sel),)) + (rows_np.shape[1], seq_len)
-    buffer = torch.empty(shape, dtype=sdtype, pin_memory=device.type == "cuda")
+    cuda = device.type == "cuda"
+    buffer = torch.empty(shape, dtype=sdtype, pin_memory=cuda)
+    # On CUDA, while the rows fit in _STAGE_MAX_BYTES, every layer writes them into one device buffer (its
+    # softmax straight into its slice) and one asynchronous copy moves them to the host after the forward;
+    # larger captures copy each layer's rows on the side stream as they come (bounded device memory).
+    stage = None
+    if cuda and buffer.numel() * buffer.element_size() <= _STAGE_MAX_BYTES:
+        stage = torch.empty(shape, dtype=sdtype, device=device)
+    target = stage if stage is not None else buffer
     sites = _lm_sites(vlm, lm_layers, plan, sdtype, "cpu")
     every_head = len(head_sel) == n_heads and list(head_sel) == list(range(n_heads))
-    sel = None if every_head else torch.as_tensor(head_sel, device=device)
+    sel = None if every_head else to_device(np.asarray(head_sel, dtype=np.int64), device)
+    slices = dict(zip(lm_layers, target.unbind(0)))  # one op for every layer's slice
     for site in sites.values():
-        site.out, site.head_sel, site.head_mean = buffer[lm_layers.index(site.layer)], sel, head_mean
+        site.out, site.head_sel, site.head_mean = slices[site.layer], sel, head_mean
 
     v_layers: list[int] = []
     if vision:
@@ -224,6 +265,12 @@ def launch(
     hooks = _hidden_norm_hooks(vlm, lm_layers) if hidden else contextlib.nullcontext({})
     with attention_switched(vlm.model), session(sites), hooks as norms, torch.no_grad():
         vlm.model(**inputs, use_cache=False)
+    if stage is not None:
+        copy_to_host(buffer, stage)  # one copy of every layer's rows, on the side stream
+    vision_pending = None
+    if vision:  # gathered on the device now; its copy to the host runs before the event below
+        vdtype = np.float16 if sdtype == torch.float16 else np.float32
+        vision_pending = _vision_gather(layouts, _vision_probs(vlm, sites), v_layers, head_mean, vdtype)
     done = None
     if device.type == "cuda":
         # the row copies run on a side stream (they overlap the next layers' kernels); the event waits for
@@ -243,9 +290,9 @@ def launch(
         lm_layers,
         head_sel,
         v_layers,
+        vision_pending,
         norms,
         seq_len,
-        sdtype,
         queries=queries,
         vision=vision,
         hidden=hidden,
@@ -263,9 +310,9 @@ def _build(
     lm_layers,
     head_sel,
     v_layers,
+    vision_pending,
     norms,
     seq_len,
-    sdtype,
     *,
     queries,
     vision,
@@ -274,19 +321,10 @@ def _build(
 ) -> xr.Dataset:
     """The Dataset of one launched capture (waits for its copies on CUDA)."""
     if done is not None:
-        done.synchronize()  # the asynchronous row copies into `buffer` have landed
-    vis = {}
+        done.synchronize()  # the asynchronous row copies into `buffer` (and the vision table) have landed
     for site in sites.values():
-        if site.stream == "lm":
-            if len(site.probs) != 1:
-                raise RuntimeError(f"LM layer {site.layer}'s attention ran {len(site.probs)} times in one forward")
-        else:
-            if not site.probs:
-                raise RuntimeError(
-                    f"vision layer {site.layer}'s attention never ran through {type(vlm.model).__name__}"
-                )
-            # packed encoders (one call per image / window) give (1, H, S_seg) pieces: join along keys
-            vis[site.layer] = torch.cat(site.probs, dim=-1) if len(site.probs) > 1 else site.probs[0]
+        if site.stream == "lm" and len(site.probs) != 1:
+            raise RuntimeError(f"LM layer {site.layer}'s attention ran {len(site.probs)} times in one forward")
 
     attn = np.moveaxis(buffer.numpy(), 0, 1)  # a view: (B, L, H, R, N), or (B, L, R, N) with head_mean
     qpos = np.where(rows_np >= 0, rows_np, np.nan)
@@ -307,8 +345,7 @@ def _build(
     if not head_mean:
         coords["head"] = np.asarray(head_sel)
     if vision:
-        vdtype = np.float16 if sdtype == torch.float16 else np.float32
-        values, vcoords = _vision_table(layouts, vis, v_layers, head_mean=head_mean, dtype=vdtype)
+        values, vcoords = _vision_labels(*vision_pending)
         vdims = ("sample", "vision_layer") + (() if head_mean else ("vision_head",)) + ("vision_key",)
         data["vision_attn"] = (vdims, values)
         data.update(vcoords)
