@@ -183,7 +183,8 @@ class PruMerge(Method):
                     )
                 )
             done = [res for res in merged if res is not None]
-            srcs = iter(torch.cat([r.sources for r in done]).cpu().split([len(r.sources) for r in done]) if done else [])
+            lens = [len(r.sources) for r in done]
+            srcs = iter(torch.cat([r.sources for r in done]).cpu().split(lens) if done else [])
             outputs = []
             for ct, res in zip(crops, merged):
                 if res is None:
