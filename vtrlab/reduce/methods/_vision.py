@@ -31,6 +31,20 @@ def _agg(values: np.ndarray, heads: str) -> np.ndarray:
     return values.mean(-2) if heads == "mean" else values.sum(-2)
 
 
+def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` (float32, any devices) on the host, those on one device in one copy (the same path on a
+    CPU model, where the copy is a no-op: the tests run the code the GPU runs)."""
+    out: list = [None] * len(tensors)
+    by_dev: dict = {}
+    for j, t in enumerate(tensors):
+        by_dev.setdefault(t.device, []).append(j)
+    for js in by_dev.values():
+        flat = torch.cat([tensors[j].reshape(-1) for j in js]).cpu()
+        for j, part in zip(js, flat.split([tensors[j].numel() for j in js])):
+            out[j] = part.view(tensors[j].shape)
+    return out
+
+
 def vision_forward(ctx, attention: list[int] = (), tensors: dict | None = None) -> None:
     """ONE vision-only forward that records what a method needs, cached in the context:
 
@@ -86,12 +100,16 @@ def vision_forward(ctx, attention: list[int] = (), tensors: dict | None = None) 
     for site in sites.values():
         if not site.probs:
             raise RuntimeError(f"vision layer {site.layer}'s attention never ran through {type(vlm.model).__name__}")
-        have_p[site.layer] = torch.cat(site.probs, dim=-1).float().cpu()
     for k, v in outs.items():
         if not v:
             raise RuntimeError(f"{type(todo[k]).__name__} ({k}) did not run during the vision forward")
-        # float32 on the host: scoring runs in float64 on the CPU whatever the tower's dtype and device
-        have_t[k] = torch.cat(v, 0).float().cpu()
+    # float32 on the host: scoring runs in float64 on the CPU whatever the tower's dtype and device; every
+    # recorded layer and tensor goes over in ONE copy (no device sync per layer)
+    keys = [("p", site.layer) for site in sites.values()] + [("t", k) for k in outs]
+    dev = [torch.cat(site.probs, dim=-1).float() for site in sites.values()]
+    dev += [torch.cat(v, 0).float() for v in outs.values()]
+    for (kind, key), host in zip(keys, _to_host(dev)):
+        (have_p if kind == "p" else have_t)[key] = host
 
 
 def replay_signals(ctx, requests: dict) -> None:

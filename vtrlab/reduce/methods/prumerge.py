@@ -74,10 +74,11 @@ class PruMerge(Method):
         if int(self.params["n_neighbors"]) < 1:
             raise ValueError(f"{self.name}: n_neighbors={self.params['n_neighbors']}; accepted: an int >= 1")
 
-    def picked(self, attn: torch.Tensor, n: int) -> torch.Tensor:
+    def picked(self, attn: torch.Tensor, n: int, attn_host: torch.Tensor | None = None) -> torch.Tensor:
+        """``attn_host``: ``attn`` already copied to the host (its outlier count is read there, no sync)."""
         V = attn.shape[0]
         rank = rank_desc(attn)
-        outliers = iqr_outlier_count(attn)
+        outliers = iqr_outlier_count(attn if attn_host is None else attn_host)
         if bool(self.params["adaptive"]):
             ratio = outliers / V
             idx = rank[: int(V * ratio)]
@@ -123,7 +124,8 @@ class PruMerge(Method):
             crop, order = single_crop(lay, vlm.family, self.name)
             qc, kc = q[crop].double(), k[crop].double()
             attn = prumerge_cls_attention(qc[0], kc)
-            picked = self.picked(attn, n)
+            attn_host = attn.cpu()  # one copy: the scores and the outlier count
+            picked = self.picked(attn, n, attn_host)
             res = prumerge_merge(attn, kc[1:], feats_all[crop][1:].double(), picked, int(self.params["n_neighbors"]))
             V = lay.n_image_tokens
             src = res.sources.cpu().numpy()
@@ -133,7 +135,7 @@ class PruMerge(Method):
             g = np.full(V, -1, dtype=np.int64)
             g[order[src[patch_rows]]] = order[src[patch_rows]]
             s = np.zeros(V)
-            s[order] = attn.cpu().numpy()
+            s[order] = attn_host.numpy()
             proj = project(vlm, res.embeds)
             keep.append(m)
             scores.append(s)
@@ -158,21 +160,37 @@ class PruMerge(Method):
             V = lay.n_image_tokens
             s, g = np.zeros(V), np.full(V, -1, dtype=np.int64)
             shares = [None] * len(crops) if adaptive else split_budget(n, [len(ct) for ct in crops])
-            outputs = []
-            for ct, n_c in zip(crops, shares):
-                qc, kc = q[ct.crop].double(), k[ct.crop].double()
-                cols = torch.as_tensor(ct.columns, device=qc.device)
-                attn = prumerge_cls_attention(qc[0], kc)[cols]
-                s[ct.tokens] = attn.cpu().numpy()
+            # every crop's [CLS] attention first, then ONE copy to the host (scores and outlier counts read
+            # there): no device sync per crop for them
+            attns, keys = [], []
+            for ct in crops:
+                kc = k[ct.crop].double()
+                cols = torch.as_tensor(ct.columns, device=kc.device)
+                attns.append(prumerge_cls_attention(q[ct.crop, 0].double(), kc)[cols])
+                keys.append(kc)
+            host = torch.cat(attns).cpu().split([a.shape[0] for a in attns])
+            merged = []
+            for ct, n_c, attn, a_host, kc in zip(crops, shares, attns, host, keys):
+                s[ct.tokens] = a_host.numpy()
                 if n_c == 0:
+                    merged.append(None)
+                    continue
+                picked = self.picked(attn, n_c, a_host)
+                rows = torch.as_tensor(ct.vpos, device=kc.device)
+                merged.append(
+                    prumerge_merge(
+                        attn, kc[rows], feats_all[ct.crop][rows].double(), picked, int(self.params["n_neighbors"])
+                    )
+                )
+            done = [res for res in merged if res is not None]
+            lens = [len(r.sources) for r in done]
+            srcs = iter(torch.cat([r.sources for r in done]).cpu().split(lens) if done else [])
+            outputs = []
+            for ct, res in zip(crops, merged):
+                if res is None:
                     outputs.append((np.zeros(0, dtype=np.int64), None))
                     continue
-                picked = self.picked(attn, n_c)
-                rows = torch.as_tensor(ct.vpos, device=kc.device)
-                res = prumerge_merge(
-                    attn, kc[rows], feats_all[ct.crop][rows].double(), picked, int(self.params["n_neighbors"])
-                )
-                src = res.sources.cpu().numpy()
+                src = next(srcs).numpy()
                 tok = np.where(src >= 0, ct.tokens[np.clip(src, 0, None)], -1)
                 g[tok[tok >= 0]] = tok[tok >= 0]
                 outputs.append((tok, project(vlm, res.embeds)))

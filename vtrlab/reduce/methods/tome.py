@@ -96,25 +96,18 @@ class ToMe(Method):
             n0 = V + int(has_cls)
             sched = self.schedule(n0, n + int(has_cls), fl + 1, int(has_cls))
 
-            def between(layer, st, sched=sched):
-                r = sched[layer]
-                if r == 0:
-                    return st
-                m = tome_match(st.metric, r, protect_first=has_cls)
-                size = tome_merge(st.size, m)
-                x = tome_merge(st.x * st.size, m) / size
-                return TowerState(x=x, size=size, source=tome_merge(st.source, m, mode="amax"))
-
-            st = run_tower(vlm, crops[crop : crop + 1], fl, between, proportional=bool(self.params["proportional"]))
+            st = run_tower(
+                vlm, crops[crop : crop + 1], fl, _merger(sched, has_cls), proportional=bool(self.params["proportional"])
+            )
             feats = st.x[0, drop:]
-            members = st.source[0, drop:, int(has_cls) :] > 0  # (tokens, V) patches in vpos order
-            first = members.float().argmax(1).cpu().numpy()  # first patch of each token
+            members = (st.source[0, drop:, int(has_cls) :] > 0).cpu()  # (tokens, V) patches in vpos order
+            first = members.float().argmax(1).numpy()  # first patch of each token
             rep = order[first]
             srt = np.argsort(rep, kind="stable")
             mask = np.zeros(V, dtype=bool)
             mask[rep] = True
             g = np.full(V, -1, dtype=np.int64)
-            tok_of_patch = members.float().argmax(0).cpu().numpy()
+            tok_of_patch = members.float().argmax(0).numpy()
             g[order] = rep[tok_of_patch]
             proj = project(vlm, feats)
             keep.append(mask)
@@ -124,17 +117,12 @@ class ToMe(Method):
         return Selection(keep=keep, scores=scores, embeds=embeds, group=groups, info={"scores": "merged size"})
 
     def _run_crop(self, vlm, pixel, fl, has_cls, drop, sched):
-        def between(layer, st):
-            r = sched[layer]
-            if r == 0:
-                return st
-            m = tome_match(st.metric, r, protect_first=has_cls)
-            size = tome_merge(st.size, m)
-            x = tome_merge(st.x * st.size, m) / size
-            return TowerState(x=x, size=size, source=tome_merge(st.source, m, mode="amax"))
-
-        st = run_tower(vlm, pixel, fl, between, proportional=bool(self.params["proportional"]))
-        return st.x[0, drop:], st.size[0, drop:, 0], st.source[0, drop:] > 0
+        """ToMe with schedule ``sched`` on the crops ``pixel`` (B, ...), one batched tower pass: per crop
+        (features, sizes, membership); every crop of the batch merges on its own (batched matching)."""
+        st = run_tower(vlm, pixel, fl, _merger(sched, has_cls), proportional=bool(self.params["proportional"]))
+        size = st.size[:, drop:, 0].float().cpu()  # one transfer for the batch; membership on the host
+        members = (st.source[:, drop:] > 0).cpu()
+        return [(st.x[j, drop:], size[j], members[j]) for j in range(st.x.shape[0])]
 
     def select_anyres(self, ctx, n_keep, fl, pixels, has_cls, drop):
         """Per crop (module doc, "Anyres"); also right for single-crop samples of the batch."""
@@ -145,37 +133,68 @@ class ToMe(Method):
             V = lay.n_image_tokens
             sc, g = np.full(V, np.nan), np.full(V, -1, dtype=np.int64)
             outputs = []
-            for ct, b in zip(crops, split_budget(n, [len(ct) for ct in crops])):
+            shares = split_budget(n, [len(ct) for ct in crops])
+            merged = self._merge_crops(vlm, pixels, fl, has_cls, drop, crops, shares)
+            for ct, b in zip(crops, shares):
                 if b == 0 and int(self.params["r"]) == 0:
                     outputs.append((np.zeros(0, dtype=np.int64), None))
                     continue
-                pixel = pixels[ct.crop : ct.crop + 1]
-                feats, size, members = self._crop_merge(vlm, pixel, fl, has_cls, drop, ct, b)
+                feats, size, members = merged[ct.crop]
                 lm = members[:, torch.as_tensor(ct.vpos)]  # (tokens, LM patches of the crop, vpos order)
                 reach = lm.any(1)
-                first = lm.float().argmax(1)[reach].cpu().numpy()  # first LM patch of each reaching token
+                first = lm.float().argmax(1)[reach].numpy()  # first LM patch of each reaching token (host)
                 order = np.argsort(first, kind="stable")
                 slots = ct.tokens[first[order]]
-                tok_of = lm[reach].float().argmax(0).cpu().numpy()  # LM patch -> reaching token
+                tok_of = lm[reach].float().argmax(0).numpy()  # LM patch -> reaching token
                 g[ct.tokens] = ct.tokens[first[tok_of]]
-                sc[slots] = size[reach].float().cpu().numpy()[order]
-                rows = torch.as_tensor(np.flatnonzero(reach.cpu().numpy())[order], device=feats.device)
+                sc[slots] = size[reach].numpy()[order]
+                rows = torch.as_tensor(np.flatnonzero(reach.numpy())[order], device=feats.device)
                 outputs.append((slots, project(vlm, feats[rows])))
             out.add(lay, crops, outputs, sc, g)
         return out.selection(scores="merged size (tower tokens, padding included)")
 
-    def _crop_merge(self, vlm, pixel, fl, has_cls, drop, ct, b):
-        """ToMe on one crop, leaving ``b`` tokens that hold an LM patch (``r=0``) or with constant r."""
+    def _first_removal(self, vlm, has_cls, ct, b) -> int:
+        """The total removal the search of :meth:`_crop_merge` tries first (0 with a constant r)."""
+        if int(self.params["r"]) > 0:
+            return 0
+        N0 = _tower_tokens(vlm)
+        return max(0, N0 - int(has_cls) - b - (N0 - int(has_cls) - len(ct)))
+
+    def _merge_crops(self, vlm, pixels, fl, has_cls, drop, crops, shares) -> dict:
+        """:meth:`_crop_merge` of every crop with a share (or constant r), crop -> (features, sizes,
+        membership). The crops whose first try has the same schedule go through the tower together
+        (one batched pass: ToMe's matching is per sequence); a crop whose first try does not leave
+        its share continues the search on its own."""
+        N0 = _tower_tokens(vlm)
+        todo: dict[int, list] = {}
+        for ct, b in zip(crops, shares):
+            if b == 0 and int(self.params["r"]) == 0:
+                continue
+            todo.setdefault(self._first_removal(vlm, has_cls, ct, b), []).append((ct, b))
+        out = {}
+        for R, group in todo.items():
+            sched = self.schedule(N0, N0 - R, fl + 1, int(has_cls))
+            idx = torch.as_tensor([ct.crop for ct, _ in group], device=pixels.device)
+            for (ct, b), first in zip(group, self._run_crop(vlm, pixels[idx], fl, has_cls, drop, sched)):
+                out[ct.crop] = self._crop_merge(vlm, pixels[ct.crop : ct.crop + 1], fl, has_cls, drop, ct, b, first)
+        return out
+
+    def _crop_merge(self, vlm, pixel, fl, has_cls, drop, ct, b, first=None):
+        """ToMe on one crop, leaving ``b`` tokens that hold an LM patch (``r=0``) or with constant r.
+        ``first``: the result of the first try (removal :meth:`_first_removal`), if already run."""
         lm_idx = torch.as_tensor(ct.vpos)
         N0 = _tower_tokens(vlm)
 
         def reached(R):
-            sched = self.schedule(N0, N0 - R, fl + 1, int(has_cls))
-            out = self._run_crop(vlm, pixel, fl, has_cls, drop, sched)
+            if first is not None and R == self._first_removal(vlm, has_cls, ct, b):
+                out = first
+            else:
+                sched = self.schedule(N0, N0 - R, fl + 1, int(has_cls))
+                out = self._run_crop(vlm, pixel, fl, has_cls, drop, sched)[0]
             return out, int(out[2][:, lm_idx].any(1).sum())
 
         if int(self.params["r"]) > 0:
-            return reached(0)[0]
+            return first if first is not None else reached(0)[0]
         pad = N0 - int(has_cls) - len(ct)
         lo = R = max(0, N0 - int(has_cls) - b - pad)
         while True:
@@ -193,6 +212,24 @@ class ToMe(Method):
                 f"tome: no merge schedule leaves exactly {b} tokens holding image patches of crop {ct.crop} "
                 f"(between {lo} and {R} merges); give another budget"
             )
+
+
+def _merger(sched: list[int], has_cls: bool):
+    """The ``between`` hook of ToMe with schedule ``sched``: match on the block's keys, then merge the
+    size-weighted features, the sizes and the membership in one scatter (ToMe's ``merge_wavg`` and
+    ``merge_source``: membership is 0/1 and disjoint, so its sum is ToMe's amax)."""
+
+    def between(layer, st):
+        r = sched[layer]
+        if r == 0:
+            return st
+        m = tome_match(st.metric, r, protect_first=has_cls)
+        D = st.x.shape[-1]
+        both = tome_merge(torch.cat([st.x * st.size, st.size, st.source], dim=-1), m)
+        size = both[..., D : D + 1]
+        return TowerState(x=both[..., :D] / size, size=size, source=both[..., D + 1 :])
+
+    return between
 
 
 def _tower_tokens(vlm) -> int:
