@@ -180,18 +180,24 @@ def _run_child(argv: list[str], timeout: float, log: Path) -> tuple[str, float]:
         fh.write(f"$ {' '.join(argv)}\n")
         fh.flush()
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=max(1.0, timeout))
-            status = "ok" if rc == 0 else f"failed (exit {rc})"
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            status = f"timed out after {timeout:.0f} s"
+        status = _wait_or_kill(proc, max(1.0, timeout), timeout)
     return status, time.monotonic() - t0
+
+
+def _wait_or_kill(proc: subprocess.Popen, wait_s: float, box_s: float) -> str:
+    """Wait up to ``wait_s`` for a child started in its own session; past it, SIGTERM its process group (SIGKILL
+    after 10 s). Returns its status line ("ok", "failed (exit N)", "timed out after <box_s> s")."""
+    try:
+        rc = proc.wait(timeout=wait_s)
+        return "ok" if rc == 0 else f"failed (exit {rc})"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return f"timed out after {box_s:.0f} s"
 
 
 PARALLEL_PARTS = ("reduce",)  # parts whose units (one shape each) may run at once, one GPU each (--gpus)
@@ -254,17 +260,7 @@ def _run_children_parallel(jobs: list[tuple[str, list[str]]], timeout: float, ou
     result = {}
     for label, (proc, fh) in procs.items():
         left = timeout - (time.monotonic() - t0)
-        try:
-            rc = proc.wait(timeout=max(1.0, left))
-            status = "ok" if rc == 0 else f"failed (exit {rc})"
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            status = f"timed out after {timeout:.0f} s"
+        status = _wait_or_kill(proc, max(1.0, left), timeout)
         fh.close()
         result[label] = (status, time.monotonic() - t0)
     with open(out / "run.log", "a") as fh:
