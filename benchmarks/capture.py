@@ -188,7 +188,7 @@ def measure(fn, device, warmup: int, repeats: int, cold: bool | None = None) -> 
     _sync(device)
     times, peaks, inner = [], [], []
     for _ in range(repeats):
-        t, peak, out = _timed_call(fn, device, cold)
+        t, peak, out, _ = _timed_call(fn, device, cold)
         times.append(t)
         if peak is not None:
             peaks.append(peak)
@@ -205,9 +205,12 @@ def measure(fn, device, warmup: int, repeats: int, cold: bool | None = None) -> 
     return res
 
 
-def _timed_call(fn, device, cold: bool):
-    """(seconds, peak extra bytes or None, fn's return value) of one synchronised call."""
-    gc.collect()
+def _timed_call(fn, device, cold: bool = False, collect: bool = True):
+    """(seconds, peak extra bytes or None, fn's return value, start stamp) of one synchronised call — the one
+    timed-call primitive of the benchmarks (capture, flow, reduce). ``collect``: a ``gc.collect()`` first (reduce
+    collects once per cell instead, with the collector off in its loop); ``cold``: empty the CUDA cache first."""
+    if collect:
+        gc.collect()
     base = None
     if device.type == "cuda":
         if cold:
@@ -220,7 +223,7 @@ def _timed_call(fn, device, cold: bool):
     _sync(device)
     t = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) - base if base is not None else None
-    return t, peak, out
+    return t, peak, out, t0
 
 
 def ratio_stats(ratios, seed: int = 0, n_boot: int = 2000) -> dict:
@@ -279,7 +282,7 @@ def measure_interleaved(
             if name in errors:
                 continue
             try:
-                t, peak, out = _timed_call(cases[name], device, cold)
+                t, peak, out, _ = _timed_call(cases[name], device, cold)
             except torch.OutOfMemoryError as err:
                 oom(name, err)
                 continue

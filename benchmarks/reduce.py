@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -65,7 +66,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 SHAPES = {"llava-1.5-7b": ("llava-1.5-7b", (336, 336)), "llava-next-7b": ("llava-next-7b", (672, 672))}
@@ -90,16 +90,15 @@ ORDER = tuple(
 LAST = ("cdpruner",)
 
 
+# One timed-call primitive, one sync and one test picture for every benchmark: capture.py's (as flow.py does).
+_spec = importlib.util.spec_from_file_location("_bench_capture", Path(__file__).resolve().parent / "capture.py")
+_capture = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_capture)
+_timed_call, _image = _capture._timed_call, _capture._image
+
+
 def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _image(size, seed=0):
-    from PIL import Image
-
-    w, h = size
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+    _capture._sync(torch.device(device))
 
 
 def timed(fn, device, warmup: int, repeats: int) -> dict:
@@ -108,7 +107,6 @@ def timed(fn, device, warmup: int, repeats: int) -> dict:
     :func:`bench_method`); peak extra memory per call (CUDA). ``fn`` may return a dict of inner timings
     (medians reported under ``inner``)."""
     device = torch.device(device)
-    cuda = device.type == "cuda"
     for _ in range(warmup):
         fn()
     times, peaks, inner = [], [], []
@@ -116,16 +114,10 @@ def timed(fn, device, warmup: int, repeats: int) -> dict:
     gc.disable()
     try:
         for _ in range(repeats):
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-            _sync(device)
-            t0 = time.perf_counter()
-            out = fn()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-            if cuda:
-                peaks.append(torch.cuda.max_memory_allocated(device) - base)
+            t, peak, out, t0 = _timed_call(fn, device, collect=False)
+            times.append(t)
+            if peak is not None:
+                peaks.append(peak)
             if isinstance(out, dict) and all(isinstance(v, float) for v in out.values()):  # inner timings
                 inner.append({k: (v - t0 if k.startswith("at_") else v) for k, v in out.items()})
             del out
