@@ -96,24 +96,24 @@ def test_knockout_mask_blocks_exactly_the_edges(mask_kind):
 
 
 def test_only_requested_rows_are_materialised(monkeypatch):
-    """queries='last' computes (B, H, 1, N) per layer: never a full N×N probability matrix."""
+    """queries='last' computes (G, B, H, 1, N) per group of layers: never a full N×N probability matrix."""
     from vtrlab import testing
     from vtrlab.probes import capture
+    from vtrlab.probes import engine
 
     shapes = []
-    real = A.row_probabilities
+    real = engine._BufferSink.put
 
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        shapes.append(tuple(out.shape))
-        return out
+    def spy(self, sites, probs, written):
+        shapes.append((len(sites), tuple(probs.shape)))
+        return real(self, sites, probs, written)
 
-    monkeypatch.setattr(A, "row_probabilities", spy)
+    monkeypatch.setattr(engine._BufferSink, "put", spy)
     vlm = testing.tiny("llava")
     batch = vlm.prepare([np.zeros((40, 56, 3), np.uint8), np.zeros((64, 48, 3), np.uint8)], ["What color?", "Where?"])
     capture(vlm, batch, queries="last", vision=False)
-    assert len(shapes) == len(vlm.lm_layers)
-    assert all(s[2] == 1 for s in shapes)
+    assert sum(g for g, _ in shapes) == len(vlm.lm_layers)
+    assert all(s[0] == g and s[3] == 1 for g, s in shapes)
 
 
 def test_one_plan_shared_by_layers_with_different_masks():

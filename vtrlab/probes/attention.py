@@ -174,6 +174,9 @@ class Site:
     head_mean: bool = False
     probe: str = "probe"  # the verb that made the site (for error messages)
     on_call: Callable[..., None] | None = None  # a recorder kind of its own (see the module docstring)
+    # a vtrlab.probes.grouped.LayerGroup that computes this site's rows (lm) / [CLS] row (vision) together
+    # with other layers' (capture); None: computed as each layer runs
+    group: Any = None
     # per-forward constants of ``rows`` / ``saliency_rows`` (one RowPlan shared by the sites of one probe);
     # None: built on first use
     plan: RowPlan | None = None
@@ -700,7 +703,12 @@ def _detached(t: torch.Tensor) -> torch.Tensor:
 def _record(site: Site, module, query, key, value, mask, scaling, causal, out) -> None:
     """Keep what ``site`` asks for from this call (probabilities under ``mask``, the final one)."""
     with torch.no_grad():
-        if site.stream == "lm" and site.rows is not None:
+        if site.group is not None and (site.stream == "lm" and site.rows is not None or site.vision_mode == "cls"):
+            site.group.add(site, _detached(query), _detached(key), mask, scaling, causal)
+            if site.stream == "vision":
+                offset = sum(n for _, n in site.segments)
+                site.segments.append((offset, key.shape[2]))
+        elif site.stream == "lm" and site.rows is not None:
             plan = _plan_for(site, site.rows)
             q, k = _detached(query), _detached(key)
             # the rows go straight into the site's buffer slice when it is a float32 one on the same device

@@ -15,6 +15,7 @@ from vtrlab.models.hooks import record
 from vtrlab.models.labels import key_coordinates, packed_crop_offsets
 
 from .attention import RowPlan, Site, copy_stream, copy_to_host, session, to_device
+from .grouped import LayerGroup, SiteLists
 from .spec import head_indices, layer_indices, padded_rows, queries_per_sample, store_dtype
 from .switch import attention_switched
 
@@ -30,6 +31,42 @@ def _lm_sites(vlm, layers: list[int], plan: RowPlan, dtype, device) -> dict[int,
         )
         for i in layers
     }
+
+
+class _BufferSink:
+    """Capture's :class:`~vtrlab.probes.grouped.RowSink`: a group's rows go into ``buffer`` (L, B, H|-, R, N),
+    one slice per layer (``slots``: layer -> index), heads selected / averaged first. The softmax writes
+    straight into the buffer when it is float32 on the rows' device and no head work comes between."""
+
+    def __init__(self, buffer: torch.Tensor, slots: dict[int, int], head_sel, head_mean: bool):
+        self.buffer, self.slots, self.head_sel, self.head_mean = buffer, slots, head_sel, head_mean
+
+    def _span(self, sites) -> tuple[int, int] | None:
+        first = self.slots[sites[0].layer]
+        if all(self.slots[s.layer] == first + g for g, s in enumerate(sites)):
+            return first, len(sites)
+        return None
+
+    def target(self, sites):
+        if self.head_sel is not None or self.head_mean or self.buffer.dtype != torch.float32:
+            return None
+        span = self._span(sites)
+        return None if span is None else self.buffer.narrow(0, *span)
+
+    def put(self, sites, probs, written) -> None:
+        if not written:
+            if self.head_sel is not None:
+                probs = probs.index_select(2, self.head_sel.to(probs.device))
+            if self.head_mean:
+                probs = probs.mean(2)
+            span = self._span(sites)
+            if span is not None:
+                copy_to_host(self.buffer.narrow(0, *span), probs)  # converts to the buffer's dtype
+            else:
+                for g, site in enumerate(sites):
+                    copy_to_host(self.buffer[self.slots[site.layer]], probs[g])
+        for site in sites:
+            site.probs.append(site.out)  # its slice of the buffer: capture checks one call per layer
 
 
 def _cls_index(layouts: Sequence[ImageLayout]) -> int:
@@ -253,18 +290,32 @@ def launch(
     every_head = len(head_sel) == n_heads and list(head_sel) == list(range(n_heads))
     sel = None if every_head else to_device(np.asarray(head_sel, dtype=np.int64), device)
     slices = dict(zip(lm_layers, target.unbind(0)))  # one op for every layer's slice
+    # the layers' rows computed in batched groups, not one layer at a time (see vtrlab.probes.grouped)
+    lm_group = LayerGroup(
+        _BufferSink(target, {layer: i for i, layer in enumerate(lm_layers)}, sel, head_mean), rows_np, device, plan=plan
+    )
+    groups = [lm_group]
     for site in sites.values():
-        site.out, site.head_sel, site.head_mean = slices[site.layer], sel, head_mean
+        site.out, site.head_sel, site.head_mean, site.group = slices[site.layer], sel, head_mean, lm_group
 
     v_layers: list[int] = []
     if vision:
         v_layers = layer_indices(vision_layers, len(vlm.vision_layers), what="vision_layers")
         mode = "cls" if vlm.has_cls else "mean"
-        sites.update(_vision_sites(vlm, v_layers, mode, _cls_index(layouts), torch.float32, device))
+        cls_index = _cls_index(layouts)
+        v_sites = _vision_sites(vlm, v_layers, mode, cls_index, torch.float32, device)
+        if mode == "cls":
+            v_group = LayerGroup(SiteLists(), cls_index, device)
+            groups.append(v_group)
+            for site in v_sites.values():
+                site.group = v_group
+        sites.update(v_sites)
 
     hooks = _hidden_norm_hooks(vlm, lm_layers) if hidden else contextlib.nullcontext({})
     with attention_switched(vlm.model), session(sites), hooks as norms, torch.no_grad():
         vlm.model(**inputs, use_cache=False)
+        for group in groups:  # the layers still held
+            group.flush()
     if stage is not None:
         copy_to_host(buffer, stage)  # one copy of every layer's rows, on the side stream
     vision_pending = None

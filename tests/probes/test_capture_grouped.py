@@ -1,0 +1,229 @@
+"""Rows of several layers computed in one batched flush (vtrlab.probes.grouped): float64 references on
+fresh random inputs, every way a group is split, and capture's results grouped vs layer by layer."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vtrlab.probes import engine
+from vtrlab.probes import grouped as G
+
+
+def _ref_rows(q, k, mask, scale, causal, rows):
+    """Float64 softmax(QKᵀ·s + mask) of the full N×N (K repeated per query head), then the rows picked."""
+    q, k = q.double(), k.double()
+    k = k.expand(q.shape[0], *k.shape[1:]).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    s = q @ k.transpose(-1, -2) * scale
+    N = s.shape[-1]
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask.double()
+    elif causal:
+        s = s.masked_fill(~torch.ones(N, N, dtype=torch.bool).tril(), -math.inf)
+    p = torch.softmax(s, -1)
+    out = torch.full((q.shape[0], q.shape[1], rows.shape[1], N), float("nan"), dtype=torch.float64)
+    for b in range(rows.shape[0]):
+        for i, r in enumerate(rows[b].tolist()):
+            if r >= 0:
+                out[b, :, i] = p[b, :, r]
+    return out
+
+
+class _Collect:
+    """A sink that keeps every delivered (site, probs) slice; optionally a destination to softmax into."""
+
+    def __init__(self, dest=None):
+        self.got, self.sizes, self.dest = {}, [], dest
+
+    def target(self, sites):
+        return None if self.dest is None else self.dest[: len(sites)]
+
+    def put(self, sites, probs, written):
+        self.sizes.append(len(sites))
+        for g, s in enumerate(sites):
+            self.got.setdefault(s, []).append(probs[g].clone())
+
+
+def _layers(seed, L, B=2, H=4, Hkv=2, N=17, D=8, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(B, H, N, D, generator=g, dtype=dtype), torch.randn(B, Hkv, N, D, generator=g, dtype=dtype))
+        for _ in range(L)
+    ]
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+@pytest.mark.parametrize(
+    "rows_kind", ["last-span", "question-span", "gathered", "padded"]  # view path, view path, gather, gather + NaN
+)
+@pytest.mark.parametrize("mask_kind", ["none-causal", "bool", "additive", "bidirectional"])
+@pytest.mark.parametrize("max_bytes", [None, 1, 30000])  # one group; every layer alone; groups of a few
+def test_grouped_rows_equal_float64_reference(seed, rows_kind, mask_kind, max_bytes):
+    L, B, N = 5, 2, 17
+    layers = _layers(seed, L, B=B, N=N)
+    rows = {
+        "last-span": np.array([[N - 1], [N - 1]]),
+        "question-span": np.array([[9, 10, 11], [9, 10, 11]]),
+        "gathered": np.array([[N - 1, 3, 8], [N - 1, 12, 4]]),
+        "padded": np.array([[N - 1, 6], [N - 1, -1]]),
+    }[rows_kind]
+    allowed = torch.ones(N, N, dtype=torch.bool).tril()[None, None].repeat(B, 1, 1, 1)
+    allowed[1, :, :, :2] = False  # left padding of sample 1
+    allowed[1, :, :2, 0] = True
+    mask, causal = {
+        "none-causal": (None, True),
+        "bool": (allowed, False),
+        "additive": (torch.zeros(B, 1, N, N).masked_fill(~allowed, torch.finfo(torch.float32).min), False),
+        "bidirectional": (None, False),
+    }[mask_kind]
+    sink = _Collect()
+    group = G.LayerGroup(sink, rows, "cpu", max_bytes=max_bytes)
+    sites = [object() for _ in range(L)]
+    for site, (q, k) in zip(sites, layers):
+        group.add(site, q, k, mask, 0.29, causal)
+    group.flush()
+    assert sum(sink.sizes) == L and not group.pending
+    if max_bytes == 1:
+        assert sink.sizes == [1] * L  # every layer alone: the per-layer computation
+    elif max_bytes is None:
+        assert sink.sizes == [L]  # every layer in one batched computation
+    else:
+        assert len(sink.sizes) > 1 and max(sink.sizes) > 1
+    rows_t = torch.as_tensor(rows)
+    for site, (q, k) in zip(sites, layers):
+        (got,) = sink.got[site]
+        torch.testing.assert_close(
+            got.double(), _ref_rows(q, k, mask, 0.29, causal, rows_t), atol=1e-6, rtol=1e-5, equal_nan=True
+        )
+
+
+def test_a_call_of_another_signature_flushes_the_held_layers():
+    """Layers alternating two masks (Gemma-3's sliding and global layers) or two shapes group apart, each
+    under its own mask; the rows still come out in call order and equal the reference."""
+    L, B, N = 6, 2, 15
+    layers = _layers(3, L, B=B, N=N)
+    full = torch.ones(N, N, dtype=torch.bool).tril()[None, None].repeat(B, 1, 1, 1)
+    sliding = full & ~torch.ones(N, N, dtype=torch.bool).tril(-4)[None, None]
+    masks = [full, full, sliding, sliding, full, None]
+    rows = np.array([[N - 1, 5], [N - 1, 9]])
+    sink = _Collect()
+    group = G.LayerGroup(sink, rows, "cpu")
+    sites = [object() for _ in range(L)]
+    for site, (q, k), m in zip(sites, layers, masks):
+        group.add(site, q, k, m, None, m is None)
+    group.flush()
+    assert sink.sizes == [2, 2, 1, 1]
+    for site, (q, k), m in zip(sites, layers, masks):
+        torch.testing.assert_close(
+            sink.got[site][0].double(), _ref_rows(q, k, m, q.shape[-1] ** -0.5, m is None, torch.as_tensor(rows)),
+            atol=1e-6, rtol=1e-5,
+        )
+
+
+def test_bf16_rows_match_the_per_layer_arithmetic():
+    """In bfloat16 the scores are rounded to the model's dtype before the float32 softmax, as per layer."""
+    from vtrlab.probes import attention as A
+
+    L, N = 4, 21
+    layers = _layers(5, L, N=N, dtype=torch.bfloat16)
+    rows = np.array([[N - 1, 4], [N - 1, 11]])
+    sink = _Collect()
+    group = G.LayerGroup(sink, rows, "cpu")
+    sites = [object() for _ in range(L)]
+    for site, (q, k) in zip(sites, layers):
+        group.add(site, q, k, None, 0.25, True)
+    group.flush()
+
+    class _M:
+        is_causal = True
+
+    for site, (q, k) in zip(sites, layers):
+        per_layer = A.row_probabilities(_M(), q, k, None, 0.25, True, torch.as_tensor(rows))
+        torch.testing.assert_close(sink.got[site][0], per_layer, atol=2e-3, rtol=0)  # bf16 matmul rounding
+        ref = _ref_rows(q, k, None, 0.25, True, torch.as_tensor(rows))
+        torch.testing.assert_close(sink.got[site][0].double(), ref, atol=2e-2, rtol=0)
+
+
+def test_softmax_writes_into_the_sinks_destination():
+    L, N = 3, 11
+    layers = _layers(1, L, N=N)
+    dest = torch.full((L, 2, 4, 1, N), -1.0)
+    sink = _Collect(dest)
+    group = G.LayerGroup(sink, np.array([[N - 1], [N - 1]]), "cpu")
+    for i, (q, k) in enumerate(layers):
+        group.add(i, q, k, None, 0.5, True)
+    group.flush()
+    for i, (q, k) in enumerate(layers):
+        torch.testing.assert_close(dest[i].double(), _ref_rows(q, k, None, 0.5, True, torch.tensor([[N - 1]] * 2)))
+
+
+def test_rows_for_another_batch_size_are_refused():
+    group = G.LayerGroup(_Collect(), np.array([[3], [3]]), "cpu")
+    q, k = _layers(0, 1, B=3)[0]
+    with pytest.raises(ValueError, match="rows were given for 2 sample"):
+        group.add(object(), q, k, None, None, True)
+
+
+def test_buffer_sink_selects_heads_and_writes_layers_out_of_order():
+    """Capture's sink: heads selected / averaged before the copy; layers whose slots are not consecutive
+    are written one by one."""
+    buffer = torch.zeros(3, 2, 2, 1, 5)
+
+    class _Site:
+        def __init__(self, layer):
+            self.layer, self.probs, self.out = layer, [], None
+
+    sites = [_Site(7), _Site(2)]
+    sink = engine._BufferSink(buffer, {2: 0, 5: 1, 7: 2}, torch.tensor([3, 0]), False)
+    assert sink.target(sites) is None
+    probs = torch.rand(2, 2, 4, 1, 5)
+    sink.put(sites, probs, False)
+    torch.testing.assert_close(buffer[2], probs[0][:, [3, 0]])
+    torch.testing.assert_close(buffer[0], probs[1][:, [3, 0]])
+    assert torch.equal(buffer[1], torch.zeros(2, 2, 1, 5))
+    mean = engine._BufferSink(torch.zeros(3, 2, 1, 5), {2: 0, 5: 1, 7: 2}, None, True)
+    mean.put([_Site(5), _Site(7)], probs, False)
+    torch.testing.assert_close(mean.buffer[1:], probs.mean(2))
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("queries", ["last", "question"])
+def test_capture_grouped_equals_capture_layer_by_layer(monkeypatch, family, queries):
+    """The same capture with every layer alone (a group limit of 1 byte: the per-layer computation) and
+    with the layers grouped; also the number of batched computations a capture ran."""
+    from vtrlab import testing
+    from vtrlab.probes import capture
+
+    vlm = testing.tiny(family)
+    imgs = [np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)] * 2
+    batch = vlm.prepare(imgs, ["What color is it?", "Where?"])
+    flushes = []
+    real = G.LayerGroup.flush
+
+    def counting(self):
+        n = len(self.pending)
+        real(self)
+        if n:
+            flushes.append(n)
+
+    monkeypatch.setattr(G.LayerGroup, "flush", counting)
+    grouped = capture(vlm, batch, queries=queries, vision=True, hidden=True)
+    n_grouped = list(flushes)
+    flushes.clear()
+    monkeypatch.setattr(G, "GROUP_MAX_BYTES", 1)
+    alone = capture(vlm, batch, queries=queries, vision=True, hidden=True)
+    assert all(n == 1 for n in flushes)
+    if family == "gemma3":  # sliding and global layers alternate: each group is one layer (another mask)
+        assert len(n_grouped) == len(flushes)
+    else:
+        assert len(n_grouped) < len(flushes)  # fewer batched computations than layers
+    assert set(grouped.data_vars) == set(alone.data_vars)
+    for name in grouped.data_vars:
+        a, b = grouped[name].values, alone[name].values
+        if a.dtype.kind == "f":
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5, equal_nan=True)
+        else:
+            assert np.array_equal(a, b)
