@@ -57,7 +57,8 @@ def _layers(seed, L, B=2, H=4, Hkv=2, N=17, D=8, dtype=torch.float32):
 
 @pytest.mark.parametrize("seed", [0, 7])
 @pytest.mark.parametrize(
-    "rows_kind", ["last-span", "question-span", "gathered", "padded"]  # view path, view path, gather, gather + NaN
+    "rows_kind",
+    ["last-span", "question-span", "gathered", "padded"],  # view path, view path, gather, gather + NaN
 )
 @pytest.mark.parametrize("mask_kind", ["none-causal", "bool", "additive", "bidirectional"])
 @pytest.mark.parametrize("max_bytes", [None, 1, 30000])  # one group; every layer alone; groups of a few
@@ -118,8 +119,10 @@ def test_a_call_of_another_signature_flushes_the_held_layers():
     assert sink.sizes == [2, 2, 1, 1]
     for site, (q, k), m in zip(sites, layers, masks):
         torch.testing.assert_close(
-            sink.got[site][0].double(), _ref_rows(q, k, m, q.shape[-1] ** -0.5, m is None, torch.as_tensor(rows)),
-            atol=1e-6, rtol=1e-5,
+            sink.got[site][0].double(),
+            _ref_rows(q, k, m, q.shape[-1] ** -0.5, m is None, torch.as_tensor(rows)),
+            atol=1e-6,
+            rtol=1e-5,
         )
 
 

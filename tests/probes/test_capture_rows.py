@@ -98,8 +98,7 @@ def test_knockout_mask_blocks_exactly_the_edges(mask_kind):
 def test_only_requested_rows_are_materialised(monkeypatch):
     """queries='last' computes (G, B, H, 1, N) per group of layers: never a full N×N probability matrix."""
     from vtrlab import testing
-    from vtrlab.probes import capture
-    from vtrlab.probes import engine
+    from vtrlab.probes import capture, engine
 
     shapes = []
     real = engine._BufferSink.put
