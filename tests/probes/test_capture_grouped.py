@@ -180,16 +180,20 @@ def test_buffer_sink_selects_heads_and_writes_layers_out_of_order():
             self.layer, self.probs, self.out = layer, [], None
 
     sites = [_Site(7), _Site(2)]
-    sink = engine._BufferSink(buffer, {2: 0, 5: 1, 7: 2}, torch.tensor([3, 0]), False)
+    sink = engine._BufferSink(buffer, {2: 0, 5: 1, 7: 2}, torch.tensor([3, 0]), False, "cpu")
     assert sink.target(sites) is None
     probs = torch.rand(2, 2, 4, 1, 5)
     sink.put(sites, probs, False)
     torch.testing.assert_close(buffer[2], probs[0][:, [3, 0]])
     torch.testing.assert_close(buffer[0], probs[1][:, [3, 0]])
     assert torch.equal(buffer[1], torch.zeros(2, 2, 1, 5))
-    mean = engine._BufferSink(torch.zeros(3, 2, 1, 5), {2: 0, 5: 1, 7: 2}, None, True)
+    mean = engine._BufferSink(torch.zeros(3, 2, 1, 5), {2: 0, 5: 1, 7: 2}, None, True, "cpu")
     mean.put([_Site(5), _Site(7)], probs, False)
     torch.testing.assert_close(mean.buffer[1:], probs.mean(2))
+    # a host buffer for rows computed on another device (CUDA, no staging buffer): never softmaxed into
+    whole = engine._BufferSink(torch.zeros(3, 2, 4, 1, 5), {2: 0, 5: 1, 7: 2}, None, False, "meta")
+    assert whole.target([_Site(2), _Site(5)]) is None
+    assert engine._BufferSink(whole.buffer, whole.slots, None, False, "cpu").target([_Site(2), _Site(5)]) is not None
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])

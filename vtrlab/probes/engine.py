@@ -38,8 +38,9 @@ class _BufferSink:
     one slice per layer (``slots``: layer -> index), heads selected / averaged first. The softmax writes
     straight into the buffer when it is float32 on the rows' device and no head work comes between."""
 
-    def __init__(self, buffer: torch.Tensor, slots: dict[int, int], head_sel, head_mean: bool):
+    def __init__(self, buffer: torch.Tensor, slots: dict[int, int], head_sel, head_mean: bool, device):
         self.buffer, self.slots, self.head_sel, self.head_mean = buffer, slots, head_sel, head_mean
+        self.device = torch.device(device)  # where the rows are computed (the model's device)
 
     def _span(self, sites) -> tuple[int, int] | None:
         first = self.slots[sites[0].layer]
@@ -49,6 +50,8 @@ class _BufferSink:
 
     def target(self, sites):
         if self.head_sel is not None or self.head_mean or self.buffer.dtype != torch.float32:
+            return None
+        if self.buffer.device.type != self.device.type:  # pinned host memory for rows computed on CUDA
             return None
         span = self._span(sites)
         return None if span is None else self.buffer.narrow(0, *span)
@@ -292,7 +295,10 @@ def launch(
     slices = dict(zip(lm_layers, target.unbind(0)))  # one op for every layer's slice
     # the layers' rows computed in batched groups, not one layer at a time (see vtrlab.probes.grouped)
     lm_group = LayerGroup(
-        _BufferSink(target, {layer: i for i, layer in enumerate(lm_layers)}, sel, head_mean), rows_np, device, plan=plan
+        _BufferSink(target, {layer: i for i, layer in enumerate(lm_layers)}, sel, head_mean, device),
+        rows_np,
+        device,
+        plan=plan,
     )
     groups = [lm_group]
     for site in sites.values():
