@@ -702,13 +702,31 @@ def _detached(t: torch.Tensor) -> torch.Tensor:
 
 def _record(site: Site, module, query, key, value, mask, scaling, causal, out) -> None:
     """Keep what ``site`` asks for from this call (probabilities under ``mask``, the final one)."""
+    if site.group is not None and (site.stream == "lm" and site.rows is not None or site.vision_mode == "cls"):
+        # held for a batched computation with other layers (vtrlab.probes.grouped): no operator now
+        site.group.add(site, _detached(query), _detached(key), mask, scaling, causal)
+        if site.stream == "vision":
+            offset = sum(n for _, n in site.segments)
+            site.segments.append((offset, key.shape[2]))
+    elif site.rows is not None or site.vision_mode is not None:
+        _record_rows(site, module, query, key, mask, scaling, causal)
+    if site.saliency_rows is not None:
+        # A for the rows, V and the output tensor: dL/dA[r, k] = dO[r] · V[k] is formed after the
+        # backward pass (vtrlab.flow.saliency), so only (B, H, R, N) is ever materialised.
+        plan = _plan_for(site, site.saliency_rows)
+        with torch.no_grad():
+            a = row_probabilities(
+                module, _detached(query), _detached(key), mask, scaling, causal, site.saliency_rows, plan=plan
+            )
+        site.saliency = {"probs": a, "value": value.detach(), "output": out, "rows": site.saliency_rows}
+    if site.on_call is not None:
+        site.on_call(site, module, query, key, value, mask, scaling, causal, out)
+
+
+def _record_rows(site: Site, module, query, key, mask, scaling, causal) -> None:
+    """The rows (lm) or vision [CLS] / mean row ``site`` asks for, computed for this call alone."""
     with torch.no_grad():
-        if site.group is not None and (site.stream == "lm" and site.rows is not None or site.vision_mode == "cls"):
-            site.group.add(site, _detached(query), _detached(key), mask, scaling, causal)
-            if site.stream == "vision":
-                offset = sum(n for _, n in site.segments)
-                site.segments.append((offset, key.shape[2]))
-        elif site.stream == "lm" and site.rows is not None:
+        if site.stream == "lm" and site.rows is not None:
             plan = _plan_for(site, site.rows)
             q, k = _detached(query), _detached(key)
             # the rows go straight into the site's buffer slice when it is a float32 one on the same device
@@ -746,17 +764,6 @@ def _record(site: Site, module, query, key, value, mask, scaling, causal, out) -
             offset = sum(n for _, n in site.segments)
             site.segments.append((offset, k.shape[2]))
             site.probs.append(p.to(site.store_device, site.store_dtype))
-    if site.saliency_rows is not None:
-        # A for the rows, V and the output tensor: dL/dA[r, k] = dO[r] · V[k] is formed after the
-        # backward pass (vtrlab.flow.saliency), so only (B, H, R, N) is ever materialised.
-        plan = _plan_for(site, site.saliency_rows)
-        with torch.no_grad():
-            a = row_probabilities(
-                module, _detached(query), _detached(key), mask, scaling, causal, site.saliency_rows, plan=plan
-            )
-        site.saliency = {"probs": a, "value": value.detach(), "output": out, "rows": site.saliency_rows}
-    if site.on_call is not None:
-        site.on_call(site, module, query, key, value, mask, scaling, causal, out)
 
 
 def register() -> str:

@@ -46,7 +46,7 @@ class RowSink(Protocol):
         were softmaxed into :meth:`target`'s tensor already)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Held:
     site: Any
     q: torch.Tensor  # (B, H, R, D): the rows (a view of the layer's query, or gathered)
@@ -78,6 +78,7 @@ class LayerGroup:
         self._rows = None if self._row is not None else np.asarray(rows, dtype=np.int64)
         self._plans: dict[int, RowPlan] = {}
         self._spans: dict[int, tuple[int, int] | None] = {}
+        self._how: dict[tuple, tuple] = {}  # signature -> _work_out(...)
         if plan is not None and self._rows is not None:
             self._plans[self._rows.shape[0]] = plan
         self.pending: list[_Held] = []
@@ -119,25 +120,19 @@ class LayerGroup:
     # ---------------------------------------------------------------------------------------------
     def add(self, site, query: torch.Tensor, key: torch.Tensor, mask, scaling, causal: bool) -> None:
         """Hold ``site``'s call (its rows are delivered at a later flush, in call order)."""
-        B, H, Q, D = query.shape
         if query.shape[0] != key.shape[0]:  # learned queries broadcast over the batch
-            key = key.expand(B, *key.shape[1:])
-        Hkv, N = key.shape[1], key.shape[2]
-        scale = float(scaling) if scaling is not None else D**-0.5
-        signature = (B, H, Q, D, Hkv, N, query.dtype, key.dtype, query.device, scale, bool(causal), id(mask))
-        plan = self._plan(B)
-        span = self._span(B)
+            key = key.expand(query.shape[0], *key.shape[1:])
+        # per call only what changes between layers is looked at: the rest is worked out once per signature
+        signature = (query.shape, key.shape, query.dtype, key.dtype, query.device, scaling, causal, id(mask))
+        how = self._how.get(signature)
+        if how is None:
+            how = self._how[signature] = self._work_out(query, key, scaling)
+        span, cost, _ = how
         if span is not None:
             q_rows = query.narrow(2, span[0], span[1])  # a view: no operator on the device
-            q_cost = _storage_bytes(query)
         else:
-            q_rows = torch.gather(query, 2, plan.query_index(B, H, D))
-            q_cost = q_rows.numel() * q_rows.element_size()
-        R = q_rows.shape[2]
-        k_bytes = key.numel() * key.element_size()
-        # held tensors + the flush's stacked copies + scores in the model's dtype and in float32
-        cost = q_cost + _storage_bytes(key) + k_bytes + q_rows.numel() * q_rows.element_size()
-        cost += B * H * R * N * (query.element_size() + 4)
+            B, H, _, D = query.shape
+            q_rows = torch.gather(query, 2, self._plan(B).query_index(B, H, D))
         if self.pending and (signature != self._signature or self._held + cost > self.max_bytes):
             self.flush()
         self.pending.append(_Held(site, q_rows, key, mask))
@@ -145,6 +140,19 @@ class LayerGroup:
         self._held += cost
         if self._held > self.max_bytes:  # alone over the limit: computed now, as a per-layer capture would
             self.flush()
+
+    def _work_out(self, query, key, scaling) -> tuple[tuple[int, int] | None, int, float]:
+        """(row span or None, bytes a held call costs, scale) for calls of this signature."""
+        B, H, _, D = query.shape
+        N = key.shape[2]
+        span = self._span(B)
+        R = span[1] if span is not None else self._rows_host(B).shape[1]
+        rows_bytes = B * H * R * D * query.element_size()
+        q_cost = _storage_bytes(query) if span is not None else rows_bytes  # a view holds the whole query
+        # held tensors + the flush's stacked copies (keys, rows) + scores in the model's dtype and in float32
+        cost = q_cost + _storage_bytes(key) + key.numel() * key.element_size() + rows_bytes
+        cost += B * H * R * N * (query.element_size() + 4)
+        return span, cost, float(scaling) if scaling is not None else D**-0.5
 
     def flush(self) -> None:
         """Compute and deliver the held layers' rows (nothing if none are held)."""
@@ -157,8 +165,8 @@ class LayerGroup:
             B, H, R, D = e0.q.shape
             Hkv, N = e0.k.shape[1], e0.k.shape[2]
             G, groups = len(held), H // Hkv
-            scale = self._signature[9]
-            causal = self._signature[10]
+            scale = self._how[self._signature][2]
+            causal = self._signature[6]
             if G == 1:  # the per-layer computation: no stacked copies
                 q5, k5 = e0.q, e0.k
             else:
