@@ -180,20 +180,44 @@ def test_buffer_sink_selects_heads_and_writes_layers_out_of_order():
             self.layer, self.probs, self.out = layer, [], None
 
     sites = [_Site(7), _Site(2)]
-    sink = engine._BufferSink(buffer, {2: 0, 5: 1, 7: 2}, torch.tensor([3, 0]), False, "cpu")
+    sink = engine._BufferSink(buffer, None, {2: 0, 5: 1, 7: 2}, torch.tensor([3, 0]), False, "cpu")
     assert sink.target(sites) is None
     probs = torch.rand(2, 2, 4, 1, 5)
     sink.put(sites, probs, False)
     torch.testing.assert_close(buffer[2], probs[0][:, [3, 0]])
     torch.testing.assert_close(buffer[0], probs[1][:, [3, 0]])
     assert torch.equal(buffer[1], torch.zeros(2, 2, 1, 5))
-    mean = engine._BufferSink(torch.zeros(3, 2, 1, 5), {2: 0, 5: 1, 7: 2}, None, True, "cpu")
+    mean = engine._BufferSink(torch.zeros(3, 2, 1, 5), None, {2: 0, 5: 1, 7: 2}, None, True, "cpu")
     mean.put([_Site(5), _Site(7)], probs, False)
     torch.testing.assert_close(mean.buffer[1:], probs.mean(2))
     # a host buffer for rows computed on another device (CUDA, no staging buffer): never softmaxed into
-    whole = engine._BufferSink(torch.zeros(3, 2, 4, 1, 5), {2: 0, 5: 1, 7: 2}, None, False, "meta")
+    whole = engine._BufferSink(torch.zeros(3, 2, 4, 1, 5), None, {2: 0, 5: 1, 7: 2}, None, False, "meta")
     assert whole.target([_Site(2), _Site(5)]) is None
-    assert engine._BufferSink(whole.buffer, whole.slots, None, False, "cpu").target([_Site(2), _Site(5)]) is not None
+    assert engine._BufferSink(whole.buffer, None, whole.slots, None, False, "cpu").target([_Site(2)]) is not None
+    # a staging buffer on the rows' device: softmaxed into, and that group's slice copied to the buffer at once
+    stage = torch.zeros(3, 2, 4, 1, 5)
+    staged = engine._BufferSink(torch.zeros(3, 2, 4, 1, 5), stage, {2: 0, 5: 1, 7: 2}, None, False, "cpu")
+    out = staged.target([_Site(5), _Site(7)])
+    assert out.data_ptr() == stage[1].data_ptr() and out.shape[0] == 2
+    out.copy_(probs)
+    staged.put([_Site(5), _Site(7)], out, True)
+    torch.testing.assert_close(staged.buffer[1:], probs)
+    assert torch.equal(staged.buffer[0], torch.zeros(2, 4, 1, 5))
+
+
+def test_groups_end_where_their_probabilities_would_pass_max_out_bytes():
+    L, N = 6, 13
+    layers = _layers(2, L, N=N)
+    sink = _Collect()
+    per_layer = 2 * 4 * 1 * N * 4  # B x H x R x N float32
+    group = G.LayerGroup(sink, np.array([[N - 1], [N - 1]]), "cpu", max_out_bytes=2 * per_layer)
+    for i, (q, k) in enumerate(layers):
+        group.add(i, q, k, None, 0.5, True)
+    group.flush()
+    assert sink.sizes == [2, 2, 2]
+    for i, (q, k) in enumerate(layers):
+        ref = _ref_rows(q, k, None, 0.5, True, torch.tensor([[N - 1]] * 2))
+        torch.testing.assert_close(sink.got[i][0].double(), ref)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])

@@ -34,12 +34,16 @@ def _lm_sites(vlm, layers: list[int], plan: RowPlan, dtype, device) -> dict[int,
 
 
 class _BufferSink:
-    """Capture's :class:`~vtrlab.probes.grouped.RowSink`: a group's rows go into ``buffer`` (L, B, H|-, R, N),
-    one slice per layer (``slots``: layer -> index), heads selected / averaged first. The softmax writes
-    straight into the buffer when it is float32 on the rows' device and no head work comes between."""
+    """Capture's :class:`~vtrlab.probes.grouped.RowSink`: a group's rows go into the host ``buffer``
+    (L, B, H|-, R, N), one slice per layer (``slots``: layer -> index), heads selected / averaged first.
 
-    def __init__(self, buffer: torch.Tensor, slots: dict[int, int], head_sel, head_mean: bool, device):
-        self.buffer, self.slots, self.head_sel, self.head_mean = buffer, slots, head_sel, head_mean
+    The softmax writes straight into ``stage`` (capture's device staging buffer on CUDA) or into the
+    buffer itself when that is on the rows' device (CPU), when both are float32 and no head work comes
+    between. Each group's rows leave for the host as soon as they are computed (asynchronously, on the copy
+    stream), so the copies of early groups overlap the later layers' forward."""
+
+    def __init__(self, buffer: torch.Tensor, stage, slots: dict[int, int], head_sel, head_mean: bool, device):
+        self.buffer, self.stage, self.slots, self.head_sel, self.head_mean = buffer, stage, slots, head_sel, head_mean
         self.device = torch.device(device)  # where the rows are computed (the model's device)
 
     def _span(self, sites) -> tuple[int, int] | None:
@@ -48,21 +52,29 @@ class _BufferSink:
             return first, len(sites)
         return None
 
+    def _direct(self) -> torch.Tensor | None:
+        """The float32 tensor on the rows' device to softmax into (the staging buffer, or the buffer on CPU)."""
+        if self.head_sel is not None or self.head_mean:
+            return None
+        dest = self.stage if self.stage is not None else self.buffer
+        if dest.dtype != torch.float32 or dest.device.type != self.device.type:  # pinned host memory, CUDA rows
+            return None
+        return dest
+
     def target(self, sites):
-        if self.head_sel is not None or self.head_mean or self.buffer.dtype != torch.float32:
-            return None
-        if self.buffer.device.type != self.device.type:  # pinned host memory for rows computed on CUDA
-            return None
-        span = self._span(sites)
-        return None if span is None else self.buffer.narrow(0, *span)
+        dest, span = self._direct(), self._span(sites)
+        return None if dest is None or span is None else dest.narrow(0, *span)
 
     def put(self, sites, probs, written) -> None:
-        if not written:
+        span = self._span(sites)
+        if written:
+            if self.stage is not None:  # from the staging buffer to the host, now (asynchronously)
+                copy_to_host(self.buffer.narrow(0, *span), self.stage.narrow(0, *span))
+        else:
             if self.head_sel is not None:
                 probs = probs.index_select(2, self.head_sel.to(probs.device))
             if self.head_mean:
                 probs = probs.mean(2)
-            span = self._span(sites)
             if span is not None:
                 copy_to_host(self.buffer.narrow(0, *span), probs)  # converts to the buffer's dtype
             else:
@@ -282,20 +294,21 @@ def launch(
     shape = (len(lm_layers), len(layouts)) + (() if head_mean else (len(head_sel),)) + (rows_np.shape[1], seq_len)
     cuda = device.type == "cuda"
     buffer = torch.empty(shape, dtype=sdtype, pin_memory=cuda)
-    # On CUDA, while the rows fit in _STAGE_MAX_BYTES, every layer writes them into one device buffer (its
-    # softmax straight into its slice) and one asynchronous copy moves them to the host after the forward;
-    # larger captures copy each layer's rows on the side stream as they come (bounded device memory).
-    stage = None
-    if cuda and buffer.numel() * buffer.element_size() <= _STAGE_MAX_BYTES:
-        stage = torch.empty(shape, dtype=sdtype, device=device)
-    target = stage if stage is not None else buffer
     sites = _lm_sites(vlm, lm_layers, plan, sdtype, "cpu")
     every_head = len(head_sel) == n_heads and list(head_sel) == list(range(n_heads))
     sel = None if every_head else to_device(np.asarray(head_sel, dtype=np.int64), device)
+    # On CUDA, while the rows fit in _STAGE_MAX_BYTES, each group of layers softmaxes straight into its slice
+    # of a device staging buffer, and that slice goes to the host at once, asynchronously (_BufferSink);
+    # otherwise (head work first, float16, larger) the rows are copied to the host from a temporary.
+    stage = None
+    direct = sdtype == torch.float32 and sel is None and not head_mean
+    if cuda and direct and buffer.numel() * buffer.element_size() <= _STAGE_MAX_BYTES:
+        stage = torch.empty(shape, dtype=sdtype, device=device)
+    target = stage if stage is not None else buffer
     slices = dict(zip(lm_layers, target.unbind(0)))  # one op for every layer's slice
     # the layers' rows computed in batched groups, not one layer at a time (see vtrlab.probes.grouped)
     lm_group = LayerGroup(
-        _BufferSink(target, {layer: i for i, layer in enumerate(lm_layers)}, sel, head_mean, device),
+        _BufferSink(buffer, stage, {layer: i for i, layer in enumerate(lm_layers)}, sel, head_mean, device),
         rows_np,
         device,
         plan=plan,
@@ -322,8 +335,6 @@ def launch(
         vlm.model(**inputs, use_cache=False)
         for group in groups:  # the layers still held
             group.flush()
-    if stage is not None:
-        copy_to_host(buffer, stage)  # one copy of every layer's rows, on the side stream
     vision_pending = None
     if vision:  # gathered on the device now; its copy to the host runs before the event below
         vdtype = np.float16 if sdtype == torch.float16 else np.float32

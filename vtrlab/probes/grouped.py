@@ -33,6 +33,11 @@ from .attention import RowPlan
 # extra device memory a grouped capture may take beyond a per-layer one. 512 MiB holds every layer of
 # LLaVA-1.5-7B at 617 tokens and batch 1 (~15 MiB a layer: its query and key, and the key's stacked copy).
 GROUP_MAX_BYTES = 512 * 2**20
+# Probabilities one group delivers, at most: a group's rows leave for the host after its flush, so the last
+# group's copy is the one the forward cannot hide (8 MiB: ~0.3 ms over PCIe); every further group costs a
+# dozen operators. At LLaVA-1.5-7B batch 1 the last rows of all 32 layers are 2.5 MiB (one group) and ~22
+# question rows are 1.7 MiB a layer (groups of 4).
+GROUP_MAX_OUT_BYTES = 8 * 2**20
 
 
 class RowSink(Protocol):
@@ -70,10 +75,20 @@ class LayerGroup:
     ``plan``: the :class:`RowPlan` of ``rows`` when the caller has one already (shared masks).
     """
 
-    def __init__(self, sink: RowSink, rows, device, *, plan: RowPlan | None = None, max_bytes: int | None = None):
+    def __init__(
+        self,
+        sink: RowSink,
+        rows,
+        device,
+        *,
+        plan: RowPlan | None = None,
+        max_bytes: int | None = None,
+        max_out_bytes: int | None = None,
+    ):
         self.sink = sink
         self.device = torch.device(device)
         self.max_bytes = GROUP_MAX_BYTES if max_bytes is None else int(max_bytes)
+        self.max_out_bytes = GROUP_MAX_OUT_BYTES if max_out_bytes is None else int(max_out_bytes)
         self._row = int(rows) if isinstance(rows, (int, np.integer)) else None
         self._rows = None if self._row is not None else np.asarray(rows, dtype=np.int64)
         self._plans: dict[int, RowPlan] = {}
@@ -84,6 +99,7 @@ class LayerGroup:
         self.pending: list[_Held] = []
         self._signature: tuple | None = None
         self._held = 0
+        self._out = 0
         self.flushes = 0  # how many batched computations ran (for tests and profiles)
 
     # ---------------------------------------------------------------------------------------------
@@ -127,22 +143,26 @@ class LayerGroup:
         how = self._how.get(signature)
         if how is None:
             how = self._how[signature] = self._work_out(query, key, scaling)
-        span, cost, _ = how
+        span, cost, _, out = how
         if span is not None:
             q_rows = query.narrow(2, span[0], span[1])  # a view: no operator on the device
         else:
             B, H, _, D = query.shape
             q_rows = torch.gather(query, 2, self._plan(B).query_index(B, H, D))
-        if self.pending and (signature != self._signature or self._held + cost > self.max_bytes):
+        if self.pending and (
+            signature != self._signature or self._held + cost > self.max_bytes or self._out + out > self.max_out_bytes
+        ):
             self.flush()
         self.pending.append(_Held(site, q_rows, key, mask))
         self._signature = signature
         self._held += cost
+        self._out += out
         if self._held > self.max_bytes:  # alone over the limit: computed now, as a per-layer capture would
             self.flush()
 
-    def _work_out(self, query, key, scaling) -> tuple[tuple[int, int] | None, int, float]:
-        """(row span or None, bytes a held call costs, scale) for calls of this signature."""
+    def _work_out(self, query, key, scaling) -> tuple[tuple[int, int] | None, int, float, int]:
+        """(row span or None, bytes a held call costs, scale, bytes of its probabilities) for calls of this
+        signature."""
         B, H, _, D = query.shape
         N = key.shape[2]
         span = self._span(B)
@@ -152,11 +172,11 @@ class LayerGroup:
         # held tensors + the flush's stacked copies (keys, rows) + scores in the model's dtype and in float32
         cost = q_cost + _storage_bytes(key) + key.numel() * key.element_size() + rows_bytes
         cost += B * H * R * N * (query.element_size() + 4)
-        return span, cost, float(scaling) if scaling is not None else D**-0.5
+        return span, cost, float(scaling) if scaling is not None else D**-0.5, B * H * R * N * 4
 
     def flush(self) -> None:
         """Compute and deliver the held layers' rows (nothing if none are held)."""
-        held, self.pending, self._held = self.pending, [], 0
+        held, self.pending, self._held, self._out = self.pending, [], 0, 0
         if not held:
             return
         self.flushes += 1
