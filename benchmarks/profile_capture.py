@@ -61,10 +61,10 @@ class Timers:
             def wrapped(*a, **k):
                 t = time.perf_counter()
                 cm = fn(*a, **k)
-                cm.__enter__()
+                value = cm.__enter__()
                 acc[phase] += time.perf_counter() - t
                 try:
-                    yield
+                    yield value
                 finally:
                     t = time.perf_counter()
                     cm.__exit__(None, None, None)

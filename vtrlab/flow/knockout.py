@@ -29,18 +29,18 @@ import torch
 import xarray as xr
 
 from vtrlab.models.labels import key_coordinates
-from vtrlab.probes.attention import Binding, Knockout, Site, session
+from vtrlab.probes.attention import Binding, Knockout, Site, session, to_device
 from vtrlab.probes.spec import keys_per_sample, layer_indices, queries_per_sample
 from vtrlab.probes.switch import attention_switched
 
 from .target import log_probs_at_last, validate_target
 
 
-def _as_mask(per_sample: list[np.ndarray], seq_len: int, device) -> torch.Tensor:
-    m = torch.zeros((len(per_sample), seq_len), dtype=torch.bool)
+def _host_mask(per_sample: list[np.ndarray], seq_len: int) -> np.ndarray:
+    m = np.zeros((len(per_sample), seq_len), dtype=bool)
     for b, pos in enumerate(per_sample):
-        m[b, torch.as_tensor(pos, dtype=torch.long)] = True
-    return m.to(device)
+        m[b, np.asarray(pos, dtype=np.int64)] = True
+    return m
 
 
 def _seq_len(batch) -> int:
@@ -56,12 +56,16 @@ def knockout_sites(vlm, batch, *, keys="image", queries="last", layers="all") ->
     layouts = list(batch.layouts)
     seq_len = _seq_len(batch)
     ids = dict(batch.inputs).get("input_ids")
-    q_host = _as_mask(queries_per_sample(layouts, queries), seq_len, "cpu")
+    q_host = _host_mask(queries_per_sample(layouts, queries), seq_len)
+    k_host = _host_mask(keys_per_sample(layouts, keys), seq_len)
+    both = to_device(np.stack([q_host, k_host]), vlm.device)  # one copy (pinned on CUDA: no sync)
     ko = Knockout(
-        queries=q_host.to(vlm.device),
-        keys=_as_mask(keys_per_sample(layouts, keys), seq_len, vlm.device),
-        binding=Binding(len(layouts), seq_len, None if ids is None else ids.detach().clone()),
-        queries_host=q_host.numpy(),  # the rows a knocked layer recomputes, known without a device sync
+        queries=both[0],
+        keys=both[1],
+        binding=Binding.of(len(layouts), seq_len, ids),
+        # the rows a knocked layer recomputes (and, without a model mask, their cut mask), without a device sync
+        queries_host=q_host,
+        keys_host=k_host,
     )
     mods = vlm.lm_layers
     return {
@@ -107,7 +111,9 @@ def knocked_out(vlm, batch, *, keys="image", queries="last", layers="all") -> It
     """
     sites = knockout_sites(vlm, batch, keys=keys, queries=queries, layers=layers)
     binding = next(iter(sites.values())).knockout.binding
-    with attention_switched(vlm.model), _checks_batch(vlm.model, binding), session(sites):
+    mods = vlm.lm_layers
+    attn = [vlm.adapter.lm_attention(mods[s.layer]) for s in sites.values()]
+    with attention_switched(vlm.model, attn), _checks_batch(vlm.model, binding), session(sites):
         yield
 
 
@@ -147,8 +153,8 @@ def knockout(vlm, batch, *, keys="image", queries="last", layers="all", target=N
             "delta": (("sample",), lp - lp_clean),
             "logprobs": (("sample", "vocab"), cut.cpu().numpy()),
             "logprobs_clean": (("sample", "vocab"), clean.cpu().numpy()),
-            "cut_query": (("sample", "key"), ko.queries.cpu().numpy()),
-            "cut_key": (("sample", "key"), ko.keys.cpu().numpy()),
+            "cut_query": (("sample", "key"), ko.host_queries().copy()),
+            "cut_key": (("sample", "key"), ko.host_keys().copy()),
             **key_coordinates(layouts, seq_len),
         },
         coords={"sample": np.arange(len(layouts)), "layer": np.asarray(cut_layers), "key": np.arange(seq_len)},

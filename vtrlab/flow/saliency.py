@@ -9,11 +9,16 @@ the knocked-out model (probes compose).
 
 Cost: the graph is recorded only from the first chosen LM layer on. Everything before it (the vision
 tower, the projector, the embeddings, earlier LM layers) runs without autograd, and the hidden state
-entering that layer becomes the graph's leaf. Parameters are taken as constants for the call (their
-``requires_grad`` is switched off and restored in ``finally``). So autograd keeps only what input
-gradients need, never the activations a weight gradient would, and the backward pass computes no
-weight gradient. The result does not depend on which parameters are frozen: ∂L/∂A is a gradient with
-respect to activations.
+entering that layer becomes the graph's leaf. The parameters the graph meets (those of the LM layers from
+the first chosen one on, and the output head) are taken as constants for the call (their ``requires_grad``
+is switched off and restored in ``finally``; only those that require grad are touched). So autograd keeps
+only what input gradients need, never the activations a weight gradient would, and the backward pass
+computes no weight gradient. The result does not depend on which parameters are frozen: ∂L/∂A is a
+gradient with respect to activations.
+
+Host cost (what bounds it on a GPU at LLaVA-1.5's 617 tokens): besides the backward pass, ``A ⊙ (dO·Vᵀ)`` is
+formed for many layers at once (their dO, V and A stacked, in chunks of a bounded size), not per layer, and
+the attention function keeps references only (no copies, no detach) during the forward.
 """
 
 from __future__ import annotations
@@ -45,24 +50,76 @@ def attention_times_grad(
     return probs * g.view(B, H, R, N).float()
 
 
+# Layers whose dO and V are stacked for one batched A ⊙ (dO·Vᵀ): at most this many bytes of stacked dO + V
+# (LLaVA-1.5-7B, 617 tokens, bf16: 10 MB a layer, all 32 layers at once; NeXT's 2,969 tokens: 8 layers at once)
+_STACK_BYTES = 512 * 2**20
+
+
+def _attention_times_grad_layers(
+    probs: list[torch.Tensor], d_outs: list[torch.Tensor], values: list[torch.Tensor], rows: torch.Tensor
+) -> torch.Tensor:
+    """:func:`attention_times_grad` of many layers (lists of per-layer tensors of one shape) -> (L, B, H, R, N):
+    the layers are stacked into the batch axis, in chunks of at most :data:`_STACK_BYTES` of dO + V, so a chunk
+    costs the launches of one layer. Per (layer, sample, head) the same products as layer by layer."""
+    L = len(probs)
+    if L == 1 or any(t.shape != ts[0].shape for ts in (probs, d_outs, values) for t in ts):
+        return torch.stack([attention_times_grad(p, d, v, rows) for p, d, v in zip(probs, d_outs, values)])
+    per_layer = d_outs[0].numel() * d_outs[0].element_size() + values[0].numel() * values[0].element_size()
+    step = max(1, min(L, _STACK_BYTES // max(1, per_layer)))
+    B = rows.shape[0]
+    chunks, rows_rep = [], {}
+    for start in range(0, L, step):
+        n = min(step, L - start)
+        if n not in rows_rep:
+            rows_rep[n] = rows.repeat(n, 1)  # (n * B, R): layer-major, as the stacks below
+        sl = slice(start, start + n)
+        chunks.append(
+            attention_times_grad(
+                torch.stack(probs[sl]).flatten(0, 1),
+                torch.stack(d_outs[sl]).flatten(0, 1),
+                torch.stack(values[sl]).flatten(0, 1),
+                rows_rep[n],
+            )
+        )
+    ag = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+    return ag.view(L, B, *ag.shape[1:])
+
+
 def _check_gradient_path(vlm) -> None:
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
             "saliency needs gradients, but torch.inference_mode() is active; call vtrlab.saliency outside "
             "the inference_mode block (torch.no_grad is fine: saliency enables grad itself)"
         )
-    if any(p.is_inference() for p in list(vlm.model.parameters())[:1]):
+    first = next(vlm.model.parameters(), None)
+    if first is not None and first.is_inference():
         raise RuntimeError(
             "the model's parameters were created under torch.inference_mode(); reload the model "
             "outside inference_mode to take gradients"
         )
 
 
+def _trainable(modules) -> dict[int, torch.nn.Parameter]:
+    """The parameters of ``modules`` (and their submodules) that require grad, by id. A plain walk over the
+    modules' own dicts: ``Module.parameters()`` builds a name string per parameter (~300 of them from LLaVA-7B's
+    first LM layer on; the walk runs on every call)."""
+    out: dict[int, torch.nn.Parameter] = {}
+    stack = [m for m in modules if m is not None]
+    while stack:  # (a module shared by two parents is visited twice: its parameters are keyed by id)
+        d = stack.pop().__dict__
+        for p in d["_parameters"].values():
+            if p is not None and p.requires_grad:
+                out[id(p)] = p
+        stack.extend(c for c in d["_modules"].values() if c is not None)
+    return out
+
+
 @contextlib.contextmanager
-def _graph_from(model, layer_module):
+def _graph_from(layer_module, constants):
     """Record autograd only from ``layer_module`` on: the forward runs under no_grad until that layer's
-    input, which becomes a leaf that requires grad; parameters are constants (their ``requires_grad``
-    restored in ``finally``). Yields a dict that holds the leaf once the layer ran."""
+    input, which becomes a leaf that requires grad; the parameters of the ``constants`` modules are constants
+    (those that require grad are switched off, and on again in ``finally``). Yields a dict that holds the leaf
+    once the layer ran."""
     seen: dict = {}
 
     def pre_hook(_module, args, kwargs):
@@ -79,18 +136,17 @@ def _graph_from(model, layer_module):
             return (leaf, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": leaf}
 
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
+    trainable = _trainable(constants)
     handle = layer_module.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
-        for p in params:
+        for p in trainable.values():
             p.requires_grad_(False)
         with torch.no_grad():
             yield seen
     finally:
         handle.remove()
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
+        for p in trainable.values():
+            p.requires_grad_(True)
 
 
 def saliency(vlm, batch, *, queries="last", layers="all", target=None) -> xr.Dataset:
@@ -119,7 +175,9 @@ def saliency(vlm, batch, *, queries="last", layers="all", target=None) -> xr.Dat
     }
     inputs = dict(batch.inputs)
     first = mods[lm_layers[0]]
-    with attention_switched(vlm.model), session(sites), _graph_from(vlm.model, first) as seen:
+    attn = [vlm.adapter.lm_attention(mods[i]) for i in lm_layers]
+    constants = [*mods[lm_layers[0] :], vlm.model.get_output_embeddings()]  # what the graph meets
+    with attention_switched(vlm.model, attn), session(sites), _graph_from(first, constants) as seen:
         logits = vlm.model(**inputs, use_cache=False).logits
         if "leaf" not in seen:
             raise RuntimeError(
@@ -144,14 +202,18 @@ def saliency(vlm, batch, *, queries="last", layers="all", target=None) -> xr.Dat
                 "model's forward detached the hidden state between the layers"
             )
         grads = torch.autograd.grad(loss, outs, allow_unused=True)
-        per_layer = []
-        for i, g in zip(lm_layers, grads):
-            sal = by_layer[i].saliency
-            if g is None:
-                g = torch.zeros_like(sal["output"])
-            per_layer.append(attention_times_grad(sal["probs"], g.detach(), sal["value"], rows_t))
-        del outs, grads, logits, logp, loss
-    ag = torch.stack(per_layer, dim=1).cpu()  # one copy to the host for every layer
+        del outs, logits, logp, loss
+        with torch.no_grad():
+            sal = [by_layer[i].saliency for i in lm_layers]
+            d_outs = [torch.zeros_like(s["output"]) if g is None else g for s, g in zip(sal, grads)]
+            del grads
+            ag = _attention_times_grad_layers(
+                [s["probs"] for s in sal], d_outs, [s["value"] for s in sal], rows_t
+            )  # (L, B, H, R, N)
+            del sal, d_outs
+    for s in sites.values():
+        s.saliency = {}  # the layers' V and outputs (the graph) are freed with the sites
+    ag = ag.transpose(0, 1).cpu().contiguous()  # one copy to the host for every layer
     ag = ag.masked_fill(torch.as_tensor(rows_np < 0)[:, None, None, :, None], float("nan"))
     seq_len = ag.shape[-1]
     same = bool((rows_np == rows_np[:1]).all()) and not (rows_np < 0).any()

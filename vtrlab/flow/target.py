@@ -6,13 +6,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vtrlab.probes.attention import to_device
+
 
 def log_probs_at_last(vlm, layouts, logits: torch.Tensor) -> torch.Tensor:
     """(B, vocab) log-softmax of ``logits`` (B, N, vocab) at each sample's last real position (at
     least float32; float64 models stay float64)."""
-    last = torch.as_tensor([L.last_position for L in layouts], device=logits.device)
-    rows = torch.arange(len(layouts), device=logits.device)
-    picked = logits[rows, last]
+    last = np.asarray([L.last_position for L in layouts], dtype=np.int64)
+    if bool((last == logits.shape[1] - 1).all()):
+        picked = logits[:, -1]  # every sample ends at the last column (unpadded or left-padded): a view
+    else:  # positions copied through pinned memory (a pageable copy waits for the device on CUDA)
+        rows = torch.arange(len(layouts), device=logits.device)
+        picked = logits[rows, to_device(last, logits.device)]
     return torch.log_softmax(picked if picked.dtype == torch.float64 else picked.float(), dim=-1)
 
 

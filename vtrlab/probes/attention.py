@@ -52,6 +52,20 @@ class Binding:
     batch_size: int
     seq_len: int
     input_ids: torch.Tensor | None = None
+    # ``input_ids._version`` when bound by reference (see :meth:`of`); None: ``input_ids`` is a private copy
+    ids_version: int | None = None
+
+    @classmethod
+    def of(cls, batch_size: int, seq_len: int, input_ids: torch.Tensor | None) -> Binding:
+        """Bound to the batch's ``input_ids`` tensor itself, with its in-place version counter: a forward of that
+        very tensor, unmodified, is then accepted without comparing tokens (``torch.equal`` is a device sync on
+        CUDA). A tensor without a version counter (made under ``inference_mode``) is copied instead."""
+        if input_ids is None:
+            return cls(batch_size, seq_len)
+        try:
+            return cls(batch_size, seq_len, input_ids, input_ids._version)
+        except RuntimeError:  # inference tensors track no version
+            return cls(batch_size, seq_len, input_ids.detach().clone())
 
     def describe(self) -> str:
         return f"a batch of {self.batch_size} sample(s) x {self.seq_len} positions"
@@ -65,6 +79,14 @@ class Binding:
                 f"{what} was built for {self.describe()}, but the model now runs input_ids of shape "
                 f"{tuple(input_ids.shape)}; build it for the batch you run (positions are the batch's)"
             )
+        if self.ids_version is not None:
+            if self.input_ids._version != self.ids_version:
+                raise ValueError(
+                    f"{what} was built for a batch whose input_ids were modified in place since; build it for "
+                    "the batch you run (positions are the batch's)"
+                )
+            if input_ids is self.input_ids:
+                return  # the bound tensor itself, unmodified: the same tokens, no device compare
         if not torch.equal(input_ids.to(self.input_ids.device), self.input_ids):
             raise ValueError(
                 f"{what} was built for another batch (same shape {self.batch_size}x{self.seq_len}, other tokens); "
@@ -84,15 +106,23 @@ class Knockout:
     keys: torch.Tensor  # (B, N) bool
     binding: Binding | None = None
 
-    # (B, N) bool on the host, when the caller knows it (knockout_sites does): the rows the fast path
-    # recomputes, with no device sync to find them; filled from ``queries`` on first use otherwise
+    # (B, N) bool on the host, when the caller knows them (knockout_sites does): the rows the fast path
+    # recomputes and, without a model mask, their cut mask and the emptied-row check, with no device sync;
+    # filled from ``queries`` / ``keys`` on first use otherwise
     queries_host: Any = None
+    keys_host: Any = None
 
     def host_queries(self):
         """``queries`` as a (B, N) bool numpy array (read once from the device when not given)."""
         if self.queries_host is None:
             self.queries_host = self.queries.detach().cpu().numpy().astype(bool)
         return self.queries_host
+
+    def host_keys(self):
+        """``keys`` as a (B, N) bool numpy array (read once from the device when not given)."""
+        if self.keys_host is None:
+            self.keys_host = self.keys.detach().cpu().numpy().astype(bool)
+        return self.keys_host
 
     def edges(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """((B, Q) bool, (B, N) bool): the query rows and keys of the edges to cut in the sequence now
@@ -473,16 +503,52 @@ class RowSplice:
     replaced by sdpa of those rows alone under their cut mask: the same values as one sdpa under the full
     cut mask, up to float rounding (tests/flow: equal to a float64 eager reference). Built once per
     forward and mask (shared by every cut layer): the rows (known on the host, so no device sync), the
-    rows' cut mask, and the check that no row is left without a key (one sync per forward, not per layer).
+    rows' cut mask, and the check that no row is left without a key. Without a model mask (causal or full
+    attention: an unpadded batch) the cut mask and the check are computed on the host from the knockouts'
+    host copies and copied once (pinned, no sync), as the additive mask sdpa would convert a bool one to
+    (``0`` / ``-inf`` in the query's dtype, so the same values), stored with rows aligned to 8 elements
+    (the memory-efficient CUDA kernel pads an unaligned mask on every call); with a model mask they are
+    device ops and the check is one sync per forward, not per layer. Per cut layer: the gather of the query
+    rows, one sdpa of those rows, one scatter into the output (their index tensors built once).
     """
 
     def __init__(self, rows: torch.Tensor, mask: torch.Tensor):
         self.rows = rows  # (B, R) long, sequence positions (a sample with fewer rows repeats one of its own)
         self.mask = mask  # (B, 1|H, R, N): the rows' cut mask, bool or additive like the model's mask
+        self._index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (B, H, D, Hout, Dv) -> gather, scatter
+
+    @staticmethod
+    def _host_mask(knockouts, rows_np, causal: bool, N: int):
+        """(B, 1, R, N) bool: the rows' allowed keys without a model mask (causal or full), the cut edges
+        removed; raises if a row is left without a key (as the device check does)."""
+        import numpy as np
+
+        B, R = rows_np.shape
+        sample = np.arange(B)[:, None]
+        blocked = np.zeros((B, R, N), dtype=bool)
+        for ko in knockouts:
+            q = np.asarray(ko.host_queries(), dtype=bool)[sample, rows_np]  # (B, R)
+            blocked |= q[:, :, None] & np.asarray(ko.host_keys(), dtype=bool)[:, None, :]
+        if causal:
+            allowed = np.arange(N)[None, None, :] <= rows_np[:, :, None]
+            allowed &= ~blocked
+        else:
+            allowed = ~blocked
+        emptied = ~allowed.any(-1)  # every row sees at least key 0 before the cut
+        if emptied.any():
+            b, r = (int(i[0]) for i in np.nonzero(emptied))
+            raise ValueError(
+                f"knockout leaves query row {int(rows_np[b, r])} (sample {b}) with no key to attend to; "
+                "keep at least one key visible to every blocked query row"
+            )
+        return allowed[:, None]
 
     @classmethod
-    def build(cls, knockouts, attention_mask, causal: bool, B: int, Q: int, N: int, device) -> RowSplice | None:
-        """None when the rows are too many for a splice to pay off (the caller masks every row instead)."""
+    def build(
+        cls, knockouts, attention_mask, causal: bool, B: int, Q: int, N: int, device, dtype=torch.float32
+    ) -> RowSplice | None:
+        """None when the rows are too many for a splice to pay off (the caller masks every row instead).
+        ``dtype``: the query's (an additive mask must match it)."""
         import numpy as np
 
         host = None
@@ -500,7 +566,13 @@ class RowSplice:
             r = np.flatnonzero(host[b])
             rows_np[b, : len(r)] = r
             rows_np[b, len(r) :] = r[0] if len(r) else 0  # a duplicate writes the same values twice
-        rows = torch.as_tensor(rows_np, device=device)
+        rows = to_device(rows_np, device)  # pinned, no sync
+        if attention_mask is None:  # (the caller passes plain Knockouts only)
+            allowed = cls._host_mask(knockouts, rows_np, causal, N)
+            aligned = -(-N // 8) * 8
+            additive = np.zeros((B, 1, R, aligned), dtype=np.float32)
+            additive[..., :N][~allowed] = -np.inf
+            return cls(rows, to_device(additive, device).to(dtype)[..., :N])
         blocked = None
         for ko in knockouts:
             b_ = ko.queries.gather(1, rows)[:, :, None] & ko.keys[:, None, :]  # (B, R, N)
@@ -533,12 +605,19 @@ class RowSplice:
     def apply(self, sdpa, module, query, key, value, out, dropout, scaling, kwargs) -> torch.Tensor:
         """``out`` (B, Q, H, D), the plain output, with the rows replaced by their cut attention."""
         B, H, _, D = query.shape
-        R = self.rows.shape[1]
-        q_rows = torch.gather(query, 2, self.rows[:, None, :, None].expand(B, H, R, D))
+        shape = (B, H, D, out.shape[2], out.shape[3])
+        hit = self._index.get(shape)
+        if hit is None:
+            R = self.rows.shape[1]
+            hit = self._index[shape] = (
+                self.rows[:, None, :, None].expand(B, H, R, D),
+                self.rows[:, :, None, None].expand(B, R, out.shape[2], out.shape[3]),
+            )
+        gather_index, index = hit
+        q_rows = torch.gather(query, 2, gather_index)
         rows_out, _ = sdpa(
             module, q_rows, key, value, self.mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs
         )  # (B, R, H, Dv)
-        index = self.rows[:, :, None, None].expand(B, R, out.shape[2], out.shape[3])
         if torch.is_grad_enabled() and (out.requires_grad or rows_out.requires_grad):
             return out.scatter(1, index, rows_out)  # autograd: out may be saved by sdpa's backward
         return out.scatter_(1, index, rows_out)
@@ -554,12 +633,12 @@ def _row_splice(sess: Session, knockouts, attention_mask, causal: bool, query, k
     if Q != N or (attention_mask is not None and tuple(attention_mask.shape[-2:]) != (Q, N)):
         return None
     mask_key = ("causal" if causal else "full", N) if attention_mask is None else id(attention_mask)
-    cache_key = (tuple(id(ko) for ko in knockouts), mask_key, B, Q, N, query.device)
+    cache_key = (tuple(id(ko) for ko in knockouts), mask_key, B, Q, N, query.device, query.dtype)
     hit = sess.cache.get(cache_key)
     # the entry holds the mask and the knockouts, so their ids cannot be reused while it lives
     if hit is not None and hit[0] is attention_mask:
         return hit[2]
-    splice = RowSplice.build(knockouts, attention_mask, causal, B, Q, N, query.device)
+    splice = RowSplice.build(knockouts, attention_mask, causal, B, Q, N, query.device, query.dtype)
     if len(sess.cache) >= _SPLICE_CACHE_SIZE:
         sess.cache.pop(next(iter(sess.cache)))
     sess.cache[cache_key] = (attention_mask, tuple(knockouts), splice)
@@ -712,13 +791,12 @@ def _record(site: Site, module, query, key, value, mask, scaling, causal, out) -
         _record_rows(site, module, query, key, mask, scaling, causal)
     if site.saliency_rows is not None:
         # A for the rows, V and the output tensor: dL/dA[r, k] = dO[r] · V[k] is formed after the
-        # backward pass (vtrlab.flow.saliency), so only (B, H, R, N) is ever materialised.
+        # backward pass (vtrlab.flow.saliency, under no_grad), so only (B, H, R, N) is ever materialised.
+        # No detach: under no_grad nothing is recorded (each detach is one more dispatched op per layer).
         plan = _plan_for(site, site.saliency_rows)
         with torch.no_grad():
-            a = row_probabilities(
-                module, _detached(query), _detached(key), mask, scaling, causal, site.saliency_rows, plan=plan
-            )
-        site.saliency = {"probs": a, "value": value.detach(), "output": out, "rows": site.saliency_rows}
+            a = row_probabilities(module, query, key, mask, scaling, causal, site.saliency_rows, plan=plan)
+        site.saliency = {"probs": a, "value": value, "output": out, "rows": site.saliency_rows}
     if site.on_call is not None:
         site.on_call(site, module, query, key, value, mask, scaling, causal, out)
 
