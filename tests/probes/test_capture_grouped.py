@@ -258,3 +258,19 @@ def test_capture_grouped_equals_capture_layer_by_layer(monkeypatch, family, quer
             np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5, equal_nan=True)
         else:
             assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_saliency_grouped_equals_saliency_layer_by_layer(monkeypatch, family):
+    """Saliency's rows' probabilities computed in groups after the forward equal those computed per layer."""
+    from vtrlab import testing
+    from vtrlab.flow import saliency
+
+    vlm = testing.tiny(family)
+    imgs = [np.random.default_rng(1).integers(0, 255, (40, 56, 3), dtype=np.uint8)] * 2
+    batch = vlm.prepare(imgs, ["What color is it?", "Where?"])
+    grouped = saliency(vlm, batch, queries="question")
+    monkeypatch.setattr(G, "GROUP_MAX_BYTES", 1)
+    alone = saliency(vlm, batch, queries="question")
+    for name in ("attn_grad", "saliency", "target"):
+        np.testing.assert_allclose(grouped[name].values, alone[name].values, atol=1e-7, rtol=1e-5, equal_nan=True)

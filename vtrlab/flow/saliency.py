@@ -31,6 +31,7 @@ import xarray as xr
 
 from vtrlab.models.labels import key_coordinates
 from vtrlab.probes.attention import RowPlan, Site, session
+from vtrlab.probes.grouped import LayerGroup
 from vtrlab.probes.spec import layer_indices, padded_rows, queries_per_sample
 from vtrlab.probes.switch import attention_switched
 
@@ -83,6 +84,17 @@ def _attention_times_grad_layers(
         )
     ag = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
     return ag.view(L, B, *ag.shape[1:])
+
+
+class _SaliencyProbs:
+    """The :class:`~vtrlab.probes.grouped.RowSink` of saliency: each layer's rows' probabilities go to its site."""
+
+    def target(self, sites):
+        return None
+
+    def put(self, sites, probs, written) -> None:
+        for g, site in enumerate(sites):
+            site.saliency["probs"] = probs[g]
 
 
 def _check_gradient_path(vlm) -> None:
@@ -169,8 +181,12 @@ def saliency(vlm, batch, *, queries="last", layers="all", target=None) -> xr.Dat
     plan = RowPlan.build(rows_np, vlm.device)  # shared by every layer (masks gathered once)
     rows_t = plan.rows
     mods = vlm.lm_layers
+    # the rows' probabilities of every layer computed in batched groups after the forward, not layer by layer
+    group = LayerGroup(_SaliencyProbs(), rows_np, vlm.device, plan=plan)
     sites = {
-        id(vlm.adapter.lm_attention(mods[i])): Site("lm", i, saliency_rows=rows_t, plan=plan, probe="saliency")
+        id(vlm.adapter.lm_attention(mods[i])): Site(
+            "lm", i, saliency_rows=rows_t, plan=plan, probe="saliency", group=group
+        )
         for i in lm_layers
     }
     inputs = dict(batch.inputs)
@@ -179,6 +195,7 @@ def saliency(vlm, batch, *, queries="last", layers="all", target=None) -> xr.Dat
     constants = [*mods[lm_layers[0] :], vlm.model.get_output_embeddings()]  # what the graph meets
     with attention_switched(vlm.model, attn), session(sites), _graph_from(first, constants) as seen:
         logits = vlm.model(**inputs, use_cache=False).logits
+        group.flush()  # the layers still held
         if "leaf" not in seen:
             raise RuntimeError(
                 f"LM layer {lm_layers[0]} never ran during {type(vlm.model).__name__}'s forward, so saliency has "

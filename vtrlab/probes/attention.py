@@ -204,8 +204,8 @@ class Site:
     head_mean: bool = False
     probe: str = "probe"  # the verb that made the site (for error messages)
     on_call: Callable[..., None] | None = None  # a recorder kind of its own (see the module docstring)
-    # a vtrlab.probes.grouped.LayerGroup that computes this site's rows (lm) / [CLS] row (vision) together
-    # with other layers' (capture); None: computed as each layer runs
+    # a vtrlab.probes.grouped.LayerGroup that computes this site's rows (lm), [CLS] row (vision) or saliency
+    # rows together with other layers' (capture, saliency); None: computed as each layer runs
     group: Any = None
     # per-forward constants of ``rows`` / ``saliency_rows`` (one RowPlan shared by the sites of one probe);
     # None: built on first use
@@ -793,10 +793,15 @@ def _record(site: Site, module, query, key, value, mask, scaling, causal, out) -
         # A for the rows, V and the output tensor: dL/dA[r, k] = dO[r] · V[k] is formed after the
         # backward pass (vtrlab.flow.saliency, under no_grad), so only (B, H, R, N) is ever materialised.
         # No detach: under no_grad nothing is recorded (each detach is one more dispatched op per layer).
-        plan = _plan_for(site, site.saliency_rows)
-        with torch.no_grad():
-            a = row_probabilities(module, query, key, mask, scaling, causal, site.saliency_rows, plan=plan)
-        site.saliency = {"probs": a, "value": value, "output": out, "rows": site.saliency_rows}
+        site.saliency = {"value": value, "output": out, "rows": site.saliency_rows}
+        if site.group is not None:  # "probs" filled in by the group's flush (vtrlab.probes.grouped)
+            site.group.add(site, query, key, mask, scaling, causal)
+        else:
+            plan = _plan_for(site, site.saliency_rows)
+            with torch.no_grad():
+                site.saliency["probs"] = row_probabilities(
+                    module, query, key, mask, scaling, causal, site.saliency_rows, plan=plan
+                )
     if site.on_call is not None:
         site.on_call(site, module, query, key, value, mask, scaling, causal, out)
 
