@@ -237,7 +237,7 @@ def profile_shape(vlm, name: str, image_size, batch_size: int, which, calls: int
 # what capture.py --profile runs per shape: (batch, cases, calls, warm-up); NeXT batch 8 checks the vision path
 PLAN = {
     "llava-1.5-7b": (1, ("capture_last", "capture_question", "capture_last_vision"), 3, 2),
-    "llava-next-7b": (8, ("capture_last", "capture_last_vision"), 2, 1),
+    "llava-next-7b": (1, ("capture_last", "capture_question", "capture_last_vision"), 3, 2),
     "llava-1.5-tiny": (1, ("capture_last", "capture_question", "capture_last_vision"), 1, 0),
     "llava-next-tiny": (2, ("capture_last", "capture_last_vision"), 1, 0),
 }
