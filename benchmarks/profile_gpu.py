@@ -1,7 +1,7 @@
 """Where a capture call's time goes on the GPU: a small JSON summary of torch.profiler runs (not the trace).
 
 Run by ``capture.py --profile PATH`` on the model it has already built (``run.py`` passes it for the
-LLaVA-1.5-7B unit: batch 1, every capture case; and for LLaVA-NeXT-7B: batch 8, the vision [CLS] path),
+LLaVA-1.5-7B unit: batch 1, every capture case; and for LLaVA-NeXT-7B: batch 1, every capture case),
 or on its own::
 
     python benchmarks/profile_gpu.py --out $OUT/profile_gpu.json                     # LLaVA-1.5-7B, batch 1
