@@ -9,7 +9,7 @@ GPU (the lead, through the device tool, in ONE call of at most 9 minutes)::
 
 capture and flow time ``--rounds`` (15) interleaved rounds after ``--warmup`` (2) calls of each case
 (``capture.measure_interleaved``); capture's units also write a torch.profiler summary per shape
-(``profile_gpu.py``: LLaVA-1.5-7B batch 1, LLaVA-NeXT-7B batch 8) to ``DIR/profile_gpu.json``, rendered
+(``profile_gpu.py``: LLaVA-1.5-7B and LLaVA-NeXT-7B at batch 1) to ``DIR/profile_gpu.json``, rendered
 between ``<!-- bench:profile_gpu -->`` markers (``--no-profile`` skips it).
 
 CPU smoke run (tiny models, all parts, about two minutes on an idle 2-core machine)::
