@@ -22,6 +22,8 @@ _SWITCHABLE = {"sdpa", None, ATTN_NAME}
 
 
 def _configs(model: nn.Module) -> list:
+    """Every config reachable from ``model``: ``config`` of each submodule (pre-order, as ``model.modules()``
+    lists them) and, depth first, each config's ``sub_configs``; each config once, in first-seen order."""
     seen: dict[int, object] = {}
 
     def visit(cfg):
@@ -31,13 +33,32 @@ def _configs(model: nn.Module) -> list:
         for key in getattr(cfg, "sub_configs", {}) or {}:
             visit(getattr(cfg, key, None))
 
-    for module in model.modules():
-        # plain attribute lookup first: nn.Module.__getattr__ (taken for a missing attribute) is slow,
-        # and this walk runs on every probe call over every module of the model
-        cfg = module.__dict__.get("config")
-        if cfg is None and hasattr(type(module), "config"):  # a class-level property or attribute
-            cfg = getattr(module, "config", None)
-        visit(cfg)
+    # This walk runs on every probe call over every module of the model (724 at LLaVA-1.5-7B), so it reads
+    # the modules' ``__dict__`` directly: ``model.modules()`` builds every module's dotted name through nested
+    # generators and keeps a set of the modules seen, and ``nn.Module.__getattr__`` (taken for a missing
+    # attribute) is slow — together 4x the time of this loop. Same order as ``model.modules()`` (pre-order);
+    # a module reachable twice is visited twice (its configs are already seen; the tree has no cycles, as
+    # ``nn.Module.state_dict`` and ``_apply`` also assume).
+    class_config: dict[type, bool] = {}  # whether a module class has a class-level ``config`` (property)
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if module is None:  # a child registered as None
+            continue
+        attrs = module.__dict__
+        cfg = attrs.get("config")
+        if cfg is None:
+            cls = type(module)
+            has = class_config.get(cls)
+            if has is None:
+                has = class_config[cls] = hasattr(cls, "config")
+            if has:
+                cfg = getattr(module, "config", None)
+        if cfg is not None and id(cfg) not in seen:
+            visit(cfg)
+        children = attrs["_modules"]
+        if children:
+            stack.extend(reversed(children.values()))
     return list(seen.values())
 
 
