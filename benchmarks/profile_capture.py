@@ -17,15 +17,15 @@ are counted in their own row and in the enclosing one):
   record       ``_record`` minus ``rows``: copies into the buffer, vision probs kept per call
   labels       ``key_coordinates`` (labels of every position)
   vision       ``_vision_gather`` + ``_vision_labels`` (the vision tokens of every vision layer, their labels)
-  dataset      ``xarray.Dataset(...)`` construction
+  dataset      the Dataset's construction (``engine._dataset``; ``xarray.Dataset(...)`` before session 6)
 
 With ``--host-only`` the model's forward runs once per case; every timed call after it *replays* the forward
 (each probe site gets what the forward recorded: the LM rows' buffer slice, the vision layers' [CLS] rows), so
 only the host work outside the forward is timed, many calls in seconds, at the 7B module tree and layout
 (``llava-1.5-7b-narrow``: LLaVA-1.5-7B's 32 LM layers of 32 heads, 24 vision layers of 16 heads, 617 tokens,
 at tiny width). Its phases add ``plan`` (``RowPlan.build``) and ``sites`` (``_lm_sites`` / ``_vision_sites``)
-and split ``vision`` into ``gather`` (``_vision_gather``: torch operators, kernels on a GPU) and ``vision``
-(the rest: the vision tables' reads and labels); ``rest`` is the rest of launch + build (buffers, session,
+and split ``vision`` into ``gather`` (``_vision_gather``: the vision tables' pandas reads and the gather's torch
+operators, kernels on a GPU) and ``vision`` (``_vision_labels``: NaN padding and the label arrays); ``rest`` is the rest of launch + build (buffers, session,
 the Dataset's attrs, ...).
 
 Prints one table per shape (ms per call) and writes JSON with ``--out``.
@@ -115,11 +115,17 @@ def instrument(vlm) -> Timers:
     t.wrap(attention, "row_probabilities", "rows")
     t.wrap(attention, "_record", "record")
     t.wrap(engine, "key_coordinates", "labels")
-    for name in ("_vision_gather", "_vision_labels") if hasattr(engine, "_vision_gather") else ("_vision_table",):
-        t.wrap(engine, name, "vision")  # session 5: gathered at launch, labelled at build
-    if hasattr(engine, "_vision_gather"):
-        t.wrap(engine, "_vision_gather", "gather")  # inside "vision": the device gather (torch ops) alone
-    t.wrap(engine.xr, "Dataset", "dataset")
+    if hasattr(engine, "_vision_gather"):  # session 5: gathered at launch, labelled at build
+        t.wrap(engine, "_vision_gather", "gather")  # the device gather (torch ops; the tables' reads before s6)
+        t.wrap(engine, "_vision_labels", "vision")
+    else:
+        t.wrap(engine, "_vision_table", "vision")
+    if hasattr(engine, "_vision_tables"):  # session 6: the tables read once at launch
+        t.wrap(engine, "_vision_tables", "gather")
+    if hasattr(engine, "_dataset"):  # session 6: built by engine._dataset (xarray's direct constructor)
+        t.wrap(engine, "_dataset", "dataset")
+    else:
+        t.wrap(engine.xr, "Dataset", "dataset")
     del xr
     # the model's forward as called from capture
     model = vlm.model
@@ -224,6 +230,7 @@ def profile_shape(name: str, batch_size: int, calls: int, threads: int, cprofile
                 s = time.perf_counter()
                 cases[k]()
                 total = time.perf_counter() - s
+                timers.acc["vision"] = timers.acc.get("vision", 0.0) + timers.acc.pop("gather", 0.0)
                 for p in PHASES:
                     per_call[p].append(timers.acc.get(p, 0.0))
                 per_call["total"].append(total)
@@ -272,8 +279,9 @@ def host_only(name: str, batch_size: int, calls: int, threads: int, cprofile: st
     }
     model, orig = vlm.model, vlm.model.forward
     phases = {}
+    recorded = {}  # (stream, layer) -> what the case's forward left on its site
     for case, kw in cases.items():
-        recorded = {}
+        recorded.clear()
 
         def record_forward(*a, **k):
             out = orig(*a, **k)
@@ -304,7 +312,6 @@ def host_only(name: str, batch_size: int, calls: int, threads: int, cprofile: st
                     s = time.perf_counter()
                     cap.capture(vlm, batch, **kw)
                     total = time.perf_counter() - s
-                    timers.acc["vision"] = timers.acc.get("vision", 0.0) - timers.acc.get("gather", 0.0)
                     for p in HOST_PHASES[:-1]:
                         per_call[p].append(timers.acc.get(p, 0.0))
                     per_call["rest"].append(total - sum(timers.acc.get(p, 0.0) for p in HOST_PHASES[:-1]))
