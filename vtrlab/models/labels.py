@@ -36,19 +36,32 @@ def key_coordinates(layouts: Sequence[ImageLayout], seq_len: int) -> dict[str, t
     ``"pad"`` for padding; the integer labels are -1 where they do not apply.
     """
     B = len(layouts)
-    kind = np.full((B, seq_len), KEY_KIND_PAD, dtype=object)
+    # kind as a code first (0 pad, 1 text, 2 image block) and as strings once: an object array of
+    # every position converted with astype(str) was most of this function's time (0.5 ms at batch 8 x 617)
+    code = np.zeros((B, seq_len), dtype=np.int8)
     fields = {name: np.full((B, seq_len), -1, dtype=np.int64) for name in ("image", "tile", "row", "col")}
+    block_kinds: set = set()
     for b, L in enumerate(layouts):
         if len(L.valid_positions) and int(np.max(L.valid_positions)) >= seq_len:
             raise ValueError(
                 f"sample {b}'s layout has positions up to {int(np.max(L.valid_positions))}, "
                 f"beyond a sequence of {seq_len}"
             )
-        kind[b, L.valid_positions] = KEY_KIND_TEXT
-        kind[b, L.positions] = L.kind
+        code[b, L.valid_positions] = 1
+        code[b, L.positions] = 2
+        block_kinds.update(L.kind.tolist())
         for name, arr in fields.items():
             arr[b, L.positions] = getattr(L, name)
-    out = {"key_kind": (("sample", "key"), kind.astype(str))}
+    # the strings' width is that of the longest label present (what astype(str) of the labels gives)
+    present = np.bincount(code.ravel(), minlength=3)
+    labels = {str(k) for k in block_kinds}
+    labels |= {KEY_KIND_PAD} if present[0] else set()
+    labels |= {KEY_KIND_TEXT} if present[1] else set()
+    kind = np.full((B, seq_len), KEY_KIND_PAD, dtype=f"<U{max([1] + [len(k) for k in labels])}")
+    kind[code == 1] = KEY_KIND_TEXT
+    for b, L in enumerate(layouts):
+        kind[b, L.positions] = L.kind
+    out = {"key_kind": (("sample", "key"), kind)}
     out.update({f"key_{name}": (("sample", "key"), arr) for name, arr in fields.items()})
     return out
 

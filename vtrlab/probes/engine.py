@@ -24,11 +24,10 @@ _STAGE_MAX_BYTES = 256 * 2**20
 
 
 def _lm_sites(vlm, layers: list[int], plan: RowPlan, dtype, device) -> dict[int, Site]:
-    mods = vlm.lm_layers
+    mods, attention = list(vlm.lm_layers), vlm.adapter.lm_attention  # one list: ModuleList[i] is slow
+    rows = plan.rows
     return {
-        id(vlm.adapter.lm_attention(mods[i])): Site(
-            "lm", i, rows=plan.rows, plan=plan, store_dtype=dtype, store_device=device
-        )
+        id(attention(mods[i])): Site("lm", i, rows=rows, plan=plan, store_dtype=dtype, store_device=device)
         for i in layers
     }
 
@@ -84,18 +83,36 @@ class _BufferSink:
             site.probs.append(site.out)  # its slice of the buffer: capture checks one call per layer
 
 
-def _cls_index(layouts: Sequence[ImageLayout]) -> int:
-    vis = layouts[0].vision
-    if vis is None:
-        return 0
-    hits = np.flatnonzero(vis["kind"].to_numpy() == "cls")
-    return int(vis["vpos"].to_numpy()[hits[0]]) if hits.size else 0
+def _vision_tables(layouts: Sequence[ImageLayout]) -> list[dict[str, np.ndarray]]:
+    """Each sample's vision-table columns that capture reads (:data:`_VISION_LABELS`), read once a call."""
+    tables = []
+    for b, L in enumerate(layouts):
+        if L.vision is None:
+            raise ValueError(
+                f"sample {b}'s layout has no vision-encoder table, so vision attention cannot be labelled; "
+                "pass vision=False"
+            )
+        tables.append({col: L.vision[col].to_numpy() for col, _ in _VISION_LABELS})
+    return tables
+
+
+def _cls_index(layouts: Sequence[ImageLayout], tables: list[dict[str, np.ndarray]] | None = None) -> int:
+    """[CLS]'s position in the vision sequence, from the first sample's table (0 without a [CLS] row)."""
+    if tables is None:
+        vis = layouts[0].vision
+        if vis is None:
+            return 0
+        kind, vpos = vis["kind"].to_numpy(), vis["vpos"].to_numpy()
+    else:
+        kind, vpos = tables[0]["kind"], tables[0]["vpos"]
+    hits = np.flatnonzero(kind == "cls")
+    return int(vpos[hits[0]]) if hits.size else 0
 
 
 def _vision_sites(vlm, layers: list[int], mode: str, cls_index: int, dtype, device) -> dict[int, Site]:
-    mods = vlm.vision_layers
+    mods, attention = list(vlm.vision_layers), vlm.adapter.vision_attention
     return {
-        id(vlm.adapter.vision_attention(mods[i])): Site(
+        id(attention(mods[i])): Site(
             "vision", i, vision_mode=mode, cls_index=cls_index, store_dtype=dtype, store_device=device
         )
         for i in layers
@@ -131,16 +148,11 @@ def _vision_table(
     return _vision_labels(*pending)
 
 
-def _vision_gather(layouts, probs_by_layer, layers, head_mean, dtype):
-    """The device half of :func:`_vision_table`: (host tensor being filled, valid (B, V), label tables)."""
-    tables = []
-    for b, L in enumerate(layouts):
-        if L.vision is None:
-            raise ValueError(
-                f"sample {b}'s layout has no vision-encoder table, so vision attention cannot be labelled; "
-                "pass vision=False"
-            )
-        tables.append({col: L.vision[col].to_numpy() for col, _ in _VISION_LABELS})
+def _vision_gather(layouts, probs_by_layer, layers, head_mean, dtype, tables=None):
+    """The device half of :func:`_vision_table`: (host tensor being filled, valid (B, V), label tables).
+    ``tables``: :func:`_vision_tables` of ``layouts`` if already read."""
+    if tables is None:
+        tables = _vision_tables(layouts)
     B, V = len(layouts), max(len(t["crop"]) for t in tables)
     probs = torch.stack([probs_by_layer[layer] for layer in layers])  # (L, crops, H, S), on the device
     n_seq, S = probs.shape[1], probs.shape[3]
@@ -182,12 +194,19 @@ def _vision_labels(host, valid, tables):
     B, V = valid.shape
     values = host.numpy()
     np.moveaxis(values, -1, 1)[~valid] = np.nan  # (B, V, ...) view: past each sample's own tokens
+    # valid[b] is True on sample b's first len(table) tokens, so a boolean assignment fills every sample's
+    # labels in one operation from the samples' columns joined in order
+    padded = not valid.all()
     coords = {}
     for col, fill in _VISION_LABELS:
-        arr = np.full((B, V), fill, dtype=object if col == "kind" else np.int64)
-        for b, t in enumerate(tables):
-            arr[b, : len(t[col])] = t[col]
-        coords[f"vision_key_{col}"] = (("sample", "vision_key"), arr.astype(str) if col == "kind" else arr)
+        joined = np.concatenate([t[col] for t in tables])
+        if col == "kind":  # strings as wide as the longest label present (as astype(str) of the labels gives)
+            labels = {str(k) for k in set(joined.tolist())} | ({fill} if padded else set())
+            arr = np.full((B, V), fill, dtype=f"<U{max([1] + [len(k) for k in labels])}")
+        else:
+            arr = np.full((B, V), fill, dtype=np.int64)
+        arr[valid] = joined
+        coords[f"vision_key_{col}"] = (("sample", "vision_key"), arr)
     return values, coords
 
 
@@ -318,10 +337,12 @@ def launch(
         site.out, site.head_sel, site.head_mean, site.group = slices[site.layer], sel, head_mean, lm_group
 
     v_layers: list[int] = []
+    tables = None
     if vision:
         v_layers = layer_indices(vision_layers, len(vlm.vision_layers), what="vision_layers")
         mode = "cls" if vlm.has_cls else "mean"
-        cls_index = _cls_index(layouts)
+        tables = _vision_tables(layouts)  # read once: the [CLS] index now, the labels at build
+        cls_index = _cls_index(layouts, tables)
         v_sites = _vision_sites(vlm, v_layers, mode, cls_index, torch.float32, device)
         if mode == "cls":
             v_group = LayerGroup(SiteLists(), cls_index, device)
@@ -331,14 +352,17 @@ def launch(
         sites.update(v_sites)
 
     hooks = _hidden_norm_hooks(vlm, lm_layers) if hidden else contextlib.nullcontext({})
-    with attention_switched(vlm.model), session(sites), hooks as norms, torch.no_grad():
+    # only the configs the probed modules (and the model's masks) read are switched: no walk over every module
+    probed = [vlm.adapter.lm_attention(vlm.lm_layers[i]) for i in lm_layers]
+    probed += [vlm.adapter.vision_attention(vlm.vision_layers[i]) for i in v_layers]
+    with attention_switched(vlm.model, probed), session(sites), hooks as norms, torch.no_grad():
         vlm.model(**inputs, use_cache=False)
         for group in groups:  # the layers still held
             group.flush()
     vision_pending = None
     if vision:  # gathered on the device now; its copy to the host runs before the event below
         vdtype = np.float16 if sdtype == torch.float16 else np.float32
-        vision_pending = _vision_gather(layouts, _vision_probs(vlm, sites), v_layers, head_mean, vdtype)
+        vision_pending = _vision_gather(layouts, _vision_probs(vlm, sites), v_layers, head_mean, vdtype, tables)
     done = None
     if device.type == "cuda":
         # the row copies run on a side stream (they overlap the next layers' kernels); the event waits for
@@ -422,19 +446,83 @@ def _build(
             coords["vision_head"] = np.arange(values.shape[2])
     if hidden:
         data["hidden_norm"] = (("sample", "layer", "key"), torch.stack([norms[i] for i in lm_layers], 1).cpu().numpy())
-    ds = xr.Dataset(data, coords=coords)
-    ds.attrs.update(
-        {
-            "model": str(vlm.name),
-            "family": str(vlm.family),
-            "queries": queries if isinstance(queries, str) else "explicit",
-            "query_coordinate": "sequence position" if same_rows else "row index (see query_position)",
-            "vision_mode": ("cls" if vlm.has_cls else "mean over queries") if vision else "none",
-            "head_mean": int(head_mean),
-            "attn_implementation": "vtrlab_sdpa",
-        }
-    )
-    return ds
+    attrs = {
+        "model": str(vlm.name),
+        "family": str(vlm.family),
+        "queries": queries if isinstance(queries, str) else "explicit",
+        "query_coordinate": "sequence position" if same_rows else "row index (see query_position)",
+        "vision_mode": ("cls" if vlm.has_cls else "mean over queries") if vision else "none",
+        "head_mean": int(head_mean),
+        "attn_implementation": "vtrlab_sdpa",
+    }
+    return _dataset(data, coords, attrs)
+
+
+# Whether xarray's direct Dataset constructor builds what xr.Dataset(...) builds from capture's ingredients;
+# None until checked (once a process, on a small example: see _direct_matches)
+_DIRECT: bool | None = None
+
+
+def _dataset(data: dict[str, tuple], coords: dict[str, np.ndarray], attrs: dict) -> xr.Dataset:
+    """``xr.Dataset(data, coords=coords, attrs=attrs)`` for capture's ingredients, built without its merge.
+
+    ``data``: name -> (dims, array); ``coords``: dimension name -> 1-D array (each gets xarray's default
+    pandas index, as ``xr.Dataset`` gives it). ``xr.Dataset`` converts, merges and aligns every variable
+    against every index, ~1-2 ms a call for capture's ~20 variables on a loaded 2-core host (as much as the
+    rest of capture's per-call host work); capture's variables are consistent by construction, so they go
+    to xarray's direct constructor with the default indexes made by xarray's own ``PandasIndex`` (~3x
+    faster). The direct constructor is xarray-internal, so its result is compared with ``xr.Dataset``'s once
+    a process (:func:`_direct_matches`) and ``xr.Dataset`` is used if they differ in anything.
+    """
+    global _DIRECT
+    if _DIRECT is None:
+        _DIRECT = _direct_matches()
+    return _direct(data, coords, attrs) if _DIRECT else xr.Dataset(data, coords=coords, attrs=attrs)
+
+
+def _direct(data: dict[str, tuple], coords: dict[str, np.ndarray], attrs: dict) -> xr.Dataset:
+    from xarray.indexes import PandasIndex
+
+    variables = {name: xr.Variable(dims, values) for name, (dims, values) in data.items()}
+    indexes = {}
+    for dim, values in coords.items():
+        var = xr.Variable((dim,), values)
+        indexes[dim] = PandasIndex.from_variables({dim: var}, options={})
+        variables.update(indexes[dim].create_variables({dim: var}))
+    sizes: dict[str, int] = {}
+    for name, var in variables.items():
+        for dim, n in zip(var.dims, var.shape):
+            if sizes.setdefault(dim, n) != n:
+                raise ValueError(f"capture's {name} has {n} entries along {dim!r}, another variable {sizes[dim]}")
+    return xr.Dataset._construct_direct(variables, set(coords), sizes, dict(attrs), indexes)
+
+
+def _direct_matches() -> bool:
+    """Whether :func:`_direct` builds exactly what ``xr.Dataset`` builds (values, dtypes, order of variables
+    and dimensions, indexes and their types, attrs), on a small Dataset of capture's kinds of variables."""
+    rng = np.random.default_rng(0)
+    data = {
+        "lm_attn": (("sample", "layer", "query", "key"), rng.random((2, 3, 1, 5), dtype=np.float32)),
+        "query_position": (("sample", "query"), np.array([[4.0], [np.nan]])),
+        "key_kind": (("sample", "key"), np.array([["text", "image", "image", "text", "pad"]] * 2)),
+        "key_row": (("sample", "key"), np.arange(10).reshape(2, 5)),
+        "vision_attn": (("sample", "vision_layer", "vision_key"), rng.random((2, 1, 3), dtype=np.float32)),
+    }
+    coords = {"sample": np.arange(2), "layer": np.asarray([0, 2, 5]), "query": np.arange(1), "key": np.arange(5)}
+    coords["vision_layer"] = np.asarray([1])
+    attrs = {"model": "m", "head_mean": 0}
+    try:
+        fast, ref = _direct(data, coords, attrs), xr.Dataset(data, coords=coords, attrs=attrs)
+        return (
+            fast.identical(ref)
+            and list(fast.variables) == list(ref.variables)
+            and list(fast.coords) == list(ref.coords)
+            and list(fast.sizes.items()) == list(ref.sizes.items())
+            and [(k, type(v)) for k, v in fast.xindexes.items()] == [(k, type(v)) for k, v in ref.xindexes.items()]
+            and all(fast[k].dtype == ref[k].dtype for k in ref.variables)
+        )
+    except Exception:  # an xarray whose internals differ: its public constructor, always right
+        return False
 
 
 def _num_heads(attn_module) -> int:

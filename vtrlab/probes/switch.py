@@ -37,6 +37,9 @@ def _own_config(module: nn.Module):
 
 
 def _configs(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> list:
+    """Every config reachable from ``model``: ``config`` of each submodule (pre-order, as ``model.modules()``
+    lists them) and, depth first, each config's ``sub_configs``; each config once, in first-seen order.
+    With ``modules``: only the model's own config (with its sub-configs) and those modules' configs."""
     seen: dict[int, object] = {}
 
     def visit(cfg):
@@ -52,8 +55,32 @@ def _configs(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> li
             for cfg in [_own_config(model), *own]:
                 visit(cfg)
             return list(seen.values())
-    for module in model.modules():  # this walk runs on every probe call over every module of the model
-        visit(_own_config(module))
+    # This walk runs on every probe call over every module of the model (724 at LLaVA-1.5-7B), so it reads
+    # the modules' ``__dict__`` directly: ``model.modules()`` builds every module's dotted name through nested
+    # generators and keeps a set of the modules seen, and ``nn.Module.__getattr__`` (taken for a missing
+    # attribute) is slow — together 4x the time of this loop. Same order as ``model.modules()`` (pre-order);
+    # a module reachable twice is visited twice (its configs are already seen; the tree has no cycles, as
+    # ``nn.Module.state_dict`` and ``_apply`` also assume).
+    class_config: dict[type, bool] = {}  # whether a module class has a class-level ``config`` (property)
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if module is None:  # a child registered as None
+            continue
+        attrs = module.__dict__
+        cfg = attrs.get("config")
+        if cfg is None:
+            cls = type(module)
+            has = class_config.get(cls)
+            if has is None:
+                has = class_config[cls] = hasattr(cls, "config")
+            if has:
+                cfg = getattr(module, "config", None)
+        if cfg is not None and id(cfg) not in seen:
+            visit(cfg)
+        children = attrs["_modules"]
+        if children:
+            stack.extend(reversed(children.values()))
     return list(seen.values())
 
 
