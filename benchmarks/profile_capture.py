@@ -288,6 +288,8 @@ def host_only(name: str, batch_size: int, calls: int, threads: int, cprofile: st
             out = orig(*a, **k)
             for sites in attention.current_session().sites.values():
                 for site in sites:
+                    if site.group is not None:  # grouped layers deliver their rows at the flush
+                        site.group.flush()
                     recorded[(site.stream, site.layer)] = (list(site.probs), list(site.segments))
             return out
 

@@ -34,10 +34,11 @@ from .attention import RowPlan
 # LLaVA-1.5-7B at 617 tokens and batch 1 (~15 MiB a layer: its query and key, and the key's stacked copy).
 GROUP_MAX_BYTES = 512 * 2**20
 # Probabilities one group delivers, at most: a group's rows leave for the host after its flush, so the last
-# group's copy is the one the forward cannot hide (8 MiB: ~0.3 ms over PCIe); every further group costs a
-# dozen operators. At LLaVA-1.5-7B batch 1 the last rows of all 32 layers are 2.5 MiB (one group) and ~22
-# question rows are 1.7 MiB a layer (groups of 4).
-GROUP_MAX_OUT_BYTES = 8 * 2**20
+# group's copy is the one the forward cannot hide, while every further group costs its flush's host work
+# (a dozen operators and the copy's stream calls: ~0.1-0.4 ms on the H200 host). 16 MiB: ~0.5 ms over PCIe. At
+# LLaVA-1.5-7B batch 1 the last rows of all 32 layers are 2.5 MiB (one group) and ~22 question rows 1.7 MiB a
+# layer (four groups of up to 9 layers; session 6 measured 1.19x with groups of 4 under an 8 MiB cap).
+GROUP_MAX_OUT_BYTES = 16 * 2**20
 
 
 class RowSink(Protocol):
