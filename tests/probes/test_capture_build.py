@@ -96,6 +96,12 @@ def assert_same_dataset(got: xr.Dataset, ref: xr.Dataset) -> None:
     assert got.attrs == ref.attrs and [type(v) for v in got.attrs.values()] == [type(v) for v in ref.attrs.values()]
 
 
+def _vision_coords_before(valid, tables):
+    """The labels half of the replaced ``_vision_labels`` (capture now pads the values apart from labelling)."""
+    B, V = valid.shape
+    return _vision_labels_before(torch.zeros(B, 1, V), valid, tables)[1]
+
+
 @pytest.fixture(scope="module", params=_tiny_families())
 def tiny(request):
     return request.param, *_build(request.param)
@@ -121,7 +127,7 @@ def test_capture_builds_the_dataset_it_built_before(tiny, monkeypatch):
         with monkeypatch.context() as m:
             m.setattr(engine, "_dataset", _dataset_before)
             m.setattr(engine, "key_coordinates", _key_coordinates_before)
-            m.setattr(engine, "_vision_labels", _vision_labels_before)
+            m.setattr(engine, "_vision_coords", _vision_coords_before)
             ref = capture(vlm, batch, **kw)
         assert_same_dataset(fast, ref)
         if kw.get("vision"):
@@ -148,16 +154,16 @@ def test_batch_of_eight_with_padding_and_tiles(family):
         assert len({len(L.vision) for L in batch.layouts}) > 1  # vision tables of different lengths
     for kw in (dict(queries="question", vision=True), dict(queries="last", vision=True, head_mean=True)):
         fast = capture(vlm, batch, **kw)
-        orig = (engine._dataset, engine.key_coordinates, engine._vision_labels)
-        engine._dataset, engine.key_coordinates, engine._vision_labels = (
+        orig = (engine._dataset, engine.key_coordinates, engine._vision_coords)
+        engine._dataset, engine.key_coordinates, engine._vision_coords = (
             _dataset_before,
             _key_coordinates_before,
-            _vision_labels_before,
+            _vision_coords_before,
         )
         try:
             ref = capture(vlm, batch, **kw)
         finally:
-            engine._dataset, engine.key_coordinates, engine._vision_labels = orig
+            engine._dataset, engine.key_coordinates, engine._vision_coords = orig
         assert_same_dataset(fast, ref)
 
 
@@ -263,3 +269,26 @@ def test_config_walk_equals_the_modules_walk(tiny):
     tree.prop = WithProperty()
     assert [id(c) for c in switch._configs(tree)] == [id(c) for c in _configs_before(tree)]
     assert [id(c) for c in switch._configs(WithProperty())] == [id(c) for c in _configs_before(WithProperty())]
+
+
+def test_a_dataset_that_copied_the_buffers_is_built_again_after_the_wait(monkeypatch):
+    """The Dataset is made before the copies into its host buffers have landed; if the constructor copied those
+    buffers (it does not: checked), the values it holds would be stale, so capture builds it again after the
+    wait. Simulated with a constructor that copies: the result still has the padded, final values."""
+    from vtrlab import testing
+
+    vlm = testing.tiny("qwen2_vl")
+    imgs = [np.zeros((40, 56, 3), np.uint8), np.zeros((64, 48, 3), np.uint8)]
+    batch = vlm.prepare(imgs, ["What color?", "Where?"])
+    want = capture(vlm, batch, queries="question", vision=True)
+    assert np.isnan(want["vision_attn"].values).any()  # padded vision keys: NaN written after the wait
+    real, calls = engine._dataset, []
+
+    def copying(data, coords, attrs):
+        calls.append(1)
+        return real({k: (d, np.array(v, copy=True)) for k, (d, v) in data.items()}, coords, attrs)
+
+    monkeypatch.setattr(engine, "_dataset", copying)
+    got = capture(vlm, batch, queries="question", vision=True)
+    assert len(calls) == 2  # built again
+    assert_same_dataset(got, want)

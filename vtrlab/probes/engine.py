@@ -191,9 +191,19 @@ def _vision_gather(layouts, probs_by_layer, layers, head_mean, dtype, tables=Non
 
 def _vision_labels(host, valid, tables):
     """The host half of :func:`_vision_table` (once ``host`` holds its values): NaN padding and labels."""
-    B, V = valid.shape
     values = host.numpy()
-    np.moveaxis(values, -1, 1)[~valid] = np.nan  # (B, V, ...) view: past each sample's own tokens
+    _vision_pad(values, valid)
+    return values, _vision_coords(valid, tables)
+
+
+def _vision_pad(values: np.ndarray, valid: np.ndarray) -> None:
+    """NaN past each sample's own vision tokens, in place (once ``values`` holds the copied probabilities)."""
+    np.moveaxis(values, -1, 1)[~valid] = np.nan  # (B, V, ...) view
+
+
+def _vision_coords(valid: np.ndarray, tables) -> dict:
+    """The ``vision_key_*`` labels (sample, vision_key) of the samples' vision tables."""
+    B, V = valid.shape
     # valid[b] is True on sample b's first len(table) tokens, so a boolean assignment fills every sample's
     # labels in one operation from the samples' columns joined in order
     padded = not valid.all()
@@ -207,7 +217,7 @@ def _vision_labels(host, valid, tables):
             arr = np.full((B, V), fill, dtype=np.int64)
         arr[valid] = joined
         coords[f"vision_key_{col}"] = (("sample", "vision_key"), arr)
-    return values, coords
+    return coords
 
 
 def _vision_probs(vlm, sites) -> dict[int, torch.Tensor]:
@@ -411,9 +421,12 @@ def _build(
     hidden,
     head_mean,
 ) -> xr.Dataset:
-    """The Dataset of one launched capture (waits for its copies on CUDA)."""
-    if done is not None:
-        done.synchronize()  # the asynchronous row copies into `buffer` (and the vision table) have landed
+    """The Dataset of one launched capture (waits for its copies on CUDA).
+
+    The labels and the Dataset around the host buffers are made *before* waiting for the copies into them (on
+    CUDA the GPU may still be finishing the forward: this host work overlaps it); the values are read only
+    after the wait (the NaN padding of the vision table). The Dataset must hold those very buffers, which is
+    checked; if it holds copies it is built again after the wait."""
     for site in sites.values():
         if site.stream == "lm" and len(site.probs) != 1:
             raise RuntimeError(f"LM layer {site.layer}'s attention ran {len(site.probs)} times in one forward")
@@ -436,15 +449,17 @@ def _build(
     }
     if not head_mean:
         coords["head"] = np.asarray(head_sel)
+    values = None
     if vision:
-        values, vcoords = _vision_labels(*vision_pending)
+        host, valid, tables = vision_pending
+        values = host.numpy()
         vdims = ("sample", "vision_layer") + (() if head_mean else ("vision_head",)) + ("vision_key",)
         data["vision_attn"] = (vdims, values)
-        data.update(vcoords)
+        data.update(_vision_coords(valid, tables))
         coords["vision_layer"] = np.asarray(v_layers)
         if not head_mean:
             coords["vision_head"] = np.arange(values.shape[2])
-    if hidden:
+    if hidden:  # (.cpu() waits for the device itself)
         data["hidden_norm"] = (("sample", "layer", "key"), torch.stack([norms[i] for i in lm_layers], 1).cpu().numpy())
     attrs = {
         "model": str(vlm.name),
@@ -455,7 +470,15 @@ def _build(
         "head_mean": int(head_mean),
         "attn_implementation": "vtrlab_sdpa",
     }
-    return _dataset(data, coords, attrs)
+    ds = _dataset(data, coords, attrs)
+    if done is not None:
+        done.synchronize()  # the asynchronous row copies into `buffer` (and the vision table) have landed
+    if vision:
+        _vision_pad(values, vision_pending[1])
+    holds = np.may_share_memory(ds.variables["lm_attn"].data, attn) and (
+        values is None or np.may_share_memory(ds.variables["vision_attn"].data, values)
+    )
+    return ds if holds else _dataset(data, coords, attrs)  # values copied before they landed: build again
 
 
 # Whether xarray's direct Dataset constructor builds what xr.Dataset(...) builds from capture's ingredients;
