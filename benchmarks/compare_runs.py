@@ -26,11 +26,11 @@ def load(path: str) -> dict:
 
 def table(runs: list[tuple[str, str]]) -> str:
     data = [(name, load(path)) for name, path in runs]
-    keys = [k for k in data[-1][1] if k[2].startswith("capture")]
+    keys = list(dict.fromkeys(k for _, d in data for k in d if k[2].startswith("capture")))  # every call's cases
     lines = ["| shape | batch | case | " + " | ".join(n for n, _ in data) + " |"]
     lines.append("|---|---:|---|" + "---:|" * len(data))
     for k in keys:
-        cells = ["—" if d.get(k) is None else f"{d[k][0]:.2f}" for _, d in data]
+        cells = ["—" if d.get(k) is None else f"{d[k][0]:.2f}" for _, d in data]  # —: not measured in that call
         lines.append(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(cells) + " |")
     forwards = []
     for name, d in data:
