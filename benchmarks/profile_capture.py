@@ -94,6 +94,20 @@ class Timers:
         setattr(module, attr, staticmethod(wrapped) if isinstance(raw, (classmethod, staticmethod)) else wrapped)
         self._undo.append((module, attr, raw if raw is not None else fn))
 
+    def wrap_forward(self, model) -> None:
+        """Time ``model.forward`` (as the probes call it) as the phase ``forward``; undone by :meth:`restore`."""
+        orig, acc = model.forward, self.acc
+
+        def fwd(*a, **k):
+            s = time.perf_counter()
+            try:
+                return orig(*a, **k)
+            finally:
+                acc["forward"] += time.perf_counter() - s
+
+        model.forward = fwd
+        self._undo.append((model, "forward", orig))
+
     def restore(self):
         for module, attr, fn in reversed(self._undo):
             setattr(module, attr, fn)
@@ -128,27 +142,15 @@ def instrument(vlm) -> Timers:
     else:
         t.wrap(engine.xr, "Dataset", "dataset")
     del xr
-    # the model's forward as called from capture
-    model = vlm.model
-    orig = model.forward
-    acc = t.acc
-
-    def fwd(*a, **k):
-        s = time.perf_counter()
-        try:
-            return orig(*a, **k)
-        finally:
-            acc["forward"] += time.perf_counter() - s
-
-    model.forward = fwd
-    t._undo.append((model, "forward", orig))
+    t.wrap_forward(vlm.model)  # the model's forward as called from capture
     return t
 
 
-def narrow_7b(seed: int = 0):
+def narrow_7b(seed: int = 0, lm_heads: int = 32, vision_heads: int = 16, name: str = "llava-1.5-7b-narrow"):
     """LLaVA-1.5-7B's module tree and token layout at tiny width: 32 Llama layers of 32 heads, 24 CLIP layers of
     16 heads, 336 px / 14 px patches (576 image tokens in a 24x24 grid, 617 tokens with the prompt), head
-    dimension 4: capture's fixed per-call Python work (sites, config walk, labels, Dataset) as at 7B."""
+    dimension 4: capture's fixed per-call Python work (sites, config walk, labels, Dataset) as at 7B.
+    ``lm_heads`` / ``vision_heads``: fewer heads for a cheaper CPU forward (profile_flow.py's shape)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     from vtrlab.models.registry import adapter_for
@@ -163,19 +165,23 @@ def narrow_7b(seed: int = 0):
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=24,
-            num_attention_heads=16,
+            num_attention_heads=vision_heads,
             image_size=336,
             patch_size=14,
             projection_dim=64,
         ),
         text=dict(
-            hidden_size=128, intermediate_size=256, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=32,
+            num_attention_heads=lm_heads,
+            num_key_value_heads=lm_heads,
         ),
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
-    return VLM(model=model, processor=processor, adapter=adapter_for("llava"), name="llava-1.5-7b-narrow")
+    return VLM(model=model, processor=processor, adapter=adapter_for("llava"), name=name)
 
 
 # shapes of this script beside capture.py's CPU and TINY ones: name -> (builder, image size). Its forward is not

@@ -97,38 +97,8 @@ SYNC_OPS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.equal", "aten.n
 
 
 def host_llava(seed: int = 0):
-    """LLaVA-1.5's layout (576 image tokens) at the 7B's depth (24 CLIP + 32 LM layers), tiny width."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    from vtrlab.models.registry import adapter_for
-    from vtrlab.models.vlm import VLM
-    from vtrlab.testing.families.llava import clip_llama_config, llava_processor
-
-    processor = llava_processor(336, 14)
-    config = clip_llama_config(
-        LlavaConfig,
-        processor.tokenizer,
-        vision=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=24,
-            num_attention_heads=4,
-            image_size=336,
-            patch_size=14,
-            projection_dim=64,
-        ),
-        text=dict(
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=32,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-        ),
-    )
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    return VLM(model=model, processor=processor, adapter=adapter_for("llava"), name="llava-1.5-host")
+    """LLaVA-1.5's layout (576 image tokens) at the 7B's depth (24 CLIP + 32 LM layers), tiny width, 4 heads."""
+    return _profile_capture.narrow_7b(seed, lm_heads=4, vision_heads=4, name="llava-1.5-host")
 
 
 SHAPES = {"llava-1.5-host": host_llava, "llava-1.5-mid": _capture.mid_llava}
@@ -243,18 +213,7 @@ def instrument(vlm) -> Timers:
 
         cls.build = classmethod(build)
         t._undo.append((cls, "build", fn))
-    model = vlm.model
-    orig = model.forward
-
-    def fwd(*a, **k):
-        s = time.perf_counter()
-        try:
-            return orig(*a, **k)
-        finally:
-            acc["forward"] += time.perf_counter() - s
-
-    model.forward = fwd
-    t._undo.append((model, "forward", orig))
+    t.wrap_forward(vlm.model)
     return t
 
 
