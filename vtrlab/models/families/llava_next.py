@@ -171,8 +171,9 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
                 oh, ow = plan.out_hw
                 uh, uw = plan.unpad_hw
                 R, C = np.divmod(np.arange(oh * ow), ow)
-                # footprint of an output cell in stitched-grid cells (1x1 unless downscaled)
-                fh, fw = uh / oh, uw / ow
+                # footprint of an output cell in stitched-grid cells (1x1 unless downscaled); a sliver of an image
+                # (e.g. 8 x 97 px) can unpad to no column at all: its rows are newlines only
+                fh, fw = (uh / oh if oh else 1.0), (uw / ow if ow else 1.0)
                 cell_map = plan.canvas.shift(-plan.left * p, -plan.top * p)
                 hb = boxes_in_original(cell_map, R, C, p * fh, p * fw, plan.wh)
                 per_row = ow + 1
