@@ -10,17 +10,21 @@ from vtrlab.flow import knocked_out, knockout, saliency
 from vtrlab.probes.switch import _configs
 
 
+def _float64_inputs(batch):
+    """``batch`` with its floating inputs (pixels) in float64, for the float64 model."""
+    batch.inputs = {
+        k: (v.to(torch.float64) if torch.is_tensor(v) and v.is_floating_point() else v)
+        for k, v in dict(batch.inputs).items()
+    }
+    return batch
+
+
 def _tiny64(family: str):
     from tiny_cases import _build
 
     vlm, batch = _build(family)
     vlm.model.to(torch.float64)
-    inputs = {
-        k: (v.to(torch.float64) if torch.is_tensor(v) and v.is_floating_point() else v)
-        for k, v in dict(batch.inputs).items()
-    }
-    batch.inputs = inputs
-    return vlm, batch
+    return vlm, _float64_inputs(batch)
 
 
 def _families():

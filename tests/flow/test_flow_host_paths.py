@@ -16,7 +16,7 @@ from vtrlab.flow import knocked_out, knockout, saliency
 from vtrlab.probes import attention as att
 from vtrlab.probes.switch import _configs, attention_switched
 
-from .test_flow import _families, _ref_attention, _run_reference, _tiny64
+from .test_flow import _families, _float64_inputs, _ref_attention, _run_reference, _tiny64
 from .test_knockout_splice import _blocked
 
 
@@ -25,12 +25,7 @@ def _single64(family: str):
     from tiny_cases import _images
 
     vlm, _ = _tiny64(family)
-    batch = vlm.prepare(_images(0)[:1], ["What color is the circle?"])
-    batch.inputs = {
-        k: (v.to(torch.float64) if torch.is_tensor(v) and v.is_floating_point() else v)
-        for k, v in dict(batch.inputs).items()
-    }
-    return vlm, batch
+    return vlm, _float64_inputs(vlm.prepare(_images(0)[:1], ["What color is the circle?"]))
 
 
 @pytest.fixture(scope="module", params=_families())
