@@ -73,9 +73,9 @@ CPU = {
 PROMPT = "What color is the car?"
 
 
-def mid_llava(seed: int = 0):
-    """LLaVA-1.5 layout at 576 image tokens with a small LM (hidden 1024, 8 layers): a CPU-sized model whose
-    forward is long enough that capture's host-side cost shows as it does at full size on a GPU."""
+def random_llava(vision: dict, text: dict, name: str, seed: int = 0):
+    """A random-weight LLaVA-1.5 (CLIP + Llama, 336 px / 14 px patches: 576 image tokens) of the given tower
+    shapes (``vision`` / ``text``: config fields over ``clip_llama_config``'s defaults), on sdpa."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     from vtrlab.models.registry import adapter_for
@@ -83,17 +83,20 @@ def mid_llava(seed: int = 0):
     from vtrlab.testing.families.llava import clip_llama_config, llava_processor
 
     processor = llava_processor(336, 14)
-    config = clip_llama_config(
-        LlavaConfig,
-        processor.tokenizer,
+    vision = dict(image_size=336, patch_size=14, **vision)
+    config = clip_llama_config(LlavaConfig, processor.tokenizer, vision=vision, text=text)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    return VLM(model=model, processor=processor, adapter=adapter_for("llava"), name=name)
+
+
+def mid_llava(seed: int = 0):
+    """LLaVA-1.5 layout at 576 image tokens with a small LM (hidden 1024, 8 layers): a CPU-sized model whose
+    forward is long enough that capture's host-side cost shows as it does at full size on a GPU."""
+    return random_llava(
         vision=dict(
-            hidden_size=256,
-            intermediate_size=1024,
-            num_hidden_layers=6,
-            num_attention_heads=4,
-            image_size=336,
-            patch_size=14,
-            projection_dim=256,
+            hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4, projection_dim=256
         ),
         text=dict(
             hidden_size=1024,
@@ -102,11 +105,9 @@ def mid_llava(seed: int = 0):
             num_attention_heads=16,
             num_key_value_heads=16,
         ),
+        name="llava-1.5-mid",
+        seed=seed,
     )
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    return VLM(model=model, processor=processor, adapter=adapter_for("llava"), name="llava-1.5-mid")
 
 
 def mid_next(seed: int = 0):

@@ -151,23 +151,12 @@ def narrow_7b(seed: int = 0, lm_heads: int = 32, vision_heads: int = 16, name: s
     16 heads, 336 px / 14 px patches (576 image tokens in a 24x24 grid, 617 tokens with the prompt), head
     dimension 4: capture's fixed per-call Python work (sites, config walk, labels, Dataset) as at 7B.
     ``lm_heads`` / ``vision_heads``: fewer heads for a cheaper CPU forward (profile_flow.py's shape)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    from vtrlab.models.registry import adapter_for
-    from vtrlab.models.vlm import VLM
-    from vtrlab.testing.families.llava import clip_llama_config, llava_processor
-
-    processor = llava_processor(336, 14)
-    config = clip_llama_config(
-        LlavaConfig,
-        processor.tokenizer,
+    return _capture.random_llava(
         vision=dict(
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=24,
             num_attention_heads=vision_heads,
-            image_size=336,
-            patch_size=14,
             projection_dim=64,
         ),
         text=dict(
@@ -177,11 +166,9 @@ def narrow_7b(seed: int = 0, lm_heads: int = 32, vision_heads: int = 16, name: s
             num_attention_heads=lm_heads,
             num_key_value_heads=lm_heads,
         ),
+        name=name,
+        seed=seed,
     )
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    return VLM(model=model, processor=processor, adapter=adapter_for("llava"), name=name)
 
 
 # shapes of this script beside capture.py's CPU and TINY ones: name -> (builder, image size). Its forward is not
