@@ -87,3 +87,129 @@ def test_vision_gather_then_labels_equal_a_host_gather():
         assert coords["vision_key_row"][1][1].tolist() == [0, 0, 1, -1, -1]
         old = engine._vision_table(layouts, probs, [0, 2], head_mean=head_mean)
         np.testing.assert_array_equal(old[0], values)
+
+
+# --- session 7: the vision [CLS] table without an index or a second stack, the Datasets' shared indexes ---------
+
+
+def _batch(vlm, n: int, seed: int = 0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 255, (36 + 8 * i, 40, 3), dtype=np.uint8)) for i in range(n)]
+    return vlm.prepare(images, ["What is it?", "Hi", "Describe the picture"][:n])
+
+
+def test_identity_gather_is_exactly_each_samples_own_sequence():
+    B, V = 3, 4
+    index = np.stack([np.repeat(np.arange(B)[:, None], V, 1), np.tile(np.arange(V), (B, 1))])
+    valid = np.ones((B, V), dtype=bool)
+    assert engine._identity_gather(index, valid, B, V, packed=False)
+    for changed in ("crop", "vpos", "valid", "short", "packed"):
+        idx, ok, n_seq, S, packed = index.copy(), valid.copy(), B, V, False
+        if changed == "crop":
+            idx[0, 1, 2] = 0  # sample 1 reads sample 0's sequence at one token
+        elif changed == "vpos":
+            idx[1, 2] = idx[1, 2][::-1]  # sample 2's tokens in another order
+        elif changed == "valid":
+            ok[0, -1] = False  # a sample with fewer tokens (NaN padding)
+        elif changed == "short":
+            S = V + 1  # the tables list fewer tokens than the encoder ran
+        else:
+            packed = True
+        assert not engine._identity_gather(idx, ok, n_seq, S, packed), changed
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("head_mean", [False, True])
+def test_vision_table_fast_paths_equal_the_indexed_per_layer_gather(monkeypatch, family, head_mean):
+    """LLaVA-1.5 (one crop per image) takes the identity view and the flush's own stack; LLaVA-NeXT (five crops)
+    the index. Forcing the general path (per-layer stack, index gather) gives the same Dataset, bit for bit."""
+    from vtrlab import testing
+    from vtrlab.probes import grouped
+
+    vlm = testing.tiny(family)
+    batch = _batch(vlm, 3)
+    seen = {"identity": [], "stacked": []}
+    identity, stacked = engine._identity_gather, grouped.SiteLists.stacked
+
+    def spy_identity(*a):
+        seen["identity"].append(identity(*a))
+        return seen["identity"][-1]
+
+    def spy_stacked(self, layers):
+        out = stacked(self, layers)
+        seen["stacked"].append(out is not None)
+        return out
+
+    monkeypatch.setattr(engine, "_identity_gather", spy_identity)
+    monkeypatch.setattr(grouped.SiteLists, "stacked", spy_stacked)
+    fast = engine.capture(vlm, batch, queries="last", vision=True, head_mean=head_mean)
+    assert seen["identity"] == [family == "llava"] and seen["stacked"] == [True]
+    monkeypatch.setattr(engine, "_identity_gather", lambda *a: False)
+    monkeypatch.setattr(grouped.SiteLists, "stacked", lambda self, layers: None)
+    slow = engine.capture(vlm, batch, queries="last", vision=True, head_mean=head_mean)
+    assert fast.identical(slow)
+    # and against the vision rows computed one layer at a time, outside any group (float64 reference elsewhere)
+    monkeypatch.setattr(grouped, "GROUP_MAX_BYTES", 1)
+    alone = engine.capture(vlm, batch, queries="last", vision=True, head_mean=head_mean)
+    np.testing.assert_allclose(fast.vision_attn.values, alone.vision_attn.values, rtol=1e-5, atol=1e-7)
+
+
+def test_stacked_only_when_one_flush_delivered_exactly_the_layers_once():
+    from vtrlab.probes.attention import Site
+    from vtrlab.probes.grouped import SiteLists
+
+    sink = SiteLists()
+    sites = [Site("vision", i) for i in (0, 1, 2)]
+    probs = torch.rand(3, 2, 4, 1, 5)
+    sink.put(sites, probs, False)
+    torch.testing.assert_close(sink.stacked([0, 1, 2]), torch.stack([s.probs[0] for s in sites]))
+    assert sink.stacked([0, 2]) is None and sink.stacked([2, 1, 0]) is None
+    sites[1].probs.append(sites[1].probs[0])  # a layer that ran twice (a second image pass)
+    assert sink.stacked([0, 1, 2]) is None
+    sink2 = SiteLists()
+    sink2.put(sites[:1], probs[:1], False)
+    sink2.put(sites[1:], probs[1:], False)
+    assert sink2.stacked([0, 1, 2]) is None  # two flushes: the caller stacks
+
+
+def test_datasets_share_indexes_but_never_variables():
+    """The cached dimension indexes are reused between captures; each Dataset's variables stay its own."""
+    from vtrlab import testing
+
+    vlm = testing.tiny("llava")
+    batch = _batch(vlm, 2)
+    a = engine.capture(vlm, batch, queries="last", vision=True)
+    b = engine.capture(vlm, batch, queries="last", vision=True)
+    assert a.identical(xr_dataset_of(a)) and b.identical(xr_dataset_of(b))
+    assert a.xindexes["key"] is b.xindexes["key"]
+    assert a.variables["key"] is not b.variables["key"]
+    a["key"].attrs["units"] = "position"
+    assert "units" not in b["key"].attrs
+    other = engine.capture(vlm, _batch(vlm, 1), queries="last", vision=True)  # other sizes: other indexes
+    assert other.sizes["sample"] == 1 and list(other["sample"].values) == [0]
+
+
+def xr_dataset_of(ds):
+    """``ds`` rebuilt by xarray's public constructor from its values (the reference of ``engine._direct``)."""
+    import xarray as xr
+
+    data = {k: (v.dims, v.values) for k, v in ds.data_vars.items()}
+    coords = {k: ds[k].values for k in ds.dims if k in ds.coords}
+    return xr.Dataset(data, coords=coords, attrs=ds.attrs)
+
+
+def test_index_cache_is_bounded_and_skips_non_numeric_coordinates():
+    import xarray as xr
+    from xarray.indexes import PandasIndex
+
+    engine._INDEXES.clear()
+    for n in range(engine._INDEXES_MAX + 10):
+        engine._index(PandasIndex, "key", xr.Variable(("key",), np.arange(n + 1)))
+    assert len(engine._INDEXES) == engine._INDEXES_MAX
+    words = xr.Variable(("w",), np.array(["a", "b"]))
+    assert engine._index(PandasIndex, "w", words) is not engine._index(PandasIndex, "w", words)
+    ints = xr.Variable(("k",), np.arange(3))
+    assert engine._index(PandasIndex, "k", ints) is engine._index(PandasIndex, "k", xr.Variable(("k",), np.arange(3)))
+    assert engine._index(PandasIndex, "k", ints) is not engine._index(PandasIndex, "j", ints)

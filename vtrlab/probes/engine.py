@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -23,12 +24,11 @@ from .switch import attention_switched
 _STAGE_MAX_BYTES = 256 * 2**20
 
 
-def _lm_sites(vlm, layers: list[int], plan: RowPlan, dtype, device) -> dict[int, Site]:
-    mods, attention = list(vlm.lm_layers), vlm.adapter.lm_attention  # one list: ModuleList[i] is slow
+def _lm_sites(attn_modules: list, layers: list[int], plan: RowPlan, dtype, device) -> dict[int, Site]:
+    """``attn_modules[i]``: LM layer ``i``'s attention module (every layer, looked up once per call)."""
     rows = plan.rows
     return {
-        id(attention(mods[i])): Site("lm", i, rows=rows, plan=plan, store_dtype=dtype, store_device=device)
-        for i in layers
+        id(attn_modules[i]): Site("lm", i, rows=rows, plan=plan, store_dtype=dtype, store_device=device) for i in layers
     }
 
 
@@ -109,14 +109,23 @@ def _cls_index(layouts: Sequence[ImageLayout], tables: list[dict[str, np.ndarray
     return int(vpos[hits[0]]) if hits.size else 0
 
 
-def _vision_sites(vlm, layers: list[int], mode: str, cls_index: int, dtype, device) -> dict[int, Site]:
-    mods, attention = list(vlm.vision_layers), vlm.adapter.vision_attention
+def _vision_sites(attn_modules: list, layers: list[int], mode: str, cls_index: int, dtype, device) -> dict[int, Site]:
+    """``attn_modules[i]``: vision layer ``i``'s attention module."""
     return {
-        id(attention(mods[i])): Site(
+        id(attn_modules[i]): Site(
             "vision", i, vision_mode=mode, cls_index=cls_index, store_dtype=dtype, store_device=device
         )
         for i in layers
     }
+
+
+def _attention_modules(vlm, vision: bool) -> list:
+    """Every LM (or vision) layer's attention module, in layer order. Looked up once per call: ``vlm.lm_layers``
+    and ``vlm.vision_layers`` walk the module tree on every access, and indexing a ``ModuleList`` is slow."""
+    layers, attention = (
+        (vlm.vision_layers, vlm.adapter.vision_attention) if vision else (vlm.lm_layers, vlm.adapter.lm_attention)
+    )
+    return [attention(m) for m in layers]
 
 
 def _hidden_norm_hooks(vlm, layers: list[int]):
@@ -148,13 +157,15 @@ def _vision_table(
     return _vision_labels(*pending)
 
 
-def _vision_gather(layouts, probs_by_layer, layers, head_mean, dtype, tables=None):
+def _vision_gather(layouts, probs_by_layer, layers, head_mean, dtype, tables=None, stacked=None):
     """The device half of :func:`_vision_table`: (host tensor being filled, valid (B, V), label tables).
-    ``tables``: :func:`_vision_tables` of ``layouts`` if already read."""
+    ``tables``: :func:`_vision_tables` of ``layouts`` if already read; ``stacked``: the (L, crops, H, S) stack of
+    ``probs_by_layer`` over ``layers`` if the caller has it already (then ``probs_by_layer`` is not read)."""
     if tables is None:
         tables = _vision_tables(layouts)
     B, V = len(layouts), max(len(t["crop"]) for t in tables)
-    probs = torch.stack([probs_by_layer[layer] for layer in layers])  # (L, crops, H, S), on the device
+    # (L, crops, H, S), on the device
+    probs = stacked if stacked is not None else torch.stack([probs_by_layer[layer] for layer in layers])
     n_seq, S = probs.shape[1], probs.shape[3]
     n_crops = len(np.unique(np.concatenate([t["crop"] for t in tables]).astype(np.int64)))
     packed = n_seq == 1 and n_crops > 1
@@ -175,9 +186,14 @@ def _vision_gather(layouts, probs_by_layer, layers, head_mean, dtype, tables=Non
             )
         index[0, b, : len(crop)], index[1, b, : len(crop)] = crop, vpos
         valid[b, : len(crop)] = True
-    idx = to_device(index.reshape(2, B * V), probs.device)  # non-blocking: no stream sync
-    picked = probs[:, idx[0], :, idx[1]]  # (B*V, L, H): the indexed axis comes first
-    picked = picked.view(B, V, *picked.shape[1:]).permute(0, 2, 3, 1)  # (B, L, H, V)
+    if _identity_gather(index, valid, n_seq, S, packed):
+        # each sample's own sequence, every token in order (LLaVA-1.5, and any batch of one crop per image
+        # whose tables list every token): a view, no index kernel
+        picked = probs.permute(1, 0, 2, 3)  # (B, L, H, S)
+    else:
+        idx = to_device(index.reshape(2, B * V), probs.device)  # non-blocking: no stream sync
+        picked = probs[:, idx[0], :, idx[1]]  # (B*V, L, H): the indexed axis comes first
+        picked = picked.view(B, V, *picked.shape[1:]).permute(0, 2, 3, 1)  # (B, L, H, V)
     if head_mean:
         picked = picked.mean(2)
     picked = picked.to(torch.float16 if dtype == np.float16 else torch.float32)
@@ -187,6 +203,19 @@ def _vision_gather(layouts, probs_by_layer, layers, head_mean, dtype, tables=Non
     else:
         host = picked.contiguous()
     return host, valid, tables
+
+
+def _identity_gather(index: np.ndarray, valid: np.ndarray, n_seq: int, S: int, packed: bool) -> bool:
+    """Whether the (crop, vpos) ``index`` (2, B, V) picks sequence b's tokens 0..S-1 in order for every sample b."""
+    B, V = valid.shape
+    return (
+        not packed
+        and n_seq == B
+        and V == S
+        and bool(valid.all())
+        and bool((index[0] == np.arange(B)[:, None]).all())
+        and bool((index[1] == np.arange(V)[None, :]).all())
+    )
 
 
 def _vision_labels(host, valid, tables):
@@ -312,8 +341,8 @@ def launch(
     inputs = dict(batch.inputs)
     seq_len = int(inputs["input_ids"].shape[1]) if "input_ids" in inputs else layouts[0].seq_len
 
-    lm_cfg = vlm.adapter.lm_attention(vlm.lm_layers[0])
-    n_heads = _num_heads(lm_cfg)
+    lm_attn = _attention_modules(vlm, vision=False)
+    n_heads = _num_heads(lm_attn[0])
     head_sel = head_indices(heads, n_heads)
     # One CPU buffer for every layer's rows, written in place during the forward: on CUDA it is
     # pinned and each layer's copy is asynchronous, so capture adds no sync per layer and no
@@ -323,7 +352,7 @@ def launch(
     shape = (len(lm_layers), len(layouts)) + (() if head_mean else (len(head_sel),)) + (rows_np.shape[1], seq_len)
     cuda = device.type == "cuda"
     buffer = torch.empty(shape, dtype=sdtype, pin_memory=cuda)
-    sites = _lm_sites(vlm, lm_layers, plan, sdtype, "cpu")
+    sites = _lm_sites(lm_attn, lm_layers, plan, sdtype, "cpu")
     every_head = len(head_sel) == n_heads and list(head_sel) == list(range(n_heads))
     sel = None if every_head else to_device(np.asarray(head_sel, dtype=np.int64), device)
     # On CUDA, while the rows fit in _STAGE_MAX_BYTES, each group of layers softmaxes straight into its slice
@@ -347,15 +376,19 @@ def launch(
         site.out, site.head_sel, site.head_mean, site.group = slices[site.layer], sel, head_mean, lm_group
 
     v_layers: list[int] = []
+    v_attn: list = []
+    v_sink = None
     tables = None
     if vision:
-        v_layers = layer_indices(vision_layers, len(vlm.vision_layers), what="vision_layers")
+        v_attn = _attention_modules(vlm, vision=True)
+        v_layers = layer_indices(vision_layers, len(v_attn), what="vision_layers")
         mode = "cls" if vlm.has_cls else "mean"
         tables = _vision_tables(layouts)  # read once: the [CLS] index now, the labels at build
         cls_index = _cls_index(layouts, tables)
-        v_sites = _vision_sites(vlm, v_layers, mode, cls_index, torch.float32, device)
+        v_sites = _vision_sites(v_attn, v_layers, mode, cls_index, torch.float32, device)
         if mode == "cls":
-            v_group = LayerGroup(SiteLists(), cls_index, device)
+            v_sink = SiteLists()
+            v_group = LayerGroup(v_sink, cls_index, device)
             groups.append(v_group)
             for site in v_sites.values():
                 site.group = v_group
@@ -363,8 +396,7 @@ def launch(
 
     hooks = _hidden_norm_hooks(vlm, lm_layers) if hidden else contextlib.nullcontext({})
     # only the configs the probed modules (and the model's masks) read are switched: no walk over every module
-    probed = [vlm.adapter.lm_attention(vlm.lm_layers[i]) for i in lm_layers]
-    probed += [vlm.adapter.vision_attention(vlm.vision_layers[i]) for i in v_layers]
+    probed = [lm_attn[i] for i in lm_layers] + [v_attn[i] for i in v_layers]
     with attention_switched(vlm.model, probed), session(sites), hooks as norms, torch.no_grad():
         vlm.model(**inputs, use_cache=False)
         for group in groups:  # the layers still held
@@ -372,7 +404,10 @@ def launch(
     vision_pending = None
     if vision:  # gathered on the device now; its copy to the host runs before the event below
         vdtype = np.float16 if sdtype == torch.float16 else np.float32
-        vision_pending = _vision_gather(layouts, _vision_probs(vlm, sites), v_layers, head_mean, vdtype, tables)
+        # one flush that held every vision layer already gave their stack (LLaVA-1.5 / NeXT: all 24 layers at once)
+        stacked = v_sink.stacked(v_layers) if v_sink is not None else None
+        by_layer = _vision_probs(vlm, sites) if stacked is None else None
+        vision_pending = _vision_gather(layouts, by_layer, v_layers, head_mean, vdtype, tables, stacked=stacked)
     done = None
     if device.type == "cuda":
         # the row copies run on a side stream (they overlap the next layers' kernels); the event waits for
@@ -510,14 +545,37 @@ def _direct(data: dict[str, tuple], coords: dict[str, np.ndarray], attrs: dict) 
     indexes = {}
     for dim, values in coords.items():
         var = xr.Variable((dim,), values)
-        indexes[dim] = PandasIndex.from_variables({dim: var}, options={})
-        variables.update(indexes[dim].create_variables({dim: var}))
+        indexes[dim] = _index(PandasIndex, dim, var)
+        variables.update(indexes[dim].create_variables({dim: var}))  # new variables every call (mutable)
     sizes: dict[str, int] = {}
     for name, var in variables.items():
         for dim, n in zip(var.dims, var.shape):
             if sizes.setdefault(dim, n) != n:
                 raise ValueError(f"capture's {name} has {n} entries along {dim!r}, another variable {sizes[dim]}")
     return xr.Dataset._construct_direct(variables, set(coords), sizes, dict(attrs), indexes)
+
+
+# dimension coordinate -> its PandasIndex, reused between calls: the same coordinates (samples 0..B-1, the
+# layers, the keys 0..N-1, ...) come back on every call of a loop, and building the index is most of a
+# coordinate's cost. Indexes are immutable in xarray (a shallow copy of a Dataset shares them), so sharing one
+# between Datasets is what xarray itself does; each Dataset still gets variables of its own.
+_INDEXES: OrderedDict = OrderedDict()
+_INDEXES_MAX = 64
+
+
+def _index(index_type, dim: str, var: xr.Variable):
+    values = var.values
+    if values.dtype.kind not in "biuf":  # keyed by the bytes of the values: numbers only
+        return index_type.from_variables({dim: var}, options={})
+    key = (dim, values.dtype.str, values.shape, values.tobytes())
+    index = _INDEXES.get(key)
+    if index is None:
+        index = _INDEXES[key] = index_type.from_variables({dim: var}, options={})
+        while len(_INDEXES) > _INDEXES_MAX:
+            _INDEXES.popitem(last=False)
+    else:
+        _INDEXES.move_to_end(key)
+    return index
 
 
 def _direct_matches() -> bool:

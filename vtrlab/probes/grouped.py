@@ -33,12 +33,14 @@ from .attention import RowPlan
 # extra device memory a grouped capture may take beyond a per-layer one. 512 MiB holds every layer of
 # LLaVA-1.5-7B at 617 tokens and batch 1 (~15 MiB a layer: its query and key, and the key's stacked copy).
 GROUP_MAX_BYTES = 512 * 2**20
-# Probabilities one group delivers, at most: a group's rows leave for the host after its flush, so the last
-# group's copy is the one the forward cannot hide, while every further group costs its flush's host work
-# (a dozen operators and the copy's stream calls: ~0.1-0.4 ms on the H200 host). 16 MiB: ~0.5 ms over PCIe. At
-# LLaVA-1.5-7B batch 1 the last rows of all 32 layers are 2.5 MiB (one group) and ~22 question rows 1.7 MiB a
-# layer (four groups of up to 9 layers; session 6 measured 1.19x with groups of 4 under an 8 MiB cap).
-GROUP_MAX_OUT_BYTES = 16 * 2**20
+# Probabilities one group delivers, at most. A group's rows leave for the host right after its flush, so smaller
+# groups hide more of the copy behind the forward, but every flush costs host work (a dozen operators and the copy's
+# stream calls), and on a host-bound forward host work is what the wall time is made of. Measured on the H200 at
+# LLaVA-1.5-7B batch 1, question rows (~22 rows, 1.7 MiB a layer, 55 MiB in all; benchmarks/ablate_capture.py
+# --group-out-mib): 14 groups of 4 MiB cost 9.5 ms over the plain forward, 4 groups of 16 MiB 5.2 ms, one group
+# 4.6 ms (fastest calls; the medians agree in order). So one group while the rows are at most 64 MiB; larger
+# captures (batch 8, LLaVA-NeXT) still flush every few layers and overlap their copies.
+GROUP_MAX_OUT_BYTES = 64 * 2**20
 
 
 class RowSink(Protocol):
@@ -210,11 +212,27 @@ class LayerGroup:
 
 
 class SiteLists:
-    """A :class:`RowSink` that appends each site's (B, H, N) row ``row`` to ``site.probs`` (vision [CLS])."""
+    """A :class:`RowSink` that appends each site's (B, H, N) row ``row`` to ``site.probs`` (vision [CLS]), and
+    keeps each flush's (G, B, H, N) block: when one flush delivered every layer, that block *is* the stack of
+    the layers' rows (:meth:`stacked`), so the caller need not stack them again."""
+
+    def __init__(self):
+        self.blocks: list[tuple[list, torch.Tensor]] = []
 
     def target(self, sites: list) -> None:
         return None
 
     def put(self, sites: list, probs: torch.Tensor, written: bool) -> None:
-        for g, site in enumerate(sites):
-            site.probs.append(probs[g, :, :, 0])
+        block = probs[:, :, :, 0]  # (G, B, H, N)
+        self.blocks.append((sites, block))
+        for site, row in zip(sites, block.unbind(0)):  # one operator for every site's view
+            site.probs.append(row)
+
+    def stacked(self, layers: list[int]) -> torch.Tensor | None:
+        """The (L, B, H, N) rows of ``layers`` in that order when one flush delivered exactly them, each once."""
+        if len(self.blocks) != 1:
+            return None
+        sites, block = self.blocks[0]
+        if [s.layer for s in sites] != list(layers) or any(len(s.probs) != 1 for s in sites):
+            return None
+        return block
