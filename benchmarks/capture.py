@@ -39,6 +39,7 @@ import argparse
 import gc
 import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -237,8 +238,32 @@ def ratio_stats(ratios, seed: int = 0, n_boot: int = 2000) -> dict:
     return {"ratio_median": float(med), "ratio_iqr": [float(q25), float(q75)], "ratio_ci95": [float(lo), float(hi)]}
 
 
+# Interleaved rounds go on until at least this many seconds of rounds (estimated from the warm-up), up to
+# MAX_ROUNDS: a short forward (LLaVA-1.5-7B at batch 1, ~30 ms, host-bound) swings by 30-100 % from call to call
+# on a shared host (session 7: the same plain forward took 31 to 65 ms within one run), so 15 rounds leave its
+# per-round ratios' median uncertain by several percent; ~100 rounds of it cost ~20 s.
+MIN_ROUND_SECONDS = 20.0
+MAX_ROUNDS = 200
+
+
+def rounds_for(
+    round_s: float, rounds: int, min_seconds: float = MIN_ROUND_SECONDS, max_rounds: int = MAX_ROUNDS
+) -> int:
+    """At least ``rounds``; more while ``rounds * round_s`` is under ``min_seconds``, at most ``max_rounds``."""
+    if round_s <= 0 or min_seconds <= 0:
+        return rounds
+    return max(rounds, min(max_rounds, math.ceil(min_seconds / round_s)))
+
+
 def measure_interleaved(
-    cases: dict, device, warmup: int, rounds: int, baseline: str = "sdpa", cold: bool | None = None, seed: int = 0
+    cases: dict,
+    device,
+    warmup: int,
+    rounds: int,
+    baseline: str = "sdpa",
+    cold: bool | None = None,
+    seed: int = 0,
+    min_seconds: float = 0.0,
 ) -> dict[str, dict]:
     """Time every case of ``cases`` (name -> fn) in interleaved rounds; ratios to ``baseline`` per round.
 
@@ -246,8 +271,10 @@ def measure_interleaved(
     host's load (other processes, clocks) hits the baseline and the probes alike; each case's ratio in a
     round is its time over the baseline's time in the same round, and the reported ratio is the median
     of those per-round ratios (with its IQR and a bootstrap 95% interval), beside the plain medians.
-    ``warmup`` calls of each case come first. A case that raises ``torch.OutOfMemoryError`` (in warm-up
-    or a round) gets ``{"error": ...}`` and leaves the rounds; the baseline must not fail.
+    ``warmup`` calls of each case come first; then ``rounds`` rounds, or more (:func:`rounds_for`) until
+    ``min_seconds`` of rounds (the GPU scripts pass :data:`MIN_ROUND_SECONDS`), as estimated from each case's last
+    warm-up call (each case is then warmed up at least once). A case that raises ``torch.OutOfMemoryError`` (in
+    warm-up or a round) gets ``{"error": ...}`` and leaves the rounds; the baseline must not fail.
     Per case: ``median_s``, ``times_s``, ``peak_extra_bytes`` (as :func:`measure`), and for every case
     but the baseline ``ratios``, ``ratio_median``, ``ratio_iqr``, ``ratio_ci95`` and ``time_vs_sdpa``
     (= ``ratio_median``).
@@ -266,13 +293,20 @@ def measure_interleaved(
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    n_warm = max(warmup, 1) if min_seconds > 0 else warmup  # one call at least, to estimate a round
+    round_s = 0.0  # one round's time: the sum of each case's last warm-up call
     for name, fn in cases.items():
         try:
-            for _ in range(warmup):
+            for _ in range(n_warm):
+                _sync(device)
+                t0 = time.perf_counter()
                 fn()
+                _sync(device)
+            round_s += time.perf_counter() - t0 if n_warm else 0.0
         except torch.OutOfMemoryError as err:
             oom(name, err)
     _sync(device)
+    rounds = rounds_for(round_s, rounds, min_seconds)
     times = {k: [] for k in cases}
     peaks = {k: [] for k in cases}
     rng = np.random.default_rng(seed)
@@ -341,7 +375,15 @@ def _bridge(vlm):
 
 
 def bench_shape(
-    name: str, vlm, image_size, warmup: int, repeats: int, with_tl: bool, batch_size: int = 1, tl_error: str = ""
+    name: str,
+    vlm,
+    image_size,
+    warmup: int,
+    repeats: int,
+    with_tl: bool,
+    batch_size: int = 1,
+    tl_error: str = "",
+    min_seconds: float = 0.0,
 ) -> dict:
     import vtrlab.probes as cap
 
@@ -389,7 +431,8 @@ def bench_shape(
     if skip:
         del methods["eager"]
     # interleaved rounds: every ratio is a median of per-round ratios (host-load drift cancels)
-    row["results"] = measure_interleaved(methods, device, warmup, repeats)
+    row["results"] = measure_interleaved(methods, device, warmup, repeats, min_seconds=min_seconds)
+    row["rounds"] = len(row["results"]["sdpa"]["times_s"])
     if skip:
         row["results"]["eager"] = {"error": skip}
     for method, res in row["results"].items():
@@ -482,8 +525,17 @@ def _load_text(host) -> str:
 
 def markdown(report: dict) -> str:
     if report.get("timing") == "interleaved":
+        rounds = sorted({r["rounds"] for r in report["shapes"] if "rounds" in r})
+        counts = (
+            f"{rounds[0]}–{rounds[-1]}" if len(rounds) > 1 else (str(rounds[0]) if rounds else str(report["repeats"]))
+        )
+        more = (
+            f" (at least {report['repeats']}, more until {report['min_seconds']:g} s of rounds)"
+            if report.get("min_seconds")
+            else ""
+        )
         how = (
-            f"{report['repeats']} interleaved rounds after {report['warmup']} warm-up (every case once per round, "
+            f"{counts} interleaved rounds{more} after {report['warmup']} warm-up (every case once per round, "
             "order shuffled); × sdpa = median of the per-round ratios, with their interquartile range; "
             "† = ratio of medians (measured after the others, not interleaved)"
         )
@@ -546,6 +598,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-tl", action="store_true", help="skip TransformerLens even if installed")
     ap.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
     ap.add_argument(
+        "--min-seconds",
+        type=float,
+        default=None,
+        help=f"more rounds than --repeats until this many seconds of rounds (default {MIN_ROUND_SECONDS:g} on the "
+        "GPU, 0 on CPU)",
+    )
+    ap.add_argument(
         "--profile",
         default=None,
         metavar="JSON",
@@ -568,6 +627,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cpu_run = args.tiny or args.cpu
+    min_seconds = args.min_seconds if args.min_seconds is not None else (0.0 if cpu_run else MIN_ROUND_SECONDS)
+    if min_seconds < 0:
+        ap.error(f"--min-seconds must be >= 0 (got {args.min_seconds})")
     table = CPU if args.cpu else (TINY if args.tiny else SHAPES)
     names = list(table) if args.shapes is None else args.shapes.split(",")
     unknown = [n for n in names if n not in table]
@@ -594,6 +656,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "repeats": args.repeats,
+        "min_seconds": min_seconds,
         "warmup": args.warmup,
         "allocator": "cold" if args.cold_allocator else "warm",
         "timing": "interleaved",
@@ -613,7 +676,9 @@ def main(argv=None) -> int:
             vlm = testing.full_size(builder, dtype="bfloat16", device="cuda")
         rows = []
         for bs in batch_sizes:
-            rows.append(bench_shape(name, vlm, size, args.warmup, args.repeats, with_tl, bs, tl_error))
+            rows.append(
+                bench_shape(name, vlm, size, args.warmup, args.repeats, with_tl, bs, tl_error, min_seconds=min_seconds)
+            )
             report["shapes"].append(rows[-1])
             atomic_write_text(out, json.dumps(report, indent=2))  # partial results survive a time-out
         if args.profile:  # before TransformerLens, which takes over the model's attention modules

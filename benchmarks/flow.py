@@ -47,7 +47,7 @@ measure_interleaved, host_info = _capture.measure_interleaved, _capture.host_inf
 SHAPES, TINY, CPU = _capture.SHAPES, _capture.TINY, _capture.CPU
 
 
-def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int, only=None) -> dict:
+def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int, only=None, min_seconds: float = 0.0) -> dict:
     import vtrlab as vl
 
     device = vlm.device
@@ -92,7 +92,8 @@ def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int, only=None
     if only:
         methods = {k: fn for k, fn in methods.items() if k == "sdpa" or k in only}
     # interleaved rounds: each ratio is the median of per-round ratios to sdpa (see capture.measure_interleaved)
-    row["results"] = measure_interleaved(methods, device, warmup, repeats)
+    row["results"] = measure_interleaved(methods, device, warmup, repeats, min_seconds=min_seconds)
+    row["rounds"] = len(row["results"]["sdpa"]["times_s"])
     for method, res in row["results"].items():
         if "median_s" in res:
             print(f"  {method:24s} {res['median_s']:.4f} s  x{res['time_vs_sdpa']:.3f}", flush=True)
@@ -111,6 +112,13 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=None, help="comma-separated subset of the methods (sdpa always runs)")
     ap.add_argument("--repeats", type=int, default=15, help="timed rounds (every method once per round)")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument(
+        "--min-seconds",
+        type=float,
+        default=None,
+        help="more rounds than --repeats until this many seconds of rounds (default "
+        f"{_capture.MIN_ROUND_SECONDS:g} on the GPU, 0 on CPU)",
+    )
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         ap.error(f"--repeats must be >= 1 and --warmup >= 0 (got {args.repeats}, {args.warmup})")
@@ -122,6 +130,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cpu_run = args.smoke or args.cpu
+    min_seconds = args.min_seconds if args.min_seconds is not None else (0.0 if cpu_run else _capture.MIN_ROUND_SECONDS)
+    if min_seconds < 0:
+        ap.error(f"--min-seconds must be >= 0 (got {args.min_seconds})")
     table = CPU if args.cpu else (TINY if args.smoke else SHAPES)
     names = list(table) if args.shapes is None else args.shapes.split(",")
     unknown = [n for n in names if n not in table]
@@ -138,6 +149,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "repeats": args.repeats,
+        "min_seconds": min_seconds,
         "warmup": args.warmup,
         "allocator": "cold" if args.cold_allocator else "warm",
         "timing": "interleaved",
@@ -155,7 +167,7 @@ def main(argv=None) -> int:
             vlm = testing.tiny(builder)
         else:
             vlm = testing.full_size(builder, dtype="bfloat16", device="cuda")
-        report["shapes"].append(bench_shape(name, vlm, size, args.warmup, args.repeats, only))
+        report["shapes"].append(bench_shape(name, vlm, size, args.warmup, args.repeats, only, min_seconds))
         atomic_write_text(out, json.dumps(report, indent=2))  # partial results survive a time-out
         del vlm
         gc.collect()

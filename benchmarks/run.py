@@ -7,10 +7,10 @@ GPU (the lead, through the device tool, in ONE call of at most 9 minutes)::
     python benchmarks/run.py --out $OUT --only capture,flow --budget-s 280 --wheels .whl/bench,.whl/store
     python benchmarks/run.py --out $OUT --only reduce --gpus 2 --budget-s 400   # reduce's 2 shapes at once
 
-capture and flow time ``--rounds`` (15) interleaved rounds after ``--warmup`` (2) calls of each case
-(``capture.measure_interleaved``); capture's units also write a torch.profiler summary per shape
-(``profile_gpu.py``: LLaVA-1.5-7B and LLaVA-NeXT-7B at batch 1) to ``DIR/profile_gpu.json``, rendered
-between ``<!-- bench:profile_gpu -->`` markers (``--no-profile`` skips it).
+capture and flow time at least ``--rounds`` (15) interleaved rounds after ``--warmup`` (2) calls of each case, on
+the GPU more until 20 s of rounds (``capture.measure_interleaved``, ``MIN_ROUND_SECONDS``); capture's units also
+write a torch.profiler summary per shape (``profile_gpu.py``: LLaVA-1.5-7B and LLaVA-NeXT-7B at batch 1) to
+``DIR/profile_gpu.json``, rendered between ``<!-- bench:profile_gpu -->`` markers (``--no-profile`` skips it).
 
 CPU smoke run (tiny models, all parts, about two minutes on an idle 2-core machine)::
 
