@@ -294,7 +294,7 @@ def measure_interleaved(
             torch.cuda.empty_cache()
 
     n_warm = max(warmup, 1) if min_seconds > 0 else warmup  # one call at least, to estimate a round
-    round_s = 0.0  # one round's time: the sum of each case's last warm-up call
+    calls_s = 0.0  # each case's last warm-up call, summed
     for name, fn in cases.items():
         try:
             for _ in range(n_warm):
@@ -302,29 +302,40 @@ def measure_interleaved(
                 t0 = time.perf_counter()
                 fn()
                 _sync(device)
-            round_s += time.perf_counter() - t0 if n_warm else 0.0
+            calls_s += time.perf_counter() - t0 if n_warm else 0.0
         except torch.OutOfMemoryError as err:
             oom(name, err)
     _sync(device)
-    rounds = rounds_for(round_s, rounds, min_seconds)
-    times = {k: [] for k in cases}
-    peaks = {k: [] for k in cases}
-    rng = np.random.default_rng(seed)
-    names = list(cases)
-    for _ in range(rounds):
-        for i in rng.permutation(len(names)):
-            name = names[i]
-            if name in errors:
-                continue
-            try:
-                t, peak, out, _ = _timed_call(cases[name], device, cold)
-            except torch.OutOfMemoryError as err:
-                oom(name, err)
-                continue
-            del out
-            times[name].append(t)
-            if peak is not None:
-                peaks[name].append(peak)
+    # Every timed call has a gc.collect() before it (a collection inside a timed call would charge it to that
+    # case). What exists now (the model, its inputs) is frozen out of those collections: with a 7B model loaded a
+    # full collection takes ~0.1 s, which made session 7's rounds overrun their time-boxes.
+    gc.collect()
+    gc.freeze()
+    try:
+        t0 = time.perf_counter()
+        gc.collect()
+        round_s = calls_s + (len(cases) - len(errors)) * (time.perf_counter() - t0)
+        rounds = rounds_for(round_s, rounds, min_seconds)
+        times = {k: [] for k in cases}
+        peaks = {k: [] for k in cases}
+        rng = np.random.default_rng(seed)
+        names = list(cases)
+        for _ in range(rounds):
+            for i in rng.permutation(len(names)):
+                name = names[i]
+                if name in errors:
+                    continue
+                try:
+                    t, peak, out, _ = _timed_call(cases[name], device, cold)
+                except torch.OutOfMemoryError as err:
+                    oom(name, err)
+                    continue
+                del out
+                times[name].append(t)
+                if peak is not None:
+                    peaks[name].append(peak)
+    finally:
+        gc.unfreeze()
     results = {}
     base = times[baseline]
     for name in names:
