@@ -10,7 +10,7 @@
 A profiler (torch.profiler) slows every dispatched operator several times, so on a host-bound forward it
 cannot say how much of capture's *unprofiled* cost each part is (benchmarks/README.md, session 6). This
 script measures the parts by subtraction instead, every case once per round in a shuffled order (15 rounds
-after 2 warm-ups, as ``capture.py``), each round's times divided by that round's plain forward:
+after 2 warm-ups, ``capture.measure_interleaved``), each round's times divided by that round's plain forward:
 
   sdpa            ``model(**inputs, use_cache=False)``
   switched        the same forward with the probed modules' configs on vtrlab's attention function and an
@@ -31,15 +31,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import importlib.util
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from vtrlab.io import atomic_write_text
@@ -137,41 +134,18 @@ def cases(vlm, batch) -> dict:
 
 
 def measure(fns: dict, device, warmup: int, rounds: int, seed: int = 0) -> dict:
-    """Interleaved rounds (as ``capture.measure_interleaved``), with each call's host issue time as well."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    _capture._sync(device)
-    names = list(fns)
-    wall = {n: [] for n in names}
-    issue = {n: [] for n in names}
-    rng = np.random.default_rng(seed)
-    for _ in range(rounds):
-        for i in rng.permutation(len(names)):
-            name = names[i]
-            gc.collect()
-            _capture._sync(device)
-            t0 = time.perf_counter()
-            out = fns[name]()
-            t1 = time.perf_counter()
-            _capture._sync(device)
-            t2 = time.perf_counter()
-            del out
-            wall[name].append(t2 - t0)
-            issue[name].append(t1 - t0)
-    base = wall["sdpa"]
-    res = {}
-    for name in names:
-        r = {"median_s": statistics.median(wall[name]), "issue_median_s": statistics.median(issue[name])}
-        r["times_s"], r["issue_s"] = wall[name], issue[name]
-        r["min_s"] = min(wall[name])
+    """``capture.measure_interleaved`` (exactly ``rounds`` rounds), with each step's added time beside the ratios:
+    ``added_ms`` (median of the per-round differences to the plain forward) and ``added_min_ms`` (fastest call
+    against fastest call, the least disturbed figure on a noisy host)."""
+    res = _capture.measure_interleaved(fns, device, warmup, rounds, seed=seed)
+    base = res["sdpa"]["times_s"]
+    for name, r in res.items():
+        if "times_s" not in r:  # out of memory: {"error": ...}
+            continue
+        r["min_s"] = min(r["times_s"])
         if name != "sdpa":
-            r["added_min_ms"] = 1e3 * (min(wall[name]) - min(base))
-            ratios = [t / b for t, b in zip(wall[name], base)]
-            r["ratios"] = ratios
-            r.update(_capture.ratio_stats(ratios, seed=seed))
-            r["added_ms"] = 1e3 * statistics.median([t - b for t, b in zip(wall[name], base)])
-        res[name] = r
+            r["added_ms"] = 1e3 * statistics.median([t - b for t, b in zip(r["times_s"], base)])
+            r["added_min_ms"] = 1e3 * (r["min_s"] - min(base))
     return res
 
 
@@ -189,12 +163,15 @@ def markdown(report: dict) -> str:
     res = report["results"]
     fastest = min(res["sdpa"]["times_s"])
     for r in res.values():  # JSONs written before the field existed
-        r.setdefault("added_min_ms", 1e3 * (min(r["times_s"]) - fastest))
+        if "times_s" in r:
+            r.setdefault("added_min_ms", 1e3 * (min(r["times_s"]) - fastest))
     for name in QUERIES:
         prev = 0.0
         for step in STEPS:
             r = res.get(f"{step}_{name}")
-            if r is None:
+            if r is None or "error" in r:
+                if r is not None:
+                    lines.append(f"| {name} | {step} | — | — | {r['error'][:60]} | — | — | — |")
                 continue
             lines.append(
                 f"| {name} | {step} | {r['ratio_median']:.3f} | {r['ratio_iqr'][0]:.2f}–{r['ratio_iqr'][1]:.2f} | "

@@ -207,10 +207,12 @@ def measure(fn, device, warmup: int, repeats: int, cold: bool | None = None) -> 
     return res
 
 
-def _timed_call(fn, device, cold: bool = False, collect: bool = True):
+def _timed_call(fn, device, cold: bool = False, collect: bool = True, issued: list | None = None):
     """(seconds, peak extra bytes or None, fn's return value, start stamp) of one synchronised call — the one
     timed-call primitive of the benchmarks (capture, flow, reduce). ``collect``: a ``gc.collect()`` first (reduce
-    collects once per cell instead, with the collector off in its loop); ``cold``: empty the CUDA cache first."""
+    collects once per cell instead, with the collector off in its loop); ``cold``: empty the CUDA cache first;
+    ``issued``: append the host's time until ``fn`` returned, before the device is synchronised (on a host-bound
+    forward nearly the whole call; the rest is the GPU's tail)."""
     if collect:
         gc.collect()
     base = None
@@ -222,6 +224,8 @@ def _timed_call(fn, device, cold: bool = False, collect: bool = True):
     _sync(device)
     t0 = time.perf_counter()
     out = fn()
+    if issued is not None:
+        issued.append(time.perf_counter() - t0)
     _sync(device)
     t = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) - base if base is not None else None
@@ -275,7 +279,8 @@ def measure_interleaved(
     ``min_seconds`` of rounds (the GPU scripts pass :data:`MIN_ROUND_SECONDS`), as estimated from each case's last
     warm-up call (each case is then warmed up at least once). A case that raises ``torch.OutOfMemoryError`` (in
     warm-up or a round) gets ``{"error": ...}`` and leaves the rounds; the baseline must not fail.
-    Per case: ``median_s``, ``times_s``, ``peak_extra_bytes`` (as :func:`measure`), and for every case
+    Per case: ``median_s``, ``times_s``, ``issue_s`` / ``issue_median_s`` (the host's part: see :func:`_timed_call`),
+    ``peak_extra_bytes`` (as :func:`measure`), and for every case
     but the baseline ``ratios``, ``ratio_median``, ``ratio_iqr``, ``ratio_ci95`` and ``time_vs_sdpa``
     (= ``ratio_median``).
     """
@@ -317,6 +322,7 @@ def measure_interleaved(
         round_s = calls_s + (len(cases) - len(errors)) * (time.perf_counter() - t0)
         rounds = rounds_for(round_s, rounds, min_seconds)
         times = {k: [] for k in cases}
+        issued = {k: [] for k in cases}
         peaks = {k: [] for k in cases}
         rng = np.random.default_rng(seed)
         names = list(cases)
@@ -326,7 +332,7 @@ def measure_interleaved(
                 if name in errors:
                     continue
                 try:
-                    t, peak, out, _ = _timed_call(cases[name], device, cold)
+                    t, peak, out, _ = _timed_call(cases[name], device, cold, issued=issued[name])
                 except torch.OutOfMemoryError as err:
                     oom(name, err)
                     continue
@@ -345,6 +351,8 @@ def measure_interleaved(
         res = {
             "median_s": statistics.median(times[name]),
             "times_s": times[name],
+            "issue_median_s": statistics.median(issued[name]),
+            "issue_s": issued[name],
             "peak_extra_bytes": int(statistics.median(peaks[name])) if peaks[name] else None,
         }
         if name != baseline:
