@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -561,6 +562,7 @@ def _direct(data: dict[str, tuple], coords: dict[str, np.ndarray], attrs: dict) 
 # between Datasets is what xarray itself does; each Dataset still gets variables of its own.
 _INDEXES: OrderedDict = OrderedDict()
 _INDEXES_MAX = 64
+_INDEXES_LOCK = threading.Lock()  # captures may run in threads (a streaming caller's builder)
 
 
 def _index(index_type, dim: str, var: xr.Variable):
@@ -568,13 +570,16 @@ def _index(index_type, dim: str, var: xr.Variable):
     if values.dtype.kind not in "biuf":  # keyed by the bytes of the values: numbers only
         return index_type.from_variables({dim: var}, options={})
     key = (dim, values.dtype.str, values.shape, values.tobytes())
-    index = _INDEXES.get(key)
-    if index is None:
-        index = _INDEXES[key] = index_type.from_variables({dim: var}, options={})
+    with _INDEXES_LOCK:
+        index = _INDEXES.get(key)
+        if index is not None:
+            _INDEXES.move_to_end(key)
+            return index
+    index = index_type.from_variables({dim: var}, options={})
+    with _INDEXES_LOCK:
+        _INDEXES[key] = index
         while len(_INDEXES) > _INDEXES_MAX:
             _INDEXES.popitem(last=False)
-    else:
-        _INDEXES.move_to_end(key)
     return index
 
 
