@@ -104,8 +104,7 @@ def cases(vlm, batch) -> dict:
     from vtrlab.probes.switch import attention_switched
 
     inputs = dict(batch.inputs)
-    lm = [vlm.adapter.lm_attention(m) for m in vlm.lm_layers]
-    vis = [vlm.adapter.vision_attention(m) for m in vlm.vision_layers]
+    lm, vis = engine._attention_modules(vlm, vision=False), engine._attention_modules(vlm, vision=True)
 
     def sdpa():
         with torch.no_grad():

@@ -259,6 +259,25 @@ def rounds_for(
     return max(rounds, min(max_rounds, math.ceil(min_seconds / round_s)))
 
 
+def add_min_seconds(ap) -> None:
+    """The ``--min-seconds`` option of the scripts that time interleaved rounds (capture.py, flow.py)."""
+    ap.add_argument(
+        "--min-seconds",
+        type=float,
+        default=None,
+        help=f"more rounds than --repeats until this many seconds of rounds (default {MIN_ROUND_SECONDS:g} on the "
+        "GPU, 0 on CPU)",
+    )
+
+
+def min_seconds_of(ap, args, cpu_run: bool) -> float:
+    """``--min-seconds``, or its default (:data:`MIN_ROUND_SECONDS` on the GPU, 0 on CPU); a negative one is refused."""
+    value = args.min_seconds if args.min_seconds is not None else (0.0 if cpu_run else MIN_ROUND_SECONDS)
+    if value < 0:
+        ap.error(f"--min-seconds must be >= 0 (got {args.min_seconds})")
+    return value
+
+
 def measure_interleaved(
     cases: dict,
     device,
@@ -616,13 +635,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-tl", action="store_true", help="skip TransformerLens even if installed")
     ap.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
-    ap.add_argument(
-        "--min-seconds",
-        type=float,
-        default=None,
-        help=f"more rounds than --repeats until this many seconds of rounds (default {MIN_ROUND_SECONDS:g} on the "
-        "GPU, 0 on CPU)",
-    )
+    add_min_seconds(ap)
     ap.add_argument(
         "--profile",
         default=None,
@@ -646,9 +659,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cpu_run = args.tiny or args.cpu
-    min_seconds = args.min_seconds if args.min_seconds is not None else (0.0 if cpu_run else MIN_ROUND_SECONDS)
-    if min_seconds < 0:
-        ap.error(f"--min-seconds must be >= 0 (got {args.min_seconds})")
+    min_seconds = min_seconds_of(ap, args, cpu_run)
     table = CPU if args.cpu else (TINY if args.tiny else SHAPES)
     names = list(table) if args.shapes is None else args.shapes.split(",")
     unknown = [n for n in names if n not in table]

@@ -112,13 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=None, help="comma-separated subset of the methods (sdpa always runs)")
     ap.add_argument("--repeats", type=int, default=15, help="timed rounds (every method once per round)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument(
-        "--min-seconds",
-        type=float,
-        default=None,
-        help="more rounds than --repeats until this many seconds of rounds (default "
-        f"{_capture.MIN_ROUND_SECONDS:g} on the GPU, 0 on CPU)",
-    )
+    _capture.add_min_seconds(ap)
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         ap.error(f"--repeats must be >= 1 and --warmup >= 0 (got {args.repeats}, {args.warmup})")
@@ -130,9 +124,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cpu_run = args.smoke or args.cpu
-    min_seconds = args.min_seconds if args.min_seconds is not None else (0.0 if cpu_run else _capture.MIN_ROUND_SECONDS)
-    if min_seconds < 0:
-        ap.error(f"--min-seconds must be >= 0 (got {args.min_seconds})")
+    min_seconds = _capture.min_seconds_of(ap, args, cpu_run)
     table = CPU if args.cpu else (TINY if args.smoke else SHAPES)
     names = list(table) if args.shapes is None else args.shapes.split(",")
     unknown = [n for n in names if n not in table]

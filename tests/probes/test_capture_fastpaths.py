@@ -93,11 +93,10 @@ def test_vision_gather_then_labels_equal_a_host_gather():
 
 
 def _batch(vlm, n: int, seed: int = 0):
-    from PIL import Image
+    """``n`` (at most 2) differently sized images with prompts of different lengths (tiny_cases' images)."""
+    from tiny_cases import _images
 
-    rng = np.random.default_rng(seed)
-    images = [Image.fromarray(rng.integers(0, 255, (36 + 8 * i, 40, 3), dtype=np.uint8)) for i in range(n)]
-    return vlm.prepare(images, ["What is it?", "Hi", "Describe the picture"][:n])
+    return vlm.prepare(_images(seed)[:n], ["What is it?", "Describe the picture"][:n])
 
 
 def test_identity_gather_is_exactly_each_samples_own_sequence():
@@ -137,7 +136,7 @@ def test_vision_table_fast_paths_equal_the_indexed_per_layer_gather(monkeypatch,
     from vtrlab.probes import grouped
 
     vlm = testing.tiny(family)
-    batch = _batch(vlm, 3)
+    batch = _batch(vlm, 2)
     seen = {"identity": [], "stacked": []}
     identity, stacked = engine._identity_gather, grouped.SiteLists.stacked
 
