@@ -210,15 +210,121 @@ def xr_dataset_of(ds):
 
 
 def test_index_cache_is_bounded_and_skips_non_numeric_coordinates():
-    import xarray as xr
     from xarray.indexes import PandasIndex
 
     engine._INDEXES.clear()
     for n in range(engine._INDEXES_MAX + 10):
-        engine._index(PandasIndex, "key", xr.Variable(("key",), np.arange(n + 1)))
+        engine._index(PandasIndex, "key", np.arange(n + 1))
     assert len(engine._INDEXES) == engine._INDEXES_MAX
-    words = xr.Variable(("w",), np.array(["a", "b"]))
-    assert engine._index(PandasIndex, "w", words) is not engine._index(PandasIndex, "w", words)
-    ints = xr.Variable(("k",), np.arange(3))
-    assert engine._index(PandasIndex, "k", ints) is engine._index(PandasIndex, "k", xr.Variable(("k",), np.arange(3)))
-    assert engine._index(PandasIndex, "k", ints) is not engine._index(PandasIndex, "j", ints)
+    words = np.array(["a", "b"])
+    assert engine._index(PandasIndex, "w", words)[0] is not engine._index(PandasIndex, "w", words)[0]
+    ints = np.arange(3)
+    index, adapter = engine._index(PandasIndex, "k", ints)
+    assert engine._index(PandasIndex, "k", np.arange(3)) == (index, adapter)
+    assert engine._index(PandasIndex, "j", ints)[0] is not index
+    assert list(np.asarray(adapter)) == [0, 1, 2]
+
+
+def test_shared_coordinate_values_cannot_be_written_through():
+    """A Dataset's dimension coordinate shares its values with other captures' (the cached index): writing into
+    them must fail rather than change the other Datasets."""
+    from vtrlab import testing
+
+    vlm = testing.tiny("llava")
+    batch = _batch(vlm, 1)
+    a = engine.capture(vlm, batch, queries="last", vision=False)
+    b = engine.capture(vlm, batch, queries="last", vision=False)
+    before = b["key"].values.copy()
+    with pytest.raises((ValueError, TypeError)):
+        a["key"].values[0] = 99
+    with pytest.raises((ValueError, TypeError)):
+        a.variables["key"].values[0] = 99
+    assert (b["key"].values == before).all()
+
+
+def test_attention_modules_follow_a_replaced_module_and_equal_the_adapters_lookup():
+    """The remembered child names never return a stale module: one replaced after a capture is the one probed."""
+    from vtrlab import testing
+
+    vlm = testing.tiny("llava")
+    for vision in (False, True):
+        layers = vlm.vision_layers if vision else vlm.lm_layers
+        lookup = vlm.adapter.vision_attention if vision else vlm.adapter.lm_attention
+        assert engine._attention_modules(vlm, vision) == [lookup(m) for m in layers]
+        assert engine._attention_modules(vlm, vision) == [lookup(m) for m in layers]  # from the memo
+    batch = _batch(vlm, 1)
+    before = engine.capture(vlm, batch, queries="last", vision=False)
+    layer = vlm.lm_layers[1]
+    old = layer.self_attn
+    new = type(old)(old.config, old.layer_idx)
+    new.load_state_dict(old.state_dict())
+    new.to(next(old.parameters()).dtype)
+    layer.self_attn = new
+    try:
+        assert engine._attention_modules(vlm, False)[1] is new
+        after = engine.capture(vlm, batch, queries="last", vision=False)  # raises if `new` ran unprobed
+        np.testing.assert_allclose(after.lm_attn.values, before.lm_attn.values, rtol=1e-5, atol=1e-7)
+    finally:
+        layer.self_attn = old
+
+
+def test_attention_modules_without_a_direct_child_are_looked_up_every_call():
+    """An adapter whose attention module is not a direct child of its layer: no memo, the adapter's lookup."""
+    from vtrlab import testing
+
+    vlm = testing.tiny("llava")
+
+    class Nested(type(vlm.adapter)):
+        def lm_attention(self, layer):
+            return layer.mlp.act_fn if hasattr(layer.mlp, "act_fn") else layer.mlp
+
+    nested = type(vlm)(vlm.model, vlm.processor, Nested(), vlm.name)
+    engine._ATTENTION_NAMES.clear()
+    for _ in range(2):
+        got = engine._attention_modules(nested, False)
+        assert got == [nested.adapter.lm_attention(m) for m in nested.lm_layers]
+        assert (id(nested.lm_layers), False) not in engine._ATTENTION_NAMES
+    # the same layer list under the stock adapter afterwards: its own lookup, not the other adapter's names
+    assert engine._attention_modules(vlm, False) == [m.self_attn for m in vlm.lm_layers]
+
+
+def test_columns_equal_pandas_to_numpy():
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {
+            "crop": np.array([0, 0, 1]),
+            "kind": pd.array(["cls", "patch", "patch"], dtype="string"),
+            "vpos": np.array([0, 1, 2]),
+            "x0": np.array([0.5, np.nan, 2.0]),
+        }
+    )
+    got = engine._columns(frame, ["kind", "crop", "x0"])
+    for name in ("kind", "crop", "x0"):
+        want = frame[name].to_numpy()
+        assert got[name].dtype == want.dtype, name
+        np.testing.assert_array_equal(got[name], want)
+    dup = pd.DataFrame([[1, 2]], columns=["a", "a"])  # not unique: the public path
+    dup["b"] = [3]
+    np.testing.assert_array_equal(engine._columns(dup, ["b"])["b"], [3])
+
+
+def test_only_plain_holding_sites_take_the_short_path():
+    """Session.holds has a module's site only when all it does is hold rows for a group; anything else (a
+    knockout, saliency rows, a callback, a second site) goes through the full path."""
+    from vtrlab.probes.grouped import LayerGroup, SiteLists
+
+    group = LayerGroup(SiteLists(), 0, "cpu")
+    plain = A.Site("vision", 0, vision_mode="cls", group=group)
+    assert A._only_holds([plain]) is plain
+    assert A._only_holds([A.Site("vision", 0, vision_mode="cls")]) is None  # no group: computed per layer
+    assert A._only_holds([A.Site("lm", 0, saliency_rows=torch.zeros(1, 1, dtype=torch.long), group=group)]) is None
+    assert A._only_holds([A.Site("lm", 0, on_call=lambda *a: None, group=group)]) is None
+    assert A._only_holds([plain, A.Site("vision", 0, knockout=object())]) is None
+    m1, m2 = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    with A.session({id(m1): plain}) as outer:
+        assert outer.holds == {id(m1): plain}
+        other = A.Site("vision", 0, knockout=object())
+        with A.session({id(m1): other, id(m2): other}) as inner:
+            assert inner.holds == {}  # m1 now has two sites; m2's only site knocks out
+        assert A.current_session() is outer

@@ -61,7 +61,7 @@ def _layers(seed, L, B=2, H=4, Hkv=2, N=17, D=8, dtype=torch.float32):
     ["last-span", "question-span", "gathered", "padded"],  # view path, view path, gather, gather + NaN
 )
 @pytest.mark.parametrize("mask_kind", ["none-causal", "bool", "additive", "bidirectional"])
-@pytest.mark.parametrize("max_bytes", [None, 1, 30000])  # one group; every layer alone; groups of a few
+@pytest.mark.parametrize("max_bytes", [None, 1, "few"])  # one group; every layer alone; groups of a few
 def test_grouped_rows_equal_float64_reference(seed, rows_kind, mask_kind, max_bytes):
     L, B, N = 5, 2, 17
     layers = _layers(seed, L, B=B, N=N)
@@ -81,6 +81,8 @@ def test_grouped_rows_equal_float64_reference(seed, rows_kind, mask_kind, max_by
         "bidirectional": (None, False),
     }[mask_kind]
     sink = _Collect()
+    if max_bytes == "few":  # two or three layers' worth of what a held call costs
+        max_bytes = int(2.5 * G.LayerGroup(sink, rows, "cpu")._work_out(*layers[0], 0.29)[1])
     group = G.LayerGroup(sink, rows, "cpu", max_bytes=max_bytes)
     sites = [object() for _ in range(L)]
     for site, (q, k) in zip(sites, layers):
@@ -274,3 +276,30 @@ def test_saliency_grouped_equals_saliency_layer_by_layer(monkeypatch, family):
     alone = saliency(vlm, batch, queries="question")
     for name in ("attn_grad", "saliency", "target"):
         np.testing.assert_allclose(grouped[name].values, alone[name].values, atol=1e-7, rtol=1e-5, equal_nan=True)
+
+
+def test_the_last_expected_layer_flushes_its_group_at_once():
+    L = 4
+    layers = _layers(3, L)
+    sink = _Collect()
+    sites = [object() for _ in range(L)]
+    group = G.LayerGroup(sink, np.array([[16], [16]]), "cpu", last=sites[-1])
+    for i, (site, (q, k)) in enumerate(zip(sites, layers)):
+        group.add(site, q, k, None, 0.29, True)
+        assert sink.sizes == ([] if i < L - 1 else [L])  # nothing computed before the last layer's call
+    assert not group.pending
+    group.flush()  # the caller's flush after the forward: nothing left
+    assert sink.sizes == [L]
+
+
+@pytest.mark.parametrize("queries", ["last", "question"])
+def test_capture_is_the_same_with_the_flush_at_the_last_layer_or_after_the_forward(monkeypatch, queries):
+    from tiny_cases import _build
+
+    from vtrlab.probes import engine
+
+    vlm, batch = _build("llava")
+    at_last = engine.capture(vlm, batch, queries=queries, vision=True)
+    monkeypatch.setattr(engine, "FLUSH_AT_LAST_LAYER", False)
+    after = engine.capture(vlm, batch, queries=queries, vision=True)
+    assert at_last.identical(after)

@@ -231,6 +231,18 @@ class Session:
     sites: dict[int, list[Site]]  # id(attention module) -> the sites on it, outermost first
     # per-forward constants shared by the layers of a forward (knockout row splices), a few entries at most
     cache: dict = field(default_factory=dict)
+    # id(attention module) -> its one site when that site only holds rows for a group (capture's layers): the
+    # attention function's short path (no knockout, saliency or callback to look for, per layer and call)
+    holds: dict[int, Site] = field(default_factory=dict)
+
+
+def _only_holds(sites: list[Site]) -> Site | None:
+    """The site of ``sites`` when it is the only one and all it does is hold its rows for its group."""
+    if len(sites) != 1:
+        return None
+    s = sites[0]
+    plain = s.knockout is None and s.saliency_rows is None and s.on_call is None and s.group is not None
+    return s if plain and (s.stream == "lm" and s.rows is not None or s.vision_mode == "cls") else None
 
 
 def current_session() -> Session | None:
@@ -252,20 +264,25 @@ class session:
 
     def __enter__(self) -> Session:
         outer = _SESSION.get()
-        merged = {} if outer is None else {k: list(v) for k, v in outer.sites.items()}
-        for key, site in self._sites.items():
-            here = merged.setdefault(key, [])
-            if site.records:
-                clash = next((s for s in here if s.records), None)
-                if clash is not None:
-                    raise ValueError(
-                        f"{site.probe} inside {clash.probe} on the same attention module ({site.stream} layer "
-                        f"{site.layer}) cannot work: the outer probe would record the inner forward too. "
-                        "Run them one after the other"
-                    )
-            here.append(site)
-        self._token = _SESSION.set(Session(merged))
-        return _SESSION.get()
+        if outer is None:  # no probe around this one (capture's case): nothing to merge with
+            merged = {key: [site] for key, site in self._sites.items()}
+        else:
+            merged = {k: list(v) for k, v in outer.sites.items()}
+            for key, site in self._sites.items():
+                here = merged.setdefault(key, [])
+                if site.records:
+                    clash = next((s for s in here if s.records), None)
+                    if clash is not None:
+                        raise ValueError(
+                            f"{site.probe} inside {clash.probe} on the same attention module ({site.stream} layer "
+                            f"{site.layer}) cannot work: the outer probe would record the inner forward too. "
+                            "Run them one after the other"
+                        )
+                here.append(site)
+        holds = {key: site for key, site in ((k, _only_holds(v)) for k, v in merged.items()) if site is not None}
+        session = Session(merged, holds=holds)
+        self._token = _SESSION.set(session)
+        return session
 
     def __exit__(self, *exc) -> None:
         _SESSION.reset(self._token)
@@ -675,7 +692,8 @@ def vtrlab_sdpa_attention_forward(
 ):
     sess = _SESSION.get()
     sdpa_attention_forward = _stock_sdpa()
-    here = sess.sites.get(id(module)) if sess is not None else None
+    module_id = id(module)
+    here = sess.sites.get(module_id) if sess is not None else None
     if not here:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
@@ -689,6 +707,13 @@ def vtrlab_sdpa_attention_forward(
     if kwargs.get("position_bias") is not None:
         raise ValueError(f"{type(module).__name__} passes a position_bias; vtrlab capture does not support it yet")
     causal = _is_causal(module, query, attention_mask, is_causal)
+    held = sess.holds.get(module_id)
+    if held is not None:  # the common case of capture, kept short (it runs for every layer of every call)
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+        _hold(held, query, key, attention_mask, scaling, causal)
+        return out, None
     mask = attention_mask
     knockouts = [s.knockout for s in here if s.knockout is not None]
     out = None
@@ -779,14 +804,18 @@ def _detached(t: torch.Tensor) -> torch.Tensor:
     return t.detach() if t.requires_grad else t  # (a detach is one more dispatched op per call)
 
 
+def _hold(site: Site, query, key, mask, scaling, causal) -> None:
+    """Hold this call's rows for ``site``'s group (vtrlab.probes.grouped): no operator now."""
+    site.group.add(site, _detached(query), _detached(key), mask, scaling, causal)
+    if site.stream == "vision":
+        segments = site.segments
+        segments.append((segments[-1][0] + segments[-1][1] if segments else 0, key.shape[2]))
+
+
 def _record(site: Site, module, query, key, value, mask, scaling, causal, out) -> None:
     """Keep what ``site`` asks for from this call (probabilities under ``mask``, the final one)."""
     if site.group is not None and (site.stream == "lm" and site.rows is not None or site.vision_mode == "cls"):
-        # held for a batched computation with other layers (vtrlab.probes.grouped): no operator now
-        site.group.add(site, _detached(query), _detached(key), mask, scaling, causal)
-        if site.stream == "vision":
-            offset = sum(n for _, n in site.segments)
-            site.segments.append((offset, key.shape[2]))
+        _hold(site, query, key, mask, scaling, causal)
     elif site.rows is not None or site.vision_mode is not None:
         _record_rows(site, module, query, key, mask, scaling, causal)
     if site.saliency_rows is not None:

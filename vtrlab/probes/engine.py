@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -23,6 +24,10 @@ from .switch import attention_switched
 
 # capture's device staging buffer (see launch) up to this size; larger captures copy layer by layer
 _STAGE_MAX_BYTES = 256 * 2**20
+# The LM rows' group flushes when the last recorded layer's attention has run, not after the forward: its rows
+# are computed and copied while the forward finishes (the final norm, the LM head; ~55 MB of question rows at
+# LLaVA-1.5-7B took ~2 ms to reach the host, most of it waited for after the forward otherwise).
+FLUSH_AT_LAST_LAYER = True
 
 
 def _lm_sites(attn_modules: list, layers: list[int], plan: RowPlan, dtype, device) -> dict[int, Site]:
@@ -80,8 +85,8 @@ class _BufferSink:
             else:
                 for g, site in enumerate(sites):
                     copy_to_host(self.buffer[self.slots[site.layer]], probs[g])
-        for site in sites:
-            site.probs.append(site.out)  # its slice of the buffer: capture checks one call per layer
+        for site in sites:  # the buffer slot its rows are in (capture checks one call per layer)
+            site.probs.append(self.slots[site.layer])
 
 
 def _vision_tables(layouts: Sequence[ImageLayout]) -> list[dict[str, np.ndarray]]:
@@ -93,8 +98,27 @@ def _vision_tables(layouts: Sequence[ImageLayout]) -> list[dict[str, np.ndarray]
                 f"sample {b}'s layout has no vision-encoder table, so vision attention cannot be labelled; "
                 "pass vision=False"
             )
-        tables.append({col: L.vision[col].to_numpy() for col, _ in _VISION_LABELS})
+        tables.append(_columns(L.vision, [col for col, _ in _VISION_LABELS]))
     return tables
+
+
+def _columns(frame, names: list[str]) -> dict[str, np.ndarray]:
+    """``{name: frame[name].to_numpy()}`` without building a Series per column (~7 µs each, most of a
+    vision table's read; capture reads seven columns of every sample's table per call). Uses pandas'
+    ``DataFrame._get_column_array`` where it exists and gives what ``to_numpy`` gives; else the Series."""
+    out = {}
+    for name in names:
+        values = None
+        getter = getattr(frame, "_get_column_array", None)
+        if getter is not None and frame.columns.is_unique:
+            try:
+                values = np.asarray(getter(frame.columns.get_loc(name)))
+            except Exception:  # another pandas: its public path below
+                values = None
+        if values is None or values.shape != (len(frame),):
+            values = frame[name].to_numpy()
+        out[name] = values
+    return out
 
 
 def _cls_index(layouts: Sequence[ImageLayout], tables: list[dict[str, np.ndarray]] | None = None) -> int:
@@ -122,11 +146,35 @@ def _vision_sites(attn_modules: list, layers: list[int], mode: str, cls_index: i
 
 def _attention_modules(vlm, vision: bool) -> list:
     """Every LM (or vision) layer's attention module, in layer order. Looked up once per call: ``vlm.lm_layers``
-    and ``vlm.vision_layers`` walk the module tree on every access, and indexing a ``ModuleList`` is slow."""
-    layers, attention = (
-        (vlm.vision_layers, vlm.adapter.vision_attention) if vision else (vlm.lm_layers, vlm.adapter.lm_attention)
-    )
-    return [attention(m) for m in layers]
+    and ``vlm.vision_layers`` walk the module tree on every access, and indexing a ``ModuleList`` is slow.
+
+    The adapter's lookup (``layer.self_attn``: ``nn.Module.__getattr__``, ~0.6 µs a layer) runs once per layer
+    list; what is remembered is only the *name* of each layer's attention child, and every call reads the child
+    by that name from the layer's own ``_modules``, so a module replaced since (``layer.self_attn = ...``) is
+    the one returned."""
+    layers = vlm.vision_layers if vision else vlm.lm_layers
+    adapter_type = type(vlm.adapter)
+    with _NAMES_LOCK:
+        hit = _ATTENTION_NAMES.get((id(layers), vision))
+    if hit is not None and hit[0]() is layers and hit[1] is adapter_type and len(hit[2]) == len(layers):
+        try:
+            return [layer._modules[name] for layer, name in zip(layers, hit[2])]
+        except KeyError:  # a child removed since: the adapter's lookup again
+            pass
+    attention = vlm.adapter.vision_attention if vision else vlm.adapter.lm_attention
+    modules = [attention(m) for m in layers]
+    names = [next((n for n, child in layer._modules.items() if child is m), None) for layer, m in zip(layers, modules)]
+    if None not in names:  # every attention module is a direct child: remember where
+        with _NAMES_LOCK:
+            _ATTENTION_NAMES[(id(layers), vision)] = (weakref.ref(layers), adapter_type, names)
+            while len(_ATTENTION_NAMES) > 32:
+                _ATTENTION_NAMES.pop(next(iter(_ATTENTION_NAMES)))
+    return modules
+
+
+# (id(layer list), vision) -> (weak reference to that list, adapter type, each layer's attention child's name)
+_ATTENTION_NAMES: dict[tuple[int, bool], tuple] = {}
+_NAMES_LOCK = threading.Lock()
 
 
 def _hidden_norm_hooks(vlm, layers: list[int]):
@@ -168,8 +216,8 @@ def _vision_gather(layouts, probs_by_layer, layers, head_mean, dtype, tables=Non
     # (L, crops, H, S), on the device
     probs = stacked if stacked is not None else torch.stack([probs_by_layer[layer] for layer in layers])
     n_seq, S = probs.shape[1], probs.shape[3]
-    n_crops = len(np.unique(np.concatenate([t["crop"] for t in tables]).astype(np.int64)))
-    packed = n_seq == 1 and n_crops > 1
+    # one encoder sequence holding several crops (a packed encoder): no sort of every token's crop to find out
+    packed = n_seq == 1 and _several_crops(tables)
     offsets = packed_crop_offsets(layouts) if packed else {}
     index = np.zeros((2, B, V), dtype=np.int64)  # (crop, vpos) of each (sample, vision token)
     valid = np.zeros((B, V), dtype=bool)
@@ -204,6 +252,11 @@ def _vision_gather(layouts, probs_by_layer, layers, head_mean, dtype, tables=Non
     else:
         host = picked.contiguous()
     return host, valid, tables
+
+
+def _several_crops(tables) -> bool:
+    first = next((t["crop"][0] for t in tables if len(t["crop"])), None)
+    return first is not None and any(bool((t["crop"] != first).any()) for t in tables)
 
 
 def _identity_gather(index: np.ndarray, valid: np.ndarray, n_seq: int, S: int, packed: bool) -> bool:
@@ -363,27 +416,27 @@ def launch(
     direct = sdtype == torch.float32 and sel is None and not head_mean
     if cuda and direct and buffer.numel() * buffer.element_size() <= _STAGE_MAX_BYTES:
         stage = torch.empty(shape, dtype=sdtype, device=device)
-    target = stage if stage is not None else buffer
-    slices = dict(zip(lm_layers, target.unbind(0)))  # one op for every layer's slice
     # the layers' rows computed in batched groups, not one layer at a time (see vtrlab.probes.grouped)
     lm_group = LayerGroup(
         _BufferSink(buffer, stage, {layer: i for i, layer in enumerate(lm_layers)}, sel, head_mean, device),
         rows_np,
         device,
         plan=plan,
+        last=sites[id(lm_attn[max(lm_layers)])] if FLUSH_AT_LAST_LAYER and lm_layers else None,
     )
     groups = [lm_group]
-    for site in sites.values():
-        site.out, site.head_sel, site.head_mean, site.group = slices[site.layer], sel, head_mean, lm_group
+    for site in sites.values():  # (no site.out: the group's sink writes each layer's slice of the buffer)
+        site.head_sel, site.head_mean, site.group = sel, head_mean, lm_group
 
     v_layers: list[int] = []
     v_attn: list = []
     v_sink = None
     tables = None
+    has_cls = vision and vlm.has_cls  # read once (the adapter walks the vision tower)
     if vision:
         v_attn = _attention_modules(vlm, vision=True)
         v_layers = layer_indices(vision_layers, len(v_attn), what="vision_layers")
-        mode = "cls" if vlm.has_cls else "mean"
+        mode = "cls" if has_cls else "mean"
         tables = _vision_tables(layouts)  # read once: the [CLS] index now, the labels at build
         cls_index = _cls_index(layouts, tables)
         v_sites = _vision_sites(v_attn, v_layers, mode, cls_index, torch.float32, device)
@@ -435,6 +488,7 @@ def launch(
         vision=vision,
         hidden=hidden,
         head_mean=head_mean,
+        has_cls=has_cls,
     )
 
 
@@ -456,6 +510,7 @@ def _build(
     vision,
     hidden,
     head_mean,
+    has_cls,
 ) -> xr.Dataset:
     """The Dataset of one launched capture (waits for its copies on CUDA).
 
@@ -502,7 +557,7 @@ def _build(
         "family": str(vlm.family),
         "queries": queries if isinstance(queries, str) else "explicit",
         "query_coordinate": "sequence position" if same_rows else "row index (see query_position)",
-        "vision_mode": ("cls" if vlm.has_cls else "mean over queries") if vision else "none",
+        "vision_mode": ("cls" if has_cls else "mean over queries") if vision else "none",
         "head_mean": int(head_mean),
         "attn_implementation": "vtrlab_sdpa",
     }
@@ -542,12 +597,15 @@ def _dataset(data: dict[str, tuple], coords: dict[str, np.ndarray], attrs: dict)
 def _direct(data: dict[str, tuple], coords: dict[str, np.ndarray], attrs: dict) -> xr.Dataset:
     from xarray.indexes import PandasIndex
 
-    variables = {name: xr.Variable(dims, values) for name, (dims, values) in data.items()}
+    # capture's values are numpy arrays already: xarray's fast path skips the conversions (checked equal to
+    # xr.Dataset's result by _direct_matches)
+    variables = {name: xr.Variable(dims, values, fastpath=True) for name, (dims, values) in data.items()}
     indexes = {}
     for dim, values in coords.items():
-        var = xr.Variable((dim,), values)
-        indexes[dim] = _index(PandasIndex, dim, var)
-        variables.update(indexes[dim].create_variables({dim: var}))  # new variables every call (mutable)
+        indexes[dim], adapter = _index(PandasIndex, dim, values)
+        # a new variable every call (a Dataset's variables are mutable: attrs), around the shared read-only
+        # adapter of the index's values, as PandasIndex.create_variables makes it
+        variables[dim] = xr.IndexVariable((dim,), adapter, fastpath=True)
     sizes: dict[str, int] = {}
     for name, var in variables.items():
         for dim, n in zip(var.dims, var.shape):
@@ -565,22 +623,26 @@ _INDEXES_MAX = 64
 _INDEXES_LOCK = threading.Lock()  # captures may run in threads (a streaming caller's builder)
 
 
-def _index(index_type, dim: str, var: xr.Variable):
-    values = var.values
-    if values.dtype.kind not in "biuf":  # keyed by the bytes of the values: numbers only
-        return index_type.from_variables({dim: var}, options={})
-    key = (dim, values.dtype.str, values.shape, values.tobytes())
-    with _INDEXES_LOCK:
-        index = _INDEXES.get(key)
-        if index is not None:
-            _INDEXES.move_to_end(key)
-            return index
-    index = index_type.from_variables({dim: var}, options={})
-    with _INDEXES_LOCK:
-        _INDEXES[key] = index
-        while len(_INDEXES) > _INDEXES_MAX:
-            _INDEXES.popitem(last=False)
-    return index
+def _index(index_type, dim: str, values: np.ndarray):
+    """(index, its variable's data adapter) of the dimension coordinate ``dim`` = ``values``, shared between
+    calls (see above)."""
+    values = np.asarray(values)
+    key = None
+    if values.dtype.kind in "biuf":  # keyed by the bytes of the values: numbers only
+        key = (dim, values.dtype.str, values.shape, values.tobytes())
+        with _INDEXES_LOCK:
+            hit = _INDEXES.get(key)
+            if hit is not None:
+                _INDEXES.move_to_end(key)
+                return hit
+    index = index_type.from_variables({dim: xr.Variable((dim,), values)}, options={})
+    hit = index, index.create_variables()[dim]._data
+    if key is not None:
+        with _INDEXES_LOCK:
+            _INDEXES[key] = hit
+            while len(_INDEXES) > _INDEXES_MAX:
+                _INDEXES.popitem(last=False)
+    return hit
 
 
 def _direct_matches() -> bool:
@@ -612,6 +674,10 @@ def _direct_matches() -> bool:
 
 
 def _num_heads(attn_module) -> int:
+    attrs = attn_module.__dict__  # instance attributes first: a miss through nn.Module.__getattr__ raises inside
+    for name in ("num_heads", "num_attention_heads"):
+        if name in attrs:
+            return int(attrs[name])
     for name in ("num_heads", "num_attention_heads"):
         if hasattr(attn_module, name):
             return int(getattr(attn_module, name))

@@ -4,9 +4,10 @@ Why: a short forward is host-bound — LLaVA-1.5-7B at 617 tokens and batch 1 ru
 which the GPU is busy ~20 ms — so every operator a probe adds per layer costs its full host dispatch and
 launch, however small its kernel. Computing a layer's rows as it runs (:func:`row_probabilities`) adds
 ~9 operators per recorded layer, ~300 over a 32-layer LM. A :class:`LayerGroup` instead *holds* what
-the rows need — the layer's query rows (a view when every sample's rows are one contiguous range) and
-its key, no operator at all — and computes the held layers together: one stack of the keys, one
-``bmm``, one softmax written straight into the caller's buffer. It flushes when the held tensors and
+the rows need — the layer's query (whole, when every sample's rows are one contiguous range: its rows are
+taken at the flush by one narrow of the stack; else the gathered rows) and its key, no operator at all —
+and computes the held layers together: one stack of the queries and one of the keys, one ``bmm``, one
+softmax written straight into the caller's buffer. It flushes when the held tensors and
 the flush's temporaries would pass ``max_bytes`` (so the extra memory stays bounded: at LLaVA-NeXT-7B
 batch 8 every layer flushes alone, which is the per-layer computation), when a call of another
 signature comes (shapes, dtypes, device, scale, causality, mask object: the layers of one group share
@@ -29,10 +30,13 @@ import torch
 
 from .attention import RowPlan
 
-# Held query rows and keys of one group plus the flush's temporaries (stacked keys, scores), at most: the
-# extra device memory a grouped capture may take beyond a per-layer one. 512 MiB holds every layer of
-# LLaVA-1.5-7B at 617 tokens and batch 1 (~15 MiB a layer: its query and key, and the key's stacked copy).
-GROUP_MAX_BYTES = 512 * 2**20
+# Held queries and keys of one group plus the flush's temporaries (their stacked copies, scores), at most: the
+# extra device memory a grouped capture may take beyond a per-layer one. 768 MiB holds every layer of
+# LLaVA-1.5-7B at 617 tokens and batch 1 (~20 MiB a layer: its query and key and their stacked copies), so that
+# capture there flushes once, after the forward: a flush inside the forward cost ~1 ms of wall time on the H200
+# (benchmarks/timeline_capture.py --effects: capture_last in two groups against one, session 8), far more than
+# its operators' launches.
+GROUP_MAX_BYTES = 768 * 2**20
 # Probabilities one group delivers, at most. A group's rows leave for the host right after its flush, so smaller
 # groups hide more of the copy behind the forward, but every flush costs host work (a dozen operators and the copy's
 # stream calls), and on a host-bound forward host work is what the wall time is made of. Measured on the H200 at
@@ -57,7 +61,7 @@ class RowSink(Protocol):
 @dataclass(slots=True)
 class _Held:
     site: Any
-    q: torch.Tensor  # (B, H, R, D): the rows (a view of the layer's query, or gathered)
+    q: torch.Tensor  # (B, H, N, D) the layer's query when the rows are one span (taken at the flush), else (B, H, R, D)
     k: torch.Tensor  # (B, Hkv, N, D)
     mask: torch.Tensor | None  # held so that its identity (the group's signature) cannot be reused
 
@@ -87,8 +91,12 @@ class LayerGroup:
         plan: RowPlan | None = None,
         max_bytes: int | None = None,
         max_out_bytes: int | None = None,
+        last=None,
     ):
         self.sink = sink
+        # the site of the last layer the caller expects: its call flushes the group at once (inside the forward,
+        # so the rows' computation and their copy to the host overlap the rest of it: final norm, LM head)
+        self.last = last
         self.device = torch.device(device)
         self.max_bytes = GROUP_MAX_BYTES if max_bytes is None else int(max_bytes)
         self.max_out_bytes = GROUP_MAX_OUT_BYTES if max_out_bytes is None else int(max_out_bytes)
@@ -147,21 +155,21 @@ class LayerGroup:
         if how is None:
             how = self._how[signature] = self._work_out(query, key, scaling)
         span, cost, _, out = how
-        if span is not None:
-            q_rows = query.narrow(2, span[0], span[1])  # a view: no operator on the device
-        else:
+        if span is None:
             B, H, _, D = query.shape
-            q_rows = torch.gather(query, 2, self._plan(B).query_index(B, H, D))
+            query = torch.gather(query, 2, self._plan(B).query_index(B, H, D))  # the rows
+        # with a span the whole query is held, and the rows are taken at the flush by one narrow of the stack
+        # (a narrow per layer here costs more host time than the stack's extra copy costs the device)
         if self.pending and (
             signature != self._signature or self._held + cost > self.max_bytes or self._out + out > self.max_out_bytes
         ):
             self.flush()
-        self.pending.append(_Held(site, q_rows, key, mask))
+        self.pending.append(_Held(site, query, key, mask))
         self._signature = signature
         self._held += cost
         self._out += out
-        if self._held > self.max_bytes:  # alone over the limit: computed now, as a per-layer capture would
-            self.flush()
+        if self._held > self.max_bytes or site is self.last:  # alone over the limit (computed now, as a per-layer
+            self.flush()  # capture would), or the last expected layer
 
     def _work_out(self, query, key, scaling) -> tuple[tuple[int, int] | None, int, float, int]:
         """(row span or None, bytes a held call costs, scale, bytes of its probabilities) for calls of this
@@ -171,9 +179,10 @@ class LayerGroup:
         span = self._span(B)
         R = span[1] if span is not None else self._rows_host(B).shape[1]
         rows_bytes = B * H * R * D * query.element_size()
-        q_cost = _storage_bytes(query) if span is not None else rows_bytes  # a view holds the whole query
-        # held tensors + the flush's stacked copies (keys, rows) + scores in the model's dtype and in float32
-        cost = q_cost + _storage_bytes(key) + key.numel() * key.element_size() + rows_bytes
+        # with a span the whole query is held (and stacked at the flush), else its gathered rows
+        q_cost = _storage_bytes(query) + query.numel() * query.element_size() if span is not None else 2 * rows_bytes
+        # held tensors + the flush's stacked copies (keys, queries or rows) + scores in the model's dtype and float32
+        cost = q_cost + _storage_bytes(key) + key.numel() * key.element_size()
         cost += B * H * R * N * (query.element_size() + 4)
         return span, cost, float(scaling) if scaling is not None else D**-0.5, B * H * R * N * 4
 
@@ -185,16 +194,19 @@ class LayerGroup:
         self.flushes += 1
         with torch.no_grad():
             e0 = held[0]
-            B, H, R, D = e0.q.shape
+            span, _, scale, _ = self._how[self._signature]
+            B, H, _, D = e0.q.shape
             Hkv, N = e0.k.shape[1], e0.k.shape[2]
             G, groups = len(held), H // Hkv
-            scale = self._how[self._signature][2]
             causal = self._signature[6]
             if G == 1:  # the per-layer computation: no stacked copies
                 q5, k5 = e0.q, e0.k
             else:
-                q5 = torch.stack([e.q for e in held])  # (G, B, H, R, D)
+                q5 = torch.stack([e.q for e in held])  # (G, B, H, N | R, D)
                 k5 = torch.stack([e.k for e in held])  # (G, B, Hkv, N, D), contiguous
+            if span is not None:  # whole queries were held: their rows
+                q5 = q5.narrow(-2, span[0], span[1])
+            R = q5.shape[-2]
             # (G*B*Hkv, groups*R, D) @ (G*B*Hkv, D, N): head h uses KV head h // groups, as repeat_kv does
             scores = torch.bmm(q5.reshape(G * B * Hkv, groups * R, D), k5.reshape(G * B * Hkv, N, D).transpose(1, 2))
             scores = (scores.float() if scores.dtype != torch.float32 else scores).mul_(scale).view(G, B, H, R, N)

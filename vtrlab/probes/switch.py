@@ -43,15 +43,28 @@ def _configs(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> li
     seen: dict[int, object] = {}
 
     def visit(cfg):
-        if cfg is None or id(cfg) in seen or not hasattr(cfg, "_attn_implementation"):
+        if cfg is None or id(cfg) in seen or not _has_attn_implementation(cfg):
             return
         seen[id(cfg)] = cfg
-        for key in getattr(cfg, "sub_configs", {}) or {}:
-            visit(getattr(cfg, key, None))
+        attrs = _attrs(cfg)
+        for key in getattr(type(cfg), "sub_configs", None) or getattr(cfg, "sub_configs", {}) or {}:
+            # the sub-config instance from the instance dict (transformers' __getattribute__ is slow), else getattr
+            visit(attrs[key] if key in attrs else getattr(cfg, key, None))
 
     if modules is not None:
-        own = [_own_config(m) for m in modules]
-        if all(cfg is not None and hasattr(cfg, "_attn_implementation") for cfg in own):
+        # the modules share a few configs (one per tower): each distinct one is checked once (a config's
+        # attribute lookup runs transformers' own __getattribute__, slow on a per-call path)
+        distinct: dict[int, object] = {}
+        last = distinct  # (a sentinel no config is)
+        for m in modules:
+            cfg = m.__dict__.get("config")
+            if cfg is not None and cfg is last:  # consecutive layers share their tower's config
+                continue
+            if cfg is None:
+                cfg = _own_config(m)
+            distinct[id(cfg)] = last = cfg
+        own = list(distinct.values())
+        if all(cfg is not None and _has_attn_implementation(cfg) for cfg in own):
             for cfg in [_own_config(model), *own]:
                 visit(cfg)
             return list(seen.values())
@@ -84,15 +97,29 @@ def _configs(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> li
     return list(seen.values())
 
 
+def _has_attn_implementation(cfg) -> bool:
+    # a property of transformers' configs (class level), or an instance attribute; else the slow hasattr
+    return hasattr(type(cfg), "_attn_implementation") or hasattr(cfg, "_attn_implementation")
+
+
+def _attrs(cfg) -> dict:
+    # the instance dict without transformers' PretrainedConfig.__getattribute__ (Python, on every attribute)
+    return object.__getattribute__(cfg, "__dict__")
+
+
 def _get(cfg):
-    return cfg.__dict__.get("_attn_implementation_internal", getattr(cfg, "_attn_implementation", None))
+    attrs = _attrs(cfg)
+    if "_attn_implementation_internal" in attrs:
+        return attrs["_attn_implementation_internal"]
+    return getattr(cfg, "_attn_implementation", None)
 
 
 def _set(cfg, value) -> None:
     # set this config only (the property setter would also recurse into sub-configs, which we
     # restore one by one ourselves)
-    if "_attn_implementation_internal" in cfg.__dict__:
-        cfg.__dict__["_attn_implementation_internal"] = value
+    attrs = _attrs(cfg)
+    if "_attn_implementation_internal" in attrs:
+        attrs["_attn_implementation_internal"] = value
     else:
         cfg._attn_implementation = value
 
