@@ -290,7 +290,7 @@ def host_only(name: str, batch_size: int, calls: int, threads: int, cprofile: st
             for sites in attention.current_session().sites.values():
                 for site in sites:
                     probs, segments = recorded[(site.stream, site.layer)]
-                    site.probs[:] = [site.out] if site.stream == "lm" else probs
+                    site.probs[:] = probs
                     site.segments[:] = segments
 
         model.forward = record_forward
