@@ -32,14 +32,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-
-from vtrlab.io import atomic_write_text
 
 _HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("_bench_capture", _HERE / "capture.py")
@@ -209,10 +206,7 @@ def spy_loop(case: str):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=None, help="JSON file to write")
-    ap.add_argument("--shape", default=None, help=f"one of {list(_capture.SHAPES)} (default llava-1.5-7b)")
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny random LLaVA")
-    ap.add_argument("--batch", type=int, default=1)
+    _capture.add_one_shape_args(ap)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--only", default=None, help="comma-separated cases to run (default: every step of every case)")
@@ -228,19 +222,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
         ap.error(f"need --batch >= 1, --repeats >= 1, --warmup >= 0 (got {args.batch}, {args.repeats}, {args.warmup})")
-    from vtrlab import testing
-
-    table = _capture.TINY if args.tiny else _capture.SHAPES
-    name = args.shape or next(iter(table))
-    if name not in table:
-        ap.error(f"--shape {name!r}: choose from {list(table)}")
-    if not args.tiny and not torch.cuda.is_available():
-        ap.error("full-size shapes need a CUDA GPU; use --tiny on CPU")
-    builder, size = table[name]
-    torch.manual_seed(0)
-    vlm = testing.tiny(builder) if args.tiny else testing.full_size(builder, dtype="bfloat16", device="cuda")
+    name, vlm, batch = _capture.one_shape(ap, args)
     bs = args.batch
-    batch = vlm.prepare([_capture._image(size, seed=i) for i in range(bs)], [_capture.PROMPT] * bs)
     fns = cases(vlm, batch)
     if args.loop is not None:
         unknown = [c for c in args.loop.split(",") if c not in fns]
@@ -278,9 +261,7 @@ def main(argv=None) -> int:
         "results": measure(fns, vlm.device, args.warmup, args.repeats),
     }
     print(markdown(report), flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(args.out), json.dumps(report, indent=2))
+    _capture.write_report(args.out, report)
     return 0
 
 

@@ -250,6 +250,39 @@ MIN_ROUND_SECONDS = 20.0
 MAX_ROUNDS = 200
 
 
+def add_one_shape_args(ap) -> None:
+    """Options of the one-shape scripts: ``--out``, ``--shape``, ``--tiny``, ``--batch`` (:func:`one_shape`)."""
+    ap.add_argument("--out", default=None, help="JSON file to write")
+    ap.add_argument("--shape", default=None, help=f"one of {list(SHAPES)} (default llava-1.5-7b)")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny random LLaVA")
+    ap.add_argument("--batch", type=int, default=1)
+
+
+def one_shape(ap, args):
+    """``(name, vlm, batch)`` for the one-shape scripts' ``--shape`` / ``--tiny`` / ``--batch`` (``ablate_capture.py``,
+    ``timeline_capture.py``): a full-size random model in bf16 on the GPU, or a tiny one on CPU."""
+    from vtrlab import testing
+
+    table = TINY if args.tiny else SHAPES
+    name = args.shape or next(iter(table))
+    if name not in table:
+        ap.error(f"--shape {name!r}: choose from {list(table)}")
+    if not args.tiny and not torch.cuda.is_available():
+        ap.error("full-size shapes need a CUDA GPU; use --tiny on CPU")
+    builder, size = table[name]
+    torch.manual_seed(0)
+    vlm = testing.tiny(builder) if args.tiny else testing.full_size(builder, dtype="bfloat16", device="cuda")
+    batch = vlm.prepare([_image(size, seed=i) for i in range(args.batch)], [PROMPT] * args.batch)
+    return name, vlm, batch
+
+
+def write_report(path, report: dict) -> None:
+    """``report`` as JSON at ``path`` (atomically; nothing without a path)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(path), json.dumps(report, indent=2))
+
+
 def rounds_for(
     round_s: float, rounds: int, min_seconds: float = MIN_ROUND_SECONDS, max_rounds: int = MAX_ROUNDS
 ) -> int:

@@ -24,7 +24,7 @@ before and after and divided by the number of calls), beside a small kernel laun
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import statistics
 import sys
 import time
@@ -32,7 +32,9 @@ from pathlib import Path
 
 import torch
 
-from vtrlab.io import atomic_write_text
+_spec = importlib.util.spec_from_file_location("_bench_capture", Path(__file__).resolve().parent / "capture.py")
+_capture = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_capture)
 
 
 def cases(device) -> dict:
@@ -115,9 +117,7 @@ def main(argv=None) -> int:
     print("\n| call | µs (median) | µs (min) |\n|---|---:|---:|")
     for name, r in results.items():
         print(f"| {name} | {r['median_us']:.1f} | {r['min_us']:.1f} |")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(args.out), json.dumps(report, indent=2))
+    _capture.write_report(args.out, report)
     return 0
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
-import json
 import statistics
 import sys
 import time
@@ -31,8 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from vtrlab.io import atomic_write_text
 
 _HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("_bench_capture", _HERE / "capture.py")
@@ -340,28 +337,14 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=None, help="JSON file to write")
-    ap.add_argument("--shape", default=None, help=f"one of {list(_capture.SHAPES)} (default llava-1.5-7b)")
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny random LLaVA")
-    ap.add_argument("--batch", type=int, default=1)
+    _capture.add_one_shape_args(ap)
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--effects", action="store_true", help="also the cases that isolate the forward's added time")
     args = ap.parse_args(argv)
     if args.batch < 1 or args.rounds < 1 or args.warmup < 1:
         ap.error(f"need --batch, --rounds, --warmup >= 1 (got {args.batch}, {args.rounds}, {args.warmup})")
-    from vtrlab import testing
-
-    table = _capture.TINY if args.tiny else _capture.SHAPES
-    name = args.shape or next(iter(table))
-    if name not in table:
-        ap.error(f"--shape {name!r}: choose from {list(table)}")
-    if not args.tiny and not torch.cuda.is_available():
-        ap.error("full-size shapes need a CUDA GPU; use --tiny on CPU")
-    builder, size = table[name]
-    torch.manual_seed(0)
-    vlm = testing.tiny(builder) if args.tiny else testing.full_size(builder, dtype="bfloat16", device="cuda")
-    batch = vlm.prepare([_capture._image(size, seed=i) for i in range(args.batch)], [_capture.PROMPT] * args.batch)
+    name, vlm, batch = _capture.one_shape(ap, args)
     report = {
         "device": torch.cuda.get_device_name() if vlm.device.type == "cuda" else "CPU",
         "torch": torch.__version__,
@@ -374,9 +357,7 @@ def main(argv=None) -> int:
         "results": run(vlm, batch, args.rounds, args.warmup, effects=args.effects),
     }
     print(markdown(report), flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(args.out), json.dumps(report, indent=2))
+    _capture.write_report(args.out, report)
     return 0
 
 
