@@ -107,10 +107,10 @@ def _columns(frame, names: list[str]) -> dict[str, np.ndarray]:
     vision table's read; capture reads seven columns of every sample's table per call). Uses pandas'
     ``DataFrame._get_column_array`` where it exists and gives what ``to_numpy`` gives; else the Series."""
     out = {}
+    getter = getattr(frame, "_get_column_array", None) if frame.columns.is_unique else None
     for name in names:
         values = None
-        getter = getattr(frame, "_get_column_array", None)
-        if getter is not None and frame.columns.is_unique:
+        if getter is not None:
             try:
                 values = np.asarray(getter(frame.columns.get_loc(name)))
             except Exception:  # another pandas: its public path below
