@@ -101,7 +101,7 @@ def cases(vlm, batch) -> dict:
     from vtrlab.probes.switch import attention_switched
 
     inputs = dict(batch.inputs)
-    lm, vis = engine._attention_modules(vlm, vision=False), engine._attention_modules(vlm, vision=True)
+    lm, vis = engine.attention_modules(vlm, vision=False), engine.attention_modules(vlm, vision=True)
 
     def sdpa():
         with torch.no_grad():

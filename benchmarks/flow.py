@@ -22,6 +22,11 @@ and memory as in ``benchmarks/capture.py``):
   knocked_forward   one forward inside vtrlab.knocked_out(keys="image", queries="last", layers=first quarter):
                     the cost of a cut forward, target <= 1.05x
   knocked_forward_question  the same with queries="question" (~20 rows recomputed per cut layer)
+  knocked_forward_splice    knocked_forward with every cut layer forced to the row splice (plain sdpa + the cut
+                    rows recomputed and spliced in; the one path before session 9)
+  knocked_forward_full      knocked_forward with every cut layer forced to one sdpa under the full cut mask
+                    (``CutMask``); the two forced cases measure where ``attention._FULL_MASK_MAX_ELEMENTS``
+                    should sit
 """
 
 from __future__ import annotations
@@ -73,10 +78,19 @@ def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int, only=None
 
     window = list(range(max(1, n // 4)))
 
-    def knocked(layers, queries):
-        """One forward with image -> ``queries`` cut at ``layers`` (what vl.knockout runs after its plain one)."""
-        with vl.knocked_out(vlm, batch, keys="image", queries=queries, layers=layers), torch.no_grad():
-            return vlm.model(**inputs, use_cache=False).logits
+    def knocked(layers, queries, full_mask_max=None):
+        """One forward with image -> ``queries`` cut at ``layers`` (what vl.knockout runs after its plain one);
+        ``full_mask_max``: the CutMask threshold for this call (None: the library's)."""
+        from vtrlab.probes import attention as att
+
+        saved = att._FULL_MASK_MAX_ELEMENTS
+        if full_mask_max is not None:
+            att._FULL_MASK_MAX_ELEMENTS = full_mask_max
+        try:
+            with vl.knocked_out(vlm, batch, keys="image", queries=queries, layers=layers), torch.no_grad():
+                return vlm.model(**inputs, use_cache=False).logits
+        finally:
+            att._FULL_MASK_MAX_ELEMENTS = saved
 
     methods = {
         "sdpa": sdpa,
@@ -88,6 +102,8 @@ def bench_shape(name: str, vlm, image_size, warmup: int, repeats: int, only=None
         ),
         "knocked_forward": lambda: knocked(window, "last"),
         "knocked_forward_question": lambda: knocked(window, "question"),
+        "knocked_forward_splice": lambda: knocked(window, "last", full_mask_max=0),
+        "knocked_forward_full": lambda: knocked(window, "last", full_mask_max=2**62),
     }
     if only:
         methods = {k: fn for k, fn in methods.items() if k == "sdpa" or k in only}

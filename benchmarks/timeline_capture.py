@@ -132,7 +132,7 @@ def effect_cases(vlm, batch) -> dict:
     ablate = importlib.util.module_from_spec(_ablate)
     _ablate.loader.exec_module(ablate)
     inputs = dict(batch.inputs)
-    lm = engine._attention_modules(vlm, vision=False)
+    lm = engine.attention_modules(vlm, vision=False)
 
     def polluted():
         _pollute()
@@ -156,25 +156,23 @@ def effect_cases(vlm, batch) -> dict:
         finally:
             grouped.LayerGroup.add = add
 
-    from vtrlab.probes import attention
-
     def held_variant(keep_q: bool, keep_k: bool):
         """``held`` with the query and/or key replaced by a small copy before it is held (the layer's own tensor
         is then not kept alive past the layer; one more operator per replaced tensor)."""
 
         def fn():
-            hold = attention._hold
+            add = grouped.LayerGroup.add
 
-            def small(site, query, key, *rest):
+            def small(self, site, query, key, *rest):
                 q = query if keep_q else query[:, :, -1:].clone()
                 k = key if keep_k else key[:, :, -1:].clone()
-                return hold(site, q, k, *rest)
+                return add(self, site, q, k, *rest)
 
-            attention._hold = small
+            grouped.LayerGroup.add = small
             try:
                 return held()
             finally:
-                attention._hold = hold
+                grouped.LayerGroup.add = add
 
         return fn
 

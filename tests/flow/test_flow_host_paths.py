@@ -1,7 +1,9 @@
 """The host-side paths of knockout and saliency (benchmarks/profile_flow.py) against float64 references.
 
-An unpadded one-sample batch runs without a model mask: the row splice's cut mask and its emptied-row check
-are then computed on the host (an additive mask in the query's dtype, rows aligned to 8 elements); the batch
+An unpadded one-sample batch runs without a model mask: a short one runs each cut layer as one sdpa under the
+full cut mask (CutMask, built once per forward), a longer one as a row splice whose cut mask is computed on the
+host; either way an additive mask in the query's dtype, rows aligned to 8 elements, and the emptied-row check
+made on the host (no device sync); the batch
 check accepts the bound input_ids tensor without comparing tokens; saliency forms A ⊙ (dO·Vᵀ) for stacked
 layers (in chunks); the probes switch only the configs their attention modules read.
 """
@@ -33,39 +35,65 @@ def single64(request):
     return _single64(request.param)
 
 
-@pytest.fixture
-def built(monkeypatch):
-    """The RowSplices built during the test."""
+@pytest.fixture(params=["full", "splice"])
+def built(request, monkeypatch):
+    """The cut plans (CutMask / RowSplice) built during the test, with the plan the test asks for: ``full`` (the
+    default threshold: a tiny unpadded forward runs under the full cut mask) or ``splice`` (threshold 0)."""
+    if request.param == "splice":
+        monkeypatch.setattr(att, "_FULL_MASK_MAX_ELEMENTS", 0)
     out = []
-    build = att.RowSplice.__dict__["build"].__func__
+    for cls in (att.RowSplice, att.CutMask):
+        build = cls.__dict__["build"].__func__
 
-    def spy(cls, *args, **kwargs):
-        splice = build(cls, *args, **kwargs)
-        out.append(splice)
-        return splice
+        def spy(cls_, *args, _build=build, **kwargs):
+            plan = _build(cls_, *args, **kwargs)
+            out.append(plan)
+            return plan
 
-    monkeypatch.setattr(att.RowSplice, "build", classmethod(spy))
-    return out
+        monkeypatch.setattr(cls, "build", classmethod(spy))
+    return request.param, out
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch):
+    """How many times the stock sdpa function runs (the attention function looks it up on every call)."""
+    calls = []
+    stock = att._stock_sdpa()
+
+    def counted(module, *args, **kwargs):
+        calls.append(id(module))
+        return stock(module, *args, **kwargs)
+
+    monkeypatch.setattr(att, "_STOCK_SDPA", counted)
+    return calls
 
 
 @pytest.mark.parametrize("queries", ["last", "question"])
-def test_unpadded_knockout_equals_float64_reference(single64, built, queries):
+def test_unpadded_knockout_equals_float64_reference(single64, built, sdpa_calls, queries):
     vlm, batch = single64
+    kind, built = built
     layers = [0, len(vlm.lm_layers) - 1]
     rows_of = (lambda L: [L.last_position]) if queries == "last" else (lambda L: L.question_positions)
     blocked = _blocked(vlm, batch, layers, rows_of, lambda L: L.image_positions)
     ref = _run_reference(vlm, batch, _ref_attention(blocked))
     plain = _run_reference(vlm, batch, _ref_attention({}))
+    del sdpa_calls[:]
     with knocked_out(vlm, batch, keys="image", queries=queries, layers=layers), torch.no_grad():
         got = vlm.model(**batch.inputs, use_cache=False).logits
     torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-10)
     assert (got[0, -1] - plain[0, -1]).abs().max() > 1e-6
-    assert 1 <= len(built) <= len(layers)  # one splice per forward and mask (gemma3: sliding and global)
-    if vlm.family == "llava":  # causal, no model mask: one host-built additive mask, rows aligned to 8
+    assert 1 <= len(built) <= len(layers)  # one plan per forward and mask (gemma3: sliding and global)
+    if vlm.family == "llava":  # causal, no model mask: one additive mask, rows aligned to 8
         assert len(built) == 1
-        mask = built[0].mask
+        plan = built[0]
+        assert type(plan) is (att.CutMask if kind == "full" else att.RowSplice)
+        mask, N = plan.mask, batch.inputs["input_ids"].shape[1]
+        assert mask.shape[-2:] == ((N, N) if kind == "full" else (len(rows_of(batch.layouts[0])), N))
         assert mask.dtype == torch.float64 and mask.stride(-2) % 8 == 0 and mask.stride(-1) == 1
         assert torch.isinf(mask).any() and set(mask.unique().tolist()) <= {0.0, float("-inf")}
+        # the full cut mask runs one sdpa a cut layer (every row), the splice two (the plain call, the cut rows)
+        cut = [id(vlm.adapter.lm_attention(vlm.lm_layers[i])) for i in layers]
+        assert [sdpa_calls.count(m) for m in cut] == [1 if kind == "full" else 2] * len(layers)
 
 
 def test_unpadded_nested_knockouts_unite_their_edges(single64):
@@ -121,6 +149,55 @@ def test_host_emptied_row_check_matches_the_device_one():
             assert outcomes[0] == outcomes[1]  # the same refusal, naming the same (first) row
             refusals += outcomes[0] is not None
     assert 0 < refusals < 120
+
+
+@pytest.mark.parametrize("n_knockouts", [1, 2, 3])
+def test_full_mask_emptied_row_check_matches_the_device_one(n_knockouts):
+    """CutMask's host check (O(knockouts x N) a sample) refuses exactly what the device check of the united cut
+    mask refuses, naming the same first row, for several samples and nested knockouts."""
+    rng = np.random.default_rng(n_knockouts)
+    B, N = 3, 12
+    refusals = 0
+    for causal in (True, False):
+        for _ in range(60):
+            kos = []
+            for _ in range(n_knockouts):
+                q = rng.random((B, N)) < 0.3
+                k = rng.random((B, N)) < rng.choice([0.5, 0.9, 1.0])
+                kos.append(att.Knockout(torch.as_tensor(q), torch.as_tensor(k), queries_host=q, keys_host=k))
+            query = torch.zeros(B, 1, N, 4)
+            outcomes = []
+            for check in ("device", "host"):
+                try:
+                    if check == "device":
+                        blocked = kos[0].blocked(query, query)
+                        for ko in kos[1:]:
+                            blocked = blocked | ko.blocked(query, query)
+                        att.knockout_mask(blocked, None, query, query, causal)
+                    else:
+                        att.CutMask.check_rows_keep_a_key(kos, causal)
+                    outcomes.append(None)
+                except ValueError as e:
+                    outcomes.append(str(e))
+            assert outcomes[0] == outcomes[1]  # the same refusal, naming the same first (sample, row)
+            refusals += outcomes[0] is not None
+    assert 0 < refusals < 120
+
+
+def test_full_cut_mask_is_built_once_a_forward_and_equals_the_device_mask():
+    """CutMask.build's additive mask equals knockout_mask's bool one (0 where allowed, -inf where not)."""
+    rng = np.random.default_rng(1)
+    B, N = 2, 11
+    for causal in (True, False):
+        q = rng.random((B, N)) < 0.4
+        k = rng.random((B, N)) < 0.4
+        k[:, 0] = False  # every row keeps key 0
+        ko = att.Knockout(torch.as_tensor(q), torch.as_tensor(k), queries_host=q, keys_host=k)
+        query = torch.zeros(B, 1, N, 4, dtype=torch.float64)
+        want = att.knockout_mask(ko.blocked(query, query), None, query, query, causal)  # (B, 1, N, N) bool
+        got = att.CutMask.build([ko], causal, B, N, "cpu", torch.float64).mask
+        assert got.shape == (B, 1, N, N) and got.dtype == torch.float64 and got.stride(-2) == 16
+        torch.testing.assert_close(got, torch.zeros_like(got).masked_fill(~want, float("-inf")), atol=0, rtol=0)
 
 
 def test_batch_check_by_reference_and_by_tokens(single64):

@@ -55,11 +55,17 @@ def test_capture_on_cuda_equals_cpu(monkeypatch, family, stage_max, out_max):
                 assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("plan", ["auto", "splice"])
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_knockout_and_saliency_on_cuda_equal_cpu(family):
-    """The knocked-out forward (masks through pinned memory, the splice's host-side mask, the batch check by
-    reference) and saliency (rows' probabilities in layer groups, stacked A ⊙ (dO·Vᵀ)) on CUDA equal the CPU's."""
+def test_knockout_and_saliency_on_cuda_equal_cpu(monkeypatch, family, plan):
+    """The knocked-out forward (masks through pinned memory, the full cut mask built on the device or the splice's
+    host-side mask, the batch check by reference) and saliency (rows' probabilities in layer groups, stacked
+    A ⊙ (dO·Vᵀ)) on CUDA equal the CPU's."""
     import vtrlab as vl
+    from vtrlab.probes import attention as att
+
+    if plan == "splice":
+        monkeypatch.setattr(att, "_FULL_MASK_MAX_ELEMENTS", 0)
 
     cpu, gpu = _pair(family)
     imgs = [np.random.default_rng(1).integers(0, 255, (40, 56, 3), dtype=np.uint8)]

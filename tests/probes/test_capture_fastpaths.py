@@ -126,19 +126,28 @@ def test_identity_gather_is_exactly_each_samples_own_sequence():
         ("llava", True, {}),
         ("llava", False, {"vision_layers": [1], "dtype": "float16"}),
         ("llava_next", False, {}),
+        ("llava", False, {"vision_layers": [1]}),
+        ("llava_next", False, {}),
         ("llava_next", True, {"vision_layers": [0]}),
     ],
 )
 def test_vision_table_fast_paths_equal_the_indexed_per_layer_gather(monkeypatch, family, head_mean, options):
-    """LLaVA-1.5 (one crop per image) takes the identity view and the flush's own stack; LLaVA-NeXT (five crops)
-    the index. Forcing the general path (per-layer stack, index gather) gives the same Dataset, bit for bit."""
+    """LLaVA-1.5 (one crop per image) sends its one flush's block straight to the host (float32, every head), or
+    takes the identity view of the flush's own stack; LLaVA-NeXT (five crops) the index. Forcing the general
+    path (per-layer stack, index gather) gives the same Dataset, bit for bit."""
     from vtrlab import testing
     from vtrlab.probes import grouped
 
     vlm = testing.tiny(family)
     batch = _batch(vlm, 2)
-    seen = {"identity": [], "stacked": []}
-    identity, stacked = engine._identity_gather, grouped.SiteLists.stacked
+    seen = {"identity": [], "stacked": [], "own": []}
+    identity, stacked, own = engine._identity_gather, grouped.SiteLists.stacked, engine._own_sequences
+
+    def spy_own(*a):
+        seen["own"].append(own(*a))
+        return seen["own"][-1]
+
+    monkeypatch.setattr(engine, "_own_sequences", spy_own)
 
     def spy_identity(*a):
         seen["identity"].append(identity(*a))
@@ -153,7 +162,13 @@ def test_vision_table_fast_paths_equal_the_indexed_per_layer_gather(monkeypatch,
     monkeypatch.setattr(grouped.SiteLists, "stacked", spy_stacked)
     fast = engine.capture(vlm, batch, queries="last", vision=True, head_mean=head_mean, **options)
     assert fast.sizes["vision_layer"] == len(options.get("vision_layers", vlm.vision_layers))
-    assert seen["identity"] == [family == "llava"] and seen["stacked"] == [True]
+    direct_sink = not head_mean and options.get("dtype", "float32") == "float32"  # else SiteLists
+    if direct_sink and family == "llava":
+        assert seen == {"identity": [], "stacked": [], "own": [True]}  # straight to the host
+    else:
+        assert seen["own"] == ([False] if direct_sink else [])
+        assert seen["identity"] == [family == "llava"] and seen["stacked"] == [True]
+    monkeypatch.setattr(engine, "_own_sequences", lambda *a: False)
     monkeypatch.setattr(engine, "_identity_gather", lambda *a: False)
     monkeypatch.setattr(grouped.SiteLists, "stacked", lambda self, layers: None)
     slow = engine.capture(vlm, batch, queries="last", vision=True, head_mean=head_mean, **options)
@@ -163,6 +178,35 @@ def test_vision_table_fast_paths_equal_the_indexed_per_layer_gather(monkeypatch,
     alone = engine.capture(vlm, batch, queries="last", vision=True, head_mean=head_mean, **options)
     tol = 1e-3 if options.get("dtype") == "float16" else 1e-5
     np.testing.assert_allclose(fast.vision_attn.values, alone.vision_attn.values, rtol=tol, atol=tol / 100)
+
+
+def test_cls_sink_falls_back_to_every_sites_rows_after_a_second_flush():
+    """The direct block is the Dataset's values only while it is the one flush; a second flush (a layer run
+    twice, or groups split by the byte limit) gives every site its rows, the first block's included."""
+    from vtrlab.probes.attention import Site
+
+    tables = [{"vpos": np.arange(5), "crop": np.full(5, b)} for b in range(2)]
+    probs = torch.rand(3, 2, 4, 1, 5)
+    sites = [Site("vision", i) for i in (0, 1, 2)]
+    one = engine._ClsSink([0, 1, 2], tables)
+    one.put(sites, probs, False)
+    assert one.host is not None and all(not s.probs for s in sites)
+    torch.testing.assert_close(one.host, probs[:, :, :, 0].permute(1, 0, 2, 3))
+    sites = [Site("vision", i) for i in (0, 1, 2)]
+    two = engine._ClsSink([0, 1, 2], tables)
+    two.put(sites, probs, False)
+    two.put(sites[:1], probs[:1], False)  # layer 0 again
+    assert two.host is None and two.stacked([0, 1, 2]) is None
+    assert [len(s.probs) for s in sites] == [2, 1, 1]
+    for g, s in enumerate(sites):
+        torch.testing.assert_close(s.probs[0], probs[g, :, :, 0])
+    # tables that do not list each sample's own sequence in order: the per-site rows from the start
+    shuffled = [{"vpos": np.arange(5)[::-1].copy(), "crop": np.full(5, b)} for b in range(2)]
+    sites = [Site("vision", i) for i in (0, 1, 2)]
+    other = engine._ClsSink([0, 1, 2], shuffled)
+    other.put(sites, probs, False)
+    assert other.host is None and all(len(s.probs) == 1 for s in sites)
+    assert not engine._own_sequences(tables, 3, 5) and not engine._own_sequences(tables, 2, 6)
 
 
 def test_stacked_only_when_one_flush_delivered_exactly_the_layers_once():
@@ -250,8 +294,8 @@ def test_attention_modules_follow_a_replaced_module_and_equal_the_adapters_looku
     for vision in (False, True):
         layers = vlm.vision_layers if vision else vlm.lm_layers
         lookup = vlm.adapter.vision_attention if vision else vlm.adapter.lm_attention
-        assert engine._attention_modules(vlm, vision) == [lookup(m) for m in layers]
-        assert engine._attention_modules(vlm, vision) == [lookup(m) for m in layers]  # from the memo
+        assert engine.attention_modules(vlm, vision) == [lookup(m) for m in layers]
+        assert engine.attention_modules(vlm, vision) == [lookup(m) for m in layers]  # from the memo
     batch = _batch(vlm, 1)
     before = engine.capture(vlm, batch, queries="last", vision=False)
     layer = vlm.lm_layers[1]
@@ -261,7 +305,7 @@ def test_attention_modules_follow_a_replaced_module_and_equal_the_adapters_looku
     new.to(next(old.parameters()).dtype)
     layer.self_attn = new
     try:
-        assert engine._attention_modules(vlm, False)[1] is new
+        assert engine.attention_modules(vlm, False)[1] is new
         after = engine.capture(vlm, batch, queries="last", vision=False)  # raises if `new` ran unprobed
         np.testing.assert_allclose(after.lm_attn.values, before.lm_attn.values, rtol=1e-5, atol=1e-7)
     finally:
@@ -281,11 +325,11 @@ def test_attention_modules_without_a_direct_child_are_looked_up_every_call():
     nested = type(vlm)(vlm.model, vlm.processor, Nested(), vlm.name)
     engine._ATTENTION_NAMES.clear()
     for _ in range(2):
-        got = engine._attention_modules(nested, False)
+        got = engine.attention_modules(nested, False)
         assert got == [nested.adapter.lm_attention(m) for m in nested.lm_layers]
         assert (id(nested.lm_layers), False) not in engine._ATTENTION_NAMES
     # the same layer list under the stock adapter afterwards: its own lookup, not the other adapter's names
-    assert engine._attention_modules(vlm, False) == [m.self_attn for m in vlm.lm_layers]
+    assert engine.attention_modules(vlm, False) == [m.self_attn for m in vlm.lm_layers]
 
 
 def test_columns_equal_pandas_to_numpy():

@@ -1,10 +1,12 @@
 """Attention knockout: block edges from chosen key positions to chosen query positions, in chosen LM layers.
 
 The edges are removed inside vtrlab's attention function, so the model's own code runs unchanged
-everywhere else. A cut layer runs the plain sdpa call (flash path kept) and recomputes only the cut
-query rows under their explicit mask, spliced into the output (:class:`vtrlab.probes.attention.RowSplice`;
-equal to masking every row, up to float rounding); with a recorder on the same layer (a capture inside
-the block) or many cut rows, one sdpa under the full cut mask. Typical use: cut image tokens -> last token in layers
+everywhere else. A cut layer of a short unpadded forward (host-bound: LLaVA-1.5 at batch 1) runs one
+sdpa under the full cut mask, built once per forward (:class:`vtrlab.probes.attention.CutMask`); a longer
+one runs the plain sdpa call (flash path kept) and recomputes only the cut query rows under their
+explicit mask, spliced into the output (:class:`vtrlab.probes.attention.RowSplice`; equal to masking
+every row, up to float rounding); with a recorder on the same layer (a capture inside the block) or many
+cut rows, one sdpa under the full cut mask. Typical use: cut image tokens -> last token in layers
 K..L and see whether the answer survives (Geva et al.-style information-flow analysis).
 
 A knockout is bound to the batch it was built for (its positions are that batch's):
@@ -30,6 +32,7 @@ import xarray as xr
 
 from vtrlab.models.labels import key_coordinates
 from vtrlab.probes.attention import Binding, Knockout, Site, session, to_device
+from vtrlab.probes.engine import attention_modules
 from vtrlab.probes.spec import keys_per_sample, layer_indices, queries_per_sample
 from vtrlab.probes.switch import attention_switched
 
@@ -67,11 +70,8 @@ def knockout_sites(vlm, batch, *, keys="image", queries="last", layers="all") ->
         queries_host=q_host,
         keys_host=k_host,
     )
-    mods = vlm.lm_layers
-    return {
-        id(vlm.adapter.lm_attention(mods[i])): Site("lm", i, knockout=ko, probe="knocked_out")
-        for i in layer_indices(layers, len(mods))
-    }
+    attn = attention_modules(vlm, vision=False)  # every LM layer's, looked up once (remembered between calls)
+    return {id(attn[i]): Site("lm", i, knockout=ko, probe="knocked_out") for i in layer_indices(layers, len(attn))}
 
 
 @contextlib.contextmanager
@@ -111,9 +111,9 @@ def knocked_out(vlm, batch, *, keys="image", queries="last", layers="all") -> It
     """
     sites = knockout_sites(vlm, batch, keys=keys, queries=queries, layers=layers)
     binding = next(iter(sites.values())).knockout.binding
-    mods = vlm.lm_layers
-    attn = [vlm.adapter.lm_attention(mods[s.layer]) for s in sites.values()]
-    with attention_switched(vlm.model, attn), _checks_batch(vlm.model, binding), session(sites):
+    attn = attention_modules(vlm, vision=False)
+    cut = [attn[s.layer] for s in sites.values()]
+    with attention_switched(vlm.model, cut), _checks_batch(vlm.model, binding), session(sites):
         yield
 
 

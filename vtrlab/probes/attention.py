@@ -510,6 +510,93 @@ def knockout_mask(blocked: torch.Tensor, attention_mask, query, key, causal: boo
 # share of the query rows; beyond it one masked sdpa over every row is cheaper.
 _SPLICE_MAX_SHARE = 0.5
 _SPLICE_CACHE_SIZE = 8
+# A cut layer of a forward without a model mask whose full cut mask has at most this many entries (B x Q x N)
+# runs as one sdpa under that mask (:class:`CutMask`, built once per forward) instead of a splice. Such a forward
+# is short and host-bound (LLaVA-1.5-7B at 617 tokens, batch 1: ~30 ms of which the H200 is busy ~20), so the
+# splice's extra operators a layer (gather, a second sdpa, its transpose, scatter) cost their full host dispatch,
+# while the masked kernel's extra device time hides in the GPU's idle gaps. Longer or larger batches keep the
+# splice: there the device is the bottleneck and the flash path over every other row pays (benchmarks/flow.py).
+_FULL_MASK_MAX_ELEMENTS = 2**21
+_STRICT_UPPER: dict[tuple, torch.Tensor] = {}  # (N, device) -> (N, N) bool, key j > query i (a few entries)
+
+
+class CutMask:
+    """Knockout as one sdpa under the full cut mask, for every row of a cut layer.
+
+    The mask is additive in the query's dtype (``0`` / ``-inf``, what sdpa converts a bool one to), built on
+    the device once per forward and mask shape, with rows aligned to 8 elements (the memory-efficient CUDA
+    kernel pads an unaligned mask on every call); only for forwards without a model mask (causal or full
+    attention: an unpadded batch). Whether a cut leaves a row without a key is decided on the host from the
+    knockouts' host copies, so building it needs no device sync.
+    """
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask  # (B, 1, N, N) additive, the query's dtype
+
+    @staticmethod
+    def check_rows_keep_a_key(knockouts, causal: bool) -> None:
+        """Raise if the cut leaves a query row with no key (as :func:`knockout_mask` does), from the host copies.
+
+        A row's blocked keys are the union of the keys of the knockouts that cut it; rows are grouped by which
+        knockouts cut them, so the check is O(knockouts x N) per sample, not O(N^2)."""
+        import numpy as np
+
+        if len(knockouts) == 1:  # the common case, vectorised over the samples
+            q, k = (
+                np.asarray(knockouts[0].host_queries(), dtype=bool),
+                ~np.asarray(knockouts[0].host_keys(), dtype=bool),
+            )
+            first_row, first_free = q.argmax(1), k.argmax(1)
+            bad = q.any(1) & (~k.any(1) | (causal & (first_free > first_row)))
+            if bad.any():
+                b = int(np.flatnonzero(bad)[0])
+                raise ValueError(
+                    f"knockout leaves query row {int(first_row[b])} (sample {b}) with no key to attend to; "
+                    "keep at least one key visible to every blocked query row"
+                )
+            return
+        qs = np.stack([np.asarray(ko.host_queries(), dtype=bool) for ko in knockouts])  # (K, B, N)
+        ks = np.stack([np.asarray(ko.host_keys(), dtype=bool) for ko in knockouts])
+        weights = (np.int64(1) << np.arange(len(knockouts), dtype=np.int64))[:, None]
+        for b in range(qs.shape[1]):
+            codes = (qs[:, b] * weights).sum(0)  # (N,) which knockouts cut each row
+            emptied = []
+            for code in np.unique(codes[codes > 0]):
+                which = (int(code) >> np.arange(len(knockouts))) & 1 == 1
+                free = np.flatnonzero(~ks[which, b].any(0))  # keys no cut of these rows blocks
+                first_row = int(np.flatnonzero(codes == code)[0])
+                # causal: row r keeps a key iff a free key j <= r; the code's first row is the one to fail first
+                if free.size == 0 or (causal and free[0] > first_row):
+                    emptied.append(first_row)
+            if emptied:
+                raise ValueError(
+                    f"knockout leaves query row {min(emptied)} (sample {b}) with no key to attend to; "
+                    "keep at least one key visible to every blocked query row"
+                )
+
+    @classmethod
+    def build(cls, knockouts, causal: bool, B: int, N: int, device, dtype) -> CutMask:
+        cls.check_rows_keep_a_key(knockouts, causal)
+        blocked = None
+        for ko in knockouts:
+            b_ = ko.queries[:, :, None] & ko.keys[:, None, :]  # (B, N, N)
+            blocked = b_ if blocked is None else blocked | b_
+        if causal:
+            blocked = blocked | _strict_upper(N, torch.device(device))
+        aligned = -(-N // 8) * 8
+        mask = torch.zeros(B, 1, N, aligned, dtype=dtype, device=device)[..., :N]
+        return cls(mask.masked_fill_(blocked[:, None], float("-inf")))
+
+
+def _strict_upper(N: int, device: torch.device) -> torch.Tensor:
+    key = (N, device)
+    hit = _STRICT_UPPER.get(key)
+    if hit is None:
+        hit = torch.ones(N, N, dtype=torch.bool, device=device).triu_(1)
+        if len(_STRICT_UPPER) >= 4:
+            _STRICT_UPPER.pop(next(iter(_STRICT_UPPER)))
+        _STRICT_UPPER[key] = hit
+    return hit
 
 
 class RowSplice:
@@ -640,10 +727,11 @@ class RowSplice:
         return out.scatter_(1, index, rows_out)
 
 
-def _row_splice(sess: Session, knockouts, attention_mask, causal: bool, query, key) -> RowSplice | None:
-    """The session's :class:`RowSplice` for these knockouts and this mask (built on the first cut layer of
-    a forward), or None where the splice does not apply (reduced sequences, mask shapes of another kind,
-    too many rows)."""
+def _cut_plan(sess: Session, knockouts, attention_mask, causal: bool, query, key) -> RowSplice | CutMask | None:
+    """How the session's cut layers run these knockouts under this mask (worked out on the first cut layer of
+    a forward and shared by the others): a :class:`CutMask` for a small forward without a model mask, else a
+    :class:`RowSplice`; None where neither applies (reduced sequences, mask shapes of another kind, too many
+    rows for a splice): then the caller builds the full cut mask layer by layer."""
     if not all(type(ko) is Knockout for ko in knockouts) or _SEQUENCE.get() is not None:
         return None
     B, Q, N = query.shape[0], query.shape[2], key.shape[2]
@@ -655,11 +743,14 @@ def _row_splice(sess: Session, knockouts, attention_mask, causal: bool, query, k
     # the entry holds the mask and the knockouts, so their ids cannot be reused while it lives
     if hit is not None and hit[0] is attention_mask:
         return hit[2]
-    splice = RowSplice.build(knockouts, attention_mask, causal, B, Q, N, query.device, query.dtype)
+    if attention_mask is None and B * Q * N <= _FULL_MASK_MAX_ELEMENTS:
+        plan = CutMask.build(knockouts, causal, B, N, query.device, query.dtype)
+    else:
+        plan = RowSplice.build(knockouts, attention_mask, causal, B, Q, N, query.device, query.dtype)
     if len(sess.cache) >= _SPLICE_CACHE_SIZE:
         sess.cache.pop(next(iter(sess.cache)))
-    sess.cache[cache_key] = (attention_mask, tuple(knockouts), splice)
-    return splice
+    sess.cache[cache_key] = (attention_mask, tuple(knockouts), plan)
+    return plan
 
 
 # --------------------------------------------------------------------------------------------
@@ -691,57 +782,63 @@ def vtrlab_sdpa_attention_forward(
     **kwargs,
 ):
     sess = _SESSION.get()
-    sdpa_attention_forward = _stock_sdpa()
+    sdpa_attention_forward = _STOCK_SDPA or _stock_sdpa()
+    if sess is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     module_id = id(module)
-    here = sess.sites.get(module_id) if sess is not None else None
+    held = sess.holds.get(module_id)
+    if held is not None:  # the common case of capture, kept short (it runs for every layer of every call)
+        if kwargs:
+            _refuse_unsupported(module, kwargs)
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+        # as _is_causal, inline; the group compares everything but the shapes at its flush
+        flag = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        held.group.add(
+            held, query, key, attention_mask, scaling, bool(query.shape[2] > 1 and attention_mask is None and flag)
+        )
+        return out, None
+    here = sess.sites.get(module_id)
     if not here:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    softcap = kwargs.get("softcap")
-    if softcap is not None:
-        raise ValueError(
-            f"{type(module).__name__} uses attention logit softcapping ({softcap}); sdpa (and so vtrlab "
-            "capture) does not support it — run this model with attn_implementation='eager'"
-        )
-    if kwargs.get("position_bias") is not None:
-        raise ValueError(f"{type(module).__name__} passes a position_bias; vtrlab capture does not support it yet")
+    _refuse_unsupported(module, kwargs)
     causal = _is_causal(module, query, attention_mask, is_causal)
-    held = sess.holds.get(module_id)
-    if held is not None:  # the common case of capture, kept short (it runs for every layer of every call)
-        out, _ = sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
-        )
-        _hold(held, query, key, attention_mask, scaling, causal)
-        return out, None
     mask = attention_mask
     knockouts = [s.knockout for s in here if s.knockout is not None]
     out = None
     if knockouts:
         for ko in knockouts:
             ko.edges(query, key)  # refuses another batch, sequence or a decode step, with its message
-        splice = _row_splice(sess, knockouts, attention_mask, causal, query, key)
-        if splice is not None:
-            # the output: plain sdpa (flash path kept), the cut rows recomputed and spliced in
-            out, _ = sdpa_attention_forward(
-                module,
-                query,
-                key,
-                value,
-                attention_mask,
-                dropout=dropout,
-                scaling=scaling,
-                is_causal=is_causal,
-                **kwargs,
-            )
-            out = splice.apply(sdpa_attention_forward, module, query, key, value, out, dropout, scaling, kwargs)
-            if not any(s.records for s in here):
-                return out, None
-        blocked = knockouts[0].blocked(query, key)
-        for ko in knockouts[1:]:
-            blocked = blocked | ko.blocked(query, key)  # nested knockouts: the union of their edges
-        # the full cut mask: what sdpa runs under without a splice, and what recorders see with one
-        mask = knockout_mask(blocked, attention_mask, query, key, causal)
+        plan = _cut_plan(sess, knockouts, attention_mask, causal, query, key)
+        if type(plan) is CutMask:  # one sdpa under the full cut mask, built once per forward (below)
+            mask = plan.mask
+        else:
+            if plan is not None:  # a RowSplice
+                # the output: plain sdpa (flash path kept), the cut rows recomputed and spliced in
+                out, _ = sdpa_attention_forward(
+                    module,
+                    query,
+                    key,
+                    value,
+                    attention_mask,
+                    dropout=dropout,
+                    scaling=scaling,
+                    is_causal=is_causal,
+                    **kwargs,
+                )
+                out = plan.apply(sdpa_attention_forward, module, query, key, value, out, dropout, scaling, kwargs)
+                if not any(s.records for s in here):
+                    return out, None
+            blocked = knockouts[0].blocked(query, key)
+            for ko in knockouts[1:]:
+                blocked = blocked | ko.blocked(query, key)  # nested knockouts: the union of their edges
+            # the full cut mask: what sdpa runs under without a splice, and what recorders see with one
+            mask = knockout_mask(blocked, attention_mask, query, key, causal)
         causal = False  # the causal pattern is now inside the mask
     if out is None:
         out, _ = sdpa_attention_forward(
@@ -807,9 +904,18 @@ def _detached(t: torch.Tensor) -> torch.Tensor:
 def _hold(site: Site, query, key, mask, scaling, causal) -> None:
     """Hold this call's rows for ``site``'s group (vtrlab.probes.grouped): no operator now."""
     site.group.add(site, _detached(query), _detached(key), mask, scaling, causal)
-    if site.stream == "vision":
-        segments = site.segments
-        segments.append((segments[-1][0] + segments[-1][1] if segments else 0, key.shape[2]))
+
+
+def _refuse_unsupported(module, kwargs: dict) -> None:
+    """Raise for what a probed module passes that sdpa-based probes cannot honour."""
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        raise ValueError(
+            f"{type(module).__name__} uses attention logit softcapping ({softcap}); sdpa (and so vtrlab "
+            "capture) does not support it — run this model with attn_implementation='eager'"
+        )
+    if kwargs.get("position_bias") is not None:
+        raise ValueError(f"{type(module).__name__} passes a position_bias; vtrlab capture does not support it yet")
 
 
 def _record(site: Site, module, query, key, value, mask, scaling, causal, out) -> None:

@@ -26,7 +26,8 @@ from .switch import attention_switched
 _STAGE_MAX_BYTES = 256 * 2**20
 # The LM rows' group flushes when the last recorded layer's attention has run, not after the forward: its rows
 # are computed and copied while the forward finishes (the final norm, the LM head; ~55 MB of question rows at
-# LLaVA-1.5-7B took ~2 ms to reach the host, most of it waited for after the forward otherwise).
+# LLaVA-1.5-7B took ~2 ms to reach the host, most of it waited for after the forward otherwise). The vision
+# [CLS] rows' group likewise flushes at the last recorded vision layer (its copy overlaps the LM's forward).
 FLUSH_AT_LAST_LAYER = True
 
 
@@ -89,6 +90,55 @@ class _BufferSink:
             site.probs.append(self.slots[site.layer])
 
 
+class _ClsSink(SiteLists):
+    """The vision [CLS] rows' sink: :class:`~vtrlab.probes.grouped.SiteLists`, except that when one flush
+    delivers every recorded vision layer, in order, and every sample's vision table lists its own encoder
+    sequence's tokens 0..S-1 in order (LLaVA-1.5; any batch of one crop per image whose tables list every
+    token), that block (L, B, H, S) *is* the Dataset's values: it goes to the host at once in one
+    asynchronous copy (into pinned memory on CUDA), with no per-layer views and no gather after the forward.
+    Any other flush (a second one, other layers) falls back to the per-site rows, the first block included."""
+
+    def __init__(self, layers: list[int], tables: list[dict[str, np.ndarray]]):
+        super().__init__()
+        self.layers, self.tables = list(layers), tables
+        self.host: torch.Tensor | None = None  # (B, L, H, S) on the host (a view), when the direct path ran
+
+    def put(self, sites: list, probs: torch.Tensor, written: bool) -> None:
+        if not self.blocks and len(sites) == len(self.layers):
+            block = probs[:, :, :, 0]  # (L, B, H, S); contiguous (R is 1)
+            if [s.layer for s in sites] == self.layers and _own_sequences(self.tables, block.shape[1], block.shape[3]):
+                self.blocks.append((sites, block))
+                if block.device.type == "cuda":
+                    host = torch.empty(block.shape, dtype=block.dtype, pin_memory=True)
+                    copy_to_host(host, block)
+                else:
+                    host = block
+                self.host = host.permute(1, 0, 2, 3)
+                return
+        if self.host is not None:  # another flush after the direct one: every site's rows after all
+            self.host = None
+            first_sites, first = self.blocks[0]
+            for site, row in zip(first_sites, first.unbind(0)):
+                site.probs.append(row)
+        super().put(sites, probs, written)
+
+
+def _own_sequences(tables: list[dict[str, np.ndarray]], n_seq: int, S: int) -> bool:
+    """Whether sample b's vision table lists exactly encoder sequence b's tokens 0..S-1, in order, for every b."""
+    if n_seq != len(tables):
+        return False
+    order = None
+    for b, t in enumerate(tables):
+        vpos, crop = t["vpos"], t["crop"]
+        if len(vpos) != S:
+            return False
+        if order is None:
+            order = np.arange(S)
+        if not (np.array_equal(vpos, order) and bool((crop == b).all())):
+            return False
+    return True
+
+
 def _vision_tables(layouts: Sequence[ImageLayout]) -> list[dict[str, np.ndarray]]:
     """Each sample's vision-table columns that capture reads (:data:`_VISION_LABELS`), read once a call."""
     tables = []
@@ -144,7 +194,7 @@ def _vision_sites(attn_modules: list, layers: list[int], mode: str, cls_index: i
     }
 
 
-def _attention_modules(vlm, vision: bool) -> list:
+def attention_modules(vlm, vision: bool) -> list:
     """Every LM (or vision) layer's attention module, in layer order. Looked up once per call: ``vlm.lm_layers``
     and ``vlm.vision_layers`` walk the module tree on every access, and indexing a ``ModuleList`` is slow.
 
@@ -395,7 +445,7 @@ def launch(
     inputs = dict(batch.inputs)
     seq_len = int(inputs["input_ids"].shape[1]) if "input_ids" in inputs else layouts[0].seq_len
 
-    lm_attn = _attention_modules(vlm, vision=False)
+    lm_attn = attention_modules(vlm, vision=False)
     n_heads = _num_heads(lm_attn[0])
     head_sel = head_indices(heads, n_heads)
     # One CPU buffer for every layer's rows, written in place during the forward: on CUDA it is
@@ -434,15 +484,18 @@ def launch(
     tables = None
     has_cls = vision and vlm.has_cls  # read once (the adapter walks the vision tower)
     if vision:
-        v_attn = _attention_modules(vlm, vision=True)
+        v_attn = attention_modules(vlm, vision=True)
         v_layers = layer_indices(vision_layers, len(v_attn), what="vision_layers")
         mode = "cls" if has_cls else "mean"
         tables = _vision_tables(layouts)  # read once: the [CLS] index now, the labels at build
         cls_index = _cls_index(layouts, tables)
         v_sites = _vision_sites(v_attn, v_layers, mode, cls_index, torch.float32, device)
         if mode == "cls":
-            v_sink = SiteLists()
-            v_group = LayerGroup(v_sink, cls_index, device)
+            # the rows straight to the host in the Dataset's layout where the tables allow (float32, every head)
+            direct = not head_mean and sdtype == torch.float32
+            v_sink = _ClsSink(v_layers, tables) if direct else SiteLists()
+            last = v_sites[id(v_attn[max(v_layers)])] if FLUSH_AT_LAST_LAYER and v_layers else None
+            v_group = LayerGroup(v_sink, cls_index, device, last=last)
             groups.append(v_group)
             for site in v_sites.values():
                 site.group = v_group
@@ -456,7 +509,9 @@ def launch(
         for group in groups:  # the layers still held
             group.flush()
     vision_pending = None
-    if vision:  # gathered on the device now; its copy to the host runs before the event below
+    if getattr(v_sink, "host", None) is not None:  # [CLS] rows on their way to the host in the Dataset's layout
+        vision_pending = (v_sink.host, np.ones((len(layouts), v_sink.host.shape[-1]), dtype=bool), tables)
+    elif vision:  # gathered on the device now; its copy to the host runs before the event below
         vdtype = np.float16 if sdtype == torch.float16 else np.float32
         # one flush that held every vision layer already gave their stack (LLaVA-1.5 / NeXT: all 24 layers at once)
         stacked = v_sink.stacked(v_layers) if v_sink is not None else None

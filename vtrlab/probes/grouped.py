@@ -9,9 +9,12 @@ taken at the flush by one narrow of the stack; else the gathered rows) and its k
 and computes the held layers together: one stack of the queries and one of the keys, one ``bmm``, one
 softmax written straight into the caller's buffer. It flushes when the held tensors and
 the flush's temporaries would pass ``max_bytes`` (so the extra memory stays bounded: at LLaVA-NeXT-7B
-batch 8 every layer flushes alone, which is the per-layer computation), when a call of another
-signature comes (shapes, dtypes, device, scale, causality, mask object: the layers of one group share
-one bias), and when the caller says so after the forward (:meth:`LayerGroup.flush`).
+batch 8 every layer flushes alone, which is the per-layer computation), when its probabilities would pass
+``max_out_bytes``, at the caller's ``last`` layer, and when the caller says so after the forward
+(:meth:`LayerGroup.flush`). A flush computes the held calls of each signature (shapes, dtypes, device,
+scale, causality, mask object: Gemma-3's sliding and global layers are two) together. Per call, inside the
+forward, only the shapes are compared; the rest of the signature is compared at the flush, where the host's
+caches are warm (on the H200 host the per-layer hold cost ~13 µs of Python that a tight loop runs in ~2.6).
 
 The arithmetic is that of :func:`vtrlab.probes.attention.row_probabilities` (scores in the model's dtype,
 scaled and softmaxed in float32), so a grouped capture equals a per-layer one up to the float rounding
@@ -22,8 +25,7 @@ updated in place would be read after the update.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -56,14 +58,6 @@ class RowSink(Protocol):
     def put(self, sites: list, probs: torch.Tensor, written: bool) -> None:
         """Deliver ``probs`` (G, B, H, R, N) float32, one slice per site in call order (``written``: they
         were softmaxed into :meth:`target`'s tensor already)."""
-
-
-@dataclass(slots=True)
-class _Held:
-    site: Any
-    q: torch.Tensor  # (B, H, N, D) the layer's query when the rows are one span (taken at the flush), else (B, H, R, D)
-    k: torch.Tensor  # (B, Hkv, N, D)
-    mask: torch.Tensor | None  # held so that its identity (the group's signature) cannot be reused
 
 
 def _storage_bytes(t: torch.Tensor) -> int:
@@ -104,13 +98,17 @@ class LayerGroup:
         self._rows = None if self._row is not None else np.asarray(rows, dtype=np.int64)
         self._plans: dict[int, RowPlan] = {}
         self._spans: dict[int, tuple[int, int] | None] = {}
-        self._how: dict[tuple, tuple] = {}  # signature -> _work_out(...)
         if plan is not None and self._rows is not None:
             self._plans[self._rows.shape[0]] = plan
-        self.pending: list[_Held] = []
-        self._signature: tuple | None = None
+        # held calls: (site, query or its rows, key, mask, scaling, causal, row span or None), in call order
+        self.pending: list[tuple] = []
         self._held = 0
         self._out = 0
+        # what :meth:`add` worked out for calls of the last call's query and key shapes (see _learn)
+        self._qshape = self._kshape = None
+        self._index: torch.Tensor | None = None  # the rows' gather index (None: the whole query is held)
+        self._span: tuple[int, int] | None = None
+        self._cost = self._out_cost = 0
         self.flushes = 0  # how many batched computations ran (for tests and profiles)
 
     # ---------------------------------------------------------------------------------------------
@@ -129,7 +127,7 @@ class LayerGroup:
             plan = self._plans[B] = RowPlan.build(self._rows_host(B), self.device)
         return plan
 
-    def _span(self, B: int) -> tuple[int, int] | None:
+    def _span_of(self, B: int) -> tuple[int, int] | None:
         """(start, R) when every sample's rows are the one contiguous range start..start+R-1 (a view)."""
         if B not in self._spans:
             self._spans[B] = self._find_span(B)
@@ -146,37 +144,46 @@ class LayerGroup:
 
     # ---------------------------------------------------------------------------------------------
     def add(self, site, query: torch.Tensor, key: torch.Tensor, mask, scaling, causal: bool) -> None:
-        """Hold ``site``'s call (its rows are delivered at a later flush, in call order)."""
-        if query.shape[0] != key.shape[0]:  # learned queries broadcast over the batch
-            key = key.expand(query.shape[0], *key.shape[1:])
-        # per call only what changes between layers is looked at: the rest is worked out once per signature
-        signature = (query.shape, key.shape, query.dtype, key.dtype, query.device, scaling, causal, id(mask))
-        how = self._how.get(signature)
-        if how is None:
-            how = self._how[signature] = self._work_out(query, key, scaling)
-        span, cost, _, out = how
-        if span is None:
-            B, H, _, D = query.shape
-            query = torch.gather(query, 2, self._plan(B).query_index(B, H, D))  # the rows
-        # with a span the whole query is held, and the rows are taken at the flush by one narrow of the stack
-        # (a narrow per layer here costs more host time than the stack's extra copy costs the device)
-        if self.pending and (
-            signature != self._signature or self._held + cost > self.max_bytes or self._out + out > self.max_out_bytes
-        ):
+        """Hold ``site``'s call (its rows are delivered at a later flush).
+
+        This runs for every layer inside the forward, where the host's caches are cold, so per call only the
+        query and key shapes are compared with the last call's; what follows from the shapes (the rows' span
+        or gather index, the bytes a held call costs) is worked out once per shape, and the rest of a call's
+        signature (dtypes, device, scale, causality, mask) is compared at the flush, which computes the calls
+        of each signature together."""
+        if query.shape != self._qshape or key.shape != self._kshape:
+            key = self._learn(query, key)
+        if self._index is not None:
+            query = torch.gather(query, 2, self._index)  # the rows; with a span the whole query is held and
+            # its rows taken at the flush by one narrow of the stack (a narrow per layer here costs more host
+            # time than the stack's extra copy costs the device)
+        cost, out = self._cost, self._out_cost
+        if self.pending and (self._held + cost > self.max_bytes or self._out + out > self.max_out_bytes):
             self.flush()
-        self.pending.append(_Held(site, query, key, mask))
-        self._signature = signature
+        self.pending.append((site, query, key, mask, scaling, causal, self._span))
         self._held += cost
         self._out += out
         if self._held > self.max_bytes or site is self.last:  # alone over the limit (computed now, as a per-layer
             self.flush()  # capture would), or the last expected layer
 
-    def _work_out(self, query, key, scaling) -> tuple[tuple[int, int] | None, int, float, int]:
-        """(row span or None, bytes a held call costs, scale, bytes of its probabilities) for calls of this
-        signature."""
+    def _learn(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """Work out what calls of ``query``'s and ``key``'s shapes need (:meth:`add`'s per-shape state); returns
+        the key to hold (broadcast over the batch for learned queries, whose calls then always come here)."""
+        qshape, kshape = query.shape, key.shape
+        if query.shape[0] != key.shape[0]:  # learned queries broadcast over the batch
+            key = key.expand(query.shape[0], *key.shape[1:])
+            qshape = None  # never the per-shape state: every call expands its key
+        B, H, _, D = query.shape
+        span, cost, out = self._work_out(query, key)
+        self._qshape, self._kshape, self._span, self._cost, self._out_cost = qshape, kshape, span, cost, out
+        self._index = None if span is not None else self._plan(B).query_index(B, H, D)
+        return key
+
+    def _work_out(self, query, key) -> tuple[tuple[int, int] | None, int, int]:
+        """(row span or None, bytes a held call costs, bytes of its probabilities) for calls of these shapes."""
         B, H, _, D = query.shape
         N = key.shape[2]
-        span = self._span(B)
+        span = self._span_of(B)
         R = span[1] if span is not None else self._rows_host(B).shape[1]
         rows_bytes = B * H * R * D * query.element_size()
         # with a span the whole query is held (and stacked at the flush), else its gathered rows
@@ -184,26 +191,42 @@ class LayerGroup:
         # held tensors + the flush's stacked copies (keys, queries or rows) + scores in the model's dtype and float32
         cost = q_cost + _storage_bytes(key) + key.numel() * key.element_size()
         cost += B * H * R * N * (query.element_size() + 4)
-        return span, cost, float(scaling) if scaling is not None else D**-0.5, B * H * R * N * 4
+        return span, cost, B * H * R * N * 4
 
     def flush(self) -> None:
-        """Compute and deliver the held layers' rows (nothing if none are held)."""
+        """Compute and deliver the held layers' rows (nothing if none are held): one batched computation per
+        signature among them (shapes, dtypes, device, scale, causality, mask object: the layers of one
+        computation share one bias), each in call order."""
         held, self.pending, self._held, self._out = self.pending, [], 0, 0
         if not held:
             return
+        runs: dict[tuple, list[tuple]] = {}
+        for call in held:
+            q, k = call[1], call[2]
+            signature = (q.shape, k.shape, q.dtype, k.dtype, q.device, call[4], call[5], id(call[3]), call[6])
+            run = runs.get(signature)
+            if run is None:
+                runs[signature] = [call]
+            else:
+                run.append(call)
+        del held
+        for run in runs.values():
+            self._compute(run)
+
+    def _compute(self, held: list[tuple]) -> None:
+        """The rows of ``held`` calls of one signature, in one batched computation, delivered to the sink."""
         self.flushes += 1
         with torch.no_grad():
-            e0 = held[0]
-            span, _, scale, _ = self._how[self._signature]
-            B, H, _, D = e0.q.shape
-            Hkv, N = e0.k.shape[1], e0.k.shape[2]
+            _, q0, k0, mask, scaling, causal, span = held[0]
+            B, H, _, D = q0.shape
+            Hkv, N = k0.shape[1], k0.shape[2]
             G, groups = len(held), H // Hkv
-            causal = self._signature[6]
+            scale = float(scaling) if scaling is not None else D**-0.5
             if G == 1:  # the per-layer computation: no stacked copies
-                q5, k5 = e0.q, e0.k
+                q5, k5 = q0, k0
             else:
-                q5 = torch.stack([e.q for e in held])  # (G, B, H, N | R, D)
-                k5 = torch.stack([e.k for e in held])  # (G, B, Hkv, N, D), contiguous
+                q5 = torch.stack([c[1] for c in held])  # (G, B, H, N | R, D)
+                k5 = torch.stack([c[2] for c in held])  # (G, B, Hkv, N, D), contiguous
             if span is not None:  # whole queries were held: their rows
                 q5 = q5.narrow(-2, span[0], span[1])
             R = q5.shape[-2]
@@ -211,11 +234,11 @@ class LayerGroup:
             scores = torch.bmm(q5.reshape(G * B * Hkv, groups * R, D), k5.reshape(G * B * Hkv, N, D).transpose(1, 2))
             scores = (scores.float() if scores.dtype != torch.float32 else scores).mul_(scale).view(G, B, H, R, N)
             plan = self._plan(B)
-            bias = plan.bias(e0.mask, causal, N)  # (B, 1|H, R, N), broadcast over the group
+            bias = plan.bias(mask, causal, N)  # (B, 1|H, R, N), broadcast over the group
             if bias is not None:
                 scores.add_(bias)
-            sites = [e.site for e in held]
-            del held, e0, q5, k5
+            sites = [c[0] for c in held]
+            del held, q0, k0, q5, k5
             out = self.sink.target(sites)
             probs = torch.softmax(scores, dim=-1) if out is None else torch.softmax(scores, dim=-1, out=out)
             if plan.invalid is not None:
