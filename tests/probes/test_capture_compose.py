@@ -130,6 +130,31 @@ def test_capture_inside_knocked_out_equals_eager_with_the_cut(setup):
     assert current_session() is None
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_capture_inside_a_full_mask_knockout_sees_the_cut(family, monkeypatch):
+    """An unpadded one-sample batch runs its cut layers as one sdpa under the full cut mask (CutMask): a capture
+    inside sees that mask (oracle: HF eager with the edges blocked), and the outputs are a knocked forward's."""
+    from vtrlab.probes import attention as att
+
+    vlm = tiny(family, seed=0)
+    batch = vlm.prepare(_images(3, n=1), ["what is in the picture ?"])
+    built = []
+    real = att.CutMask.__dict__["build"].__func__
+    monkeypatch.setattr(
+        att.CutMask, "build", classmethod(lambda c, *a, **k: built.append(real(c, *a, **k)) or built[-1])
+    )
+    layers = [0, len(vlm.lm_layers) - 1]
+    _, ref_w = _eager_with_cuts(vlm, batch, _blocked(vlm, batch, [("image", "question", layers)]))
+    with knocked_out(vlm, batch, keys="image", queries="question", layers=layers):
+        ds = capture(vlm, batch, queries="all", vision=False)
+    assert len(built) >= 1 and all(type(b) is att.CutMask for b in built)
+    _check_rows(vlm, batch, ds, ref_w)
+    L = batch.layouts[0]
+    rows = [list(ds.query_position.values[0]).index(q) for q in L.question_positions]
+    assert ds.lm_attn.values[0, 0][:, rows][:, :, L.image_positions].sum() == 0
+    assert current_session() is None
+
+
 def test_nested_knockouts_unite_and_restore(setup):
     vlm, batch = setup
     outer, inner = ("image", "last", [0]), ("question", "last", [0, len(vlm.lm_layers) - 1])

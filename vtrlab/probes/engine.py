@@ -26,8 +26,7 @@ from .switch import attention_switched
 _STAGE_MAX_BYTES = 256 * 2**20
 # The LM rows' group flushes when the last recorded layer's attention has run, not after the forward: its rows
 # are computed and copied while the forward finishes (the final norm, the LM head; ~55 MB of question rows at
-# LLaVA-1.5-7B took ~2 ms to reach the host, most of it waited for after the forward otherwise). The vision
-# [CLS] rows' group likewise flushes at the last recorded vision layer (its copy overlaps the LM's forward).
+# LLaVA-1.5-7B took ~2 ms to reach the host, most of it waited for after the forward otherwise).
 FLUSH_AT_LAST_LAYER = True
 
 
@@ -494,8 +493,9 @@ def launch(
             # the rows straight to the host in the Dataset's layout where the tables allow (float32, every head)
             direct = not head_mean and sdtype == torch.float32
             v_sink = _ClsSink(v_layers, tables) if direct else SiteLists()
-            last = v_sites[id(v_attn[max(v_layers)])] if FLUSH_AT_LAST_LAYER and v_layers else None
-            v_group = LayerGroup(v_sink, cls_index, device, last=last)
+            # flushed after the forward: at the last vision layer or the LM's first one measured the same on the
+            # H200 (benchmarks/README.md, session 9)
+            v_group = LayerGroup(v_sink, cls_index, device)
             groups.append(v_group)
             for site in v_sites.values():
                 site.group = v_group
