@@ -349,7 +349,27 @@ def test_capture_is_the_same_with_the_flush_at_the_last_layer_or_after_the_forwa
     from vtrlab.probes import engine
 
     vlm, batch = _build("llava")
+    events = []
+    add, flush = G.LayerGroup.add, G.LayerGroup.flush
+
+    def noting_add(self, site, *a, **k):
+        events.append(site.stream)
+        return add(self, site, *a, **k)
+
+    def noting_flush(self):
+        if self.pending:
+            events.append(f"flush {type(self.sink).__name__}")
+        return flush(self)
+
+    monkeypatch.setattr(G.LayerGroup, "add", noting_add)
+    monkeypatch.setattr(G.LayerGroup, "flush", noting_flush)
     at_last = engine.capture(vlm, batch, queries=queries, vision=True)
+    # the vision rows were computed (and their held queries and keys freed) before the first LM layer was held
+    n_vision = len(vlm.vision_layers)
+    assert events[: n_vision + 1] == ["vision"] * n_vision + ["flush _ClsSink"]
+    assert events[-1] == "flush _BufferSink" and set(events[n_vision + 1 : -1]) == {"lm"}
     monkeypatch.setattr(engine, "FLUSH_AT_LAST_LAYER", False)
+    events.clear()
     after = engine.capture(vlm, batch, queries=queries, vision=True)
+    assert events[-2:] == ["flush _BufferSink", "flush _ClsSink"]  # both after the forward
     assert at_last.identical(after)

@@ -26,7 +26,8 @@ from .switch import attention_switched
 _STAGE_MAX_BYTES = 256 * 2**20
 # The LM rows' group flushes when the last recorded layer's attention has run, not after the forward: its rows
 # are computed and copied while the forward finishes (the final norm, the LM head; ~55 MB of question rows at
-# LLaVA-1.5-7B took ~2 ms to reach the host, most of it waited for after the forward otherwise).
+# LLaVA-1.5-7B took ~2 ms to reach the host, most of it waited for after the forward otherwise). The vision
+# [CLS] rows' group likewise flushes at the last recorded vision layer.
 FLUSH_AT_LAST_LAYER = True
 
 
@@ -493,9 +494,11 @@ def launch(
             # the rows straight to the host in the Dataset's layout where the tables allow (float32, every head)
             direct = not head_mean and sdtype == torch.float32
             v_sink = _ClsSink(v_layers, tables) if direct else SiteLists()
-            # flushed after the forward: at the last vision layer or the LM's first one measured the same on the
-            # H200 (benchmarks/README.md, session 9)
-            v_group = LayerGroup(v_sink, cls_index, device)
+            # flushed at the last vision layer: the same time on the H200 as after the forward or at the LM's first
+            # layer, and the held vision queries and keys are freed before the LM's are held (peak extra memory at
+            # LLaVA-NeXT-7B batch 1, last row + [CLS]: 0.63 GiB against 0.89; benchmarks/README.md, session 9)
+            last = v_sites[id(v_attn[max(v_layers)])] if FLUSH_AT_LAST_LAYER and v_layers else None
+            v_group = LayerGroup(v_sink, cls_index, device, last=last)
             groups.append(v_group)
             for site in v_sites.values():
                 site.group = v_group
