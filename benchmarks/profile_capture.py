@@ -284,6 +284,9 @@ def host_only(name: str, batch_size: int, calls: int, threads: int, cprofile: st
                     if site.group is not None:  # grouped layers deliver their rows at the flush
                         site.group.flush()
                     recorded[(site.stream, site.layer)] = (list(site.probs), list(site.segments))
+                    sink = getattr(site.group, "sink", None)
+                    if getattr(sink, "host", None) is not None:  # [CLS] rows sent whole to the host (_ClsSink)
+                        recorded["cls_block"] = sink.blocks[0]
             return out
 
         def replay(*a, **k):
@@ -292,6 +295,16 @@ def host_only(name: str, batch_size: int, calls: int, threads: int, cprofile: st
                     probs, segments = recorded[(site.stream, site.layer)]
                     site.probs[:] = probs
                     site.segments[:] = segments
+            if "cls_block" in recorded:  # the flush's delivery to the [CLS] sink, as the forward would make it
+                layers = [s.layer for s in recorded["cls_block"][0]]
+                by_layer = {
+                    s.layer: s
+                    for sites in attention.current_session().sites.values()
+                    for s in sites
+                    if s.stream == "vision"
+                }
+                group_sites = [by_layer[layer] for layer in layers]
+                group_sites[0].group.sink.put(group_sites, recorded["cls_block"][1][:, :, :, None], False)
 
         model.forward = record_forward
         try:
