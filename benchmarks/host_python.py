@@ -26,6 +26,7 @@ Workloads (each: the fastest of ``--repeats`` runs of ``--number`` calls, in µs
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -34,6 +35,11 @@ import sys
 import timeit
 from dataclasses import dataclass
 from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("_bench_capture", _HERE / "capture.py")
+_capture = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_capture)
 
 WORKLOADS = ("arith", "alloc", "objects", "torch_attr", "torch_op", "hold", "switch", "knock_setup")
 
@@ -157,11 +163,7 @@ def main(argv=None) -> int:
         if args.malloc == "both":
             line += f"   {report['us_per_call_pythonmalloc_malloc'][name]:10.2f}"
         print(line)
-    if args.out:
-        from vtrlab.io import atomic_write_text
-
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(args.out), json.dumps(report, indent=2))
+    _capture.write_report(args.out, report)
     return 0
 
 

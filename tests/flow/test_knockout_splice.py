@@ -44,6 +44,27 @@ def _assert_valid_close(got, ref, batch, atol=1e-10):
         torch.testing.assert_close(got[b, valid], ref[b, valid], atol=atol, rtol=atol)
 
 
+def knocked_with_and_without_grad(vlm, batch, layers):
+    """(logits under autograd, logits under no_grad, |d last-position logits / d embeddings| summed) of a forward
+    knocked out at ``layers`` (image -> last); the gradient is checked finite, the embeddings restored."""
+    with knocked_out(vlm, batch, keys="image", queries="last", layers=layers):
+        with torch.no_grad():
+            plain = vlm.model(**batch.inputs, use_cache=False).logits
+        emb = vlm.model.get_input_embeddings()
+        was = emb.weight.requires_grad
+        emb.weight.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                got = vlm.model(**batch.inputs, use_cache=False).logits
+                got[:, -1].sum().backward()
+            assert emb.weight.grad is not None and torch.isfinite(emb.weight.grad).all()
+            grad = float(emb.weight.grad.abs().sum())
+        finally:
+            emb.weight.grad = None
+            emb.weight.requires_grad_(was)
+    return got.detach(), plain, grad
+
+
 @pytest.fixture
 def splices(monkeypatch):
     """Count RowSplice.apply calls (the splice is what runs, not the full masked sdpa)."""
@@ -96,21 +117,9 @@ def test_nested_knockouts_splice_the_union(tiny64, splices):
 
 def test_splice_under_autograd_equals_no_grad(tiny64, splices):
     vlm, batch = tiny64
-    layers = [0]
-    with knocked_out(vlm, batch, keys="image", queries="last", layers=layers):
-        with torch.no_grad():
-            plain = vlm.model(**batch.inputs, use_cache=False).logits
-        emb = vlm.model.get_input_embeddings()
-        emb.weight.requires_grad_(True)
-        try:
-            with torch.enable_grad():
-                got = vlm.model(**batch.inputs, use_cache=False).logits
-                got[:, -1].sum().backward()
-            assert emb.weight.grad is not None and torch.isfinite(emb.weight.grad).all()
-        finally:
-            emb.weight.grad = None
+    got, plain, _ = knocked_with_and_without_grad(vlm, batch, layers=[0])
     assert len(splices) == 2
-    _assert_valid_close(got.detach(), plain, batch, atol=1e-12)
+    _assert_valid_close(got, plain, batch, atol=1e-12)
 
 
 def test_many_rows_mask_every_row_with_the_same_values(tiny64, splices, monkeypatch):
