@@ -239,8 +239,8 @@ def effect_cases(vlm, batch) -> dict:
     }
 
 
-def run(vlm, batch, rounds: int, warmup: int, seed: int = 0, effects: bool = False, vision_paths: bool = False) -> dict:
-    from vtrlab.probes import engine, vision_cls
+def run(vlm, batch, rounds: int, warmup: int, seed: int = 0, effects: bool = False) -> dict:
+    from vtrlab.probes import engine
 
     inputs = dict(batch.inputs)
     device = vlm.device
@@ -252,17 +252,6 @@ def run(vlm, batch, rounds: int, warmup: int, seed: int = 0, effects: bool = Fal
     cases = {"sdpa": sdpa}
     for name, (queries, vision) in CASES.items():
         cases[f"capture_{name}"] = lambda q=queries, v=vision: engine.capture(vlm, batch, queries=q, vision=v)
-    if vision_paths:  # [CLS] rows probed layer by layer (vision_cls.FROM_HIDDEN off)
-
-        def per_layer():
-            saved = vision_cls.FROM_HIDDEN
-            vision_cls.FROM_HIDDEN = False
-            try:
-                return engine.capture(vlm, batch, queries="last", vision=True)
-            finally:
-                vision_cls.FROM_HIDDEN = saved
-
-        cases["capture_last_vision_per_layer"] = per_layer
     if effects:
         cases.update(effect_cases(vlm, batch))
     stamps = Stamps()
@@ -350,11 +339,6 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--effects", action="store_true", help="also the cases that isolate the forward's added time")
-    ap.add_argument(
-        "--vision-paths",
-        action="store_true",
-        help="also last row + [CLS] with the [CLS] rows probed layer by layer (vision_cls.FROM_HIDDEN off)",
-    )
     args = ap.parse_args(argv)
     if args.batch < 1 or args.rounds < 1 or args.warmup < 1:
         ap.error(f"need --batch, --rounds, --warmup >= 1 (got {args.batch}, {args.rounds}, {args.warmup})")
@@ -368,7 +352,7 @@ def main(argv=None) -> int:
         "rounds": args.rounds,
         "warmup": args.warmup,
         "host": _capture.host_info(),
-        "results": run(vlm, batch, args.rounds, args.warmup, effects=args.effects, vision_paths=args.vision_paths),
+        "results": run(vlm, batch, args.rounds, args.warmup, effects=args.effects),
     }
     print(markdown(report), flush=True)
     _capture.write_report(args.out, report)

@@ -346,10 +346,9 @@ def test_the_last_expected_layer_flushes_its_group_at_once():
 def test_capture_is_the_same_with_the_flush_at_the_last_layer_or_after_the_forward(monkeypatch, queries):
     from tiny_cases import _build
 
-    from vtrlab.probes import engine, vision_cls
+    from vtrlab.probes import engine
 
     vlm, batch = _build("llava")
-    monkeypatch.setattr(vision_cls, "FROM_HIDDEN", False)  # the vision [CLS] rows held layer by layer
     events = []
     add, flush = G.LayerGroup.add, G.LayerGroup.flush
 

@@ -17,7 +17,6 @@ from vtrlab.models.base import ImageLayout
 from vtrlab.models.hooks import record
 from vtrlab.models.labels import key_coordinates, packed_crop_offsets
 
-from . import vision_cls
 from .attention import RowPlan, Site, copy_stream, copy_to_host, session, to_device
 from .grouped import LayerGroup, SiteLists
 from .spec import head_indices, layer_indices, padded_rows, queries_per_sample, store_dtype
@@ -138,11 +137,6 @@ def _own_sequences(tables: list[dict[str, np.ndarray]], n_seq: int, S: int) -> b
         if not (np.array_equal(vpos, order) and bool((crop == b).all())):
             return False
     return True
-
-
-def _n_sequences(tables: list[dict[str, np.ndarray]]) -> int:
-    """How many encoder sequences the batch runs (the tables' crop indices count them over the batch)."""
-    return 1 + max((int(t["crop"].max()) for t in tables if len(t["crop"])), default=-1)
 
 
 def _vision_tables(layouts: Sequence[ImageLayout]) -> list[dict[str, np.ndarray]]:
@@ -487,7 +481,6 @@ def launch(
     v_layers: list[int] = []
     v_attn: list = []
     v_sink = None
-    from_hidden = None
     tables = None
     has_cls = vision and vlm.has_cls  # read once (the adapter walks the vision tower)
     if vision:
@@ -501,40 +494,23 @@ def launch(
             # the rows straight to the host in the Dataset's layout where the tables allow (float32, every head)
             direct = not head_mean and sdtype == torch.float32
             v_sink = _ClsSink(v_layers, tables) if direct else SiteLists()
-            # few encoder sequences (a short, host-bound forward): the rows from the tower's hidden states, computed
-            # when the LM starts, with no probe on the tower's layers (vtrlab.probes.vision_cls)
-            in_order = [v_sites[id(v_attn[i])] for i in v_layers]
-            from_hidden = vision_cls.plan(vlm, v_attn, v_layers, _n_sequences(tables), cls_index, v_sink, in_order)
-            if from_hidden is not None and lm_layers:
-                lm_group.before_first = from_hidden.flush
-            if from_hidden is None:
-                # flushed at the last vision layer: the same time on the H200 as after the forward or at the LM's
-                # first layer, and the held vision queries and keys are freed before the LM's are held (peak extra
-                # memory at LLaVA-NeXT-7B batch 1, last row + [CLS]: 0.63 GiB against 0.89; benchmarks/README.md)
-                last = v_sites[id(v_attn[max(v_layers)])] if FLUSH_AT_LAST_LAYER and v_layers else None
-                v_group = LayerGroup(v_sink, cls_index, device, last=last)
-                groups.append(v_group)
-                for site in v_sites.values():
-                    site.group = v_group
-        if from_hidden is None:
-            sites.update(v_sites)
-        else:  # not in the session: the tower's hook fills them
-            all_sites = {**sites, **v_sites}
+            # flushed at the last vision layer: the same time on the H200 as after the forward or at the LM's first
+            # layer, and the held vision queries and keys are freed before the LM's are held (peak extra memory at
+            # LLaVA-NeXT-7B batch 1, last row + [CLS]: 0.63 GiB against 0.89; benchmarks/README.md, session 9)
+            last = v_sites[id(v_attn[max(v_layers)])] if FLUSH_AT_LAST_LAYER and v_layers else None
+            v_group = LayerGroup(v_sink, cls_index, device, last=last)
+            groups.append(v_group)
+            for site in v_sites.values():
+                site.group = v_group
+        sites.update(v_sites)
 
     hooks = _hidden_norm_hooks(vlm, lm_layers) if hidden else contextlib.nullcontext({})
     # only the configs the probed modules (and the model's masks) read are switched: no walk over every module
-    probed = [lm_attn[i] for i in lm_layers]
-    if from_hidden is None:
-        probed += [v_attn[i] for i in v_layers]
-    tower = contextlib.nullcontext() if from_hidden is None else from_hidden.hooked()
-    with attention_switched(vlm.model, probed), session(sites), tower, hooks as norms, torch.no_grad():
+    probed = [lm_attn[i] for i in lm_layers] + [v_attn[i] for i in v_layers]
+    with attention_switched(vlm.model, probed), session(sites), hooks as norms, torch.no_grad():
         vlm.model(**inputs, use_cache=False)
         for group in groups:  # the layers still held
             group.flush()
-        if from_hidden is not None:  # (done already when the LM's first recorded layer ran)
-            from_hidden.flush()
-    if from_hidden is not None:
-        sites = all_sites
     vision_pending = None
     if getattr(v_sink, "host", None) is not None:  # [CLS] rows on their way to the host in the Dataset's layout
         vision_pending = (v_sink.host, np.ones((len(layouts), v_sink.host.shape[-1]), dtype=bool), tables)

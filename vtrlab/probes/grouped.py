@@ -86,15 +86,11 @@ class LayerGroup:
         max_bytes: int | None = None,
         max_out_bytes: int | None = None,
         last=None,
-        before_first=None,
     ):
         self.sink = sink
         # the site of the last layer the caller expects: its call flushes the group at once (inside the forward,
         # so the rows' computation and their copy to the host overlap the rest of it: final norm, LM head)
         self.last = last
-        # called once, before the group holds its first call (capture: the vision [CLS] rows read from the tower's
-        # hidden states, computed when the LM starts; see vtrlab.probes.vision_cls)
-        self.before_first = before_first
         self.device = torch.device(device)
         self.max_bytes = GROUP_MAX_BYTES if max_bytes is None else int(max_bytes)
         self.max_out_bytes = GROUP_MAX_OUT_BYTES if max_out_bytes is None else int(max_out_bytes)
@@ -156,9 +152,6 @@ class LayerGroup:
         signature (dtypes, device, scale, causality, mask) is compared at the flush, which computes the calls
         of each signature together."""
         if query.shape != self._qshape or key.shape != self._kshape:
-            if self.before_first is not None:
-                first, self.before_first = self.before_first, None
-                first()
             key = self._learn(query, key)
         if self._index is not None:
             query = torch.gather(query, 2, self._index)  # the rows; with a span the whole query is held and
