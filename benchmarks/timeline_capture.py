@@ -147,36 +147,9 @@ def effect_cases(vlm, batch) -> dict:
         with ablate._flushes_dropped():
             return engine.launch(vlm, batch, queries="last", vision=False)
 
-    def held_noop():
-        add = grouped.LayerGroup.add
-        grouped.LayerGroup.add = lambda self, *a, **k: None
-        try:
-            with ablate._flushes_dropped():
-                return engine.launch(vlm, batch, queries="last", vision=False)
-        finally:
-            grouped.LayerGroup.add = add
-
-    def held_variant(keep_q: bool, keep_k: bool):
-        """``held`` with the query and/or key replaced by a small copy before it is held (the layer's own tensor
-        is then not kept alive past the layer; one more operator per replaced tensor)."""
-
-        def fn():
-            add = grouped.LayerGroup.add
-
-            def small(self, site, query, key, *rest):
-                q = query if keep_q else query[:, :, -1:].clone()
-                k = key if keep_k else key[:, :, -1:].clone()
-                return add(self, site, q, k, *rest)
-
-            grouped.LayerGroup.add = small
-            try:
-                return held()
-            finally:
-                grouped.LayerGroup.add = add
-
-        return fn
-
     def held_patched(add):
+        """``held`` with ``LayerGroup.add`` replaced by ``add`` for the call."""
+
         def fn():
             saved = grouped.LayerGroup.add
             grouped.LayerGroup.add = add
@@ -187,6 +160,20 @@ def effect_cases(vlm, batch) -> dict:
 
         return fn
 
+    real_add = grouped.LayerGroup.add
+    held_noop = held_patched(lambda self, *a, **k: None)
+
+    def held_variant(keep_q: bool, keep_k: bool):
+        """``held`` with the query and/or key replaced by a small copy before it is held (the layer's own tensor
+        is then not kept alive past the layer; one more operator per replaced tensor)."""
+
+        def small(self, site, query, key, *rest):
+            q = query if keep_q else query[:, :, -1:].clone()
+            k = key if keep_k else key[:, :, -1:].clone()
+            return real_add(self, site, q, k, *rest)
+
+        return held_patched(small)
+
     kept: list = []
 
     def keep(self, site, query, key, *rest):  # the layer's query and key kept alive, no other work
@@ -195,8 +182,6 @@ def effect_cases(vlm, batch) -> dict:
     def add_then_drop(self, *a, **k):  # the hold's Python work, nothing kept alive past the layer
         real_add(self, *a, **k)
         self.pending.clear()
-
-    real_add = grouped.LayerGroup.add
 
     def one_group():
         saved = grouped.GROUP_MAX_BYTES
