@@ -56,6 +56,11 @@ def _seq_len(batch) -> int:
 def knockout_sites(vlm, batch, *, keys="image", queries="last", layers="all") -> dict[int, Site]:
     """Sites that block ``keys`` -> ``queries`` edges at ``layers`` (positions from the layouts),
     bound to ``batch``."""
+    return _sites_and_modules(vlm, batch, keys, queries, layers)[0]
+
+
+def _sites_and_modules(vlm, batch, keys, queries, layers) -> tuple[dict[int, Site], list]:
+    """:func:`knockout_sites` and the cut layers' attention modules, in the sites' order."""
     layouts = list(batch.layouts)
     seq_len = _seq_len(batch)
     ids = dict(batch.inputs).get("input_ids")
@@ -71,7 +76,9 @@ def knockout_sites(vlm, batch, *, keys="image", queries="last", layers="all") ->
         keys_host=k_host,
     )
     attn = attention_modules(vlm, vision=False)  # every LM layer's, looked up once (remembered between calls)
-    return {id(attn[i]): Site("lm", i, knockout=ko, probe="knocked_out") for i in layer_indices(layers, len(attn))}
+    chosen = layer_indices(layers, len(attn))
+    cut = [attn[i] for i in chosen]
+    return {id(m): Site("lm", i, knockout=ko, probe="knocked_out") for i, m in zip(chosen, cut)}, cut
 
 
 @contextlib.contextmanager
@@ -109,10 +116,8 @@ def knocked_out(vlm, batch, *, keys="image", queries="last", layers="all") -> It
             ``"all"``, ``"image"`` or explicit integer positions.
         layers: ``"all"`` or LM layer indices.
     """
-    sites = knockout_sites(vlm, batch, keys=keys, queries=queries, layers=layers)
+    sites, cut = _sites_and_modules(vlm, batch, keys, queries, layers)
     binding = next(iter(sites.values())).knockout.binding
-    attn = attention_modules(vlm, vision=False)
-    cut = [attn[s.layer] for s in sites.values()]
     with attention_switched(vlm.model, cut), _checks_batch(vlm.model, binding), session(sites):
         yield
 
