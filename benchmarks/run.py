@@ -70,6 +70,10 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _load_module(name: str):
+    # the benchmark scripts import vtrlab: from a checkout where it is not installed (the device machine) the repo
+    # root is where it is, as the children's PYTHONPATH says (session 10's first render failed without it)
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     path = HERE / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"vtrlab_bench_{name}", path)
     mod = importlib.util.module_from_spec(spec)

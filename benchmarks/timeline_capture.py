@@ -2,6 +2,8 @@
 
     python benchmarks/timeline_capture.py --out $OUT/timeline.json                      # LLaVA-1.5-7B, batch 1
     python benchmarks/timeline_capture.py --tiny --out /tmp/timeline.json               # CPU smoke run
+    python benchmarks/timeline_capture.py --floor --phases --out $OUT/t.json            # beside the floor, by phase
+    PYTHONPATH=old python benchmarks/timeline_capture.py --compare vtrlab_old ...       # A/B of two versions
 
 ``ablate_capture.py`` measures the parts by subtraction, which on a noisy host needs many rounds per step. This
 script times the parts of every call directly, with a clock read at the entry and exit of the functions that
@@ -15,13 +17,29 @@ bound them (a few wrappers per call, ~1 µs each), in interleaved rounds with th
   rest         the builder after its wait, and the return
 
 Per case the JSON has each part's median and the median of the per-round differences of the forward to the
-plain forward's (``forward_added_ms``); the table prints them.
+plain forward's (``forward_added_ms``); the table prints them, with the garbage collector's time and collections
+inside the timed calls (``gc``: a gen-0 collection there cost ~0.12-0.15 ms on the H200's host, session 10).
+
+Options beside the three captures (session 10):
+
+  --floor        the least any capture that intercepts each layer's attention in Python can cost
+                 (:func:`floor_cases`: an attention function that only keeps each layer's query and key, then one
+                 batched computation; its rows are checked against capture's before timing)
+  --phases       the forward split at the vision tower's entry and exit and the LM's first / last layer
+                 (pre_tower, tower, bridge, lm, tail), each beside the plain forward's
+  --flush-after  every capture also with its groups flushed after the forward (the tower and LM phases then
+                 hold the per-layer holds alone)
+  --compare PKG  the same captures through another copy of vtrlab importable as PKG (e.g. ``git archive`` of the
+                 previous commit with its imports renamed to ``vtrlab_old``), interleaved in the same rounds: an
+                 A/B of two versions whose per-round differences are paired (separate processes differ by more
+                 than most changes do: session 10, call 3)
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import importlib.util
 import statistics
 import sys
@@ -109,6 +127,16 @@ def _pollute(n: int = 20) -> None:
     [{"k": i} for i in range(500)]
 
 
+def _flushed_after(engine, vlm, batch, queries, vision):
+    """Capture with every group (LM rows, vision [CLS]) flushed after the forward, not at its last layer."""
+    saved = engine.FLUSH_AT_LAST_LAYER
+    engine.FLUSH_AT_LAST_LAYER = False
+    try:
+        return engine.capture(vlm, batch, queries=queries, vision=vision)
+    finally:
+        engine.FLUSH_AT_LAST_LAYER = saved
+
+
 def effect_cases(vlm, batch) -> dict:
     """Cases that isolate what makes a capture's forward slower than a plain one (``--effects``):
 
@@ -191,17 +219,6 @@ def effect_cases(vlm, batch) -> dict:
         finally:
             grouped.GROUP_MAX_BYTES = saved
 
-    def flushed_after(queries):  # the LM rows' flush after the forward instead of at the last layer
-        def fn():
-            saved = engine.FLUSH_AT_LAST_LAYER
-            engine.FLUSH_AT_LAST_LAYER = False
-            try:
-                return engine.capture(vlm, batch, queries=queries, vision=False)
-            finally:
-                engine.FLUSH_AT_LAST_LAYER = saved
-
-        return fn
-
     def held_keep():
         try:
             return held_patched(keep)()
@@ -209,8 +226,8 @@ def effect_cases(vlm, batch) -> dict:
             kept.clear()
 
     return {
-        "capture_last_flush_after": flushed_after("last"),
-        "capture_question_flush_after": flushed_after("question"),
+        "capture_last_flush_after": lambda: _flushed_after(engine, vlm, batch, "last", False),
+        "capture_question_flush_after": lambda: _flushed_after(engine, vlm, batch, "question", False),
         "held_keep": held_keep,
         "held_drop": held_patched(add_then_drop),
         "capture_last_one_group": one_group,
@@ -224,7 +241,162 @@ def effect_cases(vlm, batch) -> dict:
     }
 
 
-def run(vlm, batch, rounds: int, warmup: int, seed: int = 0, effects: bool = False) -> dict:
+class _FloorState:
+    """What the floor's attention function does on the current call: nothing (``held`` None) or append the
+    (query, key) of each call of a module in ``modules`` (their ids) to ``held``."""
+
+    held: list | None = None
+    modules: frozenset = frozenset()
+
+
+def _floor_sdpa(module, query, key, value, attention_mask, *args, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+    held = _FloorState.held
+    if held is not None and id(module) in _FloorState.modules:
+        held.append((query, key))
+    return out
+
+
+FLOOR_ATTN = "vtrlab_floor_sdpa"
+
+
+def floor_cases(vlm, batch) -> dict:
+    """The least any capture that intercepts each layer's attention in Python can cost (``--floor``): the model's
+    LM (and vision) configs point at a registered attention function that calls transformers' sdpa and appends
+    the layer's query and key to a list (no site, no check, no signature, no memory cap); after the forward one
+    stack of each tower's queries and keys, one ``bmm``, one softmax and one asynchronous copy to pinned memory of
+    the last row's (and [CLS]'s) probabilities. No labels, no Dataset, no padding or mask handling (batch 1,
+    unpadded: the last row sees every key). A floor for measurement, not a capture: its rows are not checked.
+
+    floor_passthrough       the configs switched to that function, nothing appended (the indirection alone)
+    floor_last              last row of every LM layer
+    floor_last_vision       last row of every LM layer + [CLS] row of every vision layer
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(FLOOR_ATTN, _floor_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(FLOOR_ATTN, sdpa_mask)
+    from vtrlab.probes import engine
+    from vtrlab.probes.switch import _configs, _get, _set
+
+    inputs = dict(batch.inputs)
+    lm = engine.attention_modules(vlm, vision=False)
+    vis = engine.attention_modules(vlm, vision=True)
+    lm_configs = _configs(vlm.model, lm)  # (the model's config with its sub-configs: the tower's too)
+    all_configs = _configs(vlm.model, lm + vis)
+    lm_ids, all_ids = frozenset(map(id, lm)), frozenset(map(id, lm + vis))
+
+    def rows(held: list, row: int) -> torch.Tensor:
+        q = torch.stack([q for q, _ in held]).narrow(-2, row if row >= 0 else held[0][0].shape[-2] + row, 1)
+        k = torch.stack([k for _, k in held])
+        G, B, H, _, D = q.shape
+        Hkv, N = k.shape[2], k.shape[3]
+        scores = torch.bmm(q.reshape(G * B * Hkv, H // Hkv, D), k.reshape(G * B * Hkv, N, D).transpose(1, 2))
+        probs = torch.softmax(scores.float().mul_(D**-0.5), dim=-1)
+        host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=probs.is_cuda)
+        host.copy_(probs, non_blocking=True)
+        return host
+
+    def floor(configs, record: bool, vision: bool):
+        modules = all_ids if vision else lm_ids
+
+        def fn():
+            saved = [(cfg, _get(cfg)) for cfg in configs]
+            held = [] if record else None
+            for cfg, _ in saved:
+                _set(cfg, FLOOR_ATTN)
+            _FloorState.held, _FloorState.modules = held, modules
+            try:
+                with torch.no_grad():
+                    vlm.model(**inputs, use_cache=False)
+                    if not record:
+                        return None
+                    n_vis = len(vis) if vision else 0
+                    if len(held) != n_vis + len(lm):
+                        raise RuntimeError(f"the floor held {len(held)} attention calls, not {n_vis + len(lm)}")
+                    out = [rows(held[n_vis:], -1)]  # the tower runs first
+                    if vision:
+                        out.append(rows(held[:n_vis], 0))
+                    return out
+            finally:
+                _FloorState.held = None
+                for cfg, impl in reversed(saved):
+                    _set(cfg, impl)
+
+        return fn
+
+    # the floor does capture's device work: its rows are capture's (checked once, before any timing)
+    got = floor(all_configs, True, True)()
+    ref = engine.capture(vlm, batch, queries="last", vision=True)
+    _capture._sync(vlm.device)  # (the floor's copies are asynchronous)
+    lm_rows = got[0].view(len(lm), -1, ref.sizes["key"]).numpy()  # (layers, heads, keys) at batch 1
+    vis_rows = got[1].view(len(vis), -1, ref.sizes["vision_key"]).numpy()
+    for name, mine, theirs in (
+        ("LM last row", lm_rows, ref["lm_attn"].values[0, :, :, 0]),
+        ("vision [CLS]", vis_rows, ref["vision_attn"].values[0]),
+    ):
+        if mine.shape != theirs.shape or not np.allclose(mine, theirs, atol=1e-3):
+            raise RuntimeError(f"the floor's {name} rows differ from capture's: the floor would not measure its work")
+    return {
+        "floor_passthrough": floor(all_configs, False, False),
+        "floor_last": floor(lm_configs, True, False),
+        "floor_last_vision": floor(all_configs, True, True),
+    }
+
+
+PHASES = ("pre_tower", "tower", "bridge", "lm", "tail")
+
+
+def _phase_hooks(vlm, t: dict) -> list:
+    """Clock readings at the vision tower's entry and exit and the first LM layer's entry / last LM layer's exit
+    (``--phases``), written into the stamps ``t``; returns the hook handles. Every case runs with them."""
+    from time import perf_counter
+
+    def at(name):
+        def hook(*_):
+            t[name] = perf_counter()
+
+        return hook
+
+    tower = vlm.adapter.vision_tower(vlm.model)
+    layers = vlm.lm_layers
+    return [
+        tower.register_forward_pre_hook(at("tower0")),
+        tower.register_forward_hook(at("tower1")),
+        layers[0].register_forward_pre_hook(at("lm0")),
+        layers[-1].register_forward_hook(at("lm1")),
+    ]
+
+
+def phases_of(t: dict) -> dict[str, float]:
+    """The forward's phases (seconds) from the ``--phases`` clock readings: up to the tower, the tower, from the
+    tower to the first LM layer (projector, LLaVA's image-token check and its device wait, the masks), the LM
+    layers, and after them (final norm, LM head)."""
+    f0, f1 = t["forward"]
+    return {
+        "pre_tower": t["tower0"] - f0,
+        "tower": t["tower1"] - t["tower0"],
+        "bridge": t["lm0"] - t["tower1"],
+        "lm": t["lm1"] - t["lm0"],
+        "tail": f1 - t["lm1"],
+    }
+
+
+def run(
+    vlm,
+    batch,
+    rounds: int,
+    warmup: int,
+    seed: int = 0,
+    effects: bool = False,
+    floor: bool = False,
+    phases: bool = False,
+    compare: str | None = None,
+    flush_after: bool = False,
+) -> dict:
     from vtrlab.probes import engine
 
     inputs = dict(batch.inputs)
@@ -239,12 +411,37 @@ def run(vlm, batch, rounds: int, warmup: int, seed: int = 0, effects: bool = Fal
         cases[f"capture_{name}"] = lambda q=queries, v=vision: engine.capture(vlm, batch, queries=q, vision=v)
     if effects:
         cases.update(effect_cases(vlm, batch))
+    if floor:
+        cases.update(floor_cases(vlm, batch))
+    if flush_after:  # every group flushed after the forward: the forward's phases then hold the holds alone
+        for name, (queries, vision) in CASES.items():
+            cases[f"capture_{name}_flush_after"] = lambda q=queries, v=vision: _flushed_after(engine, vlm, batch, q, v)
+    other = None
+    if compare:  # the same captures through another copy of vtrlab (an A/B of two versions in one process)
+        other = importlib.import_module(f"{compare}.probes.engine")
+        for name, (queries, vision) in CASES.items():
+            cases[f"{compare}:capture_{name}"] = lambda q=queries, v=vision: other.capture(
+                vlm, batch, queries=q, vision=v
+            )
     stamps = Stamps()
     stamps.wrap(vlm.model, "forward", "forward")  # an instance attribute: the forward as capture calls it
     stamps.wrap(engine, "_build", "build")
+    if other is not None:
+        stamps.wrap(other, "_build", "build")
     if device.type == "cuda":
         stamps.wrap(torch.cuda.Event, "synchronize", "wait")
+    handles = _phase_hooks(vlm, stamps.t) if phases else []
     parts: dict[str, list[dict]] = {k: [] for k in cases}
+    collected = [0.0, 0]  # the garbage collector inside the timed call: seconds, collections (automatic ones)
+    started = [0.0]
+
+    def on_gc(phase, _info):
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            collected[0] += time.perf_counter() - started[0]
+            collected[1] += 1
+
     try:
         for fn in cases.values():
             for _ in range(warmup):
@@ -260,24 +457,35 @@ def run(vlm, batch, rounds: int, warmup: int, seed: int = 0, effects: bool = Fal
                 _capture._sync(device)
                 stamps.t.clear()
                 m0 = _allocator_counts(device)
+                collected[:] = [0.0, 0]
+                gc.callbacks.append(on_gc)
                 t0 = time.perf_counter()
-                out = cases[names[i]]()
-                _capture._sync(device)
-                t1 = time.perf_counter()
+                try:
+                    out = cases[names[i]]()
+                    _capture._sync(device)
+                    t1 = time.perf_counter()
+                finally:
+                    gc.callbacks.remove(on_gc)
                 m1 = _allocator_counts(device)
                 del out
                 p = parts_of(stamps.t, t0, t1)
+                if phases:
+                    p.update(phases_of(stamps.t))
                 p["total"] = t1 - t0
+                p["gc"], p["gc_collections"] = collected
                 p.update({k: m1[k] - m0[k] for k in m0})
                 parts[names[i]].append(p)
     finally:
         gc.unfreeze()
+        for handle in handles:
+            handle.remove()
         stamps.restore()
         vlm.model.__dict__.pop("forward", None)
     base = parts["sdpa"]
     out = {}
     for name, calls in parts.items():
-        keys = [k for k in calls[0] if k not in ALLOCATOR_COUNTS]
+        keys = [k for k in calls[0] if k not in ALLOCATOR_COUNTS and k != "gc_collections"]
+        out.setdefault(name, {})["gc_collections_per_call"] = statistics.mean(c["gc_collections"] for c in calls)
         for k in ALLOCATOR_COUNTS:  # device allocator events per call (cudaMalloc / cudaFree, retries)
             if k in calls[0]:
                 out.setdefault(name, {})[f"{k}_per_call"] = statistics.mean(c[k] for c in calls)
@@ -286,6 +494,8 @@ def run(vlm, batch, rounds: int, warmup: int, seed: int = 0, effects: bool = Fal
         if name != "sdpa":
             res["forward_added_ms"] = 1e3 * statistics.median(c["forward"] - b["forward"] for c, b in zip(calls, base))
             res["total_added_ms"] = 1e3 * statistics.median(c["total"] - b["total"] for c, b in zip(calls, base))
+            for k in PHASES if phases else ():
+                res[f"{k}_added_ms"] = 1e3 * statistics.median(c[k] - b[k] for c, b in zip(calls, base))
         res["calls"] = calls
         out[name] = {**res, **out.get(name, {})}
     return out
@@ -301,8 +511,9 @@ def markdown(report: dict) -> str:
     lines = [
         head,
         "",
-        "| case | total | added | setup | forward | forward added | after | build | wait | rest | cudaMalloc/Free |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | total | added | setup | forward | forward added | after | build | wait | rest | gc (per call) | "
+        "cudaMalloc/Free |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, res in r.items():
 
@@ -313,8 +524,20 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {name} | {f('total_ms')} | {f('total_added_ms')} | {f('setup_ms')} | {f('forward_ms')} | "
             f"{f('forward_added_ms')} | {f('after_ms')} | {f('build_ms')} | {f('wait_ms')} | {f('rest_ms')} | "
+            f"{f('gc_ms')} ({f('gc_collections_per_call')}) | "
             f"{f('num_device_alloc_per_call')} / {f('num_device_free_per_call')} |"
         )
+    if any("tower_added_ms" in res for res in r.values()):
+        lines += [
+            "",
+            "The forward's phases, added over the plain forward's (ms; median of per-round differences):",
+            "",
+            "| case | " + " | ".join(PHASES) + " |",
+            "|---|" + "---:|" * len(PHASES),
+        ]
+        for name, res in r.items():
+            if "tower_added_ms" in res:
+                lines.append(f"| {name} | " + " | ".join(f"{res[f'{k}_added_ms']:.2f}" for k in PHASES) + " |")
     return "\n".join(lines)
 
 
@@ -324,6 +547,18 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--effects", action="store_true", help="also the cases that isolate the forward's added time")
+    ap.add_argument("--floor", action="store_true", help="also the least a per-layer capture can cost (floor_*)")
+    ap.add_argument("--phases", action="store_true", help="also split the forward: tower, bridge, LM, tail")
+    ap.add_argument(
+        "--flush-after", action="store_true", help="also every capture with its groups flushed after the forward"
+    )
+    ap.add_argument(
+        "--compare",
+        default=None,
+        metavar="PACKAGE",
+        help="also capture through another copy of vtrlab importable as PACKAGE (e.g. the previous commit's, its "
+        "imports renamed), interleaved with this one's: an A/B in one process",
+    )
     args = ap.parse_args(argv)
     if args.batch < 1 or args.rounds < 1 or args.warmup < 1:
         ap.error(f"need --batch, --rounds, --warmup >= 1 (got {args.batch}, {args.rounds}, {args.warmup})")
@@ -337,7 +572,17 @@ def main(argv=None) -> int:
         "rounds": args.rounds,
         "warmup": args.warmup,
         "host": _capture.host_info(),
-        "results": run(vlm, batch, args.rounds, args.warmup, effects=args.effects),
+        "results": run(
+            vlm,
+            batch,
+            args.rounds,
+            args.warmup,
+            effects=args.effects,
+            floor=args.floor,
+            phases=args.phases,
+            compare=args.compare,
+            flush_after=args.flush_after,
+        ),
     }
     print(markdown(report), flush=True)
     _capture.write_report(args.out, report)

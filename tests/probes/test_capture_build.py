@@ -292,3 +292,44 @@ def test_a_dataset_that_copied_the_buffers_is_built_again_after_the_wait(monkeyp
     got = capture(vlm, batch, queries="question", vision=True)
     assert len(calls) == 2  # built again
     assert_same_dataset(got, want)
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_configs_of_modules_are_the_distinct_ones_in_first_seen_order(family):
+    """``_configs(model, modules)`` (read in C): the model's config with its sub-configs, then each distinct
+    config of the modules not among them, in the order first seen; a module without a config falls back to the
+    full walk."""
+    from vtrlab import testing
+
+    vlm = testing.tiny(family)
+    mods = engine.attention_modules(vlm, vision=False) + engine.attention_modules(vlm, vision=True)
+    model_cfg = vlm.model.config
+    head = [model_cfg, *(getattr(model_cfg, k) for k in model_cfg.sub_configs)]  # (tiny configs: one level)
+    want = list(head)
+    for m in mods:
+        if all(m.config is not c for c in want):
+            want.append(m.config)
+    assert [id(c) for c in switch._configs(vlm.model, mods)] == [id(c) for c in want]
+    no_config = torch.nn.Linear(1, 1)
+    assert [id(c) for c in switch._configs(vlm.model, [*mods, no_config])] == [
+        id(c) for c in switch._configs(vlm.model)
+    ]
+
+
+def test_an_lm_attention_that_runs_twice_is_refused(monkeypatch):
+    """Capture expects one attention call per LM layer and forward; a second (a model that calls a layer's
+    attention twice) is named, not silently merged."""
+    from vtrlab import testing
+
+    vlm = testing.tiny("llava")
+    batch = vlm.prepare([np.zeros((40, 40, 3), np.uint8)], ["What color?"])
+    attn = engine.attention_modules(vlm, vision=False)[1]
+    real = attn.forward
+
+    def twice(*a, **k):
+        real(*a, **k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(attn, "forward", twice)
+    with pytest.raises(RuntimeError, match="LM layer 1's attention ran 2 times"):
+        capture(vlm, batch, queries="last", vision=False)
