@@ -94,7 +94,7 @@ def _workloads() -> dict:
         if holds[0] % 256 == 0:  # what a forward's flush would do: the held list starts again
             group.pending.clear()
             group._held = group._out = 0
-            site.segments.clear()
+            site.segments = ()
 
     import vtrlab as vl
     from vtrlab import testing

@@ -294,7 +294,7 @@ def host_only(name: str, batch_size: int, calls: int, threads: int, cprofile: st
                 for site in sites:
                     probs, segments = recorded[(site.stream, site.layer)]
                     site.probs[:] = probs
-                    site.segments[:] = segments
+                    site.segments = list(segments)
             if "cls_block" in recorded:  # the flush's delivery to the [CLS] sink, as the forward would make it
                 layers = [s.layer for s in recorded["cls_block"][0]]
                 by_layer = {

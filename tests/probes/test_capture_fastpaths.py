@@ -372,3 +372,16 @@ def test_only_plain_holding_sites_take_the_short_path():
         with A.session({id(m1): other, id(m2): other}) as inner:
             assert inner.holds == {}  # m1 now has two sites; m2's only site knocks out
         assert A.current_session() is outer
+
+
+def test_a_site_makes_its_segments_and_saliency_only_when_filled():
+    """Capture makes a site per probed layer per call: the containers it never fills are not made (each one is an
+    allocation the garbage collector counts), and filling them still works (the vision mean path's segments)."""
+    site = A.Site("vision", 0, vision_mode="mean")
+    assert site.segments == () and site.saliency is None and site.probs == []
+    assert A.Site("lm", 0).probs is not site.probs
+    m = _Module()
+    q, k = _inputs(2)
+    for _ in range(2):  # a packed encoder's two calls: their (offset, length) segments
+        A._record_rows(site, m, q, k, None, None, False)
+    assert site.segments == [(0, k.shape[2]), (k.shape[2], k.shape[2])]

@@ -373,3 +373,27 @@ def test_capture_is_the_same_with_the_flush_at_the_last_layer_or_after_the_forwa
     after = engine.capture(vlm, batch, queries=queries, vision=True)
     assert events[-2:] == ["flush _BufferSink", "flush _ClsSink"]  # both after the forward
     assert at_last.identical(after)
+
+
+@pytest.mark.parametrize("row, mask_kind", [(0, "none"), (3, "none"), (0, "causal"), (2, "bool")])
+def test_one_row_of_every_sequence_needs_no_plan_unless_masked(monkeypatch, row, mask_kind):
+    """A group of one row of every sequence (vision [CLS]) with every key allowed builds no RowPlan (building one
+    copies the rows to the device inside the forward); a causal or masked call of such a group still does, and
+    every result equals the float64 reference."""
+    N = 11
+    layers = _layers(4, 3, N=N)
+    built = []
+    real = G.RowPlan.build
+    monkeypatch.setattr(G.RowPlan, "build", classmethod(lambda cls, *a, **k: built.append(1) or real(*a, **k)))
+    allowed = torch.ones(2, 1, N, N, dtype=torch.bool)
+    allowed[1, :, :, :4] = False  # sample 1 may not see keys 0..3
+    mask, causal = {"none": (None, False), "causal": (None, True), "bool": (allowed, False)}[mask_kind]
+    sink = _Collect()
+    group = G.LayerGroup(sink, row, "cpu")
+    for i, (q, k) in enumerate(layers):
+        group.add(i, q, k, mask, 0.3, causal)
+    group.flush()
+    assert (len(built) == 0) == (mask_kind == "none")
+    for i, (q, k) in enumerate(layers):
+        ref = _ref_rows(q, k, mask, 0.3, causal, torch.tensor([[row]] * 2))
+        torch.testing.assert_close(sink.got[i][0].double(), ref, atol=1e-6, rtol=1e-5)

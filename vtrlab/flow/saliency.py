@@ -229,7 +229,7 @@ def saliency(vlm, batch, *, queries="last", layers="all", target=None) -> xr.Dat
             )  # (L, B, H, R, N)
             del sal, d_outs
     for s in sites.values():
-        s.saliency = {}  # the layers' V and outputs (the graph) are freed with the sites
+        s.saliency = None  # the layers' V and outputs (the graph) are freed with the sites
     ag = ag.transpose(0, 1).cpu().contiguous()  # one copy to the host for every layer
     ag = ag.masked_fill(torch.as_tensor(rows_np < 0)[:, None, None, :, None], float("nan"))
     seq_len = ag.shape[-1]

@@ -212,8 +212,11 @@ class Site:
     plan: RowPlan | None = None
     # filled during the forward
     probs: list[torch.Tensor] = field(default_factory=list)  # lm: (B, H, R, N); vision: (B, H, N) per call
-    segments: list[tuple[int, int]] = field(default_factory=list)  # vision: (offset, length) per call
-    saliency: dict[str, Any] = field(default_factory=dict)
+    # vision, mean over queries: (offset, length) per call. The two below are made when first filled: capture makes
+    # a site per probed layer per call, and each container more is an allocation the garbage collector counts (one
+    # gen-0 collection cost ~0.12 ms inside capture's call on the H200's host; benchmarks/README.md, session 10)
+    segments: list[tuple[int, int]] | tuple = ()
+    saliency: dict[str, Any] | None = None
 
     @property
     def records(self) -> bool:
@@ -980,7 +983,7 @@ def _record_rows(site: Site, module, query, key, mask, scaling, causal) -> None:
             else:
                 p = _mean_over_queries(module, q, k, mask, scaling, causal, None)
             offset = sum(n for _, n in site.segments)
-            site.segments.append((offset, k.shape[2]))
+            site.segments = [*site.segments, (offset, k.shape[2])]
             site.probs.append(p.to(site.store_device, site.store_dtype))
 
 

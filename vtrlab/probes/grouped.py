@@ -233,16 +233,21 @@ class LayerGroup:
             # (G*B*Hkv, groups*R, D) @ (G*B*Hkv, D, N): head h uses KV head h // groups, as repeat_kv does
             scores = torch.bmm(q5.reshape(G * B * Hkv, groups * R, D), k5.reshape(G * B * Hkv, N, D).transpose(1, 2))
             scores = (scores.float() if scores.dtype != torch.float32 else scores).mul_(scale).view(G, B, H, R, N)
-            plan = self._plan(B)
-            bias = plan.bias(mask, causal, N)  # (B, 1|H, R, N), broadcast over the group
+            if self._row is not None and self._row >= 0 and mask is None and not causal:
+                # one row of every sequence, every key allowed (CLIP's [CLS]): no bias and no padding, so no
+                # plan (building one copies the rows to the device: a pinned copy inside the forward)
+                bias = invalid = None
+            else:
+                plan = self._plan(B)
+                bias, invalid = plan.bias(mask, causal, N), plan.invalid  # (B, 1|H, R, N), broadcast over the group
             if bias is not None:
                 scores.add_(bias)
             sites = [c[0] for c in held]
             del held, q0, k0, q5, k5
             out = self.sink.target(sites)
             probs = torch.softmax(scores, dim=-1) if out is None else torch.softmax(scores, dim=-1, out=out)
-            if plan.invalid is not None:
-                probs.masked_fill_(plan.invalid, float("nan"))
+            if invalid is not None:
+                probs.masked_fill_(invalid, float("nan"))
             self.sink.put(sites, probs, out is not None)
 
 
