@@ -268,7 +268,8 @@ def floor_cases(vlm, batch) -> dict:
     the layer's query and key to a list (no site, no check, no signature, no memory cap); after the forward one
     stack of each tower's queries and keys, one ``bmm``, one softmax and one asynchronous copy to pinned memory of
     the last row's (and [CLS]'s) probabilities. No labels, no Dataset, no padding or mask handling (batch 1,
-    unpadded: the last row sees every key). A floor for measurement, not a capture: its rows are not checked.
+    unpadded: the last row sees every key). A floor for measurement, not a capture: what it computes is checked once
+    against capture's rows before any timing (so it does capture's device work), then not again.
 
     floor_passthrough       the configs switched to that function, nothing appended (the indirection alone)
     floor_last              last row of every LM layer
