@@ -281,7 +281,7 @@ def floor_cases(vlm, batch) -> dict:
     AttentionInterface.register(FLOOR_ATTN, _floor_sdpa)
     ALL_MASK_ATTENTION_FUNCTIONS.register(FLOOR_ATTN, sdpa_mask)
     from vtrlab.probes import engine
-    from vtrlab.probes.switch import _configs, _get, _set
+    from vtrlab.probes.switch import _configs, configs_set
 
     inputs = dict(batch.inputs)
     lm = engine.attention_modules(vlm, vision=False)
@@ -305,13 +305,10 @@ def floor_cases(vlm, batch) -> dict:
         modules = all_ids if vision else lm_ids
 
         def fn():
-            saved = [(cfg, _get(cfg)) for cfg in configs]
             held = [] if record else None
-            for cfg, _ in saved:
-                _set(cfg, FLOOR_ATTN)
             _FloorState.held, _FloorState.modules = held, modules
             try:
-                with torch.no_grad():
+                with configs_set(configs, FLOOR_ATTN), torch.no_grad():
                     vlm.model(**inputs, use_cache=False)
                     if not record:
                         return None
@@ -324,8 +321,6 @@ def floor_cases(vlm, batch) -> dict:
                     return out
             finally:
                 _FloorState.held = None
-                for cfg, impl in reversed(saved):
-                    _set(cfg, impl)
 
         return fn
 

@@ -125,22 +125,31 @@ def _set(cfg, value) -> None:
 
 
 @contextlib.contextmanager
+def configs_set(configs: list, impl: str) -> Iterator[None]:
+    """Run the body with each of ``configs`` on the attention implementation ``impl``; each one's previous value is
+    put back in ``finally`` (in reverse order), also when the body raises."""
+    saved = [(cfg, _get(cfg)) for cfg in configs]
+    try:
+        for cfg, _ in saved:
+            _set(cfg, impl)
+        yield
+    finally:
+        for cfg, previous in reversed(saved):
+            _set(cfg, previous)
+
+
+@contextlib.contextmanager
 def attention_switched(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> Iterator[None]:
     """Run the body with every config of ``model`` on :data:`ATTN_NAME` (or, with ``modules``, the configs those
     attention modules and the model itself read: see the module docstring); restore in ``finally``."""
     register()
     configs = _configs(model, modules)
-    saved = [(cfg, _get(cfg)) for cfg in configs]
-    for cfg, impl in saved:
+    for cfg in configs:
+        impl = _get(cfg)
         if impl not in _SWITCHABLE:
             raise ValueError(
                 f"{type(cfg).__name__} runs attention with {impl!r}; vtrlab capture needs 'sdpa' (its output "
                 f"is the stock sdpa output): call model.set_attn_implementation('sdpa') first"
             )
-    try:
-        for cfg, _ in saved:
-            _set(cfg, ATTN_NAME)
+    with configs_set(configs, ATTN_NAME):
         yield
-    finally:
-        for cfg, impl in reversed(saved):
-            _set(cfg, impl)
